@@ -1,0 +1,252 @@
+"""The pack's one attention dispatcher per patch point (DESIGN.md §3).
+
+ComfyUI allows a single ``attn1`` and a single ``attn2`` *replace* per transformer block. The pack
+installs one :class:`AttentionDispatcher` there (keys from :mod:`.blocks`), and every technique
+adds a *processor* to an ordered :class:`ProcessorChain` kept in
+``transformer_options["personalization"]``. ``ModelPatcher.clone()`` deep-copies model options,
+so each clone carries its own chain; the chain is immutable, so copies are free and a patch never
+leaks back into the model it was cloned from.
+
+Processor interface (override what a technique needs; the rest are no-ops):
+
+``active(call) -> bool``
+    Whether the processor takes part in this call (block selection, sigma range).
+``self_attention(q, k, v, call) -> Tensor``   (attn1 only)
+    Computes the whole self-attention output (StyleAligned: AdaIN + reference K/V + score bias).
+    At most one active processor per call may own self-attention.
+``extra_key_values(q, call) -> (k, v) | None``   (attn2)
+    Keys/values appended to the text keys so they join ONE joint softmax (PVA identity tokens).
+``edit_logits(logits, call) -> logits``   (attn2)
+    Edits of the ``(B, heads, Nq, Nk)`` logits before the softmax (DisenDiff calibration).
+``read_probs(probs, call) -> None``   (attn2)
+    Reads the attention probabilities (RealCustom word mask, previews). Must keep only reduced
+    maps, never the full tensor.
+``parallel_output(q, call) -> Tensor | None``   (attn2)
+    An output added to the attention output, already gated (RealCustom image branch).
+
+Logits are materialised only when an active processor edits or reads them; otherwise the call goes
+through the fused attention function. When no processor is active the call is exactly ComfyUI's own
+attention (or the wrapped foreign replace), so inactive steps and blocks are bit-identical to
+unpatched sampling.
+
+A replace another pack installed first (IPAdapter, PuLID, InstantID) is kept as ``inner``: its output
+is the base output and ours is added. Operations that cannot compose with a foreign attention
+(own self-attention, joint keys, logit edits) raise :class:`AttentionConflictError` naming both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .blocks import BlockKey
+from .layout import chunk_count
+from .sdpa import merge_heads, split_heads
+
+CHAIN_KEY = "personalization"
+SELF_ATTENTION = "attn1"
+CROSS_ATTENTION = "attn2"
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+class AttentionConflictError(RuntimeError):
+    """Two patches want the same attention call in ways that cannot be combined."""
+
+
+class AttentionProcessor:
+    """Base of every technique's processor; see the module docstring for the hooks."""
+
+    #: technique id; a chain holds at most one processor per name (a later node replaces it).
+    name: str = "processor"
+    #: display name of the node that adds it, used in error messages.
+    node_name: str = "personalization node"
+    #: SELF_ATTENTION or CROSS_ATTENTION.
+    patch_point: str = SELF_ATTENTION
+
+    def active(self, call: "AttentionCall") -> bool:
+        return True
+
+    def self_attention(self, q, k, v, call: "AttentionCall") -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_key_values(self, q, call: "AttentionCall"):
+        return None
+
+    def edit_logits(self, logits, call: "AttentionCall"):
+        return logits
+
+    def read_probs(self, probs, call: "AttentionCall") -> None:
+        return None
+
+    def parallel_output(self, q, call: "AttentionCall"):
+        return None
+
+    def overrides(self, hook: str) -> bool:
+        """Whether this processor implements ``hook`` (so the dispatcher can pick its fast path)."""
+        return getattr(type(self), hook) is not getattr(AttentionProcessor, hook)
+
+    def __deepcopy__(self, memo):
+        # Processors are immutable settings (heavy weights live in their own ModelPatcher), so the
+        # deep copy ModelPatcher.clone() makes of model options can share them.
+        return self
+
+
+@dataclass(frozen=True)
+class ProcessorChain:
+    """Ordered, immutable list of processors carried in transformer_options."""
+
+    processors: tuple[AttentionProcessor, ...] = ()
+
+    def with_processor(self, processor: AttentionProcessor) -> "ProcessorChain":
+        kept = tuple(p for p in self.processors if p.name != processor.name)
+        return ProcessorChain(kept + (processor,))
+
+    def at(self, patch_point: str) -> tuple[AttentionProcessor, ...]:
+        return tuple(p for p in self.processors if p.patch_point == patch_point)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class AttentionCall:
+    """What a processor knows about the attention call it is part of."""
+
+    def __init__(self, extra_options: dict, attention: AttentionFn, batch: int):
+        self.options = extra_options
+        self.heads: int = extra_options["n_heads"]
+        self.dim_head: int = extra_options["dim_head"]
+        block = extra_options.get("block")
+        self.block: Optional[BlockKey] = (block[0], block[1], extra_options.get("block_index", 0)) if block else None
+        self.cond_or_uncond: tuple[int, ...] = tuple(extra_options.get("cond_or_uncond") or ())
+        self.n_chunks: int = chunk_count(list(self.cond_or_uncond), batch)
+        self._attention = attention
+        self._sigma: Optional[float] = None
+
+    @property
+    def sigma(self) -> Optional[float]:
+        """The noise level of this call (largest in the batch), or None outside sampling."""
+        if self._sigma is None and self.options.get("sigmas") is not None:
+            self._sigma = float(self.options["sigmas"].max())
+        return self._sigma
+
+    def attention(self, q, k, v, mask=None) -> torch.Tensor:
+        """ComfyUI's attention (backends and overrides included) over ``(B, N, heads*d)`` tensors."""
+        return self._attention(q, k, v, self.heads, mask=mask,
+                               attn_precision=self.options.get("attn_precision"), transformer_options=self.options)
+
+
+def sigma_in_range(sigma: Optional[float], sigma_start: float, sigma_end: float) -> bool:
+    """Step gating shared by the techniques: active while ``sigma_end <= sigma <= sigma_start``."""
+    return sigma is None or sigma_end <= sigma <= sigma_start
+
+
+def describe_foreign(inner) -> str:
+    owner = getattr(inner, "__module__", None) or type(inner).__module__
+    return f"another node pack's attention patch ({getattr(inner, '__qualname__', type(inner).__qualname__)} from {owner})"
+
+
+class AttentionDispatcher:
+    """The single replace installed at one patch point of one block."""
+
+    def __init__(self, patch_point: str, attention_fn: AttentionFn, inner: Optional[Callable] = None):
+        self.patch_point = patch_point
+        self.attention_fn = attention_fn
+        self.inner = inner
+
+    def __call__(self, q, k, v, extra_options):
+        chain: Optional[ProcessorChain] = extra_options.get(CHAIN_KEY)
+        call = AttentionCall(extra_options, self.attention_fn, q.shape[0])
+        processors = [p for p in chain.at(self.patch_point) if p.active(call)] if chain else []
+        if not processors:
+            return self._base(q, k, v, call)
+        if self.patch_point == SELF_ATTENTION:
+            return self._self_attention(q, k, v, call, processors)
+        return self._cross_attention(q, k, v, call, processors)
+
+    def _base(self, q, k, v, call: AttentionCall):
+        if self.inner is not None:
+            return self.inner(q, k, v, call.options)
+        return call.attention(q, k, v)
+
+    def _self_attention(self, q, k, v, call, processors):
+        owners = [p for p in processors if p.overrides("self_attention")]
+        if len(owners) > 1:
+            raise AttentionConflictError(
+                f"{owners[0].node_name} and {owners[1].node_name} both replace self-attention in block "
+                f"{call.block}; use one of them per model.")
+        if owners and self.inner is not None:
+            raise AttentionConflictError(
+                f"{owners[0].node_name} replaces self-attention, but {describe_foreign(self.inner)} already "
+                f"replaced it in block {call.block}; apply only one of them to this model.")
+        return owners[0].self_attention(q, k, v, call) if owners else self._base(q, k, v, call)
+
+    def _cross_attention(self, q, k, v, call, processors):
+        joint = [p for p in processors if p.overrides("extra_key_values")]
+        editors = [p for p in processors if p.overrides("edit_logits")]
+        readers = [p for p in processors if p.overrides("read_probs")]
+        if self.inner is not None and (joint or editors):
+            offender = (joint or editors)[0]
+            raise AttentionConflictError(
+                f"{offender.node_name} changes the cross-attention softmax, which cannot be combined with "
+                f"{describe_foreign(self.inner)} in block {call.block}; apply only one of them to this model.")
+        for processor in joint:
+            extra = processor.extra_key_values(q, call)
+            if extra is not None:
+                k = torch.cat([k, extra[0].to(k.dtype)], dim=1)
+                v = torch.cat([v, extra[1].to(v.dtype)], dim=1)
+
+        if self.inner is not None:
+            out = self.inner(q, k, v, call.options)
+            if readers:
+                probs = attention_probs(q, k, call.heads)
+                for processor in readers:
+                    processor.read_probs(probs, call)
+        elif editors or readers:
+            out = self._materialised_attention(q, k, v, call, editors, readers)
+        else:
+            out = call.attention(q, k, v)
+
+        for processor in processors:
+            if processor.overrides("parallel_output"):
+                extra_out = processor.parallel_output(q, call)
+                if extra_out is not None:
+                    out = out + extra_out.to(out.dtype)
+        return out
+
+    @staticmethod
+    def _materialised_attention(q, k, v, call, editors, readers):
+        logits = attention_logits(q, k, call.heads)
+        for processor in editors:
+            logits = processor.edit_logits(logits, call)
+        probs = logits.softmax(dim=-1)
+        del logits
+        for processor in readers:
+            processor.read_probs(probs, call)
+        return merge_heads(probs.to(v.dtype) @ split_heads(v, call.heads))
+
+    def to(self, device):
+        if hasattr(self.inner, "to"):
+            self.inner = self.inner.to(device)
+        return self
+
+    def models(self):
+        return self.inner.models() if hasattr(self.inner, "models") else []
+
+
+def attention_logits(q, k, heads) -> torch.Tensor:
+    """``(B, heads, Nq, Nk)`` float32 logits with the standard ``1/sqrt(d)`` scale."""
+    qh, kh = split_heads(q.float(), heads), split_heads(k.float(), heads)
+    return (qh @ kh.transpose(-1, -2)) * qh.shape[-1] ** -0.5
+
+
+def attention_probs(q, k, heads) -> torch.Tensor:
+    return attention_logits(q, k, heads).softmax(dim=-1)
+
+
+def install_dispatcher(existing: Optional[Callable], patch_point: str, attention_fn: AttentionFn) -> AttentionDispatcher:
+    """The dispatcher for a block: ours if already there, else a new one wrapping any foreign replace."""
+    if isinstance(existing, AttentionDispatcher):
+        return existing
+    return AttentionDispatcher(patch_point, attention_fn, inner=existing)

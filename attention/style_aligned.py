@@ -1,0 +1,94 @@
+"""StyleAligned shared self-attention (Hertz et al., CVPR 2024), over ComfyUI's projected q/k/v.
+
+For every target image t of a cond/uncond chunk with reference r (sample 0 of the chunk):
+
+    q̂_t = AdaIN(q_t, q_r)   k̂_t = AdaIN(k_t, k_r)   (v̂_t = AdaIN(v_t, v_r) if enabled)
+    out_t = softmax([q̂_t k̂_tᵀ ; s·q̂_t k_rᵀ + b] / √d) [v̂_t ; v_r]
+
+with s = ``score_scale`` and b = ``score_shift`` = ln λ. The paper's formula leaves the reference's
+own output unchanged (its two key halves are identical; AdaIN with its own statistics is the
+identity), so the reference rows are computed as plain attention: bit-identical to unpatched
+sampling rather than equal up to float rounding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adain import adain
+from .blocks import BlockKey
+from .dispatcher import SELF_ATTENTION, AttentionCall, AttentionProcessor, sigma_in_range
+from .layout import merge_chunks, split_chunks
+
+
+@dataclass(frozen=True)
+class StyleAlignedSettings:
+    adain_queries: bool = True
+    adain_keys: bool = True
+    adain_values: bool = False
+    score_scale: float = 1.0
+    score_shift: float = 0.0
+    full_attention_share: bool = False
+
+
+def shared_self_attention(q, k, v, n_chunks: int, settings: StyleAlignedSettings, attention) -> torch.Tensor:
+    """StyleAligned self-attention for ``(n_chunks * B, N, C)`` q/k/v.
+
+    ``attention(q, k, v, mask=None)`` computes plain attention over ``(B, N, C)`` tensors (heads are
+    the callee's business). A chunk of one sample is plain attention.
+    """
+    qs, ks, vs = (split_chunks(t, n_chunks) for t in (q, k, v))
+    batch, tokens, channels = qs.shape[1], qs.shape[2], qs.shape[3]
+    if batch < 2:
+        return attention(q, k, v)
+    if settings.full_attention_share:
+        def flatten(t):
+            return t.reshape(n_chunks, batch * tokens, channels)
+        out = attention(flatten(qs), flatten(ks), flatten(vs))
+        return out.reshape(n_chunks * batch, tokens, channels)
+
+    q_ref, k_ref, v_ref = qs[:, :1], ks[:, :1], vs[:, :1]
+    q_tgt, k_tgt, v_tgt = qs[:, 1:], ks[:, 1:], vs[:, 1:]
+    if settings.adain_queries:
+        q_tgt = adain(q_tgt, q_ref)
+    if settings.adain_keys:
+        k_tgt = adain(k_tgt, k_ref)
+    if settings.adain_values:
+        v_tgt = adain(v_tgt, v_ref)
+    targets = batch - 1
+    shared_keys = k_ref if settings.score_scale == 1.0 else k_ref * settings.score_scale
+    keys = torch.cat([k_tgt, shared_keys.expand(-1, targets, -1, -1)], dim=2)
+    values = torch.cat([v_tgt, v_ref.expand(-1, targets, -1, -1)], dim=2)
+    mask = None
+    if settings.score_shift != 0.0:
+        mask = torch.zeros(1, 1, 2 * tokens, dtype=q.dtype, device=q.device)
+        mask[..., tokens:] = settings.score_shift
+
+    def rows(t):
+        return t.reshape(n_chunks * targets, -1, channels)
+
+    out = torch.empty_like(qs)
+    out[:, 0] = attention(q_ref[:, 0], k_ref[:, 0], v_ref[:, 0])
+    out[:, 1:] = attention(rows(q_tgt), rows(keys), rows(values), mask=mask).view(n_chunks, targets, tokens, channels)
+    return merge_chunks(out)
+
+
+@dataclass(frozen=True)
+class SharedAttentionProcessor(AttentionProcessor):
+    """The StyleAligned processor: shares self-attention in the selected blocks and sigma range."""
+
+    settings: StyleAlignedSettings
+    blocks: frozenset[BlockKey]
+    sigma_start: float = float("inf")
+    sigma_end: float = 0.0
+
+    name = "style_aligned"
+    node_name = "SharedAttentionBatch"
+    patch_point = SELF_ATTENTION
+
+    def active(self, call: AttentionCall) -> bool:
+        return call.block in self.blocks and sigma_in_range(call.sigma, self.sigma_start, self.sigma_end)
+
+    def self_attention(self, q, k, v, call: AttentionCall) -> torch.Tensor:
+        return shared_self_attention(q, k, v, call.n_chunks, self.settings, call.attention)

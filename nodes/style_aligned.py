@@ -1,0 +1,317 @@
+"""StyleAligned nodes (Hertz et al., "Style Aligned Image Generation via Shared Attention", CVPR 2024).
+
+- SharedAttentionBatch: patches a MODEL so every image of a batch shares the style of image 0.
+- SharedAttentionPromptBatch: one prompt per image, as one batched CONDITIONING (reference first).
+- SharedAttentionInvertReference + SharedAttentionApplyReference: the style comes from a real image,
+  DDIM-inverted and re-inserted as image 0 at every step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+
+from ..attention.blocks import evenly_skipped, group_norm_paths, parse_block_selection
+from ..attention.group_norm import ReferenceSharedGroupNorm, norm_sharing
+from ..attention.layout import chunk_count
+from ..attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
+from ..attention.style_reference import DEFAULT_REFERENCE_OFFSET, StyleReference, invert
+from .comfy_io import io
+from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
+
+CATEGORY = "personalization/style_aligned"
+StyleReferenceType = io.Custom("STYLE_ALIGNED_REFERENCE")
+log = logging.getLogger(__name__)
+
+
+def _warn_on_single_image(executor, noise, *args, **kwargs):
+    if noise.shape[0] < 2:
+        log.warning("SharedAttentionBatch: the latent batch holds one image, so there is nothing to align "
+                    "it with; sampling runs unchanged. Use a batch of 2 or more (image 0 is the reference).")
+    return executor(noise, *args, **kwargs)
+
+
+class _ReferenceRowsWrapper:
+    """Diffusion-model wrapper: publishes the chunk layout to shared GroupNorms and, as the paper's
+    ControlNet pipeline does, gives the reference zero ControlNet residuals."""
+
+    def __init__(self, share_group_norm: bool, controlnet_on_reference: bool, sigma_start: float, sigma_end: float):
+        self.share_group_norm = share_group_norm
+        self.controlnet_on_reference = controlnet_on_reference
+        self.sigma_start, self.sigma_end = sigma_start, sigma_end
+
+    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        n_chunks = chunk_count(transformer_options.get("cond_or_uncond"), x.shape[0])
+        sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else None
+        in_range = sigma is None or self.sigma_end <= sigma <= self.sigma_start
+        if control is not None and not self.controlnet_on_reference:
+            control = _zero_reference_rows(control, n_chunks)
+        with norm_sharing(n_chunks if self.share_group_norm and in_range else None):
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+
+def _zero_reference_rows(control: dict, n_chunks: int) -> dict:
+    def zeroed(residual):
+        if residual is None:
+            return None
+        out = residual.clone()
+        out.view(n_chunks, -1, *out.shape[1:])[:, 0] = 0
+        return out
+    return {name: [zeroed(r) for r in residuals] for name, residuals in control.items()}
+
+
+class SharedAttentionBatch(io.ComfyNode):
+    """StyleAligned (Hertz et al., CVPR 2024): the images of one batch share image 0's style.
+
+    In every selected self-attention layer each target image's queries and keys are AdaIN-normalised
+    to the reference's statistics and it also attends to the reference's keys/values. Image 0 of the
+    batch (in each cond/uncond pass) is the reference and comes out exactly as without this node.
+    Training-free; works for SD1.5/SD2/SDXL U-Nets, CFG on or off, with ControlNet and LoRA.
+
+    Inputs (safe ranges):
+    - adain_queries / adain_keys: normalise target Q / K to the reference (paper: both on).
+    - adain_values: also normalise V (paper ablation; off).
+    - shared_score_shift: ln λ added to the logits of the reference keys; 0 (text) or ln 2 = 0.693
+      (reference image, "more fidelity"); -1..1.5 is sensible.
+    - shared_score_scale: multiplies the reference keys; 1.0, or 0.5 when a famous image is copied.
+    - share_group_norm: GroupNorm statistics joined with the reference (off for text, on for a real
+      reference image in the official notebooks). LayerNorm sharing is a mathematical no-op, not offered.
+    - full_attention_share: the paper's ablation where all images attend to all (content leaks).
+    - blocks: which transformer blocks share, e.g. "input, middle, output:3"; empty = all.
+    - skip_fraction: switch sharing off in an evenly spaced fraction of layers (paper's only_self_level;
+      more → more diverse, less aligned sets), 0..1.
+    - start_percent / end_percent: part of sampling during which sharing is active.
+    - controlnet_on_reference: feed ControlNet residuals to the reference too (paper: off, zero residual).
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SharedAttentionBatch",
+            display_name="Shared Attention Batch (StyleAligned)",
+            category=CATEGORY,
+            description="StyleAligned: every image of the batch takes the style of image 0 through shared self-attention.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.5/SD2/SDXL model to patch; the input model is left unchanged."),
+                io.Boolean.Input("adain_queries", default=True, tooltip="AdaIN the targets' queries to the reference (paper: on)."),
+                io.Boolean.Input("adain_keys", default=True, tooltip="AdaIN the targets' keys to the reference (paper: on)."),
+                io.Boolean.Input("adain_values", default=False, tooltip="AdaIN the values too (paper ablation: off)."),
+                io.Float.Input("shared_score_shift", default=0.0, min=-3.0, max=3.0, step=0.01,
+                               tooltip="ln λ added to attention logits on the reference; 0.693 (=ln 2) for a real reference image."),
+                io.Float.Input("shared_score_scale", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="Scale of the reference keys; below 1 weakens the reference (0.5 if it gets copied)."),
+                io.Boolean.Input("share_group_norm", default=False,
+                                 tooltip="Join GroupNorm statistics with the reference (official: off for text, on for a real image)."),
+                io.Boolean.Input("full_attention_share", default=False,
+                                 tooltip="Ablation: every image attends to every image, no AdaIN (leaks content)."),
+                io.String.Input("blocks", default="", tooltip="Blocks that share, e.g. 'input, middle, output:3'; empty = all."),
+                io.Float.Input("skip_fraction", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of layers, evenly spaced, that do not share (paper's level); higher = more diverse."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip="Sharing starts at this part of sampling."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001, tooltip="Sharing ends at this part of sampling."),
+                io.Boolean.Input("controlnet_on_reference", default=False,
+                                 tooltip="Also apply ControlNet to the reference image (paper: off, the reference gets zero residuals)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched model; sample a batch of 2 or more, image 0 is the reference.")],
+        )
+
+    @classmethod
+    def execute(cls, model, adain_queries, adain_keys, adain_values, shared_score_shift, shared_score_scale,
+                share_group_norm, full_attention_share, blocks, skip_fraction, start_percent, end_percent,
+                controlnet_on_reference) -> io.NodeOutput:
+        found = transformer_blocks(model)
+        selected = parse_block_selection(blocks, found) & evenly_skipped([b.key for b in found], skip_fraction)
+        sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
+        settings = StyleAlignedSettings(
+            adain_queries=adain_queries, adain_keys=adain_keys, adain_values=adain_values,
+            score_scale=shared_score_scale, score_shift=shared_score_shift, full_attention_share=full_attention_share)
+        processor = SharedAttentionProcessor(settings=settings, blocks=selected, sigma_start=sigma_start, sigma_end=sigma_end)
+
+        patched = model.clone()
+        add_attention_processor(patched, processor, found)
+        if share_group_norm:
+            diffusion_model = patched.get_model_object("diffusion_model")
+            for path in group_norm_paths(diffusion_model):
+                original = patched.get_model_object(f"diffusion_model.{path}")
+                patched.add_object_patch(f"diffusion_model.{path}", ReferenceSharedGroupNorm(original))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY + ".style_aligned",
+                                     _ReferenceRowsWrapper(share_group_norm, controlnet_on_reference, sigma_start, sigma_end))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY + ".style_aligned",
+                                     _warn_on_single_image)
+        return io.NodeOutput(patched)
+
+
+def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-prompt cross-attention contexts on the batch axis; contexts of different token
+    lengths are repeated up to a common length, as ComfyUI itself batches conds (same attention)."""
+    length = math.lcm(*(t.shape[1] for t in tensors))
+    return torch.cat([t.repeat(1, length // t.shape[1], 1) for t in tensors])
+
+
+class SharedAttentionPromptBatch(io.ComfyNode):
+    """One prompt per image for a StyleAligned batch (paper: "<object>, <shared style>").
+
+    - prompts: one prompt per line, blank lines skipped; line 1 is the reference (image 0).
+    - style: text appended to every line after a comma (e.g. "minimal origami"); may be empty.
+    Outputs the batched CONDITIONING (SDXL pooled output batched too) and the prompt count to wire
+    into the latent's batch_size.
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SharedAttentionPromptBatch",
+            display_name="Prompt Batch (StyleAligned)",
+            category=CATEGORY,
+            description="Encode one prompt per line into one batched conditioning; line 1 is the style reference.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="Text encoder of the model."),
+                io.String.Input("prompts", multiline=True, default="a toy train\na toy airplane\na toy bicycle",
+                                tooltip="One prompt per line; the first line describes the reference image."),
+                io.String.Input("style", default="", tooltip="Appended to every prompt after a comma, e.g. 'minimal origami'."),
+            ],
+            outputs=[
+                io.Conditioning.Output(tooltip="One conditioning per prompt, batched in order."),
+                io.Int.Output(display_name="count", tooltip="Number of prompts: use it as the latent batch size."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, prompts, style) -> io.NodeOutput:
+        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError("SharedAttentionPromptBatch: write at least one prompt (one per line).")
+        if clip is None:
+            raise ValueError("SharedAttentionPromptBatch: the clip input is empty; the checkpoint has no text encoder.")
+        encoded = []
+        for line in lines:
+            text = f"{line}, {style.strip()}" if style.strip() else line
+            encoded.append(clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True))
+        extras = {key: torch.cat([e[key] for e in encoded]) for key in encoded[0]
+                  if key != "cond" and isinstance(encoded[0][key], torch.Tensor)}
+        conditioning = [[_batched([e["cond"] for e in encoded]), extras]]
+        return io.NodeOutput(conditioning, len(lines))
+
+
+class SharedAttentionInvertReference(io.ComfyNode):
+    """DDIM inversion of a real reference image for StyleAligned (paper §"style from a reference image").
+
+    - model: the model you will sample with (before or after SharedAttentionBatch: inversion itself
+      runs without sharing).
+    - positive: a prompt describing the reference (subject and style), e.g. "a man in bed, medieval painting".
+    - negative: usually an empty prompt or ConditioningZeroOut (the official code uses zeros).
+    - latent: VAE-encoded reference, one image.
+    - steps / scheduler: MUST equal those of the sampler that uses the reference (official: 50, DDIM).
+    - cfg: guidance during inversion (official: 2; 1–3 is sensible).
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SharedAttentionInvertReference",
+            display_name="Invert Style Reference (StyleAligned)",
+            category=CATEGORY,
+            description="DDIM-invert a reference latent so its style can lead a StyleAligned batch.",
+            inputs=[
+                io.Model.Input("model", tooltip="Model used for inversion and later sampling."),
+                io.Conditioning.Input("positive", tooltip="Prompt describing the reference image's subject and style."),
+                io.Conditioning.Input("negative", tooltip="Unconditional prompt (empty text or ConditioningZeroOut)."),
+                io.Latent.Input("latent", tooltip="VAE-encoded reference image (batch of 1)."),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Must equal the sampler's steps (official: 50)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform",
+                               tooltip="Must equal the sampler's scheduler (ddim_uniform = the paper's DDIM)."),
+                io.Float.Input("cfg", default=2.0, min=1.0, max=10.0, step=0.1, tooltip="Guidance during inversion (official: 2)."),
+            ],
+            outputs=[StyleReferenceType.Output(display_name="reference", tooltip="The reference's latent at every step of the schedule.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent, steps, scheduler, cfg) -> io.NodeOutput:
+        samples = latent["samples"]
+        if samples.shape[0] != 1:
+            raise ValueError(f"SharedAttentionInvertReference: the reference latent must hold one image, got a batch of "
+                             f"{samples.shape[0]}; pick one with LatentFromBatch.")
+        transformer_blocks(model)
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        trajectory: dict[str, StyleReference] = {}
+        progress = latent_preview.prepare_callback(model, steps)
+
+        def run_inversion(model_k, x, flipped_sigmas, extra_args=None, callback=None, disable=None):
+            def denoise(x_now, sigma):
+                return model_k(x_now, sigma, **(extra_args or {}))
+
+            def on_step(i, x_now):
+                if callback is not None:
+                    callback({"i": i, "denoised": x_now, "x": x_now, "sigma": flipped_sigmas[i + 1]})
+            trajectory["reference"] = invert(denoise, x, flipped_sigmas.flip(0), on_step)
+            return x
+
+        comfy.sample.sample_custom(
+            model, torch.zeros_like(samples), cfg, comfy.samplers.KSAMPLER(run_inversion), sigmas.flip(0),
+            positive, negative, samples, callback=progress, disable_pbar=True, seed=0)
+        return io.NodeOutput(trajectory["reference"])
+
+
+def _reference_input_wrapper(reference: StyleReference, offset: int):
+    def replace_reference_rows(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        if tuple(x.shape[1:]) != tuple(reference.latents.shape[1:]):
+            raise ValueError(
+                f"SharedAttentionApplyReference: the reference latent is {tuple(reference.latents.shape[1:])} "
+                f"(channels, height, width) but the sampled batch is {tuple(x.shape[1:])}; encode the reference at "
+                "the size you generate.")
+        sigma = float(t.max())
+        latent = reference.latent_for(transformer_options["sample_sigmas"], sigma, offset).to(x)
+        n_chunks = chunk_count(transformer_options.get("cond_or_uncond"), x.shape[0])
+        x = x.clone()
+        x.view(n_chunks, -1, *x.shape[1:])[:, 0] = latent
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    return replace_reference_rows
+
+
+class SharedAttentionApplyReference(io.ComfyNode):
+    """Make image 0 of a StyleAligned batch follow an inverted real image (official transfer schedule).
+
+    At step 0 image 0 is the reference's latent ``offset`` steps ahead; it is held at ``offset + 1``
+    until sampling catches up, then follows the inverted trajectory exactly. Chain after
+    SharedAttentionBatch (official transfer settings: share_group_norm on, shared_score_shift 0.693)
+    and sample a batch of 1 + N images with the reference's prompt first, with the same steps and
+    scheduler as the inversion, denoise 1.0. Drop image 0 from the output (LatentFromBatch).
+
+    - offset: 0..10, official 5; larger gives targets a cleaner style signal early.
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SharedAttentionApplyReference",
+            display_name="Apply Style Reference (StyleAligned)",
+            category=CATEGORY,
+            description="Image 0 of the batch follows the inverted reference image at every step.",
+            inputs=[
+                io.Model.Input("model", tooltip="Usually the output of SharedAttentionBatch."),
+                StyleReferenceType.Input("reference", tooltip="Output of SharedAttentionInvertReference."),
+                io.Int.Input("offset", default=DEFAULT_REFERENCE_OFFSET, min=0, max=50,
+                             tooltip="Steps the reference runs ahead of the targets at the start (official: 5)."),
+            ],
+            outputs=[io.Model.Output(tooltip="Model whose batch image 0 is the reference image.")],
+        )
+
+    @classmethod
+    def execute(cls, model, reference: StyleReference, offset) -> io.NodeOutput:
+        if offset > reference.steps:
+            raise ValueError(f"SharedAttentionApplyReference: offset {offset} exceeds the {reference.steps} inverted steps.")
+        patched = model.clone()
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY + ".style_reference",
+                                     _reference_input_wrapper(reference, offset))
+        return io.NodeOutput(patched)
+
+
+STYLE_ALIGNED_NODES = [SharedAttentionBatch, SharedAttentionPromptBatch, SharedAttentionInvertReference,
+                       SharedAttentionApplyReference]

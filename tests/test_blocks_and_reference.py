@@ -1,0 +1,122 @@
+"""Block discovery/selection and the reference-image trajectory helpers."""
+import pytest
+import torch
+
+from personalization_nodes.attention.blocks import (
+    UnsupportedModelError, discover_transformer_blocks, evenly_skipped, parse_block_selection)
+from personalization_nodes.attention.style_reference import StyleReference, invert, reinsertion_index, schedule_step
+
+
+class Attn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.heads, self.dim_head = 2, 4
+
+
+class Block(torch.nn.Module):
+    def __init__(self, cross=True):
+        super().__init__()
+        self.attn1 = Attn()
+        self.attn2 = Attn() if cross else None
+
+
+class Spatial(torch.nn.Module):
+    def __init__(self, depth):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList(Block() for _ in range(depth))
+
+
+class ToyUNet(torch.nn.Module):
+    """Module paths shaped like ComfyUI's openaimodel.UNetModel."""
+
+    def __init__(self):
+        super().__init__()
+        res = torch.nn.Identity
+        self.input_blocks = torch.nn.ModuleList([torch.nn.Sequential(res()), torch.nn.Sequential(res(), Spatial(2))])
+        self.middle_block = torch.nn.Sequential(res(), Spatial(1), res())
+        self.output_blocks = torch.nn.ModuleList([torch.nn.Sequential(res(), Spatial(1)), torch.nn.Sequential(res())])
+
+
+def test_discovery_finds_every_block_in_diffusers_order():
+    keys = [b.key for b in discover_transformer_blocks(ToyUNet())]
+    assert keys == [("input", 1, 0), ("input", 1, 1), ("output", 0, 0), ("middle", 0, 0)]
+
+
+def test_dit_models_are_rejected_clearly():
+    class FluxLike(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.double_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+    with pytest.raises(UnsupportedModelError, match="not supported yet"):
+        discover_transformer_blocks(FluxLike())
+
+
+def test_block_selection():
+    blocks = discover_transformer_blocks(ToyUNet())
+    assert parse_block_selection("", blocks) == {b.key for b in blocks}
+    assert parse_block_selection("middle, input:1.1", blocks) == {("middle", 0, 0), ("input", 1, 1)}
+    assert parse_block_selection("output:0", blocks) == {("output", 0, 0)}
+    with pytest.raises(ValueError, match="matches no transformer block"):
+        parse_block_selection("output:7", blocks)
+    with pytest.raises(ValueError, match="not of the form"):
+        parse_block_selection("down_blocks", blocks)
+
+
+def official_switch_vector(total, level):
+    """StyleAligned's `_get_switch_vec`: True = layer does NOT share."""
+    if level == 0:
+        return [False] * total
+    if level == 1:
+        return [True] * total
+    flip = level > 0.5
+    level = 1 - level if flip else level
+    period = total // int(level * total)
+    vec = [i % period == 0 for i in range(total)]
+    return [not x for x in vec] if flip else vec
+
+
+@pytest.mark.parametrize("total", [16, 70])
+@pytest.mark.parametrize("level", [0.0, 0.1, 0.25, 0.5, 0.6, 0.9, 1.0])
+def test_skip_fraction_mirrors_official_switch_vector(total, level):
+    keys = [("input", i, 0) for i in range(total)]
+    kept = evenly_skipped(keys, level)
+    switched_off = official_switch_vector(total, level)
+    assert kept == {k for k, off in zip(keys, switched_off) if not off}
+
+
+def test_reinsertion_schedule_follows_official_offset():
+    # spec 5.2: step 0 -> zts[5]; steps 1..6 -> zts[6]; from step 6 on -> zts[step]
+    assert [reinsertion_index(step, 5, 50) for step in range(9)] == [5, 6, 6, 6, 6, 6, 6, 7, 8]
+    assert reinsertion_index(49, 5, 50) == 49
+    assert reinsertion_index(3, 0, 50) == 3
+
+
+def test_schedule_step_maps_intermediate_sigmas_to_their_step():
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
+    assert [schedule_step(sigmas, s) for s in (10.0, 5.0, 2.0, 1.0)] == [0, 1, 2, 3]
+    assert schedule_step(sigmas, 7.0) == 0 and schedule_step(sigmas, 1.5) == 2
+
+
+def test_inversion_is_euler_in_sigma_with_noise_predicted_at_the_next_level():
+    sigmas = torch.tensor([4.0, 2.0, 1.0, 0.0])
+    clean = torch.randn(1, 4, 2, 2)
+    x0_guess = torch.full_like(clean, 0.25)
+
+    def denoise(x, sigma):  # a model that always predicts the same clean image
+        return x0_guess.expand_as(x)
+
+    ref = invert(denoise, clean, sigmas)
+    assert ref.latents.shape == (4, 1, 4, 2, 2)
+    assert torch.equal(ref.latents[-1], clean)
+    x = clean
+    for lo, hi in ((0.0, 1.0), (1.0, 2.0), (2.0, 4.0)):
+        x = x + (hi - lo) * (x - x0_guess) / hi
+    assert torch.allclose(ref.latents[0], x)
+
+
+def test_reference_rejects_another_schedule():
+    ref = StyleReference(latents=torch.zeros(4, 1, 4, 2, 2), sigmas=torch.tensor([4.0, 2.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="3-step schedule"):
+        ref.latent_for(torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0]), 4.0, 1)
+    assert ref.latent_for(torch.tensor([4.0, 2.0, 1.0, 0.0]), 2.0, 0) is not None
