@@ -20,7 +20,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class StyleReference:
-    """An inverted reference: ``latents[j]`` is the reference at ``sigmas[j]`` (descending, last 0)."""
+    """An inverted reference: ``latents[j]`` (C, H, W) is the reference at ``sigmas[j]`` (descending, last 0)."""
 
     latents: torch.Tensor
     sigmas: torch.Tensor
@@ -61,10 +61,13 @@ def reinsertion_index(step: int, offset: int, steps: int) -> int:
 
 def invert(denoise: Denoiser, clean_latent: torch.Tensor, sigmas: torch.Tensor,
            on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> StyleReference:
-    """DDIM-invert ``clean_latent`` along the descending sampling ``sigmas`` (ending at 0).
+    """DDIM-invert ``clean_latent`` (one image, ``(1, C, H, W)``) along the descending sampling
+    ``sigmas`` (ending at 0).
 
     ``denoise(x, sigma_batch)`` returns the model's x0 prediction (CFG included) at noise level sigma.
     """
+    if clean_latent.shape[0] != 1:
+        raise ValueError(f"a style reference is one image, got a batch of {clean_latent.shape[0]}")
     ascending = sigmas.flip(0)
     x = clean_latent
     latents = [x]
@@ -76,4 +79,4 @@ def invert(denoise: Denoiser, clean_latent: torch.Tensor, sigmas: torch.Tensor,
         latents.append(x)
         if on_step is not None:
             on_step(i, x)
-    return StyleReference(latents=torch.stack(latents[::-1]), sigmas=sigmas.detach().float().cpu())
+    return StyleReference(latents=torch.cat(latents[::-1]), sigmas=sigmas.detach().float().cpu())

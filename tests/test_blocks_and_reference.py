@@ -107,16 +107,16 @@ def test_inversion_is_euler_in_sigma_with_noise_predicted_at_the_next_level():
         return x0_guess.expand_as(x)
 
     ref = invert(denoise, clean, sigmas)
-    assert ref.latents.shape == (4, 1, 4, 2, 2)
-    assert torch.equal(ref.latents[-1], clean)
+    assert ref.latents.shape == (4, 4, 2, 2)
+    assert torch.equal(ref.latents[-1], clean[0])
     x = clean
     for lo, hi in ((0.0, 1.0), (1.0, 2.0), (2.0, 4.0)):
         x = x + (hi - lo) * (x - x0_guess) / hi
-    assert torch.allclose(ref.latents[0], x)
+    assert torch.allclose(ref.latents[0], x[0])
 
 
 def test_reference_rejects_another_schedule():
-    ref = StyleReference(latents=torch.zeros(4, 1, 4, 2, 2), sigmas=torch.tensor([4.0, 2.0, 1.0, 0.0]))
+    ref = StyleReference(latents=torch.zeros(4, 4, 2, 2), sigmas=torch.tensor([4.0, 2.0, 1.0, 0.0]))
     with pytest.raises(ValueError, match="3-step schedule"):
         ref.latent_for(torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0]), 4.0, 1)
     assert ref.latent_for(torch.tensor([4.0, 2.0, 1.0, 0.0]), 2.0, 0) is not None

@@ -13,6 +13,7 @@ Weights: normal(0, 0.02) from a fixed seed, except normalization layers, which k
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 from pathlib import Path
@@ -177,7 +178,9 @@ def sdxl_model_patcher():
     config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes))
     model = config.get_model({})
     randomize_(model.diffusion_model, seed=5)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+    # Drop it while modules still exist: ModelPatcher.__del__ at interpreter teardown raises noise.
+    atexit.register(sdxl_model_patcher.cache_clear)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
                                             offload_device=mm.unet_offload_device())
 
 

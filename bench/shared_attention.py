@@ -1,0 +1,87 @@
+"""StyleAligned benchmark; prints ratios measured in one run (never asserted in tests).
+
+(a) per-step sampling time, SharedAttentionBatch-patched / plain, batch 4 on the tiny SD1.5 of the
+    test harness (real ComfyUI, CPU unless a GPU is there);
+(b) at real SD1.5 self-attention size (320 channels = 8 heads x 40, 4096 tokens, batch 4, one chunk):
+    our processor / one plain scaled-dot-product attention over the same concatenated keys (the
+    official code's SDPA path with precomputed [K; K_ref], [V; V_ref]). Target: (b) <= 1.15.
+
+Usage: .venv/bin/python bench/shared_attention.py [--skip-sampling] [--repeats N]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def processor_vs_sdpa(repeats: int, device: str) -> tuple[float, float]:
+    from harness.pack import pack_module
+
+    style_aligned = pack_module("attention.style_aligned")
+    sdpa = pack_module("attention.sdpa")
+    heads, tokens, channels, batch = 8, 4096, 320, 4
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, tokens, channels, device=device) for _ in range(3))
+    settings = style_aligned.StyleAlignedSettings()
+
+    def attention(q_, k_, v_, mask=None):
+        return sdpa.sdpa_attention(q_, k_, v_, heads, mask=mask)
+
+    keys = torch.cat([k, k[:1].expand(batch, -1, -1)], dim=1)
+    values = torch.cat([v, v[:1].expand(batch, -1, -1)], dim=1)
+    with torch.inference_mode():
+        ours = best_of(lambda: style_aligned.shared_self_attention(q, k, v, 1, settings, attention), repeats)
+        plain = best_of(lambda: attention(q, keys, values), repeats)
+    return ours, plain
+
+
+def sampling_step_ratio(repeats: int, steps: int = 4) -> tuple[float, float]:
+    from harness import checkpoints, comfy_env
+
+    env = comfy_env.boot_comfy()
+    model, clip, _vae = checkpoints.load_sd15(env)
+    patched = env.nodes.NODE_CLASS_MAPPINGS["SharedAttentionBatch"]().execute(model, *checkpoints.SHARED_ATTENTION_DEFAULTS)[0]
+    positive = checkpoints.encode_prompt(clip, "a toy train")
+    negative = checkpoints.encode_prompt(clip, "")
+    latent = {"samples": torch.zeros(4, 4, 8, 8)}
+
+    def run(m):
+        return lambda: checkpoints.sample(m, positive, negative, latent, seed=1, steps=steps, cfg=7.0)
+    return best_of(run(patched), repeats) / steps, best_of(run(model), repeats) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-sampling", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if not args.skip_sampling:
+        patched, plain = sampling_step_ratio(args.repeats)
+        print(f"(a) tiny SD1.5, batch 4, cfg 7: {patched * 1e3:.1f} ms/step patched vs {plain * 1e3:.1f} ms/step plain "
+              f"-> ratio {patched / plain:.3f}")
+    ours, plain = processor_vs_sdpa(args.repeats, device)
+    print(f"(b) 8x40 heads, 4096 tokens, batch 4: processor {ours * 1e3:.1f} ms vs SDPA over the same concatenated "
+          f"keys {plain * 1e3:.1f} ms -> ratio {ours / plain:.3f} (target <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()

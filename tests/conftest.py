@@ -1,0 +1,77 @@
+"""Session fixtures for the pack's tests.
+
+Importing this file must stay cheap and ComfyUI-free: pure-torch unit tests (attention/, training/) run
+without booting ComfyUI. ComfyUI is booted lazily by the `comfy` / `stock_comfy` fixtures.
+
+Two import names for the pack, on purpose:
+- `personalization_nodes.*`: the repo imported through a symlink on sys.path, for unit tests of the
+  pure-torch packages (no ComfyUI needed, so the pack's `__init__.py` must not import comfy at import time);
+- `harness.comfy_env.pack_module("...")`: the same files as ComfyUI's loader imported them (under a
+  path-derived name); use it when comparing with objects the registered nodes create.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+
+
+def _put_pack_on_path() -> None:
+    """Make `import personalization_nodes` resolve to this repo (whatever its folder is called)."""
+    link_dir = Path(tempfile.mkdtemp(prefix="personalization_nodes_path_"))
+    link = link_dir / "personalization_nodes"
+    os.symlink(REPO_ROOT, link, target_is_directory=True)
+
+    def cleanup():
+        link.unlink(missing_ok=True)
+        link_dir.rmdir()
+    atexit.register(cleanup)
+    sys.path.insert(0, str(link_dir))
+
+
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))  # `import harness` under any --import-mode
+_put_pack_on_path()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
+
+
+@pytest.fixture(scope="session")
+def stock_comfy():
+    """ComfyUI booted in-process on the CPU (see harness.comfy_env.boot_comfy); does not fail when our
+    pack failed to import (for tests of stock behaviour and of the harness itself)."""
+    from harness.comfy_env import boot_comfy
+    return boot_comfy(require_pack=False)
+
+
+@pytest.fixture(scope="session")
+def comfy(stock_comfy):
+    """ComfyUI booted with our pack loaded by its own loader; raises PackImportError (with ComfyUI's
+    traceback) when the pack failed to import. `.nodes` is ComfyUI's `nodes` module."""
+    from harness.comfy_env import boot_comfy
+    return boot_comfy(require_pack=True)
+
+
+@pytest.fixture(scope="session")
+def sd15(stock_comfy):
+    """(model, clip, vae) of the tiny random SD1.5 checkpoint, via stock CheckpointLoaderSimple.
+    Shared by the session: clone() before patching."""
+    from harness.checkpoints import load_sd15
+    return load_sd15()
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(stock_comfy):
+    """ModelPatcher of a reduced random SDXL (comfy.model_base.SDXL); clone() before patching.
+    Pair with harness.checkpoints.sdxl_conditioning()."""
+    from harness.checkpoints import sdxl_model_patcher
+    return sdxl_model_patcher()
