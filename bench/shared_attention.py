@@ -32,8 +32,9 @@ def best_of(fn, repeats: int) -> float:
 
 
 def processor_vs_sdpa(repeats: int, device: str) -> tuple[float, float]:
-    from harness.pack import pack_module
+    from harness.comfy_env import boot_comfy, pack_module
 
+    boot_comfy()
     style_aligned = pack_module("attention.style_aligned")
     sdpa = pack_module("attention.sdpa")
     heads, tokens, channels, batch = 8, 4096, 320, 4
@@ -56,8 +57,11 @@ def sampling_step_ratio(repeats: int, steps: int = 4) -> tuple[float, float]:
     from harness import checkpoints, comfy_env
 
     env = comfy_env.boot_comfy()
-    model, clip, _vae = checkpoints.load_sd15(env)
-    patched = env.nodes.NODE_CLASS_MAPPINGS["SharedAttentionBatch"]().execute(model, *checkpoints.SHARED_ATTENTION_DEFAULTS)[0]
+    model, clip, _vae = checkpoints.load_sd15()
+    patched = env.nodes.NODE_CLASS_MAPPINGS["SharedAttentionBatch"].execute(
+        model=model, adain_queries=True, adain_keys=True, adain_values=False, shared_score_shift=0.0,
+        shared_score_scale=1.0, share_group_norm=False, full_attention_share=False, blocks="", skip_fraction=0.0,
+        start_percent=0.0, end_percent=1.0, controlnet_on_reference=False).result[0]
     positive = checkpoints.encode_prompt(clip, "a toy train")
     negative = checkpoints.encode_prompt(clip, "")
     latent = {"samples": torch.zeros(4, 4, 8, 8)}

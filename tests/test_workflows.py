@@ -61,3 +61,25 @@ def test_workflow_executes(comfy, path):
     assert len(images) == EXPECTED_IMAGES[path.stem]
     for image in images:
         assert Image.open(image).size == (SIZE, SIZE)
+
+
+def test_demo_copy_of_a_workflow_runs_on_the_demo_models(comfy):
+    """scripts/start_comfyui.sh offers these demo copies when no checkpoint is installed."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_assets.py"
+    spec = importlib.util.spec_from_file_location("demo_assets", path)
+    demo_assets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_assets)
+    names = {"checkpoint": checkpoints.sd15_checkpoint_path().name, "controlnet": checkpoints.sd15_controlnet_path().name,
+             "lora": checkpoints.sd15_lora_path().name}
+    workflow = demo_assets.demo_workflow(load_ui_workflow(WORKFLOWS[0].parent / "style_aligned_lora.json"), names)
+    api = ui_to_api(workflow)
+    for node in api.values():  # keep the run short; the demo's own sizes are checked below
+        if node["class_type"] == "EmptyLatentImage":
+            assert node["inputs"]["width"] == demo_assets.DEMO_SIZE
+            node["inputs"]["width"] = node["inputs"]["height"] = SIZE
+    results = execute_workflow(api)
+    saved = [p for node_id, node in api.items() if node["class_type"] == "SaveImage" for p in saved_image_paths(results[node_id])]
+    assert len(saved) == 4
+    assert "RANDOM-weight" in workflow["extra"]["info"]
