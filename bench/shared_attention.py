@@ -54,14 +54,11 @@ def processor_vs_sdpa(repeats: int, device: str) -> tuple[float, float]:
 
 
 def sampling_step_ratio(repeats: int, steps: int = 4) -> tuple[float, float]:
-    from harness import checkpoints, comfy_env
+    from harness import checkpoints
+    from harness.pack_nodes import shared_attention
 
-    env = comfy_env.boot_comfy()
     model, clip, _vae = checkpoints.load_sd15()
-    patched = env.nodes.NODE_CLASS_MAPPINGS["SharedAttentionBatch"].execute(
-        model=model, adain_queries=True, adain_keys=True, adain_values=False, shared_score_shift=0.0,
-        shared_score_scale=1.0, share_group_norm=False, full_attention_share=False, blocks="", skip_fraction=0.0,
-        start_percent=0.0, end_percent=1.0, controlnet_on_reference=False).result[0]
+    patched = shared_attention(model)
     positive = checkpoints.encode_prompt(clip, "a toy train")
     negative = checkpoints.encode_prompt(clip, "")
     latent = {"samples": torch.zeros(4, 4, 8, 8)}

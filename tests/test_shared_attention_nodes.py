@@ -5,23 +5,11 @@ import pytest
 import torch
 
 from harness.checkpoints import empty_latent, encode_prompt, sample, sd15_controlnet_path, sdxl_conditioning
-
-DEFAULTS = dict(adain_queries=True, adain_keys=True, adain_values=False, shared_score_shift=0.0,
-                shared_score_scale=1.0, share_group_norm=False, full_attention_share=False, blocks="",
-                skip_fraction=0.0, start_percent=0.0, end_percent=1.0, controlnet_on_reference=False)
-
+from harness.pack_nodes import run_node, shared_attention
 
 def close(a, b, rel=1e-5):
     """Equal up to float rounding: random-weight latents reach ~100, and ComfyUI batches differently."""
     return (a - b).abs().max().item() <= rel * max(b.abs().max().item(), 1.0)
-
-
-def run_node(comfy, node_id, **inputs):
-    return comfy.nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
-
-
-def shared(comfy, model, **overrides):
-    return run_node(comfy, "SharedAttentionBatch", model=model, **{**DEFAULTS, **overrides})[0]
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +35,14 @@ def test_input_model_is_unchanged_and_reference_image_is_identical(comfy, sd15, 
     model = sd15[0]
     latent = empty_latent(3)
     before = sample(model, *prompts, latent, seed=3)
-    patched = shared(comfy, model, share_group_norm=True, shared_score_shift=0.69)
+    patched = shared_attention(model, share_group_norm=True, shared_score_shift=0.69)
     styled = sample(patched, *prompts, latent, seed=3)
     after = sample(model, *prompts, latent, seed=3)
     assert torch.equal(before, after)
     assert "personalization" not in model.model_options["transformer_options"]
     assert not model.object_patches and "patches_replace" not in model.model_options["transformer_options"]
+    modules = model.get_model_object("diffusion_model").modules()
+    assert not any(type(m).__name__ == "ReferenceSharedGroupNorm" for m in modules), "norm patches restored"
     assert torch.equal(styled[0], before[0])
     assert not torch.allclose(styled[1:], before[1:], atol=1e-4)
 
@@ -61,8 +51,8 @@ def test_neutral_settings_equal_plain_sampling(comfy, sd15, prompts):
     model = sd15[0]
     latent = empty_latent(2)
     plain = sample(model, *prompts, latent, seed=5)
-    never_active = shared(comfy, model, start_percent=1.0, end_percent=1.0, share_group_norm=True)
-    no_layers = shared(comfy, model, skip_fraction=1.0)
+    never_active = shared_attention(model, start_percent=1.0, end_percent=1.0, share_group_norm=True)
+    no_layers = shared_attention(model, skip_fraction=1.0)
     assert torch.equal(sample(never_active, *prompts, latent, seed=5), plain)
     assert torch.equal(sample(no_layers, *prompts, latent, seed=5), plain)
 
@@ -71,7 +61,7 @@ def test_batch_of_one_is_identity_with_a_warning(comfy, sd15, prompts, caplog):
     model = sd15[0]
     latent = empty_latent(1)
     with caplog.at_level(logging.WARNING):
-        out = sample(shared(comfy, model), *prompts, latent, seed=2)
+        out = sample(shared_attention(model), *prompts, latent, seed=2)
     assert torch.equal(out, sample(model, *prompts, latent, seed=2))
     assert "holds one image" in caplog.text
 
@@ -81,7 +71,7 @@ def test_batch_of_one_is_identity_with_a_warning(comfy, sd15, prompts, caplog):
 def test_cfg_and_separate_cond_passes(comfy, sd15, prompts, batch, cfg):
     model = sd15[0]
     latent = empty_latent(batch)
-    patched = shared(comfy, model, share_group_norm=True)
+    patched = shared_attention(model, share_group_norm=True)
     joint = sample(patched, *prompts, latent, seed=11, cfg=cfg)
     separate = sample(split_passes(patched), *prompts, latent, seed=11, cfg=cfg)
     plain = sample(model, *prompts, latent, seed=11, cfg=cfg)
@@ -97,7 +87,7 @@ def test_sdxl(comfy, sdxl_model, batch):
     positive, negative = sdxl_conditioning(batch, seed=1), sdxl_conditioning(batch, seed=2)
     latent = empty_latent(batch)
     plain = sample(sdxl_model, positive, negative, latent, seed=4, steps=2)
-    styled = sample(shared(comfy, sdxl_model, share_group_norm=True), positive, negative, latent, seed=4, steps=2)
+    styled = sample(shared_attention(sdxl_model, share_group_norm=True), positive, negative, latent, seed=4, steps=2)
     assert styled.shape == plain.shape and torch.isfinite(styled).all()
     assert close(styled[0], plain[0])
     if batch > 1:
@@ -107,20 +97,20 @@ def test_sdxl(comfy, sdxl_model, batch):
 def test_block_selection_and_full_share_are_real_variants(comfy, sd15, prompts):
     model = sd15[0]
     latent = empty_latent(3)
-    full = sample(shared(comfy, model), *prompts, latent, seed=8)
-    middle_only = sample(shared(comfy, model, blocks="middle"), *prompts, latent, seed=8)
-    full_share = sample(shared(comfy, model, full_attention_share=True), *prompts, latent, seed=8)
+    full = sample(shared_attention(model), *prompts, latent, seed=8)
+    middle_only = sample(shared_attention(model, blocks="middle"), *prompts, latent, seed=8)
+    full_share = sample(shared_attention(model, full_attention_share=True), *prompts, latent, seed=8)
     assert not torch.allclose(full, middle_only, atol=1e-5)
     assert not torch.allclose(full, full_share, atol=1e-5)
     with pytest.raises(ValueError, match="matches no transformer block"):
-        shared(comfy, model, blocks="output:99")
+        shared_attention(model, blocks="output:99")
 
 
 def test_chained_nodes_keep_one_dispatcher_and_the_last_settings(comfy, sd15, prompts):
     model = sd15[0]
     latent = empty_latent(2)
-    once = shared(comfy, model, shared_score_shift=0.5)
-    twice = shared(comfy, shared(comfy, model, shared_score_shift=-1.0), shared_score_shift=0.5)
+    once = shared_attention(model, shared_score_shift=0.5)
+    twice = shared_attention(shared_attention(model, shared_score_shift=-1.0), shared_score_shift=0.5)
     assert len(twice.model_options["transformer_options"]["personalization"].processors) == 1
     assert torch.equal(sample(twice, *prompts, latent, seed=1), sample(once, *prompts, latent, seed=1))
 
@@ -132,9 +122,9 @@ def test_reference_gets_zero_controlnet_residuals(comfy, sd15, prompts):
     hint = torch.rand(1, 64, 64, 3)
     positive, negative = nodes.ControlNetApplyAdvanced().apply_controlnet(*prompts, control_net, hint, 1.0, 0.0, 1.0)
     latent = empty_latent(2)
-    with_control = sample(shared(comfy, model), positive, negative, latent, seed=9)
-    without_control = sample(shared(comfy, model), *prompts, latent, seed=9)
-    controlled_reference = sample(shared(comfy, model, controlnet_on_reference=True), positive, negative, latent, seed=9)
+    with_control = sample(shared_attention(model), positive, negative, latent, seed=9)
+    without_control = sample(shared_attention(model), *prompts, latent, seed=9)
+    controlled_reference = sample(shared_attention(model, controlnet_on_reference=True), positive, negative, latent, seed=9)
     assert close(with_control[0], without_control[0])
     assert not torch.allclose(with_control[1], without_control[1], atol=1e-4)
     assert not torch.allclose(controlled_reference[0], with_control[0], atol=1e-4)
@@ -151,12 +141,12 @@ def test_dit_model_is_refused_clearly(comfy):
     flux = model_patcher.ModelPatcher(config.get_model({}), load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
     with pytest.raises(ValueError, match="Flux.*not supported yet"):
-        shared(comfy, flux)
+        shared_attention(flux)
 
 
 def test_prompt_batch_encodes_one_conditioning_per_line(comfy, sd15):
     clip = sd15[1]
-    conditioning, count = run_node(comfy, "SharedAttentionPromptBatch", clip=clip,
+    conditioning, count = run_node("SharedAttentionPromptBatch", clip=clip,
                                    prompts="a cat\n\na very long prompt " + "word " * 90 + "\na dog", style="origami")
     cond, extras = conditioning[0]
     assert count == 3 and cond.shape[0] == 3 and cond.shape[1] % 77 == 0
@@ -164,4 +154,4 @@ def test_prompt_batch_encodes_one_conditioning_per_line(comfy, sd15):
     single = encode_prompt(clip, "a cat, origami")[0][0]
     assert torch.allclose(cond[:1, :77], single, atol=1e-5)
     with pytest.raises(ValueError, match="at least one prompt"):
-        run_node(comfy, "SharedAttentionPromptBatch", clip=clip, prompts="\n \n", style="")
+        run_node("SharedAttentionPromptBatch", clip=clip, prompts="\n \n", style="")

@@ -4,12 +4,9 @@ import torch
 
 from harness.checkpoints import empty_latent, encode_prompt, sample
 from harness.comfy_env import pack_module
+from harness.pack_nodes import run_node, shared_attention
 
 STEPS = 4
-
-
-def run_node(comfy, node_id, **inputs):
-    return comfy.nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +15,7 @@ def setup(comfy, sd15):
     pixels = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     latent = comfy.nodes.VAEEncode().encode(vae, pixels)[0]
     positive, negative = encode_prompt(clip, "a toy train, origami"), encode_prompt(clip, "")
-    reference = run_node(comfy, "SharedAttentionInvertReference", model=model, positive=positive, negative=negative,
+    reference = run_node("SharedAttentionInvertReference", model=model, positive=positive, negative=negative,
                          latent=latent, steps=STEPS, scheduler="ddim_uniform", cfg=2.0)[0]
     return model, positive, negative, latent, reference
 
@@ -42,7 +39,7 @@ def test_image_zero_follows_the_trajectory_in_every_pass(comfy, setup):
 
     model, positive, negative, _latent, reference = setup
     offset = 1
-    patched = run_node(comfy, "SharedAttentionApplyReference", model=model, reference=reference, offset=offset)[0]
+    patched = run_node("SharedAttentionApplyReference", model=model, reference=reference, offset=offset)[0]
     seen = []
 
     def record_inputs(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
@@ -56,7 +53,7 @@ def test_image_zero_follows_the_trajectory_in_every_pass(comfy, setup):
     assert out.shape == (3, 4, 8, 8)
     style_reference = pack_module("attention.style_reference")
     assert len(seen) == STEPS
-    for step, (sigma, rows) in enumerate(seen):
+    for step, (_sigma, rows) in enumerate(seen):
         expected = reference.latents[style_reference.reinsertion_index(step, offset, STEPS)]
         assert rows.shape[0] == 2  # cond and uncond pass
         for row in rows:
@@ -65,26 +62,23 @@ def test_image_zero_follows_the_trajectory_in_every_pass(comfy, setup):
 
 def test_mismatched_size_and_schedule_are_clear_errors(comfy, setup):
     model, positive, negative, latent, reference = setup
-    patched = run_node(comfy, "SharedAttentionApplyReference", model=model, reference=reference, offset=1)[0]
+    patched = run_node("SharedAttentionApplyReference", model=model, reference=reference, offset=1)[0]
     with pytest.raises(ValueError, match="encode the reference at the size you generate"):
         sample(patched, positive, negative, empty_latent(2, 96, 96), steps=STEPS, scheduler="ddim_uniform")
     with pytest.raises(ValueError, match="same steps and scheduler"):
         sample(patched, positive, negative, empty_latent(2), steps=STEPS + 2, scheduler="ddim_uniform")
     with pytest.raises(ValueError, match="exceeds the 4 inverted steps"):
-        run_node(comfy, "SharedAttentionApplyReference", model=model, reference=reference, offset=9)
+        run_node("SharedAttentionApplyReference", model=model, reference=reference, offset=9)
     two = {"samples": latent["samples"].repeat(2, 1, 1, 1)}
     with pytest.raises(ValueError, match="must hold one image"):
-        run_node(comfy, "SharedAttentionInvertReference", model=model, positive=positive, negative=negative,
+        run_node("SharedAttentionInvertReference", model=model, positive=positive, negative=negative,
                  latent=two, steps=STEPS, scheduler="ddim_uniform", cfg=2.0)
 
 
 def test_styled_batch_with_reference_runs_with_shared_attention(comfy, setup):
     model, positive, negative, _latent, reference = setup
-    shared = comfy.nodes.NODE_CLASS_MAPPINGS["SharedAttentionBatch"].execute(
-        model=model, adain_queries=True, adain_keys=True, adain_values=False, shared_score_shift=0.693,
-        shared_score_scale=1.0, share_group_norm=True, full_attention_share=False, blocks="", skip_fraction=0.0,
-        start_percent=0.0, end_percent=1.0, controlnet_on_reference=False).result[0]
-    with_reference = run_node(comfy, "SharedAttentionApplyReference", model=shared, reference=reference, offset=2)[0]
+    shared = shared_attention(model, shared_score_shift=0.693, share_group_norm=True)
+    with_reference = run_node("SharedAttentionApplyReference", model=shared, reference=reference, offset=2)[0]
     out = sample(with_reference, positive, negative, empty_latent(3), seed=3, steps=STEPS, scheduler="ddim_uniform")
     text_only = sample(shared, positive, negative, empty_latent(3), seed=3, steps=STEPS, scheduler="ddim_uniform")
     assert torch.isfinite(out).all()
