@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from harness.checkpoints import empty_latent, encode_prompt, sample, sd15_controlnet_path, sdxl_conditioning
+from harness.comfy_env import pack_module
 from harness.pack_nodes import run_node, shared_attention
 
 def close(a, b, rel=1e-5):
@@ -155,3 +156,27 @@ def test_prompt_batch_encodes_one_conditioning_per_line(comfy, sd15):
     assert torch.allclose(cond[:1, :77], single, atol=1e-5)
     with pytest.raises(ValueError, match="at least one prompt"):
         run_node("SharedAttentionPromptBatch", clip=clip, prompts="\n \n", style="")
+
+
+@pytest.mark.parametrize("backend", ["attention_basic", "attention_split", "attention_sub_quad", "attention_pytorch"])
+def test_score_shift_mask_works_with_every_comfy_attention_backend(comfy, backend):
+    """Users pick ComfyUI's attention backend by flag; the reference-key bias must mean the same in all."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    style_aligned = pack_module("attention.style_aligned")
+    sdpa = pack_module("attention.sdpa")
+    heads = 4
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(6, 20, heads * 8) for _ in range(3))
+    settings = style_aligned.StyleAlignedSettings(score_shift=0.693, score_scale=0.7)
+    function = getattr(comfy_attention, backend)
+
+    def comfy_backend(q_, k_, v_, mask=None):
+        return function(q_, k_, v_, heads, mask=mask)
+
+    def reference(q_, k_, v_, mask=None):
+        return sdpa.sdpa_attention(q_, k_, v_, heads, mask=mask)
+
+    ours = style_aligned.shared_self_attention(q, k, v, 2, settings, comfy_backend)
+    expected = style_aligned.shared_self_attention(q, k, v, 2, settings, reference)
+    assert (ours - expected).abs().max() <= 1e-5
