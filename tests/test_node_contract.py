@@ -1,0 +1,70 @@
+"""What users and shared workflows rely on: frozen node ids and widget order, docs, tooltips, registry rules."""
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from harness.comfy_env import pack_node_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAPSHOT = Path(__file__).resolve().parent / "node_schema_snapshot.json"
+
+
+def schema_of(comfy, node_id):
+    return comfy.nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
+
+
+def signature(schema) -> dict:
+    return {"inputs": [[i.id, str(i.get_io_type())] for i in schema.inputs],
+            "outputs": [str(o.get_io_type()) for o in schema.outputs]}
+
+
+def test_frozen_nodes_keep_their_ids_and_only_append_inputs(comfy):
+    """A renamed node or reordered widget breaks every saved workflow; new inputs may only be appended."""
+    frozen = json.loads(SNAPSHOT.read_text())
+    for node_id, expected in frozen.items():
+        assert node_id in comfy.nodes.NODE_CLASS_MAPPINGS, f"node {node_id} was renamed or removed"
+        live = signature(schema_of(comfy, node_id))
+        assert live["inputs"][: len(expected["inputs"])] == expected["inputs"], f"{node_id}: inputs reordered"
+        assert live["outputs"][: len(expected["outputs"])] == expected["outputs"], f"{node_id}: outputs changed"
+
+
+def test_every_node_has_docs_tooltips_and_its_category(comfy):
+    ids = pack_node_ids()
+    assert ids
+    for node_id in ids:
+        schema = schema_of(comfy, node_id)
+        cls = comfy.nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert (ROOT / "web" / "docs" / f"{node_id}.md").is_file(), f"web/docs/{node_id}.md missing"
+        assert schema.category.startswith("personalization/"), node_id
+        assert schema.description and cls.__doc__, f"{node_id}: description and docstring"
+        for item in [*schema.inputs, *schema.outputs]:
+            assert item.tooltip, f"{node_id}: {item.id or item.get_io_type()} has no tooltip"
+
+
+def test_pyproject_meets_registry_rules():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "comfyui" not in project["project"]["name"].lower()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", project["project"]["version"])
+    comfy_section = project["tool"]["comfy"]
+    for field in ("PublisherId", "DisplayName", "requires-comfyui"):
+        assert comfy_section.get(field), field
+    runtime = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip()]
+    assert sorted(runtime) == sorted(project["project"]["dependencies"]), "requirements.txt mirrors pyproject"
+
+
+@pytest.mark.parametrize("pattern", [r"\beval\(", r"\bexec\(", r"pip install", r"subprocess"])
+def test_pack_code_has_no_forbidden_calls(pattern):
+    sources = [ROOT / "__init__.py", *ROOT.glob("nodes/**/*.py"), *ROOT.glob("attention/**/*.py"),
+               *ROOT.glob("training/**/*.py")]
+    offenders = [str(p.relative_to(ROOT)) for p in sources if re.search(pattern, p.read_text())]
+    assert not offenders, f"{pattern} in {offenders}"
+
+
+def test_pure_packages_never_import_comfyui():
+    pattern = re.compile(r"^\s*(from|import)\s+(comfy\b|comfy_api|nodes\b|folder_paths|server\b)", re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in [*ROOT.glob("attention/**/*.py"), *ROOT.glob("training/**/*.py")]
+                 if pattern.search(p.read_text())]
+    assert not offenders
