@@ -17,12 +17,18 @@ import latent_preview
 import torch
 
 from ..attention.blocks import evenly_skipped, group_norm_paths, parse_block_selection
+from ..attention.dispatcher import sigma_in_range
 from ..attention.group_norm import ReferenceSharedGroupNorm, norm_sharing
 from ..attention.layout import chunk_count
 from ..attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
 from ..attention.style_reference import DEFAULT_REFERENCE_OFFSET, StyleReference, invert
 from .comfy_io import io
-from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
+from .patching import (
+    WRAPPER_KEY,
+    add_attention_processor,
+    sigma_range,
+    transformer_blocks,
+)
 
 CATEGORY = "personalization/style_aligned"
 StyleReferenceType = io.Custom("STYLE_ALIGNED_REFERENCE")
@@ -48,7 +54,7 @@ class _ReferenceRowsWrapper:
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         n_chunks = chunk_count(transformer_options.get("cond_or_uncond"), x.shape[0])
         sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else None
-        in_range = sigma is None or self.sigma_end <= sigma <= self.sigma_start
+        in_range = sigma_in_range(sigma, self.sigma_start, self.sigma_end)
         if control is not None and not self.controlnet_on_reference:
             control = _zero_reference_rows(control, n_chunks)
         with norm_sharing(n_chunks if self.share_group_norm and in_range else None):
