@@ -1,0 +1,312 @@
+"""RealCustom adaptive mask guidance (Huang et al., CVPR 2024; released code bytedance/RealCustom).
+
+Two cross-attention processors and the per-run state they share:
+
+- :class:`WordMapReader` reads the text cross-attention probabilities of the *cond* rows and reduces
+  them at once to the target word's map: mean over heads, sum over the word's tokens, bilinear resize
+  to the mask grid (half the latent size, as the released code), accumulated over layers. Only this
+  ``(B, H', W')`` running sum is kept, never a layer's full probabilities.
+- :class:`MaskedImageBranch` adds the visual cross-attention, the released code's
+  ``AttnProcessor2_0_image_prompt``: ``softmax(Q K_iᵀ/√d) V_i`` with the layer's own query and new
+  bias-free projections ``K_i = to_k_vision(tokens)``, ``V_i = to_v_vision(tokens)``, multiplied by
+  the mask (bilinearly resized to the layer) and added to the text attention output before the
+  layer's ``to_out``. Cond rows attend to the reference image's tokens, uncond rows to a black
+  image's tokens (released code) or get no image branch.
+
+:class:`MaskGuidanceRun` lives for one sampling run (created by the node's OUTER_SAMPLE wrapper and
+found by the processors in ``transformer_options[RUN_KEY]``); it turns the captured maps into masks
+(normalisation strategy, top ratio with soft values) and records the mask of every step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import BlockKey
+from .dispatcher import CROSS_ATTENTION, AttentionCall, AttentionProcessor
+from .layout import split_chunks
+
+RUN_KEY = "personalization.realcustom_run"
+COND = 0  # ComfyUI's cond_or_uncond value of the positive prompt's rows
+
+#: normalisations of the layer-averaged word map (released code ``mask_mode``)
+MASK_STRATEGIES = ("max_norm", "min_max_norm", "min_max_per_channel")
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    strategy: str = "max_norm"
+    #: fraction of mask positions kept (paper's γ_scope, released default 0.25)
+    scope: float = 0.25
+    #: kept positions become 1 instead of keeping their normalised score (paper ablation: worse)
+    binary: bool = False
+
+    def __post_init__(self):
+        if self.strategy not in MASK_STRATEGIES:
+            raise ValueError(f"unknown mask strategy {self.strategy!r}; use one of {', '.join(MASK_STRATEGIES)}")
+        if not 0.0 < self.scope <= 1.0:
+            raise ValueError(f"mask scope must lie in (0, 1], got {self.scope}")
+
+
+def word_map(probs: torch.Tensor, indicator: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(B, heads, h*w, T)`` probabilities → ``(B, 1, h, w)``: mean over heads, summed over the word's tokens."""
+    per_query = probs.mean(dim=1) @ indicator.to(probs)
+    return per_query.view(probs.shape[0], 1, height, width)
+
+
+def min_max(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample min–max normalisation of ``(B, ...)`` to [0, 1] (released code's epsilon)."""
+    flat = x.flatten(1)
+    low, high = flat.min(dim=1).values, flat.max(dim=1).values
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return (x - low.view(shape)) / (high - low + _EPS).view(shape)
+
+
+def normalise(mean_map: torch.Tensor, strategy: str) -> torch.Tensor:
+    """Normalise the layer-averaged map (per-layer normalisation of min_max_per_channel happens before)."""
+    if strategy == "max_norm":
+        return mean_map / (mean_map.flatten(1).max(dim=1).values.view(-1, *(1,) * (mean_map.ndim - 1)) + _EPS)
+    return min_max(mean_map)
+
+
+def keep_top(scores: torch.Tensor, scope: float, binary: bool) -> torch.Tensor:
+    """Keep the ``int(n * scope)`` highest values of each sample (soft, or 1 when ``binary``), zero the rest."""
+    flat = scores.flatten(1)
+    keep = int(flat.shape[1] * scope)
+    kept = torch.zeros_like(flat)
+    if keep > 0:
+        top = flat.topk(keep, dim=1)
+        kept.scatter_(1, top.indices, 1.0 if binary else top.values)
+    return kept.view_as(scores)
+
+
+class WordMapAccumulator:
+    """Streams per-layer word maps into the mask of the released ``mask_generation`` (top-k mode)."""
+
+    def __init__(self, settings: MaskSettings, size: tuple[int, int]):
+        self.settings, self.size = settings, size
+        self.total: torch.Tensor | None = None
+        self.layers = 0
+
+    def add(self, layer_map: torch.Tensor) -> None:
+        """``(B, 1, h, w)`` map of one layer; resized to the mask grid as the released code does."""
+        resized = F.interpolate(layer_map.float(), size=self.size, mode="bilinear")
+        if self.settings.strategy == "min_max_per_channel":
+            resized = min_max(resized)
+        self.total = resized if self.total is None else self.total + resized
+        self.layers += 1
+
+    @property
+    def empty(self) -> bool:
+        return self.layers == 0
+
+    def mask(self) -> torch.Tensor:
+        """``(B, H', W')`` mask: normalised layer mean, top ``scope`` kept."""
+        mean_map = normalise(self.total / self.layers, self.settings.strategy)
+        return keep_top(mean_map, self.settings.scope, self.settings.binary)[:, 0]
+
+
+def resize_gate(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(B, H', W')`` mask → ``(B, h*w, 1)`` gate of a layer (bilinear, as the released processor)."""
+    gate = F.interpolate(mask[:, None].float(), size=(height, width), mode="bilinear")
+    return gate.flatten(2).transpose(1, 2)
+
+
+def step_index(sample_sigmas: torch.Tensor, sigma: float) -> int:
+    """Index of the sampling step a model call belongs to (a multi-eval sampler's extra calls count
+    with the step they are taken in), from the schedule's sigmas."""
+    reached = int((sample_sigmas >= sigma * (1 - 1e-4)).sum().item())
+    return max(reached - 1, 0)
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """Projected reference tokens ``(1, T, D)`` and the negative ones (black image) or None."""
+
+    reference: torch.Tensor
+    negative: torch.Tensor | None
+
+
+class MaskGuidanceRun:
+    """State of one sampling run: which pass is running, the map being captured, the masks per step.
+
+    ``text_only_pass`` selects the released code's schedule (a text-only forward of the cond rows
+    before each updating step, whose map gates that same step); otherwise the map is read from the
+    cond rows of the guided pass itself and gates the next step (one text-only forward at step 0).
+    """
+
+    def __init__(self, settings: MaskSettings, indicator: torch.Tensor, latent_size: tuple[int, int],
+                 total_steps: int, update_fraction: float, text_only_pass: bool):
+        self.settings = settings
+        self.indicator = indicator
+        self.size = (math.ceil(latent_size[0] / 2), math.ceil(latent_size[1] / 2))
+        self.update_steps = max(1, round(update_fraction * total_steps))
+        self.text_only_pass = text_only_pass
+        self.mask: torch.Tensor | None = None  # (B, H', W') gating the current step
+        self.history: list[torch.Tensor] = []  # mask of every step, in order
+        self.capturing = False  # WordMapReader active
+        self.injecting = True   # MaskedImageBranch active
+        self._pending = WordMapAccumulator(settings, self.size)
+        self._step = -1
+
+    def updating(self, step: int) -> bool:
+        return step < self.update_steps
+
+    def start_call(self, step: int) -> None:
+        """Called before every model call: a new step adopts the map captured during the previous one."""
+        if step != self._step and not self._pending.empty:
+            self.mask = self._pending.mask()
+            self._pending = WordMapAccumulator(self.settings, self.size)
+        self._step = step
+
+    def needs_text_only_pass(self, step: int) -> bool:
+        if self.text_only_pass:
+            return self.updating(step) and len(self.history) <= step
+        return self.mask is None and self._pending.empty
+
+    def finish_text_only_pass(self) -> None:
+        if not self._pending.empty:
+            self.mask = self._pending.mask()
+            self._pending = WordMapAccumulator(self.settings, self.size)
+
+    def capture_in_guided_pass(self, step: int) -> bool:
+        return not self.text_only_pass and self.updating(step + 1)
+
+    def record(self, step: int) -> None:
+        """Remember the mask gating ``step`` (once per step)."""
+        while len(self.history) <= step and self.mask is not None:
+            self.history.append(self.mask.detach().to("cpu", torch.float32))
+
+    def token_indicator(self, tokens: int) -> torch.Tensor:
+        """The word's indicator for a context of ``tokens`` tokens; ComfyUI repeats a shorter cond to
+        the length of the batch's longest one, and every repeat holds the word."""
+        length = self.indicator.shape[0]
+        if tokens % length != 0:
+            raise ValueError(f"AdaptiveMaskGuidance: the positive conditioning has {tokens} tokens, but the prompt given "
+                             f"to the node encodes to {length}; give the node the same prompt text as the positive "
+                             "CLIPTextEncode (convert its text widget to an input and share one string).")
+        return self.indicator.repeat(tokens // length)
+
+    def capture(self, probs: torch.Tensor, call: AttentionCall) -> None:
+        rows = cond_rows(call, probs.shape[0])
+        if rows is None:
+            return
+        _b, _c, height, width = call.options["activations_shape"]
+        indicator = self.token_indicator(probs.shape[-1]).to(probs.device)
+        self._pending.add(word_map(probs[rows], indicator, height, width))
+
+
+def cond_rows(call: AttentionCall, batch: int) -> slice | None:
+    """Rows of the first cond chunk of the call (the one whose word map is read), or None."""
+    layout = list(call.cond_or_uncond) or [COND]
+    if COND not in layout:
+        return None
+    size = batch // len(layout)
+    start = layout.index(COND) * size
+    return slice(start, start + size)
+
+
+@dataclass(frozen=True)
+class WordMapReader(AttentionProcessor):
+    """Reads the target word's text cross-attention map while the run is capturing."""
+
+    name = "realcustom_word_map"
+    node_name = "AdaptiveMaskGuidance"
+    patch_point = CROSS_ATTENTION
+
+    def active(self, call: AttentionCall) -> bool:
+        run = call.options.get(RUN_KEY)
+        return run is not None and run.capturing
+
+    def read_probs(self, probs, call: AttentionCall) -> None:
+        call.options[RUN_KEY].capture(probs, call)
+
+
+class ImageBranchWeights(torch.nn.Module):
+    """Visual key/value projections per transformer block (released code: ``attn2.to_k_vision`` /
+    ``attn2.to_v_vision``, bias-free, from the image-token width to the layer's inner width)."""
+
+    def __init__(self, shapes: dict[BlockKey, tuple[int, int]]):
+        super().__init__()
+        self.to_k_vision = torch.nn.ModuleDict()
+        self.to_v_vision = torch.nn.ModuleDict()
+        for block, (inner, token_dim) in shapes.items():
+            self.to_k_vision[block_name(block)] = torch.nn.Linear(token_dim, inner, bias=False)
+            self.to_v_vision[block_name(block)] = torch.nn.Linear(token_dim, inner, bias=False)
+
+    def blocks(self) -> list[BlockKey]:
+        return [parse_block_name(name) for name in self.to_k_vision]
+
+    def serves(self, block: BlockKey | None) -> bool:
+        return block is not None and block_name(block) in self.to_k_vision
+
+    def project(self, block: BlockKey, tokens: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        name = block_name(block)
+        to_k, to_v = self.to_k_vision[name], self.to_v_vision[name]
+        tokens = tokens.to(to_k.weight)
+        return to_k(tokens).to(dtype), to_v(tokens).to(dtype)
+
+
+def block_name(block: BlockKey) -> str:
+    """``("input", 4, 1)`` → ``"input_4_1"`` (module and state-dict name of a block's projections)."""
+    return "_".join(map(str, block))
+
+
+def parse_block_name(name: str) -> BlockKey:
+    kind, block_id, index = name.split("_")
+    return kind, int(block_id), int(index)
+
+
+def image_branch_output(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gate: torch.Tensor | None,
+                        attention) -> torch.Tensor:
+    """``softmax(Q K_iᵀ/√d) V_i`` (shared query, own keys/values) times the ``(B, N, 1)`` gate."""
+    out = attention(q, keys, values)
+    return out if gate is None else out * gate.to(out.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedImageBranch(AttentionProcessor):
+    """The released code's visual cross-attention branch, gated by the run's word mask."""
+
+    weights: ImageBranchWeights
+    tokens: ImageTokens
+    strength: float = 1.0
+
+    name = "realcustom_image_branch"
+    node_name = "AdaptiveMaskGuidance"
+    patch_point = CROSS_ATTENTION
+
+    def active(self, call: AttentionCall) -> bool:
+        run = call.options.get(RUN_KEY)
+        return (run is not None and run.injecting and self.strength != 0.0
+                and self.weights.serves(call.block))
+
+    def parallel_output(self, q, call: AttentionCall):
+        run: MaskGuidanceRun = call.options[RUN_KEY]
+        if run.mask is None:
+            return None  # no map yet (a call without cond rows before the first capture)
+        chunks = list(call.cond_or_uncond) or [COND]
+        rows = q.shape[0] // len(chunks)
+        _b, _c, height, width = call.options["activations_shape"]
+        gate = resize_gate(run.mask.to(q.device), height, width)
+        if gate.shape[0] != rows:
+            raise ValueError(f"AdaptiveMaskGuidance: the mask holds {gate.shape[0]} images but the batch has {rows}.")
+        pos_k, pos_v = self.weights.project(call.block, self.tokens.reference.to(q.device), q.dtype)
+        neg_k = neg_v = None
+        if self.tokens.negative is not None:
+            neg_k, neg_v = self.weights.project(call.block, self.tokens.negative.to(q.device), q.dtype)
+        with_image = [i for i, c in enumerate(chunks) if c == COND or neg_k is not None]
+        if not with_image:
+            return None
+        q_chunks = split_chunks(q, len(chunks))
+        keys = torch.cat([(pos_k if chunks[i] == COND else neg_k).expand(rows, -1, -1) for i in with_image])
+        values = torch.cat([(pos_v if chunks[i] == COND else neg_v).expand(rows, -1, -1) for i in with_image])
+        branch = image_branch_output(q_chunks[with_image].flatten(0, 1), keys, values,
+                                     gate.repeat(len(with_image), 1, 1), call.attention)
+        out = torch.zeros_like(q_chunks)
+        out[with_image] = branch.view(len(with_image), rows, *branch.shape[1:])
+        return out.flatten(0, 1) * self.strength

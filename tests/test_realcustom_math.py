@@ -1,0 +1,231 @@
+"""RealCustom mask guidance math against slow reference formulations written here."""
+import pytest
+import torch
+import torch.nn.functional as F
+from personalization_nodes.attention.dispatcher import (
+    CROSS_ATTENTION,
+    AttentionDispatcher,
+    ProcessorChain,
+)
+from personalization_nodes.attention.realcustom import (
+    RUN_KEY,
+    ImageBranchWeights,
+    ImageTokens,
+    MaskedImageBranch,
+    MaskGuidanceRun,
+    MaskSettings,
+    WordMapAccumulator,
+    WordMapReader,
+    keep_top,
+    step_index,
+    word_map,
+)
+from personalization_nodes.attention.sdpa import sdpa_attention
+
+HEADS, DIM_HEAD, TOKENS = 2, 4, 7
+C = HEADS * DIM_HEAD
+BLOCK = ("input", 1, 0)
+
+
+def reference_mask(prob_list, indicator, size, strategy, scope, binary):
+    """The released mask_generation (top-k mode), step by step, on fully materialised probabilities."""
+    maps = []
+    for probs, (h, w) in prob_list:  # probs: (B, heads, h*w, T)
+        crossmap = probs.permute(0, 1, 3, 2).reshape(probs.shape[0], HEADS, TOKENS, h, w)  # b head n h w
+        crossmap = crossmap.mean(dim=1)
+        crossmap = (crossmap * indicator[None, :, None, None]).sum(dim=1, keepdim=True)
+        maps.append(F.interpolate(crossmap, size=size, mode="bilinear"))
+    maps = torch.cat(maps, dim=1).flatten(2)  # b layers (h w)
+    if strategy == "max_norm":
+        avg = maps.mean(dim=1, keepdim=True)
+        avg = avg / (avg.flatten(1).max(dim=1).values[:, None, None] + 1e-6)
+    elif strategy == "min_max_norm":
+        avg = maps.mean(dim=1, keepdim=True)
+        lo, hi = avg.flatten(1).min(1).values[:, None, None], avg.flatten(1).max(1).values[:, None, None]
+        avg = (avg - lo) / (hi - lo + 1e-6)
+    else:
+        lo, hi = maps.min(-1, keepdim=True).values, maps.max(-1, keepdim=True).values
+        avg = ((maps - lo) / (hi - lo + 1e-6)).mean(dim=1, keepdim=True)
+        lo, hi = avg.flatten(1).min(1).values[:, None, None], avg.flatten(1).max(1).values[:, None, None]
+        avg = (avg - lo) / (hi - lo + 1e-6)
+    order = avg.sort(descending=True, dim=-1).indices
+    keep = int(avg.shape[-1] * scope)
+    avg = avg.scatter(2, order[:, :, keep:], 0.0)
+    if binary:
+        avg = avg.scatter(2, order[:, :, :keep], 1.0)
+    return avg.view(avg.shape[0], *size)
+
+
+def random_probs(batch, h, w, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, HEADS, h * w, DIM_HEAD, generator=gen)
+    k = torch.randn(batch, HEADS, TOKENS, DIM_HEAD, generator=gen)
+    return (q @ k.transpose(-1, -2) / DIM_HEAD ** 0.5).softmax(-1)
+
+
+@pytest.mark.parametrize("strategy", ["max_norm", "min_max_norm", "min_max_per_channel"])
+@pytest.mark.parametrize("binary", [False, True])
+def test_streamed_mask_equals_reference_on_materialised_maps(strategy, binary):
+    indicator = torch.zeros(TOKENS)
+    indicator[[2, 3]] = 1.0  # a two-token word
+    layers = [(random_probs(3, 8, 8, 0), (8, 8)), (random_probs(3, 4, 4, 1), (4, 4)), (random_probs(3, 8, 8, 2), (8, 8))]
+    settings = MaskSettings(strategy=strategy, scope=0.3, binary=binary)
+    streamed = WordMapAccumulator(settings, (8, 8))
+    for probs, (h, w) in layers:
+        streamed.add(word_map(probs, indicator, h, w))
+    expected = reference_mask(layers, indicator, (8, 8), strategy, 0.3, binary)
+    assert (streamed.mask() - expected).abs().max() <= 1e-5
+
+
+def test_top_ratio_keeps_exactly_that_many_soft_values():
+    scores = torch.rand(2, 10, 10)
+    kept = keep_top(scores, 0.25, binary=False)
+    assert ((kept > 0).flatten(1).sum(1) == 25).all()
+    for b in range(2):
+        threshold = scores[b].flatten().sort(descending=True).values[24]
+        assert torch.equal(kept[b], torch.where(scores[b] >= threshold, scores[b], torch.zeros(())))
+    assert set(keep_top(scores, 0.25, binary=True).unique().tolist()) == {0.0, 1.0}
+
+
+def test_mask_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="strategy"):
+        MaskSettings(strategy="threshold")
+    with pytest.raises(ValueError, match="scope"):
+        MaskSettings(scope=0.0)
+
+
+def test_step_index_counts_extra_calls_with_their_step():
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 0.0])
+    assert [step_index(sigmas, s) for s in (10.0, 7.0, 5.0, 2.0, 1.0)] == [0, 0, 1, 2, 2]
+
+
+# --- the processors through the real dispatcher --------------------------------------------------------
+
+def branch_weights(token_dim=6):
+    torch.manual_seed(0)
+    weights = ImageBranchWeights({BLOCK: (C, token_dim)})
+    for p in weights.parameters():
+        torch.nn.init.normal_(p)
+    return weights
+
+
+def make_run(mask=None, text_only=True):
+    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], latent_size=(8, 8), total_steps=4,
+                          update_fraction=1.0, text_only_pass=text_only)
+    run.mask = mask
+    return run
+
+
+def call_options(run, chain, cond_or_uncond=(0, 1), h=4, w=4):
+    return {"n_heads": HEADS, "dim_head": DIM_HEAD, "block": BLOCK[:2], "block_index": BLOCK[2],
+            "cond_or_uncond": list(cond_or_uncond), "activations_shape": [1, C, h, w], RUN_KEY: run, "personalization": chain}
+
+
+@pytest.fixture
+def qkv():
+    torch.manual_seed(1)
+    return torch.randn(4, 16, C), torch.randn(4, TOKENS, C), torch.randn(4, TOKENS, C)
+
+
+def image_only(q, weights, tokens):
+    k, v = weights.project(BLOCK, tokens, q.dtype)
+    return sdpa_attention(q, k.expand(q.shape[0], -1, -1), v.expand(q.shape[0], -1, -1), HEADS)
+
+
+@pytest.mark.parametrize("layout", [(0, 1), (1, 0), (0,), (1,)])
+def test_all_ones_mask_equals_ungated_branch_and_zeros_equal_text_only(qkv, layout):
+    q, k, v = qkv
+    rows = q.shape[0] // len(layout)
+    q, k, v = q[: rows * len(layout)], k[: rows * len(layout)], v[: rows * len(layout)]
+    weights = branch_weights()
+    tokens = ImageTokens(reference=torch.randn(1, 5, 6), negative=torch.randn(1, 5, 6))
+    chain = ProcessorChain().with_processor(MaskedImageBranch(weights, tokens))
+    dispatcher = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)
+    text = sdpa_attention(q, k, v, HEADS)
+
+    ones = dispatcher(q, k, v, call_options(make_run(torch.ones(rows, 4, 4)), chain, layout))
+    expected = text.clone()
+    for i, chunk in enumerate(layout):
+        sl = slice(i * rows, (i + 1) * rows)
+        expected[sl] += image_only(q[sl], weights, tokens.reference if chunk == 0 else tokens.negative)
+    assert (ones - expected).abs().max() <= 1e-5
+
+    zeros = dispatcher(q, k, v, call_options(make_run(torch.zeros(rows, 4, 4)), chain, layout))
+    assert (zeros - text).abs().max() <= 1e-6
+
+
+def test_mask_gates_per_pixel_and_per_image(qkv):
+    q, k, v = qkv
+    weights = branch_weights()
+    tokens = ImageTokens(reference=torch.randn(1, 5, 6), negative=None)
+    chain = ProcessorChain().with_processor(MaskedImageBranch(weights, tokens, strength=0.5))
+    mask = torch.rand(2, 4, 4)
+    out = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)(q, k, v, call_options(make_run(mask), chain, (1, 0)))
+    expected = sdpa_attention(q, k, v, HEADS)
+    expected[2:] += 0.5 * image_only(q[2:], weights, tokens.reference) * mask.flatten(1)[..., None]  # uncond: none
+    assert (out - expected).abs().max() <= 1e-5
+
+
+def test_reader_captures_cond_rows_only(qkv):
+    q, k, v = qkv
+    run = make_run()
+    run.capturing = True
+    chain = ProcessorChain().with_processor(WordMapReader())
+    out = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)(q, k, v, call_options(run, chain, (1, 0), h=8, w=2))
+    assert (out - sdpa_attention(q, k, v, HEADS)).abs().max() <= 1e-5
+    run.finish_text_only_pass()
+    probs = (q.view(4, 16, HEADS, DIM_HEAD).transpose(1, 2) @ k.view(4, TOKENS, HEADS, DIM_HEAD).permute(0, 2, 3, 1)
+             / DIM_HEAD ** 0.5).softmax(-1)
+    expected = WordMapAccumulator(MaskSettings(), (4, 4))
+    expected.add(word_map(probs[2:], torch.eye(TOKENS)[3], 8, 2))
+    assert torch.equal(run.mask, expected.mask())
+
+
+def test_reader_is_inactive_without_capture_so_attention_stays_fused(qkv):
+    q, k, v = qkv
+    run = make_run()
+    chain = ProcessorChain().with_processor(WordMapReader())
+    dispatcher = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)
+    assert torch.equal(dispatcher(q, k, v, call_options(run, chain)), sdpa_attention(q, k, v, HEADS))
+    assert run._pending.empty
+
+
+def test_fast_schedule_uses_previous_steps_map_and_freezes():
+    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], latent_size=(4, 4), total_steps=4,
+                          update_fraction=0.5, text_only_pass=False)
+    first, second = torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2)
+    run.start_call(0)
+    assert run.needs_text_only_pass(0)
+    run._pending.add(first)
+    run.finish_text_only_pass()
+    assert not run.needs_text_only_pass(0) and run.capture_in_guided_pass(0)
+    run.record(0)
+    run._pending.add(second)  # captured in step 0's guided pass
+    run.start_call(1)
+    run.record(1)
+    assert not run.capture_in_guided_pass(1)  # update_steps = 2: step 2 reuses step 1's mask
+    run.start_call(2)
+    run.record(2)
+    assert len(run.history) == 3 and torch.equal(run.history[1], run.history[2])
+    assert not torch.equal(run.history[0], run.history[1])
+
+
+def test_text_only_schedule_runs_one_pass_per_updating_step():
+    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], latent_size=(4, 4), total_steps=4,
+                          update_fraction=0.5, text_only_pass=True)
+    passes = []
+    for step in (0, 0, 1, 2, 3):  # step 0 called twice (a multi-eval sampler)
+        run.start_call(step)
+        if run.needs_text_only_pass(step):
+            passes.append(step)
+            run._pending.add(torch.rand(1, 1, 2, 2))
+            run.finish_text_only_pass()
+        run.record(step)
+    assert passes == [0, 1] and len(run.history) == 4
+
+
+def test_context_length_mismatch_is_explained():
+    run = make_run()
+    assert run.token_indicator(2 * TOKENS).sum() == 2
+    with pytest.raises(ValueError, match="same prompt"):
+        run.token_indicator(TOKENS + 1)
