@@ -1,0 +1,243 @@
+"""ComfyUI side of in-graph training, shared by every trainer node (DESIGN.md §4).
+
+The pure-torch loop lives in ``training/``; this module adapts ComfyUI objects to it, the way
+``comfy_extras/nodes_train.py`` does:
+
+- :func:`training_mode`: ComfyUI runs prompts under ``torch.inference_mode()``; training needs it off
+  and gradients on. :func:`clone_tensors` turns incoming inference tensors into normal ones.
+- :func:`trainable_unet`: a clone whose weights are cast (copied) per forward, so autograd can save
+  them, with :class:`WeightDelta` wrappers adding the trained changes to chosen weights.
+- :func:`with_weight_deltas`: the trained changes baked as ``("diff", ...)`` patches, exactly what
+  stock LoraLoaderModelOnly makes of an exported ``.diff`` file.
+- :func:`denoise`, :func:`prediction_kind`, :func:`discrete_sigmas`: one U-Net call and the schedule.
+- :class:`PlaceholderPrompt` + :class:`TrainableTextEncoder`: prompts holding ``embedding:<name>``
+  for vectors under training, encoded with gradients to the vectors; :func:`clip_with_embeddings`
+  gives a CLIP that resolves those names to the trained vectors (no file needed).
+- :func:`progress_reporter`, :data:`check_interrupted`: the loop's callbacks.
+"""
+from __future__ import annotations
+
+import copy
+import types
+from contextlib import contextmanager
+from typing import Callable, Mapping, Optional
+
+import comfy.clip_model
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sd1_clip
+import comfy.utils
+import torch
+from comfy.weight_adapter.base import WeightAdapterTrainBase
+
+from ..training.losses import EPSILON, V_PREDICTION
+
+check_interrupted: Callable[[], None] = comfy.model_management.throw_exception_if_processing_interrupted
+
+
+@contextmanager
+def training_mode():
+    """Inference mode off, gradients on (ComfyUI executes every node under inference_mode)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def clone_tensors(value):
+    """Deep copy of nested dicts/lists/tuples with every tensor cloned (inference → normal tensors).
+    Call inside :func:`training_mode`."""
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: clone_tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(clone_tensors(v) for v in value)
+    return value
+
+
+def progress_reporter(total: int) -> Callable[[int, int, Optional[float]], None]:
+    """The loop's ``on_progress`` driving ComfyUI's progress bar."""
+    bar = comfy.utils.ProgressBar(total)
+    return lambda done, _total, _loss: bar.update_absolute(done, total)
+
+
+class WeightDelta(WeightAdapterTrainBase):
+    """Trainable additive change of one weight, attached with ``ModelPatcher.add_weight_wrapper``."""
+
+    def __init__(self, shape, device=None):
+        super().__init__()
+        self.diff = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=device))
+
+    def __call__(self, weight):
+        return weight + self.diff.to(weight.dtype)
+
+    def passive_memory_usage(self):
+        return self.diff.nelement() * self.diff.element_size()
+
+
+def _copy_weight(weight):
+    # A weight function makes comfy.ops cast the weight with copy=True, so the frozen layers hand
+    # autograd normal tensors instead of the inference tensors it cannot save for backward.
+    return weight
+
+
+def trainable_unet(model, deltas: Mapping[str, WeightDelta]):
+    """A clone of MODEL computing in fp32 with ``deltas`` (``"diffusion_model.<path>.weight"`` keys)
+    added to their weights, every other weight frozen; loaded on the torch device."""
+    patched = model.clone()
+    patched.set_model_compute_dtype(torch.float32)
+    wrapped = set()
+    for name, module in patched.model.named_modules():
+        if hasattr(module, "comfy_cast_weights") and getattr(module, "weight", None) is not None:
+            key = f"{name}.weight"
+            patched.add_weight_wrapper(key, deltas.get(key, _copy_weight))
+            wrapped.add(key)
+    missing = sorted(set(deltas) - wrapped)
+    if missing:
+        raise KeyError(f"the model has no trainable weight {missing[0]}")
+    patched.model.requires_grad_(False)
+    comfy.model_management.load_models_gpu([patched], force_full_load=True)
+    return patched
+
+
+def with_weight_deltas(model, deltas: Mapping[str, torch.Tensor], strength: float = 1.0):
+    """A clone with the changes as ``diff`` patches: what LoraLoaderModelOnly does with ``.diff`` keys."""
+    patched = model.clone()
+    patched.add_patches({k: ("diff", (d.detach().clone(),)) for k, d in deltas.items()}, strength)
+    return patched
+
+
+def prediction_kind(model) -> str:
+    """``"eps"`` or ``"v"`` from the MODEL's sampling type; a clear error for anything else."""
+    sampling = model.get_model_object("model_sampling")
+    denoised_fn = type(sampling).calculate_denoised
+    if denoised_fn is comfy.model_sampling.EPS.calculate_denoised:
+        return EPSILON
+    if denoised_fn is comfy.model_sampling.V_PREDICTION.calculate_denoised:
+        return V_PREDICTION
+    raise ValueError(f"training supports ε- and v-prediction models; this MODEL samples with "
+                     f"{type(sampling).__name__}")
+
+
+def discrete_sigmas(model) -> torch.Tensor:
+    """σ of each discrete training timestep (1000 for SD1.5/SDXL), for uniform t sampling."""
+    sampling = model.get_model_object("model_sampling")
+    if not hasattr(sampling, "sigmas"):
+        raise ValueError(f"training needs a discrete-timestep model; {type(sampling).__name__} is continuous")
+    return sampling.sigmas.detach().float().cpu().clone()
+
+
+def denoise(patched, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, **model_kwargs) -> torch.Tensor:
+    """One U-Net call returning ComfyUI's denoised ``x̂0`` (all samples one cond chunk), with the
+    clone's patches and attention processors in effect."""
+    options = dict(patched.model_options["transformer_options"])
+    options["sigmas"] = sigma
+    options["cond_or_uncond"] = [0]
+    return patched.model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=options, **model_kwargs)
+
+
+def _sub_tokenizers(tokenizer):
+    """(attribute, SDTokenizer) pairs of a CLIP tokenizer (``clip_l``; ``clip_l`` + ``clip_g`` for SDXL)."""
+    return [(k, v) for k, v in vars(tokenizer).items() if isinstance(v, comfy.sd1_clip.SDTokenizer)]
+
+
+def _tokenizer_with_lookup(tokenizer, lookup):
+    """A shallow copy of ``tokenizer`` whose ``embedding:<name>`` resolution asks
+    ``lookup(sub_tokenizer, name) -> tensor | None`` before the embeddings folder."""
+    result = copy.copy(tokenizer)
+    for attr, sub in _sub_tokenizers(tokenizer):
+        patched = copy.copy(sub)
+        fallback = sub._try_get_embedding
+
+        def try_get_embedding(embedding_name, sub=sub, fallback=fallback):
+            name, _, leftover = embedding_name.strip().partition(" ")
+            found = lookup(sub, name)
+            return (found, leftover.strip()) if found is not None else fallback(embedding_name)
+
+        patched._try_get_embedding = try_get_embedding
+        if patched.embedding_directory is None:  # the tokenizer only resolves embeddings when it has one
+            patched.embedding_directory = []
+        setattr(result, attr, patched)
+    return result
+
+
+class PlaceholderPrompt:
+    """Tokens of a prompt whose ``embedding:<name>`` words stand for vectors under training.
+
+    Tokenization is ComfyUI's own, so positions and padding are exactly those a stock
+    CLIPTextEncode gives the exported embedding files. ``substitute(vectors)`` puts the live tensors
+    (``{name: {"clip_l": [rows, 768], ...}}``) into the token lists for a differentiable encode.
+    """
+
+    def __init__(self, clip, text: str, rows: Mapping[str, int]):
+        self._slots: dict[int, tuple[str, str, int]] = {}
+        self._markers = []  # keeps marker storage alive so data pointers stay unique
+
+        def lookup(sub, name):
+            if name not in rows:
+                return None
+            marker = torch.zeros(rows[name], sub.embedding_size)
+            self._markers.append(marker)
+            for row in range(rows[name]):
+                self._slots[marker[row].data_ptr()] = (name, sub.embedding_key, row)
+            return marker
+
+        self.tokens = _tokenizer_with_lookup(clip.tokenizer, lookup).tokenize_with_weights(text)
+        found = {name for name, _, _ in self._slots.values()}
+        if found != set(rows):
+            raise ValueError(f"the prompt {text!r} must contain " +
+                             ", ".join(f"embedding:{n}" for n in sorted(set(rows) - found)))
+
+    def positions(self, encoder: str, name: str) -> list[int]:
+        """Flat token positions (over 77-token chunks) of ``name``'s rows in one encoder's tokens."""
+        flat = [t for chunk in self.tokens[encoder] for t in chunk]
+        return [i for i, t in enumerate(flat) if torch.is_tensor(t[0]) and self._slots.get(t[0].data_ptr(), ("",))[0] == name]
+
+    def substitute(self, vectors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict:
+        def swap(token):
+            slot = self._slots.get(token[0].data_ptr()) if torch.is_tensor(token[0]) else None
+            if slot is None:
+                return token
+            name, key, row = slot
+            return (vectors[name][key][row],) + tuple(token[1:])
+        return {enc: [[swap(t) for t in chunk] for chunk in chunks] for enc, chunks in self.tokens.items()}
+
+
+class TrainableTextEncoder:
+    """A private copy of CLIP's text model with normal (non-inference) frozen weights, so gradients
+    reach token vectors spliced into the prompt. Encodes like ``CLIP.encode_from_tokens``."""
+
+    def __init__(self, clip):
+        clip.load_model()
+        self.model = copy.deepcopy(clip.cond_stage_model)  # deepcopy clones: call in training_mode()
+        self.model.requires_grad_(False)
+        for layer in self.model.modules():
+            if isinstance(layer, comfy.clip_model.CLIPLayer):
+                layer.forward = types.MethodType(_residual_layer_forward, layer)
+        self.layer_idx = clip.layer_idx
+
+    def encode(self, tokens: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        self.model.reset_clip_options()
+        if self.layer_idx is not None:
+            self.model.set_clip_options({"layer": self.layer_idx})
+        cond, pooled = self.model.encode_token_weights(tokens)[:2]
+        return cond, pooled
+
+
+def _residual_layer_forward(self, x, mask=None, optimized_attention=None):
+    # comfy.clip_model.CLIPLayer adds its residuals in place, which autograd rejects (the layer norms
+    # saved x); same computation, out of place, on our private copy only.
+    x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
+    return x + self.mlp(self.layer_norm2(x))
+
+
+def clip_with_embeddings(clip, vectors: Mapping[str, Mapping[str, torch.Tensor]]):
+    """A CLIP clone that resolves ``embedding:<name>`` to the given vectors (``{name: {"clip_l": ...}}``)
+    before the embeddings folder, like the exported files would."""
+    frozen = {name: {k: v.detach().float().cpu().clone() for k, v in per_key.items()} for name, per_key in vectors.items()}
+
+    def lookup(sub, name):
+        return frozen.get(name, {}).get(sub.embedding_key)
+
+    patched = clip.clone()
+    patched.tokenizer = _tokenizer_with_lookup(clip.tokenizer, lookup)
+    return patched

@@ -1,0 +1,212 @@
+"""Unit tests of the shared training core (training/): loop, checkpoints, losses, naming, exporters."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from personalization_nodes.training import exporters, losses, naming
+from personalization_nodes.training.checkpoint import CheckpointMismatchError
+from personalization_nodes.training.loop import LoopSettings, fingerprint, train
+
+
+def _toy_problem():
+    """A small regression whose step function draws all randomness from the micro-step generator."""
+    target = torch.randn(6, 3, generator=torch.Generator().manual_seed(7))
+
+    def make_params():
+        return {"weight": torch.zeros(6, 3, requires_grad=True), "bias": torch.zeros(3, requires_grad=True)}
+
+    def step_fn_for(params):
+        def step_fn(micro):
+            x = torch.randn(4, 6, generator=micro.generator)
+            return ((x @ params["weight"] + params["bias"] - x @ target) ** 2).mean()
+        return step_fn
+
+    def adamw(tensors):
+        return torch.optim.AdamW(tensors, lr=0.05, weight_decay=0.01)
+
+    return make_params, step_fn_for, adamw
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path):
+    make_params, step_fn_for, adamw = _toy_problem()
+    settings = LoopSettings(steps=9, grad_accumulation=2, seed=3, checkpoint_every=4,
+                            checkpoint_path=tmp_path / "run.safetensors", fingerprint="toy")
+    straight = make_params()
+    reference = train(straight, step_fn_for(straight), adamw, LoopSettings(steps=9, grad_accumulation=2, seed=3))
+
+    calls = []
+
+    def interrupt_at_sixth_step():
+        calls.append(1)
+        if len(calls) == 6 * 2 + 1:  # first micro-batch of step index 6
+            raise Interrupt
+
+    first = make_params()
+    with pytest.raises(Interrupt):
+        train(first, step_fn_for(first), adamw, settings, check_interrupted=interrupt_at_sixth_step)
+    assert not list(tmp_path.glob(".*.tmp")), "temp files must not survive"
+
+    resumed = make_params()
+    progress = []
+    result = train(resumed, step_fn_for(resumed), adamw, settings,
+                   on_progress=lambda done, total, loss: progress.append((done, total)))
+    assert result.resumed_from == 6
+    assert progress[0] == (6, 9) and progress[-1] == (9, 9)
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+    assert result.losses == pytest.approx(reference.losses, abs=0, rel=1e-12)
+    assert reference.losses[-1] < reference.losses[0]
+
+
+def test_finished_checkpoint_is_not_trained_again(tmp_path):
+    make_params, step_fn_for, adamw = _toy_problem()
+    settings = LoopSettings(steps=3, checkpoint_path=tmp_path / "c.safetensors", fingerprint="a")
+    done = make_params()
+    train(done, step_fn_for(done), adamw, settings)
+    again = make_params()
+    result = train(again, step_fn_for(again), adamw, settings)
+    assert result.resumed_from == 3 and len(result.losses) == 3
+    assert torch.equal(again["weight"], done["weight"])
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    make_params, step_fn_for, adamw = _toy_problem()
+    path = tmp_path / "c.safetensors"
+    params = make_params()
+    train(params, step_fn_for(params), adamw, LoopSettings(steps=2, checkpoint_path=path, fingerprint="a"))
+    with pytest.raises(CheckpointMismatchError, match="different inputs"):
+        train(params, step_fn_for(params), adamw, LoopSettings(steps=2, checkpoint_path=path, fingerprint="b"))
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    """Two accumulated micro-batches of SGD give the step of the mean of their gradients."""
+    w = torch.zeros(3, requires_grad=True)
+    xs = []
+
+    def step_fn(micro):
+        x = torch.randn(3, generator=micro.generator)
+        xs.append(x)
+        return (w * x).sum()
+
+    train({"w": w}, step_fn, lambda t: torch.optim.SGD(t, lr=1.0), LoopSettings(steps=1, grad_accumulation=2))
+    assert torch.allclose(w, -(xs[0] + xs[1]) / 2)
+
+
+def test_fingerprint_changes_with_settings_and_tensors():
+    base = fingerprint(lr=1e-4, image=torch.ones(2))
+    assert base == fingerprint(image=torch.ones(2), lr=1e-4)
+    assert base != fingerprint(lr=2e-4, image=torch.ones(2))
+    assert base != fingerprint(lr=1e-4, image=torch.zeros(2))
+
+
+def test_rejects_non_trainable_tensors():
+    with pytest.raises(ValueError, match="requires_grad"):
+        train({"w": torch.zeros(2)}, lambda m: torch.zeros(()), torch.optim.SGD, LoopSettings(steps=1))
+
+
+# --- losses ---------------------------------------------------------------------------------------
+
+def _comfy_eps_denoised(x_t, eps_hat, sigma):
+    return x_t - sigma.view(-1, 1, 1, 1) * eps_hat  # comfy.model_sampling.EPS.calculate_denoised
+
+
+def _comfy_v_denoised(x_t, v_hat, sigma):
+    s = sigma.view(-1, 1, 1, 1)  # comfy.model_sampling.V_PREDICTION.calculate_denoised, sigma_data 1
+    return x_t / (s ** 2 + 1) - v_hat * s / (s ** 2 + 1).sqrt()
+
+
+def test_eps_loss_is_ldm_noise_mse():
+    gen = torch.Generator().manual_seed(0)
+    x0, noise, eps_hat = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+    sigma = torch.tensor([0.5, 3.0])
+    x_t = losses.add_noise(x0, noise, sigma)
+    loss = losses.diffusion_loss("eps", x_t, _comfy_eps_denoised(x_t, eps_hat, sigma), x0, sigma)
+    assert torch.allclose(loss, ((eps_hat - noise) ** 2).mean(), rtol=1e-5)
+
+
+def test_v_loss_is_ldm_velocity_mse():
+    gen = torch.Generator().manual_seed(1)
+    x0, noise, v_hat = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+    sigma = torch.tensor([0.2, 5.0])
+    x_t = losses.add_noise(x0, noise, sigma)
+    s = sigma.view(-1, 1, 1, 1)
+    alpha, sigma_t = 1 / (1 + s ** 2).sqrt(), s / (1 + s ** 2).sqrt()  # VP schedule of the same step
+    v_target = alpha * noise - sigma_t * x0
+    loss = losses.diffusion_loss("v", x_t, _comfy_v_denoised(x_t, v_hat, sigma), x0, sigma)
+    assert torch.allclose(loss, ((v_hat - v_target) ** 2).mean(), rtol=1e-4)
+
+
+def test_masked_mse_matches_per_sample_reference():
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 4, 6, 6, generator=gen), torch.randn(2, 4, 6, 6, generator=gen)
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[0, :, 1:4, 2:5] = 1
+    mask[1] = 1
+    expected = []
+    for i in range(2):
+        picked = [(a[i, c, y, x] - b[i, c, y, x]) ** 2 for c in range(4) for y in range(6) for x in range(6)
+                  if mask[i, 0, y, x] > 0]
+        expected.append(sum(picked) / len(picked))
+    assert torch.allclose(losses.masked_mse(a, b, mask), sum(expected) / 2, rtol=1e-5)
+    assert torch.allclose(losses.masked_mse(a, b), ((a - b) ** 2).mean())
+
+
+def test_unknown_prediction_type_is_an_error():
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="unsupported prediction"):
+        losses.prediction_from_denoised("flow", x, x, torch.ones(1))
+
+
+def test_timesteps_are_uniform_and_seeded():
+    t = losses.sample_timesteps(20000, torch.Generator().manual_seed(0), 1000)
+    assert t.min() >= 0 and t.max() <= 999
+    assert abs(t.float().mean().item() - 499.5) < 10
+    assert torch.equal(t, losses.sample_timesteps(20000, torch.Generator().manual_seed(0), 1000))
+
+
+# --- naming ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,stem", [("my concept", "my_concept"), ("../../etc/passwd", "etc_passwd"),
+                                       ("/abs/path", "abs_path"), ("..hidden", "hidden"), ("a\\b:c", "a_b_c")])
+def test_output_names_never_leave_the_folder(tmp_path, name, stem):
+    path = naming.output_path(tmp_path, name)
+    assert path.parent == tmp_path.resolve() and path.name == f"{stem}.safetensors"
+
+
+@pytest.mark.parametrize("name", ["", "..", "///", " . "])
+def test_unusable_names_are_errors(tmp_path, name):
+    with pytest.raises(ValueError, match="no usable characters"):
+        naming.output_path(tmp_path, name)
+
+
+# --- exporters ------------------------------------------------------------------------------------
+
+def test_embedding_file_layout(tmp_path):
+    path = tmp_path / "e.safetensors"
+    exporters.save_embedding(path, torch.randn(2, 768), torch.randn(2, 1280), metadata={"method": "x"})
+    sd = load_file(str(path))
+    assert sd["clip_l"].shape == (2, 768) and sd["clip_g"].shape == (2, 1280)
+    with pytest.raises(ValueError, match="768"):
+        exporters.embedding_tensors(torch.randn(1, 1024))
+
+
+def test_diff_and_low_rank_lora_keys_reconstruct_the_delta():
+    gen = torch.Generator().manual_seed(3)
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    delta = torch.randn(16, 4, generator=gen) @ torch.randn(4, 12, generator=gen)  # rank 4
+    diff = exporters.diff_lora_tensors({key: delta})
+    assert list(diff) == ["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.diff"]
+    low = exporters.low_rank_lora_tensors({key: delta}, rank=4)
+    module = key[:-len(".weight")]
+    up, down, alpha = low[f"{module}.lora_up.weight"], low[f"{module}.lora_down.weight"], low[f"{module}.alpha"]
+    assert up.shape == (16, 4) and down.shape == (4, 12)
+    assert torch.allclose(up @ down * (alpha / 4), delta, atol=1e-4)
+    assert math.isclose(float(alpha), 4.0)
