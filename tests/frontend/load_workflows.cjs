@@ -1,0 +1,112 @@
+// Loads workflows into the real ComfyUI frontend in Debian's headless chromium (driven by playwright-core)
+// and reports, per workflow, what the frontend itself saw: missing node types, missing models, the API
+// prompt from its own graphToPrompt(), and a screenshot. Run by tests/test_frontend.py, which starts the
+// server, validates the prompts and asserts; this script only drives the browser.
+//
+// usage: node load_workflows.cjs <request.json>
+//   request: {url, playwright, chromium, userDataDir, results, workflows: [{name, path, screenshot}]}
+//   writes `results`: {blockedRequests, pageErrors, workflows: [{name, nodeCount, loadedNodeCount,
+//   unregisteredTypes, missingNodeTypes, missingModels, prompt, consoleErrors, screenshot}]}
+'use strict';
+
+const fs = require('fs');
+const path = require('path');
+
+const STARTUP_TIMEOUT_MS = 60_000;
+
+// As asked for the project: nothing leaves the loopback interface, no GPU, no first-run or sync traffic.
+const CHROMIUM_FLAGS = [
+  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+];
+
+function isLoopback(url) {
+  const { protocol, hostname } = new URL(url);
+  if (protocol === 'data:' || protocol === 'blob:') return true;
+  return hostname === '127.0.0.1' || hostname === 'localhost' || hostname === '[::1]';
+}
+
+// In the page: wrap the app's own missing-node / missing-model reporters (loadGraphData calls them with
+// what it found) so we record their arguments; the dialogs still open, so a screenshot shows them.
+function installReporters() {
+  const app = window.app;
+  window.__frontendTest = { missingNodeTypes: [], missingModels: [] };
+  const showNodes = app.showMissingNodesError.bind(app);
+  app.showMissingNodesError = (types) => {
+    window.__frontendTest.missingNodeTypes.push(...types.map((t) => (typeof t === 'string' ? t : `${t.type} (${t.hint})`)));
+    return showNodes(types);
+  };
+  const showModels = app.showMissingModelsError.bind(app);
+  app.showMissingModelsError = (models, paths) => {
+    window.__frontendTest.missingModels.push(...models.map((m) => `${m.directory}/${m.name}`));
+    return showModels(models, paths);
+  };
+}
+
+async function loadInPage({ name, workflow }) {
+  const app = window.app;
+  window.__frontendTest.missingNodeTypes = [];
+  window.__frontendTest.missingModels = [];
+  // Without a saved view offset the frontend fits the view to the graph, so the screenshot shows all of it.
+  if (workflow.extra) delete workflow.extra.ds;
+  await app.loadGraphData(workflow, true, true, name);
+  const { output } = await app.graphToPrompt();
+  return {
+    loadedNodeCount: app.graph.nodes.length,
+    unregisteredTypes: app.graph.nodes.map((n) => n.type).filter((t) => !(t in window.LiteGraph.registered_node_types)),
+    missingNodeTypes: window.__frontendTest.missingNodeTypes,
+    missingModels: window.__frontendTest.missingModels,
+    prompt: output,
+  };
+}
+
+async function main() {
+  const request = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+  const { chromium } = require(request.playwright);
+  const context = await chromium.launchPersistentContext(request.userDataDir, {
+    executablePath: request.chromium,
+    headless: true,
+    args: CHROMIUM_FLAGS,
+    viewport: { width: 1600, height: 1000 },
+  });
+  // The "try Nodes 2.0" banner would cover the top of every screenshot.
+  await context.addInitScript(() => localStorage.setItem('vueNodesBannerDismissed', 'true'));
+  const report = { blockedRequests: [], pageErrors: [], workflows: [] };
+  try {
+    await context.route('**/*', (route) => {
+      const url = route.request().url();
+      if (isLoopback(url)) return route.continue();
+      report.blockedRequests.push(url);
+      return route.abort('blockedbyclient');
+    });
+    const page = context.pages()[0] || (await context.newPage());
+    let consoleErrors = [];
+    page.on('console', (msg) => { if (msg.type() === 'error') consoleErrors.push(msg.text()); });
+    page.on('pageerror', (err) => report.pageErrors.push(String(err && err.stack || err)));
+
+    await page.goto(request.url, { waitUntil: 'load', timeout: STARTUP_TIMEOUT_MS });
+    // window.app is set once app.setup() has registered every node definition from /object_info.
+    await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas,
+      null, { timeout: STARTUP_TIMEOUT_MS });
+    await page.evaluate(installReporters);
+
+    for (const { name, path: file, screenshot } of request.workflows) {
+      consoleErrors = [];
+      const workflow = JSON.parse(fs.readFileSync(file, 'utf8'));
+      const seen = await page.evaluate(loadInPage, { name, workflow });
+      // Two frames: the fitView and the redraw that loadGraphData schedules with requestAnimationFrame.
+      await page.evaluate(() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done))));
+      fs.mkdirSync(path.dirname(screenshot), { recursive: true });
+      await page.screenshot({ path: screenshot });
+      report.workflows.push({ name, nodeCount: workflow.nodes.length, ...seen, consoleErrors, screenshot });
+    }
+  } finally {
+    await context.close();
+    fs.writeFileSync(request.results, JSON.stringify(report, null, 1));
+  }
+}
+
+main().catch((err) => {
+  console.error(err && err.stack || err);
+  process.exit(1);
+});

@@ -1,0 +1,259 @@
+"""The pack as users meet it: every workflows/*.json loaded by the REAL ComfyUI web frontend.
+
+The test starts ComfyUI's own `main.py` (CPU, 127.0.0.1 only, a free port, the pinned
+`comfyui-frontend-package`) with this pack loaded, opens it in Debian's headless chromium driven by
+playwright-core (`tests/frontend/load_workflows.cjs`), loads each workflow with the frontend's
+`app.loadGraphData` and converts it with its `app.graphToPrompt`, then asserts that the frontend found no
+missing node type or model, that the server's validation (what POST /prompt checks, through the test-only
+route in `tests/frontend/validate_only_route`, so nothing is executed) accepts the prompt, and that the
+frontend's prompt equals what `harness.workflows.ui_to_api` (used by test_workflows.py) makes of it.
+Screenshots land in test-artifacts/frontend/<workflow>.png.
+
+Setup: `bash scripts/setup_frontend_test.sh` (chromium + pinned playwright-core in .frontend-test/).
+Skipped only where chromium or node is not installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from harness import checkpoints
+from harness.comfy_env import PACK_LINK_NAME, comfy_dir
+from harness.workflows import load_ui_workflow, ui_to_api
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
+DRIVER = REPO_ROOT / "tests" / "frontend" / "load_workflows.cjs"
+VALIDATE_ROUTE_PLUGIN = REPO_ROOT / "tests" / "frontend" / "validate_only_route"
+PLAYWRIGHT = REPO_ROOT / ".frontend-test" / "node_modules" / "playwright-core"
+SCREENSHOTS = REPO_ROOT / "test-artifacts" / "frontend"
+CHROMIUM = shutil.which("chromium")
+NODE = shutil.which("node")
+
+SERVER_START_TIMEOUT_S = 150
+DRIVER_TIMEOUT_S = 240
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None or NODE is None,
+                       reason="needs Debian's chromium and node: bash scripts/setup_frontend_test.sh"),
+]
+
+# Files the workflows name, provided under those names as links to the tiny checkpoints (the server only
+# validates, so any loadable file of the right kind does). Loader type -> (models folder, tiny file); the
+# file name is the loader's first widget. A new loader in a workflow fails validation ("Value not in
+# list") until it is added here.
+MODEL_FILES = {
+    "CheckpointLoaderSimple": ("checkpoints", checkpoints.sd15_checkpoint_path),
+    "ControlNetLoader": ("controlnet", checkpoints.sd15_controlnet_path),
+    "LoraLoader": ("loras", checkpoints.sd15_lora_path),
+    "LoraLoaderModelOnly": ("loras", checkpoints.sd15_lora_path),
+}
+INPUT_IMAGE_NODES = {"LoadImage"}
+# First-run dialogs (templates browser) would cover the graph in the screenshots.
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True}
+
+# Negative controls, loaded after the real workflows in the same browser session: they show that a missing
+# node type and a value the server refuses are really caught by the checks above.
+CONTROL_IMAGE = "personalization_tests_control.png"
+UNKNOWN_NODE_TYPE = "PersonalizationTestsNoSuchNode"
+
+
+def _control_workflow(image: str, extra_nodes: tuple = ()) -> dict:
+    """LoadImage -> SaveImage (+ extra nodes), in the UI format the frontend saves."""
+    nodes = [
+        {"id": 1, "type": "LoadImage", "pos": [0, 0], "size": [320, 320], "flags": {}, "order": 0, "mode": 0,
+         "inputs": [], "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": [1]},
+                                   {"name": "MASK", "type": "MASK", "links": None}],
+         "properties": {}, "widgets_values": [image, "image"]},
+        {"id": 2, "type": "SaveImage", "pos": [400, 0], "size": [320, 320], "flags": {}, "order": 1, "mode": 0,
+         "inputs": [{"name": "images", "type": "IMAGE", "link": 1}], "outputs": [], "properties": {},
+         "widgets_values": ["control"]},
+        *extra_nodes,
+    ]
+    return {"last_node_id": len(nodes), "last_link_id": 1, "nodes": nodes, "links": [[1, 1, 0, 2, 0, "IMAGE"]],
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+CONTROLS = {
+    "control_unknown_node": _control_workflow(CONTROL_IMAGE, (
+        {"id": 3, "type": UNKNOWN_NODE_TYPE, "pos": [0, 400], "size": [320, 100], "flags": {}, "order": 2,
+         "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": []},)),
+    "control_missing_input_file": _control_workflow("personalization_tests_no_such_file.png"),
+}
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post_json(url: str, payload: dict, timeout: float = 60) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.load(response)
+
+
+def _build_base_directory(base: Path) -> None:
+    """A ComfyUI --base-directory holding only this pack (+ the validate route) and the files the
+    workflows name, so neither a user's models nor their other custom nodes take part."""
+    custom_nodes = base / "custom_nodes"
+    custom_nodes.mkdir(parents=True)
+    (custom_nodes / PACK_LINK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
+    (custom_nodes / "personalization_tests_validate_only_route").symlink_to(VALIDATE_ROUTE_PLUGIN,
+                                                                             target_is_directory=True)
+    (base / "models").mkdir()
+    (base / "models" / "configs").symlink_to(comfy_dir() / "models" / "configs", target_is_directory=True)
+    (base / "input").mkdir()
+    Image.new("RGB", (64, 64), "gray").save(base / "input" / CONTROL_IMAGE)
+    for path in WORKFLOWS:
+        for node in load_ui_workflow(path)["nodes"]:
+            values = node.get("widgets_values") or []
+            if not values or not isinstance(values[0], str):
+                continue
+            if node["type"] in MODEL_FILES:
+                folder, tiny_file = MODEL_FILES[node["type"]]
+                link = base / "models" / folder / values[0]
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to(tiny_file())
+            elif node["type"] in INPUT_IMAGE_NODES:
+                pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(base / "input" / values[0])
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps(FRONTEND_SETTINGS))
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=15)
+
+
+def _pack_import_failure(log: str) -> str | None:
+    lines = [line for line in log.splitlines()
+             if PACK_LINK_NAME in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
+    return "\n".join(lines) or None
+
+
+@pytest.fixture(scope="module")
+def comfy_server(tmp_path_factory, stock_comfy):
+    """URL of a ComfyUI main.py started for this module and killed after it. (`stock_comfy` only builds
+    the tiny checkpoints if the cache lacks them.)"""
+    base = tmp_path_factory.mktemp("frontend_comfy_base")
+    _build_base_directory(base)
+    port = _free_loopback_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = base / "server.log"
+    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+               "--disable-api-nodes"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=comfy_dir(), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/system_stats", timeout=5):
+                    break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer within {SERVER_START_TIMEOUT_S}s:\n"
+                                f"{log_path.read_text()[-4000:]}")
+                time.sleep(0.5)
+        failure = _pack_import_failure(log_path.read_text())
+        assert failure is None, f"ComfyUI failed to import the pack:\n{failure}"
+        yield url
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="module")
+def frontend_report(comfy_server, tmp_path_factory):
+    """What the browser saw for every workflow (one chromium session for all of them)."""
+    if not (PLAYWRIGHT / "package.json").exists():
+        pytest.fail(f"playwright-core is not installed in {PLAYWRIGHT.parent}: bash scripts/setup_frontend_test.sh")
+    for stale in SCREENSHOTS.glob("**/*.png"):
+        stale.unlink(missing_ok=True)
+    work = tmp_path_factory.mktemp("frontend_driver")
+    for name, workflow in CONTROLS.items():
+        (work / f"{name}.json").write_text(json.dumps(workflow))
+    loads = [(path.stem, path, SCREENSHOTS / f"{path.stem}.png") for path in WORKFLOWS]
+    loads += [(name, work / f"{name}.json", SCREENSHOTS / "controls" / f"{name}.png") for name in CONTROLS]
+    request = {
+        "url": comfy_server, "playwright": str(PLAYWRIGHT), "chromium": CHROMIUM,
+        "userDataDir": str(work / "chromium-profile"), "results": str(work / "results.json"),
+        "workflows": [{"name": name, "path": str(path), "screenshot": str(shot)} for name, path, shot in loads],
+    }
+    (work / "request.json").write_text(json.dumps(request))
+    run = subprocess.run([NODE, str(DRIVER), str(work / "request.json")], capture_output=True, text=True,
+                         timeout=DRIVER_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, f"the browser driver failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    report = json.loads((work / "results.json").read_text())
+    report["workflows"] = {entry["name"]: entry for entry in report["workflows"]}
+    return report
+
+
+def test_workflows_exist():
+    assert WORKFLOWS, "no workflows/*.json to load"
+
+
+def test_frontend_raised_no_uncaught_error(frontend_report):
+    assert frontend_report["pageErrors"] == []
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_frontend_loads_workflow(comfy, comfy_server, frontend_report, path):
+    seen = frontend_report["workflows"][path.stem]
+    assert Path(seen["screenshot"]).is_file()
+    assert seen["missingNodeTypes"] == [] and seen["unregisteredTypes"] == [], \
+        f"the frontend does not know these node types: {seen['missingNodeTypes'] or seen['unregisteredTypes']}"
+    assert seen["missingModels"] == []
+    assert seen["loadedNodeCount"] == seen["nodeCount"]
+
+    verdict = _post_json(f"{comfy_server}/personalization-tests/validate", {"prompt": seen["prompt"]})
+    assert verdict["ok"] and not verdict["node_errors"], \
+        f"the server rejects the frontend's prompt: {json.dumps(verdict['error'])}\n" \
+        f"{json.dumps(verdict['node_errors'], indent=1)}\n(a model file 'not in list'? add its loader to MODEL_FILES)"
+
+    # test_workflows.py executes ui_to_api's conversion: it must be what the frontend sends.
+    frontend_prompt = {node_id: {"class_type": node["class_type"], "inputs": node["inputs"]}
+                       for node_id, node in seen["prompt"].items()}
+    assert frontend_prompt == ui_to_api(load_ui_workflow(path))
+
+
+def test_controls_show_the_checks_catch_errors(comfy_server, frontend_report):
+    unknown = frontend_report["workflows"]["control_unknown_node"]
+    assert unknown["missingNodeTypes"] == [UNKNOWN_NODE_TYPE]
+    assert unknown["unregisteredTypes"] == [UNKNOWN_NODE_TYPE]
+    assert not _post_json(f"{comfy_server}/personalization-tests/validate", {"prompt": unknown["prompt"]})["ok"]
+
+    missing_file = frontend_report["workflows"]["control_missing_input_file"]
+    assert missing_file["missingNodeTypes"] == [] and missing_file["unregisteredTypes"] == []
+    verdict = _post_json(f"{comfy_server}/personalization-tests/validate", {"prompt": missing_file["prompt"]})
+    assert not verdict["ok"]
+    assert "personalization_tests_no_such_file.png" in json.dumps(verdict["node_errors"]["1"])
