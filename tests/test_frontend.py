@@ -210,9 +210,16 @@ def frontend_report(comfy_server, tmp_path_factory):
         "workflows": [{"name": name, "path": str(path), "screenshot": str(shot)} for name, path, shot in loads],
     }
     (work / "request.json").write_text(json.dumps(request))
-    run = subprocess.run([NODE, str(DRIVER), str(work / "request.json")], capture_output=True, text=True,
-                         timeout=DRIVER_TIMEOUT_S, stdin=subprocess.DEVNULL)
-    assert run.returncode == 0, f"the browser driver failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    # Own process group, so a timeout also ends the chromium processes the driver started.
+    driver = subprocess.Popen([NODE, str(DRIVER), str(work / "request.json")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                              start_new_session=True)
+    try:
+        output, _ = driver.communicate(timeout=DRIVER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _stop(driver)
+        pytest.fail(f"the browser driver did not finish within {DRIVER_TIMEOUT_S}s")
+    assert driver.returncode == 0, f"the browser driver failed:\n{output[-6000:]}"
     report = json.loads((work / "results.json").read_text())
     report["workflows"] = {entry["name"]: entry for entry in report["workflows"]}
     return report
