@@ -192,7 +192,7 @@ class MaskGuidanceRun:
         return self.indicator.repeat(tokens // length)
 
     def capture(self, probs: torch.Tensor, call: AttentionCall) -> None:
-        rows = cond_rows(call, probs.shape[0])
+        rows = cond_rows(call.cond_or_uncond, probs.shape[0])
         if rows is None:
             return
         _b, _c, height, width = call.options["activations_shape"]
@@ -200,9 +200,9 @@ class MaskGuidanceRun:
         self._pending.add(word_map(probs[rows], indicator, height, width))
 
 
-def cond_rows(call: AttentionCall, batch: int) -> slice | None:
-    """Rows of the first cond chunk of the call (the one whose word map is read), or None."""
-    layout = list(call.cond_or_uncond) or [COND]
+def cond_rows(cond_or_uncond, batch: int) -> slice | None:
+    """Rows of the first cond chunk of a call (the one whose word map is read), or None."""
+    layout = list(cond_or_uncond or ()) or [COND]
     if COND not in layout:
         return None
     size = batch // len(layout)

@@ -1,0 +1,155 @@
+"""RealCustom image-branch weights: the two adapter formats and the conversion of the released ones.
+
+An adapter is a projector (image-encoder features → image tokens of the U-Net's context width) plus
+the visual key/value projections of every cross-attention layer (:class:`ImageBranchWeights`).
+
+- ``realcustom.official_sdxl``: the released ``RealCustom_highres`` model (SDXL). Projector =
+  ``ProjectorHighResMinAttn`` (one cross-attention from 729 global to 2916 local SigLIP+DINOv2 tokens,
+  an MLP and a linear base path, 2176 → 2048), parameter names kept from the released code so the
+  conversion is a key rename. Diffusers block names map to ComfyUI block keys
+  (``down_blocks.1.attentions.j`` → ``input 4+j``, ``down_blocks.2`` → ``input 7+j``,
+  ``mid_block`` → ``middle 0``, ``up_blocks.0`` → ``output 0+j``, ``up_blocks.1`` → ``output 3+j``).
+- ``realcustom.clip_vision``: this pack's own format for any U-Net (SD1.5 first), trained in the
+  graph: projector = Linear + LayerNorm over a ComfyUI CLIP_VISION's penultimate hidden states.
+
+Both are stored as safetensors with the adapter's ``state_dict()`` keys and the format in metadata.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import BlockKey
+from .realcustom import ImageBranchWeights, block_name, parse_block_name
+
+OFFICIAL_FORMAT = "realcustom.official_sdxl"
+CLIP_VISION_FORMAT = "realcustom.clip_vision"
+FORMAT_KEY = "format"
+
+#: released model: SigLIP-so400m (1152) + DINOv2-L (1024) channels, SDXL context width
+OFFICIAL_VISION_DIM, OFFICIAL_TOKEN_DIM = 2176, 2048
+_OFFICIAL_PROJECTION = "encoder_hidden_states_vision_projection."
+_DIFFUSERS_BLOCK = re.compile(
+    r"^(?:(down|up)_blocks\.(\d+)\.attentions\.(\d+)|mid_block\.attentions\.0)\.transformer_blocks\.(\d+)\.attn2\.(to_[kv]_vision)\.weight$")
+_SDXL_LAYERS_PER_BLOCK = 2  # res blocks per U-Net level: input ids advance by 3 per level, output ids too
+
+
+def official_block_key(diffusers_key: str) -> tuple[BlockKey, str] | None:
+    """``down_blocks.1.attentions.0.transformer_blocks.3.attn2.to_k_vision.weight`` → (("input", 4, 3), "to_k_vision")."""
+    match = _DIFFUSERS_BLOCK.match(diffusers_key)
+    if match is None:
+        return None
+    direction, level, attention, index, projection = match.groups()
+    if direction is None:
+        return ("middle", 0, int(index)), projection
+    per_level = _SDXL_LAYERS_PER_BLOCK + 1
+    if direction == "down":
+        return ("input", 1 + int(level) * per_level + int(attention), int(index)), projection
+    return ("output", int(level) * per_level + int(attention), int(index)), projection
+
+
+def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The released checkpoint's keys (U-Net state dict, possibly with the whole U-Net) → adapter keys.
+
+    Raises ValueError when the checkpoint has no visual projections (not a RealCustom model).
+    """
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.startswith(_OFFICIAL_PROJECTION):
+            out["projector." + key[len(_OFFICIAL_PROJECTION):]] = tensor
+            continue
+        found = official_block_key(key)
+        if found is not None:
+            block, projection = found
+            out[f"branch.{projection}.{block_name(block)}.weight"] = tensor
+    if not any(k.startswith("branch.") for k in out) or not any(k.startswith("projector.") for k in out):
+        raise ValueError("this file has no RealCustom visual projections (…attn2.to_k_vision.weight and "
+                         "encoder_hidden_states_vision_projection.*); is it RealCustom_highres?")
+    return out
+
+
+class MinAttention(torch.nn.Module):
+    """Released ``MinAttention``: global tokens attend to local tokens (LayerNorm both, no out projection)."""
+
+    def __init__(self, dim: int, dim_head: int = 64):
+        super().__init__()
+        self.heads = dim // dim_head
+        self.norm1 = torch.nn.LayerNorm(dim)
+        self.norm2 = torch.nn.LayerNorm(dim)
+        self.to_q = torch.nn.Linear(dim, dim, bias=False)
+        self.to_k = torch.nn.Linear(dim, dim, bias=False)
+        self.to_v = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, local_tokens, global_tokens):
+        q = self.to_q(self.norm1(global_tokens))
+        local_tokens = self.norm2(local_tokens)
+        k, v = self.to_k(local_tokens), self.to_v(local_tokens)
+        b = q.shape[0]
+        q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, self.heads * q.shape[-1])
+
+
+class HighResMinAttnProjector(torch.nn.Module):
+    """Released ``ProjectorHighResMinAttn``: ``base(global) + MLP(MinAttention(local, global))``."""
+
+    def __init__(self, vision_dim: int = OFFICIAL_VISION_DIM, token_dim: int = OFFICIAL_TOKEN_DIM):
+        super().__init__()
+        self.min_attention = MinAttention(vision_dim)
+        self.projector = torch.nn.Sequential(
+            torch.nn.Linear(vision_dim, 4 * vision_dim), torch.nn.GELU(),
+            torch.nn.Linear(4 * vision_dim, token_dim), torch.nn.GELU(),
+            torch.nn.Linear(token_dim, token_dim), torch.nn.LayerNorm(token_dim))
+        self.projector_base = torch.nn.Linear(vision_dim, token_dim)
+
+    def forward(self, global_tokens, local_tokens):
+        return self.projector_base(global_tokens) + self.projector(self.min_attention(local_tokens, global_tokens))
+
+
+class LinearProjector(torch.nn.Module):
+    """This pack's projector: CLIP-vision hidden states → context-width tokens."""
+
+    def __init__(self, vision_dim: int, token_dim: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(vision_dim, token_dim)
+        self.norm = torch.nn.LayerNorm(token_dim)
+
+    def forward(self, features):
+        return self.norm(self.proj(features))
+
+
+class RealCustomAdapter(torch.nn.Module):
+    """Projector + per-layer visual K/V, in one of the two formats."""
+
+    def __init__(self, format_name: str, projector: torch.nn.Module, branch: ImageBranchWeights):
+        super().__init__()
+        self.format_name = format_name
+        self.projector = projector
+        self.branch = branch
+
+    @property
+    def vision_dim(self) -> int:
+        first = self.projector.proj if isinstance(self.projector, LinearProjector) else self.projector.projector_base
+        return first.in_features
+
+
+def _branch_shapes(state_dict) -> dict[BlockKey, tuple[int, int]]:
+    prefix = "branch.to_k_vision."
+    return {parse_block_name(k[len(prefix):-len(".weight")]): tuple(v.shape)
+            for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], format_name: str) -> RealCustomAdapter:
+    """Build the adapter of ``format_name`` and load ``state_dict`` strictly (every key, right shapes)."""
+    if format_name == OFFICIAL_FORMAT:
+        base = state_dict["projector.projector_base.weight"]
+        projector = HighResMinAttnProjector(base.shape[1], base.shape[0])
+    elif format_name == CLIP_VISION_FORMAT:
+        proj = state_dict["projector.proj.weight"]
+        projector = LinearProjector(proj.shape[1], proj.shape[0])
+    else:
+        raise ValueError(f"unknown RealCustom adapter format {format_name!r}")
+    adapter = RealCustomAdapter(format_name, projector, ImageBranchWeights(_branch_shapes(state_dict)))
+    adapter.load_state_dict(state_dict, strict=True)
+    return adapter.train(False).requires_grad_(False)

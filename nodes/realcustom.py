@@ -1,0 +1,379 @@
+"""RealCustom nodes (Huang et al., "RealCustom: Narrowing Real Text Word for Real-Time Open-Domain
+Text-to-Image Customization", CVPR 2024; inference as in the released code bytedance/RealCustom).
+
+- RealCustomLoader: the image branch (projector + visual K/V of every cross-attention layer), either the
+  released SDXL model or this pack's CLIP-vision format.
+- RealCustomEncodeReference: the reference image (and a black image for the negative pass) → image tokens.
+- AdaptiveMaskGuidance: patches a MODEL so the image branch is gated, at every step, by the mask of a real
+  word of the prompt read from the model's own cross-attention.
+- RealCustomMaskPreview: the mask of every step of the last sampling run, as MASK and IMAGE.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.utils
+import folder_paths
+import torch
+import torch.nn.functional as F
+
+from ..attention.realcustom import (
+    COND,
+    MASK_STRATEGIES,
+    RUN_KEY,
+    ImageTokens,
+    MaskedImageBranch,
+    MaskGuidanceRun,
+    MaskSettings,
+    WordMapReader,
+    block_name,
+    cond_rows,
+    step_index,
+)
+from ..attention.realcustom_weights import (
+    FORMAT_KEY,
+    OFFICIAL_FORMAT,
+    RealCustomAdapter,
+    adapter_from_state_dict,
+    convert_official,
+)
+from .comfy_io import io
+from .patching import WRAPPER_KEY, add_attention_processor, transformer_blocks
+from .prompt_tokens import find_phrase_tokens
+
+CATEGORY = "personalization/realcustom"
+ADAPTER_FOLDER = "realcustom"
+RUN_WRAPPER_KEY = WRAPPER_KEY + ".realcustom"
+MAP_SOURCES = ("previous step", "text-only pass")
+UNCOND_IMAGES = ("black image", "none")
+
+AdapterType = io.Custom("REALCUSTOM_ADAPTER")
+ReferenceType = io.Custom("REALCUSTOM_REFERENCE")
+MasksType = io.Custom("REALCUSTOM_MASKS")
+
+
+def register_adapter_folder() -> None:
+    """models/realcustom holds adapters (safetensors only: no pickle is ever read)."""
+    if ADAPTER_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[ADAPTER_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)], {".safetensors"})
+
+
+register_adapter_folder()
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedAdapter:
+    adapter: RealCustomAdapter
+    #: ComfyUI's memory manager loads/offloads the adapter through this patcher
+    patcher: comfy.model_patcher.ModelPatcher
+    name: str
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedReference:
+    adapter: LoadedAdapter
+    tokens: ImageTokens
+
+
+@dataclass(eq=False)
+class MaskRecord:
+    """Masks of every step of the last finished sampling run of one patched model (the node's output)."""
+
+    steps: list[torch.Tensor] = field(default_factory=list)
+
+
+OFFICIAL_ENCODER_MESSAGE = (
+    "RealCustomEncodeReference: the released RealCustom model reads SigLIP-so400m-patch14-384 AND DINOv2-L/14 "
+    "with 4 registers (timm vit_large_patch14_reg4_dinov2.lvd142m, block 22 patch tokens). ComfyUI loads the "
+    "SigLIP one as CLIP_VISION, but its DINOv2 (comfy.image_encoders.dino2) has no register tokens, so the "
+    "released adapter cannot be fed the features it was trained on. Use an adapter in this pack's CLIP-vision format (RealCustomTrainer) instead.")
+
+
+class RealCustomLoader(io.ComfyNode):
+    """Loads a RealCustom image branch from models/realcustom (safetensors).
+
+    Two formats: the released SDXL model (bytedance/RealCustom ``RealCustom_highres``, converted key by key
+    from its diffusers names; convert the released ``.pth`` to safetensors once, this pack never unpickles),
+    or this pack's CLIP-vision format written by RealCustomTrainer (any U-Net, SD1.5 first).
+
+    - adapter_name: file in models/realcustom.
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RealCustomLoader",
+            display_name="Load RealCustom Adapter",
+            category=CATEGORY,
+            description="Load a RealCustom image branch (projector + visual key/value projections).",
+            inputs=[io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(ADAPTER_FOLDER),
+                                   tooltip="Adapter file in models/realcustom (safetensors).")],
+            outputs=[AdapterType.Output(display_name="adapter", tooltip="The image branch, for RealCustomEncodeReference.")],
+        )
+
+    @classmethod
+    def execute(cls, adapter_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter_name)
+        state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+        format_name = (metadata or {}).get(FORMAT_KEY)
+        if format_name is None:  # the released checkpoint, converted to safetensors as is
+            state_dict, format_name = convert_official(state_dict), OFFICIAL_FORMAT
+        adapter = adapter_from_state_dict(state_dict, format_name)
+        patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        return io.NodeOutput(LoadedAdapter(adapter, patcher, adapter_name))
+
+
+class RealCustomEncodeReference(io.ComfyNode):
+    """Turns the reference image into RealCustom image tokens (and a black image into the negative tokens,
+    as the released code does for the unconditional pass).
+
+    - adapter: from RealCustomLoader.
+    - clip_vision: the image encoder the adapter was trained with (CLIP_VISION; its penultimate hidden states).
+    - image: one reference image; like the released code it is squashed to the encoder's square input
+      unless crop is on.
+    - crop: center-crop instead of squashing (released code: off).
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RealCustomEncodeReference",
+            display_name="Encode RealCustom Reference",
+            category=CATEGORY,
+            description="Encode a reference image into the image tokens of a RealCustom adapter.",
+            inputs=[
+                AdapterType.Input("adapter", tooltip="RealCustom adapter from RealCustomLoader."),
+                io.ClipVision.Input("clip_vision", tooltip="Image encoder the adapter was trained with."),
+                io.Image.Input("image", tooltip="The subject's reference image (one image)."),
+                io.Boolean.Input("crop", default=False, tooltip="Center-crop to a square instead of squashing (released code squashes)."),
+            ],
+            outputs=[ReferenceType.Output(display_name="reference", tooltip="Reference tokens for AdaptiveMaskGuidance.")],
+        )
+
+    @classmethod
+    def execute(cls, adapter: LoadedAdapter, clip_vision, image, crop) -> io.NodeOutput:
+        if adapter.adapter.format_name == OFFICIAL_FORMAT:
+            raise ValueError(OFFICIAL_ENCODER_MESSAGE)
+        if image.shape[0] != 1:
+            raise ValueError(f"RealCustomEncodeReference: give one reference image, got a batch of {image.shape[0]} "
+                             "(pick one with ImageFromBatch).")
+        images = torch.cat([image, torch.zeros_like(image)])  # reference, black image
+        features = clip_vision.encode_image(images, crop=crop)["penultimate_hidden_states"]
+        if features.shape[-1] != adapter.adapter.vision_dim:
+            raise ValueError(f"RealCustomEncodeReference: this CLIP vision model gives {features.shape[-1]}-d features, "
+                             f"but adapter {adapter.name} expects {adapter.adapter.vision_dim}-d; use the image encoder it "
+                             "was trained with.")
+        comfy.model_management.load_model_gpu(adapter.patcher)
+        projector = adapter.adapter.projector
+        with torch.no_grad():
+            weight = next(projector.parameters())
+            tokens = projector(features.to(weight)).float().to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(EncodedReference(adapter, ImageTokens(reference=tokens[:1], negative=tokens[1:])))
+
+
+def _rows_of_control(control, rows: slice):
+    if control is None:
+        return None
+    return {name: [None if r is None else r[rows] for r in residuals] for name, residuals in control.items()}
+
+
+def guided_diffusion_model(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    """DIFFUSION_MODEL wrapper: schedules the word-map capture of each step (text-only pass or the guided
+    pass itself) and records the mask that gates the step."""
+    run: MaskGuidanceRun | None = transformer_options.get(RUN_KEY)
+    if run is None:
+        raise RuntimeError("AdaptiveMaskGuidance: the model was called outside a sampling run; sample it with a "
+                           "sampler node (KSampler, SamplerCustom...).")
+    step = step_index(transformer_options["sample_sigmas"], float(transformer_options["sigmas"].max()))
+    run.start_call(step)
+    rows = cond_rows(transformer_options.get("cond_or_uncond"), x.shape[0])
+    if rows is not None and run.needs_text_only_pass(step):
+        run.capturing, run.injecting = True, False
+        try:
+            executor(x[rows], timesteps[rows], context[rows], None if y is None else y[rows],
+                     _rows_of_control(control, rows), {**transformer_options, "cond_or_uncond": [COND]}, **kwargs)
+        finally:
+            run.capturing, run.injecting = False, True
+        run.finish_text_only_pass()
+    run.record(step)
+    run.capturing = run.capture_in_guided_pass(step)
+    try:
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+    finally:
+        run.capturing = False
+
+
+@dataclass(frozen=True, eq=False)
+class _SamplingRun:
+    """OUTER_SAMPLE wrapper: one MaskGuidanceRun per sampling run, visible to the processors through the
+    run's own copy of transformer_options, dropped afterwards; its masks go to the node's MaskRecord."""
+
+    settings: MaskSettings
+    indicator: torch.Tensor
+    update_fraction: float
+    text_only_pass: bool
+    record: MaskRecord
+
+    def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        options = executor.class_obj.model_options["transformer_options"]  # the sampler's per-run copy
+        run = MaskGuidanceRun(self.settings, self.indicator, latent_size=tuple(noise.shape[-2:]),
+                              total_steps=len(sigmas) - 1, update_fraction=self.update_fraction,
+                              text_only_pass=self.text_only_pass)
+        options[RUN_KEY] = run
+        try:
+            output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            del options[RUN_KEY]
+        self.record.steps = run.history
+        return output
+
+
+def _check_adapter_fits(model, adapter: LoadedAdapter, blocks) -> None:
+    cross = {block_name(b.key): b for b in blocks if b.has_cross_attention}
+    for name in adapter.adapter.branch.to_k_vision:
+        block = cross.get(name)
+        inner = adapter.adapter.branch.to_k_vision[name].out_features
+        if block is None or block.channels != inner:
+            family = "SDXL" if adapter.adapter.format_name == OFFICIAL_FORMAT else "another model"
+            raise ValueError(
+                f"AdaptiveMaskGuidance: adapter {adapter.name} was made for {family} (its layer {name} has width {inner}), "
+                f"but this MODEL ({type(model.model).__name__}) "
+                + ("has no such cross-attention layer." if block is None else f"has width {block.channels} there."))
+
+
+class AdaptiveMaskGuidance(io.ComfyNode):
+    """RealCustom adaptive mask guidance (Huang et al., CVPR 2024), as in the released code.
+
+    A real word of the prompt ("toy") is narrowed to the reference subject: at every step the word's text
+    cross-attention map (mean over heads, summed over its tokens, averaged over all cross-attention
+    layers) is normalised and its top ``mask_scope`` kept with soft values; an image branch in every
+    cross-attention layer (the layer's query, the adapter's visual keys/values) is multiplied by that
+    mask and added to the text attention. Cond rows see the reference, uncond rows a black image with
+    the same mask (released code). Works with CFG 1, any batch size (one mask per image), ControlNet, LoRA.
+
+    Paper vs code: the released model has no adaptive scoring module and uses plain CFG (not the paper's
+    cascaded eq. 13); this node follows the code. ``map_source`` "text-only pass" is the code's schedule (an
+    extra cond-only forward without the image branch before each updating step, ~+50% time while updating);
+    "previous step" (default) reads the map from the guided pass itself and applies it one step later (one
+    text-only pass at step 0 only), which costs almost nothing.
+
+    Inputs (safe ranges):
+    - model, reference (RealCustomEncodeReference), clip + prompt: the SAME prompt text as the positive
+      CLIPTextEncode (share one string); word: a word/phrase that occurs in it (multi-token phrases and
+      repeated words are summed).
+    - mask_strategy: max_norm (paper, code CLI), min_max_per_channel (code app), min_max_norm.
+    - mask_scope: top fraction kept, 0.25 (paper best; robust 0.2–0.4).
+    - binary_mask: kept positions become 1 (paper ablation: worse controllability); off.
+    - update_fraction: part of the steps during which the mask is recomputed, then frozen; 1.0 = every step
+      (code CLI), 0.48 = first 12 of 25 (code app).
+    - map_source: "previous step" (fast) or "text-only pass" (released schedule).
+    - uncond_image: "black image" (released) or "none" (no image branch in the negative pass: stronger push).
+    - strength: multiplies the image branch; 1.0 as released, 0 = off.
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AdaptiveMaskGuidance",
+            display_name="Adaptive Mask Guidance (RealCustom)",
+            category=CATEGORY,
+            description="RealCustom: a real word of the prompt takes the reference subject, inside that word's own attention mask.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.5/SDXL model to patch (the adapter's family); the input is left unchanged."),
+                ReferenceType.Input("reference", tooltip="Reference tokens from RealCustomEncodeReference."),
+                io.Clip.Input("clip", tooltip="Text encoder of the model, to find the word's tokens in the prompt."),
+                io.String.Input("prompt", multiline=True, default="a photo of a toy on the beach",
+                                tooltip="The positive prompt, exactly as encoded for the sampler."),
+                io.String.Input("word", default="toy", tooltip="The real word (or phrase) of the prompt that becomes the subject."),
+                io.Combo.Input("mask_strategy", options=list(MASK_STRATEGIES), default="max_norm",
+                               tooltip="Normalisation of the word map: max_norm (paper), min_max_per_channel (released app)."),
+                io.Float.Input("mask_scope", default=0.25, min=0.01, max=1.0, step=0.01,
+                               tooltip="Fraction of the image the subject may influence (top of the word map); paper 0.25."),
+                io.Boolean.Input("binary_mask", default=False, tooltip="Kept mask values become 1 instead of their soft score."),
+                io.Float.Input("update_fraction", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="Recompute the mask during this part of the steps, then freeze it (app: 0.48)."),
+                io.Combo.Input("map_source", options=list(MAP_SOURCES), default=MAP_SOURCES[0],
+                               tooltip="previous step: map from the guided pass, applied next step (fast); text-only pass: released code (+1 pass)."),
+                io.Combo.Input("uncond_image", options=list(UNCOND_IMAGES), default=UNCOND_IMAGES[0],
+                               tooltip="Image the negative pass sees: a black image (released) or none."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=3.0, step=0.01,
+                               tooltip="Multiplier of the image branch; 1.0 as released, 0 disables it."),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The patched model."),
+                MasksType.Output(display_name="masks", tooltip="Masks of every step of the last run; view with RealCustomMaskPreview."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, reference: EncodedReference, clip, prompt, word, mask_strategy, mask_scope, binary_mask,
+                update_fraction, map_source, uncond_image, strength) -> io.NodeOutput:
+        blocks = transformer_blocks(model)
+        _check_adapter_fits(model, reference.adapter, blocks)
+        phrase = find_phrase_tokens(clip, prompt, word, node_name="AdaptiveMaskGuidance")
+        settings = MaskSettings(strategy=mask_strategy, scope=mask_scope, binary=binary_mask)
+        tokens = ImageTokens(reference.tokens.reference,
+                             reference.tokens.negative if uncond_image == UNCOND_IMAGES[0] else None)
+        cross_blocks = [b for b in blocks if b.has_cross_attention]
+        record = MaskRecord()
+
+        patched = model.clone()
+        add_attention_processor(patched, WordMapReader(), cross_blocks)
+        add_attention_processor(patched, MaskedImageBranch(reference.adapter.adapter.branch, tokens, strength), cross_blocks)
+        patched.set_additional_models(RUN_WRAPPER_KEY, [reference.adapter.patcher])
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RUN_WRAPPER_KEY,
+                                     guided_diffusion_model)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY,
+                                     _SamplingRun(settings, phrase.indicator(), update_fraction,
+                                                  map_source == MAP_SOURCES[1], record))
+        return io.NodeOutput(patched, record)
+
+
+class RealCustomMaskPreview(io.ComfyNode):
+    """Shows what the word covered: the mask that gated the image branch at every step of the last
+    sampling run of an AdaptiveMaskGuidance model, upscaled to the image size.
+
+    - masks: AdaptiveMaskGuidance's masks output.
+    - samples: the LATENT of the sampler that used that model (orders this node after sampling).
+    Outputs are ordered step by step, each step holding one mask per image of the batch.
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RealCustomMaskPreview",
+            display_name="RealCustom Mask Preview",
+            category=CATEGORY,
+            description="The word mask of every sampling step, as MASK and IMAGE batches.",
+            inputs=[
+                MasksType.Input("masks", tooltip="masks output of AdaptiveMaskGuidance."),
+                io.Latent.Input("samples", tooltip="Output of the sampler that used the patched model."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="mask", tooltip="Steps × images masks at image size (step-major)."),
+                io.Image.Output(display_name="preview", tooltip="The same masks as grey images, for PreviewImage."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, masks: MaskRecord, samples) -> io.NodeOutput:
+        latent = samples["samples"]
+        if not masks.steps:
+            raise ValueError("RealCustomMaskPreview: no sampling run of the AdaptiveMaskGuidance model has finished; "
+                             "connect the LATENT of the sampler that used that model.")
+        if masks.steps[0].shape[0] != latent.shape[0]:
+            raise ValueError(f"RealCustomMaskPreview: the last run had {masks.steps[0].shape[0]} images, these samples "
+                             f"{latent.shape[0]}; connect the sampler that used the AdaptiveMaskGuidance model.")
+        size = (latent.shape[-2] * 8, latent.shape[-1] * 8)
+        stacked = torch.cat(masks.steps)[:, None]
+        mask = F.interpolate(stacked, size=size, mode="bilinear").clamp(0, 1)[:, 0]
+        return io.NodeOutput(mask, mask[..., None].expand(-1, -1, -1, 3).contiguous())
+
+
+REALCUSTOM_NODES = [RealCustomLoader, RealCustomEncodeReference, AdaptiveMaskGuidance, RealCustomMaskPreview]

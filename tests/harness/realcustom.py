@@ -1,0 +1,81 @@
+"""RealCustom test models: CLIP-vision encoders built with ComfyUI's own classes, random adapters.
+
+- `tiny_clip_vision()`: a real `comfy.clip_vision.ClipVisionModel` (CLIP_VISION) from a tiny config
+  (32-px images, 2 layers), for node tests; it is never written to disk (the stock loader detects models
+  by their layer count, so a file of it would not load).
+- `vitl_clip_vision_path()`: a random ViT-L/14 CLIP-vision file in models/clip_vision, the smallest
+  layout the stock CLIPVisionLoader detects, for workflow tests.
+- `adapter_path(...)`: a random adapter of this pack's CLIP-vision format for a model's cross-attention
+  blocks, in models/realcustom.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import torch
+
+from .checkpoints import _cached, randomize_
+from .comfy_env import boot_comfy, cache_dir, models_dir
+
+TINY_CLIP_VISION = dict(
+    attention_dropout=0.0, dropout=0.0, hidden_act="quick_gelu", hidden_size=32, image_size=32,
+    initializer_factor=1.0, initializer_range=0.02, intermediate_size=64, layer_norm_eps=1e-5,
+    model_type="clip_vision_model", num_attention_heads=2, num_channels=3, num_hidden_layers=2, patch_size=8,
+    projection_dim=16)
+VITL_CLIP_VISION = "tiny_vitl_clip_vision_v1.safetensors"
+
+
+@functools.cache
+def tiny_clip_vision():
+    boot_comfy(require_pack=False)
+    import comfy.clip_vision
+
+    config = cache_dir() / "tiny_clip_vision_v1.json"
+    config.write_text(json.dumps(TINY_CLIP_VISION))
+    model = comfy.clip_vision.ClipVisionModel(str(config))
+    randomize_(model.model, seed=11)
+    return model
+
+
+def _build_vitl() -> dict:
+    import comfy.clip_vision
+
+    model = comfy.clip_vision.ClipVisionModel(str(boot_comfy(require_pack=False).comfy_dir / "comfy" / "clip_vision_config_vitl.json"))
+    return {k: v.to(torch.float16) for k, v in randomize_(model.model, seed=12).state_dict().items()}
+
+
+def vitl_clip_vision_path():
+    return _cached("clip_vision", VITL_CLIP_VISION, _build_vitl)
+
+
+def adapter_state_dict(blocks, vision_dim: int, token_dim: int, seed: int = 0, std: float = 0.05) -> dict:
+    """Random adapter tensors (this pack's format) for `blocks` (TransformerBlock list of a model)."""
+    from .comfy_env import pack_module
+    weights = pack_module("attention.realcustom_weights")
+    realcustom = pack_module("attention.realcustom")
+    shapes = {b.key: (b.channels, token_dim) for b in blocks if b.has_cross_attention}
+    adapter = weights.RealCustomAdapter(weights.CLIP_VISION_FORMAT, weights.LinearProjector(vision_dim, token_dim),
+                                        realcustom.ImageBranchWeights(shapes))
+    randomize_(adapter, seed=seed, std=std)
+    return adapter.state_dict()
+
+
+def write_adapter(path, state_dict: dict, format_name: str | None) -> None:
+    """Save an adapter file atomically, with the format in metadata (None: like the released checkpoint)."""
+    import comfy.utils
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    metadata = {"format": format_name} if format_name else None
+    comfy.utils.save_torch_file({k: v.clone() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    boot_comfy(require_pack=False).folder_paths.filename_list_cache.clear()
+
+
+def adapter_path(name: str, blocks, vision_dim: int, token_dim: int, seed: int = 0):
+    """A random CLIP-vision-format adapter at models/realcustom/<name> (written once per cache)."""
+    path = models_dir() / "realcustom" / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_adapter(path, adapter_state_dict(blocks, vision_dim, token_dim, seed), "realcustom.clip_vision")
+    return path

@@ -1,0 +1,244 @@
+"""RealCustom nodes in the real ComfyUI on the tiny SD1.5 / SDXL models."""
+import pytest
+import torch
+from harness.checkpoints import empty_latent, encode_prompt, sample, sdxl_conditioning
+from harness.pack_nodes import run_node
+
+PROMPT = "a photo of a toy on the beach"
+STEPS = 2
+SD15_ADAPTER = "test_realcustom_sd15_v1.safetensors"
+SDXL_ADAPTER = "test_realcustom_sdxl_v1.safetensors"
+GUIDANCE_DEFAULTS = dict(prompt=PROMPT, word="toy", mask_strategy="max_norm", mask_scope=0.25, binary_mask=False,
+                         update_fraction=1.0, map_source="previous step", uncond_image="black image", strength=1.0)
+
+
+def reference(model, name, token_dim, seed=0):
+    from harness.comfy_env import pack_module
+    from harness.realcustom import TINY_CLIP_VISION, adapter_path, tiny_clip_vision
+    blocks = pack_module("nodes.patching").transformer_blocks(model)
+    adapter_path(name, blocks, TINY_CLIP_VISION["hidden_size"], token_dim)
+    adapter = run_node("RealCustomLoader", adapter_name=name)[0]
+    image = torch.rand(1, 48, 40, 3, generator=torch.Generator().manual_seed(seed))
+    return run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(), image=image, crop=False)[0]
+
+
+@pytest.fixture(scope="module")
+def sd15_reference(comfy, sd15):
+    return reference(sd15[0], SD15_ADAPTER, 768)
+
+
+def guided(model, ref, clip, **overrides):
+    return run_node("AdaptiveMaskGuidance", model=model, reference=ref, clip=clip, **{**GUIDANCE_DEFAULTS, **overrides})
+
+
+def sd15_conds(clip, prompt=PROMPT):
+    return encode_prompt(clip, prompt), encode_prompt(clip, "")
+
+
+@pytest.mark.parametrize("batch,cfg", [(3, 1.0), (2, 7.0)])
+def test_sd15_one_mask_per_image_per_step(sd15, sd15_reference, batch, cfg):
+    model, clip, _ = sd15
+    patched, masks = guided(model, sd15_reference, clip)
+    positive, negative = sd15_conds(clip)
+    out = sample(patched, positive, negative, empty_latent(batch), steps=STEPS, cfg=cfg)
+    assert len(masks.steps) == STEPS
+    for mask in masks.steps:
+        assert mask.shape == (batch, 4, 4)  # 64 px → latent 8 → mask grid 4 (half the latent, as released)
+        assert not torch.equal(mask[0], mask[1])  # each image its own map
+        assert ((mask > 0).flatten(1).sum(1) <= 4).all()  # top 25 % of 16
+        assert torch.allclose(mask.flatten(1).max(1).values, torch.ones(batch), atol=1e-4)  # max_norm, soft
+    plain = sample(model, positive, negative, empty_latent(batch), steps=STEPS, cfg=cfg)
+    assert not torch.allclose(out, plain, atol=1e-3)
+
+    mask, preview = run_node("RealCustomMaskPreview", masks=masks, samples={"samples": out})
+    assert mask.shape == (STEPS * batch, 64, 64) and preview.shape == (STEPS * batch, 64, 64, 3)
+    assert 0.0 <= float(mask.min()) and float(mask.max()) <= 1.0
+
+
+def test_sd15_text_only_pass_and_fast_mode_share_the_step0_mask(sd15, sd15_reference):
+    model, clip, _ = sd15
+    positive, negative = sd15_conds(clip)
+    runs = {}
+    for source in ("previous step", "text-only pass"):
+        patched, masks = guided(model, sd15_reference, clip, map_source=source)
+        sample(patched, positive, negative, empty_latent(1), steps=STEPS)
+        runs[source] = masks.steps
+    assert torch.allclose(runs["previous step"][0], runs["text-only pass"][0], atol=1e-5)
+    assert len(runs["text-only pass"]) == STEPS
+
+
+def test_sd15_frozen_mask_is_reused(sd15, sd15_reference):
+    model, clip, _ = sd15
+    patched, masks = guided(model, sd15_reference, clip, update_fraction=0.5)  # 1 of 2 steps updates
+    sample(patched, *sd15_conds(clip), empty_latent(1), steps=STEPS)
+    assert all(torch.equal(masks.steps[0], m) for m in masks.steps[1:])
+
+
+def test_sd15_strength_zero_leaves_sampling_unchanged_and_input_model_untouched(sd15, sd15_reference):
+    model, clip, _ = sd15
+    positive, negative = sd15_conds(clip)
+    before = sample(model, positive, negative, empty_latent(1), steps=STEPS)
+    patched, _ = guided(model, sd15_reference, clip, strength=0.0)
+    off = sample(patched, positive, negative, empty_latent(1), steps=STEPS)
+    # the map is still read, through an fp32 softmax instead of the fused kernel: equal up to rounding
+    assert (off - before).abs().max() <= 1e-5 * before.abs().max()
+    guided(model, sd15_reference, clip)
+    assert torch.equal(sample(model, positive, negative, empty_latent(1), steps=STEPS), before)
+
+
+def test_missing_word_is_a_clear_error(sd15, sd15_reference):
+    model, clip, _ = sd15
+    with pytest.raises(ValueError) as error:
+        guided(model, sd15_reference, clip, word="dog")
+    assert "AdaptiveMaskGuidance" in str(error.value) and "'dog'" in str(error.value) and PROMPT in str(error.value)
+
+
+def test_prompt_that_differs_from_the_conditioning_is_explained(sd15, sd15_reference):
+    model, clip, _ = sd15
+    patched, _ = guided(model, sd15_reference, clip)
+    long_positive = encode_prompt(clip, " ".join(["red"] * 80) + " toy")  # 154 tokens, not 77 x k of the prompt
+    long_positive[0][0] = long_positive[0][0][:, :150]
+    with pytest.raises(ValueError, match="same prompt"):
+        sample(patched, long_positive, encode_prompt(clip, ""), empty_latent(1), steps=1)
+
+
+def test_adapter_of_another_family_is_rejected(sd15, sdxl_model):
+    ref = reference(sdxl_model, SDXL_ADAPTER, 2048)
+    with pytest.raises(ValueError, match="width|no such cross-attention"):
+        guided(sd15[0], ref, sd15[1])
+
+
+def test_clip_vision_of_another_width_is_rejected(comfy, sd15):
+    from harness.comfy_env import pack_module
+    from harness.realcustom import adapter_path, tiny_clip_vision
+    blocks = pack_module("nodes.patching").transformer_blocks(sd15[0])
+    adapter_path("test_realcustom_wide_v1.safetensors", blocks, 64, 768)
+    adapter = run_node("RealCustomLoader", adapter_name="test_realcustom_wide_v1.safetensors")[0]
+    with pytest.raises(ValueError, match="32-d features"):
+        run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(),
+                 image=torch.rand(1, 32, 32, 3), crop=True)
+
+
+@pytest.mark.parametrize("batch,cfg", [(2, 5.0), (1, 1.0)])
+def test_sdxl_masks_per_step(comfy, sdxl_model, batch, cfg):
+    from harness.text_encoders import sdxl_tokenizer_clip
+    ref = reference(sdxl_model, SDXL_ADAPTER, 2048)
+    patched, masks = guided(sdxl_model, ref, sdxl_tokenizer_clip(), map_source="text-only pass")
+    positive, negative = sdxl_conditioning(batch=1, seed=1), sdxl_conditioning(batch=1, seed=2)
+    out = sample(patched, positive, negative, empty_latent(batch), steps=STEPS, cfg=cfg)
+    assert out.shape == (batch, 4, 8, 8)
+    assert len(masks.steps) == STEPS and all(m.shape == (batch, 4, 4) for m in masks.steps)
+
+
+# --- released weights ------------------------------------------------------------------------------------
+
+def official_state_dict(vision_dim=2176, token_dim=2048, layers=None):
+    """Tensors with the released RealCustom_highres shapes (diffusers U-Net keys) plus an unrelated U-Net key
+    the conversion must skip. Every tensor is a distinct window of one random buffer, so the 1.3 GB of
+    official shapes cost no memory beyond the buffer."""
+    buffer = torch.randn(max(4 * vision_dim * vision_dim, 1280 * token_dim) + 1, generator=torch.Generator().manual_seed(0))
+    offsets = iter(range(0, 10 ** 9, 7919))
+
+    def rand(*shape):
+        start = next(offsets) % (buffer.numel() - torch.Size(shape).numel())
+        return buffer[start:start + torch.Size(shape).numel()].view(*shape)
+    sd = {"conv_in.weight": rand(320, 4, 3, 3)}
+    layers = layers or ([(f"down_blocks.1.attentions.{a}", 2, 640) for a in range(2)]
+                        + [(f"down_blocks.2.attentions.{a}", 10, 1280) for a in range(2)]
+                        + [("mid_block.attentions.0", 10, 1280)]
+                        + [(f"up_blocks.0.attentions.{a}", 10, 1280) for a in range(3)]
+                        + [(f"up_blocks.1.attentions.{a}", 2, 640) for a in range(3)])
+    for prefix, depth, inner in layers:
+        for t in range(depth):
+            for name in ("to_k_vision", "to_v_vision"):
+                sd[f"{prefix}.transformer_blocks.{t}.attn2.{name}.weight"] = rand(inner, token_dim)
+    p = "encoder_hidden_states_vision_projection."
+    for norm in ("norm1", "norm2"):
+        sd[f"{p}min_attention.{norm}.weight"], sd[f"{p}min_attention.{norm}.bias"] = rand(vision_dim), rand(vision_dim)
+    for proj in ("to_q", "to_k", "to_v"):
+        sd[f"{p}min_attention.{proj}.weight"] = rand(vision_dim, vision_dim)
+    shapes = {0: (4 * vision_dim, vision_dim), 2: (token_dim, 4 * vision_dim), 4: (token_dim, token_dim)}
+    for index, (out_dim, in_dim) in shapes.items():
+        sd[f"{p}projector.{index}.weight"], sd[f"{p}projector.{index}.bias"] = rand(out_dim, in_dim), rand(out_dim)
+    sd[f"{p}projector.5.weight"], sd[f"{p}projector.5.bias"] = rand(token_dim), rand(token_dim)
+    sd[f"{p}projector_base.weight"], sd[f"{p}projector_base.bias"] = rand(token_dim, vision_dim), rand(token_dim)
+    return sd
+
+
+def test_official_weights_convert_key_by_key(comfy):
+    import comfy.utils
+    from harness.comfy_env import pack_module
+    weights = pack_module("attention.realcustom_weights")
+    official = official_state_dict()
+    adapter = weights.adapter_from_state_dict(weights.convert_official(official), weights.OFFICIAL_FORMAT)
+
+    # ComfyUI's own diffusers → ldm table for the real SDXL U-Net decides where each layer must land
+    unet = dict(comfy.utils.unet_to_diffusers({"num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
+                                               "transformer_depth": [0, 0, 2, 2, 10, 10],
+                                               "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+                                               "transformer_depth_middle": 10}))
+    block_name = pack_module("attention.realcustom").block_name
+    converted = 0
+    for key, tensor in official.items():
+        if ".attn2.to_" in key:
+            ldm = unet[key.replace("_vision.weight", ".weight")].split(".")  # input_blocks.4.1.transformer_blocks.0...
+            if ldm[0] == "middle_block":
+                block = ("middle", 0, int(ldm[3]))
+            else:
+                block = (ldm[0].split("_")[0], int(ldm[1]), int(ldm[4]))
+            projection = "to_k_vision" if ".to_k_vision." in key else "to_v_vision"
+            assert torch.equal(getattr(adapter.branch, projection)[block_name(block)].weight, tensor)
+            converted += 1
+        elif key.startswith("encoder_hidden_states_vision_projection."):
+            own = adapter.projector.state_dict()[key[len("encoder_hidden_states_vision_projection."):]]
+            assert torch.equal(own, tensor)
+    assert converted == 140 and len(adapter.branch.to_k_vision) == 70
+    with torch.no_grad():
+        tokens = adapter.projector(torch.randn(1, 729, 2176), torch.randn(1, 2916, 2176))
+    assert tokens.shape == (1, 729, 2048)
+
+
+def test_loader_reads_a_released_layout_file(comfy):
+    from harness.comfy_env import models_dir
+    from harness.realcustom import write_adapter
+    official = official_state_dict(vision_dim=128, token_dim=64, layers=[("mid_block.attentions.0", 2, 1280)])
+    path = models_dir() / "realcustom" / "test_official_layout.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_adapter(path, official, None)
+    try:
+        loaded = run_node("RealCustomLoader", adapter_name=path.name)[0]
+    finally:
+        path.unlink()
+    assert loaded.adapter.format_name == "realcustom.official_sdxl"
+    assert set(loaded.adapter.branch.blocks()) == {("middle", 0, 0), ("middle", 0, 1)}
+    weight = official["mid_block.attentions.0.transformer_blocks.1.attn2.to_v_vision.weight"]
+    assert torch.equal(loaded.adapter.branch.to_v_vision["middle_0_1"].weight, weight)
+
+
+def test_loader_rejects_a_file_without_realcustom_weights(comfy):
+    from harness.comfy_env import models_dir
+    from harness.realcustom import write_adapter
+    path = models_dir() / "realcustom" / "test_not_realcustom.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_adapter(path, {"conv_in.weight": torch.zeros(2, 2)}, None)
+    try:
+        with pytest.raises(ValueError, match="no RealCustom visual projections"):
+            run_node("RealCustomLoader", adapter_name=path.name)
+    finally:
+        path.unlink()
+
+
+def test_released_adapter_needs_encoders_comfyui_lacks(comfy, sd15):
+    from harness.comfy_env import pack_module
+    from harness.realcustom import tiny_clip_vision
+    weights = pack_module("attention.realcustom_weights")
+    sd = official_state_dict(vision_dim=128, token_dim=64, layers=[("mid_block.attentions.0", 1, 1280)])
+    released = weights.adapter_from_state_dict(weights.convert_official(sd), weights.OFFICIAL_FORMAT)
+    adapter = pack_module("nodes.realcustom").LoadedAdapter(released, None, "RealCustom_highres.safetensors")
+    with pytest.raises(ValueError, match="DINOv2-L/14 with 4 registers"):
+        run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(),
+                 image=torch.rand(1, 32, 32, 3), crop=False)
+
+
+def test_pickle_checkpoints_are_not_offered(comfy):
+    assert comfy.folder_paths.folder_names_and_paths["realcustom"][1] == {".safetensors"}
