@@ -8,7 +8,8 @@ from __future__ import annotations
 import comfy.ldm.modules.attention as comfy_attention
 
 from ..attention.blocks import TransformerBlock, discover_transformer_blocks
-from ..attention.dispatcher import CHAIN_KEY, AttentionProcessor, ProcessorChain, install_dispatcher
+from ..attention.dispatcher import (CHAIN_KEY, AttentionProcessor, ProcessorChain, install_dispatcher,
+                                   stash_hidden_states)
 
 WRAPPER_KEY = "personalization"
 
@@ -29,6 +30,8 @@ def add_attention_processor(patched, processor: AttentionProcessor, blocks: list
         existing = replaces.get(block.key, replaces.get((name, block_id)))
         dispatcher = install_dispatcher(existing, point, comfy_attention.optimized_attention)
         patched.set_model_patch_replace(dispatcher, point, name, block_id, index)
+    if processor.needs_hidden_states and stash_hidden_states not in options.get("patches", {}).get("attn2_patch", []):
+        patched.set_model_attn2_patch(stash_hidden_states)
     chain = options.get(CHAIN_KEY) or ProcessorChain()
     patched.model_options["transformer_options"][CHAIN_KEY] = chain.with_processor(processor)
 

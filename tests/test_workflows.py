@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import checkpoints
+from harness import checkpoints, pva_assets
 from harness.workflows import execute_workflow, load_ui_workflow, saved_image_paths, ui_to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
@@ -18,6 +18,8 @@ EXPECTED_IMAGES = {
     "style_aligned_lora": 4,
     "style_aligned_controlnet": 4,
     "style_aligned_reference": 3,
+    "pva_face_inpainting": 1,
+    "pva_lora": 1,
 }
 
 TINY_MODELS = {
@@ -31,7 +33,9 @@ TINY_MODELS = {
 def shrink_for_tiny_models(api: dict, input_dir: Path) -> dict:
     for node in api.values():
         kind, inputs = node["class_type"], node["inputs"]
-        if kind in TINY_MODELS:
+        if kind == "CheckpointLoaderSimple" and "inpainting" in inputs["ckpt_name"]:
+            inputs["ckpt_name"] = pva_assets.sd15_inpaint_checkpoint_path().name
+        elif kind in TINY_MODELS:
             name, path = TINY_MODELS[kind]
             inputs[name] = path().name
         elif kind == "EmptyLatentImage":
@@ -40,6 +44,9 @@ def shrink_for_tiny_models(api: dict, input_dir: Path) -> dict:
             inputs["steps"] = STEPS
         elif kind == "SharedAttentionApplyReference":
             inputs["offset"] = 1
+        elif kind == "PVALoader":
+            pva_assets.arcface_path()
+            inputs["pva_name"] = pva_assets.pva_path("arcface").name
         elif kind == "LoadImage":
             rng = np.random.default_rng(len(inputs["image"]))
             pixels = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)

@@ -1,0 +1,125 @@
+"""Parallel Visual Attention (Xu et al., "Personalized Face Inpainting with Diffusion Models by Parallel
+Visual Attention", WACV 2024): identity tokens join the text tokens in every cross-attention softmax.
+
+Per cross-attention layer, with ``x`` the layer's normed hidden states, ``T`` the text context and ``I``
+the identity tokens of the image's reference faces (specs/pva.md §2.3, official ``pva_forward``)::
+
+    Q_t = to_q(x)          K_t = to_k(T)          V_t = to_v(T)           the layer's own projections
+    Q_v = to_visual_q(x)   K_v = to_visual_k(I)   V_v = to_visual_v(I)    parallel copies, trained
+    P   = softmax([Q_t K_tᵀ , Q_v K_vᵀ + ln s] / √d)   per head: ONE softmax over text + identity keys
+    out = P · [V_t ; V_v]                                → the layer's own to_out
+
+The identity keys compete with the text keys for attention mass; nothing is summed with a weight.
+``s`` is the node's strength (not in the paper): it multiplies the identity keys' share of the softmax
+before normalisation; 1 is the paper, 0 removes them (exactly plain cross-attention). The query side is
+the one thing the dispatcher's text path does not have, hence ``needs_hidden_states``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import BlockKey
+from .dispatcher import CROSS_ATTENTION, AttentionCall, AttentionProcessor, JointKeys, sigma_in_range
+
+#: value of a cond chunk in ComfyUI's ``cond_or_uncond`` (``comfy.samplers.COND``).
+COND = 0
+
+
+def block_name(key: BlockKey) -> str:
+    """Module-dict name of a transformer block, e.g. ``("input", 1, 0)`` → ``"input_1_0"``."""
+    return "_".join(str(part) for part in key)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer on ``x``'s device and dtype (the weights live in their own ModelPatcher, in fp32)."""
+    return F.linear(x, layer.weight.to(x), None if layer.bias is None else layer.bias.to(x))
+
+
+class ParallelProjection(nn.Module):
+    """``to_visual_q/k/v`` of one cross-attention layer, shaped (and initialised) like its to_q/k/v."""
+
+    def __init__(self, query_dim: int, context_dim: int, inner_dim: int, bias: bool = False):
+        super().__init__()
+        self.to_visual_q = nn.Linear(query_dim, inner_dim, bias=bias)
+        self.to_visual_k = nn.Linear(context_dim, inner_dim, bias=bias)
+        self.to_visual_v = nn.Linear(context_dim, inner_dim, bias=bias)
+
+    @classmethod
+    def copy_of(cls, attn2: nn.Module) -> "ParallelProjection":
+        """The paper's initialisation: exact copies of the layer's to_q, to_k, to_v."""
+        projection = cls(attn2.to_q.in_features, attn2.to_k.in_features, attn2.to_q.out_features,
+                         bias=attn2.to_q.bias is not None)
+        with torch.no_grad():
+            for mine, theirs in ((projection.to_visual_q, attn2.to_q), (projection.to_visual_k, attn2.to_k),
+                                 (projection.to_visual_v, attn2.to_v)):
+                mine.weight.copy_(theirs.weight.float())
+                if mine.bias is not None:
+                    mine.bias.copy_(theirs.bias.float())
+        return projection
+
+    def queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return _linear(self.to_visual_q, hidden_states)
+
+    def keys_values(self, identity_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _linear(self.to_visual_k, identity_tokens), _linear(self.to_visual_v, identity_tokens)
+
+
+def identity_rows(cond_or_uncond: tuple[int, ...], batch: int, uncond_identity: bool) -> Optional[torch.Tensor]:
+    """Which rows of a U-Net call see the identity: cond chunks always, uncond chunks only when
+    ``uncond_identity`` (official ``extra_feat_neg``). None means every row."""
+    if uncond_identity or not cond_or_uncond or all(c == COND for c in cond_or_uncond):
+        return None
+    per_chunk = batch // len(cond_or_uncond)
+    return torch.tensor([c == COND for c in cond_or_uncond for _ in range(per_chunk)])
+
+
+def tokens_per_row(identity_tokens: torch.Tensor, n_chunks: int, batch: int) -> torch.Tensor:
+    """``(G, N, C)`` identities → ``(batch, N, C)``: one identity for all images, or one per image of
+    each cond/uncond chunk (identity g → image g)."""
+    per_chunk = batch // n_chunks
+    identities = identity_tokens.shape[0]
+    if identities == 1:
+        return identity_tokens.expand(batch, -1, -1)
+    if identities != per_chunk:
+        raise ValueError(f"ParallelVisualAttention: the references hold {identities} identities but the latent batch "
+                         f"has {per_chunk} images; give one identity for all images, or exactly one per image "
+                         "(set images_per_identity so that references / images_per_identity = batch size).")
+    return identity_tokens.repeat(n_chunks, 1, 1)
+
+
+@dataclass(frozen=True, eq=False)
+class ParallelVisualAttentionProcessor(AttentionProcessor):
+    """Adds one identity's (or one per image) tokens to the joint softmax of every patched attn2."""
+
+    projections: nn.ModuleDict  # block_name(key) -> ParallelProjection
+    identity_tokens: torch.Tensor  # (G, N, context_dim)
+    strength: float = 1.0
+    uncond_identity: bool = False
+    sigma_start: float = float("inf")
+    sigma_end: float = 0.0
+
+    name = "pva"
+    node_name = "ParallelVisualAttention"
+    patch_point = CROSS_ATTENTION
+    needs_hidden_states = True
+
+    def active(self, call: AttentionCall) -> bool:
+        return (self.strength > 0.0 and self.identity_tokens.shape[1] > 0 and call.block is not None
+                and block_name(call.block) in self.projections
+                and sigma_in_range(call.sigma, self.sigma_start, self.sigma_end))
+
+    def extra_key_values(self, q, call: AttentionCall) -> Optional[JointKeys]:
+        rows = identity_rows(call.cond_or_uncond, q.shape[0], self.uncond_identity)
+        if rows is not None and not bool(rows.any()):
+            return None  # e.g. an uncond-only pass: plain cross-attention, through the fused path
+        projection = self.projections[block_name(call.block)]
+        tokens = tokens_per_row(self.identity_tokens, call.n_chunks, q.shape[0]).to(call.hidden_states)
+        keys, values = projection.keys_values(tokens)
+        return JointKeys(keys, values, queries=projection.queries(call.hidden_states), rows=rows,
+                         logit_bias=math.log(self.strength))

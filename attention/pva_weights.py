@@ -1,0 +1,127 @@
+"""Everything a PVA file holds, and its safetensors format.
+
+Keys (``.safetensors``; no pickle is ever read):
+
+- ``parallel.<block>.to_visual_{q,k,v}.{weight,bias}``: the parallel projections of every
+  cross-attention layer, ``<block>`` = ``input_1_0``-style block key (see ``attention.pva.block_name``);
+- ``token_transformer.*``: the identity token transformer (``IdentityTokenTransformer``);
+- ``identity_word.<encoder>``: ``[1, width]`` learned vector of the identity word per text encoder
+  (``l`` for SD1.5, ``h`` for SD2, ``l`` and ``g`` for SDXL: ComfyUI's tokenizer keys);
+- ``face_encoder.*`` (optional): an ArcFace iresnet trained with the pathway (the paper's stage 2);
+  without it the stock ``ms1mv3_arcface_r50`` backbone is used.
+
+Metadata: ``format`` = ``pva-v1``, ``encoder`` = ``arcface`` or ``clip_vision`` (which features the token
+transformer was trained on), ``heads`` of the token transformer. Every other size is read from shapes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .blocks import BlockKey
+from .pva import ParallelProjection, block_name
+from .pva_identity import IdentityTokenTransformer, IResNet
+
+FORMAT = "pva-v1"
+ENCODERS = ("arcface", "clip_vision")
+
+
+class PVAFormatError(ValueError):
+    """A file that is not a PVA weights file of this pack, or one that does not fit the model."""
+
+
+class PVAWeights(nn.Module):
+    """Parallel projections + identity token transformer + identity word (+ optional face encoder)."""
+
+    def __init__(self, parallel: Mapping[str, ParallelProjection], token_transformer: IdentityTokenTransformer,
+                 identity_word: Mapping[str, torch.Tensor], encoder: str, face_encoder: Optional[IResNet] = None):
+        super().__init__()
+        if encoder not in ENCODERS:
+            raise PVAFormatError(f"unknown PVA encoder {encoder!r}; expected one of {ENCODERS}")
+        self.parallel = nn.ModuleDict(dict(parallel))
+        self.token_transformer = token_transformer
+        self.identity_word = nn.ParameterDict({k: nn.Parameter(v.detach().clone().float()) for k, v in identity_word.items()})
+        self.encoder = encoder
+        self.face_encoder = face_encoder
+
+    @classmethod
+    def initial(cls, attn2_layers: Mapping[BlockKey, nn.Module], encoder: str, feature_dim: int,
+                identity_word: Mapping[str, torch.Tensor], seed: int = 0, **transformer_args) -> "PVAWeights":
+        """The state training starts from (official stage 1): projections copied from each layer's
+        to_q/k/v, a randomly initialised token transformer of the context width (seeded)."""
+        parallel = {block_name(key): ParallelProjection.copy_of(layer) for key, layer in attn2_layers.items()}
+        width = next(iter(attn2_layers.values())).to_k.in_features
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer = IdentityTokenTransformer(feature_dim=feature_dim, width=width, **transformer_args)
+        return cls(parallel, transformer, identity_word, encoder)
+
+    @property
+    def context_dim(self) -> int:
+        return self.token_transformer.pos_enc.shape[1]
+
+    def identity_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """``(G, R, F)`` reference features → ``(G, N, context_dim)`` identity tokens (eval mode)."""
+        if features.shape[-1] != self.token_transformer.feature_dim:
+            raise PVAFormatError(
+                f"the identity encoder gives {features.shape[-1]}-d features but this PVA file's token transformer "
+                f"takes {self.token_transformer.feature_dim}-d ones (it was trained with encoder "
+                f"{self.encoder!r}); use the encoder it was trained with.")
+        transformer = self.token_transformer.eval()
+        return transformer(features.to(transformer.lift.weight))
+
+    def state_and_metadata(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
+        return tensors, {"format": FORMAT, "encoder": self.encoder, "heads": str(self.token_transformer.heads)}
+
+    @classmethod
+    def from_state(cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str = "") -> "PVAWeights":
+        where = f" ({source})" if source else ""
+        if (metadata or {}).get("format") != FORMAT:
+            raise PVAFormatError(f"not a PVA weights file of this pack{where}: metadata format is "
+                                 f"{(metadata or {}).get('format')!r}, expected {FORMAT!r}")
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            group, _, rest = key.partition(".")
+            groups.setdefault(group, {})[rest] = tensor
+        missing = {"parallel", "token_transformer", "identity_word"} - set(groups)
+        if missing:
+            raise PVAFormatError(f"PVA weights file{where} lacks {sorted(missing)}")
+        parallel = {}
+        by_block: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in groups["parallel"].items():
+            block, _, rest = key.partition(".")
+            by_block.setdefault(block, {})[rest] = tensor
+        for block, sd in by_block.items():
+            q, k = sd["to_visual_q.weight"], sd["to_visual_k.weight"]
+            projection = ParallelProjection(q.shape[1], k.shape[1], q.shape[0], bias="to_visual_q.bias" in sd)
+            projection.load_state_dict(sd, strict=True)
+            parallel[block] = projection
+        config = IdentityTokenTransformer.config_from_state_dict(groups["token_transformer"], int(metadata["heads"]))
+        transformer = IdentityTokenTransformer(**config)
+        transformer.load_state_dict(groups["token_transformer"], strict=True)
+        face_encoder = IResNet.from_state_dict(groups["face_encoder"]) if "face_encoder" in groups else None
+        return cls(parallel, transformer, groups["identity_word"], metadata["encoder"], face_encoder)
+
+
+def save_pva(path: str | Path, weights: PVAWeights) -> None:
+    """Write ``weights`` as a PVA safetensors file, atomically."""
+    from ..training.checkpoint import save_atomic  # the pack's one atomic safetensors writer
+
+    tensors, metadata = weights.state_and_metadata()
+    save_atomic(path, tensors, metadata)
+
+
+def load_pva(path: str | Path) -> PVAWeights:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise PVAFormatError(f"{path.name}: only .safetensors PVA files are read (no pickle)")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return PVAWeights.from_state(tensors, metadata, source=path.name)
+

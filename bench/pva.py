@@ -1,0 +1,118 @@
+"""Parallel Visual Attention benchmark; prints ratios measured in one run (never asserted in tests).
+
+(a) per-step sampling time, ParallelVisualAttention-patched / plain, on the tiny SD1.5 of the test
+    harness (real ComfyUI, CPU unless a GPU is there), CFG 1 (paper's inpainting) and CFG 6;
+(b) one cross-attention call at real SD2 size (320 channels = 5 heads x 64, 4096 queries, 77 text + 10
+    identity tokens, batch 2): our joint softmax through the dispatcher (parallel query projection
+    included) / the unpatched layer's fused attention over the 77 text keys;
+(c) identity-tune optimizer steps per second on the tiny model (when PVAIdentityTune is registered).
+
+Usage: .venv/bin/python bench/pva.py [--skip-sampling] [--repeats N]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+PVA_SETTINGS = dict(strength=1.0, uncond_identity=False, images_per_identity=0, start_percent=0.0, end_percent=1.0)
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def joint_softmax_vs_plain(repeats: int, device: str) -> tuple[float, float]:
+    from harness.comfy_env import boot_comfy, pack_module
+
+    boot_comfy()
+    dispatcher = pack_module("attention.dispatcher")
+    pva = pack_module("attention.pva")
+    sdpa = pack_module("attention.sdpa")
+    heads, dim_head, queries, batch, context = 5, 64, 4096, 2, 1024
+    channels = heads * dim_head
+    torch.manual_seed(0)
+    projection = pva.ParallelProjection(channels, context, channels).to(device)
+    processor = pva.ParallelVisualAttentionProcessor(torch.nn.ModuleDict({"input_1_0": projection}),
+                                                     torch.randn(1, 10, context, device=device))
+    hidden = torch.randn(batch, queries, channels, device=device)
+    q = torch.randn(batch, queries, channels, device=device)
+    k, v = (torch.randn(batch, 77, channels, device=device) for _ in range(2))
+    options = {"n_heads": heads, "dim_head": dim_head, "block": ("input", 1), "block_index": 0,
+               "cond_or_uncond": [0], dispatcher.CHAIN_KEY: dispatcher.ProcessorChain().with_processor(processor)}
+
+    def attention(q_, k_, v_, heads_, mask=None, **_):
+        return sdpa.sdpa_attention(q_, k_, v_, heads_, mask=mask)
+
+    layer = dispatcher.AttentionDispatcher(dispatcher.CROSS_ATTENTION, attention)
+
+    def ours():
+        call_options = dict(options)
+        dispatcher.stash_hidden_states(hidden, None, None, call_options)
+        return layer(q, k, v, call_options)
+
+    with torch.inference_mode():
+        return best_of(ours, repeats), best_of(lambda: attention(q, k, v, heads), repeats)
+
+
+def sampling_step_ratio(repeats: int, cfg: float, steps: int = 4) -> tuple[float, float]:
+    from harness import checkpoints
+    from harness.pack_nodes import run_node
+    from harness.pva_assets import arcface_path, pva_path
+
+    model, clip, _vae = checkpoints.load_sd15()
+    arcface_path()
+    pva = run_node("PVALoader", pva_name=pva_path("arcface").name)[0]
+    references = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    patched = run_node("ParallelVisualAttention", model=model, pva=pva, references=references, **PVA_SETTINGS)[0]
+    positive = checkpoints.encode_prompt(clip, "photo of a person")
+    negative = checkpoints.encode_prompt(clip, "photo of a person")
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+
+    def run(m):
+        return lambda: checkpoints.sample(m, positive, negative, latent, seed=1, steps=steps, cfg=cfg)
+    return best_of(run(patched), repeats) / steps, best_of(run(model), repeats) / steps
+
+
+def identity_tune_steps_per_second() -> float | None:
+    from harness.comfy_env import boot_comfy
+
+    if "PVAIdentityTune" not in boot_comfy().nodes.NODE_CLASS_MAPPINGS:
+        return None
+    from harness.pva_assets import identity_tune_seconds_per_step
+    return 1.0 / identity_tune_seconds_per_step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-sampling", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if not args.skip_sampling:
+        for cfg in (1.0, 6.0):
+            patched, plain = sampling_step_ratio(args.repeats, cfg)
+            print(f"(a) tiny SD1.5, batch 2, cfg {cfg:g}: {patched * 1e3:.1f} ms/step patched vs {plain * 1e3:.1f} ms/step "
+                  f"plain -> ratio {patched / plain:.2f}")
+    ours, plain = joint_softmax_vs_plain(args.repeats, device)
+    print(f"(b) SD2-size cross-attention (4096 queries, 77 + 10 keys): {ours * 1e3:.2f} ms joint vs {plain * 1e3:.2f} ms "
+          f"text-only fused -> ratio {ours / plain:.2f}")
+    rate = identity_tune_steps_per_second()
+    print("(c) identity tune: " + (f"{rate:.2f} optimizer steps/s on the tiny model" if rate else "PVAIdentityTune not available"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Tiny random-weight assets for PVA tests, built with ComfyUI's and the pack's own classes.
+
+- ``sd15_inpaint_checkpoint_path()``: the tiny SD1.5 checkpoint with a 9-channel input convolution (noisy
+  latent 4 + mask 1 + masked-image latent 4), which ComfyUI detects as an inpainting model exactly as it
+  does the real ``sd-v1-5-inpainting`` (in_channels read from ``input_blocks.0.0.weight``).
+- ``tiny_clip_vision()``: a ``comfy.clip_vision.ClipVisionModel`` from a reduced ViT config (ComfyUI's
+  loader only recognises full-size layouts, so it is built in memory).
+- ``arcface_path()``: a shallow InsightFace iresnet (layers 1/1/1/1, the real stem, widths and 512-d
+  head) saved under the real backbone's file name in ``models/pva``.
+- ``pva_path(encoder)``: PVA weights for the tiny SD1.5 U-Net (4- and 9-channel variants share their
+  transformer blocks), initialised as the paper does, then perturbed so identity changes the output.
+
+Files are cached like ``checkpoints`` (HARNESS_VERSION in the name, atomic writes).
+"""
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+
+from . import checkpoints
+from .checkpoints import HARNESS_VERSION, _cached, _fp16, randomize_
+from .comfy_env import boot_comfy, cache_dir, models_dir, pack_module
+
+SD15_INPAINT_CHECKPOINT = f"tiny_sd15_inpainting_{HARNESS_VERSION}.safetensors"
+ARCFACE_LAYERS = (1, 1, 1, 1)
+CLIP_VISION_CONFIG = {
+    "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32,
+    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 128, "layer_norm_eps": 1e-5,
+    "model_type": "clip_vision_model", "num_attention_heads": 4, "num_channels": 3, "num_hidden_layers": 2,
+    "patch_size": 8, "projection_dim": 32, "torch_dtype": "float32",
+}
+
+
+def _build_sd15_inpaint() -> dict:
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(str(checkpoints.sd15_checkpoint_path()), safe_load=True)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    gen = torch.Generator().manual_seed(6)
+    sd[key] = (torch.randn(sd[key].shape[0], 9, *sd[key].shape[2:], generator=gen) * 0.02).to(sd[key].dtype)
+    return sd
+
+
+def sd15_inpaint_checkpoint_path():
+    """Tiny SD1.5 inpainting-layout checkpoint (9 input channels) in models/checkpoints."""
+    return _cached("checkpoints", SD15_INPAINT_CHECKPOINT, _build_sd15_inpaint)
+
+
+@functools.cache
+def tiny_clip_vision():
+    """A ClipVisionModel (ComfyUI's class) of a reduced ViT with random weights; image_embeds are 32-d."""
+    boot_comfy(require_pack=False)
+    import comfy.clip_vision
+
+    config = cache_dir() / f"tiny_clip_vision_{HARNESS_VERSION}.json"
+    config.write_text(json.dumps(CLIP_VISION_CONFIG))
+    model = comfy.clip_vision.ClipVisionModel(str(config))
+    randomize_(model.model, seed=7)
+    return model
+
+
+def _build_arcface() -> dict:
+    iresnet = pack_module("attention.pva_identity").IResNet
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(8)
+        net = iresnet(ARCFACE_LAYERS)
+    return _fp16(net.state_dict())
+
+
+def arcface_path():
+    """A shallow random iresnet as models/pva/ms1mv3_arcface_r50.safetensors."""
+    return _cached("pva", pack_module("nodes.pva").ARCFACE_FILE, _build_arcface)
+
+
+def _build_pva(encoder: str, feature_dim: int):
+    pva_weights = pack_module("attention.pva_weights")
+    model = checkpoints.load_sd15()[0]
+    diffusion_model = model.get_model_object("diffusion_model")
+    blocks = [b for b in pack_module("nodes.patching").transformer_blocks(model) if b.has_cross_attention]
+    layers = {b.key: diffusion_model.get_submodule(b.module_path).attn2 for b in blocks}
+    gen = torch.Generator().manual_seed(9)
+    weights = pva_weights.PVAWeights.initial(layers, encoder, feature_dim, {"l": torch.randn(1, 768, generator=gen)},
+                                             seed=10, layers=1, feedforward=64)
+    with torch.no_grad():
+        for projection in weights.parallel.values():
+            for p in projection.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+        weights.token_transformer.pos_enc.normal_(generator=gen)
+    return weights
+
+
+def pva_path(encoder: str = "arcface"):
+    """Tiny PVA weights for the tiny SD1.5 U-Net in models/pva (encoder "arcface" or "clip_vision")."""
+    feature_dim = 512 if encoder == "arcface" else CLIP_VISION_CONFIG["projection_dim"]
+    name = f"tiny_pva_{encoder}_{HARNESS_VERSION}.safetensors"
+    path = models_dir() / "pva" / name
+    if not path.exists():
+        pack_module("attention.pva_weights").save_pva(path, _build_pva(encoder, feature_dim))
+        boot_comfy().folder_paths.filename_list_cache.clear()
+    return path
