@@ -135,7 +135,7 @@ def denoise(patched, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tens
     return patched.model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=options, **model_kwargs)
 
 
-def _sub_tokenizers(tokenizer):
+def sub_tokenizers(tokenizer):
     """(attribute, SDTokenizer) pairs of a CLIP tokenizer (``clip_l``; ``clip_l`` + ``clip_g`` for SDXL)."""
     return [(k, v) for k, v in vars(tokenizer).items() if isinstance(v, comfy.sd1_clip.SDTokenizer)]
 
@@ -144,7 +144,7 @@ def _tokenizer_with_lookup(tokenizer, lookup):
     """A shallow copy of ``tokenizer`` whose ``embedding:<name>`` resolution asks
     ``lookup(sub_tokenizer, name) -> tensor | None`` before the embeddings folder."""
     result = copy.copy(tokenizer)
-    for attr, sub in _sub_tokenizers(tokenizer):
+    for attr, sub in sub_tokenizers(tokenizer):
         patched = copy.copy(sub)
         fallback = sub._try_get_embedding
 

@@ -1,0 +1,416 @@
+"""DisenDiff nodes (Zhang et al., "Attention Calibration for Disentangled Text-to-Image
+Personalization", CVPR 2024).
+
+- DisenDiffTrainer: learns one modifier token per class word plus the cross-attention K/V of every
+  layer from ONE image holding several concepts; exports stock-loadable files.
+- DisenDiffRegularization: class images from the frozen model, replacing the paper's dead LAION
+  retrieval (Custom Diffusion's "generated regularisation").
+- CalibratedCrossAttn: optional sampling-time calibration of the concepts' attention maps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.sample
+import torch.nn.functional as F
+import folder_paths
+import torch
+
+from ..attention.disendiff import (CalibratedCrossAttention, Concept, ConceptMapReader, MapRecorder, StartTokenDetach,
+                                   map_block_keys, min_max)
+from ..attention.dispatcher import CHAIN_KEY
+from ..training import disendiff as recipe
+from ..training.exporters import save_embedding, save_lora
+from ..training.loop import LoopSettings, fingerprint, train
+from ..training.naming import output_path, sanitize_name
+from . import training_glue as glue
+from .comfy_io import io
+from .patching import add_attention_processor, sigma_range, transformer_blocks
+
+CATEGORY = "personalization/disendiff"
+LORA_SUFFIX = "_disendiff_kv"
+CHECKPOINT_FOLDER = "disendiff_checkpoints"
+
+
+def _class_words(text: str) -> list[str]:
+    words = [w.strip() for w in text.replace("\n", ",").split(",") if w.strip()]
+    if len(words) < 2:
+        raise ValueError(f"DisenDiffTrainer needs 2 or more class words separated by commas, got {text!r}")
+    return words
+
+
+def _require_sd1(model, clip) -> None:
+    tokenizers = [k for k, _ in glue.sub_tokenizers(clip.tokenizer)]
+    context_dim = model.model.model_config.unet_config.get("context_dim")
+    if tokenizers != ["clip_l"] or context_dim != 768:
+        raise ValueError("DisenDiffTrainer trains SD1.x models with their CLIP-L (as the paper); this MODEL/CLIP "
+                         f"pair has context_dim {context_dim} and text encoders {tokenizers}")
+
+
+def _word_token_count(clip, word: str) -> int:
+    sub = clip.tokenizer.clip_l
+    count = len(sub.tokenizer(word)["input_ids"]) - 2  # without start/end
+    if count < 1:
+        raise ValueError(f"class word {word!r} has no tokens")
+    return count
+
+
+def _concepts(prompt: glue.PlaceholderPrompt, names, clip, words) -> tuple[Concept, ...]:
+    concepts = []
+    for name, word in zip(names, words):
+        modifier = tuple(prompt.positions("l", name))
+        start = modifier[-1] + 1
+        concepts.append(Concept(modifier, tuple(range(start, start + _word_token_count(clip, word)))))
+    return tuple(concepts)
+
+
+def _encode_pixels(vae, model, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():  # frozen VAE: no graph to keep
+        latent = vae.encode(pixels[..., :3])
+        return model.model.process_latent_in(latent.float()).clone()
+
+
+class DisenDiffTrainer(io.ComfyNode):
+    """DisenDiff trainer (Zhang et al., CVPR 2024): personalises several concepts from one image.
+
+    Trains one new token ``<name>_newI`` per class word (placed before it, "photo of a <new1> man and
+    <new2> woman") and the cross-attention K/V weights of every layer with the ε-MSE plus 0.01 ×
+    the calibration loss (binding each modifier's attention map to its class word, separating the
+    class maps). Inputs: image (one picture of all concepts, centre-cropped), class_words (2+ words,
+    commas; multi-token words are supported, their maps are averaged), steps (paper 250), lr (paper
+    8e-5), batch_size 2 × grad_accumulation 4 (paper), resolution (512 for SD1.5), optional
+    regularisation images + captions (paper: 200 images, half of every batch). Writes
+    ``models/embeddings/<name>_newI.safetensors`` (use ``embedding:<name>_newI``),
+    ``models/loras/<name>_disendiff_kv.safetensors`` (LoraLoaderModelOnly, strength 1) and a resumable
+    checkpoint under ``output/disendiff_checkpoints``; re-running with the same inputs resumes.
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DisenDiffTrainer",
+            display_name="DisenDiff Trainer",
+            category=CATEGORY,
+            description="DisenDiff: learn several concepts from one image (modifier tokens + cross-attention K/V).",
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x model to personalise; it is left unchanged."),
+                io.Clip.Input("clip", tooltip="The model's CLIP; the new tokens are learned in its embedding space."),
+                io.Vae.Input("vae", tooltip="VAE that encodes the training image."),
+                io.Image.Input("image", tooltip="One image showing all concepts (first image of the batch is used)."),
+                io.String.Input("class_words", default="man, woman",
+                                tooltip="Two or more class words present in the image, comma separated, in prompt order."),
+                io.String.Input("name", default="disendiff_pair",
+                                tooltip="Output name: files <name>_new1.., <name>_disendiff_kv; letters, digits, - _ ."),
+                io.Int.Input("steps", default=250, min=1, max=10000, tooltip="Optimizer steps (paper: 250)."),
+                io.Float.Input("learning_rate", default=8e-5, min=1e-7, max=1e-2, step=1e-6,
+                               tooltip="AdamW learning rate, weight decay 0.01 (paper: 8e-5)."),
+                io.Int.Input("batch_size", default=2, min=1, max=16, tooltip="Micro-batch size (paper: 2)."),
+                io.Int.Input("grad_accumulation", default=4, min=1, max=64, tooltip="Micro-batches per step (paper: 4)."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
+                             tooltip="Training resolution of the square crop (512 for SD1.5)."),
+                io.Int.Input("seed", default=1, min=0, max=2**31 - 1, tooltip="Seed of noise, timesteps and augmentation (paper: 1)."),
+                io.Int.Input("checkpoint_every", default=50, min=0, max=10000,
+                             tooltip="Save a resumable checkpoint every N steps (0: only at the end / on cancel)."),
+                io.Boolean.Input("augment", default=True, tooltip="Paper's scale augmentation with 'far away'/'close up' captions."),
+                io.Image.Input("reg_images", optional=True, tooltip="Regularisation images of the classes (paper: 200)."),
+                io.String.Input("reg_captions", optional=True, multiline=True, default="",
+                                tooltip="One caption per line for reg_images (a single line is used for all)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the trained K/V (same as loading the LoRA file)."),
+                io.Clip.Output(display_name="CLIP", tooltip="CLIP that knows embedding:<name>_newI without reading the files."),
+                io.String.Output(display_name="prompt", tooltip="The training prompt with all concepts, e.g. for sampling."),
+                io.String.Output(display_name="lora_name", tooltip="File name of the exported K/V LoRA in models/loras."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, class_words, name, steps, learning_rate, batch_size,
+                grad_accumulation, resolution, seed, checkpoint_every, augment, reg_images=None,
+                reg_captions="") -> io.NodeOutput:
+        words = _class_words(class_words)
+        _require_sd1(model, clip)
+        stem = sanitize_name(name)
+        settings = recipe.DisenDiffSettings(steps, learning_rate, batch_size, grad_accumulation, augment=augment)
+        with glue.training_mode():
+            run = prepare_training(model, clip, vae, image, words, stem, settings, seed, resolution,
+                                   reg_images, reg_captions)
+            checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
+            train(run.params, run.step, lambda tensors: torch.optim.AdamW(tensors, lr=learning_rate, weight_decay=0.01),
+                  LoopSettings(steps, grad_accumulation, seed, checkpoint_every, checkpoint, run.fingerprint),
+                  on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
+        names, vectors, deltas = run.names, run.vectors, run.deltas
+
+        trained_vectors = {n: {"clip_l": v.detach().cpu()} for n, v in vectors.items()}
+        diffs = {k: d.diff.detach().cpu() for k, d in deltas.items()}
+        metadata = {"method": "disendiff", "class_words": ",".join(words), "tokens": ",".join(names),
+                    "steps": str(steps), "learning_rate": str(learning_rate)}
+        for n in names:
+            save_embedding(output_path(folder_paths.get_folder_paths("embeddings")[0], n),
+                           trained_vectors[n]["clip_l"], metadata=metadata)
+        lora_file = output_path(folder_paths.get_folder_paths("loras")[0], stem + LORA_SUFFIX)
+        save_lora(lora_file, diffs, metadata=metadata)
+        folder_paths.filename_list_cache.clear()
+        prompt = recipe.training_caption(names, words)
+        return io.NodeOutput(glue.with_weight_deltas(model, diffs), glue.clip_with_embeddings(clip, trained_vectors),
+                             prompt, lora_file.name)
+
+@dataclass
+class PreparedRun:
+    """Everything one DisenDiff training run needs, built inside ``training_mode()``."""
+
+    names: list[str]
+    vectors: dict[str, torch.Tensor]       # token name → trainable [1, 768] vector
+    deltas: dict[str, glue.WeightDelta]    # "diffusion_model.<path>.attn2.to_k.weight" → change
+    trainable: object                       # the ModelPatcher clone the step runs
+    step: recipe.DisenDiffStep
+    params: dict[str, torch.Tensor]
+    fingerprint: str
+
+
+def prepare_training(model, clip, vae, image, words, stem, settings, seed, resolution, reg_images=None,
+                     reg_captions="") -> PreparedRun:
+    """Data, token vectors, K/V changes and the patched clone of a run (spec §10); call in training_mode()."""
+    names = [f"{stem}_new{i + 1}" for i in range(len(words))]
+    blocks = transformer_blocks(model)
+    cross = [b for b in blocks if b.has_cross_attention]
+    target = recipe.as_square(image[0].clone(), resolution)
+    prompts = {p: glue.PlaceholderPrompt(clip, recipe.training_caption(names, words, p), {n: 1 for n in names})
+               for p in recipe.PREFIXES}
+    concepts = {p: _concepts(prompt, names, clip, words) for p, prompt in prompts.items()}
+    pool = _target_pool(model, vae, target, seed, settings.augment)
+    context_length = len(prompts[""].tokens["l"]) * 77
+    regs = _regularisation(model, clip, vae, reg_images, reg_captions, resolution, context_length)
+    encoder = glue.TrainableTextEncoder(clip)
+    table = encoder.model.clip_l.transformer.get_input_embeddings().weight
+    vectors = {n: table[i].detach().float().cpu()[None].clone().requires_grad_(True)
+               for n, i in zip(names, recipe.init_token_ids(len(names)))}
+    deltas = {}
+    for block in cross:
+        for projection in ("k", "v"):
+            path = f"diffusion_model.{block.module_path}.attn2.to_{projection}"
+            deltas[f"{path}.weight"] = glue.WeightDelta(model.get_model_object(path).weight.shape)
+    trainable = glue.trainable_unet(model, deltas)
+    recorder = MapRecorder(blocks=map_block_keys(blocks))
+    add_attention_processor(trainable, StartTokenDetach(), cross)
+    add_attention_processor(trainable, recorder, [b for b in cross if b.key in recorder.blocks])
+    device = comfy.model_management.get_torch_device()
+
+    def encode_target(prefix):
+        tokens = prompts[prefix].substitute({n: {"clip_l": v} for n, v in vectors.items()})
+        return encoder.encode(tokens)[0].to(device), concepts[prefix]
+
+    step = recipe.DisenDiffStep(
+        pool=[recipe.TargetSample(s.latent.to(device), s.mask.to(device), s.prefix) for s in pool],
+        regs=[recipe.RegularisationSample(r.latent.to(device), r.context.to(device)) for r in regs],
+        encode_target=encode_target,
+        denoise=lambda x_t, sigma, context: glue.denoise(trainable, x_t, sigma, context),
+        recorder=recorder, sigmas=glue.discrete_sigmas(model), kind=glue.prediction_kind(model), settings=settings)
+    params = {f"token.{n}": v for n, v in vectors.items()}
+    params.update({f"delta.{k}": d.diff for k, d in deltas.items()})
+    reg_latents = torch.stack([r.latent for r in regs]) if regs else torch.zeros(0)
+    run = fingerprint(method="disendiff", image=target, words=words, settings=repr(settings), seed=seed,
+                      resolution=resolution, regs=reg_latents, vectors=torch.cat(list(vectors.values())),
+                      model=type(model.model).__name__)
+    return PreparedRun(names, vectors, deltas, trainable, step, params, run)
+
+
+def _target_pool(model, vae, target, seed, augment, size: int = 16) -> list:
+    """Pre-encoded augmented variants of the target (spec §10.8), drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    variants = [recipe.augment(target, generator, augment) for _ in range(size if augment else 2)]
+    latents = _encode_pixels(vae, model, torch.stack([v.pixels for v in variants]))
+    return [recipe.TargetSample(latents[i], v.mask[None], v.prefix) for i, v in enumerate(variants)]
+
+
+def _regularisation(model, clip, vae, images, captions, resolution, context_length) -> list:
+    """Encoded regularisation images with their frozen caption encodings (cut to the target's length)."""
+    if images is None:
+        return []
+    lines = [c.strip() for c in (captions or "").splitlines() if c.strip()]
+    if len(lines) not in (1, images.shape[0]):
+        raise ValueError(f"reg_captions needs one line per regularisation image ({images.shape[0]}) or a "
+                         f"single line for all, got {len(lines)}")
+    squares = torch.stack([recipe.as_square(img.clone(), resolution) for img in images])
+    latents = _encode_pixels(vae, model, squares)
+    samples = []
+    for i in range(images.shape[0]):
+        caption = lines[i] if len(lines) > 1 else lines[0]
+        with torch.no_grad():
+            context = clip.encode_from_tokens(clip.tokenize(caption))[:, :context_length].clone()
+        samples.append(recipe.RegularisationSample(latents[i], context))
+    return samples
+
+
+class DisenDiffRegularization(io.ComfyNode):
+    """Regularisation images for DisenDiffTrainer generated by the frozen model (the paper retrieved
+    200 LAION images, a service that no longer exists; Custom Diffusion's authors recommend generated
+    ones). Inputs: model/clip/vae, class prompt (e.g. "a man and a woman"), count (paper 200; 20–50
+    is a practical minimum), steps/cfg of the sampler, size, seed. Outputs the images and the caption
+    to pass as reg_captions."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DisenDiffRegularization",
+            display_name="DisenDiff Regularisation Images",
+            category=CATEGORY,
+            description="Generate class images with the frozen model for DisenDiffTrainer's regularisation.",
+            inputs=[
+                io.Model.Input("model", tooltip="The frozen base model (the one you will train)."),
+                io.Clip.Input("clip", tooltip="Its CLIP."),
+                io.Vae.Input("vae", tooltip="Its VAE, to decode the images."),
+                io.String.Input("class_prompt", default="a photo of a man and a woman",
+                                tooltip="Prompt naming the classes only, e.g. 'a cat and a dog'."),
+                io.Int.Input("count", default=50, min=1, max=1000, tooltip="Number of images (paper: 200)."),
+                io.Int.Input("steps", default=25, min=1, max=200, tooltip="Sampling steps per image."),
+                io.Float.Input("cfg", default=6.0, min=1.0, max=20.0, step=0.1, tooltip="CFG scale (paper's sampling: 6)."),
+                io.Int.Input("size", default=512, min=64, max=2048, step=64, tooltip="Square image size."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the first image (+1 per image)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="images", tooltip="The regularisation images."),
+                io.String.Output(display_name="captions", tooltip="Their caption (the class prompt)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, class_prompt, count, steps, cfg, size, seed) -> io.NodeOutput:
+        positive = [clip.encode_from_tokens_scheduled(clip.tokenize(class_prompt))[0]]
+        negative = [clip.encode_from_tokens_scheduled(clip.tokenize(""))[0]]
+        channels = model.get_model_object("latent_format").latent_channels
+        bar = glue.progress_reporter(count)
+        images = []
+        for i in range(count):
+            glue.check_interrupted()
+            latent = torch.zeros(1, channels, size // 8, size // 8)
+            noise = comfy.sample.prepare_noise(latent, seed + i)
+            samples = comfy.sample.sample(model, noise, steps, cfg, "euler_ancestral", "normal", positive, negative,
+                                          latent, disable_pbar=True, seed=seed + i)
+            images.append(vae.decode(samples))
+            bar(i + 1, count, None)
+        return io.NodeOutput(torch.cat(images), class_prompt)
+
+
+class CalibratedCrossAttn(io.ComfyNode):
+    """Sampling-time DisenDiff calibration (beyond the paper, which selects concepts by the prompt only).
+
+    In every cross-attention layer, for cond rows and within the step range, each modifier token's
+    logits are raised where its class word attends and lowered elsewhere (binding), and each concept
+    is lowered where another concept's class map dominates (separation). Inputs: clip + prompt (to
+    find the tokens; the same prompt you encode), modifiers and class_words (comma lists in prompt
+    order, e.g. "embedding:pair_new1, embedding:pair_new2" and "man, woman"), strength (0 = plain
+    sampling exactly; 0.5–2 typical), start/end percent. Works with trained or stock models.
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CalibratedCrossAttn",
+            display_name="Calibrated Cross-Attention (DisenDiff)",
+            category=CATEGORY,
+            description="Bind each modifier token's attention to its class word and separate the concepts while sampling.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.5/SDXL model (e.g. with the DisenDiff LoRA); left unchanged."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt (finds the token positions)."),
+                io.String.Input("prompt", multiline=True, default="photo of a embedding:disendiff_pair_new1 man and embedding:disendiff_pair_new2 woman",
+                                tooltip="The positive prompt, exactly as encoded for sampling."),
+                io.String.Input("modifiers", default="embedding:disendiff_pair_new1, embedding:disendiff_pair_new2",
+                                tooltip="Modifier words or embeddings, one per concept, comma separated."),
+                io.String.Input("class_words", default="man, woman", tooltip="Class word of each concept, same order."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=5.0, step=0.05,
+                               tooltip="Calibration strength in logit units; 0 = plain sampling."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip="Calibration starts here."),
+                io.Float.Input("end_percent", default=0.5, min=0.0, max=1.0, step=0.001,
+                               tooltip="Calibration ends here (layout is set early; 0.5 keeps details free)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with calibrated cross-attention.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt, modifiers, class_words, strength, start_percent, end_percent) -> io.NodeOutput:
+        mods = [m.strip() for m in modifiers.split(",") if m.strip()]
+        words = [w.strip() for w in class_words.split(",") if w.strip()]
+        if len(mods) != len(words) or len(words) < 2:
+            raise ValueError(f"CalibratedCrossAttn needs 2+ concepts with one modifier per class word; got "
+                             f"modifiers {mods} and class words {words}")
+        concepts = tuple(Concept(_positions(clip, prompt, m), _positions(clip, prompt, w)) for m, w in zip(mods, words))
+        sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
+        m = model.clone()
+        blocks = [b for b in transformer_blocks(m) if b.has_cross_attention]
+        add_attention_processor(m, CalibratedCrossAttention(concepts, strength, sigma_start, sigma_end), blocks)
+        return io.NodeOutput(m)
+
+
+class CalibratedCrossAttnMaps(io.ComfyNode):
+    """Attention-map preview for CalibratedCrossAttn (DisenDiff, CVPR 2024; the official sample.py's
+    ``--check_token_attn``). Runs ONE cond-only denoising step of ``latent`` (e.g. the KSampler output)
+    re-noised to ``noise_level`` (0 = clean, 1 = pure noise; 0.3–0.6 shows the layout) and returns each
+    concept's modifier and class maps from the deepest U-Net level (the training maps), after the
+    calibration. The MODEL must come from CalibratedCrossAttn (strength 0 shows the plain maps)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CalibratedCrossAttnMaps",
+            display_name="Calibrated Cross-Attention Maps (DisenDiff)",
+            category=CATEGORY,
+            description="Preview the concepts' cross-attention maps (modifier and class word) of a calibrated model.",
+            inputs=[
+                io.Model.Input("model", tooltip="MODEL output of CalibratedCrossAttn (its concepts are read from it)."),
+                io.Conditioning.Input("positive", tooltip="The positive conditioning of the same prompt."),
+                io.Latent.Input("latent", tooltip="Latent to look at, e.g. the sampler's output."),
+                io.Float.Input("noise_level", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="How far into the noise the latent is pushed before the step (0.3–0.6 typical)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the added noise."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="maps", tooltip="Per concept: modifier map, then class-word map (grey, normalised)."),
+                io.Mask.Output(display_name="class_masks", tooltip="One mask per concept: its class-word map, normalised."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, noise_level, seed) -> io.NodeOutput:
+        chain = model.model_options["transformer_options"].get(CHAIN_KEY)
+        calibration = next((p for p in chain.processors if isinstance(p, CalibratedCrossAttention)), None) if chain else None
+        if calibration is None:
+            raise ValueError("CalibratedCrossAttnMaps needs the MODEL output of CalibratedCrossAttn (it names the concepts)")
+        patched = model.clone()
+        blocks = transformer_blocks(patched)
+        reader = ConceptMapReader(calibration.concepts, map_block_keys(blocks))
+        add_attention_processor(patched, reader, [b for b in blocks if b.key in reader.blocks])
+        samples = latent["samples"][:1]
+        noise = comfy.sample.prepare_noise(samples, seed)
+        denoise = max(noise_level, 1e-3)
+        comfy.sample.sample(patched, noise, 1, 1.0, "euler", "normal", positive, positive, samples,
+                            denoise=denoise, disable_pbar=True, seed=seed)
+        size = (samples.shape[-2] * 8, samples.shape[-1] * 8)
+        maps = min_max(F.interpolate(reader.mean_maps()[None], size=size, mode="bilinear", align_corners=False)[0])
+        concepts = len(calibration.concepts)
+        order = [i for c in range(concepts) for i in (c, concepts + c)]  # m1, c1, m2, c2, ...
+        images = maps[order][..., None].expand(-1, -1, -1, 3).contiguous()
+        return io.NodeOutput(images, maps[concepts:].contiguous())
+
+
+def _positions(clip, prompt: str, phrase: str) -> tuple[int, ...]:
+    """Context positions of ``phrase`` (a word or ``embedding:name``) in ``prompt`` as CLIP encodes it."""
+    if phrase.startswith("embedding:"):
+        name = phrase[len("embedding:"):]
+        probe = glue.PlaceholderPrompt(clip, prompt, {name: _embedding_rows(clip, name)})
+        key = glue.sub_tokenizers(clip.tokenizer)[0][1].embedding_key.replace("clip_", "")
+        return tuple(probe.positions(key, name))
+    from .prompt_tokens import find_phrase_tokens
+    return tuple(find_phrase_tokens(clip, prompt, phrase, node_name="CalibratedCrossAttn").positions)
+
+
+def _embedding_rows(clip, name: str) -> int:
+    sub = glue.sub_tokenizers(clip.tokenizer)[0][1]
+    found, _ = sub._try_get_embedding(name)
+    if found is None:
+        raise ValueError(f"CalibratedCrossAttn: embedding:{name} was not found in models/embeddings")
+    return 1 if found.ndim == 1 else found.shape[0]
+
+
+DISENDIFF_NODES = [DisenDiffTrainer, DisenDiffRegularization, CalibratedCrossAttn, CalibratedCrossAttnMaps]

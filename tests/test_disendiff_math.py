@@ -1,0 +1,134 @@
+"""DisenDiff maps and losses vs a slow, obvious formulation of the spec (§3.2 steps 5–8)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from personalization_nodes.attention import disendiff
+from personalization_nodes.attention.blocks import TransformerBlock
+from personalization_nodes.training import disendiff as recipe
+
+
+def slow_gaussian_smooth(m):
+    """Reflect-pad by 1, then the 3×3 Attend-and-Excite kernel with exponent ((x−μ)/(2σ))², σ 0.5."""
+    g = [math.exp(-(((x - 1) / (2 * 0.5)) ** 2)) for x in range(3)]
+    kernel = [[g[i] * g[j] for j in range(3)] for i in range(3)]
+    total = sum(sum(r) for r in kernel)
+    h, w = m.shape
+
+    def at(y, x):
+        y = -y if y < 0 else (2 * (h - 1) - y if y >= h else y)
+        x = -x if x < 0 else (2 * (w - 1) - x if x >= w else x)
+        return m[y, x]
+    out = torch.zeros_like(m)
+    for y in range(h):
+        for x in range(w):
+            out[y, x] = sum(kernel[i][j] * at(y + i - 1, x + j - 1) for i in range(3) for j in range(3)) / total
+    return out
+
+
+def slow_process(m, square):
+    m = (m - m.min()) / (m.max() - m.min() + 1e-8)
+    m = slow_gaussian_smooth(m)
+    return m * m if square else m
+
+
+def slow_iou(a, b):
+    inter = (a * b).sum()
+    return (inter + 1) / (a.sum() + b.sum() - inter + 1)
+
+
+def slow_loss(mods, classes):
+    s = mods.shape[0]
+    m = [slow_process(mods[i], False) for i in range(s)]
+    c = [slow_process(classes[i], True) for i in range(s)]
+    bind = sum(1 - slow_iou(c[i], m[i]) for i in range(s))
+    pairs = [(j, i) for i in range(s) for j in range(i + 1, s)]
+    return bind + sum(slow_iou(c[j], c[i]) for j, i in pairs) / len(pairs)
+
+
+def test_kernel_values_from_the_spec():
+    k = disendiff.gaussian_kernel()
+    assert torch.allclose(k[0, 0], torch.tensor(0.0449), atol=1e-4)
+    assert torch.allclose(k[0, 1], torch.tensor(0.1221), atol=1e-4)
+    assert torch.allclose(k[1, 1], torch.tensor(0.3319), atol=1e-4)
+
+
+@pytest.mark.parametrize("concepts", [2, 3])
+def test_calibration_loss_matches_slow_reference(concepts):
+    gen = torch.Generator().manual_seed(concepts)
+    mods, classes = torch.rand(2, concepts, 6, 6, generator=gen), torch.rand(2, concepts, 6, 6, generator=gen)
+    fast = disendiff.calibration_loss(mods, classes)
+    for b in range(2):
+        assert torch.allclose(fast[b], slow_loss(mods[b], classes[b]), atol=1e-5)
+
+
+def test_binding_sends_no_gradient_through_the_class_map():
+    """With one concept pair separated, the class maps get gradient only from the separation term."""
+    gen = torch.Generator().manual_seed(5)
+    mods = torch.rand(1, 2, 4, 4, generator=gen, requires_grad=True)
+    classes = torch.rand(1, 2, 4, 4, generator=gen, requires_grad=True)
+    disendiff.calibration_loss(mods, classes).sum().backward()
+    only_separation = classes.detach().clone().requires_grad_(True)
+    c = disendiff.process_maps(only_separation, suppress=True)
+    disendiff.soft_iou(c[:, 1], c[:, 0]).sum().backward()
+    assert torch.allclose(classes.grad, only_separation.grad, atol=1e-7)
+    assert mods.grad.abs().sum() > 0
+
+
+def test_map_blocks_are_the_deepest_level_outside_the_middle():
+    def block(name, i, channels):
+        return TransformerBlock((name, i, 0), f"{name}.{i}", 8, channels // 8, True)
+    sd15 = [block("input", 1, 320), block("input", 4, 640), block("input", 7, 1280), block("input", 8, 1280),
+            block("middle", 0, 1280), block("output", 3, 1280), block("output", 6, 640)]
+    assert disendiff.map_block_keys(sd15) == {("input", 7, 0), ("input", 8, 0), ("output", 3, 0)}
+
+
+def test_sot_detach_stops_gradient_of_row_zero_only():
+    k = torch.randn(1, 3, 4, requires_grad=True)
+    v = torch.randn(1, 3, 4, requires_grad=True)
+    k2, v2 = disendiff.StartTokenDetach().edit_key_values(k, v, None)
+    assert torch.equal(k2, k) and torch.equal(v2, v)
+    (k2.sum() + v2.sum()).backward()
+    assert k.grad[0, 0].abs().sum() == 0 and k.grad[0, 1:].abs().min() == 1
+    assert v.grad[0, 0].abs().sum() == 0
+
+
+def test_token_initialisation_rule():
+    assert recipe.init_token_ids(1) == [42170]
+    assert recipe.init_token_ids(2) == [47629, 42170]
+    assert recipe.init_token_ids(3) == [43514, 47629, 42170]
+
+
+def test_augmentation_masks_and_prefixes():
+    image = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0))
+    seen = set()
+    for seed in range(40):
+        out = recipe.augment(image, torch.Generator().manual_seed(seed))
+        assert out.pixels.shape == (64, 64, 3) and out.mask.shape == (8, 8)
+        seen.add(out.prefix)
+        if out.prefix in recipe.FAR_PREFIXES:
+            assert 0 < out.mask.sum() < 64
+        else:
+            assert out.mask.sum() == 64
+    assert seen & set(recipe.FAR_PREFIXES) and seen & set(recipe.NEAR_PREFIXES) and "" in seen
+
+
+def test_training_caption():
+    assert recipe.training_caption(["a1", "a2"], ["cat", "dog"], "close up ") == \
+        "close up photo of a embedding:a1 cat and embedding:a2 dog"
+
+
+def test_dispatcher_applies_key_value_edits_before_attention():
+    from personalization_nodes.attention.dispatcher import CHAIN_KEY, CROSS_ATTENTION, AttentionDispatcher, ProcessorChain
+    from personalization_nodes.attention.sdpa import sdpa_attention
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 8, generator=gen, requires_grad=True) for n in (6, 5, 5))
+    options = {"n_heads": 2, "dim_head": 4, CHAIN_KEY: ProcessorChain().with_processor(disendiff.StartTokenDetach())}
+    out = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)(q, k, v, options)
+    assert torch.allclose(out, sdpa_attention(q, k, v, 2), atol=1e-6)
+    out.square().sum().backward()
+    assert k.grad[:, 0].abs().sum() == 0 and v.grad[:, 0].abs().sum() == 0
+    assert k.grad[:, 1:].abs().sum() > 0

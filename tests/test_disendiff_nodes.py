@@ -1,0 +1,187 @@
+"""DisenDiff nodes in the real ComfyUI on the tiny SD1.5 (64×64, a few steps)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness.checkpoints import empty_latent, encode_prompt, sample
+from harness.comfy_env import models_dir, pack_module
+from harness.pack_nodes import run_node
+
+TRAIN = dict(class_words="cat, dog", steps=2, learning_rate=1e-3, batch_size=2, grad_accumulation=1,
+             resolution=64, seed=1, checkpoint_every=1, augment=False)
+
+
+def _image():
+    return torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def run_name(comfy):
+    name = f"dd_test_{os.getpid()}_{torch.randint(0, 10**6, ()).item()}"
+    yield name
+    for path in [models_dir() / "loras" / f"{name}_disendiff_kv.safetensors",
+                 *[models_dir() / "embeddings" / f"{name}_new{i}.safetensors" for i in (1, 2)]]:
+        path.unlink(missing_ok=True)
+
+
+def _train(sd15, name, **overrides):
+    model, clip, vae = sd15
+    return run_node("DisenDiffTrainer", model=model, clip=clip, vae=vae, image=_image(), name=name,
+                    **{**TRAIN, **overrides})
+
+
+@pytest.mark.slow
+def test_exports_load_in_stock_nodes_and_reproduce_the_trained_model(comfy, sd15, run_name):
+    trained_model, trained_clip, prompt, lora_name = _train(sd15, run_name)
+    assert prompt == f"photo of a embedding:{run_name}_new1 cat and embedding:{run_name}_new2 dog"
+    lora = load_file(str(models_dir() / "loras" / lora_name))
+    assert len(lora) == 2 * 7 and all(k.endswith((".to_k.diff", ".to_v.diff")) for k in lora)  # every attn2 layer
+    assert any(t.abs().max() > 0 for t in lora.values())
+    embedding = load_file(str(models_dir() / "embeddings" / f"{run_name}_new1.safetensors"))
+    assert embedding["clip_l"].shape == (1, 768)
+
+    model, clip, _ = sd15
+    stock_model = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora_name, 1.0)[0]
+    negative = encode_prompt(clip, "")
+    latent = empty_latent(1)
+    ours = sample(trained_model, encode_prompt(trained_clip, prompt), negative, latent, steps=1)
+    stock = sample(stock_model, encode_prompt(clip, prompt), negative, latent, steps=1)
+    plain = sample(model, encode_prompt(clip, prompt), negative, latent, steps=1)
+    assert (ours - stock).abs().max() <= 1e-4
+    assert (ours - plain).abs().max() > 1e-3, "training changed nothing"
+
+
+@pytest.mark.slow
+def test_interrupt_then_resume_equals_uninterrupted(comfy, sd15, run_name, monkeypatch):
+    straight = load_file_after(_train, sd15, run_name + "_a")
+    from comfy.model_management import InterruptProcessingException
+    glue = pack_module("nodes.training_glue")
+    calls = []
+
+    def interrupt_in_second_step():  # as if the user pressed cancel during step 2
+        calls.append(1)
+        if len(calls) == 2:
+            raise InterruptProcessingException()
+
+    monkeypatch.setattr(glue, "check_interrupted", interrupt_in_second_step)
+    with pytest.raises(InterruptProcessingException):
+        _train(sd15, run_name)
+    monkeypatch.undo()
+    resumed = load_file_after(_train, sd15, run_name)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def load_file_after(train, sd15, name, **overrides):
+    lora_name = train(sd15, name, **overrides)[3]
+    try:
+        return load_file(str(models_dir() / "loras" / lora_name))
+    finally:
+        for path in [models_dir() / "loras" / lora_name,
+                     *[models_dir() / "embeddings" / f"{name}_new{i}.safetensors" for i in (1, 2)]]:
+            path.unlink(missing_ok=True)
+
+
+def test_bad_inputs_are_clear_errors(comfy, sd15, run_name, sdxl_model):
+    with pytest.raises(ValueError, match="2 or more class words"):
+        _train(sd15, run_name, class_words="cat")
+    with pytest.raises(ValueError, match="SD1.x"):
+        run_node("DisenDiffTrainer", model=sdxl_model, clip=sd15[1], vae=sd15[2], image=_image(), name=run_name, **TRAIN)
+    with pytest.raises(ValueError, match="no usable characters"):
+        _train(sd15, "../..")
+
+
+def test_calibration_strength_zero_is_plain_sampling_and_strength_changes_it(comfy, sd15):
+    model, clip, _ = sd15
+    prompt = "photo of a small cat and a big dog"
+    args = dict(model=model, clip=clip, prompt=prompt, modifiers="small, big", class_words="cat, dog",
+                start_percent=0.0, end_percent=1.0)
+    positive, negative, latent = encode_prompt(clip, prompt), encode_prompt(clip, ""), empty_latent(2)
+    plain = sample(model, positive, negative, latent, steps=2)
+    off = sample(run_node("CalibratedCrossAttn", strength=0.0, **args)[0], positive, negative, latent, steps=2)
+    on = sample(run_node("CalibratedCrossAttn", strength=2.0, **args)[0], positive, negative, latent, steps=2)
+    assert torch.equal(plain, off)
+    assert (on - plain).abs().max() > 1e-4
+    cfg1 = sample(run_node("CalibratedCrossAttn", strength=2.0, **args)[0], positive, negative, latent, steps=2, cfg=1.0)
+    assert torch.isfinite(cfg1).all()
+    assert torch.equal(sample(model, positive, negative, latent, steps=2), plain), "patch leaked into the input model"
+
+
+def test_calibration_rejects_missing_words(comfy, sd15):
+    model, clip, _ = sd15
+    with pytest.raises(ValueError):
+        run_node("CalibratedCrossAttn", model=model, clip=clip, prompt="a cat", modifiers="small, big",
+                 class_words="cat, dog", strength=1.0, start_percent=0.0, end_percent=1.0)
+
+
+@pytest.mark.slow
+def test_training_lowers_the_loss_and_touches_only_the_trainables(comfy, sd15):
+    """Fitting one fixed micro-batch: the loss falls; base U-Net, CLIP and VAE stay bitwise unchanged."""
+    model, clip, vae = sd15
+    nodes_disendiff = pack_module("nodes.disendiff")
+    glue = pack_module("nodes.training_glue")
+    recipe = pack_module("training.disendiff")
+    loop = pack_module("training.loop")
+    frozen = {f"unet.{k}": v.clone() for k, v in model.model.state_dict().items()}
+    frozen.update({f"clip.{k}": v.clone() for k, v in clip.cond_stage_model.state_dict().items()})
+    settings = recipe.DisenDiffSettings(steps=6, learning_rate=2e-3, micro_batch=2, grad_accumulation=1, augment=False)
+    with glue.training_mode():
+        run = nodes_disendiff.prepare_training(model, clip, vae, _image(), ["cat", "dog"], "loss_test", settings,
+                                               seed=1, resolution=64)
+
+        def fixed_batch(micro):
+            return run.step(loop.MicroStep(0, 0, loop.micro_step_generator(1, 0, 0)))
+
+        before = fixed_batch(None).item()
+        result = loop.train(run.params, fixed_batch, lambda t: torch.optim.AdamW(t, lr=2e-3, weight_decay=0.01),
+                            loop.LoopSettings(steps=6))
+        after = fixed_batch(None).item()
+    assert after < before and result.losses[-1] < result.losses[0]
+    assert all(v.grad is None for v in run.params.values())
+    assert any(d.diff.abs().max() > 0 for d in run.deltas.values())
+    assert all(not torch.equal(v, run.vectors[n].new_zeros(v.shape)) for n, v in run.vectors.items())
+    current = {f"unet.{k}": v for k, v in model.model.state_dict().items()}
+    current.update({f"clip.{k}": v for k, v in clip.cond_stage_model.state_dict().items()})
+    assert current.keys() == frozen.keys()
+    for key, value in frozen.items():
+        assert torch.equal(current[key], value), key
+
+
+def test_map_preview_shows_each_concept_and_needs_a_calibrated_model(comfy, sd15):
+    model, clip, _ = sd15
+    prompt = "photo of a small cat and a big dog"
+    calibrated = run_node("CalibratedCrossAttn", model=model, clip=clip, prompt=prompt, modifiers="small, big",
+                          class_words="cat, dog", strength=1.0, start_percent=0.0, end_percent=1.0)[0]
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    images, masks = run_node("CalibratedCrossAttnMaps", model=calibrated, positive=encode_prompt(clip, prompt),
+                             latent=latent, noise_level=0.5, seed=0)
+    assert images.shape == (4, 64, 64, 3) and masks.shape == (2, 64, 64)
+    assert images.min() >= 0 and images.max() <= 1 and masks.flatten(1).amax(1).min() > 0.99
+    assert not torch.equal(masks[0], masks[1])
+    with pytest.raises(ValueError, match="MODEL output of CalibratedCrossAttn"):
+        run_node("CalibratedCrossAttnMaps", model=model, positive=encode_prompt(clip, prompt), latent=latent,
+                 noise_level=0.5, seed=0)
+
+
+def test_regularisation_images_from_the_frozen_model(comfy, sd15):
+    model, clip, vae = sd15
+    images, caption = run_node("DisenDiffRegularization", model=model, clip=clip, vae=vae, class_prompt="a cat and a dog",
+                               count=2, steps=1, cfg=6.0, size=64, seed=3)
+    assert images.shape == (2, 64, 64, 3) and caption == "a cat and a dog"
+    assert not torch.equal(images[0], images[1])
+
+
+def test_calibration_on_sdxl(comfy, sd15, sdxl_model):
+    from harness.checkpoints import sdxl_conditioning
+    _, clip, _ = sd15  # token positions only: SDXL's two encoders tokenize like CLIP-L
+    args = dict(clip=clip, prompt="photo of a small cat and a big dog", modifiers="small, big", class_words="cat, dog",
+                start_percent=0.0, end_percent=1.0)
+    positive, negative, latent = sdxl_conditioning(2, seed=1), sdxl_conditioning(2, seed=2), empty_latent(2)
+    plain = sample(sdxl_model, positive, negative, latent, steps=2)
+    off = sample(run_node("CalibratedCrossAttn", model=sdxl_model, strength=0.0, **args)[0], positive, negative, latent, steps=2)
+    on = sample(run_node("CalibratedCrossAttn", model=sdxl_model, strength=2.0, **args)[0], positive, negative, latent, steps=2)
+    assert torch.equal(plain, off) and (on - plain).abs().max() > 1e-4
