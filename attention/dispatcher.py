@@ -14,8 +14,10 @@ Processor interface (override what a technique needs; the rest are no-ops):
 ``self_attention(q, k, v, call) -> Tensor``   (attn1 only)
     Computes the whole self-attention output (StyleAligned: AdaIN + reference K/V + score bias).
     At most one active processor per call may own self-attention.
-``extra_key_values(q, call) -> (k, v) | None``   (attn2)
+``extra_key_values(q, call) -> (k, v) | JointKeys | None``   (attn2)
     Keys/values appended to the text keys so they join ONE joint softmax (PVA identity tokens).
+    A :class:`JointKeys` may also bring its own queries for those keys (PVA's parallel query
+    projection), limit them to some batch rows (cond chunks only) and bias their logits.
 ``edit_key_values(k, v, call) -> (k, v)``   (attn2)
     Edits of the projected text keys/values before anything else uses them (DisenDiff training
     detaches the start-of-text rows so they send no gradient into W_K/W_V).
@@ -26,6 +28,10 @@ Processor interface (override what a technique needs; the rest are no-ops):
     maps, never the full tensor.
 ``parallel_output(q, call) -> Tensor | None``   (attn2)
     An output added to the attention output, already gated (RealCustom image branch).
+
+Processors that need the layer's input before ``to_q`` (the normed hidden states) set
+``needs_hidden_states``; the node glue then installs :func:`stash_hidden_states` as an ``attn2_patch``
+and ``call.hidden_states`` returns them.
 
 Logits are materialised only when an active processor edits or reads them; otherwise the call goes
 through the fused attention function. When no processor is active the call is exactly ComfyUI's own
@@ -48,6 +54,8 @@ from .layout import chunk_count
 from .sdpa import merge_heads, split_heads
 
 CHAIN_KEY = "personalization"
+#: extra_options key under which stash_hidden_states leaves the attn2 query input of the block.
+HIDDEN_STATES_KEY = "personalization.attn2_hidden_states"
 SELF_ATTENTION = "attn1"
 CROSS_ATTENTION = "attn2"
 
@@ -67,6 +75,8 @@ class AttentionProcessor:
     node_name: str = "personalization node"
     #: SELF_ATTENTION or CROSS_ATTENTION.
     patch_point: str = SELF_ATTENTION
+    #: whether the processor reads ``call.hidden_states`` (the layer's input before ``to_q``).
+    needs_hidden_states: bool = False
 
     def active(self, call: "AttentionCall") -> bool:
         return True
@@ -97,6 +107,37 @@ class AttentionProcessor:
         # Processors are immutable settings (heavy weights live in their own ModelPatcher), so the
         # deep copy ModelPatcher.clone() makes of model options can share them.
         return self
+
+
+@dataclass(frozen=True)
+class JointKeys:
+    """Keys/values a processor adds to the joint cross-attention softmax.
+
+    Logits of these keys are ``queries_h · keys_hᵀ / √d + logit_bias`` per head, where ``queries``
+    defaults to the layer's own queries; batch rows outside ``rows`` give them probability 0 (they see
+    plain cross-attention). Only the defaults can go through the fused attention function.
+    """
+
+    keys: torch.Tensor  # (B, M, heads * d)
+    values: torch.Tensor  # (B, M, heads * d)
+    queries: Optional[torch.Tensor] = None  # (B, Nq, heads * d)
+    rows: Optional[torch.Tensor] = None  # (B,) bool
+    logit_bias: float = 0.0
+
+    @property
+    def shares_queries(self) -> bool:
+        """True when these keys are plain extra keys of the layer's own softmax (fused path)."""
+        return self.queries is None and self.rows is None and self.logit_bias == 0.0
+
+
+def stash_hidden_states(n, context, value, extra_options):
+    """``attn2_patch`` keeping the block's attn2 query input for ``AttentionCall.hidden_states``.
+
+    ComfyUI passes the same ``extra_options`` dict to the attn2 patches and then to the attn2 replace of
+    the block, and builds a new dict per block call, so nothing outlives the call.
+    """
+    extra_options[HIDDEN_STATES_KEY] = n
+    return n, context, value
 
 
 @dataclass(frozen=True)
@@ -136,6 +177,15 @@ class AttentionCall:
         if self._sigma is None and self.options.get("sigmas") is not None:
             self._sigma = float(self.options["sigmas"].max())
         return self._sigma
+
+    @property
+    def hidden_states(self) -> torch.Tensor:
+        """The layer's input before ``to_q`` (normed hidden states), for processors with own projections."""
+        states = self.options.get(HIDDEN_STATES_KEY)
+        if states is None:
+            raise RuntimeError("the attn2 hidden states were not stashed for this block; a processor with "
+                               "needs_hidden_states must be added with nodes.patching.add_attention_processor")
+        return states
 
     def attention(self, q, k, v, mask=None) -> torch.Tensor:
         """ComfyUI's attention (backends and overrides included) over ``(B, N, heads*d)`` tensors."""
@@ -200,11 +250,17 @@ class AttentionDispatcher:
             raise AttentionConflictError(
                 f"{offender.node_name} changes the cross-attention softmax, which cannot be combined with "
                 f"{describe_foreign(self.inner)} in block {call.block}; apply only one of them to this model.")
+        own_queries = []
         for processor in joint:
             extra = processor.extra_key_values(q, call)
-            if extra is not None:
-                k = torch.cat([k, extra[0].to(k.dtype)], dim=1)
-                v = torch.cat([v, extra[1].to(v.dtype)], dim=1)
+            if extra is None:
+                continue
+            extra = extra if isinstance(extra, JointKeys) else JointKeys(*extra)
+            if extra.shares_queries:
+                k = torch.cat([k, extra.keys.to(k.dtype)], dim=1)
+                v = torch.cat([v, extra.values.to(v.dtype)], dim=1)
+            else:
+                own_queries.append(extra)
 
         if self.inner is not None:
             out = self.inner(q, k, v, call.options)
@@ -212,8 +268,8 @@ class AttentionDispatcher:
                 probs = attention_probs(q, k, call.heads)
                 for processor in readers:
                     processor.read_probs(probs, call)
-        elif editors or readers:
-            out = self._materialised_attention(q, k, v, call, editors, readers)
+        elif editors or readers or own_queries:
+            out = self._materialised_attention(q, k, v, call, editors, readers, own_queries)
         else:
             out = call.attention(q, k, v)
 
@@ -225,8 +281,11 @@ class AttentionDispatcher:
         return out
 
     @staticmethod
-    def _materialised_attention(q, k, v, call, editors, readers):
+    def _materialised_attention(q, k, v, call, editors, readers, own_queries=()):
         logits = attention_logits(q, k, call.heads)
+        if own_queries:
+            logits = torch.cat([logits, *(joint_logits(q, extra, call.heads) for extra in own_queries)], dim=-1)
+            v = torch.cat([v, *(extra.values.to(v.dtype) for extra in own_queries)], dim=1)
         for processor in editors:
             logits = processor.edit_logits(logits, call)
         probs = logits.softmax(dim=-1)
@@ -248,6 +307,16 @@ def attention_logits(q, k, heads) -> torch.Tensor:
     """``(B, heads, Nq, Nk)`` float32 logits with the standard ``1/sqrt(d)`` scale."""
     qh, kh = split_heads(q.float(), heads), split_heads(k.float(), heads)
     return (qh @ kh.transpose(-1, -2)) * qh.shape[-1] ** -0.5
+
+
+def joint_logits(q, extra: JointKeys, heads) -> torch.Tensor:
+    """Logits of ``extra``'s keys against its own queries (or ``q``), biased, masked outside its rows."""
+    logits = attention_logits(q if extra.queries is None else extra.queries, extra.keys, heads)
+    if extra.logit_bias != 0.0:
+        logits = logits + extra.logit_bias
+    if extra.rows is not None:
+        logits = logits.masked_fill(~extra.rows.to(logits.device).view(-1, 1, 1, 1), float("-inf"))
+    return logits
 
 
 def attention_probs(q, k, heads) -> torch.Tensor:

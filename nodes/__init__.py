@@ -1,10 +1,11 @@
 """ComfyUI glue: thin node classes, one module per technique. No math here (see attention/, training/)."""
 from .comfy_io import ComfyExtension, io
 from .disendiff import DISENDIFF_NODES
+from .pva import PVA_NODES
 from .realcustom import REALCUSTOM_NODES
 from .style_aligned import STYLE_ALIGNED_NODES
 
 
 class PersonalizationExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*STYLE_ALIGNED_NODES, *REALCUSTOM_NODES, *DISENDIFF_NODES]
+        return [*STYLE_ALIGNED_NODES, *REALCUSTOM_NODES, *PVA_NODES, *DISENDIFF_NODES]
