@@ -1,0 +1,98 @@
+"""PVAIdentityTune in the real ComfyUI on the tiny 9-channel inpainting checkpoint, and its pure parts."""
+import pytest
+import torch
+
+from harness.comfy_env import pack_module
+from harness.pack_nodes import run_node
+from harness.pva_assets import arcface_path, pva_path, sd15_inpaint_checkpoint_path
+
+from personalization_nodes.training.pva import binned_timestep, face_box_mask, rotating_references
+
+
+def photos(count=2, seed=0):
+    return torch.rand(count, 64, 64, 3, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def inpainting(comfy):
+    return comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15_inpaint_checkpoint_path().name)[:3]
+
+
+@pytest.fixture(scope="module")
+def pva(comfy):
+    arcface_path()
+    return run_node("PVALoader", pva_name=pva_path("arcface").name)[0]
+
+
+def state(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_binning_references_and_mask():
+    gen = torch.Generator().manual_seed(0)
+    assert all(250 <= binned_timestep(1, 4, 1000, gen) < 500 for _ in range(50))
+    assert rotating_references(0, 1, gen) == [(0, True)]
+    refs = rotating_references(1, 3, gen)
+    assert [i for i, _ in refs] == [0, 2, 2] and refs[1][1] != refs[2][1], "others + a flipped copy of the last"
+    mask = face_box_mask(256, 256)
+    assert mask.sum() == (223 - 35) * (220 - 32) and mask[35, 32] == 1 and mask[34, 32] == 0
+
+
+def test_identity_tune_changes_only_the_projections_and_the_word(comfy, inpainting, pva):
+    model, clip, vae = inpainting
+    unet, text, pva_before = state(model.model), state(clip.cond_stage_model), state(pva.weights)
+    patched, tuned, name = run_node("PVAIdentityTune", model=model, clip=clip, vae=vae, pva=pva, photos=photos(2),
+                                    name="tune_test", steps=2, learning_rate=1e-3, word_learning_rate=1e-2,
+                                    timestep_bins=2, seed=3, checkpoint_every=0)
+    for before, after in ((unet, state(model.model)), (text, state(clip.cond_stage_model)), (pva_before, state(pva.weights))):
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before), "inputs are never modified"
+    changed = {k for k, v in state(tuned.weights).items() if not torch.equal(v.to(pva_before[k]), pva_before[k])}
+    allowed = {k for k in pva_before if k.startswith(("parallel.", "identity_word."))}
+    assert changed and changed <= allowed, f"only projections and the word may change, got {sorted(changed - allowed)}"
+    assert any(k.startswith("identity_word.") for k in changed) and any(k.startswith("parallel.") for k in changed)
+    loaded = run_node("PVALoader", pva_name=name)[0]
+    assert all(torch.equal(v, state(tuned.weights)[k].cpu()) for k, v in state(loaded.weights).items())
+    assert patched.model_options["transformer_options"]["personalization"].processors[0].name == "pva"
+
+
+def test_tune_lowers_the_loss_and_resumes_exactly(comfy, inpainting, pva, tmp_path):
+    nodes_tune = pack_module("nodes.pva_training")
+    glue = pack_module("nodes.training_glue")
+    loop = pack_module("training.loop")
+    model, clip, vae = inpainting
+
+    def run(steps, checkpoint=None, interrupt_at=None):
+        calls = {"n": 0}
+
+        def check():
+            calls["n"] += 1
+            if calls["n"] == interrupt_at:
+                raise KeyboardInterrupt
+        with glue.training_mode():
+            tune = nodes_tune.prepare_identity_tune(model, clip, vae, pva, glue.clone_tensors(photos(2)), bins=2, seed=1)
+            with torch.no_grad():
+                before = tune.step(loop.MicroStep(0, 0, loop.micro_step_generator(99, 0, 0))).item()
+            optimizer = nodes_tune.identity_tune_optimizer(tune.params, 3e-3, 3e-2)
+            loop.train(tune.params, tune.step, optimizer, loop.LoopSettings(steps, 2, 1, 0, checkpoint, tune.fingerprint),
+                       check_interrupted=check)
+            with torch.no_grad():
+                after = tune.step(loop.MicroStep(0, 0, loop.micro_step_generator(99, 0, 0))).item()
+        return before, after, {k: v.detach().clone() for k, v in tune.params.items()}
+
+    before, after, straight = run(3)
+    assert after < before, f"loss on a fixed probe {before:.5f} -> {after:.5f}"
+    checkpoint = tmp_path / "resume.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        run(3, checkpoint, interrupt_at=4)  # stops inside step 1 (2 micro-batches per step)
+    assert checkpoint.exists()
+    _, _, resumed = run(3, checkpoint)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_tune_without_photos_is_a_clear_error(comfy, inpainting, pva):
+    model, clip, vae = inpainting
+    with pytest.raises(ValueError, match="no photo of the person"):
+        run_node("PVAIdentityTune", model=model, clip=clip, vae=vae, pva=pva, photos=torch.zeros(0, 64, 64, 3),
+                 name="x", steps=1, learning_rate=1e-5, word_learning_rate=1e-3, timestep_bins=2, seed=0,
+                 checkpoint_every=0)

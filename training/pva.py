@@ -1,0 +1,95 @@
+"""PVA training recipes (Xu et al., WACV 2024; specs/pva.md §3): the per-identity tune's step function.
+
+Plain ε/v-MSE of the inpainting U-Net over the whole latent, with the official timestep binning: each
+photo is reused for ``bins`` micro-batches whose timesteps come from consecutive equal slices of the
+schedule ([0, T/bins), [T/bins, 2T/bins), …), one slice per micro-batch of an optimizer step.
+
+Per-identity data (official ``RotatingTensorDataset``): every photo in turn is the target (whole-face
+mask, random flip); the other photos are its references (each flipped with p = 0.5) plus a flipped copy
+of the last one; a single photo is referenced by its own flipped copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .loop import MicroStep
+from .losses import add_noise, diffusion_loss
+
+#: the face box of a CelebA-HQ-aligned square photo as fractions (top, bottom, left, right) of its side:
+#: the official ArcFace crop (rows 35:223, columns 32:220 of the 256² resize). The official tune masks a
+#: landmark-derived whole-face box; with aligned photos this fixed box stands in for the landmarks.
+WHOLE_FACE = (35 / 256, 223 / 256, 32 / 256, 220 / 256)
+
+
+def face_box_mask(height: int, width: int, box: tuple[float, float, float, float] = WHOLE_FACE) -> torch.Tensor:
+    """``(H, W)`` mask, 1 inside ``box`` (the region to inpaint, as ComfyUI's masks)."""
+    top, bottom, left, right = box
+    mask = torch.zeros(height, width)
+    mask[round(top * height):round(bottom * height), round(left * width):round(right * width)] = 1.0
+    return mask
+
+
+def binned_timestep(bin_index: int, bins: int, num_timesteps: int, generator: torch.Generator) -> int:
+    """A timestep uniform in the ``bin_index``-th of ``bins`` equal slices of ``0..num_timesteps-1``."""
+    size = num_timesteps // bins
+    return int(torch.randint(bin_index * size, (bin_index + 1) * size, (1,), generator=generator))
+
+
+def rotating_references(target: int, count: int, generator: torch.Generator) -> list[tuple[int, bool]]:
+    """(photo index, flipped) of the references of photo ``target`` among ``count`` photos."""
+    if count == 1:
+        return [(target, True)]
+    others = [(i, bool(torch.rand((), generator=generator) < 0.5)) for i in range(count) if i != target]
+    last, flipped = others[-1]
+    return others + [(last, not flipped)]
+
+
+@dataclass
+class IdentityPhotos:
+    """The encoded photos of one identity; index ``[i, f]`` = photo i, flipped if f (f ∈ {0, 1})."""
+
+    latents: torch.Tensor  # (n, 2, C, h, w) clean latents, model space
+    masked_latents: torch.Tensor  # (n, 2, C, h, w) latents of the masked photos (VAE space)
+    masks: torch.Tensor  # (n, 2, 1, h, w) latent-resolution inpainting masks
+    features: torch.Tensor  # (n, 2, F) identity-encoder features
+
+    @property
+    def count(self) -> int:
+        return self.latents.shape[0]
+
+
+@dataclass
+class IdentityTuneStep:
+    """One micro-batch of the per-identity tune (``training.loop`` step function).
+
+    ``identity_tokens(features (1, R, F)) -> (1, N, C)``, ``context() -> (1, L, C)`` (text with the
+    identity word under training), ``concat(x_t, masked_latent, mask) -> c_concat | None`` (inpainting
+    channels), ``denoise(x_t, sigma, context, tokens, c_concat) -> x̂0``.
+    """
+
+    photos: IdentityPhotos
+    identity_tokens: Callable[[torch.Tensor], torch.Tensor]
+    context: Callable[[], torch.Tensor]
+    concat: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+    denoise: Callable[..., torch.Tensor]
+    sigmas: torch.Tensor  # σ of every discrete timestep
+    kind: str  # "eps" or "v"
+    bins: int
+
+    def __call__(self, micro: MicroStep) -> torch.Tensor:
+        photos, generator = self.photos, micro.generator
+        target = micro.step % photos.count
+        flip = int(torch.rand((), generator=generator) < 0.5)
+        references = rotating_references(target, photos.count, generator)
+        features = torch.stack([photos.features[i, int(f)] for i, f in references])[None]
+        t = binned_timestep(micro.micro % self.bins, self.bins, len(self.sigmas), generator)
+        x0 = photos.latents[target, flip][None]
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        sigma = self.sigmas[t:t + 1].to(x0)
+        x_t = add_noise(x0, noise, sigma)
+        c_concat = self.concat(x_t, photos.masked_latents[target, flip][None], photos.masks[target, flip][None])
+        denoised = self.denoise(x_t, sigma, self.context(), self.identity_tokens(features), c_concat)
+        return diffusion_loss(self.kind, x_t, denoised, x0, sigma)
