@@ -75,8 +75,9 @@ class WeightDelta(WeightAdapterTrainBase):
 
 
 def _copy_weight(weight):
-    # A weight function makes comfy.ops cast the weight with copy=True, so the frozen layers hand
-    # autograd normal tensors instead of the inference tensors it cannot save for backward.
+    # A weight/bias function makes comfy.ops cast the tensor with copy=True, so the frozen layers hand
+    # autograd normal tensors instead of the inference tensors (weights loaded while ComfyUI ran the
+    # loader under inference_mode) that it cannot save for backward.
     return weight
 
 
@@ -87,10 +88,13 @@ def trainable_unet(model, deltas: Mapping[str, WeightDelta]):
     patched.set_model_compute_dtype(torch.float32)
     wrapped = set()
     for name, module in patched.model.named_modules():
-        if hasattr(module, "comfy_cast_weights") and getattr(module, "weight", None) is not None:
-            key = f"{name}.weight"
-            patched.add_weight_wrapper(key, deltas.get(key, _copy_weight))
-            wrapped.add(key)
+        if not hasattr(module, "comfy_cast_weights"):
+            continue
+        for param in ("weight", "bias"):  # norms save their bias for backward too
+            if getattr(module, param, None) is not None:
+                key = f"{name}.{param}"
+                patched.add_weight_wrapper(key, deltas.get(key, _copy_weight))
+                wrapped.add(key)
     missing = sorted(set(deltas) - wrapped)
     if missing:
         raise KeyError(f"the model has no trainable weight {missing[0]}")

@@ -22,6 +22,15 @@ def exporters(comfy):
     return pack_module("training.exporters")
 
 
+@pytest.fixture(scope="module")
+def inference_mode_sd15(comfy):
+    """The tiny SD1.5 loaded as the executor loads it: under inference_mode, so its weights are
+    inference tensors that autograd cannot save."""
+    from harness.checkpoints import load_sd15
+    with torch.inference_mode():
+        return load_sd15()
+
+
 @pytest.fixture
 def embedding_name():
     name = f"glue_test_{os.getpid()}"
@@ -29,8 +38,9 @@ def embedding_name():
     (models_dir() / "embeddings" / f"{name}.safetensors").unlink(missing_ok=True)
 
 
-def test_placeholder_prompt_encodes_like_stock_embedding_and_passes_gradients(glue, exporters, sd15, embedding_name):
-    _, clip, _ = sd15
+def test_placeholder_prompt_encodes_like_stock_embedding_and_passes_gradients(glue, exporters, inference_mode_sd15,
+                                                                              embedding_name):
+    _, clip, _ = inference_mode_sd15
     vector = torch.randn(2, 768, generator=torch.Generator().manual_seed(0)) * 0.02
     exporters.save_embedding(models_dir() / "embeddings" / f"{embedding_name}.safetensors", vector)
     text = f"photo of a embedding:{embedding_name} dog"
@@ -53,8 +63,9 @@ def test_missing_placeholder_is_a_clear_error(glue, sd15):
         glue.PlaceholderPrompt(sd15[1], "photo of a dog", {"absent": 1})
 
 
-def test_trainable_unet_gradients_and_baked_diff_match_stock_lora_loader(glue, exporters, comfy, sd15, tmp_path):
-    model, clip, _ = sd15
+def test_trainable_unet_gradients_and_baked_diff_match_stock_lora_loader(glue, exporters, comfy, inference_mode_sd15,
+                                                                        tmp_path):
+    model, clip, _ = inference_mode_sd15
     nodes = comfy.nodes
     context = encode_prompt(clip, "a dog")[0][0]
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))

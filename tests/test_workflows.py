@@ -18,6 +18,8 @@ EXPECTED_IMAGES = {
     "style_aligned_lora": 4,
     "style_aligned_controlnet": 4,
     "style_aligned_reference": 3,
+    "disendiff_train_then_sample": 2,
+    "disendiff_exported_controlnet": 2,
     "pva_face_inpainting": 1,
     "pva_lora": 1,
 }
@@ -47,11 +49,26 @@ def shrink_for_tiny_models(api: dict, input_dir: Path) -> dict:
         elif kind == "PVALoader":
             pva_assets.arcface_path()
             inputs["pva_name"] = pva_assets.pva_path("arcface").name
+        elif kind == "DisenDiffTrainer":
+            inputs.update(steps=1, resolution=SIZE, batch_size=1, grad_accumulation=1)
+        elif kind == "CalibratedCrossAttn":
+            _ensure_disendiff_embeddings(inputs["modifiers"])
         elif kind == "LoadImage":
             rng = np.random.default_rng(len(inputs["image"]))
             pixels = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(input_dir / inputs["image"])
     return api
+
+
+def _ensure_disendiff_embeddings(modifiers: str) -> None:
+    """The exported-files workflow names embeddings a training run writes; stand-ins when none ran yet."""
+    import torch
+    from harness.comfy_env import models_dir
+    from safetensors.torch import save_file
+    for name in (m.strip()[len("embedding:"):] for m in modifiers.split(",") if m.strip().startswith("embedding:")):
+        path = models_dir() / "embeddings" / f"{name}.safetensors"
+        if not path.exists():
+            save_file({"clip_l": torch.randn(1, 768, generator=torch.Generator().manual_seed(0)) * 0.02}, str(path))
 
 
 def test_every_workflow_is_covered():
