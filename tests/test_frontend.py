@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import checkpoints
+from harness import checkpoints, realcustom
 from harness.comfy_env import PACK_LINK_NAME, comfy_dir
 from harness.workflows import load_ui_workflow, ui_to_api
 
@@ -61,10 +61,12 @@ MODEL_FILES = {
     "ControlNetLoader": ("controlnet", checkpoints.sd15_controlnet_path),
     "LoraLoader": ("loras", checkpoints.sd15_lora_path),
     "LoraLoaderModelOnly": ("loras", checkpoints.sd15_lora_path),
+    "CLIPVisionLoader": ("clip_vision", realcustom.vitl_clip_vision_path),
 }
 INPUT_IMAGE_NODES = {"LoadImage"}
-# First-run dialogs (templates browser) would cover the graph in the screenshots.
-FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True}
+# For readable screenshots: no first-run dialog (templates browser) over the graph, and text drawn at
+# any zoom (fitting a wide graph zooms out past the level-of-detail threshold that hides widget text).
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontSizeForLOD": 0}
 
 # Negative controls, loaded after the real workflows in the same browser session: they show that a missing
 # node type and a value the server refuses are really caught by the checks above.
@@ -92,7 +94,11 @@ CONTROLS = {
     "control_unknown_node": _control_workflow(CONTROL_IMAGE, (
         {"id": 3, "type": UNKNOWN_NODE_TYPE, "pos": [0, 400], "size": [320, 100], "flags": {}, "order": 2,
          "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": []},)),
-    "control_missing_input_file": _control_workflow("personalization_tests_no_such_file.png"),
+    "control_missing_input_file": _control_workflow("personalization_tests_no_such_file.png", (
+        {"id": 3, "type": "ImageScale", "pos": [0, 400], "size": [320, 160], "flags": {}, "order": 2, "mode": 0,
+         "inputs": [{"name": "image", "type": "IMAGE", "link": None}],
+         "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": None}], "properties": {},
+         "widgets_values": ["no_such_method", 512, 512, "disabled"]},)),
 }
 
 
@@ -240,6 +246,7 @@ def test_frontend_loads_workflow(comfy, comfy_server, frontend_report, path):
     assert seen["missingNodeTypes"] == [] and seen["unregisteredTypes"] == [], \
         f"the frontend does not know these node types: {seen['missingNodeTypes'] or seen['unregisteredTypes']}"
     assert seen["missingModels"] == []
+    assert seen["comboValuesNotOffered"] == [], "widget values the frontend does not offer as choices"
     assert seen["loadedNodeCount"] == seen["nodeCount"]
 
     verdict = _post_json(f"{comfy_server}/personalization-tests/validate", {"prompt": seen["prompt"]})
@@ -261,6 +268,7 @@ def test_controls_show_the_checks_catch_errors(comfy_server, frontend_report):
 
     missing_file = frontend_report["workflows"]["control_missing_input_file"]
     assert missing_file["missingNodeTypes"] == [] and missing_file["unregisteredTypes"] == []
+    assert missing_file["comboValuesNotOffered"] == ['ImageScale #3 upscale_method="no_such_method"']
     verdict = _post_json(f"{comfy_server}/personalization-tests/validate", {"prompt": missing_file["prompt"]})
     assert not verdict["ok"]
     assert "personalization_tests_no_such_file.png" in json.dumps(verdict["node_errors"]["1"])

@@ -6,7 +6,8 @@
 // usage: node load_workflows.cjs <request.json>
 //   request: {url, playwright, chromium, userDataDir, results, workflows: [{name, path, screenshot}]}
 //   writes `results`: {blockedRequests, pageErrors, workflows: [{name, nodeCount, loadedNodeCount,
-//   unregisteredTypes, missingNodeTypes, missingModels, prompt, consoleErrors, screenshot}]}
+//   unregisteredTypes, missingNodeTypes, missingModels, comboValuesNotOffered, prompt, consoleErrors,
+//   screenshot}]}
 'use strict';
 
 const fs = require('fs');
@@ -51,7 +52,22 @@ async function loadInPage({ name, workflow }) {
   if (workflow.extra) delete workflow.extra.ds;
   await app.loadGraphData(workflow, true, true, name);
   const { output } = await app.graphToPrompt();
+  // A choice the widget does not offer, e.g. a sampler name shifted into the scheduler widget. The server
+  // checks this only for V1 combos, so it is checked here for all. File names are left to the server's
+  // validation: whether a model is installed depends on the machine, not on the workflow.
+  const fileName = /\.(safetensors|ckpt|pt|pth|bin|png|jpe?g|webp)$/i;
+  const offChoices = [];
+  for (const node of app.graph.nodes) {
+    for (const widget of node.widgets || []) {
+      let choices = widget.type === 'combo' ? widget.options && widget.options.values : null;
+      if (typeof choices === 'function') choices = choices(widget, node);
+      if (!Array.isArray(choices) || choices.includes(widget.value)) continue;
+      if (typeof widget.value === 'string' && fileName.test(widget.value)) continue;
+      offChoices.push(`${node.type} #${node.id} ${widget.name}=${JSON.stringify(widget.value)}`);
+    }
+  }
   return {
+    comboValuesNotOffered: offChoices,
     loadedNodeCount: app.graph.nodes.length,
     unregisteredTypes: app.graph.nodes.map((n) => n.type).filter((t) => !(t in window.LiteGraph.registered_node_types)),
     missingNodeTypes: window.__frontendTest.missingNodeTypes,
