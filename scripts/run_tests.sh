@@ -4,5 +4,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_env.sh"
+bash "$ROOT/scripts/setup_frontend_test.sh"
 cd "$ROOT"
 exec "$ROOT/.venv/bin/python" -m pytest -q "$@"
