@@ -1,5 +1,6 @@
 """ComfyUI glue: thin node classes, one module per technique. No math here (see attention/, training/)."""
 from .comfy_io import ComfyExtension, io
+from .detex import DETEX_NODES
 from .disendiff import DISENDIFF_NODES
 from .pva import PVA_NODES
 from .pva_training import PVA_TRAINING_NODES
@@ -9,4 +10,4 @@ from .style_aligned import STYLE_ALIGNED_NODES
 
 class PersonalizationExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*STYLE_ALIGNED_NODES, *REALCUSTOM_NODES, *PVA_NODES, *PVA_TRAINING_NODES, *DISENDIFF_NODES]
+        return [*STYLE_ALIGNED_NODES, *REALCUSTOM_NODES, *PVA_NODES, *PVA_TRAINING_NODES, *DISENDIFF_NODES, *DETEX_NODES]

@@ -1,0 +1,186 @@
+"""DETEX training (Cai et al., "Decoupled Textual Embeddings for Customized Image Generation", AAAI 2024).
+
+One shared subject word [V], per-image pose [P_i] and background [B_i] words from attribute mappers
+(``detex_mappers``), Custom Diffusion's cross-attention K/V fine-tune, joint training with a masked
+loss (``detex_loss``). Plain torch: the node glue passes the VAE encoder, the text encoder and the
+U-Net call in as callables.
+
+Per micro-batch (Custom Diffusion's data regime, spec detex.md §2, §3.5 [R]; the draw is DisenDiff's
+``draw_batch``, which implements the same regime): each sample is a regularisation image with
+probability 1/2 when regularisation images are given, otherwise a view of a training image from the
+augmentation pool. A training view takes the ``FULL`` or the ``SUBJECT``
+branch; its prompt is the template with the view's caption prefix, [V], its [P_i] and (``FULL`` only)
+its [B_i], encoded with the live vectors so gradients reach the subject word and the mappers.
+Loss: ε- (or v-) MSE per sample — ``FULL`` and regularisation samples over the augmentation mask
+normalised by its area (Custom Diffusion), ``SUBJECT`` samples over the subject mask with the chosen
+normalisation (Break-A-Scene by default) — averaged over the micro-batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .detex_data import SubjectImages, draw_sample
+from .detex_loss import ALL_ELEMENTS, FULL, MASK_AREA, SUBJECT, choose_branches, latent_mask, masked_diffusion_mse
+from .detex_mappers import AttributeEmbeddings
+from .detex_prompts import PromptTemplate
+from .disendiff import draw_batch
+from .losses import add_noise, prediction_from_denoised, sample_timesteps
+
+#: placeholder embedding names of the live vectors in training prompts (never files)
+SUBJECT_WORD, POSE_WORD, BACKGROUND_WORD = "detex_subject", "detex_pose", "detex_background"
+
+#: text → ``[1, tokens, width]`` context, given ``{placeholder name: [1, width] live vector}``
+EncodeText = Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
+#: ``[B, S, S, 3]`` pixels in [0, 1] → ``[B, 4, S/8, S/8]`` model-space latents (process_latent_in applied)
+EncodePixels = Callable[[torch.Tensor], torch.Tensor]
+#: ``(x_t, sigma, context)`` → ComfyUI's denoised x̂0
+Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DetexSettings:
+    """Defaults: Custom Diffusion's (spec §3.5: lr 1e-5 × batch 2 × accumulation 4 = 8e-5, AdamW wd 0.01,
+    250 steps) [R]; the mapper learning rate 1e-4 is the spec's per-subject start value [R]."""
+
+    steps: int = 250
+    learning_rate: float = 8e-5
+    mapper_learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    micro_batch: int = 2
+    grad_accumulation: int = 4
+    subject_branch_probability: float = 0.5
+    mask_normalization: str = ALL_ELEMENTS
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """One pre-encoded augmented view of a training image."""
+
+    image_index: int
+    latent: torch.Tensor  # [4, h, w]
+    subject_mask: torch.Tensor  # [1, h, w] at latent size
+    valid_mask: torch.Tensor  # [1, h, w] augmentation loss mask
+    prefix: str
+    flipped: bool
+
+
+@dataclass(frozen=True)
+class RegularisationView:
+    latent: torch.Tensor  # [4, h, w]
+    context: torch.Tensor  # [1, tokens, width], frozen encoding of its caption
+
+
+def build_pool(subject: SubjectImages, views_per_image: int, generator: torch.Generator,
+               encode_pixels: EncodePixels) -> list[PoolView]:
+    """Augmented views of every image, VAE-encoded once (as DisenDiff's port does, spec §10.8).
+
+    ``views_per_image`` 0 turns augmentation off: each image and its mirror image.
+    """
+    samples = []
+    for index in range(subject.count):
+        image, mask = subject.images[index], subject.masks[index]
+        if views_per_image == 0:
+            drawn = [draw_sample(image, mask, generator, augment=False, flip=flip) for flip in (False, True)]
+        else:
+            drawn = [draw_sample(image, mask, generator) for _ in range(views_per_image)]
+        samples.extend((index, sample) for sample in drawn)
+    latents = encode_pixels(torch.stack([s.pixels for _, s in samples]))
+    size = latents.shape[-2:]
+    subject_masks = latent_mask(torch.stack([s.subject_mask for _, s in samples]), size)
+    pool = []
+    for (index, sample), latent, mask in zip(samples, latents, subject_masks):
+        valid = torch.nn.functional.interpolate(sample.valid_mask[None, None], size=size, mode="nearest")[0]
+        pool.append(PoolView(index, latent, mask, valid, sample.prefix, sample.flipped))
+    return pool
+
+
+def training_prompt(template: PromptTemplate, class_word: str, view: PoolView, branch: str) -> str:
+    """The view's caption: augmentation prefix + template with the placeholder words of its branch."""
+    return view.prefix + template.render(
+        f"embedding:{SUBJECT_WORD}", class_word, pose=f"embedding:{POSE_WORD}",
+        background=f"embedding:{BACKGROUND_WORD}" if branch == FULL else None)
+
+
+@dataclass
+class DetexStep:
+    """The loss of one micro-batch (module docstring); call with a ``loop.MicroStep``."""
+
+    pool: Sequence[PoolView]
+    regularisation: Sequence[RegularisationView]
+    subject_word: torch.Tensor  # [1, width] trainable
+    attributes: AttributeEmbeddings
+    template: PromptTemplate
+    class_word: str
+    encode_text: EncodeText
+    denoise: Denoise
+    sigmas: torch.Tensor
+    kind: str
+    settings: DetexSettings
+
+    def __call__(self, micro) -> torch.Tensor:
+        gen = micro.generator
+        batch = draw_batch(gen, self.settings.micro_batch, len(self.pool), len(self.regularisation))
+        targets, regs = batch.targets, batch.regs
+        branches = choose_branches(len(targets), self.settings.subject_branch_probability, gen)
+        latents, contexts, masks, normalizations = [], [], [], []
+        for pool_index, branch in zip(targets, branches):
+            view = self.pool[pool_index]
+            index, flipped = torch.tensor([view.image_index]), torch.tensor([int(view.flipped)])
+            vectors = {SUBJECT_WORD: self.subject_word, POSE_WORD: self.attributes("pose", index, flipped)}
+            if branch == FULL:
+                vectors[BACKGROUND_WORD] = self.attributes("background", index, flipped)
+            contexts.append(self.encode_text(training_prompt(self.template, self.class_word, view, branch), vectors))
+            latents.append(view.latent)
+            if branch == SUBJECT:
+                masks.append(view.valid_mask * view.subject_mask)
+                normalizations.append(self.settings.mask_normalization)
+            else:
+                masks.append(view.valid_mask)
+                normalizations.append(MASK_AREA)
+        for reg_index in regs:
+            view = self.regularisation[reg_index]
+            latents.append(view.latent)
+            contexts.append(view.context)
+            masks.append(torch.ones_like(view.latent[:1]))
+            normalizations.append(MASK_AREA)
+        x0 = torch.stack(latents)
+        device = x0.device
+        t = sample_timesteps(x0.shape[0], gen, len(self.sigmas))
+        sigma = self.sigmas[t].to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        x_t = add_noise(x0, noise, sigma)
+        denoised = self.denoise(x_t, sigma, pad_contexts(contexts).to(device))
+        prediction = prediction_from_denoised(self.kind, x_t, denoised, sigma)
+        target = prediction_from_denoised(self.kind, x_t, x0, sigma)
+        losses = [masked_diffusion_mse(prediction[i:i + 1], target[i:i + 1], masks[i][None].to(device), normalizations[i])
+                  for i in range(x0.shape[0])]
+        return torch.stack(losses).mean()
+
+
+def pad_contexts(contexts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack ``[1, 77·k, C]`` contexts of different chunk counts, repeating each one's last row
+    (padding) up to the longest (only long regularisation captions have more than one chunk)."""
+    longest = max(c.shape[1] for c in contexts)
+    return torch.cat([c if c.shape[1] == longest else torch.cat([c, c[:, -1:].expand(-1, longest - c.shape[1], -1)], 1)
+                      for c in contexts], 0)
+
+
+def optimizer_factory(settings: DetexSettings, mapper_params: Sequence[torch.Tensor]):
+    """AdamW (wd 0.01, Custom Diffusion) with the mapper parameters in their own learning-rate group."""
+    mapper_ids = {id(p) for p in mapper_params}
+
+    def make(trainables: list[torch.Tensor]) -> torch.optim.Optimizer:
+        groups = [{"params": [p for p in trainables if id(p) not in mapper_ids], "lr": settings.learning_rate}]
+        mapped = [p for p in trainables if id(p) in mapper_ids]
+        if mapped:
+            groups.append({"params": mapped, "lr": settings.mapper_learning_rate})
+        return torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    return make
+
+
+def attribute_parameters(attributes: AttributeEmbeddings) -> dict[str, torch.Tensor]:
+    """The attribute module's trainable tensors under checkpoint-stable names."""
+    return {f"attributes.{name}": p for name, p in attributes.named_parameters()}
