@@ -8,7 +8,7 @@ Keys (``.safetensors``; no pickle is ever read):
 - ``identity_word.<encoder>``: ``[1, width]`` learned vector of the identity word per text encoder
   (``l`` for SD1.5, ``h`` for SD2, ``l`` and ``g`` for SDXL: ComfyUI's tokenizer keys);
 - ``face_encoder.*`` (optional): an ArcFace iresnet trained with the pathway (the paper's stage 2);
-  without it the stock ``ms1mv3_arcface_r50`` backbone is used.
+  without it the stock ``ms1mv3_arcface_r50`` backbone is used (and never copied into the file).
 
 Metadata: ``format`` = ``pva-v1``, ``encoder`` = ``arcface`` or ``clip_vision`` (which features the token
 transformer was trained on), ``heads`` of the token transformer. Every other size is read from shapes.
@@ -47,6 +47,8 @@ class PVAWeights(nn.Module):
         self.identity_word = nn.ParameterDict({k: nn.Parameter(v.detach().clone().float()) for k, v in identity_word.items()})
         self.encoder = encoder
         self.face_encoder = face_encoder
+        #: the face encoder is the stock backbone attached at load time: not written back to files.
+        self.stock_face_encoder = False
 
     @classmethod
     def initial(cls, attn2_layers: Mapping[BlockKey, nn.Module], encoder: str, feature_dim: int,
@@ -75,7 +77,8 @@ class PVAWeights(nn.Module):
         return transformer(features.to(transformer.lift.weight))
 
     def state_and_metadata(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()
+                   if not (self.stock_face_encoder and k.startswith("face_encoder."))}
         return tensors, {"format": FORMAT, "encoder": self.encoder, "heads": str(self.token_transformer.heads)}
 
     @classmethod

@@ -92,6 +92,7 @@ class PVALoader(io.ComfyNode):
         weights = load_pva(path)
         if weights.encoder == "arcface" and weights.face_encoder is None:
             weights.face_encoder = _arcface_backbone()
+            weights.stock_face_encoder = True
         patcher = comfy.model_patcher.ModelPatcher(weights, load_device=comfy.model_management.get_torch_device(),
                                                    offload_device=comfy.model_management.unet_offload_device())
         return io.NodeOutput(LoadedPVA(pva_name, weights, patcher))

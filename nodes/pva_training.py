@@ -1,4 +1,5 @@
-"""PVA training nodes: the paper's 40-step per-identity tune (Xu et al., WACV 2024, specs/pva.md §3.1)."""
+"""PVA training nodes (Xu et al., WACV 2024, specs/pva.md §3): stage-1 training of the pathway and the
+paper's 40-step per-identity tune, both on the shared training core."""
 from __future__ import annotations
 
 import copy
@@ -15,12 +16,13 @@ from ..attention.pva import ParallelVisualAttentionProcessor
 from ..attention.pva_weights import save_pva
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
-from ..training.pva import IdentityPhotos, IdentityTuneStep, face_box_mask
+from ..attention.pva_weights import PVAWeights
+from ..training.pva import IdentityPhotos, PVAStep, face_box_mask, rotating_references, stage1_references
 from . import training_glue as glue
 from .comfy_io import io
-from .patching import add_attention_processor
-from .pva import (CATEGORY, PVA_FOLDER, LoadedPVA, ParallelVisualAttention, PVAType, _check_model_fits,
-                  reference_features)
+from .patching import add_attention_processor, transformer_blocks
+from .pva import (CATEGORY, PVA_FOLDER, LoadedPVA, ParallelVisualAttention, PVAType, _arcface_backbone,
+                  _check_model_fits, reference_features)
 
 CHECKPOINT_FOLDER = "pva_checkpoints"
 #: the identity word while training: an ``embedding:`` name resolved to the vector under training.
@@ -37,12 +39,18 @@ def _encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
         return vae.encode(pixels[..., :3]).float().clone()
 
 
-def _identity_photos(model, vae, pva: LoadedPVA, images: torch.Tensor, clip_vision) -> IdentityPhotos:
-    """Latents, masked latents, masks and encoder features of every photo and of its mirror image."""
+def _identity_photos(model, vae, pva: LoadedPVA, images: torch.Tensor, clip_vision, masks=None) -> IdentityPhotos:
+    """Latents, masked latents, masks and encoder features of every photo and of its mirror image;
+    ``masks`` (n, H, W), 1 = inpaint, default the whole-face box."""
     both = torch.stack([images[..., :3], images[..., :3].flip(2)], dim=1)  # (n, 2, H, W, 3)
     n, _, height, width, _ = both.shape
     flat = both.reshape(n * 2, height, width, 3)
-    pixel_mask = face_box_mask(height, width)[None, :, :, None]
+    if masks is None:
+        masks = face_box_mask(height, width).expand(n, -1, -1)
+    elif masks.shape != (n, height, width):
+        raise ValueError(f"PVATrainer: {masks.shape[0]} masks of {tuple(masks.shape[1:])} for {n} images of "
+                         f"{(height, width)}; give one mask per image, of the image's size.")
+    pixel_mask = torch.stack([masks, masks.flip(2)], dim=1).reshape(n * 2, height, width, 1).float()
     masked = flat * (1 - pixel_mask) + 0.5 * pixel_mask  # InpaintModelConditioning's grey fill
     latents = model.model.process_latent_in(_encode_pixels(vae, flat))
     masked_latents = _encode_pixels(vae, masked)
@@ -52,24 +60,25 @@ def _identity_photos(model, vae, pva: LoadedPVA, images: torch.Tensor, clip_visi
 
     def per_photo(t):
         return t.reshape(n, 2, *t.shape[1:])
-    return IdentityPhotos(per_photo(latents), per_photo(masked_latents),
-                          per_photo(masks.expand(n * 2, -1, -1, -1)), per_photo(features))
+    return IdentityPhotos(per_photo(latents), per_photo(masked_latents), per_photo(masks), per_photo(features))
 
 
 @dataclass
 class PreparedTune:
     pva: LoadedPVA  # a copy of the input PVA, under training
     params: dict[str, torch.Tensor]
-    step: IdentityTuneStep
+    step: PVAStep
     fingerprint: str
 
 
-def prepare_identity_tune(model, clip, vae, pva: LoadedPVA, images, bins: int, seed: int,
-                          clip_vision=None) -> PreparedTune:
-    """Copy of the PVA weights with only the parallel projections and the identity word trainable, the
-    trainable U-Net clone and the step function; call inside ``training_mode()``."""
+def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tuple[int, ...], ...], stage1: bool,
+                     bins: int, seed: int, clip_vision=None, masks=None) -> PreparedTune:
+    """Copy of the PVA weights with the trainable parts unfrozen (parallel projections and identity word;
+    plus the token transformer in stage 1), the trainable U-Net clone and the step function; call inside
+    ``training_mode()``. Everything else (U-Net, text encoder, identity encoder) stays frozen."""
+    who = "PVATrainer" if stage1 else "PVAIdentityTune"
     if images is None or images.shape[0] == 0:
-        raise ValueError("PVAIdentityTune: no photo of the person; connect 1-5 aligned square face crops.")
+        raise ValueError(f"{who}: no photo of the person; connect aligned square face crops.")
     blocks = _check_model_fits(pva, model)
     weights = copy.deepcopy(pva.weights)
     weights.requires_grad_(False)
@@ -78,15 +87,17 @@ def prepare_identity_tune(model, clip, vae, pva: LoadedPVA, images, bins: int, s
     comfy.model_management.load_models_gpu([tuned.patcher], force_full_load=True)
     trainable_params = {f"parallel.{k}": p for k, p in weights.parallel.named_parameters()}
     trainable_params.update({f"identity_word.{k}": p for k, p in weights.identity_word.items()})
+    if stage1:
+        trainable_params.update({f"token_transformer.{k}": p for k, p in weights.token_transformer.named_parameters()})
     for p in trainable_params.values():
         p.requires_grad_(True)
 
-    photos = _identity_photos(model, vae, tuned, images, clip_vision)
+    photos = _identity_photos(model, vae, tuned, images, clip_vision, masks)
     photos = IdentityPhotos(*(t.to(device) for t in dataclasses.astuple(photos)))
     prompt = glue.PlaceholderPrompt(clip, f"photo of a embedding:{WORD_PLACEHOLDER} person", {WORD_PLACEHOLDER: 1})
     missing = sorted(set(prompt.tokens) - set(weights.identity_word))
     if missing:
-        raise ValueError(f"PVAIdentityTune: {pva.name} has no identity word for the text encoders {missing}.")
+        raise ValueError(f"{who}: {pva.name} has no identity word for the text encoders {missing}.")
     encoder = glue.TrainableTextEncoder(clip)
 
     def context():
@@ -105,27 +116,52 @@ def prepare_identity_tune(model, clip, vae, pva: LoadedPVA, images, bins: int, s
     def concat(x_t, masked_latent, mask):
         return model.model.concat_cond(noise=x_t, concat_latent_image=masked_latent, concat_mask=mask, device=device)
 
-    def identity_tokens(features):
-        with torch.no_grad():  # token transformer and encoder stay frozen in the tune (official "fix")
-            return weights.identity_tokens(features)
+    def identity_tokens(features, generator):
+        if not stage1:  # the tune keeps the token transformer frozen (official "fix")
+            with torch.no_grad():
+                return weights.identity_tokens(features)
+        transformer = weights.token_transformer.train()  # official: trained with dropout 0.1
+        with torch.random.fork_rng(devices=[features.device] if features.is_cuda else []):
+            torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))  # resumable dropout
+            return transformer(features.to(transformer.lift.weight))
 
-    step = IdentityTuneStep(photos, identity_tokens, context, concat, denoise, glue.discrete_sigmas(model).to(device),
-                            glue.prediction_kind(model), bins)
-    run = fingerprint(method="pva_identity_tune", pva=pva.name, images=images.float(), bins=bins, seed=seed,
+    step = PVAStep(photos, groups, stage1_references if stage1 else rotating_references, identity_tokens, context,
+                   concat, denoise, glue.discrete_sigmas(model).to(device), glue.prediction_kind(model), bins, seed)
+    run = fingerprint(method="pva_stage1" if stage1 else "pva_identity_tune", pva=pva.name, images=images.float(),
+                      groups=groups, bins=bins, seed=seed, masks=masks if masks is not None else "face box",
                       start=torch.cat([p.detach().float().flatten().cpu() for p in trainable_params.values()]),
                       model=type(model.model).__name__)
     return PreparedTune(tuned, trainable_params, step, run)
 
 
-def identity_tune_optimizer(params: dict[str, torch.Tensor], learning_rate: float, word_learning_rate: float):
-    """The official AdamW (weight decay 0.01, constant lr): projections at ``learning_rate``, the word at its own."""
-    word = {id(p) for name, p in params.items() if name.startswith("identity_word.")}
+def prepare_identity_tune(model, clip, vae, pva: LoadedPVA, images, bins: int, seed: int,
+                          clip_vision=None) -> PreparedTune:
+    """The per-identity tune: one identity, all photos, only projections and identity word trainable."""
+    groups = (tuple(range(images.shape[0])),) if images is not None else ()
+    return prepare_training(model, clip, vae, pva, images, groups, False, bins, seed, clip_vision)
+
+
+def identity_tune_optimizer(params: dict[str, torch.Tensor], learning_rate: float, word_learning_rate: float,
+                            transformer_learning_rate: float = 0.0):
+    """The official AdamW (weight decay 0.01, constant lr): projections at ``learning_rate``, the word and
+    (stage 1) the token transformer at their own rates."""
+    def group_of(name):
+        return "word" if name.startswith("identity_word.") else "transformer" if name.startswith("token_transformer.") else "base"
+    groups = {id(p): group_of(name) for name, p in params.items()}
+    rates = {"base": learning_rate, "word": word_learning_rate, "transformer": transformer_learning_rate}
 
     def make(tensors):
-        groups = [{"params": [t for t in tensors if id(t) not in word], "lr": learning_rate},
-                  {"params": [t for t in tensors if id(t) in word], "lr": word_learning_rate}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.01)
+        split = [{"params": [t for t in tensors if groups[id(t)] == g], "lr": lr} for g, lr in rates.items()]
+        return torch.optim.AdamW([g for g in split if g["params"]], weight_decay=0.01)
     return make
+
+
+def _save(stem: str, tune: PreparedTune) -> LoadedPVA:
+    weights = tune.pva.weights.requires_grad_(False).eval()
+    path = output_path(folder_paths.get_folder_paths(PVA_FOLDER)[0], stem)
+    save_pva(path, weights)
+    folder_paths.filename_list_cache.clear()
+    return LoadedPVA(path.name, weights, tune.pva.patcher)
 
 
 class PVAIdentityTune(io.ComfyNode):
@@ -185,13 +221,112 @@ class PVAIdentityTune(io.ComfyNode):
             train(tune.params, tune.step, identity_tune_optimizer(tune.params, learning_rate, word_learning_rate),
                   LoopSettings(steps, timestep_bins, seed, checkpoint_every, checkpoint, tune.fingerprint),
                   on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
-        weights = tune.pva.weights.requires_grad_(False)
-        path = output_path(folder_paths.get_folder_paths(PVA_FOLDER)[0], stem)
-        save_pva(path, weights)
-        folder_paths.filename_list_cache.clear()
-        tuned = LoadedPVA(path.name, weights, tune.pva.patcher)
+        tuned = _save(stem, tune)
         patched = ParallelVisualAttention.execute(model, tuned, photos, 1.0, False, 0, 0.0, 1.0, clip_vision).result[0]
-        return io.NodeOutput(patched, tuned, path.name)
+        return io.NodeOutput(patched, tuned, tuned.name)
 
 
-PVA_TRAINING_NODES = [PVAIdentityTune]
+def initial_pva(model, clip, encoder: str, init_word: str, seed: int, clip_vision=None, probe=None) -> LoadedPVA:
+    """Stage-1 starting point: projections copied from the model, a seeded random token transformer, the
+    identity word initialised to the embedding of ``init_word`` (official ``init_token``)."""
+    blocks = [b for b in transformer_blocks(model) if b.has_cross_attention]
+    diffusion_model = model.get_model_object("diffusion_model")
+    layers = {b.key: diffusion_model.get_submodule(b.module_path).attn2 for b in blocks}
+    tokens = clip.tokenize(init_word)
+    words = {}
+    for key, chunks in tokens.items():
+        ids = [t[0] for t in chunks[0][1:] if isinstance(t[0], int)]
+        table = getattr(clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings().weight
+        words[key] = table[ids[0]].detach().float().cpu()[None].clone()
+    face_encoder = _arcface_backbone() if encoder == "arcface" else None
+    if encoder == "clip_vision":
+        if clip_vision is None:
+            raise ValueError("PVATrainer: encoder clip_vision needs a CLIP vision model on clip_vision.")
+        feature_dim = clip_vision.encode_image(probe[:1]).image_embeds.shape[-1]
+    else:
+        feature_dim = face_encoder.fc.out_features
+    weights = PVAWeights.initial(layers, encoder, feature_dim, words, seed=seed)
+    weights.face_encoder = face_encoder
+    weights.stock_face_encoder = face_encoder is not None
+    return LoadedPVA("initial", weights, _patcher(weights))
+
+
+class PVATrainer(io.ComfyNode):
+    """PVA stage-1 training (Xu et al., WACV 2024): the parallel projections, the identity token
+    transformer and the identity word, on photos of many people (paper: CelebAHQ-IDI, 50k steps).
+
+    Each step takes one photo in turn as the target (its mask: the masks input, else the whole-face box),
+    up to 5 other photos of the same person in random order, a random prefix of them as references (p 0.2
+    plus a flipped copy), and reuses the sample for ``timestep_bins`` micro-batches over the timestep
+    slices. Frozen: U-Net, text encoder, identity encoder (the paper's stage 2 also trains ArcFace; not
+    offered). Writes ``models/pva/<name>.safetensors``; resumable from ``output/pva_checkpoints``.
+
+    Inputs (safe ranges): images (photos grouped by person: consecutive ``images_per_identity`` images are
+    one identity), masks (optional, one per image, 1 = inpaint), encoder (arcface = paper; clip_vision =
+    deviation), steps, learning rates (paper: projections 8e-6 = 1e-6 × batch 8, transformer 3.2e-5,
+    word 1e-3), timestep_bins (paper 4), init_word (paper's new token starts from a word's embedding),
+    pva (optional: continue from these weights instead of a fresh start).
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PVATrainer",
+            display_name="PVA Trainer (stage 1)",
+            category=CATEGORY,
+            description="PVA stage 1: train the parallel projections, token transformer and identity word on many identities.",
+            inputs=[
+                io.Model.Input("model", tooltip="The (inpainting) model to train the pathway for (paper: SD2 inpainting); left unchanged."),
+                io.Clip.Input("clip", tooltip="The model's text encoder (the identity word is learned in its embedding space)."),
+                io.Vae.Input("vae", tooltip="VAE that encodes the photos."),
+                io.Image.Input("images", tooltip="Square aligned face photos, grouped by person (consecutive images_per_identity per person)."),
+                io.Int.Input("images_per_identity", default=5, min=1, max=64, tooltip="How many consecutive images show the same person."),
+                io.String.Input("name", default="pva_stage1", tooltip="Output file models/pva/<name>.safetensors; letters, digits, - _ ."),
+                io.Combo.Input("encoder", options=["arcface", "clip_vision"], default="arcface",
+                               tooltip="Identity features: ArcFace r50 (paper; needs models/pva/ms1mv3_arcface_r50.safetensors) or a CLIP vision model."),
+                io.Int.Input("steps", default=2000, min=1, max=1000000, tooltip="Optimizer steps (paper: up to 50000)."),
+                io.Float.Input("learning_rate", default=8e-6, min=0.0, max=1e-2, step=1e-7,
+                               tooltip="AdamW lr of the parallel projections (paper: 1e-6 x total batch)."),
+                io.Float.Input("transformer_learning_rate", default=3.2e-5, min=0.0, max=1e-2, step=1e-7,
+                               tooltip="AdamW lr of the token transformer (paper: 3.2e-5)."),
+                io.Float.Input("word_learning_rate", default=1e-3, min=0.0, max=1e-1, step=1e-5,
+                               tooltip="AdamW lr of the identity word (paper: 1e-3)."),
+                io.Int.Input("timestep_bins", default=4, min=1, max=8, tooltip="Micro-batches per step, one timestep slice each (paper: 4)."),
+                io.String.Input("init_word", default="person", tooltip="Word whose embedding starts the identity word."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of initialisation, noise, timesteps, references."),
+                io.Int.Input("checkpoint_every", default=500, min=0, max=1000000,
+                             tooltip="Save a resumable checkpoint every N steps (0: at the end and on cancel)."),
+                io.Mask.Input("masks", optional=True, tooltip="One inpainting mask per image (1 = fill); default the whole-face box."),
+                PVAType.Input("pva", optional=True, tooltip="Continue from these PVA weights instead of a fresh start."),
+                io.ClipVision.Input("clip_vision", optional=True, tooltip="The CLIP vision model, for encoder clip_vision."),
+            ],
+            outputs=[
+                PVAType.Output(display_name="pva", tooltip="The trained PVA weights (also saved to models/pva)."),
+                io.String.Output(display_name="pva_name", tooltip="File name of the trained weights in models/pva."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, images, images_per_identity, name, encoder, steps, learning_rate,
+                transformer_learning_rate, word_learning_rate, timestep_bins, init_word, seed, checkpoint_every,
+                masks=None, pva=None, clip_vision=None) -> io.NodeOutput:
+        stem = sanitize_name(name)
+        count = 0 if images is None else images.shape[0]
+        if count == 0 or count % images_per_identity != 0:
+            raise ValueError(f"PVATrainer: {count} images cannot be grouped into identities of {images_per_identity} "
+                             "images; give images_per_identity photos of every person, person after person.")
+        groups = tuple(tuple(range(g, g + images_per_identity)) for g in range(0, count, images_per_identity))
+        with glue.training_mode():
+            start = pva if pva is not None else initial_pva(model, clip, encoder, init_word, seed, clip_vision, images)
+            run = prepare_training(model, clip, vae, start, glue.clone_tensors(images), groups, True, timestep_bins, seed,
+                                   clip_vision, None if masks is None else glue.clone_tensors(masks))
+            checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
+            train(run.params, run.step,
+                  identity_tune_optimizer(run.params, learning_rate, word_learning_rate, transformer_learning_rate),
+                  LoopSettings(steps, timestep_bins, seed, checkpoint_every, checkpoint, run.fingerprint),
+                  on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
+        trained = _save(stem, run)
+        return io.NodeOutput(trained, trained.name)
+
+
+PVA_TRAINING_NODES = [PVATrainer, PVAIdentityTune]

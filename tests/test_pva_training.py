@@ -1,4 +1,5 @@
-"""PVAIdentityTune in the real ComfyUI on the tiny 9-channel inpainting checkpoint, and its pure parts."""
+"""PVATrainer and PVAIdentityTune in the real ComfyUI on the tiny 9-channel inpainting checkpoint, and
+their pure parts."""
 import pytest
 import torch
 
@@ -6,7 +7,7 @@ from harness.comfy_env import pack_module
 from harness.pack_nodes import run_node
 from harness.pva_assets import arcface_path, pva_path, sd15_inpaint_checkpoint_path
 
-from personalization_nodes.training.pva import binned_timestep, face_box_mask, rotating_references
+from personalization_nodes.training.pva import binned_timestep, face_box_mask, rotating_references, stage1_references
 
 
 def photos(count=2, seed=0):
@@ -31,9 +32,15 @@ def state(module) -> dict:
 def test_binning_references_and_mask():
     gen = torch.Generator().manual_seed(0)
     assert all(250 <= binned_timestep(1, 4, 1000, gen) < 500 for _ in range(50))
-    assert rotating_references(0, 1, gen) == [(0, True)]
-    refs = rotating_references(1, 3, gen)
+    assert rotating_references(0, (0,), gen) == [(0, True)] == stage1_references(0, (0,), gen)
+    refs = rotating_references(1, (0, 1, 2), gen)
     assert [i for i, _ in refs] == [0, 2, 2] and refs[1][1] != refs[2][1], "others + a flipped copy of the last"
+    group = tuple(range(10, 18))
+    for _ in range(30):
+        refs = stage1_references(12, group, gen)
+        plain = [i for i, flipped in refs if not flipped]
+        assert 1 <= len(plain) <= 5 and 12 not in plain and len(set(plain)) == len(plain) and set(plain) <= set(group)
+        assert all(i == plain[-1] for i, flipped in refs if flipped), "only the last one may get a flipped copy"
     mask = face_box_mask(256, 256)
     assert mask.sum() == (223 - 35) * (220 - 32) and mask[35, 32] == 1 and mask[34, 32] == 0
 
@@ -96,3 +103,28 @@ def test_tune_without_photos_is_a_clear_error(comfy, inpainting, pva):
         run_node("PVAIdentityTune", model=model, clip=clip, vae=vae, pva=pva, photos=torch.zeros(0, 64, 64, 3),
                  name="x", steps=1, learning_rate=1e-5, word_learning_rate=1e-3, timestep_bins=2, seed=0,
                  checkpoint_every=0)
+
+
+def test_stage1_trainer_trains_projections_transformer_and_word_only(comfy, inpainting):
+    model, clip, vae = inpainting
+    arcface_path()
+    unet, text = state(model.model), state(clip.cond_stage_model)
+    trained, name = run_node("PVATrainer", model=model, clip=clip, vae=vae, images=photos(4, seed=5), images_per_identity=2,
+                             name="stage1_test", encoder="arcface", steps=2, learning_rate=1e-4,
+                             transformer_learning_rate=1e-4, word_learning_rate=1e-3, timestep_bins=2,
+                             init_word="person", seed=0, checkpoint_every=0)
+    assert all(torch.equal(unet[k], v) for k, v in state(model.model).items())
+    assert all(torch.equal(text[k], v) for k, v in state(clip.cond_stage_model).items())
+    start = state(pack_module("nodes.pva_training").initial_pva(model, clip, "arcface", "person", 0).weights)
+    after = {k: v.cpu() for k, v in state(trained.weights).items()}
+    changed = {k.split(".")[0] for k in start if not torch.equal(after[k].to(start[k]), start[k])}
+    assert changed == {"parallel", "token_transformer", "identity_word"}, changed
+    from safetensors import safe_open
+    with safe_open(str(pva_path("arcface").parent / name), "pt") as f:
+        assert not any(k.startswith("face_encoder.") for k in f.keys()), "the stock backbone is not copied"
+    loaded = run_node("PVALoader", pva_name=name)[0]
+    assert loaded.weights.encoder == "arcface" and loaded.weights.face_encoder is not None
+    with pytest.raises(ValueError, match="cannot be grouped into identities of 3"):
+        run_node("PVATrainer", model=model, clip=clip, vae=vae, images=photos(4), images_per_identity=3, name="x",
+                 encoder="arcface", steps=1, learning_rate=1e-5, transformer_learning_rate=1e-5, word_learning_rate=1e-3,
+                 timestep_bins=2, init_word="person", seed=0, checkpoint_every=0)

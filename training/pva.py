@@ -1,12 +1,15 @@
-"""PVA training recipes (Xu et al., WACV 2024; specs/pva.md §3): the per-identity tune's step function.
+"""PVA training recipes (Xu et al., WACV 2024; specs/pva.md §3): stage 1 and the per-identity tune.
 
-Plain ε/v-MSE of the inpainting U-Net over the whole latent, with the official timestep binning: each
-photo is reused for ``bins`` micro-batches whose timesteps come from consecutive equal slices of the
-schedule ([0, T/bins), [T/bins, 2T/bins), …), one slice per micro-batch of an optimizer step.
+Both are plain ε/v-MSE of the (inpainting) U-Net over the whole latent with the official timestep
+binning: an optimizer step reuses one sample for ``bins`` micro-batches whose timesteps come from
+consecutive equal slices of the schedule ([0, T/bins), [T/bins, 2T/bins), …). The sample (target,
+flip, references) is drawn once per step; noise and timestep per micro-batch.
 
-Per-identity data (official ``RotatingTensorDataset``): every photo in turn is the target (whole-face
-mask, random flip); the other photos are its references (each flipped with p = 0.5) plus a flipped copy
-of the last one; a single photo is referenced by its own flipped copy.
+Targets are visited in order (photo ``step mod n``), so interrupted runs resume exactly. References:
+- tune (official ``RotatingTensorDataset``): the identity's other photos (each flipped with p = 0.5)
+  plus a flipped copy of the last one; a single photo is referenced by its own flipped copy;
+- stage 1 (official ``pva_train.py``): up to 5 other photos of the identity in random order, a random
+  prefix of 1..5 of them, and with p = 0.2 a flipped copy of the last appended.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .loop import MicroStep
+from .loop import MicroStep, micro_step_generator
 from .losses import add_noise, diffusion_loss
 
 #: the face box of a CelebA-HQ-aligned square photo as fractions (top, bottom, left, right) of its side:
@@ -38,13 +41,26 @@ def binned_timestep(bin_index: int, bins: int, num_timesteps: int, generator: to
     return int(torch.randint(bin_index * size, (bin_index + 1) * size, (1,), generator=generator))
 
 
-def rotating_references(target: int, count: int, generator: torch.Generator) -> list[tuple[int, bool]]:
-    """(photo index, flipped) of the references of photo ``target`` among ``count`` photos."""
-    if count == 1:
+def rotating_references(target: int, group: tuple[int, ...], generator: torch.Generator) -> list[tuple[int, bool]]:
+    """(photo index, flipped) references of ``target`` in the per-identity tune."""
+    others = [(i, bool(torch.rand((), generator=generator) < 0.5)) for i in group if i != target]
+    if not others:
         return [(target, True)]
-    others = [(i, bool(torch.rand((), generator=generator) < 0.5)) for i in range(count) if i != target]
     last, flipped = others[-1]
     return others + [(last, not flipped)]
+
+
+def stage1_references(target: int, group: tuple[int, ...], generator: torch.Generator,
+                      most: int = 5) -> list[tuple[int, bool]]:
+    """(photo index, flipped) references of ``target`` in stage-1 training."""
+    others = [i for i in group if i != target]
+    if not others:
+        return [(target, True)]
+    order = [others[i] for i in torch.randperm(len(others), generator=generator)[:most].tolist()]
+    chosen = [(i, False) for i in order[:int(torch.randint(1, len(order) + 1, (1,), generator=generator))]]
+    if torch.rand((), generator=generator) < 0.2:
+        chosen.append((chosen[-1][0], True))
+    return chosen
 
 
 @dataclass
@@ -62,28 +78,36 @@ class IdentityPhotos:
 
 
 @dataclass
-class IdentityTuneStep:
-    """One micro-batch of the per-identity tune (``training.loop`` step function).
+class PVAStep:
+    """One micro-batch of PVA training (``training.loop`` step function).
 
-    ``identity_tokens(features (1, R, F)) -> (1, N, C)``, ``context() -> (1, L, C)`` (text with the
-    identity word under training), ``concat(x_t, masked_latent, mask) -> c_concat | None`` (inpainting
-    channels), ``denoise(x_t, sigma, context, tokens, c_concat) -> x̂0``.
+    ``identity_tokens(features (1, R, F), generator) -> (1, N, C)`` (with gradients in stage 1, where
+    the token transformer trains), ``context() -> (1, L, C)`` (text with the identity word under
+    training), ``concat(x_t, masked_latent, mask) -> c_concat | None`` (inpainting channels),
+    ``denoise(x_t, sigma, context, tokens, c_concat) -> x̂0``; ``references`` is
+    :func:`rotating_references` or :func:`stage1_references`; ``groups`` are the photo indices of each
+    identity.
     """
 
     photos: IdentityPhotos
-    identity_tokens: Callable[[torch.Tensor], torch.Tensor]
+    groups: tuple[tuple[int, ...], ...]
+    references: Callable[[int, tuple[int, ...], torch.Generator], list[tuple[int, bool]]]
+    identity_tokens: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
     context: Callable[[], torch.Tensor]
     concat: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
     denoise: Callable[..., torch.Tensor]
     sigmas: torch.Tensor  # σ of every discrete timestep
     kind: str  # "eps" or "v"
     bins: int
+    seed: int
 
     def __call__(self, micro: MicroStep) -> torch.Tensor:
         photos, generator = self.photos, micro.generator
+        sample = micro_step_generator(self.seed, micro.step, -1)  # shared by the micro-batches of a step
         target = micro.step % photos.count
-        flip = int(torch.rand((), generator=generator) < 0.5)
-        references = rotating_references(target, photos.count, generator)
+        group = next(g for g in self.groups if target in g)
+        flip = int(torch.rand((), generator=sample) < 0.5)
+        references = self.references(target, group, sample)
         features = torch.stack([photos.features[i, int(f)] for i, f in references])[None]
         t = binned_timestep(micro.micro % self.bins, self.bins, len(self.sigmas), generator)
         x0 = photos.latents[target, flip][None]
@@ -91,5 +115,6 @@ class IdentityTuneStep:
         sigma = self.sigmas[t:t + 1].to(x0)
         x_t = add_noise(x0, noise, sigma)
         c_concat = self.concat(x_t, photos.masked_latents[target, flip][None], photos.masks[target, flip][None])
-        denoised = self.denoise(x_t, sigma, self.context(), self.identity_tokens(features), c_concat)
+        tokens = self.identity_tokens(features, generator)
+        denoised = self.denoise(x_t, sigma, self.context(), tokens, c_concat)
         return diffusion_loss(self.kind, x_t, denoised, x0, sigma)
