@@ -87,7 +87,7 @@ class IResNet(nn.Module):
             counts.append(max(indices) + 1)
         model = cls(tuple(counts), num_features=state_dict["fc.weight"].shape[0])
         model.load_state_dict(state_dict, strict=True)
-        return model.eval()
+        return model.train(False)
 
 
 class IdentityTokenTransformer(nn.Module):

@@ -67,13 +67,13 @@ class PVAWeights(nn.Module):
         return self.token_transformer.pos_enc.shape[1]
 
     def identity_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """``(G, R, F)`` reference features → ``(G, N, context_dim)`` identity tokens (eval mode)."""
+        """``(G, R, F)`` reference features → ``(G, N, context_dim)`` identity tokens (inference mode: dropout off)."""
         if features.shape[-1] != self.token_transformer.feature_dim:
             raise PVAFormatError(
                 f"the identity encoder gives {features.shape[-1]}-d features but this PVA file's token transformer "
                 f"takes {self.token_transformer.feature_dim}-d ones (it was trained with encoder "
                 f"{self.encoder!r}); use the encoder it was trained with.")
-        transformer = self.token_transformer.eval()
+        transformer = self.token_transformer.train(False)
         return transformer(features.to(transformer.lift.weight))
 
     def state_and_metadata(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -134,7 +134,7 @@ def reference_features(pva: LoadedPVA, references: torch.Tensor, clip_vision=Non
         raise ValueError(f"ParallelVisualAttention: reference faces must be square, aligned face crops (CelebA-HQ "
                          f"style, as the paper's encoder expects); got {references.shape[2]}x{references.shape[1]}.")
     comfy.model_management.load_models_gpu([pva.patcher])
-    encoder = pva.weights.face_encoder.eval()
+    encoder = pva.weights.face_encoder.train(False)
     parameter = next(encoder.parameters())
     faces = arcface_crop(references[..., :3].movedim(-1, 1).to(parameter) * 2 - 1)
     return encoder(faces).float()

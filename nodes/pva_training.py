@@ -157,7 +157,7 @@ def identity_tune_optimizer(params: dict[str, torch.Tensor], learning_rate: floa
 
 
 def _save(stem: str, tune: PreparedTune) -> LoadedPVA:
-    weights = tune.pva.weights.requires_grad_(False).eval()
+    weights = tune.pva.weights.requires_grad_(False).train(False)
     path = output_path(folder_paths.get_folder_paths(PVA_FOLDER)[0], stem)
     save_pva(path, weights)
     folder_paths.filename_list_cache.clear()
