@@ -125,10 +125,13 @@ def step_index(sample_sigmas: torch.Tensor, sigma: float) -> int:
 
 @dataclass(frozen=True)
 class ImageTokens:
-    """Projected reference tokens ``(1, T, D)`` and the negative ones (black image) or None."""
+    """Projected reference tokens ``(1 or B, T, D)`` and the negative ones (black image) or None."""
 
     reference: torch.Tensor
     negative: torch.Tensor | None
+
+    def to(self, device) -> ImageTokens:
+        return ImageTokens(self.reference.to(device), None if self.negative is None else self.negative.to(device))
 
 
 class MaskGuidanceRun:
@@ -140,8 +143,9 @@ class MaskGuidanceRun:
     """
 
     def __init__(self, settings: MaskSettings, indicator: torch.Tensor, latent_size: tuple[int, int],
-                 total_steps: int, update_fraction: float, text_only_pass: bool):
+                 total_steps: int, update_fraction: float, text_only_pass: bool, tokens: ImageTokens):
         self.settings = settings
+        self.tokens = tokens  # on the sampling device for the whole run
         self.indicator = indicator
         self.size = (math.ceil(latent_size[0] / 2), math.ceil(latent_size[1] / 2))
         self.update_steps = max(1, round(update_fraction * total_steps))
@@ -268,12 +272,22 @@ def image_branch_output(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return out if gate is None else out * gate.to(out.dtype)
 
 
+@dataclass
+class UngatedRun:
+    """The run state of training (paper eq. 4): the branch sees ``tokens`` everywhere (all-ones mask)."""
+
+    tokens: ImageTokens
+    mask: torch.Tensor  # ones (B, H', W')
+    injecting: bool = True
+    capturing: bool = False
+
+
 @dataclass(frozen=True, eq=False)
 class MaskedImageBranch(AttentionProcessor):
-    """The released code's visual cross-attention branch, gated by the run's word mask."""
+    """The released code's visual cross-attention branch, gated by the run's word mask; the image
+    tokens come from the run (a :class:`MaskGuidanceRun` or an :class:`UngatedRun`)."""
 
     weights: ImageBranchWeights
-    tokens: ImageTokens
     strength: float = 1.0
 
     name = "realcustom_image_branch"
@@ -286,7 +300,7 @@ class MaskedImageBranch(AttentionProcessor):
                 and self.weights.serves(call.block))
 
     def parallel_output(self, q, call: AttentionCall):
-        run: MaskGuidanceRun = call.options[RUN_KEY]
+        run: MaskGuidanceRun | UngatedRun = call.options[RUN_KEY]
         if run.mask is None:
             return None  # no map yet (a call without cond rows before the first capture)
         chunks = list(call.cond_or_uncond) or [COND]
@@ -295,10 +309,11 @@ class MaskedImageBranch(AttentionProcessor):
         gate = resize_gate(run.mask.to(q.device), height, width)
         if gate.shape[0] != rows:
             raise ValueError(f"AdaptiveMaskGuidance: the mask holds {gate.shape[0]} images but the batch has {rows}.")
-        pos_k, pos_v = self.weights.project(call.block, self.tokens.reference.to(q.device), q.dtype)
+        tokens: ImageTokens = run.tokens
+        pos_k, pos_v = self.weights.project(call.block, tokens.reference, q.dtype)
         neg_k = neg_v = None
-        if self.tokens.negative is not None:
-            neg_k, neg_v = self.weights.project(call.block, self.tokens.negative.to(q.device), q.dtype)
+        if tokens.negative is not None:
+            neg_k, neg_v = self.weights.project(call.block, tokens.negative, q.dtype)
         with_image = [i for i, c in enumerate(chunks) if c == COND or neg_k is not None]
         if not with_image:
             return None

@@ -153,3 +153,16 @@ def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], format_name: st
     adapter = RealCustomAdapter(format_name, projector, ImageBranchWeights(_branch_shapes(state_dict)))
     adapter.load_state_dict(state_dict, strict=True)
     return adapter.train(False).requires_grad_(False)
+
+
+def new_clip_vision_adapter(vision_dim: int, shapes: dict[BlockKey, tuple[int, int]], seed: int) -> RealCustomAdapter:
+    """A fresh adapter of this pack's format (trainer start), initialised from ``seed`` (so a resumed run
+    starts from the same weights). The visual values start at zero, so the untrained branch adds nothing
+    and training starts from the frozen text-to-image model."""
+    token_dim = next(iter(shapes.values()))[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter = RealCustomAdapter(CLIP_VISION_FORMAT, LinearProjector(vision_dim, token_dim), ImageBranchWeights(shapes))
+    for linear in adapter.branch.to_v_vision.values():
+        torch.nn.init.zeros_(linear.weight)
+    return adapter

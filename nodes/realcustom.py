@@ -218,13 +218,14 @@ class _SamplingRun:
     indicator: torch.Tensor
     update_fraction: float
     text_only_pass: bool
+    tokens: ImageTokens
     record: MaskRecord
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         options = executor.class_obj.model_options["transformer_options"]  # the sampler's per-run copy
         run = MaskGuidanceRun(self.settings, self.indicator, latent_size=tuple(noise.shape[-2:]),
                               total_steps=len(sigmas) - 1, update_fraction=self.update_fraction,
-                              text_only_pass=self.text_only_pass)
+                              text_only_pass=self.text_only_pass, tokens=self.tokens.to(noise.device))
         options[RUN_KEY] = run
         try:
             output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -325,13 +326,13 @@ class AdaptiveMaskGuidance(io.ComfyNode):
 
         patched = model.clone()
         add_attention_processor(patched, WordMapReader(), cross_blocks)
-        add_attention_processor(patched, MaskedImageBranch(reference.adapter.adapter.branch, tokens, strength), cross_blocks)
+        add_attention_processor(patched, MaskedImageBranch(reference.adapter.adapter.branch, strength), cross_blocks)
         patched.set_additional_models(RUN_WRAPPER_KEY, [reference.adapter.patcher])
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RUN_WRAPPER_KEY,
                                      guided_diffusion_model)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY,
                                      _SamplingRun(settings, phrase.indicator(), update_fraction,
-                                                  map_source == MAP_SOURCES[1], record))
+                                                  map_source == MAP_SOURCES[1], tokens, record))
         return io.NodeOutput(patched, record)
 
 

@@ -14,6 +14,7 @@ from personalization_nodes.attention.realcustom import (
     MaskedImageBranch,
     MaskGuidanceRun,
     MaskSettings,
+    UngatedRun,
     WordMapAccumulator,
     WordMapReader,
     keep_top,
@@ -109,9 +110,9 @@ def branch_weights(token_dim=6):
     return weights
 
 
-def make_run(mask=None, text_only=True):
+def make_run(mask=None, text_only=True, tokens=None):
     run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], latent_size=(8, 8), total_steps=4,
-                          update_fraction=1.0, text_only_pass=text_only)
+                          update_fraction=1.0, text_only_pass=text_only, tokens=tokens)
     run.mask = mask
     return run
 
@@ -139,18 +140,18 @@ def test_all_ones_mask_equals_ungated_branch_and_zeros_equal_text_only(qkv, layo
     q, k, v = q[: rows * len(layout)], k[: rows * len(layout)], v[: rows * len(layout)]
     weights = branch_weights()
     tokens = ImageTokens(reference=torch.randn(1, 5, 6), negative=torch.randn(1, 5, 6))
-    chain = ProcessorChain().with_processor(MaskedImageBranch(weights, tokens))
+    chain = ProcessorChain().with_processor(MaskedImageBranch(weights))
     dispatcher = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)
     text = sdpa_attention(q, k, v, HEADS)
 
-    ones = dispatcher(q, k, v, call_options(make_run(torch.ones(rows, 4, 4)), chain, layout))
+    ones = dispatcher(q, k, v, call_options(make_run(torch.ones(rows, 4, 4), tokens=tokens), chain, layout))
     expected = text.clone()
     for i, chunk in enumerate(layout):
         sl = slice(i * rows, (i + 1) * rows)
         expected[sl] += image_only(q[sl], weights, tokens.reference if chunk == 0 else tokens.negative)
     assert (ones - expected).abs().max() <= 1e-5
 
-    zeros = dispatcher(q, k, v, call_options(make_run(torch.zeros(rows, 4, 4)), chain, layout))
+    zeros = dispatcher(q, k, v, call_options(make_run(torch.zeros(rows, 4, 4), tokens=tokens), chain, layout))
     assert (zeros - text).abs().max() <= 1e-6
 
 
@@ -158,9 +159,9 @@ def test_mask_gates_per_pixel_and_per_image(qkv):
     q, k, v = qkv
     weights = branch_weights()
     tokens = ImageTokens(reference=torch.randn(1, 5, 6), negative=None)
-    chain = ProcessorChain().with_processor(MaskedImageBranch(weights, tokens, strength=0.5))
+    chain = ProcessorChain().with_processor(MaskedImageBranch(weights, strength=0.5))
     mask = torch.rand(2, 4, 4)
-    out = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)(q, k, v, call_options(make_run(mask), chain, (1, 0)))
+    out = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)(q, k, v, call_options(make_run(mask, tokens=tokens), chain, (1, 0)))
     expected = sdpa_attention(q, k, v, HEADS)
     expected[2:] += 0.5 * image_only(q[2:], weights, tokens.reference) * mask.flatten(1)[..., None]  # uncond: none
     assert (out - expected).abs().max() <= 1e-5
@@ -192,7 +193,7 @@ def test_reader_is_inactive_without_capture_so_attention_stays_fused(qkv):
 
 def test_fast_schedule_uses_previous_steps_map_and_freezes():
     run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], latent_size=(4, 4), total_steps=4,
-                          update_fraction=0.5, text_only_pass=False)
+                          update_fraction=0.5, text_only_pass=False, tokens=None)
     first, second = torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2)
     run.start_call(0)
     assert run.needs_text_only_pass(0)
@@ -212,7 +213,7 @@ def test_fast_schedule_uses_previous_steps_map_and_freezes():
 
 def test_text_only_schedule_runs_one_pass_per_updating_step():
     run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], latent_size=(4, 4), total_steps=4,
-                          update_fraction=0.5, text_only_pass=True)
+                          update_fraction=0.5, text_only_pass=True, tokens=None)
     passes = []
     for step in (0, 0, 1, 2, 3):  # step 0 called twice (a multi-eval sampler)
         run.start_call(step)
@@ -229,3 +230,17 @@ def test_context_length_mismatch_is_explained():
     assert run.token_indicator(2 * TOKENS).sum() == 2
     with pytest.raises(ValueError, match="same prompt"):
         run.token_indicator(TOKENS + 1)
+
+
+def test_per_sample_tokens_of_training_equal_separate_calls(qkv):
+    """Training gives every row its own reference (B, T, D) through an UngatedRun (paper eq. 4, no mask)."""
+    q, k, v = qkv
+    weights = branch_weights()
+    references = torch.randn(4, 5, 6)
+    run = UngatedRun(ImageTokens(references, None), mask=torch.ones(4, 4, 4))
+    chain = ProcessorChain().with_processor(MaskedImageBranch(weights))
+    out = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)(q, k, v, call_options(run, chain, (0,)))
+    expected = sdpa_attention(q, k, v, HEADS)
+    for row in range(4):
+        expected[row:row + 1] += image_only(q[row:row + 1], weights, references[row:row + 1])
+    assert (out - expected).abs().max() <= 1e-5

@@ -242,3 +242,25 @@ def test_released_adapter_needs_encoders_comfyui_lacks(comfy, sd15):
 
 def test_pickle_checkpoints_are_not_offered(comfy):
     assert comfy.folder_paths.folder_names_and_paths["realcustom"][1] == {".safetensors"}
+
+
+def test_composes_with_lora_and_shared_attention_batch(sd15, sd15_reference):
+    from harness.checkpoints import sd15_lora_path
+    from harness.comfy_env import boot_comfy
+    from harness.pack_nodes import shared_attention
+    model, clip, _ = sd15
+    lora = boot_comfy().nodes.LoraLoaderModelOnly().load_lora_model_only(model, sd15_lora_path().name, 1.0)[0]
+    patched, masks = guided(shared_attention(lora), sd15_reference, clip)
+    positive, negative = sd15_conds(clip)
+    out = sample(patched, positive, negative, empty_latent(2), steps=STEPS)
+    assert torch.isfinite(out).all() and len(masks.steps) == STEPS
+    without_branch = sample(guided(shared_attention(lora), sd15_reference, clip, strength=0.0)[0], positive, negative,
+                            empty_latent(2), steps=STEPS)
+    assert not torch.allclose(out, without_branch, atol=1e-3)
+
+
+def test_sdxl_missing_word_is_a_clear_error(comfy, sdxl_model):
+    from harness.text_encoders import sdxl_tokenizer_clip
+    ref = reference(sdxl_model, SDXL_ADAPTER, 2048)
+    with pytest.raises(ValueError, match="'plush toy' does not occur"):
+        guided(sdxl_model, ref, sdxl_tokenizer_clip(), word="plush toy")

@@ -79,3 +79,14 @@ def adapter_path(name: str, blocks, vision_dim: int, token_dim: int, seed: int =
         path.parent.mkdir(parents=True, exist_ok=True)
         write_adapter(path, adapter_state_dict(blocks, vision_dim, token_dim, seed), "realcustom.clip_vision")
     return path
+
+
+def sd15_workflow_adapter_path():
+    """Adapter for the tiny SD1.5 checkpoint reading the ViT-L file's 1024-d features (workflow tests)."""
+    from .checkpoints import load_sd15
+    from .comfy_env import pack_module
+    path = models_dir() / "realcustom" / "tiny_realcustom_sd15_vitl_v1.safetensors"
+    if not path.exists():
+        blocks = pack_module("nodes.patching").transformer_blocks(load_sd15()[0])
+        adapter_path(path.name, blocks, vision_dim=1024, token_dim=768)
+    return path

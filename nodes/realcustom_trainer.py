@@ -1,0 +1,156 @@
+"""RealCustomTrainer: trains this pack's RealCustom image branch in the graph (DESIGN.md §4)."""
+from __future__ import annotations
+
+import math
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import torch
+
+from ..attention.realcustom import RUN_KEY, MaskedImageBranch
+from ..attention.realcustom_weights import (
+    CLIP_VISION_FORMAT,
+    FORMAT_KEY,
+    adapter_from_state_dict,
+    new_clip_vision_adapter,
+)
+from ..training.checkpoint import save_atomic
+from ..training.loop import LoopSettings, fingerprint, train
+from ..training.naming import output_path, sanitize_name
+from ..training.realcustom import RealCustomStep, TrainingData
+from . import training_glue as glue
+from .comfy_io import io
+from .patching import add_attention_processor, transformer_blocks
+from .realcustom import ADAPTER_FOLDER, CATEGORY, AdapterType, LoadedAdapter
+
+CHECKPOINT_FOLDER = "realcustom_checkpoints"
+
+
+def _captions(text: str, count: int) -> list[str]:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) == 1:
+        return lines * count
+    if len(lines) != count:
+        raise ValueError(f"RealCustomTrainer: {count} images but {len(lines)} captions; write one caption per line "
+                         "(or a single line for all images).")
+    return lines
+
+
+def _contexts(clip, captions: list[str]) -> torch.Tensor:
+    """Text contexts of the captions; longer prompts repeat shorter ones as ComfyUI batches conds."""
+    conds = [clip.encode_from_tokens(clip.tokenize(c)) for c in captions]
+    length = math.lcm(*(c.shape[1] for c in conds))
+    return torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds])
+
+
+def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution, crop) -> TrainingData:
+    square = comfy.utils.common_upscale(images[..., :3].movedim(-1, 1), resolution, resolution, "bilinear", "center")
+    latents = model.get_model_object("latent_format").process_in(vae.encode(square.movedim(1, -1)))
+    features = clip_vision.encode_image(images[..., :3], crop=crop)["penultimate_hidden_states"]
+    device = comfy.model_management.get_torch_device()
+    return TrainingData(latents.float().to(device), _contexts(clip, captions).float().to(device),
+                        features.float().to(device))
+
+
+def prepare_training(model, clip, vae, clip_vision, images, captions, resolution, crop, batch_size, seed):
+    """(fresh adapter, step function) of a run; call inside ``glue.training_mode()``."""
+    blocks = [b for b in transformer_blocks(model) if b.has_cross_attention]
+    with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
+        data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop)
+    context_dim = data.contexts.shape[-1]
+    adapter = new_clip_vision_adapter(data.features.shape[-1], {b.key: (b.channels, context_dim) for b in blocks}, seed)
+    adapter.to(data.latents.device)
+    trainable = glue.trainable_unet(model, {})
+    add_attention_processor(trainable, MaskedImageBranch(adapter.branch), blocks)
+
+    def denoise(x_t, sigma, context, run):
+        trainable.model_options["transformer_options"][RUN_KEY] = run  # a private clone of this run
+        return glue.denoise(trainable, x_t, sigma, context)
+
+    step = RealCustomStep(data, adapter.projector, denoise, glue.discrete_sigmas(model), glue.prediction_kind(model),
+                          batch_size)
+    return adapter, step
+
+
+class RealCustomTrainer(io.ComfyNode):
+    """Trains a RealCustom image branch (Huang et al., CVPR 2024, §3.2) for SD1.x in this pack's format.
+
+    The U-Net, text encoder and image encoder stay frozen; a projector (Linear + LayerNorm over the
+    CLIP_VISION's penultimate states) and the visual key/value projections of every cross-attention layer
+    learn with the ε-MSE, each image being its own reference and the branch ungated (paper eq. 4; the mask
+    exists only at inference). The paper trains on generic captioned images (filtered LAION, 160k
+    iterations, lr 1e-5 on 16 A100): the subject is never fixed, any image works at inference.
+    Not implemented: the paper's adaptive scoring module (not in the released model either).
+
+    Inputs: model/clip/vae/clip_vision (the encoder you will use at inference), images + captions (one per
+    line, or one for all), name (output file models/realcustom/<name>.safetensors), steps, learning_rate
+    (paper 1e-5; 1e-4 for small sets), batch_size × grad_accumulation, resolution (512 for SD1.5), seed,
+    checkpoint_every (resumable checkpoint in output/realcustom_checkpoints; re-running with the same
+    inputs resumes), crop (how images reach the image encoder; inference must match).
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RealCustomTrainer",
+            display_name="RealCustom Trainer",
+            category=CATEGORY,
+            description="Train a RealCustom image branch (projector + visual K/V) on captioned images.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.x model the branch is trained for; it stays frozen and unchanged."),
+                io.Clip.Input("clip", tooltip="The model's text encoder, for the captions."),
+                io.Vae.Input("vae", tooltip="VAE that encodes the training images."),
+                io.ClipVision.Input("clip_vision", tooltip="Image encoder of the branch (use the same at inference)."),
+                io.Image.Input("images", tooltip="Training images; each is its own reference."),
+                io.String.Input("captions", multiline=True, default="a photo of a toy",
+                                tooltip="One caption per image, one per line (or one line for all)."),
+                io.String.Input("name", default="realcustom_sd15", tooltip="Output file name in models/realcustom; letters, digits, - _ ."),
+                io.Int.Input("steps", default=1000, min=1, max=1000000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-2, step=1e-6,
+                               tooltip="AdamW learning rate (paper: 1e-5 on a large dataset)."),
+                io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Images per micro-batch."),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=64, tooltip="Micro-batches per optimizer step."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Square training resolution (512 for SD1.5)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of sampling order, noise and timesteps."),
+                io.Int.Input("checkpoint_every", default=100, min=0, max=100000,
+                             tooltip="Save a resumable checkpoint every N steps (0: only at the end / on cancel)."),
+                io.Boolean.Input("crop", default=False, tooltip="Center-crop images for the image encoder instead of squashing (match at inference)."),
+            ],
+            outputs=[
+                AdapterType.Output(display_name="adapter", tooltip="The trained branch, for RealCustomEncodeReference."),
+                io.String.Output(display_name="adapter_name", tooltip="File name of the adapter in models/realcustom."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, clip_vision, images, captions, name, steps, learning_rate, batch_size,
+                grad_accumulation, resolution, seed, checkpoint_every, crop) -> io.NodeOutput:
+        if model.model.adm_channels:
+            raise ValueError(f"RealCustomTrainer trains SD1.x image branches; this MODEL ({type(model.model).__name__}) "
+                             "also needs pooled text and size conditioning (SDXL): use the released SDXL weights.")
+        stem = sanitize_name(name)
+        texts = _captions(captions, images.shape[0])
+        with glue.training_mode():
+            adapter, step = prepare_training(model, clip, vae, clip_vision, images, texts, resolution, crop, batch_size,
+                                             seed)
+            run_id = fingerprint(images=images, captions=texts, steps=steps, learning_rate=learning_rate,
+                                 batch_size=batch_size, resolution=resolution, seed=seed, crop=crop,
+                                 vision_dim=adapter.vision_dim)
+            checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
+            train(dict(adapter.named_parameters()), step, lambda params: torch.optim.AdamW(params, lr=learning_rate),
+                  LoopSettings(steps, grad_accumulation, seed, checkpoint_every, checkpoint, run_id),
+                  on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
+        state_dict = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
+        path = output_path(folder_paths.get_folder_paths(ADAPTER_FOLDER)[0], stem)
+        save_atomic(path, state_dict, metadata={FORMAT_KEY: CLIP_VISION_FORMAT, "method": "realcustom",
+                                                "steps": str(steps), "learning_rate": str(learning_rate)})
+        folder_paths.filename_list_cache.clear()
+        trained = adapter_from_state_dict(state_dict, CLIP_VISION_FORMAT)
+        patcher = comfy.model_patcher.ModelPatcher(trained, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        return io.NodeOutput(LoadedAdapter(trained, patcher, path.name), path.name)
+
+
+REALCUSTOM_TRAINER_NODES = [RealCustomTrainer]

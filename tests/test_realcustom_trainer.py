@@ -1,0 +1,84 @@
+"""RealCustomTrainer on the tiny SD1.5: learning, resume, export loadable by RealCustomLoader."""
+import pytest
+import torch
+from harness.comfy_env import models_dir, pack_module
+from harness.pack_nodes import run_node
+from safetensors.torch import load_file
+
+CAPTIONS = "a photo of a red toy\na photo of a blue toy"
+
+
+def dataset():
+    """Two 64 px images: a red and a blue square on grey."""
+    images = torch.full((2, 64, 64, 3), 0.5)
+    images[0, 16:48, 16:48] = torch.tensor([0.9, 0.1, 0.1])
+    images[1, 8:40, 24:56] = torch.tensor([0.1, 0.1, 0.9])
+    return images
+
+
+def train_node(sd15, name, steps=3, **overrides):
+    from harness.realcustom import tiny_clip_vision
+    model, clip, vae = sd15
+    inputs = dict(model=model, clip=clip, vae=vae, clip_vision=tiny_clip_vision(), images=dataset(), captions=CAPTIONS,
+                  name=name, steps=steps, learning_rate=1e-3, batch_size=2, grad_accumulation=1, resolution=64, seed=0,
+                  checkpoint_every=1, crop=False)
+    return run_node("RealCustomTrainer", **{**inputs, **overrides})
+
+
+@pytest.mark.slow
+def test_loss_decreases_on_the_same_noise_and_timesteps(comfy, sd15):
+    from harness.realcustom import tiny_clip_vision
+    glue = pack_module("nodes.training_glue")
+    trainer = pack_module("nodes.realcustom_trainer")
+    loop = pack_module("training.loop")
+    model, clip, vae = sd15
+    with glue.training_mode():
+        adapter, step = trainer.prepare_training(model, clip, vae, tiny_clip_vision(), dataset(), CAPTIONS.split("\n"),
+                                                 32, False, 2, 0)
+
+        def held_out_loss():  # fixed micro-steps the training never draws (steps 10_000+)
+            with torch.no_grad():
+                return sum(float(step(loop.MicroStep(10_000 + i, 0, loop.micro_step_generator(7, 10_000 + i, 0))))
+                           for i in range(3)) / 3
+        before = held_out_loss()
+        loop.train(dict(adapter.named_parameters()), step, lambda p: torch.optim.AdamW(p, lr=1e-2),
+                   loop.LoopSettings(steps=12, seed=0))
+        after = held_out_loss()
+    assert after < 0.9 * before
+
+
+@pytest.mark.slow
+def test_interrupt_then_resume_equals_uninterrupted_and_exports_a_loadable_adapter(comfy, sd15, monkeypatch):
+    from comfy.model_management import InterruptProcessingException
+    adapter, name = train_node(sd15, "test_rc_straight")
+    straight = load_file(str(models_dir() / "realcustom" / name))
+    assert set(straight) == set(adapter.adapter.state_dict())
+
+    glue = pack_module("nodes.training_glue")
+    calls = []
+
+    def interrupt_in_second_step():  # as if the user pressed cancel during step 2
+        calls.append(1)
+        if len(calls) == 2:
+            raise InterruptProcessingException()
+    monkeypatch.setattr(glue, "check_interrupted", interrupt_in_second_step)
+    with pytest.raises(InterruptProcessingException):
+        train_node(sd15, "test_rc_resumed")
+    monkeypatch.undo()
+    _, resumed_name = train_node(sd15, "test_rc_resumed")
+    resumed = load_file(str(models_dir() / "realcustom" / resumed_name))
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+    loaded = run_node("RealCustomLoader", adapter_name=name)[0]
+    assert loaded.adapter.format_name == "realcustom.clip_vision"
+
+
+def test_sdxl_is_refused_with_a_reason(comfy, sdxl_model, sd15):
+    with pytest.raises(ValueError, match="SD1.x"):
+        train_node((sdxl_model, sd15[1], sd15[2]), "test_rc_sdxl")
+
+
+def test_caption_count_must_match(comfy, sd15):
+    with pytest.raises(ValueError, match="2 images but 3 captions"):
+        train_node(sd15, "test_rc_captions", captions="a\nb\nc")

@@ -1,0 +1,60 @@
+"""RealCustom image-branch training (Huang et al., CVPR 2024, §3.2 eq. 4), for this pack's CLIP-vision format.
+
+Everything pre-trained is frozen (U-Net, text encoder, image encoder); only the projector and the
+visual key/value projections of every cross-attention layer learn. Each training image is its own
+reference, the branch is ungated (eq. 4 has no mask; the mask only exists at inference), and the loss
+is the plain ε- (or v-) MSE of the frozen U-Net with the branch added.
+
+Not trained here: the paper's adaptive scoring module (score nets over the image tokens, top-γ_num
+selection, timestep fusion). The released model has none either, and its inference (which this pack
+follows) never scores tokens; see the node docs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..attention.realcustom import ImageTokens, UngatedRun
+from .loop import MicroStep
+from .losses import add_noise, masked_mse, prediction_from_denoised, sample_timesteps
+
+#: denoise(x_t, sigma, context, run) -> the frozen U-Net's x̂0 with the image branch of ``run``
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, UngatedRun], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The encoded dataset: one row per image (all on the training device)."""
+
+    latents: torch.Tensor   # (N, 4, h, w) VAE latents (scaled as the model expects)
+    contexts: torch.Tensor  # (N, T, C) text contexts of the captions
+    features: torch.Tensor  # (N, P, D) CLIP-vision penultimate states of the same images
+
+    def __post_init__(self):
+        if not self.latents.shape[0] == self.contexts.shape[0] == self.features.shape[0]:
+            raise ValueError("every image needs one caption and one feature row")
+
+
+class RealCustomStep:
+    """The step function of :func:`training.loop.train`: one micro-batch's loss (all randomness from
+    the micro-step's generator, so an interrupted and resumed run equals an uninterrupted one)."""
+
+    def __init__(self, data: TrainingData, projector: torch.nn.Module, denoise: DenoiseFn,
+                 sigmas: torch.Tensor, prediction: str, batch_size: int):
+        self.data, self.projector, self.denoise = data, projector, denoise
+        self.sigmas, self.prediction, self.batch_size = sigmas, prediction, batch_size
+
+    def __call__(self, micro: MicroStep) -> torch.Tensor:
+        data, device = self.data, self.data.latents.device
+        rows = torch.randint(0, data.latents.shape[0], (self.batch_size,), generator=micro.generator)
+        x0 = data.latents[rows.to(device)]
+        noise = torch.randn(x0.shape, generator=micro.generator).to(x0)
+        sigma = self.sigmas[sample_timesteps(self.batch_size, micro.generator, self.sigmas.shape[0])].to(x0)
+        x_t = add_noise(x0, noise, sigma)
+        tokens = self.projector(data.features[rows.to(device)])
+        run = UngatedRun(ImageTokens(tokens, None), mask=torch.ones(self.batch_size, 1, 1, device=device))
+        denoised = self.denoise(x_t, sigma, data.contexts[rows.to(device)], run)
+        return masked_mse(prediction_from_denoised(self.prediction, x_t, denoised, sigma),
+                          prediction_from_denoised(self.prediction, x_t, x0, sigma))
