@@ -5,9 +5,10 @@ from .disendiff import DISENDIFF_NODES
 from .pva import PVA_NODES
 from .pva_training import PVA_TRAINING_NODES
 from .realcustom import REALCUSTOM_NODES
+from .realcustom_trainer import REALCUSTOM_TRAINER_NODES
 from .style_aligned import STYLE_ALIGNED_NODES
 
 
 class PersonalizationExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*STYLE_ALIGNED_NODES, *REALCUSTOM_NODES, *PVA_NODES, *PVA_TRAINING_NODES, *DISENDIFF_NODES, *DETEX_NODES]
+        return [*STYLE_ALIGNED_NODES, *REALCUSTOM_NODES, *REALCUSTOM_TRAINER_NODES, *PVA_NODES, *PVA_TRAINING_NODES, *DISENDIFF_NODES, *DETEX_NODES]

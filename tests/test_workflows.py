@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from harness import checkpoints, pva_assets
+from harness import realcustom as realcustom_assets
 from harness.workflows import execute_workflow, load_ui_workflow, saved_image_paths, ui_to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
@@ -22,6 +23,8 @@ EXPECTED_IMAGES = {
     "disendiff_exported_controlnet": 2,
     "pva_face_inpainting": 1,
     "pva_lora": 1,
+    "realcustom_generation": 1 + STEPS,  # the image, then the word mask of every step
+    "realcustom_controlnet": 1 + STEPS,
     "detex_train_then_sample": 1,
     "detex_pose_kept_vs_dropped": 2,
 }
@@ -61,6 +64,10 @@ def shrink_for_tiny_models(api: dict, input_dir: Path) -> dict:
             inputs.pop("clip_vision", None)
         elif kind == "DecoupledTokenPrompt" and isinstance(inputs["name"], str):
             _ensure_detex_embeddings(inputs["name"], inputs["image_index"])
+        elif kind == "CLIPVisionLoader":
+            inputs["clip_name"] = realcustom_assets.vitl_clip_vision_path().name
+        elif kind == "RealCustomLoader":
+            inputs["adapter_name"] = realcustom_assets.sd15_workflow_adapter_path().name
         elif kind == "LoadImage":
             rng = np.random.default_rng(len(inputs["image"]))
             pixels = rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
