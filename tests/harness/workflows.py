@@ -156,8 +156,15 @@ def ui_to_api(ui_workflow: dict) -> dict:
     return api
 
 
-def execute_workflow(api_prompt: dict, extra_data: dict | None = None) -> dict:
-    """Validate with execution.validate_prompt and run with execution.PromptExecutor, in-process.
+def new_executor():
+    """A PromptExecutor with ComfyUI's default (classic) output cache, to reuse across prompts like the server does."""
+    execution = boot_comfy(require_pack=False).execution
+    return execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+
+
+def execute_workflow(api_prompt: dict, extra_data: dict | None = None, executor=None) -> dict:
+    """Validate with execution.validate_prompt and run with execution.PromptExecutor, in-process (a fresh
+    executor unless one is given, so cached runs can be tested).
 
     Returns {node id: NodeResult(ui, outputs)} for every node that ran. Raises WorkflowValidationError / WorkflowExecutionError with
     ComfyUI's messages.
@@ -172,8 +179,7 @@ def execute_workflow(api_prompt: dict, extra_data: dict | None = None) -> dict:
             for reason in err["errors"]:
                 lines.append(f"  node {nid} ({err['class_type']}): {reason['message']}: {reason['details']}")
         raise WorkflowValidationError("\n".join(lines))
-    executor = execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+    executor = executor or new_executor()
     executor.execute(api_prompt, prompt_id, dict(extra_data or {}), good_outputs)
     for event, data in executor.status_messages:
         if event in ("execution_error", "execution_interrupted"):
