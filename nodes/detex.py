@@ -224,6 +224,10 @@ class DecoupledTokenTrainer(io.ComfyNode):
         if not class_word or "embedding:" in class_word or any(c in class_word for c in "{}[]"):
             raise ValueError("DecoupledTokenTrainer: class_word must be a plain noun such as 'dog'.")
         parsed = PromptTemplate.parse(template)
+        if (regularization_prompt or "").strip() and regularization_images is None:
+            raise ValueError("DecoupledTokenTrainer: a regularization_prompt is set but no regularization_images are "
+                             "connected; generate class images from it (e.g. DisenDiffRegularization) and connect them, "
+                             "or clear the prompt.")
         if attribute_source == MAPPERS and clip_vision is None:
             raise ValueError("DecoupledTokenTrainer: the attribute mappers need a CLIP vision encoder; connect a "
                              "CLIPVisionLoader (ViT-L/14) to clip_vision, or choose attribute_source 'free vectors'.")

@@ -69,13 +69,14 @@ def test_mask_node_finds_the_subject_and_previews_what_the_mappers_see(comfy):
 
 @pytest.fixture(scope="module")
 def trained(comfy, sd15):
-    """One small training run with the mappers: (model, clip, name, loss_map), and what the input model
-    and CLIP gave before it ran."""
+    """One small training run with the mappers and regularisation images: (model, clip, name, loss_map),
+    and what the input model and CLIP gave before it ran."""
     model, clip, _ = sd15
     positive, negative = encode_prompt(clip, "photo of a dog"), encode_prompt(clip, "")
     before = (positive[0][0].clone(), sample(model, positive, negative, empty_latent(1), steps=1))
     name = f"detex_test_{os.getpid()}_trained"
-    outputs = _train(sd15, name)
+    class_images = torch.rand(2, 48, 56, 3, generator=torch.Generator().manual_seed(3))  # resized to the training size
+    outputs = _train(sd15, name, regularization_images=class_images, regularization_prompt="a photo of a {class}")
     yield outputs, before
     for path in _files(name):
         path.unlink(missing_ok=True)
@@ -272,6 +273,8 @@ def test_mappers_without_clip_vision_and_bad_templates_are_clear_errors(comfy, s
         _train(sd15, run_name, template="photo of a {V} {class}[ with {P} pose]")
     with pytest.raises(ValueError, match="class_word"):
         _train(sd15, run_name, class_word="embedding:x")
+    with pytest.raises(ValueError, match="no regularization_images"):
+        _train(sd15, run_name, regularization_prompt="photo of a dog")
 
 
 def test_non_sd1_models_are_refused(comfy, sd15, sdxl_model, run_name):
