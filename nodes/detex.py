@@ -293,6 +293,9 @@ class DetexTraining:
         def encode_text(text, vectors):
             if text not in prompts:
                 prompts[text] = glue.PlaceholderPrompt(clip, text, {n: 1 for n in vectors})
+                if len(prompts[text].tokens["l"]) > 1:
+                    raise ValueError(f"DecoupledTokenTrainer: the training prompt {text!r} is longer than CLIP's 75 "
+                                     "tokens; shorten the template.")
             return encoder.encode(prompts[text].substitute({n: {"clip_l": v} for n, v in vectors.items()}))[0]
 
         regularisation = []
@@ -300,8 +303,8 @@ class DetexTraining:
             size = subject.images.shape[1]
             reg_pixels = center_square(regularization_images[..., :3].clone().float(), size, "bicubic").clamp(0, 1)
             reg_text = reg_caption.replace(CLASS, class_word)
-            with torch.no_grad():
-                context = encoder.encode(clip.tokenize(reg_text))[0].detach()
+            with torch.no_grad():  # truncated to one CLIP window, as Custom Diffusion's tokenizer does
+                context = encoder.encode(clip.tokenize(reg_text))[0][:, :77].detach()
             regularisation = [RegularisationView(latent, context) for latent in encode_pixels(reg_pixels)]
 
         self.step = DetexStep(self.pool, regularisation, self.subject_word, self.attributes, template, class_word,

@@ -291,3 +291,9 @@ def test_prompt_node_rejects_missing_subject_embedding(comfy, sd15):
     with pytest.raises(FileNotFoundError, match="never_trained_V"):
         run_node("DecoupledTokenPrompt", clip=clip, name="never_trained", prompt="a {V} dog", image_index=0,
                  keep_pose=False, keep_background=False)
+
+
+def test_template_longer_than_one_clip_window_is_a_clear_error(comfy, sd15, run_name):
+    long_template = "photo of a {V} {class}" + " very" * 80 + "[ with {P} pose][ in {B} background]"
+    with pytest.raises(ValueError, match="longer than CLIP's 75 tokens"):
+        _train(sd15, run_name, template=long_template, attribute_source="free vectors", clip_vision=None)

@@ -32,7 +32,7 @@ from .losses import add_noise, prediction_from_denoised, sample_timesteps
 #: placeholder embedding names of the live vectors in training prompts (never files)
 SUBJECT_WORD, POSE_WORD, BACKGROUND_WORD = "detex_subject", "detex_pose", "detex_background"
 
-#: text → ``[1, tokens, width]`` context, given ``{placeholder name: [1, width] live vector}``
+#: text → ``[1, 77, width]`` context (one CLIP window), given ``{placeholder name: [1, width] live vector}``
 EncodeText = Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
 #: ``[B, S, S, 3]`` pixels in [0, 1] → ``[B, 4, S/8, S/8]`` model-space latents (process_latent_in applied)
 EncodePixels = Callable[[torch.Tensor], torch.Tensor]
@@ -70,7 +70,7 @@ class PoolView:
 @dataclass(frozen=True)
 class RegularisationView:
     latent: torch.Tensor  # [4, h, w]
-    context: torch.Tensor  # [1, tokens, width], frozen encoding of its caption
+    context: torch.Tensor  # [1, 77, width], frozen encoding of its caption (truncated to 77 tokens as CLIP's)
 
 
 def build_pool(subject: SubjectImages, views_per_image: int, generator: torch.Generator,
@@ -152,20 +152,12 @@ class DetexStep:
         sigma = self.sigmas[t].to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = add_noise(x0, noise, sigma)
-        denoised = self.denoise(x_t, sigma, pad_contexts(contexts).to(device))
+        denoised = self.denoise(x_t, sigma, torch.cat(contexts).to(device))
         prediction = prediction_from_denoised(self.kind, x_t, denoised, sigma)
         target = prediction_from_denoised(self.kind, x_t, x0, sigma)
         losses = [masked_diffusion_mse(prediction[i:i + 1], target[i:i + 1], masks[i][None].to(device), normalizations[i])
                   for i in range(x0.shape[0])]
         return torch.stack(losses).mean()
-
-
-def pad_contexts(contexts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack ``[1, 77·k, C]`` contexts of different chunk counts, repeating each one's last row
-    (padding) up to the longest (only long regularisation captions have more than one chunk)."""
-    longest = max(c.shape[1] for c in contexts)
-    return torch.cat([c if c.shape[1] == longest else torch.cat([c, c[:, -1:].expand(-1, longest - c.shape[1], -1)], 1)
-                      for c in contexts], 0)
 
 
 def optimizer_factory(settings: DetexSettings, mapper_params: Sequence[torch.Tensor]):
