@@ -56,7 +56,8 @@ def _word_token_count(clip, word: str) -> int:
     return count
 
 
-def _concepts(prompt: glue.PlaceholderPrompt, names, clip, words) -> tuple[Concept, ...]:
+def concept_positions(prompt: glue.PlaceholderPrompt, names, clip, words) -> tuple[Concept, ...]:
+    """Each concept's modifier rows and the class-word tokens right after them in the training prompt."""
     concepts = []
     for name, word in zip(names, words):
         modifier = tuple(prompt.positions("l", name))
@@ -109,7 +110,8 @@ class DisenDiffTrainer(io.ComfyNode):
                 io.Int.Input("grad_accumulation", default=4, min=1, max=64, tooltip="Micro-batches per step (paper: 4)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
                              tooltip="Training resolution of the square crop (512 for SD1.5)."),
-                io.Int.Input("seed", default=1, min=0, max=2**31 - 1, tooltip="Seed of noise, timesteps and augmentation (paper: 1)."),
+                io.Int.Input("seed", default=1, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="Seed of noise, timesteps and augmentation (paper: 1)."),
                 io.Int.Input("checkpoint_every", default=50, min=0, max=10000,
                              tooltip="Save a resumable checkpoint every N steps (0: only at the end / on cancel)."),
                 io.Boolean.Input("augment", default=True, tooltip="Paper's scale augmentation with 'far away'/'close up' captions."),
@@ -178,7 +180,7 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
     target = recipe.as_square(image[0].clone(), resolution)
     prompts = {p: glue.PlaceholderPrompt(clip, recipe.training_caption(names, words, p), {n: 1 for n in names})
                for p in recipe.PREFIXES}
-    concepts = {p: _concepts(prompt, names, clip, words) for p, prompt in prompts.items()}
+    concepts = {p: concept_positions(prompt, names, clip, words) for p, prompt in prompts.items()}
     pool = _target_pool(model, vae, target, seed, settings.augment)
     context_length = len(prompts[""].tokens["l"]) * 77
     regs = _regularisation(model, clip, vae, reg_images, reg_captions, resolution, context_length)
@@ -267,7 +269,8 @@ class DisenDiffRegularization(io.ComfyNode):
                 io.Int.Input("steps", default=25, min=1, max=200, tooltip="Sampling steps per image."),
                 io.Float.Input("cfg", default=6.0, min=1.0, max=20.0, step=0.1, tooltip="CFG scale (paper's sampling: 6)."),
                 io.Int.Input("size", default=512, min=64, max=2048, step=64, tooltip="Square image size."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the first image (+1 per image)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="Seed of the first image (+1 per image)."),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="The regularisation images."),
@@ -363,7 +366,7 @@ class CalibratedCrossAttnMaps(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="Latent to look at, e.g. the sampler's output."),
                 io.Float.Input("noise_level", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="How far into the noise the latent is pushed before the step (0.3–0.6 typical)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the added noise."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True, tooltip="Seed of the added noise."),
             ],
             outputs=[
                 io.Image.Output(display_name="maps", tooltip="Per concept: modifier map, then class-word map (grey, normalised)."),

@@ -133,6 +133,9 @@ def discrete_sigmas(model) -> torch.Tensor:
 def denoise(patched, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, **model_kwargs) -> torch.Tensor:
     """One U-Net call returning ComfyUI's denoised ``x̂0`` (all samples one cond chunk), with the
     clone's patches and attention processors in effect."""
+    # Clones share the U-Net module: make sure this clone's weight wrappers are the ones patched in
+    # (a no-op while it stays loaded).
+    comfy.model_management.load_models_gpu([patched], force_full_load=True)
     options = dict(patched.model_options["transformer_options"])
     options["sigmas"] = sigma
     options["cond_or_uncond"] = [0]

@@ -185,3 +185,16 @@ def test_calibration_on_sdxl(comfy, sd15, sdxl_model):
     off = sample(run_node("CalibratedCrossAttn", model=sdxl_model, strength=0.0, **args)[0], positive, negative, latent, steps=2)
     on = sample(run_node("CalibratedCrossAttn", model=sdxl_model, strength=2.0, **args)[0], positive, negative, latent, steps=2)
     assert torch.equal(plain, off) and (on - plain).abs().max() > 1e-4
+
+
+def test_multi_token_class_words_cover_all_their_tokens(comfy, sd15):
+    """The official code silently takes only the first sub-token of a class word; here every token counts."""
+    _, clip, _ = sd15
+    nodes_disendiff = pack_module("nodes.disendiff")
+    glue = pack_module("nodes.training_glue")
+    recipe = pack_module("training.disendiff")
+    names, words = ["mt_new1", "mt_new2"], ["teddy bear", "dog"]
+    prompt = glue.PlaceholderPrompt(clip, recipe.training_caption(names, words), {n: 1 for n in names})
+    first, second = nodes_disendiff.concept_positions(prompt, names, clip, words)
+    assert first.modifier == (4,) and first.word == (5, 6)  # SOT photo of a <new1> teddy bear and <new2> dog
+    assert second.modifier == (8,) and second.word == (9,)
