@@ -17,21 +17,13 @@ import time
 from pathlib import Path
 
 import torch
+from timing import best_of
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 PVA_SETTINGS = dict(strength=1.0, uncond_identity=False, images_per_identity=0, start_percent=0.0, end_percent=1.0)
 
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def joint_softmax_vs_plain(repeats: int, device: str) -> tuple[float, float]:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from harness.checkpoints import empty_latent, encode_prompt, sample
 from harness.pva_assets import tiny_clip_vision
 from harness.comfy_env import models_dir, pack_module
-from harness.pack_nodes import run_node
+from harness.pack_nodes import run_node, user_cancels_at_step
 
 SIZE = 64
 TRAIN = dict(class_word="dog", steps=2, learning_rate=1e-3, mapper_learning_rate=1e-3, batch_size=1,
@@ -117,24 +117,13 @@ def test_trainer_leaves_the_input_model_and_clip_unchanged(comfy, sd15, trained)
 
 @pytest.mark.slow
 def test_interrupt_then_resume_equals_uninterrupted(comfy, sd15, run_name):
-    import comfy.model_management
-    import comfy.utils
-
     straight = f"{run_name}_straight"
     try:
         _train(sd15, straight, steps=2, checkpoint_every=0)
         reference = {p.name.replace(straight, ""): load_file(str(p)) for p in _files(straight)}
 
-        def interrupt_after_first_step(value, total, preview=None, node_id=None):
-            if value == 1:
-                comfy.model_management.interrupt_current_processing(True)
-        comfy.utils.set_progress_bar_global_hook(interrupt_after_first_step)
-        try:
-            with pytest.raises(comfy.model_management.InterruptProcessingException):
-                _train(sd15, run_name, steps=2, checkpoint_every=0)
-        finally:
-            comfy.utils.set_progress_bar_global_hook(None)
-            comfy.model_management.interrupt_current_processing(False)
+        with user_cancels_at_step(1):
+            _train(sd15, run_name, steps=2, checkpoint_every=0)
         assert not (models_dir() / "embeddings" / f"{run_name}_V.safetensors").exists()
         _train(sd15, run_name, steps=2, checkpoint_every=0)
         resumed = {p.name.replace(run_name, ""): load_file(str(p)) for p in _files(run_name)}

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from harness.checkpoints import empty_latent, encode_prompt, sample
 from harness.comfy_env import models_dir, pack_module
-from harness.pack_nodes import run_node
+from harness.pack_nodes import run_node, user_cancels_at_step
 
 TRAIN = dict(class_words="cat, dog", steps=2, learning_rate=1e-3, batch_size=2, grad_accumulation=1,
              resolution=64, seed=1, checkpoint_every=1, augment=False)
@@ -56,21 +56,10 @@ def test_exports_load_in_stock_nodes_and_reproduce_the_trained_model(comfy, sd15
 
 
 @pytest.mark.slow
-def test_interrupt_then_resume_equals_uninterrupted(comfy, sd15, run_name, monkeypatch):
+def test_interrupt_then_resume_equals_uninterrupted(comfy, sd15, run_name):
     straight = load_file_after(_train, sd15, run_name + "_a")
-    from comfy.model_management import InterruptProcessingException
-    glue = pack_module("nodes.training_glue")
-    calls = []
-
-    def interrupt_in_second_step():  # as if the user pressed cancel during step 2
-        calls.append(1)
-        if len(calls) == 2:
-            raise InterruptProcessingException()
-
-    monkeypatch.setattr(glue, "check_interrupted", interrupt_in_second_step)
-    with pytest.raises(InterruptProcessingException):
+    with user_cancels_at_step(1):
         _train(sd15, run_name)
-    monkeypatch.undo()
     resumed = load_file_after(_train, sd15, run_name)
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from harness.comfy_env import models_dir, pack_module
-from harness.pack_nodes import run_node
+from harness.pack_nodes import run_node, user_cancels_at_step
 from safetensors.torch import load_file
 
 CAPTIONS = "a photo of a red toy\na photo of a blue toy"
@@ -48,23 +48,13 @@ def test_loss_decreases_on_the_same_noise_and_timesteps(comfy, sd15):
 
 
 @pytest.mark.slow
-def test_interrupt_then_resume_equals_uninterrupted_and_exports_a_loadable_adapter(comfy, sd15, monkeypatch):
-    from comfy.model_management import InterruptProcessingException
+def test_interrupt_then_resume_equals_uninterrupted_and_exports_a_loadable_adapter(comfy, sd15):
     adapter, name = train_node(sd15, "test_rc_straight")
     straight = load_file(str(models_dir() / "realcustom" / name))
     assert set(straight) == set(adapter.adapter.state_dict())
 
-    glue = pack_module("nodes.training_glue")
-    calls = []
-
-    def interrupt_in_second_step():  # as if the user pressed cancel during step 2
-        calls.append(1)
-        if len(calls) == 2:
-            raise InterruptProcessingException()
-    monkeypatch.setattr(glue, "check_interrupted", interrupt_in_second_step)
-    with pytest.raises(InterruptProcessingException):
+    with user_cancels_at_step(1):
         train_node(sd15, "test_rc_resumed")
-    monkeypatch.undo()
     _, resumed_name = train_node(sd15, "test_rc_resumed")
     resumed = load_file(str(models_dir() / "realcustom" / resumed_name))
     for key in straight:

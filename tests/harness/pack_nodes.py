@@ -1,6 +1,10 @@
 """Calling the pack's registered nodes directly (the classes ComfyUI's loader registered)."""
 from __future__ import annotations
 
+import contextlib
+
+import pytest
+
 from .comfy_env import boot_comfy
 
 #: SharedAttentionBatch's widget defaults (paper settings for text-only sets).
@@ -18,3 +22,23 @@ def run_node(node_id: str, **inputs) -> tuple:
 def shared_attention(model, **overrides):
     """The MODEL patched by SharedAttentionBatch with the defaults, overridden by ``overrides``."""
     return run_node("SharedAttentionBatch", model=model, **{**SHARED_ATTENTION_DEFAULTS, **overrides})[0]
+
+
+@contextlib.contextmanager
+def user_cancels_at_step(step: int = 1):
+    """As if the user pressed Cancel when the progress bar reached ``step``: ComfyUI's own interrupt flag,
+    which the trainers check every step; the block must end in ComfyUI's InterruptProcessingException."""
+    import comfy.model_management
+    import comfy.utils
+
+    def press_cancel(value, total, preview=None, node_id=None):
+        if value == step:
+            comfy.model_management.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(press_cancel)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
