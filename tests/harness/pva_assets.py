@@ -54,7 +54,7 @@ def tiny_clip_vision():
     boot_comfy(require_pack=False)
     import comfy.clip_vision
 
-    config = cache_dir() / f"tiny_clip_vision_{HARNESS_VERSION}.json"
+    config = cache_dir() / f"tiny_clip_vision_pva_{HARNESS_VERSION}.json"
     config.write_text(json.dumps(CLIP_VISION_CONFIG))
     model = comfy.clip_vision.ClipVisionModel(str(config))
     randomize_(model.model, seed=7)

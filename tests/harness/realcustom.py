@@ -32,7 +32,7 @@ def tiny_clip_vision():
     boot_comfy(require_pack=False)
     import comfy.clip_vision
 
-    config = cache_dir() / "tiny_clip_vision_v1.json"
+    config = cache_dir() / "tiny_clip_vision_realcustom_v1.json"  # own name: PVA's tiny config differs
     config.write_text(json.dumps(TINY_CLIP_VISION))
     model = comfy.clip_vision.ClipVisionModel(str(config))
     randomize_(model.model, seed=11)
