@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from harness.comfy_env import pack_module
+from harness.tensors import changed_keys
 from harness.pack_nodes import run_node
 from harness.pva_assets import arcface_path, pva_path, sd15_inpaint_checkpoint_path
 
@@ -32,14 +33,6 @@ def state(module) -> dict:
 
     comfy.model_management.unload_all_models()
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def changed_keys(before: dict, after: dict) -> list:
-    """Keys whose bits differ. Bitwise, because weights a checkpoint does not hold (SD1.5's unused CLIP-L
-    text_projection) stay uninitialised memory and may be NaN, which torch.equal never calls equal."""
-    def bits(t):
-        return t.reshape(-1).view(torch.uint8)
-    return sorted(k for k in before if not torch.equal(bits(before[k]), bits(after[k])))
 
 
 def test_binning_references_and_mask():

@@ -1,0 +1,16 @@
+"""Comparing weights the way "unchanged" means it: the same bits."""
+from __future__ import annotations
+
+import torch
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality. torch.equal never calls NaN equal, and weights a checkpoint does not hold (SD1.5's
+    unused CLIP-L text_projection) stay uninitialised memory that may read as NaN."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.detach().reshape(-1).contiguous().view(torch.uint8), b.detach().reshape(-1).contiguous().view(torch.uint8))
+
+
+def changed_keys(before: dict, after: dict) -> list:
+    """Sorted keys of ``before`` whose tensors differ bitwise in ``after``."""
+    return sorted(k for k in before if not same_bits(before[k], after[k]))
