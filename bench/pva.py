@@ -11,13 +11,12 @@ Usage: .venv/bin/python bench/pva.py [--skip-sampling] [--repeats N]
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
-from timing import best_of
+from timing import best_of, parse_bench_args
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -98,12 +97,7 @@ def identity_tune_steps_per_second(steps: int = 4) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-sampling", action="store_true")
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    args, device = parse_bench_args(__doc__)
     if not args.skip_sampling:
         for cfg in (1.0, 6.0):
             patched, plain = sampling_step_ratio(args.repeats, cfg)

@@ -10,12 +10,11 @@ Usage: .venv/bin/python bench/shared_attention.py [--skip-sampling] [--repeats N
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
-from timing import best_of
+from timing import best_of, parse_bench_args
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -60,12 +59,7 @@ def sampling_step_ratio(repeats: int, steps: int = 4) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-sampling", action="store_true")
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    args, device = parse_bench_args(__doc__)
     if not args.skip_sampling:
         patched, plain = sampling_step_ratio(args.repeats)
         print(f"(a) tiny SD1.5, batch 4, cfg 7: {patched * 1e3:.1f} ms/step patched vs {plain * 1e3:.1f} ms/step plain "
