@@ -27,6 +27,8 @@ EXPECTED_IMAGES = {
     "realcustom_controlnet": 1 + STEPS,
     "detex_train_then_sample": 1,
     "detex_pose_kept_vs_dropped": 2,
+    # 2 first-pass images, the 'toy' mask of each image at every step, the 2 face-inpainted images
+    "composition_all_five": 2 + 2 * STEPS + 2,
 }
 
 TINY_MODELS = {
