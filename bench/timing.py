@@ -1,5 +1,21 @@
-"""Timing helper shared by the benchmarks (run as scripts, so this folder is on sys.path)."""
+"""Helpers shared by the benchmarks (run as scripts, so this folder is on sys.path).
+
+- :func:`best_of` / :func:`parse_bench_args`: timing and options of the sampling benchmarks.
+- :func:`compare_trainers`: seconds per optimizer step and peak memory of trainer configurations, each
+  in its own spawned child process (so one configuration's memory never counts towards another's, on
+  the CPU too), stepped in turns so that machine load hits all of them alike.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def best_of(fn, repeats: int) -> float:
@@ -26,3 +42,136 @@ def parse_bench_args(description: str):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     return args, device
+
+
+def load_tiny_sd15():
+    """Boot the real ComfyUI in this process and load the test harness's tiny SD1.5: (model, clip, vae)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from harness.checkpoints import load_sd15
+    from harness.comfy_env import boot_comfy
+
+    boot_comfy()
+    return load_sd15()
+
+
+def optimizer_step(step_fn, optimizer, accumulation: int, index: int) -> None:
+    """One optimizer step of a pack trainer: ``accumulation`` micro-batches of ``step_fn(MicroStep)``,
+    each with the generator the training loop would give it (seed 1)."""
+    from harness.comfy_env import pack_module
+
+    loop = pack_module("training.loop")
+    for micro in range(accumulation):
+        loss = step_fn(loop.MicroStep(index, micro, loop.micro_step_generator(1, index, micro)))
+        (loss / accumulation).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """A child's training peak: resident set (CPU RAM) above its RSS right after the model load, and
+    ``torch.cuda.max_memory_allocated`` since then (None without CUDA)."""
+
+    rss_mib: float
+    cuda_mib: Optional[float]
+
+
+@dataclass(frozen=True)
+class TrainerResult:
+    seconds_per_step: float  # median over the measured steps
+    peak: PeakMemory
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _start_peak_tracking() -> int:
+    """Reset the peak counters to now and return the current RSS in KiB.
+
+    The RSS peak is the kernel's high-water mark (VmHWM), reset by writing 5 to /proc/self/clear_refs,
+    so the load's own transient peak (state dict + model) never counts as training memory; getrusage's
+    ru_maxrss cannot be reset (and for a spawned child also carries the forked parent's). Linux only.
+    """
+    import torch
+
+    Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    return _proc_status_kib("VmRSS")
+
+
+def _peak_since(baseline_kib: int) -> PeakMemory:
+    import torch
+
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return PeakMemory((_proc_status_kib("VmHWM") - baseline_kib) / 1024, cuda)
+
+
+def _serve(connection, build: Callable, options: dict) -> None:
+    """Child process: load the model, build the configuration, then run one optimizer step per request."""
+    import torch
+
+    loaded = load_tiny_sd15()
+    baseline = _start_peak_tracking()
+    step = build(loaded, options)  # -> callable(index) running one optimizer step
+    connection.send("ready")
+    while (index := connection.recv()) is not None:
+        start = time.perf_counter()
+        step(index)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        connection.send(time.perf_counter() - start)
+    connection.send(_peak_since(baseline))
+
+
+def compare_trainers(build: Callable, configurations: dict[str, dict], steps: int) -> dict[str, TrainerResult]:
+    """Run ``build(loaded, options) -> step(index)`` of every configuration in its own spawned process.
+
+    ``build`` must be a module-level function of the bench script (spawn pickles it by name);
+    ``loaded`` is the child's (model, clip, vae). The children start one after another (each waits
+    until the previous one is built); then every round steps each child once, in turns, after one
+    warm-up round that is not timed. Returns per configuration the median seconds per step and the
+    child's peak memory.
+    """
+    context = multiprocessing.get_context("spawn")
+    children = {}
+    try:
+        for name, options in configurations.items():
+            parent_end, child_end = context.Pipe()
+            process = context.Process(target=_serve, args=(child_end, build, options), name=f"bench {name}")
+            process.start()
+            children[name] = (process, parent_end)
+            if parent_end.recv() != "ready":
+                raise RuntimeError(f"{name}: the child process did not start")
+        times = {name: [] for name in children}
+        for index in range(steps + 1):  # round 0 warms up
+            for name, (_, connection) in children.items():
+                connection.send(index)
+                seconds = connection.recv()
+                if index:
+                    times[name].append(seconds)
+        results = {}
+        for name, (process, connection) in children.items():
+            connection.send(None)
+            results[name] = TrainerResult(statistics.median(times[name]), connection.recv())
+        return results
+    finally:
+        for process, _ in children.values():  # finished children exit at once; a failed run's are stopped
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+
+
+def describe_peaks(results: dict[str, TrainerResult]) -> str:
+    """One line per memory kind: peak RSS above the loaded model (and CUDA peak when present), in MiB."""
+    lines = ["peak RSS above the loaded model, MiB: " + ", ".join(
+        f"{name} {r.peak.rss_mib:.0f}" for name, r in results.items())]
+    if all(r.peak.cuda_mib is not None for r in results.values()):
+        lines.append("peak CUDA memory allocated, MiB: " + ", ".join(
+            f"{name} {r.peak.cuda_mib:.0f}" for name, r in results.items()))
+    return "\n".join(lines)

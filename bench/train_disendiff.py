@@ -1,22 +1,22 @@
 """DisenDiff trainer benchmark; prints ratios measured in one run (never asserted in tests).
 
-Seconds per optimizer step (micro-batch 2 × accumulation 2) and peak GPU memory of our trainer vs a
+Seconds per optimizer step (micro-batch 2 × accumulation 2) and peak memory of our trainer vs a
 straightforward reference loop over the same model, batch, noise and losses: the reference
 materialises the attention probabilities of EVERY cross-attention layer per head (as the official
 code's patched CrossAttention stores them) and picks the map layers afterwards, where ours reads
 head-averaged maps of the map layers only and keeps the fused attention elsewhere. Target: ≤ 1.0.
 
+Each variant runs in its own child process (bench/timing.py ``compare_trainers``), whose peak
+resident memory above the loaded model is reported on the CPU, plus CUDA's peak allocation on a GPU;
+their steps alternate, so machine load affects them alike.
 Runs on the tiny SD1.5 of the test harness (real ComfyUI; CPU unless a GPU is there).
-Both variants are prepared first and their steps alternate, so machine load affects them alike.
 Usage: .venv/bin/python bench/train_disendiff.py [--resolution 128] [--steps 3]
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,27 +24,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from timing import compare_trainers, describe_peaks, optimizer_step  # noqa: E402 (needs the path above)
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+ACCUMULATION = 2
 
-    from harness.checkpoints import load_sd15
-    from harness.comfy_env import boot_comfy, pack_module
 
-    boot_comfy()
-    import comfy.model_management as comfy_mm  # importable once ComfyUI is booted
-    nodes_disendiff = pack_module("nodes.disendiff")
-    glue = pack_module("nodes.training_glue")
-    recipe = pack_module("training.disendiff")
-    maps = pack_module("attention.disendiff")
-    patching = pack_module("nodes.patching")
-    loop = pack_module("training.loop")
-    model, clip, vae = load_sd15()
-    image = torch.rand(1, args.resolution, args.resolution, 3, generator=torch.Generator().manual_seed(0))
-    settings = recipe.DisenDiffSettings(steps=args.steps, micro_batch=2, grad_accumulation=2, augment=False)
+def build(loaded, options):
+    """One variant's optimizer step (runs in the child process)."""
+    from harness.comfy_env import pack_module
+
+    model, clip, vae = loaded
+    nodes_disendiff, glue = pack_module("nodes.disendiff"), pack_module("nodes.training_glue")
+    recipe, maps, patching = pack_module("training.disendiff"), pack_module("attention.disendiff"), pack_module("nodes.patching")
+    size = options["resolution"]
+    latent_shape = (1, 4, size // 8, size // 8)
 
     class EveryLayerRecorder(maps.MapRecorder):
         """Reference: full per-head probabilities of every cross-attention layer, filtered afterwards."""
@@ -56,58 +49,47 @@ def main() -> None:
             self.maps.append((call.block, probs))
 
         def layer_mean(self):
-            kept = [maps.to_spatial(p.mean(1), call_shape) for key, p in self.maps if key in self.blocks]
+            kept = [maps.to_spatial(p.mean(1), latent_shape) for key, p in self.maps if key in self.blocks]
             return torch.stack(kept).mean(0)
 
-    def prepare(reference: bool):
+    image = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(0))
+    settings = recipe.DisenDiffSettings(steps=options["steps"], micro_batch=2, grad_accumulation=ACCUMULATION,
+                                        augment=False)
+    with glue.training_mode():
         run = nodes_disendiff.prepare_training(model, clip, vae, image, ["cat", "dog"], "bench", settings,
-                                               seed=1, resolution=args.resolution)
+                                               seed=1, resolution=size)
         step = run.step
-        if reference:
+        if options["reference"]:
             naive = EveryLayerRecorder(blocks=step.recorder.blocks)
             blocks = [b for b in patching.transformer_blocks(model) if b.has_cross_attention]
             patching.add_attention_processor(run.trainable, naive, blocks)
             step = dataclasses.replace(step, recorder=naive)
         optimizer = torch.optim.AdamW(list(run.params.values()), lr=settings.learning_rate, weight_decay=0.01)
-        return run, step, optimizer
 
-    def timed_step(variant, index: int) -> tuple[float, float]:
-        run, step, optimizer = variant
-        comfy_mm.load_models_gpu([run.trainable], force_full_load=True)  # both clones share the U-Net
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        for micro in range(settings.grad_accumulation):
-            loss = step(loop.MicroStep(index, micro, loop.micro_step_generator(1, index, micro)))
-            (loss / settings.grad_accumulation).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
-        return time.perf_counter() - start, peak
+    def one_step(index: int) -> None:
+        with glue.training_mode():
+            optimizer_step(step, optimizer, ACCUMULATION, index)
+    return one_step
 
-    call_shape = (1, 4, args.resolution // 8, args.resolution // 8)
-    with glue.training_mode():
-        variants = {"ours": prepare(reference=False), "reference": prepare(reference=True)}
-        times = {name: [] for name in variants}
-        peaks = {name: 0.0 for name in variants}
-        for index in range(args.steps + 1):  # alternate, so machine load hits both alike; step 0 warms up
-            for name, variant in variants.items():
-                seconds, peak = timed_step(variant, index)
-                if index:
-                    times[name].append(seconds)
-                    peaks[name] = max(peaks[name], peak)
-    ours, ref = statistics.median(times["ours"]), statistics.median(times["reference"])
-    ours_peak, ref_peak = peaks["ours"], peaks["reference"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"device {device}, tiny SD1.5, {args.resolution}px, micro-batch 2 x accumulation 2")
-    print(f"seconds per optimizer step: ours {ours:.3f}, reference {ref:.3f}, ratio {ours / ref:.3f} (target <= 1.0)")
-    if torch.cuda.is_available():
-        print(f"peak GPU memory MiB: ours {ours_peak:.0f}, reference {ref_peak:.0f}, ratio {ours_peak / ref_peak:.3f}")
-    else:
-        print("peak GPU memory: n/a on the CPU")
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    common = {"resolution": args.resolution, "steps": args.steps}
+    results = compare_trainers(build, {"ours": {**common, "reference": False},
+                                       "reference": {**common, "reference": True}}, args.steps)
+    ours, ref = results["ours"], results["reference"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"device {device}, threads {torch.get_num_threads()}, tiny SD1.5, {args.resolution}px, "
+          f"micro-batch 2 x accumulation {ACCUMULATION}, {args.steps} steps each (median)")
+    print(f"seconds per optimizer step: ours {ours.seconds_per_step:.3f}, reference {ref.seconds_per_step:.3f}, "
+          f"ratio {ours.seconds_per_step / ref.seconds_per_step:.3f} (target <= 1.0)")
+    print(describe_peaks(results))
+    print(f"peak RSS ratio ours/reference {ours.peak.rss_mib / ref.peak.rss_mib:.3f}")
+    if ours.peak.cuda_mib is not None:
+        print(f"peak CUDA memory ratio ours/reference {ours.peak.cuda_mib / ref.peak.cuda_mib:.3f}")
 
 
 if __name__ == "__main__":
