@@ -38,14 +38,25 @@ through the fused attention function. When no processor is active the call is ex
 attention (or the wrapped foreign replace), so inactive steps and blocks are bit-identical to
 unpatched sampling.
 
-A replace another pack installed first (IPAdapter, PuLID, InstantID) is kept as ``inner``: its output
-is the base output and ours is added. Operations that cannot compose with a foreign attention
-(own self-attention, joint keys, logit edits) raise :class:`AttentionConflictError` naming both.
+Other packs' attention patches:
+
+- The additive attn2 protocol of IPAdapter_plus, InstantID and PuLID (their ``Attn2Replace``): such a
+  pack calls ``.add(callback, **kwargs)`` on the replace it finds at a block, and expects
+  ``callback(out, q, k, v, extra_options, **kwargs)`` to be added to the attention output while
+  ``sigma_end <= sigma <= sigma_start``. The dispatcher speaks it (:meth:`AttentionDispatcher.add`), and
+  adopts the callbacks of such a replace installed before ours, so both orders give the same result
+  and compose with every technique. ``ModelPatcher.clone()`` deep-copies the dispatcher, so a callback
+  stays with the clone the other pack made.
+- Any other replace installed first is kept as ``inner``: its output is the base output and ours is
+  added. Operations that cannot compose with a foreign attention (own self-attention, joint keys,
+  logit edits) raise :class:`AttentionConflictError` naming both.
+- A replace installed after ours overwrites our dispatcher; :func:`overwritten_dispatchers` finds
+  those blocks so the node glue can refuse to sample instead of silently dropping our patch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -145,10 +156,15 @@ class ProcessorChain:
     """Ordered, immutable list of processors carried in transformer_options."""
 
     processors: tuple[AttentionProcessor, ...] = ()
+    #: (patch point, replace key) of every entry our dispatcher was installed at (block keys, and the
+    #: (name, id) aliases of one-transformer blocks)
+    served: frozenset[tuple[str, tuple]] = frozenset()
 
-    def with_processor(self, processor: AttentionProcessor) -> "ProcessorChain":
+    def with_processor(self, processor: AttentionProcessor, keys=()) -> "ProcessorChain":
+        """This chain plus ``processor`` (replacing one of the same name), served at the replace ``keys``."""
         kept = tuple(p for p in self.processors if p.name != processor.name)
-        return ProcessorChain(kept + (processor,))
+        served = self.served | {(processor.patch_point, key) for key in keys}
+        return ProcessorChain(kept + (processor,), served)
 
     def at(self, patch_point: str) -> tuple[AttentionProcessor, ...]:
         return tuple(p for p in self.processors if p.patch_point == patch_point)
@@ -206,20 +222,34 @@ def describe_foreign(inner) -> str:
 class AttentionDispatcher:
     """The single replace installed at one patch point of one block."""
 
-    def __init__(self, patch_point: str, attention_fn: AttentionFn, inner: Optional[Callable] = None):
+    def __init__(self, patch_point: str, attention_fn: AttentionFn, inner: Optional[Callable] = None,
+                 added: tuple[tuple[Callable, dict], ...] = ()):
         self.patch_point = patch_point
         self.attention_fn = attention_fn
         self.inner = inner
+        self.added = list(added)
+
+    def add(self, callback: Callable, **kwargs) -> None:
+        """The additive attn2 protocol (IPAdapter_plus, InstantID, PuLID); see the module docstring."""
+        self.added.append((callback, kwargs))
 
     def __call__(self, q, k, v, extra_options):
         chain: Optional[ProcessorChain] = extra_options.get(CHAIN_KEY)
         call = AttentionCall(extra_options, self.attention_fn, q.shape[0])
         processors = [p for p in chain.at(self.patch_point) if p.active(call)] if chain else []
         if not processors:
-            return self._base(q, k, v, call)
-        if self.patch_point == SELF_ATTENTION:
-            return self._self_attention(q, k, v, call, processors)
-        return self._cross_attention(q, k, v, call, processors)
+            out = self._base(q, k, v, call)
+        elif self.patch_point == SELF_ATTENTION:
+            out = self._self_attention(q, k, v, call, processors)
+        else:
+            out = self._cross_attention(q, k, v, call, processors)
+        return self._add_callbacks(out, q, k, v, call)
+
+    def _add_callbacks(self, out, q, k, v, call):
+        for callback, kwargs in self.added:
+            if sigma_in_range(call.sigma, kwargs.get("sigma_start", float("inf")), kwargs.get("sigma_end", 0.0)):
+                out = out + callback(out, q, k, v, call.options, **kwargs).to(out.dtype)
+        return out
 
     def _base(self, q, k, v, call: AttentionCall):
         if self.inner is not None:
@@ -324,7 +354,33 @@ def attention_probs(q, k, heads) -> torch.Tensor:
 
 
 def install_dispatcher(existing: Optional[Callable], patch_point: str, attention_fn: AttentionFn) -> AttentionDispatcher:
-    """The dispatcher for a block: ours if already there, else a new one wrapping any foreign replace."""
+    """The dispatcher for a block: ours if already there, else a new one that adopts the callbacks of an
+    additive-protocol replace or wraps any other foreign replace."""
     if isinstance(existing, AttentionDispatcher):
         return existing
+    callbacks = additive_callbacks(existing)
+    if callbacks is not None:
+        return AttentionDispatcher(patch_point, attention_fn, added=callbacks)
     return AttentionDispatcher(patch_point, attention_fn, inner=existing)
+
+
+def additive_callbacks(replace) -> Optional[tuple[tuple[Callable, dict], ...]]:
+    """The (callback, kwargs) pairs of an ``Attn2Replace``-style replace (plain attention plus added
+    callbacks: parallel ``callback`` and ``kwargs`` lists and an ``add`` method), else None."""
+    callbacks, kwargs = getattr(replace, "callback", None), getattr(replace, "kwargs", None)
+    if (callable(getattr(replace, "add", None)) and isinstance(callbacks, list) and isinstance(kwargs, list)
+            and len(callbacks) == len(kwargs) and all(callable(c) for c in callbacks)):
+        return tuple(zip(callbacks, (dict(k) for k in kwargs)))
+    return None
+
+
+def overwritten_dispatchers(transformer_options: dict) -> Iterator[tuple[str, tuple, Callable]]:
+    """(patch point, key, replace) of every replace entry our chain is served at that is no longer our
+    dispatcher: another pack replaced it after our nodes ran, so our processors (or its patch, hidden
+    behind ours) would never run."""
+    chain: Optional[ProcessorChain] = transformer_options.get(CHAIN_KEY)
+    replaces = transformer_options.get("patches_replace", {})
+    for point, key in sorted(chain.served) if chain else ():
+        replace = replaces.get(point, {}).get(key)
+        if not isinstance(replace, AttentionDispatcher):
+            yield point, key, replace

@@ -5,13 +5,18 @@ dispatchers per patch point, whatever nodes are chained.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension
 
 from ..attention.blocks import TransformerBlock, discover_transformer_blocks
-from ..attention.dispatcher import (CHAIN_KEY, AttentionProcessor, ProcessorChain, install_dispatcher,
+from ..attention.dispatcher import (CHAIN_KEY, AttentionConflictError, AttentionProcessor, ProcessorChain,
+                                   describe_foreign, install_dispatcher, overwritten_dispatchers,
                                    stash_hidden_states)
 
 WRAPPER_KEY = "personalization"
+DISPATCH_CHECK_KEY = WRAPPER_KEY + ".dispatch_check"
 
 
 def transformer_blocks(model) -> list[TransformerBlock]:
@@ -25,15 +30,39 @@ def add_attention_processor(patched, processor: AttentionProcessor, blocks: list
     options = patched.model_options["transformer_options"]
     point = processor.patch_point
     replaces = options.get("patches_replace", {}).get(point, {})
+    depth = Counter(block.key[:2] for block in transformer_blocks(patched))
+    served = []
     for block in blocks:
         name, block_id, index = block.key
         existing = replaces.get(block.key, replaces.get((name, block_id)))
         dispatcher = install_dispatcher(existing, point, comfy_attention.optimized_attention)
         patched.set_model_patch_replace(dispatcher, point, name, block_id, index)
+        served.append(block.key)
+        if depth[(name, block_id)] == 1:
+            # Packs that patch one-transformer blocks (SD1.x) by (name, id), as IPAdapter does, must find
+            # our dispatcher there too, or their patch would sit behind ours and never run.
+            patched.set_model_patch_replace(dispatcher, point, name, block_id)
+            served.append((name, block_id))
     if processor.needs_hidden_states and stash_hidden_states not in options.get("patches", {}).get("attn2_patch", []):
         patched.set_model_attn2_patch(stash_hidden_states)
     chain = options.get(CHAIN_KEY) or ProcessorChain()
-    patched.model_options["transformer_options"][CHAIN_KEY] = chain.with_processor(processor)
+    patched.model_options["transformer_options"][CHAIN_KEY] = chain.with_processor(processor, served)
+    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, DISPATCH_CHECK_KEY):
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, DISPATCH_CHECK_KEY,
+                                     refuse_overwritten_dispatchers)
+
+
+def refuse_overwritten_dispatchers(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: a clear error instead of sampling without our patch when another pack's
+    attention replace, applied after our nodes, took a block over."""
+    options = executor.class_obj.model_options.get("transformer_options", {})
+    for point, block, replace in overwritten_dispatchers(options):
+        owners = ", ".join(sorted({p.node_name for p in options[CHAIN_KEY].at(point)}))
+        raise AttentionConflictError(
+            f"{describe_foreign(replace) if replace is not None else 'a node'} replaced the {point} attention of "
+            f"block {block} after {owners} patched it, so {owners} would silently do nothing; apply {owners} "
+            "after that node (ours wrap it), or leave one of them out.")
+    return executor(*args, **kwargs)
 
 
 def sigma_range(model, start_percent: float, end_percent: float) -> tuple[float, float]:

@@ -6,7 +6,7 @@ import torch
 
 from personalization_nodes.attention.dispatcher import (
     CHAIN_KEY, CROSS_ATTENTION, SELF_ATTENTION, AttentionConflictError, AttentionDispatcher, AttentionProcessor,
-    ProcessorChain, install_dispatcher)
+    ProcessorChain, install_dispatcher, overwritten_dispatchers)
 from personalization_nodes.attention.sdpa import sdpa_attention
 
 HEADS, DIM_HEAD = 2, 4
@@ -186,3 +186,80 @@ def test_uneven_chunks_are_rejected(qkv):
     q, k, v = qkv
     with pytest.raises(ValueError, match="3 equal cond/uncond chunks"):
         AttentionDispatcher(CROSS_ATTENTION, plain)(q, k, v, options(ProcessorChain(), cond_or_uncond=(0, 1, 0)))
+
+
+def image_attention(out, q, k, v, extra_options, weight=1.0, image_tokens=None, **_):
+    """An IPAdapter-style callback: attention of the layer's queries to its own image tokens."""
+    keys = image_tokens.expand(q.shape[0], -1, -1)
+    return weight * plain(q, keys, keys)
+
+
+class AdditiveReplace:
+    """The additive attn2 protocol as IPAdapter_plus/InstantID/PuLID's Attn2Replace implement it."""
+
+    def __init__(self, callback, **kwargs):
+        self.callback, self.kwargs = [callback], [kwargs]
+
+    def add(self, callback, **kwargs):
+        self.callback.append(callback)
+        self.kwargs.append(kwargs)
+
+    def __call__(self, q, k, v, extra_options):
+        out = plain(q, k, v)
+        sigma = float(extra_options["sigmas"][0])
+        for callback, kwargs in zip(self.callback, self.kwargs):
+            if kwargs["sigma_end"] <= sigma <= kwargs["sigma_start"]:
+                out = out + callback(out, q, k, v, extra_options, **kwargs)
+        return out
+
+
+@pytest.fixture
+def image_kwargs():
+    return {"weight": 0.7, "image_tokens": torch.randn(1, 3, C, generator=torch.Generator().manual_seed(3)),
+            "sigma_start": 10.0, "sigma_end": 1.0}
+
+
+def test_additive_protocol_callbacks_are_added_in_their_sigma_range(qkv, image_kwargs):
+    q, k, v = qkv
+    dispatcher = install_dispatcher(None, CROSS_ATTENTION, plain)
+    dispatcher.add(image_attention, **image_kwargs)
+    image = image_attention(None, q, k, v, {}, **image_kwargs)
+    assert (dispatcher(q, k, v, options(sigma=5.0)) - (plain(q, k, v) + image)).abs().max() <= 1e-6
+    assert torch.equal(dispatcher(q, k, v, options(sigma=0.5)), plain(q, k, v))
+    expected, _ = explicit_attention(q, k, v, lambda logits: DampFirstToken().edit_logits(logits, None))
+    out = dispatcher(q, k, v, options(ProcessorChain().with_processor(DampFirstToken())))
+    assert (out - (expected + image)).abs().max() <= 1e-5
+
+
+def test_additive_replace_installed_first_is_adopted_so_both_orders_agree(qkv, image_kwargs):
+    q, k, v = qkv
+    chain = ProcessorChain().with_processor(DampFirstToken())
+    foreign_first = install_dispatcher(AdditiveReplace(image_attention, **image_kwargs), CROSS_ATTENTION, plain)
+    assert foreign_first.inner is None
+    ours_first = install_dispatcher(None, CROSS_ATTENTION, plain)
+    ours_first.add(image_attention, **image_kwargs)
+    assert torch.equal(foreign_first(q, k, v, options(chain)), ours_first(q, k, v, options(chain)))
+    assert (foreign_first(q, k, v, options()) - AdditiveReplace(image_attention, **image_kwargs)(q, k, v, options())
+            ).abs().max() <= 1e-6
+
+
+def test_callbacks_added_to_a_clone_stay_with_the_clone(qkv, image_kwargs):
+    q, k, v = qkv
+    original = install_dispatcher(None, CROSS_ATTENTION, plain)
+    copy.deepcopy({"replace": original})["replace"].add(image_attention, **image_kwargs)
+    assert original.added == []
+    assert torch.equal(original(q, k, v, options()), plain(q, k, v))
+
+
+def test_blocks_whose_dispatcher_was_overwritten_are_found():
+    key = ("input", 1, 0)
+    chain = ProcessorChain().with_processor(DampFirstToken(), [key])
+
+    def foreign(q, k, v, extra_options):
+        return plain(q, k, v)
+
+    ours = {CHAIN_KEY: chain, "patches_replace": {CROSS_ATTENTION: {key: install_dispatcher(None, CROSS_ATTENTION, plain)}}}
+    assert list(overwritten_dispatchers(ours)) == []
+    theirs = {CHAIN_KEY: chain, "patches_replace": {CROSS_ATTENTION: {key: foreign}}}
+    assert list(overwritten_dispatchers(theirs)) == [(CROSS_ATTENTION, key, foreign)]
+    assert list(overwritten_dispatchers({CHAIN_KEY: chain})) == [(CROSS_ATTENTION, key, None)]
