@@ -112,11 +112,11 @@ def _peak_since(baseline_kib: int) -> PeakMemory:
     return PeakMemory((_proc_status_kib("VmHWM") - baseline_kib) / 1024, cuda)
 
 
-def _serve(connection, build: Callable, options: dict) -> None:
+def _serve(connection, load: Callable, build: Callable, options: dict) -> None:
     """Child process: load the model, build the configuration, then run one optimizer step per request."""
     import torch
 
-    loaded = load_tiny_sd15()
+    loaded = load()
     baseline = _start_peak_tracking()
     step = build(loaded, options)  # -> callable(index) running one optimizer step
     connection.send("ready")
@@ -129,11 +129,12 @@ def _serve(connection, build: Callable, options: dict) -> None:
     connection.send(_peak_since(baseline))
 
 
-def compare_trainers(build: Callable, configurations: dict[str, dict], steps: int) -> dict[str, TrainerResult]:
+def compare_trainers(build: Callable, configurations: dict[str, dict], steps: int,
+                     load: Callable = load_tiny_sd15) -> dict[str, TrainerResult]:
     """Run ``build(loaded, options) -> step(index)`` of every configuration in its own spawned process.
 
-    ``build`` must be a module-level function of the bench script (spawn pickles it by name);
-    ``loaded`` is the child's (model, clip, vae). The children start one after another (each waits
+    ``build`` and ``load`` must be module-level functions (spawn pickles them by name); ``loaded`` is
+    what the child's ``load()`` returned (by default the tiny SD1.5's (model, clip, vae)). The children start one after another (each waits
     until the previous one is built); then every round steps each child once, in turns, after one
     warm-up round that is not timed. Returns per configuration the median seconds per step and the
     child's peak memory.
@@ -143,8 +144,9 @@ def compare_trainers(build: Callable, configurations: dict[str, dict], steps: in
     try:
         for name, options in configurations.items():
             parent_end, child_end = context.Pipe()
-            process = context.Process(target=_serve, args=(child_end, build, options), name=f"bench {name}")
+            process = context.Process(target=_serve, args=(child_end, load, build, options), name=f"bench {name}")
             process.start()
+            child_end.close()  # this process's copy: without it a child that dies leaves recv() waiting forever
             children[name] = (process, parent_end)
             if parent_end.recv() != "ready":
                 raise RuntimeError(f"{name}: the child process did not start")
