@@ -8,33 +8,22 @@ map layers and over those layers, min-max normalised, smoothed by the 3×3 Atten
 Losses (spec §3.2 steps 6–8): soft IoU with smoothing 1; binding ``1 − IoU(sg(C_i), M_i)`` per
 concept and separation ``IoU(C_2, C_1)`` (mean over pairs for more than two concepts).
 
-Map layers: the paper uses SD1.5's 16×16 layers at 512 px, i.e. the deepest U-Net level outside the
-middle block. :func:`map_block_keys` picks that level from the block list (channels), so SDXL and
-other resolutions get the equivalent layers instead of silently none.
+Map layers: the paper uses SD1.5's 16×16 layers at 512 px; ``token_maps.map_block_keys`` picks the
+equivalent layers of any U-Net, and ``token_maps.MapRecorder`` captures the maps for the trainer and
+the preview.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .blocks import BlockKey, TransformerBlock
 from .dispatcher import CROSS_ATTENTION, AttentionProcessor, sigma_in_range
+from .layout import cond_row_indices
 
 IOU_SMOOTHING = 1.0
 GAUSSIAN_SIGMA = 0.5
-
-
-def map_block_keys(blocks: Sequence[TransformerBlock]) -> frozenset[BlockKey]:
-    """Cross-attention blocks of the deepest level outside the middle block (SD1.5: the five 16×16)."""
-    candidates = [b for b in blocks if b.has_cross_attention and b.key[0] != "middle"]
-    if not candidates:
-        raise ValueError("this model has no cross-attention blocks outside the middle block")
-    deepest = max(b.channels for b in candidates)
-    return frozenset(b.key for b in candidates if b.channels == deepest)
 
 
 def gaussian_kernel(sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
@@ -89,16 +78,6 @@ def calibration_loss(modifier_maps: torch.Tensor, class_maps: torch.Tensor) -> t
     return binding + separation
 
 
-def to_spatial(maps: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
-    """``(B, Nq, T)`` maps of one layer → ``(B, T, h, w)`` using the latent's aspect ratio."""
-    height, width = latent_shape[-2:]
-    downscale = math.sqrt(height * width / maps.shape[1])
-    h, w = round(height / downscale), round(width / downscale)
-    if h * w != maps.shape[1]:
-        raise ValueError(f"cannot lay {maps.shape[1]} queries out on a {height}x{width} latent")
-    return maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], h, w)
-
-
 class StartTokenDetach(AttentionProcessor):
     """Training only: start-of-text key/value rows detached, so they send no gradient into the trained
     W_K/W_V (inherited by DisenDiff from Custom Diffusion; SOT draws most of the attention mass)."""
@@ -109,29 +88,6 @@ class StartTokenDetach(AttentionProcessor):
 
     def edit_key_values(self, k, v, call):
         return (torch.cat([k[:, :1].detach(), k[:, 1:]], 1), torch.cat([v[:, :1].detach(), v[:, 1:]], 1))
-
-
-@dataclass(eq=False)
-class MapRecorder(AttentionProcessor):
-    """Training only: keeps the head-averaged probabilities ``(B, T, h, w)`` of the map layers, with
-    gradients, for the calibration loss. The trainer clears ``maps`` before each forward."""
-
-    blocks: frozenset
-    maps: list = field(default_factory=list)
-    name = "disendiff_maps"
-    node_name = "DisenDiffTrainer"
-    patch_point = CROSS_ATTENTION
-
-    def active(self, call):
-        return call.block in self.blocks
-
-    def read_probs(self, probs, call):
-        self.maps.append(to_spatial(probs.mean(1), call.options["original_shape"]))
-
-    def layer_mean(self) -> torch.Tensor:
-        if not self.maps:
-            raise RuntimeError("no cross-attention maps were recorded; the map layers did not run")
-        return torch.stack(self.maps).mean(0)
 
 
 @dataclass(frozen=True)
@@ -166,7 +122,7 @@ class CalibratedCrossAttention(AttentionProcessor):
         return self.strength != 0 and sigma_in_range(call.sigma, self.sigma_start, self.sigma_end)
 
     def edit_logits(self, logits, call):
-        cond_rows = _cond_rows(call, logits.shape[0])
+        cond_rows = cond_row_indices(call.cond_or_uncond, logits.shape[0])
         if not cond_rows:
             return logits
         rows = torch.tensor(cond_rows, device=logits.device)
@@ -191,40 +147,3 @@ class CalibratedCrossAttention(AttentionProcessor):
         edited = logits.clone()
         edited[rows] = sub + edit[:, None]
         return edited
-
-
-def _cond_rows(call, batch: int) -> list[int]:
-    chunks = list(call.cond_or_uncond) or [0]
-    per_chunk = batch // len(chunks)
-    return [c * per_chunk + r for c, kind in enumerate(chunks) if kind == 0 for r in range(per_chunk)]
-
-
-@dataclass(eq=False)
-class ConceptMapReader(AttentionProcessor):
-    """Reads the head-mean maps of every concept's modifier and class tokens (cond rows, map layers),
-    after any calibration; ``maps`` holds one ``(2S, h, w)`` tensor per layer call, modifiers first.
-    Created per preview call on a private clone, never carried by a returned MODEL."""
-
-    concepts: tuple[Concept, ...]
-    blocks: frozenset
-    maps: list = field(default_factory=list)
-    name = "disendiff_map_reader"
-    node_name = "CalibratedCrossAttnMaps"
-    patch_point = CROSS_ATTENTION
-
-    def active(self, call):
-        return call.block in self.blocks
-
-    def read_probs(self, probs, call):
-        rows = _cond_rows(call, probs.shape[0])
-        if not rows:
-            return
-        head_mean = probs[rows].mean(1)  # (b, Nq, T)
-        tokens = [c.modifier for c in self.concepts] + [c.word for c in self.concepts]
-        per_token = torch.stack([head_mean[..., list(t)].mean(-1) for t in tokens], -1)
-        self.maps.append(to_spatial(per_token, call.options["original_shape"]).mean(0).detach().float().cpu())
-
-    def mean_maps(self) -> torch.Tensor:
-        if not self.maps:
-            raise RuntimeError("no cross-attention maps were read; did the model run any cond pass?")
-        return torch.stack(self.maps).mean(0)

@@ -26,3 +26,11 @@ def chunk_count(cond_or_uncond: list[int] | None, batch: int) -> int:
     if batch % n_chunks != 0:
         raise ValueError(f"batch of {batch} does not hold {n_chunks} equal cond/uncond chunks")
     return n_chunks
+
+
+def cond_row_indices(cond_or_uncond: list[int] | tuple[int, ...] | None, batch: int) -> list[int]:
+    """Rows of every cond chunk (``cond_or_uncond`` value 0) of a call; a call without layout
+    information (a trainer's U-Net call) is all cond."""
+    chunks = list(cond_or_uncond or ()) or [0]
+    per_chunk = batch // chunk_count(chunks, batch)
+    return [c * per_chunk + r for c, kind in enumerate(chunks) if kind == 0 for r in range(per_chunk)]

@@ -35,7 +35,7 @@ def build(loaded, options):
 
     model, clip, vae = loaded
     nodes_disendiff, glue = pack_module("nodes.disendiff"), pack_module("nodes.training_glue")
-    recipe, maps, patching = pack_module("training.disendiff"), pack_module("attention.disendiff"), pack_module("nodes.patching")
+    recipe, maps, patching = pack_module("training.disendiff"), pack_module("attention.token_maps"), pack_module("nodes.patching")
     size = options["resolution"]
     latent_shape = (1, 4, size // 8, size // 8)
 

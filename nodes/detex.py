@@ -14,11 +14,12 @@ import folder_paths
 import torch
 
 from ..attention.disendiff import StartTokenDetach
+from ..attention.token_maps import MapRecorder, map_block_keys
 from ..training.detex import (
     DetexSettings, DetexStep, RegularisationView, attribute_parameters, build_pool, optimizer_factory)
 from ..training.detex_data import (
     MAX_IMAGES, MIN_IMAGES, attribute_inputs, center_square, dilate, prepare_subject, split_foreground)
-from ..training.detex_loss import MASK_NORMALIZATIONS
+from ..training.detex_loss import ATTENTION_LOSS_WEIGHT, MASK_NORMALIZATIONS
 from ..training.detex_mappers import ATTRIBUTE_SOURCES, ATTRIBUTES, MAPPERS, AttributeEmbeddings
 from ..training.detex_masks import border_key_mask
 from ..training.detex_prompts import CLASS, DEFAULT_TEMPLATE, PromptTemplate
@@ -155,6 +156,9 @@ class DecoupledTokenTrainer(io.ComfyNode):
     - resolution 512; mask_dilation −16..16 px; checkpoint_every 50 steps (0 = only at the end/interrupt).
     - regularization_images / regularization_prompt: optional class images (Custom Diffusion's prior,
       weight 1, half of the samples) and their caption ("photo of a {class}" when empty).
+    - attention_regularizer (off): Break-A-Scene's attention loss (λ 0.01, map layers = 16×16 at 512 px):
+      the max-normalised map of [V] pulled towards the subject mask, that of [B_i] towards the background.
+      [R], not confirmed for DETEX; costs explicit attention probabilities in the map layers.
     Re-running with the same inputs resumes from the checkpoint in output/detex_checkpoints.
     """
 
@@ -203,6 +207,9 @@ class DecoupledTokenTrainer(io.ComfyNode):
                                tooltip="Optional class images (e.g. generated from the regularization prompt) for the prior loss."),
                 io.String.Input("regularization_prompt", default="", optional=True,
                                 tooltip="Caption of the regularization images; empty = 'photo of a {class}'."),
+                io.Boolean.Input("attention_regularizer", default=False, optional=True,
+                                 tooltip="[R], not confirmed for DETEX: Break-A-Scene's attention loss (λ 0.01) pulling "
+                                         "[V]'s attention map to the subject mask and [B_i]'s to the background."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained K/V change (as the saved LoRA)."),
@@ -217,7 +224,8 @@ class DecoupledTokenTrainer(io.ComfyNode):
     def execute(cls, model, clip, vae, images, masks, class_word, name, steps, learning_rate, mapper_learning_rate,
                 batch_size, grad_accumulation, seed, template, attribute_source, subject_branch_probability,
                 mask_normalization, augmented_views, resolution, mask_dilation, checkpoint_every,
-                clip_vision=None, regularization_images=None, regularization_prompt="") -> io.NodeOutput:
+                clip_vision=None, regularization_images=None, regularization_prompt="",
+                attention_regularizer=False) -> io.NodeOutput:
         _check_sd1(model, clip)
         name = sanitize_name(name)
         class_word = class_word.strip()
@@ -234,7 +242,8 @@ class DecoupledTokenTrainer(io.ComfyNode):
         settings = DetexSettings(steps=steps, learning_rate=learning_rate, mapper_learning_rate=mapper_learning_rate,
                                  micro_batch=batch_size, grad_accumulation=grad_accumulation,
                                  subject_branch_probability=subject_branch_probability,
-                                 mask_normalization=mask_normalization)
+                                 mask_normalization=mask_normalization,
+                                 attention_loss_weight=ATTENTION_LOSS_WEIGHT if attention_regularizer else 0.0)
         with glue.training_mode():
             subject = prepare_subject(images.clone(), masks.clone(), resolution, mask_dilation)
             reg_caption = (regularization_prompt or "").strip() or DEFAULT_REGULARISATION_PROMPT
@@ -286,7 +295,12 @@ class DetexTraining:
         self.deltas = {key: glue.WeightDelta(model.get_model_object(key[:-len(".weight")]).weight.shape)
                        for key in _kv_weight_keys(model)}
         unet = glue.trainable_unet(model, self.deltas)
-        add_attention_processor(unet, StartTokenDetach(), transformer_blocks(unet))
+        blocks = transformer_blocks(unet)
+        add_attention_processor(unet, StartTokenDetach(), blocks)
+        recorder = None
+        if settings.attention_loss_weight:
+            recorder = MapRecorder(map_block_keys(blocks), node_name="DecoupledTokenTrainer")
+            add_attention_processor(unet, recorder, [b for b in blocks if b.key in recorder.blocks])
         encoder = glue.TrainableTextEncoder(clip)
         prompts: dict[str, glue.PlaceholderPrompt] = {}
 
@@ -296,7 +310,9 @@ class DetexTraining:
                 if len(prompts[text].tokens["l"]) > 1:
                     raise ValueError(f"DecoupledTokenTrainer: the training prompt {text!r} is longer than CLIP's 75 "
                                      "tokens; shorten the template.")
-            return encoder.encode(prompts[text].substitute({n: {"clip_l": v} for n, v in vectors.items()}))[0]
+            prompt = prompts[text]
+            context = encoder.encode(prompt.substitute({n: {"clip_l": v} for n, v in vectors.items()}))[0]
+            return context, {n: prompt.positions("l", n) for n in vectors}
 
         regularisation = []
         if regularization_images is not None:
@@ -309,7 +325,7 @@ class DetexTraining:
 
         self.step = DetexStep(self.pool, regularisation, self.subject_word, self.attributes, template, class_word,
                               encode_text, lambda x, s, c: glue.denoise(unet, x, s, c),
-                              glue.discrete_sigmas(model), glue.prediction_kind(model), settings)
+                              glue.discrete_sigmas(model), glue.prediction_kind(model), settings, recorder)
 
     def parameters(self) -> dict[str, torch.Tensor]:
         return {"subject": self.subject_word, **{f"kv.{k}": d.diff for k, d in self.deltas.items()},

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 import folder_paths
 import torch
 
-from ..attention.disendiff import (CalibratedCrossAttention, Concept, ConceptMapReader, MapRecorder, StartTokenDetach,
-                                   map_block_keys, min_max)
+from ..attention.disendiff import CalibratedCrossAttention, Concept, StartTokenDetach, min_max
 from ..attention.dispatcher import CHAIN_KEY
+from ..attention.token_maps import MapRecorder, map_block_keys
 from ..training import disendiff as recipe
 from ..training.exporters import save_embedding, save_lora
 from ..training.loop import LoopSettings, fingerprint, train
@@ -194,7 +194,7 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
             path = f"diffusion_model.{block.module_path}.attn2.to_{projection}"
             deltas[f"{path}.weight"] = glue.WeightDelta(model.get_model_object(path).weight.shape)
     trainable = glue.trainable_unet(model, deltas)
-    recorder = MapRecorder(blocks=map_block_keys(blocks))
+    recorder = MapRecorder(map_block_keys(blocks), node_name="DisenDiffTrainer")
     add_attention_processor(trainable, StartTokenDetach(), cross)
     add_attention_processor(trainable, recorder, [b for b in cross if b.key in recorder.blocks])
     device = comfy.model_management.get_torch_device()
@@ -382,7 +382,7 @@ class CalibratedCrossAttnMaps(io.ComfyNode):
             raise ValueError("CalibratedCrossAttnMaps needs the MODEL output of CalibratedCrossAttn (it names the concepts)")
         patched = model.clone()
         blocks = transformer_blocks(patched)
-        reader = ConceptMapReader(calibration.concepts, map_block_keys(blocks))
+        reader = MapRecorder(map_block_keys(blocks), node_name="CalibratedCrossAttnMaps")
         add_attention_processor(patched, reader, [b for b in blocks if b.key in reader.blocks])
         samples = latent["samples"][:1]
         noise = comfy.sample.prepare_noise(samples, seed)
@@ -390,7 +390,9 @@ class CalibratedCrossAttnMaps(io.ComfyNode):
         comfy.sample.sample(patched, noise, 1, 1.0, "euler", "normal", positive, positive, samples,
                             denoise=denoise, disable_pbar=True, seed=seed)
         size = (samples.shape[-2] * 8, samples.shape[-1] * 8)
-        maps = min_max(F.interpolate(reader.mean_maps()[None], size=size, mode="bilinear", align_corners=False)[0])
+        modifiers, classes = recipe.concept_maps(reader.layer_mean().mean(0, keepdim=True), calibration.concepts)
+        per_token = torch.cat([modifiers, classes], 1).float().cpu()  # (1, 2S, h, w), modifiers first
+        maps = min_max(F.interpolate(per_token, size=size, mode="bilinear", align_corners=False)[0])
         concepts = len(calibration.concepts)
         order = [i for c in range(concepts) for i in (c, concepts + c)]  # m1, c1, m2, c2, ...
         images = maps[order][..., None].expand(-1, -1, -1, 3).contiguous()

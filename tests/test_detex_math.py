@@ -5,7 +5,8 @@ import torch
 from personalization_nodes.training.detex_data import (
     CANVAS_GREY, CLOSE_PREFIXES, FAR_PREFIXES, SubjectDataError, attribute_inputs, dilate, draw_sample, prepare_subject)
 from personalization_nodes.training.detex_loss import (
-    ALL_ELEMENTS, FULL, MASK_AREA, SUBJECT, choose_branches, latent_mask, masked_diffusion_mse)
+    ALL_ELEMENTS, ATTENTION_LOSS_WEIGHT, FULL, MASK_AREA, SUBJECT, attention_mask_loss, choose_branches, latent_mask,
+    masked_diffusion_mse)
 from personalization_nodes.training.detex_mappers import (
     FREE_VECTORS, MAPPERS, AttributeEmbeddings, AttributeMapper)
 from personalization_nodes.training.detex_masks import border_key_mask, fill_holes
@@ -147,6 +148,36 @@ def test_masked_diffusion_mse_with_a_full_mask_is_the_plain_mse():
         torch.testing.assert_close(masked_diffusion_mse(pred, target, ones, normalization), plain)
     with pytest.raises(ValueError, match="normalization"):
         masked_diffusion_mse(pred, target, ones, "sum")
+
+
+def slow_attention_mask_loss(maps, masks):
+    """Break-A-Scene, written out: per word, mask sampled at the map's pixels (nearest), map over its
+    maximum, mean squared difference; summed over the words."""
+    words, h, w = maps.shape
+    height, width = masks.shape[1:]
+    total = 0.0
+    for k in range(words):
+        peak = max(float(maps[k, y, x]) for y in range(h) for x in range(w))
+        squared = 0.0
+        for y in range(h):
+            for x in range(w):
+                target = float(masks[k, y * height // h, x * width // w])
+                squared += (float(maps[k, y, x]) / peak - target) ** 2
+        total += squared / (h * w)
+    return total
+
+
+def test_attention_mask_loss_matches_the_slow_reference():
+    gen = torch.Generator().manual_seed(5)
+    maps = torch.rand(2, 4, 4, generator=gen) * 0.05  # attention probabilities are small
+    subject = (torch.rand(16, 16, generator=gen) > 0.5).float()
+    masks = torch.stack([subject, 1 - subject])
+    got = attention_mask_loss(maps, masks)
+    assert got.item() == pytest.approx(slow_attention_mask_loss(maps, masks), rel=1e-5)
+    perfect = torch.stack([latent_mask(masks, (4, 4))[k, 0] * 0.3 + 1e-9 for k in range(2)])
+    assert attention_mask_loss(perfect, masks).item() == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(ValueError, match="maps"):
+        attention_mask_loss(maps, masks[:1])
 
 
 def test_latent_mask_is_nearest_neighbour_downsampling():
@@ -351,7 +382,8 @@ def test_detex_step_prompts_masks_and_loss_match_a_slow_reference():
 
     def encode_text(text, vectors):
         seen.append((text, sorted(vectors)))
-        return torch.stack([v.reshape(WIDTH) for v in vectors.values()]).sum(0).expand(1, 3, WIDTH)
+        context = torch.stack([v.reshape(WIDTH) for v in vectors.values()]).sum(0).expand(1, 3, WIDTH)
+        return context, {name: [position] for position, name in enumerate(vectors)}
 
     calls = {}
 
@@ -394,3 +426,57 @@ def test_detex_step_prompts_masks_and_loss_match_a_slow_reference():
         assert loss.item() == pytest.approx(total / len(seen), rel=1e-4)
     loss.backward()
     assert subject_word.grad is not None and attributes.vectors["pose"].grad is not None
+
+
+def test_attention_regulariser_adds_break_a_scene_loss_of_subject_and_background_words():
+    """With the switch on, the step's loss grows by λ × the mean over training samples of the maps'
+    loss: [V] against the subject mask, [B_i] (full branch only) against its complement."""
+    from personalization_nodes.attention.token_maps import MapRecorder
+    from personalization_nodes.training.detex import BACKGROUND_WORD, SUBJECT_WORD, DetexSettings, DetexStep, PoolView
+    from personalization_nodes.training.loop import MicroStep
+
+    gen = torch.Generator().manual_seed(2)
+    pool = [PoolView(k % IMAGES, torch.randn(4, 8, 8, generator=gen), (torch.rand(1, 8, 8, generator=gen) > 0.5).float(),
+                     torch.ones(1, 8, 8), f"view{k} ", False) for k in range(4)]
+    attributes = AttributeEmbeddings(FREE_VECTORS, IMAGES, {"pose": torch.randn(WIDTH), "background": torch.randn(WIDTH)})
+    subject_word = torch.randn(1, WIDTH, requires_grad=True)
+    recorder = MapRecorder(frozenset())
+    prompts, captured = [], {}
+
+    def encode_text(text, vectors):
+        names = list(vectors)
+        prompts.append((pool[int(text.split(" ")[0][4:])], names))
+        context = torch.zeros(1, 5, WIDTH)
+        context[0, 1:1 + len(names)] = torch.cat([v.reshape(1, WIDTH) for v in vectors.values()])
+        return context, {name: [1 + i] for i, name in enumerate(names)}
+
+    def denoise(x_t, sigma, context):
+        # two map-layer calls of head-mean maps [B, T, 4, 4] that depend on the context (gradients reach it)
+        maps = torch.sigmoid(context.sum(-1))[:, :, None, None] * (0.2 + torch.arange(16.0).reshape(4, 4) / 16)
+        recorder.maps.extend([maps, 2 * maps])
+        captured["layer_mean"] = 1.5 * maps.detach()
+        return 0.5 * x_t
+
+    losses = {}
+    for weight in (0.0, ATTENTION_LOSS_WEIGHT):
+        prompts.clear()
+        settings = DetexSettings(micro_batch=4, subject_branch_probability=0.5, attention_loss_weight=weight)
+        step = DetexStep(pool, [], subject_word, attributes, PromptTemplate.parse(DEFAULT_TEMPLATE), "dog",
+                         encode_text, denoise, torch.linspace(0.1, 10, 1000), "eps", settings, recorder)
+        losses[weight] = step(MicroStep(0, 0, torch.Generator().manual_seed(7)))
+    assert {BACKGROUND_WORD in names for _, names in prompts} == {True, False}
+    expected = 0.0
+    for row, (view, names) in enumerate(prompts):
+        words = [(names.index(SUBJECT_WORD), view.subject_mask[0])]
+        if BACKGROUND_WORD in names:
+            words.append((names.index(BACKGROUND_WORD), 1 - view.subject_mask[0]))
+        expected += slow_attention_mask_loss(torch.stack([captured["layer_mean"][row, 1 + i] for i, _ in words]),
+                                             torch.stack([m for _, m in words]))
+    difference = losses[ATTENTION_LOSS_WEIGHT] - losses[0.0]
+    assert difference.item() == pytest.approx(ATTENTION_LOSS_WEIGHT * expected / len(prompts), rel=1e-4)
+    assert recorder.maps == []
+    difference.backward()
+    assert subject_word.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="MapRecorder"):
+        DetexStep(pool, [], subject_word, attributes, PromptTemplate.parse(DEFAULT_TEMPLATE), "dog", encode_text,
+                  denoise, torch.linspace(0.1, 10, 1000), "eps", DetexSettings(attention_loss_weight=0.01))

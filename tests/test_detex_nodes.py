@@ -69,14 +69,16 @@ def test_mask_node_finds_the_subject_and_previews_what_the_mappers_see(comfy):
 
 @pytest.fixture(scope="module")
 def trained(comfy, sd15):
-    """One small training run with the mappers and regularisation images: (model, clip, name, loss_map),
+    """One small training run with the mappers, regularisation images and the attention regulariser:
+    (model, clip, name, loss_map),
     and what the input model and CLIP gave before it ran."""
     model, clip, _ = sd15
     positive, negative = encode_prompt(clip, "photo of a dog"), encode_prompt(clip, "")
     before = (positive[0][0].clone(), sample(model, positive, negative, empty_latent(1), steps=1))
     name = f"detex_test_{os.getpid()}_trained"
     class_images = torch.rand(2, 48, 56, 3, generator=torch.Generator().manual_seed(3))  # resized to the training size
-    outputs = _train(sd15, name, regularization_images=class_images, regularization_prompt="a photo of a {class}")
+    outputs = _train(sd15, name, regularization_images=class_images, regularization_prompt="a photo of a {class}",
+                     attention_regularizer=True)
     yield outputs, before
     for path in _files(name):
         path.unlink(missing_ok=True)
@@ -136,22 +138,23 @@ def test_interrupt_then_resume_equals_uninterrupted(comfy, sd15, run_name):
             torch.testing.assert_close(resumed[file][key], tensor, atol=1e-6, rtol=1e-5, msg=f"{file} {key}")
 
 
-@pytest.fixture(scope="module")
-def training(comfy, sd15):
+def _internals(sd15, settings):
     """The trainer's internals for one small run (mappers on the tiny CLIP vision)."""
     detex = pack_module("nodes.detex")
-    recipe = pack_module("training.detex")
     glue = pack_module("nodes.training_glue")
     templates = pack_module("training.detex_prompts")
     data = pack_module("training.detex_data")
     model, clip, vae = sd15
     images, masks = subject_images()
     with glue.training_mode():
-        run = detex.DetexTraining(model, clip, vae, tiny_clip_vision(), data.prepare_subject(images, masks, SIZE),
-                              templates.PromptTemplate.parse(TRAIN["template"]), "dog", "mappers",
-                              recipe.DetexSettings(micro_batch=2), seed=0, augmented_views=2,
-                              regularization_images=None, reg_caption="")
-    return run
+        return detex.DetexTraining(model, clip, vae, tiny_clip_vision(), data.prepare_subject(images, masks, SIZE),
+                                   templates.PromptTemplate.parse(TRAIN["template"]), "dog", "mappers", settings,
+                                   seed=0, augmented_views=2, regularization_images=None, reg_caption="")
+
+
+@pytest.fixture(scope="module")
+def training(comfy, sd15):
+    return _internals(sd15, pack_module("training.detex").DetexSettings(micro_batch=2))
 
 
 @contextlib.contextmanager
@@ -214,6 +217,36 @@ def test_loss_decreases_when_fitting_one_batch(comfy, training):
         with torch.no_grad():
             for k, v in params.items():
                 v.copy_(start[k])
+
+
+def test_attention_regularizer_adds_to_the_loss_and_its_gradient_reaches_only_the_trainables(comfy, sd15):
+    """[R] Break-A-Scene's attention loss: the switch raises the loss of the same batch, and the added
+    term's gradient reaches [V], the map layers' K and both mappers, nothing frozen."""
+    glue = pack_module("nodes.training_glue")
+    recipe = pack_module("training.detex")
+    weight = pack_module("training.detex_loss").ATTENTION_LOSS_WEIGHT
+    regularised = _internals(sd15, recipe.DetexSettings(micro_batch=2, attention_loss_weight=weight))
+    full_branch = dataclasses.replace(regularised.step.settings, subject_branch_probability=0.0)
+    with glue.training_mode():
+        with _settings(regularised, dataclasses.replace(full_branch, attention_loss_weight=0.0)):
+            plain = _fixed_batch_loss(regularised)
+        with _settings(regularised, full_branch):
+            with_attention = _fixed_batch_loss(regularised)
+        assert with_attention.item() > plain.item()
+        (with_attention - plain).backward()
+    params = regularised.parameters()
+    assert params["subject"].grad.abs().sum() > 0
+    map_blocks = regularised.step.recorder.blocks
+    model, clip, vae = sd15
+    blocks = {b.module_path: b.key for b in pack_module("nodes.patching").transformer_blocks(model)}
+    map_keys = [k for k in params if k.endswith("to_k.weight") and any(
+        f"diffusion_model.{path}.attn2" in k for path, key in blocks.items() if key in map_blocks)]
+    assert map_keys and all(params[k].grad.abs().sum() > 0 for k in map_keys)
+    for attribute in ("pose", "background"):
+        assert params[f"attributes.mappers.{attribute}.cls_branch.6.weight"].grad.abs().sum() > 0
+    frozen = [*model.model.parameters(), *clip.cond_stage_model.parameters(), *vae.first_stage_model.parameters(),
+              *tiny_clip_vision().model.parameters()]
+    assert all(p.grad is None for p in frozen)
 
 
 def test_prompt_node_keeps_or_drops_the_attributes(comfy, trained):

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from personalization_nodes.attention import disendiff
+from personalization_nodes.attention import disendiff, token_maps
 from personalization_nodes.attention.blocks import TransformerBlock
 from personalization_nodes.training import disendiff as recipe
 
@@ -83,7 +84,31 @@ def test_map_blocks_are_the_deepest_level_outside_the_middle():
         return TransformerBlock((name, i, 0), f"{name}.{i}", 8, channels // 8, True)
     sd15 = [block("input", 1, 320), block("input", 4, 640), block("input", 7, 1280), block("input", 8, 1280),
             block("middle", 0, 1280), block("output", 3, 1280), block("output", 6, 640)]
-    assert disendiff.map_block_keys(sd15) == {("input", 7, 0), ("input", 8, 0), ("output", 3, 0)}
+    assert token_maps.map_block_keys(sd15) == {("input", 7, 0), ("input", 8, 0), ("output", 3, 0)}
+
+
+def test_map_recorder_keeps_head_mean_maps_of_cond_rows_with_their_graph():
+    """One recorder for the trainers (every row is cond, maps keep their graph) and the preview (cond
+    chunks of a sampling call only)."""
+    recorder = token_maps.MapRecorder(frozenset({("input", 7, 0)}))
+    probs = torch.rand(4, 2, 6, 3, requires_grad=True)  # (batch, heads, 2x3 queries, tokens)
+
+    def call(block, cond_or_uncond):
+        return SimpleNamespace(block=block, cond_or_uncond=cond_or_uncond, options={"original_shape": (4, 4, 4, 6)})
+    assert recorder.active(call(("input", 7, 0), ())) and not recorder.active(call(("input", 1, 0), ()))
+    recorder.read_probs(probs, call(("input", 7, 0), ()))
+    recorder.read_probs(probs * 3, call(("input", 7, 0), ()))
+    expected = torch.stack([probs[b].mean(0).T.reshape(3, 2, 3) for b in range(4)]) * 2  # mean of 1x and 3x
+    torch.testing.assert_close(recorder.layer_mean(), expected)
+    recorder.layer_mean().sum().backward()
+    assert probs.grad.abs().min() > 0
+    recorder.maps.clear()
+    recorder.read_probs(probs.detach(), call(("input", 7, 0), (1, 0)))  # uncond chunk first, then cond
+    torch.testing.assert_close(recorder.layer_mean(), expected[2:] / 2)
+    recorder.maps.clear()
+    recorder.read_probs(probs.detach(), call(("input", 7, 0), (1, 1)))
+    with pytest.raises(RuntimeError, match="no cross-attention maps"):
+        recorder.layer_mean()
 
 
 def test_sot_detach_stops_gradient_of_row_zero_only():

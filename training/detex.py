@@ -13,17 +13,23 @@ branch; its prompt is the template with the view's caption prefix, [V], its [P_i
 its [B_i], encoded with the live vectors so gradients reach the subject word and the mappers.
 Loss: ε- (or v-) MSE per sample — ``FULL`` and regularisation samples over the augmentation mask
 normalised by its area (Custom Diffusion), ``SUBJECT`` samples over the subject mask with the chosen
-normalisation (Break-A-Scene by default) — averaged over the micro-batch.
+normalisation (Break-A-Scene by default) — averaged over the micro-batch. With the optional attention
+regulariser [R] (``attention_loss_weight`` > 0, spec §3.3, not confirmed for DETEX) a recorder keeps the
+map layers' cross-attention maps and each training sample adds Break-A-Scene's loss of [V] against its
+subject mask and (``FULL`` only) of [B_i] against the rest of the picture (``1 − m``, the grey canvas of
+a shrunk view included), averaged over the training samples of the micro-batch and weighted by λ.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .detex_data import SubjectImages, draw_sample
-from .detex_loss import ALL_ELEMENTS, FULL, MASK_AREA, SUBJECT, choose_branches, latent_mask, masked_diffusion_mse
+from ..attention.token_maps import MapRecorder
+from .detex_loss import (
+    ALL_ELEMENTS, FULL, MASK_AREA, SUBJECT, attention_mask_loss, choose_branches, latent_mask, masked_diffusion_mse)
 from .detex_mappers import AttributeEmbeddings
 from .detex_prompts import PromptTemplate
 from .disendiff import draw_batch
@@ -32,8 +38,9 @@ from .losses import add_noise, prediction_from_denoised, sample_timesteps
 #: placeholder embedding names of the live vectors in training prompts (never files)
 SUBJECT_WORD, POSE_WORD, BACKGROUND_WORD = "detex_subject", "detex_pose", "detex_background"
 
-#: text → ``[1, 77, width]`` context (one CLIP window), given ``{placeholder name: [1, width] live vector}``
-EncodeText = Callable[[str, dict[str, torch.Tensor]], torch.Tensor]
+#: text, ``{placeholder name: [1, width] live vector}`` → (``[1, 77, width]`` context (one CLIP window),
+#: ``{placeholder name: its context positions}``)
+EncodeText = Callable[[str, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, list[int]]]]
 #: ``[B, S, S, 3]`` pixels in [0, 1] → ``[B, 4, S/8, S/8]`` model-space latents (process_latent_in applied)
 EncodePixels = Callable[[torch.Tensor], torch.Tensor]
 #: ``(x_t, sigma, context)`` → ComfyUI's denoised x̂0
@@ -53,6 +60,8 @@ class DetexSettings:
     grad_accumulation: int = 4
     subject_branch_probability: float = 0.5
     mask_normalization: str = ALL_ELEMENTS
+    #: 0 = off (default); ``detex_loss.ATTENTION_LOSS_WEIGHT`` turns the attention regulariser on [R]
+    attention_loss_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,8 @@ def training_prompt(template: PromptTemplate, class_word: str, view: PoolView, b
 
 @dataclass
 class DetexStep:
-    """The loss of one micro-batch (module docstring); call with a ``loop.MicroStep``."""
+    """The loss of one micro-batch (module docstring); call with a ``loop.MicroStep``. ``recorder``
+    captures the maps of ``denoise``'s U-Net; needed only with the attention regulariser."""
 
     pool: Sequence[PoolView]
     regularisation: Sequence[RegularisationView]
@@ -119,6 +129,11 @@ class DetexStep:
     sigmas: torch.Tensor
     kind: str
     settings: DetexSettings
+    recorder: Optional[MapRecorder] = None
+
+    def __post_init__(self):
+        if self.settings.attention_loss_weight and self.recorder is None:
+            raise ValueError("the attention regulariser needs a MapRecorder on the U-Net")
 
     def __call__(self, micro) -> torch.Tensor:
         gen = micro.generator
@@ -126,13 +141,19 @@ class DetexStep:
         targets, regs = batch.targets, batch.regs
         branches = choose_branches(len(targets), self.settings.subject_branch_probability, gen)
         latents, contexts, masks, normalizations = [], [], [], []
+        attention_targets = []  # per training sample: [(context positions of a word, where it should attend)]
         for pool_index, branch in zip(targets, branches):
             view = self.pool[pool_index]
             index, flipped = torch.tensor([view.image_index]), torch.tensor([int(view.flipped)])
             vectors = {SUBJECT_WORD: self.subject_word, POSE_WORD: self.attributes("pose", index, flipped)}
             if branch == FULL:
                 vectors[BACKGROUND_WORD] = self.attributes("background", index, flipped)
-            contexts.append(self.encode_text(training_prompt(self.template, self.class_word, view, branch), vectors))
+            context, positions = self.encode_text(training_prompt(self.template, self.class_word, view, branch), vectors)
+            contexts.append(context)
+            if self.settings.attention_loss_weight:
+                subject = view.subject_mask[0]
+                attention_targets.append([(positions[SUBJECT_WORD], subject)] + (
+                    [(positions[BACKGROUND_WORD], 1 - subject)] if branch == FULL else []))
             latents.append(view.latent)
             if branch == SUBJECT:
                 masks.append(view.valid_mask * view.subject_mask)
@@ -152,12 +173,26 @@ class DetexStep:
         sigma = self.sigmas[t].to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = add_noise(x0, noise, sigma)
+        if self.recorder is not None:
+            self.recorder.maps.clear()
         denoised = self.denoise(x_t, sigma, torch.cat(contexts).to(device))
         prediction = prediction_from_denoised(self.kind, x_t, denoised, sigma)
         target = prediction_from_denoised(self.kind, x_t, x0, sigma)
         losses = [masked_diffusion_mse(prediction[i:i + 1], target[i:i + 1], masks[i][None].to(device), normalizations[i])
                   for i in range(x0.shape[0])]
-        return torch.stack(losses).mean()
+        loss = torch.stack(losses).mean()
+        if attention_targets:
+            loss = loss + self.settings.attention_loss_weight * self._attention_loss(attention_targets)
+        return loss
+
+    def _attention_loss(self, targets) -> torch.Tensor:
+        """Mean over the training samples (the micro-batch's first rows) of their attention loss."""
+        maps = self.recorder.layer_mean()  # [B, T, h, w]
+        self.recorder.maps.clear()  # the loss holds what backward needs
+        per_sample = [attention_mask_loss(torch.stack([maps[row, positions].mean(0) for positions, _ in words]),
+                                          torch.stack([mask for _, mask in words]))
+                      for row, words in enumerate(targets)]
+        return torch.stack(per_sample).mean()
 
 
 def optimizer_factory(settings: DetexSettings, mapper_params: Sequence[torch.Tensor]):

@@ -12,6 +12,10 @@ multiplied by the mask, downsampled to the latent size with nearest-neighbour in
 MSE is the mean over *all* elements (``ALL_ELEMENTS``), so a small subject weighs less. The switchable
 alternative ``MASK_AREA`` averages over the masked elements only (Custom Diffusion's augmentation-mask
 normalisation, ``training.losses.masked_mse``).
+
+Optional attention regulariser [R] (spec §3.3; Break-A-Scene's, **not confirmed for DETEX**, off by
+default): :func:`attention_mask_loss` compares the max-normalised aggregated cross-attention map of
+[V] with the subject mask and that of [B_i] with the background, weighted by λ = 0.01.
 """
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ from .losses import masked_mse
 FULL = "full"
 SUBJECT = "subject"
 BRANCHES = (FULL, SUBJECT)
+
+#: Break-A-Scene's λ_attention, the weight of :func:`attention_mask_loss` when the regulariser is on
+ATTENTION_LOSS_WEIGHT = 0.01
 
 ALL_ELEMENTS = "all elements"
 MASK_AREA = "mask area"
@@ -53,3 +60,18 @@ def masked_diffusion_mse(prediction: torch.Tensor, target: torch.Tensor, mask: t
     if normalization == MASK_AREA:
         return masked_mse(prediction, target, mask)
     raise ValueError(f"mask normalization must be one of {MASK_NORMALIZATIONS}, got {normalization!r}")
+
+
+def attention_mask_loss(token_maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Break-A-Scene's attention loss of one sample: ``Σ_k MSE(map_k / max(map_k), mask_k)``.
+
+    ``token_maps`` ``[K, h, w]``: the aggregated cross-attention map of each regularised word (head and
+    map-layer mean); ``masks`` ``[K, H, W]``: where each word should attend, brought to the map size by
+    nearest-neighbour interpolation (Break-A-Scene's ``F.interpolate`` default). The MSE is the mean over
+    the map; the words' terms are summed, as Break-A-Scene sums over the masks of a sample.
+    """
+    if token_maps.ndim != 3 or masks.ndim != 3 or masks.shape[0] != token_maps.shape[0]:
+        raise ValueError(f"need maps [K, h, w] and masks [K, H, W], got {tuple(token_maps.shape)}, {tuple(masks.shape)}")
+    targets = F.interpolate(masks[:, None].float(), size=token_maps.shape[-2:], mode="nearest")[:, 0]
+    normalised = token_maps.float() / token_maps.float().flatten(1).max(1).values[:, None, None]
+    return ((normalised - targets.to(normalised.device)) ** 2).flatten(1).mean(1).sum()

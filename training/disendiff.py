@@ -183,15 +183,15 @@ class DisenDiffStep:
         loss = diffusion_loss(self.kind, x_t, denoised, x0, sigma, torch.stack(masks).to(device))
         if batch.targets and self.settings.attention_weight:
             maps = self.recorder.layer_mean()  # (B, T, h, w)
-            per_sample = [calibration_loss(*_concept_maps(maps[i:i + 1], concepts))
+            per_sample = [calibration_loss(*concept_maps(maps[i:i + 1], concepts))
                           for i, concepts in enumerate(concept_sets)]
             loss = loss + self.settings.attention_weight * torch.cat(per_sample).mean()
         self.recorder.maps.clear()
         return loss
 
 
-def _concept_maps(maps: torch.Tensor, concepts) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, T, h, w) token maps → modifier and class maps (1, S, h, w), multi-token words averaged."""
+def concept_maps(maps: torch.Tensor, concepts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, T, h, w) token maps → modifier and class maps (b, S, h, w), multi-token words averaged."""
     modifiers = torch.stack([maps[:, list(c.modifier)].mean(1) for c in concepts], 1)
     classes = torch.stack([maps[:, list(c.word)].mean(1) for c in concepts], 1)
     return modifiers, classes
