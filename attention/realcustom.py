@@ -34,6 +34,9 @@ COND = 0  # ComfyUI's cond_or_uncond value of the positive prompt's rows
 
 #: normalisations of the layer-averaged word map (released code ``mask_mode``)
 MASK_STRATEGIES = ("max_norm", "min_max_norm", "min_max_per_channel")
+#: how ``scope`` selects the kept positions: the top ``scope`` fraction (paper eq. 11, released default),
+#: or every normalised value ≥ 1 − scope (released ``threshold`` mode)
+SCOPE_SELECTIONS = ("top-k", "threshold")
 _EPS = 1e-6
 
 
@@ -44,10 +47,13 @@ class MaskSettings:
     scope: float = 0.25
     #: kept positions become 1 instead of keeping their normalised score (paper ablation: worse)
     binary: bool = False
+    selection: str = "top-k"
 
     def __post_init__(self):
         if self.strategy not in MASK_STRATEGIES:
             raise ValueError(f"unknown mask strategy {self.strategy!r}; use one of {', '.join(MASK_STRATEGIES)}")
+        if self.selection not in SCOPE_SELECTIONS:
+            raise ValueError(f"unknown scope selection {self.selection!r}; use one of {', '.join(SCOPE_SELECTIONS)}")
         if not 0.0 < self.scope <= 1.0:
             raise ValueError(f"mask scope must lie in (0, 1], got {self.scope}")
 
@@ -84,8 +90,20 @@ def keep_top(scores: torch.Tensor, scope: float, binary: bool) -> torch.Tensor:
     return kept.view_as(scores)
 
 
+def keep_above(scores: torch.Tensor, scope: float, binary: bool) -> torch.Tensor:
+    """Zero the normalised values below ``1 − scope``; with ``binary`` the ones above it become 1."""
+    threshold = 1.0 - scope
+    kept = scores.masked_fill(scores < threshold, 0.0)
+    return kept.masked_fill(kept > threshold, 1.0) if binary else kept
+
+
+def select_scope(scores: torch.Tensor, settings: MaskSettings) -> torch.Tensor:
+    select = keep_top if settings.selection == "top-k" else keep_above
+    return select(scores, settings.scope, settings.binary)
+
+
 class WordMapAccumulator:
-    """Streams per-layer word maps into the mask of the released ``mask_generation`` (top-k mode)."""
+    """Streams per-layer word maps into the mask of the released ``mask_generation``."""
 
     def __init__(self, settings: MaskSettings, size: tuple[int, int]):
         self.settings, self.size = settings, size
@@ -105,9 +123,9 @@ class WordMapAccumulator:
         return self.layers == 0
 
     def mask(self) -> torch.Tensor:
-        """``(B, H', W')`` mask: normalised layer mean, top ``scope`` kept."""
+        """``(B, H', W')`` mask: normalised layer mean, ``scope`` selected."""
         mean_map = normalise(self.total / self.layers, self.settings.strategy)
-        return keep_top(mean_map, self.settings.scope, self.settings.binary)[:, 0]
+        return select_scope(mean_map, self.settings)[:, 0]
 
 
 def resize_gate(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -134,28 +152,44 @@ class ImageTokens:
         return ImageTokens(self.reference.to(device), None if self.negative is None else self.negative.to(device))
 
 
+def cascaded_cond(text: torch.Tensor, text_image: torch.Tensor, cfg_scale: float, image_scale: float) -> torch.Tensor:
+    """The cond prediction ``c`` for which ComfyUI's CFG ``u + w (c − u)`` is the paper's cascaded eq. 13,
+    ``ε(∅) + ω_t (ε_T2I − ε(∅)) + ω_i (ε_TI2I − ε_T2I)`` with ``ω_t = w``:
+    ``c = ε_T2I + (ω_i / ω_t)(ε_TI2I − ε_T2I)``. Eq. 13 is an affine combination (weights sum to 1), so it
+    holds for denoised predictions too, and at ``w = 1`` it needs no uncond pass."""
+    if cfg_scale <= 0:
+        raise ValueError(f"AdaptiveMaskGuidance: cascaded guidance needs a CFG scale > 0 (it is ω_t), got {cfg_scale}")
+    return text + (image_scale / cfg_scale) * (text_image - text)
+
+
 class MaskGuidanceRun:
     """State of one sampling run: which pass is running, the map being captured, the masks per step.
 
     ``text_only_pass`` selects the released code's schedule (a text-only forward of the cond rows
     before each updating step, whose map gates that same step); otherwise the map is read from the
     cond rows of the guided pass itself and gates the next step (one text-only forward at step 0).
+    ``cascaded`` (paper eq. 13) needs the text-only prediction ε_T2I of every model call, so the
+    text-only forward runs at every call (and serves the map on the released schedule); the call's
+    prediction waits in the run until the guidance takes it.
     """
 
     def __init__(self, settings: MaskSettings, indicator: torch.Tensor, latent_size: tuple[int, int],
-                 total_steps: int, update_fraction: float, text_only_pass: bool, tokens: ImageTokens):
+                 total_steps: int, update_fraction: float, text_only_pass: bool, tokens: ImageTokens,
+                 cascaded: bool = False):
         self.settings = settings
         self.tokens = tokens  # on the sampling device for the whole run
         self.indicator = indicator
         self.size = (math.ceil(latent_size[0] / 2), math.ceil(latent_size[1] / 2))
         self.update_steps = max(1, round(update_fraction * total_steps))
-        self.text_only_pass = text_only_pass
+        self.text_only_pass = text_only_pass or cascaded
+        self.cascaded = cascaded
         self.mask: torch.Tensor | None = None  # (B, H', W') gating the current step
         self.history: list[torch.Tensor] = []  # mask of every step, in order
         self.capturing = False  # WordMapReader active
         self.injecting = True   # MaskedImageBranch active
         self._pending = WordMapAccumulator(settings, self.size)
         self._step = -1
+        self._text_prediction: tuple[float, torch.Tensor] | None = None  # (sigma, ε_T2I) of the current call
 
     def updating(self, step: int) -> bool:
         return step < self.update_steps
@@ -168,14 +202,33 @@ class MaskGuidanceRun:
         self._step = step
 
     def needs_text_only_pass(self, step: int) -> bool:
+        if self.cascaded:
+            return True
         if self.text_only_pass:
             return self.updating(step) and len(self.history) <= step
         return self.mask is None and self._pending.empty
 
-    def finish_text_only_pass(self) -> None:
+    def captures_in_text_only_pass(self, step: int) -> bool:
+        """Whether the text-only pass of this call reads the word map (the first call of an updating step)."""
+        return self.mask is None or (self.updating(step) and len(self.history) <= step)
+
+    def finish_text_only_pass(self, sigma: float | None = None, prediction: torch.Tensor | None = None) -> None:
         if not self._pending.empty:
             self.mask = self._pending.mask()
             self._pending = WordMapAccumulator(self.settings, self.size)
+        if self.cascaded:
+            if self._text_prediction is not None:
+                raise ValueError("AdaptiveMaskGuidance: cascaded guidance needs the positive conditioning in one model "
+                                 "call per step; combined, area or timestep-split positive conds are not supported.")
+            self._text_prediction = (sigma, prediction)
+
+    def take_text_prediction(self, sigma: float) -> torch.Tensor:
+        """ε_T2I of the model call at ``sigma`` (cascaded guidance), removed from the run."""
+        if self._text_prediction is None or not math.isclose(self._text_prediction[0], sigma, rel_tol=1e-5):
+            raise RuntimeError("AdaptiveMaskGuidance: no text-only prediction for this model call; the cascaded "
+                               "guidance needs the positive prompt in every call of the sampler.")
+        prediction, self._text_prediction = self._text_prediction[1], None
+        return prediction
 
     def capture_in_guided_pass(self, step: int) -> bool:
         return not self.text_only_pass and self.updating(step + 1)

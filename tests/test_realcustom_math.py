@@ -17,6 +17,7 @@ from personalization_nodes.attention.realcustom import (
     UngatedRun,
     WordMapAccumulator,
     WordMapReader,
+    cascaded_cond,
     keep_top,
     step_index,
     word_map,
@@ -28,8 +29,8 @@ C = HEADS * DIM_HEAD
 BLOCK = ("input", 1, 0)
 
 
-def reference_mask(prob_list, indicator, size, strategy, scope, binary):
-    """The released mask_generation (top-k mode), step by step, on fully materialised probabilities."""
+def reference_mask(prob_list, indicator, size, strategy, scope, binary, selection="top-k"):
+    """The released mask_generation, step by step, on fully materialised probabilities."""
     maps = []
     for probs, (h, w) in prob_list:  # probs: (B, heads, h*w, T)
         crossmap = probs.permute(0, 1, 3, 2).reshape(probs.shape[0], HEADS, TOKENS, h, w)  # b head n h w
@@ -49,6 +50,12 @@ def reference_mask(prob_list, indicator, size, strategy, scope, binary):
         avg = ((maps - lo) / (hi - lo + 1e-6)).mean(dim=1, keepdim=True)
         lo, hi = avg.flatten(1).min(1).values[:, None, None], avg.flatten(1).max(1).values[:, None, None]
         avg = (avg - lo) / (hi - lo + 1e-6)
+    if selection == "threshold":
+        avg = avg.clone()
+        avg[avg < 1 - scope] = 0.0
+        if binary:
+            avg[avg > 1 - scope] = 1.0
+        return avg.view(avg.shape[0], *size)
     order = avg.sort(descending=True, dim=-1).indices
     keep = int(avg.shape[-1] * scope)
     avg = avg.scatter(2, order[:, :, keep:], 0.0)
@@ -66,16 +73,19 @@ def random_probs(batch, h, w, seed):
 
 @pytest.mark.parametrize("strategy", ["max_norm", "min_max_norm", "min_max_per_channel"])
 @pytest.mark.parametrize("binary", [False, True])
-def test_streamed_mask_equals_reference_on_materialised_maps(strategy, binary):
+@pytest.mark.parametrize("selection", ["top-k", "threshold"])
+def test_streamed_mask_equals_reference_on_materialised_maps(strategy, binary, selection):
     indicator = torch.zeros(TOKENS)
     indicator[[2, 3]] = 1.0  # a two-token word
     layers = [(random_probs(3, 8, 8, 0), (8, 8)), (random_probs(3, 4, 4, 1), (4, 4)), (random_probs(3, 8, 8, 2), (8, 8))]
-    settings = MaskSettings(strategy=strategy, scope=0.3, binary=binary)
+    settings = MaskSettings(strategy=strategy, scope=0.3, binary=binary, selection=selection)
     streamed = WordMapAccumulator(settings, (8, 8))
     for probs, (h, w) in layers:
         streamed.add(word_map(probs, indicator, h, w))
-    expected = reference_mask(layers, indicator, (8, 8), strategy, 0.3, binary)
+    expected = reference_mask(layers, indicator, (8, 8), strategy, 0.3, binary, selection)
     assert (streamed.mask() - expected).abs().max() <= 1e-5
+    if selection == "threshold":
+        assert 0 < int((streamed.mask() > 0).sum()) < streamed.mask().numel(), "the threshold keeps some, not all"
 
 
 def test_top_ratio_keeps_exactly_that_many_soft_values():
@@ -91,6 +101,8 @@ def test_top_ratio_keeps_exactly_that_many_soft_values():
 def test_mask_settings_reject_bad_values():
     with pytest.raises(ValueError, match="strategy"):
         MaskSettings(strategy="threshold")
+    with pytest.raises(ValueError, match="selection"):
+        MaskSettings(selection="top-p")
     with pytest.raises(ValueError, match="scope"):
         MaskSettings(scope=0.0)
 
@@ -223,6 +235,42 @@ def test_text_only_schedule_runs_one_pass_per_updating_step():
             run.finish_text_only_pass()
         run.record(step)
     assert passes == [0, 1] and len(run.history) == 4
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.5, 7.5])
+def test_cascaded_cond_makes_comfy_cfg_compute_paper_eq13(cfg):
+    gen = torch.Generator().manual_seed(4)
+    uncond, text, text_image = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+    image_scale = 12.5
+    eq13 = uncond + cfg * (text - uncond) + image_scale * (text_image - text)
+    comfy_cfg = uncond + cfg * (cascaded_cond(text, text_image, cfg, image_scale) - uncond)
+    assert (comfy_cfg - eq13).abs().max() <= 1e-4
+    if cfg == 1.0:  # ComfyUI skips the uncond pass at CFG 1: the cond alone must be eq. 13
+        assert (cascaded_cond(text, text_image, cfg, image_scale) - eq13).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="CFG scale > 0"):
+        cascaded_cond(text, text_image, 0.0, image_scale)
+
+
+def test_cascaded_schedule_runs_the_text_pass_every_call_and_maps_on_updating_steps():
+    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], latent_size=(4, 4), total_steps=4,
+                          update_fraction=0.5, text_only_pass=False, tokens=None, cascaded=True)
+    captured, sigmas = [], {0: 9.0, 1: 5.0, 2: 2.0, 3: 1.0}
+    for call, step in enumerate((0, 0, 1, 2, 3)):  # step 0 called twice (a multi-eval sampler)
+        run.start_call(step)
+        assert run.needs_text_only_pass(step)
+        if run.captures_in_text_only_pass(step):
+            captured.append(step)
+            run._pending.add(torch.rand(1, 1, 2, 2))
+        prediction = torch.full((1, 4, 4, 4), float(call))
+        run.finish_text_only_pass(sigmas[step] - 0.1 * call, prediction)
+        run.record(step)
+        assert torch.equal(run.take_text_prediction(sigmas[step] - 0.1 * call), prediction)
+    assert captured == [0, 1] and len(run.history) == 4
+    with pytest.raises(RuntimeError, match="no text-only prediction"):
+        run.take_text_prediction(1.0)
+    run.finish_text_only_pass(1.0, prediction)
+    with pytest.raises(ValueError, match="one model call per step"):
+        run.finish_text_only_pass(1.0, prediction)
 
 
 def test_context_length_mismatch_is_explained():
