@@ -19,10 +19,11 @@ WRAPPER_KEY = "personalization"
 DISPATCH_CHECK_KEY = WRAPPER_KEY + ".dispatch_check"
 
 
-def transformer_blocks(model) -> list[TransformerBlock]:
-    """The transformer blocks of a MODEL's U-Net; a clear error for DiT and other families."""
+def transformer_blocks(model, node: str = "") -> list[TransformerBlock]:
+    """The transformer blocks of a MODEL's U-Net; a clear error (naming ``node``) for DiT and other families."""
+    who = f"{node}: this MODEL" if node else "This MODEL"
     return discover_transformer_blocks(model.get_model_object("diffusion_model"),
-                                       model_name=f"This MODEL ({type(model.model).__name__})")
+                                       model_name=f"{who} ({type(model.model).__name__})")
 
 
 def add_attention_processor(patched, processor: AttentionProcessor, blocks: list[TransformerBlock]) -> None:

@@ -23,6 +23,7 @@ from ..attention.layout import chunk_count
 from ..attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
 from ..attention.style_reference import DEFAULT_REFERENCE_OFFSET, StyleReference, invert
 from .comfy_io import io
+from .validation import names_node, require_finite
 from .patching import (
     WRAPPER_KEY,
     add_attention_processor,
@@ -127,10 +128,11 @@ class SharedAttentionBatch(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, model, adain_queries, adain_keys, adain_values, shared_score_shift, shared_score_scale,
                 share_group_norm, full_attention_share, blocks, skip_fraction, start_percent, end_percent,
                 controlnet_on_reference) -> io.NodeOutput:
-        found = transformer_blocks(model)
+        found = transformer_blocks(model, "SharedAttentionBatch")
         selected = parse_block_selection(blocks, found) & evenly_skipped([b.key for b in found], skip_fraction)
         sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         settings = StyleAlignedSettings(
@@ -188,6 +190,7 @@ class SharedAttentionPromptBatch(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, clip, prompts, style) -> io.NodeOutput:
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         if not lines:
@@ -237,12 +240,14 @@ class SharedAttentionInvertReference(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, model, positive, negative, latent, steps, scheduler, cfg) -> io.NodeOutput:
         samples = latent["samples"]
         if samples.shape[0] != 1:
             raise ValueError(f"SharedAttentionInvertReference: the reference latent must hold one image, got a batch of "
                              f"{samples.shape[0]}; pick one with LatentFromBatch.")
-        transformer_blocks(model)
+        require_finite("SharedAttentionInvertReference", "reference latent", samples)
+        transformer_blocks(model, "SharedAttentionInvertReference")
         sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
         trajectory: dict[str, StyleReference] = {}
         progress = latent_preview.prepare_callback(model, steps)
@@ -308,9 +313,11 @@ class SharedAttentionApplyReference(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, model, reference: StyleReference, offset) -> io.NodeOutput:
         if offset > reference.steps:
             raise ValueError(f"SharedAttentionApplyReference: offset {offset} exceeds the {reference.steps} inverted steps.")
+        require_finite("SharedAttentionApplyReference", "inverted reference latents", reference.latents)
         patched = model.clone()
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY + ".style_reference",
                                      _reference_input_wrapper(reference, offset))

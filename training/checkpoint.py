@@ -55,17 +55,43 @@ def save_checkpoint(path: str | Path, state: TrainingState) -> None:
     save_atomic(path, tensors, metadata)
 
 
+def _open(path: str | Path):
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as error:  # safetensors raises its own SafetensorError for damaged headers
+        raise CheckpointMismatchError(
+            f"the training checkpoint {path} is not a readable safetensors file (damaged, truncated, or another "
+            f"file under its name): {error}; delete it to start over") from error
+
+
+def _check_format(path, metadata: dict) -> None:
+    if metadata.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{path} is not a training checkpoint of this pack; use another output name, "
+                                      "or delete the file to start over")
+
+
+def check_resumable(path: str | Path) -> None:
+    """Fail fast, before a run prepares its data: a file at ``path`` must be a readable checkpoint of this pack
+    (whether its settings match is decided by :func:`load_checkpoint`)."""
+    if Path(path).exists():
+        with _open(path) as f:
+            _check_format(path, f.metadata() or {})
+
+
 def load_checkpoint(path: str | Path, expected_fingerprint: Optional[str] = None) -> TrainingState:
     """Read a checkpoint; with ``expected_fingerprint`` refuse one written by a different run."""
-    with safe_open(str(path), "pt") as f:
+    with _open(path) as f:
         metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise CheckpointMismatchError(f"{path} is not a training checkpoint of this pack")
+        _check_format(path, metadata)
         if expected_fingerprint is not None and metadata["fingerprint"] != expected_fingerprint:
             raise CheckpointMismatchError(
                 f"{path} was written by a training run with different inputs or settings; "
                 "use another output name, or delete the file to start over")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise CheckpointMismatchError(f"the training checkpoint {path} holds NaN or infinite values ({bad[0]}); the run "
+                                      "that wrote it diverged: delete it and train with a lower learning rate")
     params = {k[len(PARAM_PREFIX):]: t for k, t in tensors.items() if k.startswith(PARAM_PREFIX)}
     optimizer_tensors = {k[len(OPTIMIZER_PREFIX):]: t for k, t in tensors.items() if k.startswith(OPTIMIZER_PREFIX)}
     optimizer = _join_optimizer_state(optimizer_tensors, json.loads(metadata["optimizer"]))

@@ -1,0 +1,106 @@
+"""Input checks shared by the pack's nodes: a bad input ends in a clear error that names the node and the
+problem, before any slow work (encoding, training) starts.
+
+- :func:`names_node`: decorator for ``execute``; a ValueError/FileNotFoundError raised inside it (by the node
+  or by the helpers it calls: output names, checkpoints, token search) gets the node id in front of its
+  message when the message does not already name it.
+- :func:`require_images`: a non-empty batch of finite values (NaN/inf refused: a trainer would spend minutes
+  on a loss of NaN, a sampler would spread NaN over every image).
+- :func:`require_finite`: finite values only.
+- :func:`read_safetensors`: a model file read as safetensors only (no pickle), with one message for truncated,
+  renamed or pickled files and for weights holding NaN/inf.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+_NAMED_ERRORS = (ValueError, FileNotFoundError)
+
+
+def names_node(execute):
+    """Wrap a node's ``execute(cls, ...)`` (below ``@classmethod``) so its input errors name the node."""
+    @functools.wraps(execute)
+    def wrapper(cls, *args, **kwargs):
+        try:
+            return execute(cls, *args, **kwargs)
+        except _NAMED_ERRORS as error:
+            node = cls.__name__
+            message = str(error)
+            if node in message:
+                raise
+            try:
+                named = type(error)(f"{node}: {message}")
+            except Exception:  # an exception type with another constructor: keep its meaning, plain ValueError
+                named = ValueError(f"{node}: {message}")
+            raise named from error
+    return wrapper
+
+
+def require_finite(node: str, what: str, tensor: Optional[torch.Tensor]) -> None:
+    """Refuse NaN/inf in ``tensor`` (None passes: optional inputs)."""
+    if tensor is not None and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{node}: NaN or infinite values in the {what} ({bad} of {tensor.numel()}); check the node "
+                         "that made them (a diverged sampler or VAE, a mask operation dividing by zero?).")
+
+
+def require_images(node: str, what: str, images: Optional[torch.Tensor], minimum: int = 1) -> None:
+    """A batch of at least ``minimum`` images (or masks) with finite values."""
+    count = 0 if images is None else images.shape[0]
+    if count < minimum:
+        raise ValueError(f"{node}: no {what}; connect at least {minimum} (got {count})." if count == 0 else
+                         f"{node}: {minimum} or more {what} needed, got {count}.")
+    require_finite(node, what, images)
+
+
+def require_masks_for(node: str, masks: Optional[torch.Tensor], images: torch.Tensor) -> None:
+    """One finite, non-empty mask ``[N, H, W]`` per image ``[N, H, W, C]`` (optional: None passes)."""
+    if masks is None:
+        return
+    count, size = images.shape[0], tuple(images.shape[1:3])
+    if masks.ndim != 3 or masks.shape[0] != count or tuple(masks.shape[1:]) != size:
+        raise ValueError(f"{node}: {masks.shape[0]} masks of {tuple(masks.shape[1:])} for {count} images of {size}; "
+                         "give one mask per image, of the image's size.")
+    require_finite(node, "masks", masks)
+    empty = [i for i in range(count) if not bool((masks[i] > 0.5).any())]
+    if empty:
+        raise ValueError(f"{node}: the mask of image(s) {empty} (0-based) is empty; every mask must mark the region "
+                         "(white = 1).")
+
+
+def read_safetensors(node: str, path: str | Path, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; clear errors for other formats, damaged files and NaN/inf."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{node}: {path.name} is not a .safetensors {what}; only .safetensors files are read (pickled "
+                         ".pt/.pth/.ckpt files can run code). Convert it once to safetensors.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError (not an OSError) for bad headers
+        raise ValueError(f"{node}: {path.name} is not a readable safetensors {what} (truncated download, or another "
+                         f"format renamed to .safetensors): {error}") from error
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ValueError(f"{node}: {path.name} holds NaN or infinite values (in {', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); the file is damaged or comes from a diverged training.")
+    return tensors, metadata
+
+
+def require_matching_clip(node: str, model, clip) -> None:
+    """The CLIP must give the text width the MODEL's cross-attention reads (one checkpoint's pair): SD1.x 768
+    (CLIP-L), SD2 1024 (CLIP-H), SDXL 2048 (CLIP-L + CLIP-G)."""
+    from .training_glue import sub_tokenizers
+
+    context_dim = model.model.model_config.unet_config.get("context_dim")
+    encoders = {name: sub.embedding_size for name, sub in sub_tokenizers(clip.tokenizer)}
+    if context_dim is not None and encoders and sum(encoders.values()) != context_dim:
+        raise ValueError(f"{node}: this MODEL ({type(model.model).__name__}) reads {context_dim}-wide text, but the "
+                         f"CLIP gives {sum(encoders.values())} ({' + '.join(f'{k} {v}' for k, v in encoders.items())}); "
+                         "connect the MODEL and CLIP of the same checkpoint.")
