@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
-import comfy.utils
 import folder_paths
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,7 @@ from ..attention.realcustom_weights import (
     convert_official,
 )
 from .comfy_io import io
+from .validation import names_node, read_safetensors, require_finite
 from .patching import WRAPPER_KEY, add_attention_processor, transformer_blocks
 from .prompt_tokens import find_phrase_tokens
 
@@ -117,10 +117,11 @@ class RealCustomLoader(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, adapter_name) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter_name)
-        state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-        format_name = (metadata or {}).get(FORMAT_KEY)
+        state_dict, metadata = read_safetensors("RealCustomLoader", path, "RealCustom adapter")
+        format_name = metadata.get(FORMAT_KEY)
         if format_name is None:  # the released checkpoint, converted to safetensors as is
             state_dict, format_name = convert_official(state_dict), OFFICIAL_FORMAT
         adapter = adapter_from_state_dict(state_dict, format_name)
@@ -157,12 +158,14 @@ class RealCustomEncodeReference(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, adapter: LoadedAdapter, clip_vision, image, crop) -> io.NodeOutput:
         if adapter.adapter.format_name == OFFICIAL_FORMAT:
             raise ValueError(OFFICIAL_ENCODER_MESSAGE)
         if image.shape[0] != 1:
             raise ValueError(f"RealCustomEncodeReference: give one reference image, got a batch of {image.shape[0]} "
                              "(pick one with ImageFromBatch).")
+        require_finite("RealCustomEncodeReference", "reference image", image)
         images = torch.cat([image, torch.zeros_like(image)])  # reference, black image
         features = clip_vision.encode_image(images, crop=crop)["penultimate_hidden_states"]
         if features.shape[-1] != adapter.adapter.vision_dim:
@@ -313,9 +316,10 @@ class AdaptiveMaskGuidance(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, model, reference: EncodedReference, clip, prompt, word, mask_strategy, mask_scope, binary_mask,
                 update_fraction, map_source, uncond_image, strength) -> io.NodeOutput:
-        blocks = transformer_blocks(model)
+        blocks = transformer_blocks(model, "AdaptiveMaskGuidance")
         _check_adapter_fits(model, reference.adapter, blocks)
         phrase = find_phrase_tokens(clip, prompt, word, node_name="AdaptiveMaskGuidance")
         settings = MaskSettings(strategy=mask_strategy, scope=mask_scope, binary=binary_mask)
@@ -363,6 +367,7 @@ class RealCustomMaskPreview(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, masks: MaskRecord, samples) -> io.NodeOutput:
         latent = samples["samples"]
         if not masks.steps:

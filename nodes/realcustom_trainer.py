@@ -16,12 +16,13 @@ from ..attention.realcustom_weights import (
     adapter_from_state_dict,
     new_clip_vision_adapter,
 )
-from ..training.checkpoint import save_atomic
+from ..training.checkpoint import check_resumable, save_atomic
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
 from ..training.realcustom import RealCustomStep, TrainingData
 from . import training_glue as glue
 from .comfy_io import io
+from .validation import names_node, require_images
 from .patching import add_attention_processor, transformer_blocks
 from .realcustom import ADAPTER_FOLDER, CATEGORY, AdapterType, LoadedAdapter
 
@@ -125,20 +126,24 @@ class RealCustomTrainer(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, model, clip, vae, clip_vision, images, captions, name, steps, learning_rate, batch_size,
                 grad_accumulation, resolution, seed, checkpoint_every, crop) -> io.NodeOutput:
+        transformer_blocks(model, "RealCustomTrainer")
         if model.model.adm_channels:
             raise ValueError(f"RealCustomTrainer trains SD1.x image branches; this MODEL ({type(model.model).__name__}) "
                              "also needs pooled text and size conditioning (SDXL): use the released SDXL weights.")
+        require_images("RealCustomTrainer", "training images", images)
         stem = sanitize_name(name)
         texts = _captions(captions, images.shape[0])
+        checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
+        check_resumable(checkpoint)
         with glue.training_mode():
             adapter, step = prepare_training(model, clip, vae, clip_vision, images, texts, resolution, crop, batch_size,
                                              seed)
             run_id = fingerprint(images=images, captions=texts, steps=steps, learning_rate=learning_rate,
                                  batch_size=batch_size, resolution=resolution, seed=seed, crop=crop,
                                  vision_dim=adapter.vision_dim)
-            checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
             train(dict(adapter.named_parameters()), step, lambda params: torch.optim.AdamW(params, lr=learning_rate),
                   LoopSettings(steps, grad_accumulation, seed, checkpoint_every, checkpoint, run_id),
                   on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
