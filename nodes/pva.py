@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import comfy.model_management
 import comfy.model_patcher
@@ -19,8 +20,9 @@ import torch
 
 from ..attention.pva import ParallelVisualAttentionProcessor, block_name
 from ..attention.pva_identity import IResNet, arcface_crop
-from ..attention.pva_weights import PVAFormatError, PVAWeights, load_pva
+from ..attention.pva_weights import PVAFormatError, PVAWeights
 from .comfy_io import io
+from .validation import names_node, read_safetensors, require_finite
 from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
 from .prompt_tokens import find_phrase_tokens
 
@@ -58,8 +60,7 @@ def _arcface_backbone() -> IResNet:
             "Get InsightFace's arcface_torch ms1mv3_arcface_r50 weights (ms1mv3_arcface_r50.pth, the paper's "
             "backbone) and convert them once to safetensors (see the PVALoader docs); pickled .pth files are not "
             "loaded. Or use a PVA file trained with the CLIP vision encoder.")
-    import comfy.utils
-    return IResNet.from_state_dict(comfy.utils.load_torch_file(path, safe_load=True))
+    return IResNet.from_state_dict(read_safetensors("PVALoader", path, "ArcFace backbone")[0])
 
 
 class PVALoader(io.ComfyNode):
@@ -85,11 +86,12 @@ class PVALoader(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, pva_name) -> io.NodeOutput:
         path = folder_paths.get_full_path(PVA_FOLDER, pva_name)
         if path is None:
             raise FileNotFoundError(f"PVALoader: {pva_name!r} is not in {folder_paths.get_folder_paths(PVA_FOLDER)}")
-        weights = load_pva(path)
+        weights = PVAWeights.from_state(*read_safetensors("PVALoader", path, "PVA weights file"), source=Path(path).name)
         if weights.encoder == "arcface" and weights.face_encoder is None:
             weights.face_encoder = _arcface_backbone()
             weights.stock_face_encoder = True
@@ -98,13 +100,13 @@ class PVALoader(io.ComfyNode):
         return io.NodeOutput(LoadedPVA(pva_name, weights, patcher))
 
 
-def _check_model_fits(pva: LoadedPVA, model) -> list:
+def _check_model_fits(pva: LoadedPVA, model, node: str = "ParallelVisualAttention") -> list:
     """The model's cross-attention blocks, after checking the file has a projection of the right shape for each."""
-    blocks = [b for b in transformer_blocks(model) if b.has_cross_attention]
+    blocks = [b for b in transformer_blocks(model, node) if b.has_cross_attention]
     names = {block_name(b.key) for b in blocks}
     if names != set(pva.weights.parallel):
         raise PVAFormatError(
-            f"ParallelVisualAttention: {pva.name} was trained for a model with the cross-attention blocks "
+            f"{node}: {pva.name} was trained for a model with the cross-attention blocks "
             f"{sorted(pva.weights.parallel)}, but this model has {sorted(names)}; use a PVA file trained on this "
             "model family.")
     diffusion_model = model.get_model_object("diffusion_model")
@@ -114,7 +116,7 @@ def _check_model_fits(pva: LoadedPVA, model) -> list:
         for mine, theirs in (("to_visual_q", "to_q"), ("to_visual_k", "to_k"), ("to_visual_v", "to_v")):
             if getattr(projection, mine).weight.shape != getattr(attn2, theirs).weight.shape:
                 raise PVAFormatError(
-                    f"ParallelVisualAttention: {pva.name} does not fit this model: block {block.key} {theirs} is "
+                    f"{node}: {pva.name} does not fit this model: block {block.key} {theirs} is "
                     f"{tuple(getattr(attn2, theirs).weight.shape)} but the file's {mine} is "
                     f"{tuple(getattr(projection, mine).weight.shape)} (another model family?).")
     return blocks
@@ -145,6 +147,7 @@ def identity_tokens(pva: LoadedPVA, references, images_per_identity: int, clip_v
     if references is None or references.shape[0] == 0:
         raise ValueError("ParallelVisualAttention: no reference image; connect one or more photos of the person "
                          "(aligned face crops) to references.")
+    require_finite("ParallelVisualAttention", "references", references)
     count = references.shape[0]
     per_identity = images_per_identity or count
     if count % per_identity != 0:
@@ -216,6 +219,7 @@ class ParallelVisualAttention(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, model, pva, references, strength, uncond_identity, images_per_identity, start_percent,
                 end_percent, clip_vision=None) -> io.NodeOutput:
         blocks = _check_model_fits(pva, model)
@@ -278,6 +282,7 @@ class PVATextEncode(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, clip, pva, text, identity_word) -> io.NodeOutput:
         found = find_phrase_tokens(clip, text, identity_word, node_name="PVATextEncode")
         tokens = clip.tokenize(text)

@@ -14,12 +14,14 @@ import torch
 from ..attention.dispatcher import CHAIN_KEY
 from ..attention.pva import ParallelVisualAttentionProcessor
 from ..attention.pva_weights import save_pva
+from ..training.checkpoint import check_resumable
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
 from ..attention.pva_weights import PVAWeights
 from ..training.pva import IdentityPhotos, PVAStep, face_box_mask, rotating_references, stage1_references
 from . import training_glue as glue
 from .comfy_io import io
+from .validation import names_node, require_finite, require_images, require_masks_for, require_matching_clip
 from .patching import add_attention_processor, transformer_blocks
 from .pva import (CATEGORY, PVA_FOLDER, LoadedPVA, ParallelVisualAttention, PVAType, _arcface_backbone,
                   _check_model_fits, reference_features)
@@ -45,11 +47,8 @@ def _identity_photos(model, vae, pva: LoadedPVA, images: torch.Tensor, clip_visi
     both = torch.stack([images[..., :3], images[..., :3].flip(2)], dim=1)  # (n, 2, H, W, 3)
     n, _, height, width, _ = both.shape
     flat = both.reshape(n * 2, height, width, 3)
-    if masks is None:
+    if masks is None:  # (masks given: checked by the node, see validation.require_masks_for)
         masks = face_box_mask(height, width).expand(n, -1, -1)
-    elif masks.shape != (n, height, width):
-        raise ValueError(f"PVATrainer: {masks.shape[0]} masks of {tuple(masks.shape[1:])} for {n} images of "
-                         f"{(height, width)}; give one mask per image, of the image's size.")
     pixel_mask = torch.stack([masks, masks.flip(2)], dim=1).reshape(n * 2, height, width, 1).float()
     masked = flat * (1 - pixel_mask) + 0.5 * pixel_mask  # InpaintModelConditioning's grey fill
     latents = model.model.process_latent_in(_encode_pixels(vae, flat))
@@ -79,7 +78,7 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
     who = "PVATrainer" if stage1 else "PVAIdentityTune"
     if images is None or images.shape[0] == 0:
         raise ValueError(f"{who}: no photo of the person; connect aligned square face crops.")
-    blocks = _check_model_fits(pva, model)
+    blocks = _check_model_fits(pva, model, who)
     weights = copy.deepcopy(pva.weights)
     weights.requires_grad_(False)
     device = comfy.model_management.get_torch_device()
@@ -212,12 +211,16 @@ class PVAIdentityTune(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, model, clip, vae, pva, photos, name, steps, learning_rate, word_learning_rate, timestep_bins,
                 seed, checkpoint_every, clip_vision=None) -> io.NodeOutput:
+        require_matching_clip("PVAIdentityTune", model, clip)
+        require_finite("PVAIdentityTune", "photos", photos)
         stem = sanitize_name(name)
+        checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
+        check_resumable(checkpoint)
         with glue.training_mode():
             tune = prepare_identity_tune(model, clip, vae, pva, glue.clone_tensors(photos), timestep_bins, seed, clip_vision)
-            checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
             train(tune.params, tune.step, identity_tune_optimizer(tune.params, learning_rate, word_learning_rate),
                   LoopSettings(steps, timestep_bins, seed, checkpoint_every, checkpoint, tune.fingerprint),
                   on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
@@ -229,13 +232,16 @@ class PVAIdentityTune(io.ComfyNode):
 def initial_pva(model, clip, encoder: str, init_word: str, seed: int, clip_vision=None, probe=None) -> LoadedPVA:
     """Stage-1 starting point: projections copied from the model, a seeded random token transformer, the
     identity word initialised to the embedding of ``init_word`` (official ``init_token``)."""
-    blocks = [b for b in transformer_blocks(model) if b.has_cross_attention]
+    blocks = [b for b in transformer_blocks(model, "PVATrainer") if b.has_cross_attention]
     diffusion_model = model.get_model_object("diffusion_model")
     layers = {b.key: diffusion_model.get_submodule(b.module_path).attn2 for b in blocks}
-    tokens = clip.tokenize(init_word)
+    tokens = clip.tokenize(init_word, return_word_ids=True)
     words = {}
     for key, chunks in tokens.items():
-        ids = [t[0] for t in chunks[0][1:] if isinstance(t[0], int)]
+        ids = [token for token, _weight, word in chunks[0] if word != 0 and isinstance(token, int)]
+        if not ids:
+            raise ValueError(f"PVATrainer: init_word {init_word!r} is empty (no word for the text encoder); name the "
+                             "word whose embedding starts the identity word, e.g. 'person'.")
         table = getattr(clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings().weight
         words[key] = table[ids[0]].detach().float().cpu()[None].clone()
     face_encoder = _arcface_backbone() if encoder == "arcface" else None
@@ -307,20 +313,26 @@ class PVATrainer(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, model, clip, vae, images, images_per_identity, name, encoder, steps, learning_rate,
                 transformer_learning_rate, word_learning_rate, timestep_bins, init_word, seed, checkpoint_every,
                 masks=None, pva=None, clip_vision=None) -> io.NodeOutput:
+        transformer_blocks(model, "PVATrainer")
+        require_matching_clip("PVATrainer", model, clip)
+        require_images("PVATrainer", "images", images)
+        require_masks_for("PVATrainer", masks, images)
         stem = sanitize_name(name)
-        count = 0 if images is None else images.shape[0]
-        if count == 0 or count % images_per_identity != 0:
+        count = images.shape[0]
+        if count % images_per_identity != 0:
             raise ValueError(f"PVATrainer: {count} images cannot be grouped into identities of {images_per_identity} "
                              "images; give images_per_identity photos of every person, person after person.")
         groups = tuple(tuple(range(g, g + images_per_identity)) for g in range(0, count, images_per_identity))
+        checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
+        check_resumable(checkpoint)
         with glue.training_mode():
             start = pva if pva is not None else initial_pva(model, clip, encoder, init_word, seed, clip_vision, images)
             run = prepare_training(model, clip, vae, start, glue.clone_tensors(images), groups, True, timestep_bins, seed,
                                    clip_vision, None if masks is None else glue.clone_tensors(masks))
-            checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
             train(run.params, run.step,
                   identity_tune_optimizer(run.params, learning_rate, word_learning_rate, transformer_learning_rate),
                   LoopSettings(steps, timestep_bins, seed, checkpoint_every, checkpoint, run.fingerprint),
