@@ -8,9 +8,10 @@ tokens, 729 image tokens; cond + uncond, batch 1 each), over one U-Net's worth o
     Target: <= 1.10. Also: with the mask frozen (no map read) / ungated.
 (b) the released schedule ("text-only pass"): one extra cond-only pass of these layers per updating step,
     as a ratio to (a)'s guided time (the whole U-Net pays this share in addition).
-(c) peak memory of map capture over all layers (CUDA only): extra peak over the ungated run, in units of
-    one layer's full attention probabilities and of all layers' full probabilities; capture keeps only
-    the reduced word map, so the extra should stay near one layer's transient probabilities.
+(c) peak memory of map capture over all layers (CUDA allocator peak on a GPU, the process's resident-set
+    high-water mark on the CPU): extra peak over the ungated run, in units of one layer's full attention
+    probabilities and of all layers' full probabilities; capture keeps only the reduced word map, so the
+    extra should stay near one layer's transient probabilities.
 
 Usage: .venv/bin/python bench/mask_guidance.py [--repeats N] [--device cpu|cuda]
 """
@@ -18,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import types
 from pathlib import Path
 
 import torch
+from timing import best_of, peak_since, start_peak_tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 # The pure-torch packages need no ComfyUI: expose the repo as a namespace without running its __init__.
@@ -33,20 +34,6 @@ sys.modules.setdefault("personalization_nodes", _package)
 # (queries, channels, heads, layers) of SDXL's cross-attention at 1024² (70 layers: 4 at 64², 66 at 32²)
 SDXL_LAYERS = [(4096, 640, 10, 4), (1024, 1280, 20, 66)]
 TEXT_TOKENS, IMAGE_TOKENS, TOKEN_DIM = 77, 729, 2048
-
-
-def best_of(fn, repeats: int, device: str) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -103,38 +90,39 @@ def main() -> None:
 
     ungated_run = rc.UngatedRun(tokens, mask=torch.ones(1, 1, 1, device=device))
     with torch.no_grad():
-        ungated = best_of(lambda: unet_layers(ungated_run), args.repeats, device)
-        guided = best_of(lambda: unet_layers(new_run(capturing=True)), args.repeats, device)
-        frozen = best_of(lambda: unet_layers(new_run(capturing=False)), args.repeats, device)
+        ungated = best_of(lambda: unet_layers(ungated_run), args.repeats)
+        guided = best_of(lambda: unet_layers(new_run(capturing=True)), args.repeats)
+        frozen = best_of(lambda: unet_layers(new_run(capturing=False)), args.repeats)
 
         def text_only_pass():
             run = new_run(capturing=True)
             run.injecting = False
             unet_layers(run, cond_or_uncond=(0,))
-        extra_pass = best_of(text_only_pass, args.repeats, device)
+        extra_pass = best_of(text_only_pass, args.repeats)
 
     print(f"device {device}, {len(layers)} SDXL-size cross-attention layers, cond+uncond")
     print(f"(a) guided, map read in the same pass / ungated branch: {guided / ungated:.3f}  (target <= 1.10)")
     print(f"    guided, mask frozen / ungated branch:              {frozen / ungated:.3f}")
     print(f"(b) released 'text-only pass': extra cond-only pass / guided pass of these layers: {extra_pass / guided:.3f}")
 
-    if device == "cuda":
+    def peak_mib(fn) -> float:
+        baseline = start_peak_tracking()
         with torch.no_grad():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            unet_layers(ungated_run)
-            ungated_peak = torch.cuda.max_memory_allocated() - base
-            torch.cuda.reset_peak_memory_stats()
-            unet_layers(new_run(capturing=True))
-            guided_peak = torch.cuda.max_memory_allocated() - base
-        one_layer = max(2 * layer["heads"] * layer["q"].shape[1] * TEXT_TOKENS * 4 for layer in layers)
-        all_layers = sum(2 * layer["heads"] * layer["q"].shape[1] * TEXT_TOKENS * 4 for layer in layers)
-        extra = guided_peak - ungated_peak
-        print(f"(c) extra peak memory of map capture: {extra / 2**20:.1f} MiB = {extra / one_layer:.2f} x one layer's "
-              f"fp32 probabilities, {extra / all_layers:.3f} x all layers' ({all_layers / 2**20:.0f} MiB)")
-    else:
-        print("(c) peak memory: run with --device cuda")
+            fn()
+        peak = peak_since(baseline)
+        return peak.cuda_mib if device == "cuda" else peak.rss_mib
+
+    peaks = {"ungated": [], "guided": []}
+    for _ in range(max(3, args.repeats)):  # alternating, lowest of each: allocator caches blur single peaks
+        peaks["ungated"].append(peak_mib(lambda: unet_layers(ungated_run)))
+        peaks["guided"].append(peak_mib(lambda: unet_layers(new_run(capturing=True))))
+    ungated_peak, guided_peak = min(peaks["ungated"]), min(peaks["guided"])
+    one_layer = max(2 * layer["heads"] * layer["q"].shape[1] * TEXT_TOKENS * 4 for layer in layers) / 2**20
+    all_layers = sum(2 * layer["heads"] * layer["q"].shape[1] * TEXT_TOKENS * 4 for layer in layers) / 2**20
+    extra = guided_peak - ungated_peak
+    print(f"(c) extra peak memory of map capture ({'CUDA allocator' if device == 'cuda' else 'CPU resident set'}): "
+          f"{extra:.1f} MiB = {extra / one_layer:.2f} x one layer's fp32 probabilities, "
+          f"{extra / all_layers:.3f} x all layers' ({all_layers:.0f} MiB)")
 
 
 if __name__ == "__main__":

@@ -19,12 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def best_of(fn, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up call; the minimum is the least noisy estimate."""
+    """Best wall time of ``repeats`` calls after one warm-up call; the minimum is the least noisy estimate.
+    CUDA work is waited for, so GPU timings are real."""
+    import torch
+
+    def synchronize():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     fn()
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -89,7 +98,7 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _start_peak_tracking() -> int:
+def start_peak_tracking() -> int:
     """Reset the peak counters to now and return the current RSS in KiB.
 
     The RSS peak is the kernel's high-water mark (VmHWM), reset by writing 5 to /proc/self/clear_refs,
@@ -105,7 +114,7 @@ def _start_peak_tracking() -> int:
     return _proc_status_kib("VmRSS")
 
 
-def _peak_since(baseline_kib: int) -> PeakMemory:
+def peak_since(baseline_kib: int) -> PeakMemory:
     import torch
 
     cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
@@ -117,7 +126,7 @@ def _serve(connection, load: Callable, build: Callable, options: dict) -> None:
     import torch
 
     loaded = load()
-    baseline = _start_peak_tracking()
+    baseline = start_peak_tracking()
     step = build(loaded, options)  # -> callable(index) running one optimizer step
     connection.send("ready")
     while (index := connection.recv()) is not None:
@@ -126,7 +135,7 @@ def _serve(connection, load: Callable, build: Callable, options: dict) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         connection.send(time.perf_counter() - start)
-    connection.send(_peak_since(baseline))
+    connection.send(peak_since(baseline))
 
 
 def compare_trainers(build: Callable, configurations: dict[str, dict], steps: int,
