@@ -4,6 +4,7 @@
 - DecoupledTokenTrainer: trains the subject word [V], per-image pose [P_i] / background [B_i] words from
   attribute mappers, and the cross-attention K/V; exports stock embedding and LoRA files.
 - DecoupledTokenPrompt: conditioning with [V] alone, or with a training image's pose and/or background.
+- DecoupledTokenAttributes: pose/background words of a NEW reference image from the exported mappers.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ from ..training.detex import (
 from ..training.detex_data import (
     MAX_IMAGES, MIN_IMAGES, attribute_inputs, center_square, dilate, prepare_subject, split_foreground)
 from ..training.detex_loss import ATTENTION_LOSS_WEIGHT, MASK_NORMALIZATIONS
-from ..training.detex_mappers import ATTRIBUTE_SOURCES, ATTRIBUTES, MAPPERS, AttributeEmbeddings
-from ..training.detex_masks import border_key_mask
+from ..training.detex_mappers import (
+    ATTRIBUTE_SOURCES, ATTRIBUTES, MAPPERS, AttributeEmbeddings, load_mappers, map_attributes, save_mappers)
+from ..training.detex_masks import DEFAULT_SMOOTHING, DEFAULT_THRESHOLD, border_key_masks
 from ..training.detex_prompts import CLASS, DEFAULT_TEMPLATE, PromptTemplate
 from ..training.disendiff import init_token_ids
 from ..training.exporters import save_embedding, save_lora
@@ -29,16 +31,20 @@ from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
 from . import training_glue as glue
 from .comfy_io import io
+from .model_folders import register_model_folder
 from .patching import add_attention_processor, transformer_blocks
 
 CATEGORY = "personalization/detex"
 CHECKPOINT_FOLDER = "detex_checkpoints"
+#: models/detex holds the exported attribute mappers
+MAPPER_FOLDER = "detex"
 #: Custom Diffusion's initial word for a single new token, "ktn" (spec detex.md §3.4)
 SUBJECT_INIT_TOKEN = init_token_ids(1)[0]
 #: the attribute mappers start from the embedding of their attribute word [R]
 ATTRIBUTE_INIT_WORDS = {"pose": "pose", "background": "background"}
 DEFAULT_REGULARISATION_PROMPT = "photo of a {class}"
 log = logging.getLogger(__name__)
+register_model_folder(MAPPER_FOLDER)
 
 
 def subject_name(name: str) -> str:
@@ -55,6 +61,10 @@ def _check_sd1(model, clip) -> None:
     if context_dim != 768 or encoders != ["clip_l"]:
         raise ValueError(f"DecoupledTokenTrainer: DETEX trains SD1.x models (CLIP-L text, context 768); this MODEL has "
                          f"context {context_dim} and the CLIP has text encoders {encoders or 'none'}.")
+
+
+def mapper_file_name(name: str) -> str:
+    return f"{name}_detex_mappers"
 
 
 def _token_embedding_table(clip) -> torch.Tensor:
@@ -103,9 +113,9 @@ class DecoupledTokenMask(io.ComfyNode):
             description="Subject masks by border keying (plain backgrounds), with previews of what DETEX's mappers see.",
             inputs=[
                 io.Image.Input("images", tooltip="The subject's training images (a batch)."),
-                io.Float.Input("threshold", default=0.12, min=0.01, max=1.0, step=0.01,
+                io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.01, max=1.0, step=0.01,
                                tooltip="Colour difference from the border's background colour that counts as subject (0.05–0.3)."),
-                io.Int.Input("smoothing", default=2, min=0, max=32,
+                io.Int.Input("smoothing", default=DEFAULT_SMOOTHING, min=0, max=32,
                              tooltip="Radius in pixels of the opening/closing that removes specks and small gaps."),
                 io.Int.Input("dilation", default=0, min=-32, max=32,
                              tooltip="Grow (positive) or shrink (negative) the mask by this many pixels."),
@@ -119,8 +129,7 @@ class DecoupledTokenMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, threshold, smoothing, dilation) -> io.NodeOutput:
-        masks = torch.stack([border_key_mask(image, threshold, smoothing) for image in images])
-        masks = dilate(masks, dilation)
+        masks = dilate(border_key_masks(images, threshold, smoothing), dilation)
         empty = [i for i in range(masks.shape[0]) if not bool(masks[i].any())]
         if empty:
             log.warning("DecoupledTokenMask: no subject found in image(s) %s; lower the threshold.", empty)
@@ -145,7 +154,8 @@ class DecoupledTokenTrainer(io.ComfyNode):
     - images: 3–10 photos of one subject; masks: one subject mask per image, same size (DecoupledTokenMask
       or any segmenter).
     - class_word: the subject's class noun ("dog"), one CLIP token ideally.
-    - name: prefix of the saved files (<name>_V, <name>_pose_<i>, <name>_bg_<i>, <name>_detex_kv).
+    - name: prefix of the saved files (<name>_V, <name>_pose_<i>, <name>_bg_<i>, <name>_detex_kv, and with
+      the mappers models/detex/<name>_detex_mappers for DecoupledTokenAttributes).
     - steps 250 (100–1000), learning_rate 8e-5 for K/V and [V] (1e-5 × batch 2 × accumulation 4, as
       Custom Diffusion), mapper_learning_rate 1e-4 [R], batch_size 2, grad_accumulation 4, seed.
     - template: training prompt with {V} {class} and the [ ] clauses holding {P} and {B} [R].
@@ -260,7 +270,7 @@ class DecoupledTokenTrainer(io.ComfyNode):
                 fingerprint=run_id)
             result = train(trained.parameters(), trained.step, optimizer_factory(settings, trained.mapper_parameters()),
                            loop_settings, glue.progress_reporter(steps), glue.check_interrupted)
-            vectors = trained.export(name, class_word, template, steps)
+            vectors = trained.export(name, class_word, template, steps, resolution)
         patched_clip = glue.clip_with_embeddings(clip, {n: {"clip_l": v} for n, v in vectors.items()})
         patched_model = glue.with_weight_deltas(model, trained.kv_deltas())
         return io.NodeOutput(patched_model, patched_clip, name, {"loss": list(result.losses)})
@@ -337,8 +347,8 @@ class DetexTraining:
     def kv_deltas(self) -> dict[str, torch.Tensor]:
         return {k: d.diff.detach() for k, d in self.deltas.items()}
 
-    def export(self, name: str, class_word: str, template: str, steps: int) -> dict[str, torch.Tensor]:
-        """Write the stock files; return ``{embedding name: [1, 768]}`` of every saved word."""
+    def export(self, name: str, class_word: str, template: str, steps: int, resolution: int) -> dict[str, torch.Tensor]:
+        """Write the stock files (and the mappers); return ``{embedding name: [1, 768]}`` of every saved word."""
         vectors = {subject_name(name): self.subject_word.detach().float().cpu()}
         for attribute in ATTRIBUTES:
             for index, row in enumerate(self.attributes.per_image(attribute)):
@@ -350,6 +360,9 @@ class DetexTraining:
             save_embedding(output_path(embeddings, word), vector, metadata={**meta, "token": word})
         save_lora(output_path(folder_paths.get_folder_paths("loras")[0], f"{name}_detex_kv"), self.kv_deltas(),
                   metadata={**meta, "tokens": subject_name(name)})
+        if self.attributes.source == MAPPERS:
+            save_mappers(output_path(folder_paths.get_folder_paths(MAPPER_FOLDER)[0], mapper_file_name(name)),
+                         self.attributes, resolution, meta)
         folder_paths.filename_list_cache.clear()  # so stock loaders list the new files at once
         return vectors
 
@@ -364,7 +377,9 @@ class DecoupledTokenPrompt(io.ComfyNode):
     Inputs: clip (the trainer's CLIP output, or any CLIP when the embedding files are installed);
     name: the trainer's file prefix; prompt: text with {V} where the subject goes and optional clauses
     [ with {P} pose] / [ in {B} background] kept only when asked; image_index: 0-based index of the
-    training image whose attributes are used; keep_pose / keep_background.
+    training image whose attributes are used; keep_pose / keep_background; attributes_name (optional):
+    prefix of the pose/background words when they come from DecoupledTokenAttributes (a new reference
+    image) instead of the training images (empty = name).
     """
 
     @classmethod
@@ -382,6 +397,8 @@ class DecoupledTokenPrompt(io.ComfyNode):
                 io.Int.Input("image_index", default=0, min=0, max=MAX_IMAGES - 1, tooltip="Training image (0-based) whose pose/background words are used."),
                 io.Boolean.Input("keep_pose", default=False, tooltip="Keep the image's pose word [P_i] (its clause)."),
                 io.Boolean.Input("keep_background", default=False, tooltip="Keep the image's background word [B_i] (its clause)."),
+                io.String.Input("attributes_name", default="", optional=True,
+                                tooltip="Prefix of the pose/background words from DecoupledTokenAttributes (a new image); empty = name."),
             ],
             outputs=[
                 io.Conditioning.Output(tooltip="The encoded prompt."),
@@ -390,18 +407,19 @@ class DecoupledTokenPrompt(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, clip, name, prompt, image_index, keep_pose, keep_background) -> io.NodeOutput:
+    def execute(cls, clip, name, prompt, image_index, keep_pose, keep_background, attributes_name="") -> io.NodeOutput:
         if clip is None:
             raise ValueError("DecoupledTokenPrompt: the clip input is empty; connect the trainer's CLIP or the checkpoint's.")
         name = sanitize_name(name)
+        source = sanitize_name(attributes_name) if (attributes_name or "").strip() else name
         template = PromptTemplate.parse(prompt, require_attributes=False)
         if CLASS in prompt:
             raise ValueError("DecoupledTokenPrompt: write the class word itself in the prompt instead of {class}.")
         words = {"{V}": subject_name(name)}
         if keep_pose:
-            words["{P}"] = attribute_name(name, "pose", image_index)
+            words["{P}"] = attribute_name(source, "pose", image_index)
         if keep_background:
-            words["{B}"] = attribute_name(name, "background", image_index)
+            words["{B}"] = attribute_name(source, "background", image_index)
         for placeholder, word in words.items():
             tokens = clip.tokenize(f"embedding:{word}")
             if not any(torch.is_tensor(t[0]) for chunks in tokens.values() for chunk in chunks for t in chunk):
@@ -415,4 +433,67 @@ class DecoupledTokenPrompt(io.ComfyNode):
         return io.NodeOutput(conditioning, text)
 
 
-DETEX_NODES = [DecoupledTokenMask, DecoupledTokenTrainer, DecoupledTokenPrompt]
+class DecoupledTokenAttributes(io.ComfyNode):
+    """DETEX extension (spec detex.md §4; the paper only reuses the training images' words): pose and
+    background words of a NEW reference image, from the attribute mappers DecoupledTokenTrainer exported.
+
+    The image (and its subject mask) goes through the trainer's own preparation: centre crop to a square
+    at the training resolution, foreground x·m and background-only x·(1−m) images on black, CLIP-vision
+    last hidden states, then the pose and background mappers. Without a mask, the subject is found by
+    DecoupledTokenMask's border keying with its defaults (plain backdrops only; connect DecoupledTokenMask
+    or a segmenter for control).
+
+    Inputs: clip (the trainer's CLIP, or any SD1.x CLIP); mappers: models/detex/<name>_detex_mappers
+    (saved when the trainer used attribute_source "mappers"); clip_vision: the SAME CLIP vision model the
+    trainer used (ViT-L/14); image: one or more reference images (one word pair each); name: prefix of
+    the saved words; mask (optional): subject masks of the image's size.
+    Writes models/embeddings/<name>_pose_<i> and <name>_bg_<i> ({"clip_l": [1, 768]}, usable as
+    ``embedding:`` names in any prompt) and returns a CLIP that knows them; give its name output to
+    DecoupledTokenPrompt's attributes_name to keep the new image's pose and/or background.
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DecoupledTokenAttributes",
+            display_name="Decoupled Token Attributes (DETEX)",
+            category=CATEGORY,
+            description="Pose and background words of a new reference image, from DETEX's exported attribute mappers.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The trainer's CLIP (or any SD1.x CLIP); the returned CLIP also knows the new words."),
+                io.Combo.Input("mappers", options=folder_paths.get_filename_list(MAPPER_FOLDER),
+                               tooltip="models/detex/<name>_detex_mappers.safetensors, saved by DecoupledTokenTrainer with mappers."),
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the trainer used (ViT-L/14)."),
+                io.Image.Input("image", tooltip="Reference image(s) whose pose and background to capture; one word pair per image."),
+                io.String.Input("name", default="detex_reference",
+                                tooltip="Prefix of the saved words: <name>_pose_<i>, <name>_bg_<i>."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Subject mask per image (1 = subject); empty = border keying, for plain backdrops."),
+            ],
+            outputs=[
+                io.Clip.Output(display_name="clip", tooltip="CLIP that knows embedding:<name>_pose_<i> and _bg_<i> (as the saved files)."),
+                io.String.Output(display_name="name", tooltip="The words' prefix, for DecoupledTokenPrompt's attributes_name."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip, mappers, clip_vision, image, name, mask=None) -> io.NodeOutput:
+        name = sanitize_name(name)
+        loaded, metadata = load_mappers(folder_paths.get_full_path_or_raise(MAPPER_FOLDER, mappers))
+        masks = border_key_masks(image) if mask is None else mask
+        subject = prepare_subject(image.clone(), masks.clone(), int(metadata["resolution"]),
+                                  min_images=1, max_images=image.shape[0])
+        foreground, background = split_foreground(subject.images, subject.masks)
+        words = map_attributes(loaded, {"pose": _clip_vision_features(clip_vision, foreground),
+                                        "background": _clip_vision_features(clip_vision, background)})
+        vectors = {attribute_name(name, attribute, index): row[None]
+                   for attribute in ATTRIBUTES for index, row in enumerate(words[attribute])}
+        embeddings = folder_paths.get_folder_paths("embeddings")[0]
+        for word, vector in vectors.items():
+            save_embedding(output_path(embeddings, word), vector,
+                           metadata={"method": "detex", "token": word, "mappers": mappers})
+        folder_paths.filename_list_cache.clear()
+        return io.NodeOutput(glue.clip_with_embeddings(clip, {n: {"clip_l": v} for n, v in vectors.items()}), name)
+
+
+DETEX_NODES = [DecoupledTokenMask, DecoupledTokenTrainer, DecoupledTokenPrompt, DecoupledTokenAttributes]

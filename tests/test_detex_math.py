@@ -8,7 +8,8 @@ from personalization_nodes.training.detex_loss import (
     ALL_ELEMENTS, ATTENTION_LOSS_WEIGHT, FULL, MASK_AREA, SUBJECT, attention_mask_loss, choose_branches, latent_mask,
     masked_diffusion_mse)
 from personalization_nodes.training.detex_mappers import (
-    FREE_VECTORS, MAPPERS, AttributeEmbeddings, AttributeMapper)
+    CLIP_LAYER, FREE_VECTORS, MAPPERS, AttributeEmbeddings, AttributeMapper, MapperFileError, load_mappers,
+    map_attributes, save_mappers)
 from personalization_nodes.training.detex_masks import border_key_mask, fill_holes
 from personalization_nodes.training.detex_prompts import DEFAULT_TEMPLATE, PromptTemplate, TemplateError
 
@@ -100,6 +101,31 @@ def test_gradient_reaches_only_the_mapper_of_the_attribute_used():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in embeddings.mappers["pose"].parameters())
     assert all(p.grad is None for p in embeddings.mappers["background"].parameters())
     assert all(not b.requires_grad for b in embeddings.buffers())
+
+
+def test_exported_mappers_give_the_training_images_words_back(tmp_path):
+    features = {a: torch.randn(IMAGES, 2, 1 + PATCHES, FEATURES) for a in ("pose", "background")}
+    attributes = AttributeEmbeddings(MAPPERS, IMAGES, {"pose": torch.randn(WIDTH), "background": torch.randn(WIDTH)},
+                                     features)
+    _randomize(attributes)
+    path = tmp_path / "subject_detex_mappers.safetensors"
+    save_mappers(path, attributes, 512, {"class_word": "dog"})
+    mappers, metadata = load_mappers(path)
+    assert metadata["clip_layer"] == CLIP_LAYER and metadata["resolution"] == "512" and metadata["class_word"] == "dog"
+    assert metadata["attribute_source"] == MAPPERS and "pose" in metadata["inputs"]
+    assert not any(p.requires_grad for p in mappers.parameters())
+    words = map_attributes(mappers, {a: f[:, 0] for a, f in features.items()})
+    for attribute in ("pose", "background"):
+        torch.testing.assert_close(words[attribute], attributes.per_image(attribute))
+    with pytest.raises(ValueError, match="features 16 wide"):
+        map_attributes(mappers, {a: f[:, 0, :, :8] for a, f in features.items()})
+    free = AttributeEmbeddings(FREE_VECTORS, IMAGES, {"pose": torch.randn(WIDTH), "background": torch.randn(WIDTH)})
+    with pytest.raises(ValueError, match="free vectors"):
+        save_mappers(tmp_path / "free.safetensors", free, 512, {})
+    from safetensors.torch import save_file
+    save_file({"clip_l": torch.zeros(1, WIDTH)}, str(tmp_path / "embedding.safetensors"))
+    with pytest.raises(MapperFileError, match="not a DETEX mapper file"):
+        load_mappers(tmp_path / "embedding.safetensors")
 
 
 def test_attribute_embeddings_reject_bad_inputs():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 
 import pytest
 import torch
@@ -33,10 +34,15 @@ def subject_images(count: int = 3):
     return images + noise, masks
 
 
+def _attribute_files(name: str, count: int = 3):
+    return [models_dir() / "embeddings" / f"{name}_{kind}_{i}.safetensors" for kind in ("pose", "bg") for i in range(count)]
+
+
 def _files(name: str, count: int = 3):
-    embeddings = models_dir() / "embeddings"
-    return [models_dir() / "loras" / f"{name}_detex_kv.safetensors", embeddings / f"{name}_V.safetensors",
-            *[embeddings / f"{name}_{kind}_{i}.safetensors" for kind in ("pose", "bg") for i in range(count)]]
+    """The files a run with the mappers writes: LoRA, mappers, then the embeddings."""
+    return [models_dir() / "loras" / f"{name}_detex_kv.safetensors",
+            models_dir() / "detex" / f"{name}_detex_mappers.safetensors",
+            models_dir() / "embeddings" / f"{name}_V.safetensors", *_attribute_files(name, count)]
 
 
 @pytest.fixture
@@ -93,7 +99,7 @@ def test_exports_load_in_stock_nodes_and_reproduce_the_trained_model(comfy, sd15
     cross = [b for b in pack_module("nodes.patching").transformer_blocks(model) if b.has_cross_attention]
     assert len(lora) == 2 * len(cross) and all(k.endswith((".to_k.diff", ".to_v.diff")) for k in lora)
     assert all(t.abs().max() > 0 for t in lora.values())
-    for path in _files(name)[1:]:
+    for path in _files(name)[2:]:
         assert load_file(str(path))["clip_l"].shape == (1, 768)
 
     text = (f"photo of a embedding:{name}_V dog with embedding:{name}_pose_1 pose "
@@ -265,6 +271,72 @@ def test_prompt_node_keeps_or_drops_the_attributes(comfy, trained):
         torch.testing.assert_close(conditioning[0][0], encode_prompt(trained_clip, text)[0][0])
     with pytest.raises(FileNotFoundError, match=f"{name}_pose_7"):
         build(keep_pose=True, image_index=7)
+
+
+@pytest.fixture
+def reference_name(comfy):
+    name = f"detex_reference_{os.getpid()}_{torch.randint(0, 10**6, ()).item()}"
+    yield name
+    for path in _attribute_files(name):
+        path.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_exported_mappers_make_words_for_new_images(comfy, trained, reference_name):
+    """The mapper file reproduces a training image's words from that image alone; a new image without a
+    mask gets words through border keying; DecoupledTokenPrompt uses them through attributes_name."""
+    from safetensors import safe_open
+
+    (_, trained_clip, name, _), _ = trained
+    mapper_file = f"{name}_detex_mappers.safetensors"
+    with safe_open(str(models_dir() / "detex" / mapper_file), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["clip_layer"] == "last_hidden_state" and metadata["attribute_source"] == "mappers"
+    assert "image * mask" in metadata["inputs"] and metadata["resolution"] == str(SIZE)
+    images, masks = subject_images()
+
+    def attributes(**inputs):
+        return run_node("DecoupledTokenAttributes", clip=trained_clip, mappers=mapper_file,
+                        clip_vision=tiny_clip_vision(), name=reference_name, **inputs)
+    clip, returned_name = attributes(image=images[1:2], mask=masks[1])
+    assert returned_name == reference_name
+    for kind in ("pose", "bg"):
+        ours = load_file(str(models_dir() / "embeddings" / f"{reference_name}_{kind}_0.safetensors"))["clip_l"]
+        trained_word = load_file(str(models_dir() / "embeddings" / f"{name}_{kind}_1.safetensors"))["clip_l"]
+        torch.testing.assert_close(ours, trained_word, atol=1e-5, rtol=1e-4)
+
+    new_image = images[2:3].flip(2)  # the subject where no training image had it
+    keyed = run_node("DecoupledTokenMask", images=new_image, threshold=0.12, smoothing=2, dilation=0)[0]
+    clip, _ = attributes(image=new_image)
+    by_border_key = load_file(str(models_dir() / "embeddings" / f"{reference_name}_pose_0.safetensors"))["clip_l"]
+    attributes(image=new_image, mask=keyed)
+    torch.testing.assert_close(by_border_key, load_file(
+        str(models_dir() / "embeddings" / f"{reference_name}_pose_0.safetensors"))["clip_l"])
+
+    prompt = "photo of a {V} dog[ with {P} pose][ in {B} background] on the beach"
+    conditioning, text = run_node("DecoupledTokenPrompt", clip=clip, name=name, prompt=prompt, image_index=0,
+                                  keep_pose=True, keep_background=True, attributes_name=reference_name)
+    assert text == (f"photo of a embedding:{name}_V dog with embedding:{reference_name}_pose_0 pose "
+                    f"in embedding:{reference_name}_bg_0 background on the beach")
+    torch.testing.assert_close(conditioning[0][0], encode_prompt(clip, text)[0][0])
+
+
+def test_attributes_node_needs_the_trainers_clip_vision_and_a_mapper_file(comfy, trained, reference_name):
+    from harness.realcustom import tiny_clip_vision as narrower_clip_vision
+
+    (_, trained_clip, name, _), _ = trained
+    images, masks = subject_images()
+    with pytest.raises(ValueError, match="features 64 wide.*gives 32"):
+        run_node("DecoupledTokenAttributes", clip=trained_clip, mappers=f"{name}_detex_mappers.safetensors",
+                 clip_vision=narrower_clip_vision(), image=images[:1], name=reference_name, mask=masks[0])
+    not_mappers = models_dir() / "detex" / f"{reference_name}_kv.safetensors"
+    shutil.copy(models_dir() / "loras" / f"{name}_detex_kv.safetensors", not_mappers)
+    try:
+        with pytest.raises(ValueError, match="not a DETEX mapper file"):
+            run_node("DecoupledTokenAttributes", clip=trained_clip, mappers=not_mappers.name,
+                     clip_vision=tiny_clip_vision(), image=images[:1], name=reference_name, mask=masks[0])
+    finally:
+        not_mappers.unlink()
 
 
 # ---- bad inputs ------------------------------------------------------------------------------------

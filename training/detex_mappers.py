@@ -18,13 +18,22 @@ a per-subject mapper trained from scratch for a few hundred steps needs a calm s
 
 The switchable alternative (``FREE_VECTORS``) gives every training image its own learnable pose and
 background vectors, initialised the same way; it cannot follow a horizontal flip of the image.
+
+Export (spec §4, an extension: the paper reuses the training images' words): trained mappers are saved
+as a plain state_dict (``pose.cls_branch.0.weight`` …) with metadata saying what they read (CLIP layer,
+input images, training resolution), so pose and background words can be made for new reference images.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import safe_open
 from torch import nn
+
+from .checkpoint import save_atomic
 
 MAPPERS = "mappers"
 FREE_VECTORS = "free vectors"
@@ -32,6 +41,11 @@ ATTRIBUTE_SOURCES = (MAPPERS, FREE_VECTORS)
 ATTRIBUTES = ("pose", "background")
 #: hidden width of ELITE's mapper MLPs (fixed there, independent of the CLIP width)
 MAPPER_HIDDEN = 1024
+MAPPER_FILE_FORMAT = "detex-attribute-mappers-v1"
+#: what the mappers read, stored in the exported file (spec §4)
+CLIP_LAYER = "last_hidden_state"
+MAPPER_INPUTS = {"pose": "foreground: image * mask, background black",
+                 "background": "background only: image * (1 - mask), subject black"}
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -110,3 +124,44 @@ class AttributeEmbeddings(nn.Module):
         """``[N, D]`` the word of every (unflipped) training image, for export."""
         indices = torch.arange(self.num_images)
         return self(attribute, indices, torch.zeros_like(indices)).detach().float().cpu()
+
+
+def save_mappers(path: str | Path, attributes: AttributeEmbeddings, resolution: int, metadata: dict[str, str]) -> None:
+    """Write the trained mappers (plain state_dict) with what they read in the file's metadata."""
+    if attributes.source != MAPPERS:
+        raise ValueError("only attribute mappers can be exported; free vectors belong to the training images")
+    save_atomic(path, attributes.mappers.state_dict(), {
+        **metadata, "format": MAPPER_FILE_FORMAT, "attribute_source": MAPPERS, "clip_layer": CLIP_LAYER,
+        "inputs": json.dumps(MAPPER_INPUTS), "resolution": str(resolution)})
+
+
+class MapperFileError(ValueError):
+    """A file that is not an exported DETEX mapper file."""
+
+
+def load_mappers(path: str | Path) -> tuple[nn.ModuleDict, dict[str, str]]:
+    """The exported mappers ``{attribute: AttributeMapper}`` (sizes read from the weights) and the metadata."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != MAPPER_FILE_FORMAT:
+            raise MapperFileError(f"{path} is not a DETEX mapper file (DecoupledTokenTrainer's <name>_detex_mappers)")
+        state = {key: f.get_tensor(key) for key in f.keys()}
+    hidden, feature_dim = state["pose.cls_branch.0.weight"].shape
+    embedding_dim = state["pose.cls_branch.6.weight"].shape[0]
+    with torch.device("meta"):  # no random init: every weight comes from the file
+        mappers = nn.ModuleDict({a: AttributeMapper(feature_dim, torch.zeros(embedding_dim), hidden) for a in ATTRIBUTES})
+    mappers.load_state_dict(state, assign=True)
+    return mappers.requires_grad_(False), metadata
+
+
+@torch.no_grad()
+def map_attributes(mappers: nn.ModuleDict, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{attribute: [N, D]}`` words of new images from their CLIP-vision hidden states ``{attribute: [N, T, F]}``."""
+    words = {}
+    for attribute in ATTRIBUTES:
+        expected = mappers[attribute].cls_branch[0].in_features
+        if features[attribute].shape[-1] != expected:
+            raise ValueError(f"these mappers read CLIP-vision features {expected} wide, but the CLIP vision model gives "
+                             f"{features[attribute].shape[-1]}: use the CLIP vision model the trainer used")
+        words[attribute] = mappers[attribute](features[attribute].float()).float().cpu()
+    return words

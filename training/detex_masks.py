@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 BORDER_FRACTION = 0.04
+#: DecoupledTokenMask's defaults, also used by DecoupledTokenAttributes when no mask is given
+DEFAULT_THRESHOLD, DEFAULT_SMOOTHING = 0.12, 2
 
 
 def _open_close(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -50,7 +52,7 @@ def fill_holes(mask: torch.Tensor) -> torch.Tensor:
         reach = grown
 
 
-def border_key_mask(image: torch.Tensor, threshold: float = 0.12, smoothing: int = 2) -> torch.Tensor:
+def border_key_mask(image: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, smoothing: int = DEFAULT_SMOOTHING) -> torch.Tensor:
     """Subject mask ``[H, W]`` in {0, 1} of one image ``[H, W, 3]`` in [0, 1] (module docstring)."""
     height, width = image.shape[:2]
     border = max(1, round(BORDER_FRACTION * min(height, width)))
@@ -60,3 +62,9 @@ def border_key_mask(image: torch.Tensor, threshold: float = 0.12, smoothing: int
     background = strip.median(dim=0).values
     mask = ((rgb - background).abs().amax(dim=-1) > threshold).float()
     return fill_holes(_open_close(mask, smoothing))
+
+
+def border_key_masks(images: torch.Tensor, threshold: float = DEFAULT_THRESHOLD,
+                     smoothing: int = DEFAULT_SMOOTHING) -> torch.Tensor:
+    """:func:`border_key_mask` of every image of a batch ``[N, H, W, 3]`` → ``[N, H, W]``."""
+    return torch.stack([border_key_mask(image, threshold, smoothing) for image in images])
