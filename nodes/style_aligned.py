@@ -36,10 +36,21 @@ StyleReferenceType = io.Custom("STYLE_ALIGNED_REFERENCE")
 log = logging.getLogger(__name__)
 
 
-def _warn_on_single_image(executor, noise, *args, **kwargs):
-    if noise.shape[0] < 2:
+def _check_batch(executor, noise, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: warns on a batch of one; refuses a prompt batch (SharedAttentionPromptBatch) whose
+    size differs from the latent batch, which ComfyUI would silently cut or repeat (image 0 must be line 1)."""
+    images = noise.shape[0]
+    if images < 2:
         log.warning("SharedAttentionBatch: the latent batch holds one image, so there is nothing to align "
                     "it with; sampling runs unchanged. Use a batch of 2 or more (image 0 is the reference).")
+    for kind, conds in (getattr(executor.class_obj, "conds", None) or {}).items():
+        for cond in conds:
+            context = cond.get("cross_attn")
+            prompts = 0 if context is None else context.shape[0]
+            if prompts > 1 and prompts != images:
+                raise ValueError(f"SharedAttentionBatch: the {kind} conditioning holds {prompts} prompts but the latent "
+                                 f"batch has {images} images; set the latent batch_size to the prompt count "
+                                 "(SharedAttentionPromptBatch's count output).")
     return executor(noise, *args, **kwargs)
 
 
@@ -150,7 +161,7 @@ class SharedAttentionBatch(io.ComfyNode):
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY + ".style_aligned",
                                      _ReferenceRowsWrapper(share_group_norm, controlnet_on_reference, sigma_start, sigma_end))
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY + ".style_aligned",
-                                     _warn_on_single_image)
+                                     _check_batch)
         return io.NodeOutput(patched)
 
 

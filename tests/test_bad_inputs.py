@@ -23,8 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from harness.checkpoints import empty_latent, sample
 from harness.comfy_env import boot_comfy, pack_module
-from harness.pack_nodes import run_node
+from harness.pack_nodes import SHARED_ATTENTION_DEFAULTS, run_node
 from harness.text_encoders import sdxl_tokenizer_clip
 
 NAN = float("nan")
@@ -194,6 +195,13 @@ class Kit:
     def reference(self):
         return run_node("RealCustomEncodeReference", **self.encode_reference())[0]
 
+    def styled_sampling(self, prompts: int, images: int):
+        """Stock KSampler inputs: SharedAttentionBatch's model, ``prompts`` batched prompts, ``images`` latents."""
+        model = run_node("SharedAttentionBatch", model=self.sd15[0], **SHARED_ATTENTION_DEFAULTS)[0]
+        positive = [[torch.zeros(prompts, 77, 768), {}]]
+        return {"model": model, "positive": positive, "negative": [[torch.zeros(1, 77, 768), {}]],
+                "latent": empty_latent(images), "steps": 1}
+
     def style_reference(self, latents):
         sigmas = torch.linspace(1.0, 0.0, latents.shape[0])
         return pack_module("attention.style_reference").StyleReference(latents, sigmas)
@@ -285,6 +293,8 @@ class Case:
     problem: str
     #: set for a defect left to the owners of DETEX/DisenDiff: a strict xfail with this reason
     defect: Optional[str] = None
+    #: True when the mistake shows only once the patched model samples: ``inputs`` are then stock KSampler's
+    sampling: bool = False
 
     def param(self):
         marks = [pytest.mark.xfail(strict=True, reason=f"defect: {self.defect}")] if self.defect else []
@@ -306,6 +316,9 @@ def resuming_from(node: str, stem: str, damage: Callable[[Kit, Path], str], inpu
 
 
 STYLE_ALIGNED = [
+    Case("SharedAttentionBatch refuses 3 batched prompts for a latent batch of 2", "SharedAttentionBatch",
+         lambda k, b: k.styled_sampling(prompts=3, images=2), r"3 prompts but the latent batch has 2 images",
+         sampling=True),
     Case("SharedAttentionInvertReference refuses a Flux model", "SharedAttentionInvertReference",
          lambda k, b: k.invert_reference(model=flux_model(), latent={"samples": torch.zeros(1, 16, 8, 8)}),
          r"Flux.*not supported"),
@@ -509,7 +522,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, kit, sandbox):
     inputs = case.inputs(kit, sandbox)
     sandbox.snapshot()
     with pytest.raises((ValueError, FileNotFoundError)) as raised:
-        run_node(case.node, **inputs)
+        sample(**inputs) if case.sampling else run_node(case.node, **inputs)
     message = str(raised.value)
     assert case.node in message, f"the message does not name the node: {message!r}"
     assert re.search(case.problem, message, re.S), f"the message does not name the problem: {message!r}"
