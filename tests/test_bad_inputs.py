@@ -27,6 +27,7 @@ from harness.checkpoints import empty_latent, sample
 from harness.comfy_env import boot_comfy, pack_module
 from harness.pack_nodes import SHARED_ATTENTION_DEFAULTS, run_node
 from harness.text_encoders import sdxl_tokenizer_clip
+from personalization_nodes.training import naming
 
 NAN = float("nan")
 ARCFACE_FILE = "ms1mv3_arcface_r50.safetensors"
@@ -552,3 +553,11 @@ def test_output_name_with_a_path_writes_only_inside_the_node_folders(node, kit, 
     assert written and not outside, f"{node} wrote outside its folders: {outside}"
     assert all("escape" in p.name for p in written), written
     assert {p.parent for p in written} == set(allowed), "the model files and the resume checkpoint"
+
+
+def test_a_long_output_name_keeps_every_file_suffix(tmp_path):
+    # Trainers write several files from one name (<name>_new1, <name>_new2, <name>_disendiff_kv, <name>_pose_9):
+    # cutting a long name must never cut those suffixes, or one run's files would overwrite each other.
+    stem = naming.sanitize_name("a very long concept name " * 20)
+    files = {naming.output_path(tmp_path, f"{stem}{suffix}") for suffix in ("_new1", "_new2", "_disendiff_kv", "_pose_9")}
+    assert len(files) == 4 and all(path.parent == tmp_path.resolve() for path in files)
