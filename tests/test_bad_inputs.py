@@ -14,6 +14,7 @@ are not repeated here. Cases of DETEX/DisenDiff that fail today are strict xfail
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from harness.text_encoders import sdxl_tokenizer_clip
 from personalization_nodes.training import naming
 
 NAN = float("nan")
+#: embedding names of this process (the files go to the shared embeddings folder, see Sandbox.embedding_file)
+BROKEN, POISONED = f"bad_input_{os.getpid()}_broken", f"bad_input_{os.getpid()}_poisoned"
 ARCFACE_FILE = "ms1mv3_arcface_r50.safetensors"
 MODEL_FOLDERS = ("realcustom", "pva", "embeddings", "loras")
 CHECKPOINT_FOLDERS = {"RealCustomTrainer": "realcustom_checkpoints", "PVATrainer": "pva_checkpoints",
@@ -104,6 +107,12 @@ def nan_copy(source: Path, target: Path) -> str:
     return target.name
 
 
+def nan_embedding(target: Path) -> str:
+    """A stock-layout embedding file ({"clip_l": [1, 768]}) whose vector holds NaN."""
+    save_file({"clip_l": poisoned(torch.zeros(1, 768))}, str(target))
+    return target.name
+
+
 # ---- the sandbox --------------------------------------------------------------------------------------------------
 
 class Sandbox:
@@ -115,9 +124,17 @@ class Sandbox:
         self.models = {kind: root / "models" / kind for kind in MODEL_FOLDERS}
         self.output = root / "output"
         self._before: dict[Path, tuple[int, int]] = {}
+        self.leftovers: list[Path] = []
 
     def model_file(self, kind: str, name: str) -> Path:
         return self.models[kind] / name
+
+    def embedding_file(self, clip, stem: str) -> Path:
+        """Where ``clip`` looks for ``embedding:<stem>``: a stock CLIP copies the embeddings folder list when it
+        loads, so that is the shared test cache, not the sandbox; the file is removed when the test ends."""
+        path = Path(clip.tokenizer.clip_l.embedding_directory[0]) / f"{stem}.safetensors"
+        self.leftovers.append(path)
+        return path
 
     def checkpoint_file(self, node: str, stem: str) -> Path:
         path = self.output / CHECKPOINT_FOLDERS[node] / f"{stem}.safetensors"
@@ -153,6 +170,8 @@ def sandbox(comfy, tmp_path, tmp_path_factory):
     folder_paths.set_output_directory(str(box.output))
     folder_paths.filename_list_cache.clear()
     yield box
+    for path in box.leftovers:
+        path.unlink(missing_ok=True)
     folder_paths.set_output_directory(old_output)
     for kind, path in box.models.items():
         folder_paths.folder_names_and_paths[kind][0].remove(str(path))
@@ -166,11 +185,6 @@ class Kit:
 
     def __init__(self, comfy, sd15, sdxl_model):
         self.comfy, self.sd15, self.sdxl = comfy, sd15, sdxl_model
-
-    @functools.cached_property
-    def inpainting(self):
-        from harness.pva_assets import sd15_inpaint_checkpoint_path
-        return self.comfy.nodes.CheckpointLoaderSimple().load_checkpoint(sd15_inpaint_checkpoint_path().name)[:3]
 
     @functools.cached_property
     def pva_file(self) -> Path:
@@ -236,15 +250,15 @@ class Kit:
                 "uncond_identity": False, "images_per_identity": 0, "start_percent": 0.0, "end_percent": 1.0, **over}
 
     def pva_trainer(self, **over):
-        model, clip, vae = self.inpainting
-        self.pva_file  # the ArcFace backbone
-        return {"model": model, "clip": clip, "vae": vae, "images": photos(2), "images_per_identity": 2,
+        model, clip, vae = self.sd15  # PVA also trains on plain (4-channel) models; no second checkpoint to load
+        # continues from the tiny PVA file: a fresh start builds the paper-size token transformer (slow on a CPU)
+        return {"model": model, "clip": clip, "vae": vae, "pva": self.pva, "images": photos(2), "images_per_identity": 2,
                 "name": "bad_input_pva", "encoder": "arcface", "steps": 1, "learning_rate": 1e-4,
                 "transformer_learning_rate": 1e-4, "word_learning_rate": 1e-3, "timestep_bins": 1,
                 "init_word": "person", "seed": 0, "checkpoint_every": 0, **over}
 
     def identity_tune(self, **over):
-        model, clip, vae = self.inpainting
+        model, clip, vae = self.sd15
         return {"model": model, "clip": clip, "vae": vae, "pva": self.pva, "photos": photos(2), "name": "bad_input_tune",
                 "steps": 1, "learning_rate": 1e-4, "word_learning_rate": 1e-3, "timestep_bins": 1, "seed": 0,
                 "checkpoint_every": 0, **over}
@@ -415,6 +429,8 @@ PVA = [
     Case("PVATextEncode refuses an SDXL text encoder for SD1.5 weights", "PVATextEncode",
          lambda k, b: {"clip": sdxl_tokenizer_clip(), "pva": k.pva,
                        "text": "photo of a <new1> person", "identity_word": "<new1>"}, r"this CLIP also uses \['g'\]"),
+    Case("PVATrainer refuses an empty image batch", "PVATrainer",
+         lambda k, b: k.pva_trainer(images=photos(0)), r"no images"),
     Case("PVATrainer refuses an SDXL model with an SD1.5 text encoder", "PVATrainer",
          lambda k, b: k.pva_trainer(model=k.sdxl), r"2048-wide text.*CLIP gives 768"),
     Case("PVATrainer refuses masks of another size than the images", "PVATrainer",
@@ -429,7 +445,7 @@ PVA = [
     Case("PVATrainer refuses masks holding NaN", "PVATrainer",
          lambda k, b: k.pva_trainer(masks=poisoned(torch.ones(2, 64, 64))), r"NaN.*masks"),
     Case("PVATrainer refuses an empty init word", "PVATrainer",
-         lambda k, b: k.pva_trainer(init_word=" "), r"init_word.*empty"),
+         lambda k, b: k.pva_trainer(init_word=" ", pva=None), r"init_word.*empty"),
     Case("PVATrainer refuses an empty output name", "PVATrainer",
          lambda k, b: k.pva_trainer(name=""), r"no usable characters"),
     Case("PVATrainer refuses a truncated resume checkpoint", "PVATrainer",
@@ -459,6 +475,9 @@ DISENDIFF = [
          lambda k, b: k.disendiff_trainer(reg_images=photos(3), reg_captions="a cat\na dog"),
          r"one line per regularisation image \(3\)",
          defect="the message does not name the node: 'reg_captions needs one line per regularisation image (3) or a single line for all, got 2'"),
+    Case("DisenDiffTrainer refuses an empty regularisation batch", "DisenDiffTrainer",
+         lambda k, b: k.disendiff_trainer(reg_images=photos(0), reg_captions="a cat and a dog"), r"regularisation",
+         defect="AttributeError: 'NoneType' object has no attribute 'float' (stock VAE.encode of an empty batch gives None, nodes/disendiff.py _encode_pixels)"),
     Case("DisenDiffTrainer refuses an empty output name", "DisenDiffTrainer",
          lambda k, b: k.disendiff_trainer(name="  "), r"no usable characters",
          defect="the message does not name the node: output name '  ' has no usable characters"),
@@ -472,10 +491,15 @@ DISENDIFF = [
          lambda k, b: k.calibrated(prompt="photo of a embedding:nowhere_new1 cat and a big dog",
                                    modifiers="embedding:nowhere_new1, big"), r"embedding:nowhere_new1.*not found"),
     Case("CalibratedCrossAttn refuses a damaged embedding file", "CalibratedCrossAttn",
-         after(lambda k, b: text_file(b.model_file("embeddings", "broken.safetensors")),
-               lambda k, b: k.calibrated(prompt="photo of a embedding:broken cat and a big dog",
-                                         modifiers="embedding:broken, big")), r"broken.*(damaged|not a readable|could not be read)",
+         after(lambda k, b: text_file(b.embedding_file(k.sd15[1], BROKEN)),
+               lambda k, b: k.calibrated(prompt=f"photo of a embedding:{BROKEN} cat and a big dog",
+                                         modifiers=f"embedding:{BROKEN}, big")), r"broken.*(damaged|not a readable|could not be read)",
          defect="a damaged file is reported as missing: 'CalibratedCrossAttn: embedding:broken was not found in models/embeddings'"),
+    Case("CalibratedCrossAttn refuses a modifier embedding holding NaN", "CalibratedCrossAttn",
+         after(lambda k, b: nan_embedding(b.embedding_file(k.sd15[1], POISONED)),
+               lambda k, b: k.calibrated(prompt=f"photo of a embedding:{POISONED} cat and a big dog",
+                                         modifiers=f"embedding:{POISONED}, big")), r"poisoned.*NaN",
+         defect="no error: the NaN vector goes into the conditioning"),
     Case("CalibratedCrossAttn refuses a Flux model", "CalibratedCrossAttn",
          lambda k, b: k.calibrated(model=flux_model()), r"Flux.*not supported",
          defect="the message does not name the node: 'This MODEL (Flux) is a Flux, not a U-Net ...' (transformer_blocks called without the node name)"),
@@ -508,9 +532,16 @@ DETEX = [
     Case("DecoupledTokenPrompt refuses a prompt without {V}", "DecoupledTokenPrompt",
          lambda k, b: k.detex_prompt(prompt="photo of a dog"), r"\{V\}",
          defect="the message does not name the node: 'the template 'photo of a dog' must contain {V} exactly once, ...'"),
+    Case("DecoupledTokenPrompt refuses a subject embedding holding NaN", "DecoupledTokenPrompt",
+         after(lambda k, b: nan_embedding(b.embedding_file(k.sd15[1], f"{POISONED}_V")),
+               lambda k, b: k.detex_prompt(name=POISONED)), r"poisoned_V.*NaN",
+         defect="no error: the NaN vector goes into the conditioning"),
+    Case("DecoupledTokenTrainer refuses an empty regularisation batch", "DecoupledTokenTrainer",
+         lambda k, b: k.detex_trainer(regularization_images=photos(0)), r"regularization",
+         defect="AttributeError: 'NoneType' object has no attribute 'float' (stock VAE.encode of an empty batch gives None, nodes/detex.py encode_pixels)"),
     Case("DecoupledTokenPrompt refuses a damaged subject embedding", "DecoupledTokenPrompt",
-         after(lambda k, b: text_file(b.model_file("embeddings", "broken_V.safetensors")),
-               lambda k, b: k.detex_prompt(name="broken")),
+         after(lambda k, b: text_file(b.embedding_file(k.sd15[1], f"{BROKEN}_V")),
+               lambda k, b: k.detex_prompt(name=BROKEN)),
          r"broken_V.*(damaged|not a readable|could not be read)",
          defect="a damaged file is reported as missing: 'embedding 'broken_V' ({V}) not found: connect the trainer's CLIP, or check that the trainer saved it'"),
 ]
