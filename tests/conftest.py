@@ -73,5 +73,5 @@ def sd15(stock_comfy):
 def sdxl_model(stock_comfy):
     """ModelPatcher of a reduced random SDXL (comfy.model_base.SDXL); clone() before patching.
     Pair with harness.checkpoints.sdxl_conditioning()."""
-    from harness.checkpoints import sdxl_model_patcher
-    return sdxl_model_patcher()
+    from harness.checkpoints import model_patcher
+    return model_patcher("sdxl")

@@ -4,23 +4,10 @@ import torch
 
 from harness.checkpoints import empty_latent, encode_prompt, sample
 from harness.pack_nodes import run_node
-from harness.pva_assets import arcface_path, pva_path, sd15_inpaint_checkpoint_path, tiny_clip_vision
+from harness.pva_assets import arcface_path, faces, pva_model, pva_path, sd15_inpaint_checkpoint_path, tiny_clip_vision
+from harness.tensors import close
 
 STEPS = 2  # sampling is the slow part on shared CPU cores; the layouts are unit-tested in test_pva_math
-PVA_DEFAULTS = dict(strength=1.0, uncond_identity=False, images_per_identity=0, start_percent=0.0, end_percent=1.0)
-
-
-def close(a, b, rel=1e-5):
-    return (a - b).abs().max().item() <= rel * max(b.abs().max().item(), 1.0)
-
-
-def faces(count, seed=0, size=64):
-    return torch.rand(count, size, size, 3, generator=torch.Generator().manual_seed(seed))
-
-
-def pva_model(model, pva, references, **overrides):
-    return run_node("ParallelVisualAttention", model=model, pva=pva, references=references,
-                    **{**PVA_DEFAULTS, **overrides})[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tiny random-weight models with the REAL SD1.5 / SDXL layouts, built with ComfyUI's own classes.
+"""Tiny random-weight models with the REAL SD1.5 / SD2 / SDXL layouts, built with ComfyUI's own classes.
 
 Why random weights: no model can be downloaded here and real ones are too big for CPU tests. The layouts
 are the real ones so that stock loaders (CheckpointLoaderSimple, ControlNetLoader, LoraLoader) detect
@@ -47,6 +47,12 @@ SDXL_UNET = dict(
     use_spatial_transformer=True, legacy=False, use_checkpoint=False,
     use_temporal_resblock=False, use_temporal_attention=False,
 )
+# SD2 (512-base / 512-inpainting) as ComfyUI's SD20 class builds it: context 1024 (OpenCLIP ViT-H), linear
+# transformer projections, heads of 64 channels (SD20's unet_extra_config) and fp32 attention; reduced like
+# SD15_UNET. Built in memory like SDXL (its CLIP-H text encoder is too big for CPU tests).
+SD2_UNET = dict(SD15_UNET, context_dim=1024, use_linear_in_transformer=True)
+#: ComfyUI's model config class and the reduced U-Net of each family built in memory (model_patcher).
+IN_MEMORY_FAMILIES = {"sd2": ("SD20", SD2_UNET), "sdxl": ("SDXL", SDXL_UNET)}
 # ComfyUI fixes the SD1.x VAE architecture (comfy/sd.py VAE default ddconfig), so it cannot shrink.
 SD_VAE_DDCONFIG = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3,
                    'ch': 128, 'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [],
@@ -164,35 +170,47 @@ def sd15_lora_path() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def sdxl_model_patcher():
-    """ModelPatcher around comfy.model_base.SDXL with SDXL_UNET and random weights (built in memory,
-    once per process: clone() it before patching)."""
+def model_patcher(family: str = "sdxl", in_channels: int = 4):
+    """ModelPatcher around ComfyUI's own model class of ``family`` ("sdxl": comfy.model_base.SDXL, "sd2":
+    the BaseModel of comfy.supported_models.SD20) with its reduced U-Net and random weights (built in memory,
+    once per process: clone() it before patching). ``in_channels=9`` is the inpainting layout (noisy latent
+    4 + mask 1 + masked-image latent 4, like SD2-inpainting and diffusers' SDXL inpainting 0.1), which
+    ComfyUI's config turns into an inpainting model (``set_inpaint``) exactly as its checkpoint loader does."""
     boot_comfy(require_pack=False)
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+    config_class, unet_config = IN_MEMORY_FAMILIES[family]
+    config = getattr(comfy.supported_models, config_class)(dict(unet_config, in_channels=in_channels))
     load_device = mm.get_torch_device()
     dtype = mm.unet_dtype(supported_dtypes=config.supported_inference_dtypes)  # as load_state_dict_guess_config
     config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes))
     model = config.get_model({})
     randomize_(model.diffusion_model, seed=5)
     # Drop it while modules still exist: ModelPatcher.__del__ at interpreter teardown raises noise.
-    atexit.register(sdxl_model_patcher.cache_clear)
+    atexit.register(model_patcher.cache_clear)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
                                             offload_device=mm.unet_offload_device())
 
 
-def sdxl_conditioning(batch: int = 1, seed: int = 0, width: int = 64, height: int = 64,
-                      tokens: int = 77) -> list:
-    """CONDITIONING of SDXL's real shapes (context [B,tokens,2048], pooled_output [B,1280], plus the size
-    keys SDXL's ADM reads), random from `seed`, standing in for CLIP-L + CLIP-G output."""
+def conditioning(family: str = "sdxl", batch: int = 1, seed: int = 0, width: int = 64, height: int = 64,
+                 tokens: int = 77) -> list:
+    """CONDITIONING of the real shapes of ``family``'s text encoders, random from ``seed``: "sd2" context
+    [B,tokens,1024] (OpenCLIP ViT-H); "sdxl" context [B,tokens,2048] and pooled_output [B,1280] (CLIP-L +
+    CLIP-G) plus the size keys SDXL's ADM reads."""
     gen = torch.Generator().manual_seed(seed)
-    context = torch.randn(batch, tokens, 2048, generator=gen)
+    context = torch.randn(batch, tokens, IN_MEMORY_FAMILIES[family][1]["context_dim"], generator=gen)
+    if family == "sd2":
+        return [[context, {}]]
     pooled = torch.randn(batch, 1280, generator=gen)
     return [[context, {"pooled_output": pooled, "width": width, "height": height, "crop_w": 0,
                        "crop_h": 0, "target_width": width, "target_height": height}]]
+
+
+def sdxl_conditioning(batch: int = 1, seed: int = 0, width: int = 64, height: int = 64, tokens: int = 77) -> list:
+    """``conditioning("sdxl", ...)``: standing in for CLIP-L + CLIP-G output."""
+    return conditioning("sdxl", batch, seed, width, height, tokens)
 
 
 def empty_latent(batch: int = 1, width: int = 64, height: int = 64) -> dict:

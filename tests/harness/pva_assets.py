@@ -7,8 +7,11 @@
   loader only recognises full-size layouts, so it is built in memory).
 - ``arcface_path()``: a shallow InsightFace iresnet (layers 1/1/1/1, the real stem, widths and 512-d
   head) saved under the real backbone's file name in ``models/pva``.
-- ``pva_path(encoder)``: PVA weights for the tiny SD1.5 U-Net (4- and 9-channel variants share their
-  transformer blocks), initialised as the paper does, then perturbed so identity changes the output.
+- ``pva_path(encoder, family)``: PVA weights for the tiny SD1.5 U-Net (4- and 9-channel variants share their
+  transformer blocks) or the reduced SD2 / SDXL U-Nets of ``checkpoints.model_patcher``, with that family's
+  cross-attention layout and identity-word encoders, initialised as the paper does, then perturbed so
+  identity changes the output.
+- ``faces``, ``pva_model``: random reference "faces" and ParallelVisualAttention with the widget defaults.
 
 Files are cached like ``checkpoints`` (HARNESS_VERSION in the name, atomic writes).
 """
@@ -22,9 +25,14 @@ import torch
 from . import checkpoints
 from .checkpoints import HARNESS_VERSION, _cached, _fp16, randomize_
 from .comfy_env import boot_comfy, cache_dir, models_dir, pack_module
+from .pack_nodes import run_node
 
 SD15_INPAINT_CHECKPOINT = f"tiny_sd15_inpainting_{HARNESS_VERSION}.safetensors"
 ARCFACE_LAYERS = (1, 1, 1, 1)
+#: widths of the identity word per text encoder (ComfyUI's tokenizer keys) of each model family
+IDENTITY_WORD_WIDTHS = {"sd15": {"l": 768}, "sd2": {"h": 1024}, "sdxl": {"l": 768, "g": 1280}}
+#: ParallelVisualAttention's widget defaults
+PVA_DEFAULTS = dict(strength=1.0, uncond_identity=False, images_per_identity=0, start_percent=0.0, end_percent=1.0)
 CLIP_VISION_CONFIG = {
     "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 64, "image_size": 32,
     "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 128, "layer_norm_eps": 1e-5,
@@ -74,15 +82,15 @@ def arcface_path():
     return _cached("pva", pack_module("nodes.pva").ARCFACE_FILE, _build_arcface)
 
 
-def _build_pva(encoder: str, feature_dim: int):
+def _build_pva(encoder: str, feature_dim: int, family: str):
     pva_weights = pack_module("attention.pva_weights")
-    model = checkpoints.load_sd15()[0]
+    model = checkpoints.load_sd15()[0] if family == "sd15" else checkpoints.model_patcher(family, in_channels=9)
     diffusion_model = model.get_model_object("diffusion_model")
     blocks = [b for b in pack_module("nodes.patching").transformer_blocks(model) if b.has_cross_attention]
     layers = {b.key: diffusion_model.get_submodule(b.module_path).attn2 for b in blocks}
     gen = torch.Generator().manual_seed(9)
-    weights = pva_weights.PVAWeights.initial(layers, encoder, feature_dim, {"l": torch.randn(1, 768, generator=gen)},
-                                             seed=10, layers=1, feedforward=64)
+    word = {name: torch.randn(1, width, generator=gen) for name, width in IDENTITY_WORD_WIDTHS[family].items()}
+    weights = pva_weights.PVAWeights.initial(layers, encoder, feature_dim, word, seed=10, layers=1, feedforward=64)
     with torch.no_grad():
         for projection in weights.parallel.values():
             for p in projection.parameters():
@@ -91,12 +99,24 @@ def _build_pva(encoder: str, feature_dim: int):
     return weights
 
 
-def pva_path(encoder: str = "arcface"):
-    """Tiny PVA weights for the tiny SD1.5 U-Net in models/pva (encoder "arcface" or "clip_vision")."""
+def pva_path(encoder: str = "arcface", family: str = "sd15"):
+    """Tiny PVA weights in models/pva for the tiny U-Net of ``family`` ("sd15", "sd2", "sdxl"; encoder
+    "arcface" or "clip_vision")."""
     feature_dim = 512 if encoder == "arcface" else CLIP_VISION_CONFIG["projection_dim"]
-    name = f"tiny_pva_{encoder}_{HARNESS_VERSION}.safetensors"
+    name = f"tiny_pva_{family}_{encoder}_{HARNESS_VERSION}.safetensors"
     path = models_dir() / "pva" / name
     if not path.exists():
-        pack_module("attention.pva_weights").save_pva(path, _build_pva(encoder, feature_dim))
+        pack_module("attention.pva_weights").save_pva(path, _build_pva(encoder, feature_dim, family))
         boot_comfy().folder_paths.filename_list_cache.clear()
     return path
+
+
+def faces(count: int, seed: int = 0, size: int = 64) -> torch.Tensor:
+    """``count`` random IMAGEs standing in for square, aligned face crops."""
+    return torch.rand(count, size, size, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def pva_model(model, pva, references, **overrides):
+    """The MODEL patched by ParallelVisualAttention with PVA_DEFAULTS, overridden by ``overrides``."""
+    return run_node("ParallelVisualAttention", model=model, pva=pva, references=references,
+                    **{**PVA_DEFAULTS, **overrides})[0]

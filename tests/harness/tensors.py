@@ -1,4 +1,4 @@
-"""Comparing weights the way "unchanged" means it: the same bits."""
+"""Comparing tensors: the same bits (what "unchanged" means), or equal within a relative tolerance."""
 from __future__ import annotations
 
 import torch
@@ -14,3 +14,9 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def changed_keys(before: dict, after: dict) -> list:
     """Sorted keys of ``before`` whose tensors differ bitwise in ``after``."""
     return sorted(k for k in before if not same_bits(before[k], after[k]))
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
+    """Equal up to ``rel`` of ``b``'s largest magnitude (at least 1): the same computation in another batch
+    layout, where kernels may sum in another order."""
+    return (a - b).abs().max().item() <= rel * max(b.abs().max().item(), 1.0)
