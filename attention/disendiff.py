@@ -78,18 +78,6 @@ def calibration_loss(modifier_maps: torch.Tensor, class_maps: torch.Tensor) -> t
     return binding + separation
 
 
-class StartTokenDetach(AttentionProcessor):
-    """Training only: start-of-text key/value rows detached, so they send no gradient into the trained
-    W_K/W_V (inherited by DisenDiff from Custom Diffusion; SOT draws most of the attention mass)."""
-
-    name = "disendiff_sot_detach"
-    node_name = "DisenDiffTrainer"
-    patch_point = CROSS_ATTENTION
-
-    def edit_key_values(self, k, v, call):
-        return (torch.cat([k[:, :1].detach(), k[:, 1:]], 1), torch.cat([v[:, :1].detach(), v[:, 1:]], 1))
-
-
 @dataclass(frozen=True)
 class Concept:
     """Context positions of one concept's modifier and class tokens in the cond prompt."""

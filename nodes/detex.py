@@ -14,12 +14,13 @@ from pathlib import Path
 import folder_paths
 import torch
 
-from ..attention.disendiff import StartTokenDetach
+from ..attention.custom_diffusion import StartTokenDetach
 from ..attention.token_maps import MapRecorder, map_block_keys
 from ..training.detex import (
     DetexSettings, DetexStep, RegularisationView, attribute_parameters, build_pool, optimizer_factory)
+from ..training.augmentation import center_square
 from ..training.detex_data import (
-    MAX_IMAGES, MIN_IMAGES, attribute_inputs, center_square, dilate, prepare_subject, split_foreground)
+    MAX_IMAGES, MIN_IMAGES, attribute_inputs, dilate, prepare_subject, split_foreground)
 from ..training.detex_loss import ATTENTION_LOSS_WEIGHT, MASK_NORMALIZATIONS
 from ..training.detex_mappers import (
     ATTRIBUTE_SOURCES, ATTRIBUTES, MAPPERS, AttributeEmbeddings, load_mappers, map_attributes, save_mappers)
@@ -306,7 +307,7 @@ class DetexTraining:
                        for key in _kv_weight_keys(model)}
         unet = glue.trainable_unet(model, self.deltas)
         blocks = transformer_blocks(unet)
-        add_attention_processor(unet, StartTokenDetach(), blocks)
+        add_attention_processor(unet, StartTokenDetach("DecoupledTokenTrainer"), blocks)
         recorder = None
         if settings.attention_loss_weight:
             recorder = MapRecorder(map_block_keys(blocks), node_name="DecoupledTokenTrainer")

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 import folder_paths
 import torch
 
-from ..attention.disendiff import CalibratedCrossAttention, Concept, StartTokenDetach, min_max
+from ..attention.custom_diffusion import StartTokenDetach
+from ..attention.disendiff import CalibratedCrossAttention, Concept, min_max
 from ..attention.dispatcher import CHAIN_KEY
 from ..attention.token_maps import MapRecorder, map_block_keys
 from ..training import disendiff as recipe
+from ..training.augmentation import center_square, draw_views
 from ..training.exporters import save_embedding, save_lora
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
@@ -177,7 +179,7 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
     names = [f"{stem}_new{i + 1}" for i in range(len(words))]
     blocks = transformer_blocks(model)
     cross = [b for b in blocks if b.has_cross_attention]
-    target = recipe.as_square(image[0].clone(), resolution)
+    target = center_square(image[:1].clone(), resolution, "bilinear")[0].clamp(0, 1)
     prompts = {p: glue.PlaceholderPrompt(clip, recipe.training_caption(names, words, p), {n: 1 for n in names})
                for p in recipe.PREFIXES}
     concepts = {p: concept_positions(prompt, names, clip, words) for p, prompt in prompts.items()}
@@ -195,7 +197,7 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
             deltas[f"{path}.weight"] = glue.WeightDelta(model.get_model_object(path).weight.shape)
     trainable = glue.trainable_unet(model, deltas)
     recorder = MapRecorder(map_block_keys(blocks), node_name="DisenDiffTrainer")
-    add_attention_processor(trainable, StartTokenDetach(), cross)
+    add_attention_processor(trainable, StartTokenDetach("DisenDiffTrainer"), cross)
     add_attention_processor(trainable, recorder, [b for b in cross if b.key in recorder.blocks])
     device = comfy.model_management.get_torch_device()
 
@@ -219,11 +221,11 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
 
 
 def _target_pool(model, vae, target, seed, augment, size: int = 16) -> list:
-    """Pre-encoded augmented variants of the target (spec §10.8), drawn from ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    variants = [recipe.augment(target, generator, augment) for _ in range(size if augment else 2)]
-    latents = _encode_pixels(vae, model, torch.stack([v.pixels for v in variants]))
-    return [recipe.TargetSample(latents[i], v.mask[None], v.prefix) for i, v in enumerate(variants)]
+    """Pre-encoded augmented views of the target (spec §10.8), drawn from ``seed``; without augmentation
+    the image and its mirror image."""
+    views = draw_views(target, torch.Generator().manual_seed(seed), size if augment else 0)
+    latents = _encode_pixels(vae, model, torch.stack([v.pixels for v in views]))
+    return [recipe.TargetSample(latents[i], v.valid_mask[None], v.prefix) for i, v in enumerate(views)]
 
 
 def _regularisation(model, clip, vae, images, captions, resolution, context_length) -> list:
@@ -234,7 +236,7 @@ def _regularisation(model, clip, vae, images, captions, resolution, context_leng
     if len(lines) not in (1, images.shape[0]):
         raise ValueError(f"reg_captions needs one line per regularisation image ({images.shape[0]}) or a "
                          f"single line for all, got {len(lines)}")
-    squares = torch.stack([recipe.as_square(img.clone(), resolution) for img in images])
+    squares = center_square(images.clone(), resolution, "bilinear").clamp(0, 1)
     latents = _encode_pixels(vae, model, squares)
     samples = []
     for i in range(images.shape[0]):

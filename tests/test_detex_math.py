@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from personalization_nodes.training.detex_data import (
-    CANVAS_GREY, CLOSE_PREFIXES, FAR_PREFIXES, SubjectDataError, attribute_inputs, dilate, draw_sample, prepare_subject)
+from personalization_nodes.training.detex_data import SubjectDataError, attribute_inputs, dilate, prepare_subject
 from personalization_nodes.training.detex_loss import (
     ALL_ELEMENTS, ATTENTION_LOSS_WEIGHT, FULL, MASK_AREA, SUBJECT, attention_mask_loss, choose_branches, latent_mask,
     masked_diffusion_mse)
@@ -319,41 +318,6 @@ def test_attribute_inputs_split_subject_and_background_and_flip():
     torch.testing.assert_close(inputs["pose"][:, 0], images * masks[..., None])
     torch.testing.assert_close(inputs["background"][:, 0], images * (1 - masks[..., None]))
     torch.testing.assert_close(inputs["pose"][:, 1], (images * masks[..., None]).flip(2))
-
-
-def test_augmentation_keeps_the_mask_aligned_with_the_pixels():
-    size = 64
-    mask = torch.zeros(size, size)
-    mask[10:40, 20:36] = 1
-    pixels = (0.9 * mask + 0.05)[..., None].expand(size, size, 3)  # the subject is bright, the rest dark
-    seen = set()
-    for seed in range(40):
-        sample = draw_sample(pixels, mask, torch.Generator().manual_seed(seed))
-        seen.add(sample.prefix)
-        bright = (sample.pixels[..., 0] > 0.5).float()
-        disagree = (bright != sample.subject_mask).float().mean()
-        assert disagree < 0.02, (seed, sample.prefix)
-        assert sample.valid_mask.shape == (8, 8)
-        if sample.prefix in FAR_PREFIXES:
-            assert 0 < sample.valid_mask.sum() < 64
-            outside = sample.valid_mask.repeat_interleave(8, 0).repeat_interleave(8, 1) == 0
-            assert (sample.pixels[..., 0][outside] == CANVAS_GREY).float().mean() > 0.5
-        else:
-            assert sample.valid_mask.sum() == 64
-    assert seen & set(FAR_PREFIXES) and seen & set(CLOSE_PREFIXES) and "" in seen
-
-
-def test_augmentation_off_only_flips():
-    pixels, mask = torch.rand(16, 16, 3), (torch.rand(16, 16) > 0.5).float()
-    flips = set()
-    for seed in range(10):
-        sample = draw_sample(pixels, mask, torch.Generator().manual_seed(seed), augment=False)
-        expected = pixels.flip(1) if sample.flipped else pixels
-        torch.testing.assert_close(sample.pixels, expected)
-        torch.testing.assert_close(sample.subject_mask, mask.flip(1) if sample.flipped else mask)
-        assert sample.prefix == "" and sample.valid_mask.shape == (2, 2)
-        flips.add(sample.flipped)
-    assert flips == {True, False}
 
 
 # ---- mask estimation --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from personalization_nodes.attention import disendiff, token_maps
+from personalization_nodes.attention.custom_diffusion import StartTokenDetach
 from personalization_nodes.attention.blocks import TransformerBlock
 from personalization_nodes.training import disendiff as recipe
 
@@ -114,7 +115,7 @@ def test_map_recorder_keeps_head_mean_maps_of_cond_rows_with_their_graph():
 def test_sot_detach_stops_gradient_of_row_zero_only():
     k = torch.randn(1, 3, 4, requires_grad=True)
     v = torch.randn(1, 3, 4, requires_grad=True)
-    k2, v2 = disendiff.StartTokenDetach().edit_key_values(k, v, None)
+    k2, v2 = StartTokenDetach().edit_key_values(k, v, None)
     assert torch.equal(k2, k) and torch.equal(v2, v)
     (k2.sum() + v2.sum()).backward()
     assert k.grad[0, 0].abs().sum() == 0 and k.grad[0, 1:].abs().min() == 1
@@ -127,20 +128,6 @@ def test_token_initialisation_rule():
     assert recipe.init_token_ids(3) == [43514, 47629, 42170]
 
 
-def test_augmentation_masks_and_prefixes():
-    image = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(0))
-    seen = set()
-    for seed in range(40):
-        out = recipe.augment(image, torch.Generator().manual_seed(seed))
-        assert out.pixels.shape == (64, 64, 3) and out.mask.shape == (8, 8)
-        seen.add(out.prefix)
-        if out.prefix in recipe.FAR_PREFIXES:
-            assert 0 < out.mask.sum() < 64
-        else:
-            assert out.mask.sum() == 64
-    assert seen & set(recipe.FAR_PREFIXES) and seen & set(recipe.NEAR_PREFIXES) and "" in seen
-
-
 def test_training_caption():
     assert recipe.training_caption(["a1", "a2"], ["cat", "dog"], "close up ") == \
         "close up photo of a embedding:a1 cat and embedding:a2 dog"
@@ -151,7 +138,7 @@ def test_dispatcher_applies_key_value_edits_before_attention():
     from personalization_nodes.attention.sdpa import sdpa_attention
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, n, 8, generator=gen, requires_grad=True) for n in (6, 5, 5))
-    options = {"n_heads": 2, "dim_head": 4, CHAIN_KEY: ProcessorChain().with_processor(disendiff.StartTokenDetach())}
+    options = {"n_heads": 2, "dim_head": 4, CHAIN_KEY: ProcessorChain().with_processor(StartTokenDetach())}
     out = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)(q, k, v, options)
     assert torch.allclose(out, sdpa_attention(q, k, v, 2), atol=1e-6)
     out.square().sum().backward()

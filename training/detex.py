@@ -26,7 +26,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .detex_data import SubjectImages, draw_sample
+from .augmentation import draw_views
+from .detex_data import SubjectImages
 from ..attention.token_maps import MapRecorder
 from .detex_loss import (
     ALL_ELEMENTS, FULL, MASK_AREA, SUBJECT, attention_mask_loss, choose_branches, latent_mask, masked_diffusion_mse)
@@ -88,14 +89,8 @@ def build_pool(subject: SubjectImages, views_per_image: int, generator: torch.Ge
 
     ``views_per_image`` 0 turns augmentation off: each image and its mirror image.
     """
-    samples = []
-    for index in range(subject.count):
-        image, mask = subject.images[index], subject.masks[index]
-        if views_per_image == 0:
-            drawn = [draw_sample(image, mask, generator, augment=False, flip=flip) for flip in (False, True)]
-        else:
-            drawn = [draw_sample(image, mask, generator) for _ in range(views_per_image)]
-        samples.extend((index, sample) for sample in drawn)
+    samples = [(index, view) for index in range(subject.count)
+               for view in draw_views(subject.images[index], generator, views_per_image, subject.masks[index])]
     latents = encode_pixels(torch.stack([s.pixels for _, s in samples]))
     size = latents.shape[-2:]
     subject_masks = latent_mask(torch.stack([s.subject_mask for _, s in samples]), size)

@@ -1,6 +1,6 @@
-"""DisenDiff training data and step (spec §2–§5): modifier-token initialisation, the target image's
-scale augmentation with its loss mask and caption prefix, the 50/50 target/regularisation sampling,
-and the loss ``ε-MSE + 0.01 · calibration`` of one micro-batch.
+"""DisenDiff training data and step (spec §2–§5): modifier-token initialisation, the caption prefixes of
+the target image's augmentation (Custom Diffusion's, ``training.augmentation``), the 50/50
+target/regularisation sampling, and the loss ``ε-MSE + 0.01 · calibration`` of one micro-batch.
 
 Everything here is plain torch over tensors; the node glue supplies the VAE encoder, the text encoder
 and the U-Net call as callables.
@@ -8,20 +8,19 @@ and the U-Net call as callables.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..attention.disendiff import calibration_loss
+from .augmentation import CLOSE_PREFIXES, FAR_PREFIXES
 from .losses import add_noise, diffusion_loss, sample_timesteps
 
 ATTENTION_LOSS_WEIGHT = 0.01
 #: CLIP-L vocabulary rows Custom Diffusion / DisenDiff copy into new tokens (spec §2): "ucd</w>", "pll", "ktn".
 INIT_TOKEN_IDS = (43514, 47629, 42170)
-FAR_PREFIXES = ("a far away ", "very small ")
-NEAR_PREFIXES = ("zoomed in ", "close up ")
-PREFIXES = ("",) + FAR_PREFIXES + NEAR_PREFIXES
+#: every caption prefix a training view can carry
+PREFIXES = ("",) + FAR_PREFIXES + CLOSE_PREFIXES
 
 
 @dataclass(frozen=True)
@@ -48,56 +47,6 @@ def training_caption(modifiers: Sequence[str], class_words: Sequence[str], prefi
     pairs = [f"embedding:{m} {w}" for m, w in zip(modifiers, class_words)]
     joined = pairs[0] if len(pairs) == 1 else ", ".join(pairs[:-1]) + " and " + pairs[-1]
     return f"{prefix}photo of a {joined}"
-
-
-@dataclass(frozen=True)
-class AugmentedImage:
-    pixels: torch.Tensor   # (H, W, 3) in [0, 1], ComfyUI IMAGE layout
-    mask: torch.Tensor     # (H // 8, W // 8) loss mask in latent resolution
-    prefix: str
-
-
-def augment(image: torch.Tensor, generator: torch.Generator, enabled: bool = True) -> AugmentedImage:
-    """The target image's augmentation (spec §4), on a square ``(S, S, 3)`` image in [0, 1].
-
-    Random flip; then with ``enabled``: with p 2/3 a scale in [S/3, S], with p 1/3 in [1.2 S, 1.4 S]
-    (even sizes). Below 0.6 S the image is pasted at a random place on mid-grey and the mask covers it
-    (shrunk by one latent pixel, caption "a far away"/"very small"); above S a random crop
-    ("zoomed in"/"close up"); otherwise unchanged.
-    """
-    size = image.shape[0]
-    if torch.rand((), generator=generator) < 0.5:
-        image = image.flip(1)
-    latent = size // 8
-    full_mask = torch.ones(latent, latent)
-    if not enabled:
-        return AugmentedImage(image, full_mask, "")
-    if torch.rand((), generator=generator) < 2 / 3:
-        scale = int(torch.randint(size // 3, size + 1, (), generator=generator))
-    else:
-        scale = int(torch.randint(int(1.2 * size), int(1.4 * size) + 1, (), generator=generator))
-    scale += scale % 2
-    if scale < 0.6 * size:
-        resized = _resize(image, scale)
-        top, left = (int(torch.randint(0, size - scale + 1, (), generator=generator)) for _ in range(2))
-        canvas = torch.full_like(image, 0.5)
-        canvas[top:top + scale, left:left + scale] = resized
-        mask = torch.zeros(latent, latent)
-        t, l = top // 8 + 1, left // 8 + 1
-        b, r = (top + scale) // 8 - 1, (left + scale) // 8 - 1
-        mask[t:max(b, t + 1), l:max(r, l + 1)] = 1
-        return AugmentedImage(canvas, mask, FAR_PREFIXES[int(torch.randint(0, 2, (), generator=generator))])
-    if scale > size:
-        resized = _resize(image, scale)
-        top, left = (int(torch.randint(0, scale - size + 1, (), generator=generator)) for _ in range(2))
-        return AugmentedImage(resized[top:top + size, left:left + size], full_mask,
-                              NEAR_PREFIXES[int(torch.randint(0, 2, (), generator=generator))])
-    return AugmentedImage(image, full_mask, "")
-
-
-def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(image.permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
-                         align_corners=False, antialias=True)[0].permute(1, 2, 0).clamp(0, 1)
 
 
 @dataclass(frozen=True)
@@ -195,13 +144,3 @@ def concept_maps(maps: torch.Tensor, concepts) -> tuple[torch.Tensor, torch.Tens
     modifiers = torch.stack([maps[:, list(c.modifier)].mean(1) for c in concepts], 1)
     classes = torch.stack([maps[:, list(c.word)].mean(1) for c in concepts], 1)
     return modifiers, classes
-
-
-def as_square(image: torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
-    """Centre crop of an ``(H, W, 3)`` image to a square, resized to ``size`` (a multiple of 8)."""
-    h, w = image.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    square = image[top:top + side, left:left + side]
-    size = size or side - side % 8
-    return _resize(square, size) if size != side else square
