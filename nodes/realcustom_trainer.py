@@ -22,7 +22,7 @@ from ..training.naming import output_path, sanitize_name
 from ..training.realcustom import RealCustomStep, TrainingData
 from . import training_glue as glue
 from .comfy_io import io
-from .validation import names_node, require_images
+from .validation import names_node, require_images, require_matching_clip
 from .patching import add_attention_processor, transformer_blocks
 from .realcustom import ADAPTER_FOLDER, CATEGORY, AdapterType, LoadedAdapter
 
@@ -133,6 +133,7 @@ class RealCustomTrainer(io.ComfyNode):
         if model.model.adm_channels:
             raise ValueError(f"RealCustomTrainer trains SD1.x image branches; this MODEL ({type(model.model).__name__}) "
                              "also needs pooled text and size conditioning (SDXL): use the released SDXL weights.")
+        require_matching_clip("RealCustomTrainer", model, clip)
         require_images("RealCustomTrainer", "training images", images)
         stem = sanitize_name(name)
         texts = _captions(captions, images.shape[0])

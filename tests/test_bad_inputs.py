@@ -391,6 +391,8 @@ REALCUSTOM = [
          lambda k, b: k.realcustom_trainer(images=poisoned(photos(2))), r"NaN.*training images"),
     Case("RealCustomTrainer refuses a Flux model", "RealCustomTrainer",
          lambda k, b: k.realcustom_trainer(model=flux_model()), r"SD1\.x|Flux.*not supported"),
+    Case("RealCustomTrainer refuses an SDXL text encoder for an SD1.5 model", "RealCustomTrainer",
+         lambda k, b: k.realcustom_trainer(clip=sdxl_tokenizer_clip()), r"768-wide text.*CLIP gives 2048"),
     Case("RealCustomTrainer refuses an empty output name", "RealCustomTrainer",
          lambda k, b: k.realcustom_trainer(name=" "), r"no usable characters"),
     Case("RealCustomTrainer refuses the output name ..", "RealCustomTrainer",
