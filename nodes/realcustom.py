@@ -24,12 +24,14 @@ from ..attention.realcustom import (
     COND,
     MASK_STRATEGIES,
     RUN_KEY,
+    SCOPE_SELECTIONS,
     ImageTokens,
     MaskedImageBranch,
     MaskGuidanceRun,
     MaskSettings,
     WordMapReader,
     block_name,
+    cascaded_cond,
     cond_rows,
     step_index,
 )
@@ -50,6 +52,7 @@ ADAPTER_FOLDER = "realcustom"
 RUN_WRAPPER_KEY = WRAPPER_KEY + ".realcustom"
 MAP_SOURCES = ("previous step", "text-only pass")
 UNCOND_IMAGES = ("black image", "none")
+GUIDANCE_MODES = ("CFG (released code)", "cascaded (paper eq. 13)")
 
 AdapterType = io.Custom("REALCUSTOM_ADAPTER")
 ReferenceType = io.Custom("REALCUSTOM_REFERENCE")
@@ -195,15 +198,20 @@ def guided_diffusion_model(executor, x, timesteps, context, y, control, transfor
                            "sampler node (KSampler, SamplerCustom...).")
     step = step_index(transformer_options["sample_sigmas"], float(transformer_options["sigmas"].max()))
     run.start_call(step)
-    rows = cond_rows(transformer_options.get("cond_or_uncond"), x.shape[0])
+    layout = transformer_options.get("cond_or_uncond")
+    rows = cond_rows(layout, x.shape[0])
     if rows is not None and run.needs_text_only_pass(step):
-        run.capturing, run.injecting = True, False
+        if run.cascaded and list(layout or ()).count(COND) > 1:
+            raise ValueError("AdaptiveMaskGuidance: cascaded guidance needs ONE positive conditioning; combined or area "
+                             "positive conds are not supported (use the released CFG guidance).")
+        run.capturing, run.injecting = run.captures_in_text_only_pass(step), False
         try:
-            executor(x[rows], timesteps[rows], context[rows], None if y is None else y[rows],
-                     _rows_of_control(control, rows), {**transformer_options, "cond_or_uncond": [COND]}, **kwargs)
+            text_prediction = executor(x[rows], timesteps[rows], context[rows], None if y is None else y[rows],
+                                       _rows_of_control(control, rows), {**transformer_options, "cond_or_uncond": [COND]},
+                                       **kwargs)
         finally:
             run.capturing, run.injecting = False, True
-        run.finish_text_only_pass()
+        run.finish_text_only_pass(float(transformer_options["sigmas"].max()), text_prediction)
     run.record(step)
     run.capturing = run.capture_in_guided_pass(step)
     try:
@@ -223,12 +231,14 @@ class _SamplingRun:
     text_only_pass: bool
     tokens: ImageTokens
     record: MaskRecord
+    cascaded: bool = False
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         options = executor.class_obj.model_options["transformer_options"]  # the sampler's per-run copy
         run = MaskGuidanceRun(self.settings, self.indicator, latent_size=tuple(noise.shape[-2:]),
                               total_steps=len(sigmas) - 1, update_fraction=self.update_fraction,
-                              text_only_pass=self.text_only_pass, tokens=self.tokens.to(noise.device))
+                              text_only_pass=self.text_only_pass, tokens=self.tokens.to(noise.device),
+                              cascaded=self.cascaded)
         options[RUN_KEY] = run
         try:
             output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -236,6 +246,22 @@ class _SamplingRun:
             del options[RUN_KEY]
         self.record.steps = run.history
         return output
+
+
+@dataclass(frozen=True)
+class _CascadedGuidance:
+    """sampler_pre_cfg_function: replaces the cond prediction so that ComfyUI's CFG (any cfg function) gives
+    the paper's eq. 13 with ω_t = the sampler's CFG and ω_i = ``image_scale``."""
+
+    image_scale: float
+
+    def __call__(self, args):
+        run: MaskGuidanceRun = args["model_options"]["transformer_options"][RUN_KEY]
+        sigma, cond_denoised = args["sigma"], args["conds_out"][0]
+        text = run.take_text_prediction(float(sigma.max()))
+        text_denoised = args["model"].model_sampling.calculate_denoised(sigma, text.float(), args["input"])
+        return [cascaded_cond(text_denoised, cond_denoised, args["cond_scale"], self.image_scale),
+                *args["conds_out"][1:]]
 
 
 def _check_adapter_fits(model, adapter: LoadedAdapter, blocks) -> None:
@@ -262,7 +288,8 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     the same mask (released code). Works with CFG 1, any batch size (one mask per image), ControlNet, LoRA.
 
     Paper vs code: the released model has no adaptive scoring module and uses plain CFG (not the paper's
-    cascaded eq. 13); this node follows the code. ``map_source`` "text-only pass" is the code's schedule (an
+    cascaded eq. 13); this node follows the code by default and offers eq. 13 as ``guidance``. ``map_source``
+    "text-only pass" is the code's schedule (an
     extra cond-only forward without the image branch before each updating step, ~+50% time while updating);
     "previous step" (default) reads the map from the guided pass itself and applies it one step later (one
     text-only pass at step 0 only), which costs almost nothing.
@@ -279,6 +306,14 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     - map_source: "previous step" (fast) or "text-only pass" (released schedule).
     - uncond_image: "black image" (released) or "none" (no image branch in the negative pass: stronger push).
     - strength: multiplies the image branch; 1.0 as released, 0 = off.
+    - scope_selection: "top-k" keeps the top ``mask_scope`` fraction (paper eq. 11, released default);
+      "threshold" keeps the normalised values ≥ 1 − mask_scope (released alternative).
+    - guidance: "CFG (released code)" is ComfyUI's CFG between the guided cond and the uncond pass;
+      "cascaded (paper eq. 13)" is ε(∅) + ω_t (ε_T2I − ε(∅)) + ω_i (ε_TI2I − ε_T2I) with ω_t = the sampler's
+      CFG (paper 7.5) and ω_i = image_guidance (paper 12.5); it costs one text-only cond forward per model
+      call (3 instead of 2 per step, as the paper), which also supplies the mask on the released schedule.
+      Works at CFG 1 (then no uncond pass) and with any CFG function; needs one positive conditioning.
+    - image_guidance: ω_i of the cascaded guidance (0–30, paper 12.5); ignored by the released CFG.
     """
 
     @classmethod
@@ -308,6 +343,12 @@ class AdaptiveMaskGuidance(io.ComfyNode):
                                tooltip="Image the negative pass sees: a black image (released) or none."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=3.0, step=0.01,
                                tooltip="Multiplier of the image branch; 1.0 as released, 0 disables it."),
+                io.Combo.Input("scope_selection", options=list(SCOPE_SELECTIONS), default=SCOPE_SELECTIONS[0],
+                               tooltip="top-k: keep the top mask_scope fraction (paper); threshold: keep values ≥ 1 − mask_scope."),
+                io.Combo.Input("guidance", options=list(GUIDANCE_MODES), default=GUIDANCE_MODES[0],
+                               tooltip="Released CFG, or the paper's cascaded eq. 13 (ω_t = sampler CFG, ω_i = image_guidance; +1 pass)."),
+                io.Float.Input("image_guidance", default=12.5, min=0.0, max=30.0, step=0.1,
+                               tooltip="ω_i of the cascaded guidance (paper 12.5 with CFG 7.5); unused by the released CFG."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The patched model."),
@@ -318,11 +359,13 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     @classmethod
     @names_node
     def execute(cls, model, reference: EncodedReference, clip, prompt, word, mask_strategy, mask_scope, binary_mask,
-                update_fraction, map_source, uncond_image, strength) -> io.NodeOutput:
+                update_fraction, map_source, uncond_image, strength, scope_selection=SCOPE_SELECTIONS[0],
+                guidance=GUIDANCE_MODES[0], image_guidance=12.5) -> io.NodeOutput:
         blocks = transformer_blocks(model, "AdaptiveMaskGuidance")
         _check_adapter_fits(model, reference.adapter, blocks)
         phrase = find_phrase_tokens(clip, prompt, word, node_name="AdaptiveMaskGuidance")
-        settings = MaskSettings(strategy=mask_strategy, scope=mask_scope, binary=binary_mask)
+        settings = MaskSettings(strategy=mask_strategy, scope=mask_scope, binary=binary_mask, selection=scope_selection)
+        cascaded = guidance == GUIDANCE_MODES[1]
         tokens = ImageTokens(reference.tokens.reference,
                              reference.tokens.negative if uncond_image == UNCOND_IMAGES[0] else None)
         cross_blocks = [b for b in blocks if b.has_cross_attention]
@@ -336,7 +379,9 @@ class AdaptiveMaskGuidance(io.ComfyNode):
                                      guided_diffusion_model)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY,
                                      _SamplingRun(settings, phrase.indicator(), update_fraction,
-                                                  map_source == MAP_SOURCES[1], tokens, record))
+                                                  map_source == MAP_SOURCES[1], tokens, record, cascaded))
+        if cascaded:
+            patched.set_model_sampler_pre_cfg_function(_CascadedGuidance(image_guidance))
         return io.NodeOutput(patched, record)
 
 

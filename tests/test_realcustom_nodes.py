@@ -67,6 +67,47 @@ def test_sd15_text_only_pass_and_fast_mode_share_the_step0_mask(sd15, sd15_refer
     assert len(runs["text-only pass"]) == STEPS
 
 
+def test_sd15_cascaded_guidance_is_paper_eq13(sd15, sd15_reference):
+    """One Euler step ends at the denoised prediction, so the output IS the guidance's combination:
+    eq. 13 = D(∅) + ω_t (D_T2I − D(∅)) + ω_i (D_TI2I − D_T2I), each term measured by its own run."""
+    model, clip, _ = sd15
+    positive, negative = sd15_conds(clip)
+    released, _ = guided(model, sd15_reference, clip, map_source="text-only pass")
+    cascaded, masks = guided(model, sd15_reference, clip, guidance="cascaded (paper eq. 13)", image_guidance=5.0)
+
+    def one_step(patched, cfg):
+        return sample(patched, positive, negative, empty_latent(2), steps=1, cfg=cfg)
+
+    text_image = one_step(released, 1.0)  # CFG 1: the cond prediction alone
+    text = one_step(model, 1.0)  # the text-only pass is the unpatched cond prediction
+    uncond = 2.0 * text_image - one_step(released, 2.0)  # released CFG 2 = D(∅) + 2 (D_TI2I − D(∅))
+    eq13 = uncond + 2.0 * (text - uncond) + 5.0 * (text_image - text)
+    assert (one_step(cascaded, 2.0) - eq13).abs().max() <= 1e-3
+    assert (one_step(released, 2.0) - eq13).abs().max() > 1e-2  # the two guidances really differ here
+    assert len(masks.steps) == 1
+    cfg1 = uncond + 1.0 * (text - uncond) + 5.0 * (text_image - text)  # = text + 5 (text_image − text)
+    assert (one_step(cascaded, 1.0) - cfg1).abs().max() <= 1e-3
+
+
+def test_sd15_cascaded_guidance_with_equal_scales_is_the_released_cfg(sd15, sd15_reference):
+    model, clip, _ = sd15
+    positive, negative = sd15_conds(clip)
+    released, _ = guided(model, sd15_reference, clip, map_source="text-only pass")
+    cascaded, masks = guided(model, sd15_reference, clip, guidance="cascaded (paper eq. 13)", image_guidance=3.0)
+    out = sample(cascaded, positive, negative, empty_latent(1), steps=STEPS, cfg=3.0)
+    assert (out - sample(released, positive, negative, empty_latent(1), steps=STEPS, cfg=3.0)).abs().max() <= 1e-4
+    assert len(masks.steps) == STEPS
+
+
+def test_sd15_threshold_selection_keeps_values_above_one_minus_scope(sd15, sd15_reference):
+    model, clip, _ = sd15
+    patched, masks = guided(model, sd15_reference, clip, scope_selection="threshold", mask_scope=0.4)
+    sample(patched, *sd15_conds(clip), empty_latent(2), steps=STEPS)
+    for mask in masks.steps:
+        kept = mask[mask > 0]
+        assert kept.numel() > 0 and float(kept.min()) >= 0.6 - 1e-6
+
+
 def test_sd15_frozen_mask_is_reused(sd15, sd15_reference):
     model, clip, _ = sd15
     patched, masks = guided(model, sd15_reference, clip, update_fraction=0.5)  # 1 of 2 steps updates
