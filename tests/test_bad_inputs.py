@@ -7,8 +7,9 @@ NaN/inf inputs, empty datasets, corrupt or non-safetensors files, and output nam
 nothing usable (those must never write outside the models/output folders).
 
 Every case runs in a sandbox: private model folders registered with ComfyUI's own ``add_model_folder_path`` (as
-extra_model_paths.yaml would) and a private output folder, so damaged files never reach the shared test cache and
-the whole temp tree can be compared before and after. Single cases already covered elsewhere (tests/test_*_nodes.py)
+extra_model_paths.yaml would) and a private output folder, so damaged files stay out of the shared test cache
+(except embeddings: a stock CLIP only searches the folders it was loaded with, so those get per-process names there
+and are removed after the test) and the whole temp tree can be compared before and after. Single cases already covered elsewhere (tests/test_*_nodes.py)
 are not repeated here. Cases of DETEX/DisenDiff that fail today are strict xfails naming the defect.
 """
 from __future__ import annotations
