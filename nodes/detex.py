@@ -27,6 +27,7 @@ from ..training.detex_mappers import (
 from ..training.detex_masks import DEFAULT_SMOOTHING, DEFAULT_THRESHOLD, border_key_masks
 from ..training.detex_prompts import CLASS, DEFAULT_TEMPLATE, PromptTemplate
 from ..training.disendiff import init_token_ids
+from ..training.checkpoint import check_resumable
 from ..training.exporters import save_embedding, save_lora
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
@@ -34,6 +35,7 @@ from . import training_glue as glue
 from .comfy_io import io
 from .model_folders import register_model_folder
 from .patching import add_attention_processor, transformer_blocks
+from .validation import names_node, require_finite, require_images, resolve_embedding
 
 CATEGORY = "personalization/detex"
 CHECKPOINT_FOLDER = "detex_checkpoints"
@@ -129,7 +131,9 @@ class DecoupledTokenMask(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, images, threshold, smoothing, dilation) -> io.NodeOutput:
+        require_images("DecoupledTokenMask", "images", images)
         masks = dilate(border_key_masks(images, threshold, smoothing), dilation)
         empty = [i for i in range(masks.shape[0]) if not bool(masks[i].any())]
         if empty:
@@ -232,13 +236,19 @@ class DecoupledTokenTrainer(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, model, clip, vae, images, masks, class_word, name, steps, learning_rate, mapper_learning_rate,
                 batch_size, grad_accumulation, seed, template, attribute_source, subject_branch_probability,
                 mask_normalization, augmented_views, resolution, mask_dilation, checkpoint_every,
                 clip_vision=None, regularization_images=None, regularization_prompt="",
                 attention_regularizer=False) -> io.NodeOutput:
         _check_sd1(model, clip)
+        require_finite("DecoupledTokenTrainer", "images", images)
+        if regularization_images is not None:
+            require_images("DecoupledTokenTrainer", "regularization images", regularization_images)
         name = sanitize_name(name)
+        checkpoint = output_path(Path(folder_paths.get_output_directory()) / CHECKPOINT_FOLDER, name)
+        check_resumable(checkpoint)
         class_word = class_word.strip()
         if not class_word or "embedding:" in class_word or any(c in class_word for c in "{}[]"):
             raise ValueError("DecoupledTokenTrainer: class_word must be a plain noun such as 'dog'.")
@@ -267,7 +277,7 @@ class DecoupledTokenTrainer(io.ComfyNode):
                                     settings, seed, augmented_views, regularization_images, reg_caption)
             loop_settings = LoopSettings(
                 steps=steps, grad_accumulation=grad_accumulation, seed=seed, checkpoint_every=checkpoint_every,
-                checkpoint_path=output_path(Path(folder_paths.get_output_directory()) / CHECKPOINT_FOLDER, name),
+                checkpoint_path=checkpoint,
                 fingerprint=run_id)
             result = train(trained.parameters(), trained.step, optimizer_factory(settings, trained.mapper_parameters()),
                            loop_settings, glue.progress_reporter(steps), glue.check_interrupted)
@@ -408,6 +418,7 @@ class DecoupledTokenPrompt(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, clip, name, prompt, image_index, keep_pose, keep_background, attributes_name="") -> io.NodeOutput:
         if clip is None:
             raise ValueError("DecoupledTokenPrompt: the clip input is empty; connect the trainer's CLIP or the checkpoint's.")
@@ -422,11 +433,9 @@ class DecoupledTokenPrompt(io.ComfyNode):
         if keep_background:
             words["{B}"] = attribute_name(source, "background", image_index)
         for placeholder, word in words.items():
-            tokens = clip.tokenize(f"embedding:{word}")
-            if not any(torch.is_tensor(t[0]) for chunks in tokens.values() for chunk in chunks for t in chunk):
-                raise FileNotFoundError(
-                    f"DecoupledTokenPrompt: embedding {word!r} ({placeholder}) not found: connect the trainer's CLIP, or "
-                    "check that the trainer saved it (name, image_index < number of training images) in models/embeddings.")
+            resolve_embedding("DecoupledTokenPrompt", clip, word, missing_hint=(
+                f" ({placeholder}); connect the trainer's CLIP, or check that the trainer saved it (name, image_index < "
+                "number of training images)"))
         text = template.render(f"embedding:{words['{V}']}", "",
                                pose=f"embedding:{words['{P}']}" if keep_pose else None,
                                background=f"embedding:{words['{B}']}" if keep_background else None)
@@ -478,6 +487,7 @@ class DecoupledTokenAttributes(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, clip, mappers, clip_vision, image, name, mask=None) -> io.NodeOutput:
         name = sanitize_name(name)
         loaded, metadata = load_mappers(folder_paths.get_full_path_or_raise(MAPPER_FOLDER, mappers))

@@ -23,12 +23,14 @@ from ..attention.dispatcher import CHAIN_KEY
 from ..attention.token_maps import MapRecorder, map_block_keys
 from ..training import disendiff as recipe
 from ..training.augmentation import center_square, draw_views
-from ..training.exporters import save_embedding, save_lora
+from ..training.checkpoint import check_resumable
+from ..training.exporters import low_rank_deltas, save_embedding, save_lora
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
 from . import training_glue as glue
 from .comfy_io import io
 from .patching import add_attention_processor, sigma_range, transformer_blocks
+from .validation import names_node, require_images, resolve_embedding
 
 CATEGORY = "personalization/disendiff"
 LORA_SUFFIX = "_disendiff_kv"
@@ -42,12 +44,20 @@ def _class_words(text: str) -> list[str]:
     return words
 
 
-def _require_sd1(model, clip) -> None:
-    tokenizers = [k for k, _ in glue.sub_tokenizers(clip.tokenizer)]
+#: text encoders the new tokens are learned in, by the MODEL's cross-attention width
+TEXT_ENCODERS = {768: ("clip_l",), 2048: ("clip_l", "clip_g")}
+
+
+def _text_encoders(model, clip) -> tuple[str, ...]:
+    """``("clip_l",)`` for SD1.x (the paper), ``("clip_l", "clip_g")`` for SDXL; a clear error otherwise."""
+    tokenizers = sorted(k for k, _ in glue.sub_tokenizers(clip.tokenizer))
     context_dim = model.model.model_config.unet_config.get("context_dim")
-    if tokenizers != ["clip_l"] or context_dim != 768:
-        raise ValueError("DisenDiffTrainer trains SD1.x models with their CLIP-L (as the paper); this MODEL/CLIP "
-                         f"pair has context_dim {context_dim} and text encoders {tokenizers}")
+    encoders = TEXT_ENCODERS.get(context_dim)
+    if encoders is None or tokenizers != sorted(encoders):
+        raise ValueError("DisenDiffTrainer trains SD1.x models with their CLIP-L (as the paper) and SDXL models with "
+                         f"CLIP-L + CLIP-G; this MODEL/CLIP pair has context_dim {context_dim} and text encoders "
+                         f"{tokenizers}")
+    return encoders
 
 
 def _word_token_count(clip, word: str) -> int:
@@ -82,11 +92,14 @@ class DisenDiffTrainer(io.ComfyNode):
     the calibration loss (binding each modifier's attention map to its class word, separating the
     class maps). Inputs: image (one picture of all concepts, centre-cropped), class_words (2+ words,
     commas; multi-token words are supported, their maps are averaged), steps (paper 250), lr (paper
-    8e-5), batch_size 2 × grad_accumulation 4 (paper), resolution (512 for SD1.5), optional
-    regularisation images + captions (paper: 200 images, half of every batch). Writes
-    ``models/embeddings/<name>_newI.safetensors`` (use ``embedding:<name>_newI``),
-    ``models/loras/<name>_disendiff_kv.safetensors`` (LoraLoaderModelOnly, strength 1) and a resumable
-    checkpoint under ``output/disendiff_checkpoints``; re-running with the same inputs resumes.
+    8e-5), batch_size 2 × grad_accumulation 4 (paper), resolution (512 for SD1.5, 1024 for SDXL),
+    optional regularisation images + captions (paper: 200 images, half of every batch), lora_rank (0:
+    the exact K/V change; 1–128: a truncated-SVD LoRA, Custom Diffusion's compression, smaller and
+    approximate). Writes ``models/embeddings/<name>_newI.safetensors`` (use ``embedding:<name>_newI``;
+    SDXL files hold both ``clip_l`` and ``clip_g``), ``models/loras/<name>_disendiff_kv.safetensors``
+    (LoraLoaderModelOnly, strength 1) and a resumable checkpoint under ``output/disendiff_checkpoints``;
+    re-running with the same inputs resumes. SD1.x as the paper; SDXL learns each token in both text
+    encoders (CLIP-G starts from the same word) and feeds the pooled CLIP-G output to the U-Net.
     """
 
     @classmethod
@@ -97,7 +110,7 @@ class DisenDiffTrainer(io.ComfyNode):
             category=CATEGORY,
             description="DisenDiff: learn several concepts from one image (modifier tokens + cross-attention K/V).",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x model to personalise; it is left unchanged."),
+                io.Model.Input("model", tooltip="SD1.x or SDXL model to personalise; it is left unchanged."),
                 io.Clip.Input("clip", tooltip="The model's CLIP; the new tokens are learned in its embedding space."),
                 io.Vae.Input("vae", tooltip="VAE that encodes the training image."),
                 io.Image.Input("image", tooltip="One image showing all concepts (first image of the batch is used)."),
@@ -111,7 +124,7 @@ class DisenDiffTrainer(io.ComfyNode):
                 io.Int.Input("batch_size", default=2, min=1, max=16, tooltip="Micro-batch size (paper: 2)."),
                 io.Int.Input("grad_accumulation", default=4, min=1, max=64, tooltip="Micro-batches per step (paper: 4)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
-                             tooltip="Training resolution of the square crop (512 for SD1.5)."),
+                             tooltip="Training resolution of the square crop (512 for SD1.5, 1024 for SDXL)."),
                 io.Int.Input("seed", default=1, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="Seed of noise, timesteps and augmentation (paper: 1)."),
                 io.Int.Input("checkpoint_every", default=50, min=0, max=10000,
@@ -120,6 +133,8 @@ class DisenDiffTrainer(io.ComfyNode):
                 io.Image.Input("reg_images", optional=True, tooltip="Regularisation images of the classes (paper: 200)."),
                 io.String.Input("reg_captions", optional=True, multiline=True, default="",
                                 tooltip="One caption per line for reg_images (a single line is used for all)."),
+                io.Int.Input("lora_rank", default=0, min=0, max=128,
+                             tooltip="0: exact K/V change in the LoRA file; 1–128: truncated-SVD LoRA of that rank (smaller, approximate)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained K/V (same as loading the LoRA file)."),
@@ -130,31 +145,39 @@ class DisenDiffTrainer(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, model, clip, vae, image, class_words, name, steps, learning_rate, batch_size,
                 grad_accumulation, resolution, seed, checkpoint_every, augment, reg_images=None,
-                reg_captions="") -> io.NodeOutput:
+                reg_captions="", lora_rank=0) -> io.NodeOutput:
         words = _class_words(class_words)
-        _require_sd1(model, clip)
+        _text_encoders(model, clip)
+        require_images("DisenDiffTrainer", "image", image)
+        if reg_images is not None:
+            require_images("DisenDiffTrainer", "regularisation images", reg_images)
         stem = sanitize_name(name)
+        checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
+        check_resumable(checkpoint)
         settings = recipe.DisenDiffSettings(steps, learning_rate, batch_size, grad_accumulation, augment=augment)
         with glue.training_mode():
             run = prepare_training(model, clip, vae, image, words, stem, settings, seed, resolution,
                                    reg_images, reg_captions)
-            checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
             train(run.params, run.step, lambda tensors: torch.optim.AdamW(tensors, lr=learning_rate, weight_decay=0.01),
                   LoopSettings(steps, grad_accumulation, seed, checkpoint_every, checkpoint, run.fingerprint),
                   on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
         names, vectors, deltas = run.names, run.vectors, run.deltas
 
-        trained_vectors = {n: {"clip_l": v.detach().cpu()} for n, v in vectors.items()}
+        trained_vectors = {n: {enc: v.detach().cpu() for enc, v in per_encoder.items()}
+                           for n, per_encoder in vectors.items()}
         diffs = {k: d.diff.detach().cpu() for k, d in deltas.items()}
         metadata = {"method": "disendiff", "class_words": ",".join(words), "tokens": ",".join(names),
                     "steps": str(steps), "learning_rate": str(learning_rate)}
         for n in names:
             save_embedding(output_path(folder_paths.get_folder_paths("embeddings")[0], n),
-                           trained_vectors[n]["clip_l"], metadata=metadata)
+                           trained_vectors[n]["clip_l"], trained_vectors[n].get("clip_g"), metadata=metadata)
         lora_file = output_path(folder_paths.get_folder_paths("loras")[0], stem + LORA_SUFFIX)
-        save_lora(lora_file, diffs, metadata=metadata)
+        save_lora(lora_file, diffs, rank=lora_rank, metadata=metadata)
+        if lora_rank:  # the MODEL output must match what the file gives stock loaders
+            diffs = low_rank_deltas(diffs, lora_rank)
         folder_paths.filename_list_cache.clear()
         prompt = recipe.training_caption(names, words)
         return io.NodeOutput(glue.with_weight_deltas(model, diffs), glue.clip_with_embeddings(clip, trained_vectors),
@@ -165,7 +188,7 @@ class PreparedRun:
     """Everything one DisenDiff training run needs, built inside ``training_mode()``."""
 
     names: list[str]
-    vectors: dict[str, torch.Tensor]       # token name → trainable [1, 768] vector
+    vectors: dict[str, dict[str, torch.Tensor]]  # token name → text encoder → trainable [1, width] vector
     deltas: dict[str, glue.WeightDelta]    # "diffusion_model.<path>.attn2.to_k.weight" → change
     trainable: object                       # the ModelPatcher clone the step runs
     step: recipe.DisenDiffStep
@@ -177,6 +200,7 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
                      reg_captions="") -> PreparedRun:
     """Data, token vectors, K/V changes and the patched clone of a run (spec §10); call in training_mode()."""
     names = [f"{stem}_new{i + 1}" for i in range(len(words))]
+    encoders = _text_encoders(model, clip)
     blocks = transformer_blocks(model)
     cross = [b for b in blocks if b.has_cross_attention]
     target = center_square(image[:1].clone(), resolution, "bilinear")[0].clamp(0, 1)
@@ -187,8 +211,10 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
     context_length = len(prompts[""].tokens["l"]) * 77
     regs = _regularisation(model, clip, vae, reg_images, reg_captions, resolution, context_length)
     encoder = glue.TrainableTextEncoder(clip)
-    table = encoder.model.clip_l.transformer.get_input_embeddings().weight
-    vectors = {n: table[i].detach().float().cpu()[None].clone().requires_grad_(True)
+    # CLIP-G shares CLIP-L's vocabulary, so both start from the same word
+    tables = {enc: getattr(encoder.model, enc).transformer.get_input_embeddings().weight for enc in encoders}
+    vectors = {n: {enc: table[i].detach().float().cpu()[None].clone().requires_grad_(True)
+                   for enc, table in tables.items()}
                for n, i in zip(names, recipe.init_token_ids(len(names)))}
     deltas = {}
     for block in cross:
@@ -202,20 +228,25 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
     device = comfy.model_management.get_torch_device()
 
     def encode_target(prefix):
-        tokens = prompts[prefix].substitute({n: {"clip_l": v} for n, v in vectors.items()})
-        return encoder.encode(tokens)[0].to(device), concepts[prefix]
+        context, pooled = encoder.encode(prompts[prefix].substitute(vectors))
+        return context.to(device), pooled.to(device) if len(encoders) > 1 else None, concepts[prefix]
+
+    def denoise(x_t, sigma, context, pooled):
+        return glue.denoise(trainable, x_t, sigma, context, **glue.pooled_conditioning(model, pooled, resolution))
 
     step = recipe.DisenDiffStep(
         pool=[recipe.TargetSample(s.latent.to(device), s.mask.to(device), s.prefix) for s in pool],
-        regs=[recipe.RegularisationSample(r.latent.to(device), r.context.to(device)) for r in regs],
+        regs=[recipe.RegularisationSample(r.latent.to(device), r.context.to(device),
+                                          None if r.pooled is None else r.pooled.to(device)) for r in regs],
         encode_target=encode_target,
-        denoise=lambda x_t, sigma, context: glue.denoise(trainable, x_t, sigma, context),
+        denoise=denoise,
         recorder=recorder, sigmas=glue.discrete_sigmas(model), kind=glue.prediction_kind(model), settings=settings)
-    params = {f"token.{n}": v for n, v in vectors.items()}
+    params = {f"token.{n}.{enc}": v for n, per_encoder in vectors.items() for enc, v in per_encoder.items()}
     params.update({f"delta.{k}": d.diff for k, d in deltas.items()})
     reg_latents = torch.stack([r.latent for r in regs]) if regs else torch.zeros(0)
     run = fingerprint(method="disendiff", image=target, words=words, settings=repr(settings), seed=seed,
-                      resolution=resolution, regs=reg_latents, vectors=torch.cat(list(vectors.values())),
+                      resolution=resolution, regs=reg_latents,
+                      vectors=torch.cat([torch.cat(list(per_encoder.values()), 1) for per_encoder in vectors.values()]),
                       model=type(model.model).__name__)
     return PreparedRun(names, vectors, deltas, trainable, step, params, run)
 
@@ -239,11 +270,13 @@ def _regularisation(model, clip, vae, images, captions, resolution, context_leng
     squares = center_square(images.clone(), resolution, "bilinear").clamp(0, 1)
     latents = _encode_pixels(vae, model, squares)
     samples = []
+    pooled_needed = len(_text_encoders(model, clip)) > 1
     for i in range(images.shape[0]):
         caption = lines[i] if len(lines) > 1 else lines[0]
         with torch.no_grad():
-            context = clip.encode_from_tokens(clip.tokenize(caption))[:, :context_length].clone()
-        samples.append(recipe.RegularisationSample(latents[i], context))
+            context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+        samples.append(recipe.RegularisationSample(latents[i], context[:, :context_length].clone(),
+                                                   pooled.clone() if pooled_needed else None))
     return samples
 
 
@@ -334,6 +367,7 @@ class CalibratedCrossAttn(io.ComfyNode):
         )
 
     @classmethod
+    @names_node
     def execute(cls, model, clip, prompt, modifiers, class_words, strength, start_percent, end_percent) -> io.NodeOutput:
         mods = [m.strip() for m in modifiers.split(",") if m.strip()]
         words = [w.strip() for w in class_words.split(",") if w.strip()]
@@ -343,7 +377,7 @@ class CalibratedCrossAttn(io.ComfyNode):
         concepts = tuple(Concept(_positions(clip, prompt, m), _positions(clip, prompt, w)) for m, w in zip(mods, words))
         sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         m = model.clone()
-        blocks = [b for b in transformer_blocks(m) if b.has_cross_attention]
+        blocks = [b for b in transformer_blocks(m, "CalibratedCrossAttn") if b.has_cross_attention]
         add_attention_processor(m, CalibratedCrossAttention(concepts, strength, sigma_start, sigma_end), blocks)
         return io.NodeOutput(m)
 
@@ -413,10 +447,7 @@ def _positions(clip, prompt: str, phrase: str) -> tuple[int, ...]:
 
 
 def _embedding_rows(clip, name: str) -> int:
-    sub = glue.sub_tokenizers(clip.tokenizer)[0][1]
-    found, _ = sub._try_get_embedding(name)
-    if found is None:
-        raise ValueError(f"CalibratedCrossAttn: embedding:{name} was not found in models/embeddings")
+    found = resolve_embedding("CalibratedCrossAttn", clip, name)
     return 1 if found.ndim == 1 else found.shape[0]
 
 

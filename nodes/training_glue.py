@@ -9,7 +9,8 @@ The pure-torch loop lives in ``training/``; this module adapts ComfyUI objects t
   them, with :class:`WeightDelta` wrappers adding the trained changes to chosen weights.
 - :func:`with_weight_deltas`: the trained changes baked as ``("diff", ...)`` patches, exactly what
   stock LoraLoaderModelOnly makes of an exported ``.diff`` file.
-- :func:`denoise`, :func:`prediction_kind`, :func:`discrete_sigmas`: one U-Net call and the schedule.
+- :func:`denoise`, :func:`prediction_kind`, :func:`discrete_sigmas`: one U-Net call and the schedule;
+  :func:`pooled_conditioning`: the extra model input SDXL builds from the pooled text output.
 - :class:`PlaceholderPrompt` + :class:`TrainableTextEncoder`: prompts holding ``embedding:<name>``
   for vectors under training, encoded with gradients to the vectors; :func:`clip_with_embeddings`
   gives a CLIP that resolves those names to the trained vectors (no file needed).
@@ -140,6 +141,16 @@ def denoise(patched, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tens
     options["sigmas"] = sigma
     options["cond_or_uncond"] = [0]
     return patched.model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=options, **model_kwargs)
+
+
+def pooled_conditioning(model, pooled: Optional[torch.Tensor], size: int) -> dict:
+    """Model keyword arguments from the pooled text output of a square ``size`` training image: SDXL's
+    ADM vector ``y`` (pooled CLIP-G + original/crop/target size, no crop), nothing for SD1.x."""
+    if pooled is None:
+        return {}
+    adm = model.model.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0,
+                                 target_width=size, target_height=size)
+    return {} if adm is None else {"y": adm}
 
 
 def sub_tokenizers(tokenizer):

@@ -9,6 +9,8 @@ problem, before any slow work (encoding, training) starts.
 - :func:`require_finite`: finite values only.
 - :func:`read_safetensors`: a model file read as safetensors only (no pickle), with one message for truncated,
   renamed or pickled files and for weights holding NaN/inf.
+- :func:`resolve_embedding`: the vectors an ``embedding:<name>`` gives a CLIP, telling a missing file from a
+  damaged one and refusing NaN/inf.
 """
 from __future__ import annotations
 
@@ -91,6 +93,32 @@ def read_safetensors(node: str, path: str | Path, what: str = "file") -> tuple[d
         raise ValueError(f"{node}: {path.name} holds NaN or infinite values (in {', '.join(bad[:3])}"
                          f"{', ...' if len(bad) > 3 else ''}); the file is damaged or comes from a diverged training.")
     return tensors, metadata
+
+
+#: the names ComfyUI's tokenizer tries for ``embedding:<name>`` in each embeddings folder (sd1_clip.load_embed)
+_EMBEDDING_SUFFIXES = ("", ".safetensors", ".pt", ".bin")
+
+
+def resolve_embedding(node: str, clip, name: str, missing_hint: str = "") -> torch.Tensor:
+    """The vectors ``embedding:<name>`` gives the CLIP's first text encoder, as its tokenizer resolves them
+    (the embeddings folders, or vectors a trainer's CLIP carries)."""
+    from .training_glue import sub_tokenizers
+
+    tokenizer = sub_tokenizers(clip.tokenizer)[0][1]
+    found, _ = tokenizer._try_get_embedding(name)
+    if found is None:
+        folders = tokenizer.embedding_directory or []
+        folders = [folders] if isinstance(folders, str) else folders
+        files = [Path(f) / (name + suffix) for f in folders for suffix in _EMBEDDING_SUFFIXES]
+        existing = next((f for f in files if f.is_file()), None)
+        if existing is not None:
+            raise ValueError(f"{node}: embedding:{name} ({existing}) could not be read: the file is damaged, truncated "
+                             "or not an embedding file.")
+        raise FileNotFoundError(f"{node}: embedding:{name} was not found in models/embeddings{missing_hint}.")
+    if not bool(torch.isfinite(found).all()):
+        raise ValueError(f"{node}: embedding:{name} holds NaN or infinite values; the file is damaged or comes from a "
+                         "diverged training.")
+    return found
 
 
 def require_matching_clip(node: str, model, clip) -> None:

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import uuid
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def _files(name: str, count: int = 3):
 
 @pytest.fixture
 def run_name(comfy):
-    name = f"detex_test_{os.getpid()}_{torch.randint(0, 10**6, ()).item()}"
+    name = f"detex_test_{uuid.uuid4().hex[:12]}"  # torch's RNG repeats: earlier code seeds it
     yield name
     for path in _files(name):
         path.unlink(missing_ok=True)
@@ -275,7 +276,7 @@ def test_prompt_node_keeps_or_drops_the_attributes(comfy, trained):
 
 @pytest.fixture
 def reference_name(comfy):
-    name = f"detex_reference_{os.getpid()}_{torch.randint(0, 10**6, ()).item()}"
+    name = f"detex_reference_{uuid.uuid4().hex[:12]}"
     yield name
     for path in _attribute_files(name):
         path.unlink(missing_ok=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness.comfy_env import pack_module
-from harness.tensors import changed_keys
+from harness.tensors import changed_keys, unpatched_state
 from harness.pack_nodes import run_node
 from harness.pva_assets import arcface_path, pva_path, sd15_inpaint_checkpoint_path
 
@@ -26,15 +26,6 @@ def pva(comfy):
     return run_node("PVALoader", pva_name=pva_path("arcface").name)[0]
 
 
-def state(module) -> dict:
-    """The module's stored weights with no model patches applied: ComfyUI patches shared modules in place
-    while some clone is loaded (e.g. by earlier tests), so unload everything first."""
-    import comfy.model_management
-
-    comfy.model_management.unload_all_models()
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def test_binning_references_and_mask():
     gen = torch.Generator().manual_seed(0)
     assert all(250 <= binned_timestep(1, 4, 1000, gen) < 500 for _ in range(50))
@@ -53,19 +44,19 @@ def test_binning_references_and_mask():
 
 def test_identity_tune_changes_only_the_projections_and_the_word(comfy, inpainting, pva):
     model, clip, vae = inpainting
-    unet, text, pva_before = state(model.model), state(clip.cond_stage_model), state(pva.weights)
+    unet, text, pva_before = unpatched_state(model.model), unpatched_state(clip.cond_stage_model), unpatched_state(pva.weights)
     patched, tuned, name = run_node("PVAIdentityTune", model=model, clip=clip, vae=vae, pva=pva, photos=photos(2),
                                     name="tune_test", steps=2, learning_rate=1e-3, word_learning_rate=1e-2,
                                     timestep_bins=2, seed=3, checkpoint_every=0)
-    for before, after in ((unet, state(model.model)), (text, state(clip.cond_stage_model)), (pva_before, state(pva.weights))):
+    for before, after in ((unet, unpatched_state(model.model)), (text, unpatched_state(clip.cond_stage_model)), (pva_before, unpatched_state(pva.weights))):
         assert before.keys() == after.keys()
         assert not changed_keys(before, after), f"inputs are never modified: {changed_keys(before, after)[:5]}"
-    changed = {k for k, v in state(tuned.weights).items() if not torch.equal(v.to(pva_before[k]), pva_before[k])}
+    changed = {k for k, v in unpatched_state(tuned.weights).items() if not torch.equal(v.to(pva_before[k]), pva_before[k])}
     allowed = {k for k in pva_before if k.startswith(("parallel.", "identity_word."))}
     assert changed and changed <= allowed, f"only projections and the word may change, got {sorted(changed - allowed)}"
     assert any(k.startswith("identity_word.") for k in changed) and any(k.startswith("parallel.") for k in changed)
     loaded = run_node("PVALoader", pva_name=name)[0]
-    assert all(torch.equal(v, state(tuned.weights)[k].cpu()) for k, v in state(loaded.weights).items())
+    assert all(torch.equal(v, unpatched_state(tuned.weights)[k].cpu()) for k, v in unpatched_state(loaded.weights).items())
     assert patched.model_options["transformer_options"]["personalization"].processors[0].name == "pva"
 
 
@@ -114,15 +105,15 @@ def test_tune_without_photos_is_a_clear_error(comfy, inpainting, pva):
 def test_stage1_trainer_trains_projections_transformer_and_word_only(comfy, inpainting):
     model, clip, vae = inpainting
     arcface_path()
-    unet, text = state(model.model), state(clip.cond_stage_model)
+    unet, text = unpatched_state(model.model), unpatched_state(clip.cond_stage_model)
     trained, name = run_node("PVATrainer", model=model, clip=clip, vae=vae, images=photos(4, seed=5), images_per_identity=2,
                              name="stage1_test", encoder="arcface", steps=2, learning_rate=1e-4,
                              transformer_learning_rate=1e-4, word_learning_rate=1e-3, timestep_bins=2,
                              init_word="person", seed=0, checkpoint_every=0)
-    assert not changed_keys(unet, state(model.model))
-    assert not changed_keys(text, state(clip.cond_stage_model))
-    start = state(pack_module("nodes.pva_training").initial_pva(model, clip, "arcface", "person", 0).weights)
-    after = {k: v.cpu() for k, v in state(trained.weights).items()}
+    assert not changed_keys(unet, unpatched_state(model.model))
+    assert not changed_keys(text, unpatched_state(clip.cond_stage_model))
+    start = unpatched_state(pack_module("nodes.pva_training").initial_pva(model, clip, "arcface", "person", 0).weights)
+    after = {k: v.cpu() for k, v in unpatched_state(trained.weights).items()}
     changed = {k.split(".")[0] for k in start if not torch.equal(after[k].to(start[k]), start[k])}
     assert changed == {"parallel", "token_transformer", "identity_word"}, changed
     from safetensors import safe_open

@@ -60,6 +60,7 @@ class TargetSample:
 class RegularisationSample:
     latent: torch.Tensor
     context: torch.Tensor  # (1, T, C) frozen text encoding of its caption, cut to the target's length
+    pooled: torch.Tensor | None = None  # (1, P) pooled text output (SDXL's CLIP-G), None for SD1.x
 
 
 @dataclass
@@ -86,10 +87,11 @@ def draw_batch(generator: torch.Generator, micro_batch: int, pool_size: int, reg
 class DisenDiffStep:
     """One micro-batch's loss, given the callables that touch the model.
 
-    ``encode_target(prefix) -> (context (1, T, C), concepts)`` encodes the training caption with the
-    live token vectors and returns the token positions of each concept; ``denoise(x_t, sigma,
-    context) -> x̂0`` runs the trainable U-Net with ``recorder`` attached; ``sigmas`` is the discrete
-    schedule; ``kind`` the prediction type.
+    ``encode_target(prefix) -> (context (1, T, C), pooled (1, P) or None, concepts)`` encodes the
+    training caption with the live token vectors and returns the token positions of each concept;
+    ``denoise(x_t, sigma, context, pooled) -> x̂0`` runs the trainable U-Net with ``recorder`` attached
+    (``pooled``: the batch's pooled text outputs, None for models without them); ``sigmas`` is the
+    discrete schedule; ``kind`` the prediction type.
     """
 
     pool: Sequence[TargetSample]
@@ -104,22 +106,24 @@ class DisenDiffStep:
     def __call__(self, micro) -> torch.Tensor:
         gen = micro.generator
         batch = draw_batch(gen, self.settings.micro_batch, len(self.pool), len(self.regs))
-        latents, masks, contexts, concept_sets = [], [], [], []
+        latents, masks, contexts, pooled, concept_sets = [], [], [], [], []
         encoded = {}  # one text-encoder pass per distinct caption of the micro-batch
         for index in batch.targets:
             sample = self.pool[index]
             if sample.prefix not in encoded:
                 encoded[sample.prefix] = self.encode_target(sample.prefix)
-            context, concepts = encoded[sample.prefix]
+            context, pooled_text, concepts = encoded[sample.prefix]
             latents.append(sample.latent)
             masks.append(sample.mask)
             contexts.append(context)
+            pooled.append(pooled_text)
             concept_sets.append(concepts)
         for index in batch.regs:
             sample = self.regs[index]
             latents.append(sample.latent)
             masks.append(torch.ones_like(sample.latent[:1]))
             contexts.append(sample.context)
+            pooled.append(sample.pooled)
         x0 = torch.stack(latents)
         device = x0.device
         t = sample_timesteps(x0.shape[0], gen, len(self.sigmas))
@@ -127,8 +131,9 @@ class DisenDiffStep:
         noise = torch.randn(x0.shape, generator=gen).to(device)
         x_t = add_noise(x0, noise, sigma)
         context = torch.cat(contexts, 0)
+        pooled = None if pooled[0] is None else torch.cat(pooled, 0).to(device)
         self.recorder.maps.clear()
-        denoised = self.denoise(x_t, sigma, context)
+        denoised = self.denoise(x_t, sigma, context, pooled)
         loss = diffusion_loss(self.kind, x_t, denoised, x0, sigma, torch.stack(masks).to(device))
         if batch.targets and self.settings.attention_weight:
             maps = self.recorder.layer_mean()  # (B, T, h, w)

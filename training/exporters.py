@@ -55,13 +55,24 @@ def low_rank_lora_tensors(deltas: Mapping[str, torch.Tensor], rank: int,
         raise ValueError(f"rank must be >= 1, got {rank}")
     tensors = {}
     for key, delta in deltas.items():
-        u, s, vh = torch.linalg.svd(delta.detach().float().flatten(1), full_matrices=False)
-        r = min(rank, s.shape[0])
+        up, down = _truncated_svd(delta, rank)
         module = lora_key(key)
-        tensors[f"{module}.lora_up.weight"] = (u[:, :r] * s[:r]).to(dtype)
-        tensors[f"{module}.lora_down.weight"] = vh[:r].to(dtype)
-        tensors[f"{module}.alpha"] = torch.tensor(float(r))
+        tensors[f"{module}.lora_up.weight"] = up.to(dtype)
+        tensors[f"{module}.lora_down.weight"] = down.to(dtype)
+        tensors[f"{module}.alpha"] = torch.tensor(float(down.shape[0]))
     return tensors
+
+
+def low_rank_deltas(deltas: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The weight changes a rank-``rank`` LoRA file of ``deltas`` applies (``up @ down``)."""
+    return {key: (lambda up, down: (up @ down).view_as(delta))(*_truncated_svd(delta, rank))
+            for key, delta in deltas.items()}
+
+
+def _truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(delta.detach().float().flatten(1), full_matrices=False)
+    r = min(rank, s.shape[0])
+    return u[:, :r] * s[:r], vh[:r]
 
 
 def save_lora(path: str | Path, deltas: Mapping[str, torch.Tensor], rank: int = 0,

@@ -1,4 +1,5 @@
-"""Comparing tensors: the same bits (what "unchanged" means), or equal within a relative tolerance."""
+"""Comparing tensors: the same bits (what "unchanged" means), or equal within a relative tolerance; the
+stored weights of a module as a checkpoint holds them."""
 from __future__ import annotations
 
 import torch
@@ -20,3 +21,12 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
     """Equal up to ``rel`` of ``b``'s largest magnitude (at least 1): the same computation in another batch
     layout, where kernels may sum in another order."""
     return (a - b).abs().max().item() <= rel * max(b.abs().max().item(), 1.0)
+
+
+def unpatched_state(module: torch.nn.Module) -> dict:
+    """The module's stored weights with no model patches applied: ComfyUI patches shared modules in place
+    while some clone is loaded (e.g. a LoRA clone an earlier test sampled), so unload everything first."""
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
