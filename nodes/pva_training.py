@@ -101,16 +101,19 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
 
     def context():
         vectors = {f"clip_{k}": weights.identity_word[k].to(torch.float32).cpu() for k in prompt.tokens}
-        return encoder.encode(prompt.substitute({WORD_PLACEHOLDER: vectors}))[0].to(device)
+        cond, pooled = encoder.encode(prompt.substitute({WORD_PLACEHOLDER: vectors}))
+        return cond.to(device), pooled
 
     trainable = glue.trainable_unet(model, {})
     processor = ParallelVisualAttentionProcessor(weights.parallel, torch.zeros(1, 0, weights.context_dim))
     add_attention_processor(trainable, processor, blocks)
     options = trainable.model_options["transformer_options"]
 
-    def denoise(x_t, sigma, context_, tokens, c_concat):
+    def denoise(x_t, sigma, text, tokens, c_concat):
         options[CHAIN_KEY] = options[CHAIN_KEY].with_processor(dataclasses.replace(processor, identity_tokens=tokens))
-        return glue.denoise(trainable, x_t, sigma, context_, c_concat=c_concat)
+        cond, pooled = text
+        return glue.denoise(trainable, x_t, sigma, cond, c_concat=c_concat,
+                            **glue.pooled_conditioning(model, pooled, images.shape[1]))  # SDXL's ADM input
 
     def concat(x_t, masked_latent, mask):
         return model.model.concat_cond(noise=x_t, concat_latent_image=masked_latent, concat_mask=mask, device=device)

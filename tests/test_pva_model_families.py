@@ -8,18 +8,21 @@
 Both are reduced random-weight U-Nets built with ComfyUI's own classes (harness.checkpoints.model_patcher),
 with conditioning tensors of the text encoders' real widths, PVA files of their own cross-attention layout
 (ArcFace encoder, as the paper), stock InpaintModelConditioning (SD VAE: its raw latent is what ComfyUI feeds
-both families, each scaling it by its own latent format) and stock KSampler.
+both families, each scaling it by its own latent format) and stock KSampler. The identity word and the
+trainers run on text encoders of the families' real classes and widths, 3 layers deep
+(harness.text_encoders.reduced_clip).
 """
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-from harness.checkpoints import IN_MEMORY_FAMILIES, conditioning, model_patcher, sample
+from harness.checkpoints import IN_MEMORY_FAMILIES, conditioning, encode_prompt, model_patcher, sample
 from harness.comfy_env import pack_module
 from harness.pack_nodes import run_node
-from harness.pva_assets import arcface_path, faces, pva_model, pva_path
-from harness.tensors import close, same_bits
+from harness.pva_assets import IDENTITY_WORD_WIDTHS, arcface_path, faces, pva_model, pva_path
+from harness.tensors import changed_keys, close, same_bits
+from harness.text_encoders import reduced_clip
 
 FAMILIES = ("sd2", "sdxl")
 STEPS = 2
@@ -137,3 +140,37 @@ def test_pva_files_of_other_families_are_refused(inpainting):
             pva = run_node("PVALoader", pva_name=pva_path("arcface", other).name)[0]
             with pytest.raises(ValueError, match="another model family|PVA file trained on this model family"):
                 pva_model(inpainting.model, pva, ALICE)
+
+
+def test_identity_word_for_the_family_text_encoders(inpainting):
+    clip = reduced_clip(inpainting.family)
+    text = "photo of a <new1> person"
+    with_word = run_node("PVATextEncode", clip=clip, pva=inpainting.pva, text=text, identity_word="<new1>")[0]
+    plain = encode_prompt(clip, text)
+    width = IN_MEMORY_FAMILIES[inpainting.family][1]["context_dim"]
+    assert with_word[0][0].shape == plain[0][0].shape == (1, 77, width)
+    assert not torch.allclose(with_word[0][0], plain[0][0], atol=1e-4)
+    assert with_word[0][1]["pooled_output"].shape == plain[0][1]["pooled_output"].shape
+
+
+def test_identity_tune_trains_the_family_pathway(inpainting, sd15):
+    before = {k: v.detach().clone() for k, v in inpainting.pva.weights.state_dict().items()}
+    patched, tuned, name = run_node(
+        "PVAIdentityTune", model=inpainting.model, clip=reduced_clip(inpainting.family), vae=sd15[2], pva=inpainting.pva,
+        photos=faces(2, size=32), name=f"tune_{inpainting.family}", steps=1, learning_rate=1e-3, word_learning_rate=1e-2,
+        timestep_bins=1, seed=0, checkpoint_every=0)
+    assert not changed_keys(before, inpainting.pva.weights.state_dict()), "the input PVA is left unchanged"
+    changed = {k.split(".")[0] for k in changed_keys(before, {k: v.cpu() for k, v in tuned.weights.state_dict().items()})}
+    assert changed == {"parallel", "identity_word"}
+    assert torch.isfinite(inpainting.run(patched, 1.0)).all()
+
+
+def test_stage1_trainer_builds_the_family_pathway(inpainting, sd15):
+    trained, _name = run_node(
+        "PVATrainer", model=inpainting.model, clip=reduced_clip(inpainting.family), vae=sd15[2],
+        images=faces(4, seed=5, size=32), images_per_identity=2, name=f"stage1_{inpainting.family}", encoder="arcface",
+        steps=1, learning_rate=1e-4, transformer_learning_rate=1e-4, word_learning_rate=1e-3, timestep_bins=1,
+        init_word="person", seed=0, checkpoint_every=0)
+    assert trained.weights.context_dim == IN_MEMORY_FAMILIES[inpainting.family][1]["context_dim"]
+    assert {k: v.shape[-1] for k, v in trained.weights.identity_word.items()} == IDENTITY_WORD_WIDTHS[inpainting.family]
+    assert set(trained.weights.parallel) == set(inpainting.pva.weights.parallel)

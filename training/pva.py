@@ -82,8 +82,9 @@ class PVAStep:
     """One micro-batch of PVA training (``training.loop`` step function).
 
     ``identity_tokens(features (1, R, F), generator) -> (1, N, C)`` (with gradients in stage 1, where
-    the token transformer trains), ``context() -> (1, L, C)`` (text with the identity word under
-    training), ``concat(x_t, masked_latent, mask) -> c_concat | None`` (inpainting channels),
+    the token transformer trains), ``context()`` (text with the identity word under training, handed
+    to ``denoise`` as is: the node's is the ``(1, L, C)`` tokens and the pooled output),
+    ``concat(x_t, masked_latent, mask) -> c_concat | None`` (inpainting channels),
     ``denoise(x_t, sigma, context, tokens, c_concat) -> x̂0``; ``references`` is
     :func:`rotating_references` or :func:`stage1_references`; ``groups`` are the photo indices of each
     identity.
@@ -93,7 +94,7 @@ class PVAStep:
     groups: tuple[tuple[int, ...], ...]
     references: Callable[[int, tuple[int, ...], torch.Generator], list[tuple[int, bool]]]
     identity_tokens: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-    context: Callable[[], torch.Tensor]
+    context: Callable[[], object]
     concat: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
     denoise: Callable[..., torch.Tensor]
     sigmas: torch.Tensor  # σ of every discrete timestep
