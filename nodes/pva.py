@@ -8,7 +8,6 @@ Parallel Visual Attention", WACV 2024).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ..attention.pva import ParallelVisualAttentionProcessor, block_name
 from ..attention.pva_identity import IResNet, arcface_crop
 from ..attention.pva_weights import PVAFormatError, PVAWeights
 from .comfy_io import io
+from .model_folders import register_model_folder
 from .validation import names_node, read_safetensors, require_finite
 from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
 from .prompt_tokens import find_phrase_tokens
@@ -33,13 +33,7 @@ ARCFACE_FILE = "ms1mv3_arcface_r50.safetensors"
 PVAType = io.Custom("PVA")
 
 
-def register_model_folder() -> None:
-    """``models/pva`` for PVA weights and the ArcFace backbone (safetensors only)."""
-    if PVA_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[PVA_FOLDER] = ([os.path.join(folder_paths.models_dir, PVA_FOLDER)], {".safetensors"})
-
-
-register_model_folder()
+register_model_folder(PVA_FOLDER)  # PVA weights and the ArcFace backbone
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ Text-to-Image Customization", CVPR 2024; inference as in the released code byted
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import comfy.model_management
@@ -43,6 +42,7 @@ from ..attention.realcustom_weights import (
     convert_official,
 )
 from .comfy_io import io
+from .model_folders import register_model_folder
 from .validation import names_node, read_safetensors, require_finite
 from .patching import WRAPPER_KEY, add_attention_processor, transformer_blocks
 from .prompt_tokens import find_phrase_tokens
@@ -59,14 +59,7 @@ ReferenceType = io.Custom("REALCUSTOM_REFERENCE")
 MasksType = io.Custom("REALCUSTOM_MASKS")
 
 
-def register_adapter_folder() -> None:
-    """models/realcustom holds adapters (safetensors only: no pickle is ever read)."""
-    if ADAPTER_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[ADAPTER_FOLDER] = (
-            [os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)], {".safetensors"})
-
-
-register_adapter_folder()
+register_model_folder(ADAPTER_FOLDER)
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,7 +1,7 @@
 """DisenDiff nodes in the real ComfyUI on the tiny SD1.5 (64×64, a few steps)."""
 from __future__ import annotations
 
-import os
+import uuid
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from harness.checkpoints import empty_latent, encode_prompt, sample
 from harness.comfy_env import models_dir, pack_module
 from harness.pack_nodes import run_node, user_cancels_at_step
-from harness.tensors import changed_keys
+from harness.tensors import changed_keys, unpatched_state
 
 TRAIN = dict(class_words="cat, dog", steps=2, learning_rate=1e-3, batch_size=2, grad_accumulation=1,
              resolution=64, seed=1, checkpoint_every=1, augment=False)
@@ -22,7 +22,7 @@ def _image():
 
 @pytest.fixture
 def run_name(comfy):
-    name = f"dd_test_{os.getpid()}_{torch.randint(0, 10**6, ()).item()}"
+    name = f"dd_test_{uuid.uuid4().hex[:12]}"  # torch's RNG repeats: earlier code seeds it
     yield name
     for path in [models_dir() / "loras" / f"{name}_disendiff_kv.safetensors",
                  *[models_dir() / "embeddings" / f"{name}_new{i}.safetensors" for i in (1, 2)]]:
@@ -66,6 +66,56 @@ def test_interrupt_then_resume_equals_uninterrupted(comfy, sd15, run_name):
         assert torch.equal(straight[key], resumed[key]), key
 
 
+def test_low_rank_export_loads_in_stock_nodes_and_matches_the_model_output(comfy, sd15, run_name):
+    trained_model, trained_clip, prompt, lora_name = _train(sd15, run_name, lora_rank=2)
+    lora = load_file(str(models_dir() / "loras" / lora_name))
+    ups = [t for k, t in lora.items() if k.endswith(".lora_up.weight")]
+    assert len(ups) == 2 * 7 and all(t.shape[1] == 2 for t in ups)
+    model, clip, _ = sd15
+    stock_model = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(model, lora_name, 1.0)[0]
+    negative, latent = encode_prompt(clip, ""), empty_latent(1)
+    ours = sample(trained_model, encode_prompt(trained_clip, prompt), negative, latent, steps=1)
+    stock = sample(stock_model, encode_prompt(clip, prompt), negative, latent, steps=1)
+    assert (ours - stock).abs().max() <= 1e-4
+
+
+def sdxl_clip_reading_the_embeddings_folder():
+    """The harness's reduced SDXL CLIP, on a tokenizer copy that resolves embedding: names from
+    models/embeddings like a checkpoint loader's CLIP."""
+    import copy
+
+    import folder_paths
+    from harness.text_encoders import reduced_clip
+
+    clip = reduced_clip("sdxl").clone()
+    clip.tokenizer = copy.copy(clip.tokenizer)
+    for encoder in ("clip_l", "clip_g"):
+        sub = copy.copy(getattr(clip.tokenizer, encoder))
+        sub.embedding_directory = folder_paths.get_folder_paths("embeddings")
+        setattr(clip.tokenizer, encoder, sub)
+    return clip
+
+
+@pytest.mark.slow
+def test_sdxl_training_exports_both_encoders_and_stock_files_reproduce_the_model(comfy, sd15, sdxl_model, run_name):
+    clip, vae = sdxl_clip_reading_the_embeddings_folder(), sd15[2]
+    trained_model, trained_clip, prompt, lora_name = run_node(
+        "DisenDiffTrainer", model=sdxl_model, clip=clip, vae=vae, image=_image(), name=run_name, **TRAIN)
+    embedding = load_file(str(models_dir() / "embeddings" / f"{run_name}_new1.safetensors"))
+    assert embedding["clip_l"].shape == (1, 768) and embedding["clip_g"].shape == (1, 1280)
+    blocks = pack_module("nodes.patching").transformer_blocks(sdxl_model)
+    lora = load_file(str(models_dir() / "loras" / lora_name))
+    assert len(lora) == 2 * sum(b.has_cross_attention for b in blocks)
+
+    stock_model = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(sdxl_model, lora_name, 1.0)[0]
+    negative, latent = encode_prompt(clip, ""), empty_latent(1)
+    ours = sample(trained_model, encode_prompt(trained_clip, prompt), negative, latent, steps=1)
+    stock = sample(stock_model, encode_prompt(clip, prompt), negative, latent, steps=1)
+    plain = sample(sdxl_model, encode_prompt(clip, prompt), negative, latent, steps=1)
+    assert (ours - stock).abs().max() <= 1e-4
+    assert (ours - plain).abs().max() > 1e-3, "training changed nothing"
+
+
 def load_file_after(train, sd15, name, **overrides):
     lora_name = train(sd15, name, **overrides)[3]
     try:
@@ -79,7 +129,7 @@ def load_file_after(train, sd15, name, **overrides):
 def test_bad_inputs_are_clear_errors(comfy, sd15, run_name, sdxl_model):
     with pytest.raises(ValueError, match="2 or more class words"):
         _train(sd15, run_name, class_words="cat")
-    with pytest.raises(ValueError, match="SD1.x"):
+    with pytest.raises(ValueError, match="SD1.x .*SDXL.* context_dim 2048 and text encoders \\['clip_l'\\]"):
         run_node("DisenDiffTrainer", model=sdxl_model, clip=sd15[1], vae=sd15[2], image=_image(), name=run_name, **TRAIN)
     with pytest.raises(ValueError, match="no usable characters"):
         _train(sd15, "../..")
@@ -116,8 +166,8 @@ def test_training_lowers_the_loss_and_touches_only_the_trainables(comfy, sd15):
     glue = pack_module("nodes.training_glue")
     recipe = pack_module("training.disendiff")
     loop = pack_module("training.loop")
-    frozen = {f"unet.{k}": v.clone() for k, v in model.model.state_dict().items()}
-    frozen.update({f"clip.{k}": v.clone() for k, v in clip.cond_stage_model.state_dict().items()})
+    frozen = {f"unet.{k}": v for k, v in unpatched_state(model.model).items()}
+    frozen.update({f"clip.{k}": v for k, v in unpatched_state(clip.cond_stage_model).items()})
     settings = recipe.DisenDiffSettings(steps=6, learning_rate=2e-3, micro_batch=2, grad_accumulation=1, augment=False)
     with glue.training_mode():
         run = nodes_disendiff.prepare_training(model, clip, vae, _image(), ["cat", "dog"], "loss_test", settings,
@@ -133,9 +183,10 @@ def test_training_lowers_the_loss_and_touches_only_the_trainables(comfy, sd15):
     assert after < before and result.losses[-1] < result.losses[0]
     assert all(v.grad is None for v in run.params.values())
     assert any(d.diff.abs().max() > 0 for d in run.deltas.values())
-    assert all(not torch.equal(v, run.vectors[n].new_zeros(v.shape)) for n, v in run.vectors.items())
-    current = {f"unet.{k}": v for k, v in model.model.state_dict().items()}
-    current.update({f"clip.{k}": v for k, v in clip.cond_stage_model.state_dict().items()})
+    assert run.vectors.keys() == {"loss_test_new1", "loss_test_new2"}
+    assert all(v.abs().max() > 0 for per_encoder in run.vectors.values() for v in per_encoder.values())
+    current = {f"unet.{k}": v for k, v in unpatched_state(model.model).items()}
+    current.update({f"clip.{k}": v for k, v in unpatched_state(clip.cond_stage_model).items()})
     assert current.keys() == frozen.keys()
     assert not changed_keys(frozen, current)
 

@@ -9,6 +9,8 @@ from personalization_nodes.attention.dispatcher import (
     ProcessorChain, install_dispatcher, overwritten_dispatchers)
 from personalization_nodes.attention.sdpa import sdpa_attention
 
+from harness.additive_replace import AdditiveAttn2Replace
+
 HEADS, DIM_HEAD = 2, 4
 C = HEADS * DIM_HEAD
 
@@ -194,25 +196,6 @@ def image_attention(out, q, k, v, extra_options, weight=1.0, image_tokens=None, 
     return weight * plain(q, keys, keys)
 
 
-class AdditiveReplace:
-    """The additive attn2 protocol as IPAdapter_plus/InstantID/PuLID's Attn2Replace implement it."""
-
-    def __init__(self, callback, **kwargs):
-        self.callback, self.kwargs = [callback], [kwargs]
-
-    def add(self, callback, **kwargs):
-        self.callback.append(callback)
-        self.kwargs.append(kwargs)
-
-    def __call__(self, q, k, v, extra_options):
-        out = plain(q, k, v)
-        sigma = float(extra_options["sigmas"][0])
-        for callback, kwargs in zip(self.callback, self.kwargs):
-            if kwargs["sigma_end"] <= sigma <= kwargs["sigma_start"]:
-                out = out + callback(out, q, k, v, extra_options, **kwargs)
-        return out
-
-
 @pytest.fixture
 def image_kwargs():
     return {"weight": 0.7, "image_tokens": torch.randn(1, 3, C, generator=torch.Generator().manual_seed(3)),
@@ -234,13 +217,13 @@ def test_additive_protocol_callbacks_are_added_in_their_sigma_range(qkv, image_k
 def test_additive_replace_installed_first_is_adopted_so_both_orders_agree(qkv, image_kwargs):
     q, k, v = qkv
     chain = ProcessorChain().with_processor(DampFirstToken())
-    foreign_first = install_dispatcher(AdditiveReplace(image_attention, **image_kwargs), CROSS_ATTENTION, plain)
+    foreign_first = install_dispatcher(AdditiveAttn2Replace(plain, image_attention, **image_kwargs), CROSS_ATTENTION, plain)
     assert foreign_first.inner is None
     ours_first = install_dispatcher(None, CROSS_ATTENTION, plain)
     ours_first.add(image_attention, **image_kwargs)
     assert torch.equal(foreign_first(q, k, v, options(chain)), ours_first(q, k, v, options(chain)))
-    assert (foreign_first(q, k, v, options()) - AdditiveReplace(image_attention, **image_kwargs)(q, k, v, options())
-            ).abs().max() <= 1e-6
+    theirs = AdditiveAttn2Replace(plain, image_attention, **image_kwargs)
+    assert (foreign_first(q, k, v, options()) - theirs(q, k, v, options())).abs().max() <= 1e-6
 
 
 def test_callbacks_added_to_a_clone_stay_with_the_clone(qkv, image_kwargs):

@@ -13,6 +13,7 @@ from PIL import Image
 
 from harness import checkpoints
 from harness import realcustom as realcustom_assets
+from harness.additive_replace import AdditiveAttn2Replace
 from harness.comfy_env import pack_module
 from harness.workflows import WorkflowExecutionError, execute_workflow
 
@@ -26,26 +27,6 @@ def image_attention(out, q, k, v, extra_options, weight=1.0, **_):
     tokens = torch.randn(1, 4, q.shape[-1], generator=torch.Generator().manual_seed(q.shape[-1])).to(q)
     tokens = tokens.expand(q.shape[0], -1, -1)
     return weight * comfy_attention.optimized_attention(q, tokens, tokens, extra_options["n_heads"])
-
-
-class AdditiveAttn2Replace:
-    """The other packs' Attn2Replace: plain attention plus the added callbacks in their sigma range."""
-
-    def __init__(self, callback, **kwargs):
-        self.callback, self.kwargs = [callback], [kwargs]
-
-    def add(self, callback, **kwargs):
-        self.callback.append(callback)
-        self.kwargs.append(kwargs)
-
-    def __call__(self, q, k, v, extra_options):
-        import comfy.ldm.modules.attention as comfy_attention
-        out = comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"])
-        sigma = float(extra_options["sigmas"][0])
-        for callback, kwargs in zip(self.callback, self.kwargs):
-            if kwargs["sigma_end"] <= sigma <= kwargs["sigma_start"]:
-                out = out + callback(out, q, k, v, extra_options, **kwargs)
-        return out
 
 
 def one_transformer_block_keys(model):
@@ -63,6 +44,8 @@ class ForeignImagePrompt:
     CATEGORY = "tests/foreign"
 
     def apply(self, model, weight):
+        import comfy.ldm.modules.attention as comfy_attention
+
         patched = model.clone()
         kwargs = {"weight": weight, "sigma_start": float("inf"), "sigma_end": 0.0}
         for key in one_transformer_block_keys(patched):
@@ -72,7 +55,8 @@ class ForeignImagePrompt:
             if key in options["patches_replace"]["attn2"]:
                 options["patches_replace"]["attn2"][key].add(image_attention, **kwargs)
             else:
-                options["patches_replace"]["attn2"][key] = AdditiveAttn2Replace(image_attention, **kwargs)
+                options["patches_replace"]["attn2"][key] = AdditiveAttn2Replace(comfy_attention.optimized_attention,
+                                                                                image_attention, **kwargs)
                 patched.model_options["transformer_options"] = options
         return (patched,)
 
@@ -138,7 +122,8 @@ def technique_nodes(technique: str, model_source: list, reference_image: str) ->
         "ours": {"class_type": "AdaptiveMaskGuidance", "inputs": {
             "model": model_source, "reference": ["reference", 0], "clip": ["ckpt", 1], "prompt": PROMPT,
             "word": "toy", "mask_strategy": "max_norm", "mask_scope": 0.25, "binary_mask": False,
-            "update_fraction": 1.0, "map_source": "previous step", "uncond_image": "black image", "strength": 1.0}},
+            "update_fraction": 1.0, "map_source": "previous step", "uncond_image": "black image", "strength": 1.0,
+            "scope_selection": "top-k", "guidance": "CFG (released code)", "image_guidance": 12.5}},
     }
 
 

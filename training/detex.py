@@ -34,7 +34,7 @@ from .detex_loss import (
 from .detex_mappers import AttributeEmbeddings
 from .detex_prompts import PromptTemplate
 from .disendiff import draw_batch
-from .losses import add_noise, prediction_from_denoised, sample_timesteps
+from .losses import noised, prediction_from_denoised
 
 #: placeholder embedding names of the live vectors in training prompts (never files)
 SUBJECT_WORD, POSE_WORD, BACKGROUND_WORD = "detex_subject", "detex_pose", "detex_background"
@@ -164,10 +164,7 @@ class DetexStep:
             normalizations.append(MASK_AREA)
         x0 = torch.stack(latents)
         device = x0.device
-        t = sample_timesteps(x0.shape[0], gen, len(self.sigmas))
-        sigma = self.sigmas[t].to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        x_t = add_noise(x0, noise, sigma)
+        sigma, x_t = noised(x0, self.sigmas, gen)
         if self.recorder is not None:
             self.recorder.maps.clear()
         denoised = self.denoise(x_t, sigma, torch.cat(contexts).to(device))

@@ -14,7 +14,7 @@ import torch
 
 from ..attention.disendiff import calibration_loss
 from .augmentation import CLOSE_PREFIXES, FAR_PREFIXES
-from .losses import add_noise, diffusion_loss, sample_timesteps
+from .losses import diffusion_loss, noised
 
 ATTENTION_LOSS_WEIGHT = 0.01
 #: CLIP-L vocabulary rows Custom Diffusion / DisenDiff copy into new tokens (spec §2): "ucd</w>", "pll", "ktn".
@@ -126,10 +126,7 @@ class DisenDiffStep:
             pooled.append(sample.pooled)
         x0 = torch.stack(latents)
         device = x0.device
-        t = sample_timesteps(x0.shape[0], gen, len(self.sigmas))
-        sigma = self.sigmas[t].to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        x_t = add_noise(x0, noise, sigma)
+        sigma, x_t = noised(x0, self.sigmas, gen)
         context = torch.cat(contexts, 0)
         pooled = None if pooled[0] is None else torch.cat(pooled, 0).to(device)
         self.recorder.maps.clear()

@@ -29,6 +29,15 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tor
     return x0 + _per_sample(sigma, x0) * noise
 
 
+def noised(x0: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(σ, x_t)`` of a micro-batch: one uniform discrete timestep per sample of ``x0`` from the schedule
+    ``sigmas``, then Gaussian noise (both drawn from ``generator``, in that order)."""
+    t = sample_timesteps(x0.shape[0], generator, len(sigmas))
+    sigma = sigmas[t].to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    return sigma, add_noise(x0, noise, sigma)
+
+
 def prediction_from_denoised(kind: str, x_t: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor,
                              sigma_data: float = 1.0) -> torch.Tensor:
     """The raw network output (ε̂ or v̂) that ComfyUI turned into ``denoised``.

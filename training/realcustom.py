@@ -18,7 +18,7 @@ import torch
 
 from ..attention.realcustom import ImageTokens, UngatedRun
 from .loop import MicroStep
-from .losses import add_noise, masked_mse, prediction_from_denoised, sample_timesteps
+from .losses import masked_mse, noised, prediction_from_denoised
 
 #: denoise(x_t, sigma, context, run) -> the frozen U-Net's x̂0 with the image branch of ``run``
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, UngatedRun], torch.Tensor]
@@ -50,9 +50,7 @@ class RealCustomStep:
         data, device = self.data, self.data.latents.device
         rows = torch.randint(0, data.latents.shape[0], (self.batch_size,), generator=micro.generator)
         x0 = data.latents[rows.to(device)]
-        noise = torch.randn(x0.shape, generator=micro.generator).to(x0)
-        sigma = self.sigmas[sample_timesteps(self.batch_size, micro.generator, self.sigmas.shape[0])].to(x0)
-        x_t = add_noise(x0, noise, sigma)
+        sigma, x_t = noised(x0, self.sigmas, micro.generator)
         tokens = self.projector(data.features[rows.to(device)])
         run = UngatedRun(ImageTokens(tokens, None), mask=torch.ones(self.batch_size, 1, 1, device=device))
         denoised = self.denoise(x_t, sigma, data.contexts[rows.to(device)], run)
