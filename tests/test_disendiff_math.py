@@ -144,3 +144,28 @@ def test_dispatcher_applies_key_value_edits_before_attention():
     out.square().sum().backward()
     assert k.grad[:, 0].abs().sum() == 0 and v.grad[:, 0].abs().sum() == 0
     assert k.grad[:, 1:].abs().sum() > 0
+
+
+def test_step_loss_uses_custom_diffusions_mask_normalisation():
+    """Official base loss: Σ_{c,h,w} (ε̂ − ε)²·M / Σ_{h,w} M per sample (M one channel), so the ε error counts
+    summed over the latent channels; it sets the balance with the 0.01 calibration term."""
+    from personalization_nodes.training.disendiff import DisenDiffSettings, DisenDiffStep, TargetSample
+    from personalization_nodes.training.loop import MicroStep, micro_step_generator
+
+    gen = torch.Generator().manual_seed(5)
+    latent, eps_hat = torch.randn(4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+    mask = torch.zeros(1, 8, 8)
+    mask[:, 2:6, 1:7] = 1
+    seen = {}
+
+    def denoise(x_t, sigma, context, pooled):  # an ε-model predicting eps_hat, as ComfyUI's denoised
+        seen.update(x_t=x_t, sigma=sigma)
+        return x_t - sigma.view(-1, 1, 1, 1) * eps_hat
+
+    step = DisenDiffStep(pool=[TargetSample(latent, mask, "")], regs=[], encode_target=lambda p: (torch.zeros(1, 77, 8), None, ()),
+                         denoise=denoise, recorder=type("R", (), {"maps": []})(), sigmas=torch.linspace(0.1, 10, 1000),
+                         kind="eps", settings=DisenDiffSettings(micro_batch=1, attention_weight=0.0))
+    loss = step(MicroStep(0, 0, micro_step_generator(1, 0, 0)))
+    noise = (seen["x_t"] - latent) / seen["sigma"].view(-1, 1, 1, 1)
+    official = (((eps_hat - noise) ** 2) * mask).sum() / mask.sum()
+    assert loss.item() == pytest.approx(official.item(), rel=1e-5)

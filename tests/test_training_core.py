@@ -210,3 +210,12 @@ def test_diff_and_low_rank_lora_keys_reconstruct_the_delta():
     assert up.shape == (16, 4) and down.shape == (4, 12)
     assert torch.allclose(up @ down * (alpha / 4), delta, atol=1e-4)
     assert math.isclose(float(alpha), 4.0)
+
+
+def test_channel_summed_masked_mse_is_custom_diffusions_normalisation():
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 4, 6, 6, generator=gen), torch.randn(2, 4, 6, 6, generator=gen)
+    mask = (torch.rand(2, 1, 6, 6, generator=gen) > 0.5).float()
+    official = (((a - b) ** 2 * mask).sum([1, 2, 3]) / mask.sum([1, 2, 3])).mean()
+    assert torch.allclose(losses.masked_mse(a, b, mask, channel_sum=True), official, rtol=1e-5)
+    assert torch.allclose(losses.masked_mse(a, b, channel_sum=True), 4 * ((a - b) ** 2).mean(), rtol=1e-5)

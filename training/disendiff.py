@@ -131,7 +131,8 @@ class DisenDiffStep:
         pooled = None if pooled[0] is None else torch.cat(pooled, 0).to(device)
         self.recorder.maps.clear()
         denoised = self.denoise(x_t, sigma, context, pooled)
-        loss = diffusion_loss(self.kind, x_t, denoised, x0, sigma, torch.stack(masks).to(device))
+        # channel_sum: the official normalisation, which fixes the weight of the 0.01 calibration term (spec §3)
+        loss = diffusion_loss(self.kind, x_t, denoised, x0, sigma, torch.stack(masks).to(device), channel_sum=True)
         if batch.targets and self.settings.attention_weight:
             maps = self.recorder.layer_mean()  # (B, T, h, w)
             per_sample = [calibration_loss(*concept_maps(maps[i:i + 1], concepts))

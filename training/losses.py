@@ -55,13 +55,17 @@ def prediction_from_denoised(kind: str, x_t: torch.Tensor, denoised: torch.Tenso
     raise ValueError(f"unsupported prediction type {kind!r}; expected one of {PREDICTION_KINDS}")
 
 
-def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               channel_sum: bool = False) -> torch.Tensor:
     """Per-sample mean squared error over the masked elements, averaged over the batch.
 
     ``mask`` is ``(B, 1, H, W)`` or ``(B, C, H, W)`` in latent resolution; without a mask this is
-    the plain MSE.
+    the plain MSE. ``channel_sum``: the error of a pixel is summed over the channels, i.e.
+    Custom Diffusion's ``Σ_{c,h,w} e²·M / Σ_{h,w} M`` (C times the per-element mean).
     """
     squared = (prediction.float() - target.float()) ** 2
+    if channel_sum:
+        squared = squared.sum(dim=1, keepdim=True)
     if mask is None:
         return squared.mean()
     weights = mask.float().expand_as(squared)
@@ -70,10 +74,10 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: Optional[to
 
 
 def diffusion_loss(kind: str, x_t: torch.Tensor, denoised: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
-                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   mask: Optional[torch.Tensor] = None, channel_sum: bool = False) -> torch.Tensor:
     """ε- or v-prediction MSE of a denoiser output (``kind`` from the model's sampling type)."""
     return masked_mse(prediction_from_denoised(kind, x_t, denoised, sigma),
-                      prediction_from_denoised(kind, x_t, x0, sigma), mask)
+                      prediction_from_denoised(kind, x_t, x0, sigma), mask, channel_sum)
 
 
 def _per_sample(sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
