@@ -133,7 +133,7 @@ class DisenDiffTrainer(io.ComfyNode):
                 io.Image.Input("reg_images", optional=True, tooltip="Regularisation images of the classes (paper: 200)."),
                 io.String.Input("reg_captions", optional=True, multiline=True, default="",
                                 tooltip="One caption per line for reg_images (a single line is used for all)."),
-                io.Int.Input("lora_rank", default=0, min=0, max=128,
+                io.Int.Input("lora_rank", default=0, min=0, max=128, optional=True,
                              tooltip="0: exact K/V change in the LoRA file; 1–128: truncated-SVD LoRA of that rank (smaller, approximate)."),
             ],
             outputs=[

@@ -17,7 +17,10 @@ def schema_of(comfy, node_id):
 
 
 def signature(schema) -> dict:
-    return {"inputs": [[i.id, str(i.get_io_type())] for i in schema.inputs],
+    """Inputs in the order the frontend lays out widgets (and saved workflows store their values): the
+    required ones, then the optional ones; so a required input appended after optional ones is a reorder."""
+    ordered = [i for i in schema.inputs if not i.optional] + [i for i in schema.inputs if i.optional]
+    return {"inputs": [[i.id, str(i.get_io_type())] for i in ordered],
             "outputs": [str(o.get_io_type()) for o in schema.outputs]}
 
 
