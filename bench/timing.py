@@ -63,17 +63,39 @@ def load_tiny_sd15():
     return load_sd15()
 
 
-def optimizer_step(step_fn, optimizer, accumulation: int, index: int) -> None:
-    """One optimizer step of a pack trainer: ``accumulation`` micro-batches of ``step_fn(MicroStep)``,
-    each with the generator the training loop would give it (seed 1)."""
+def parse_trainer_args():
+    """The trainer benchmarks' options: --resolution (px of the tiny SD1.5 training images) and --steps."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    return parser.parse_args()
+
+
+def describe_trainer_run(args, accumulation: int) -> str:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return (f"device {device}, threads {torch.get_num_threads()}, tiny SD1.5, {args.resolution}px, "
+            f"micro-batch 2 x accumulation {accumulation}, {args.steps} steps each (median)")
+
+
+def optimizer_steps(step_fn, optimizer, accumulation: int) -> Callable[[int], None]:
+    """``step(index)``: one optimizer step of a pack trainer in training mode, ``accumulation`` micro-batches
+    of ``step_fn(MicroStep)``, each with the generator the training loop would give it (seed 1)."""
     from harness.comfy_env import pack_module
 
-    loop = pack_module("training.loop")
-    for micro in range(accumulation):
-        loss = step_fn(loop.MicroStep(index, micro, loop.micro_step_generator(1, index, micro)))
-        (loss / accumulation).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    loop, glue = pack_module("training.loop"), pack_module("nodes.training_glue")
+
+    def step(index: int) -> None:
+        with glue.training_mode():
+            for micro in range(accumulation):
+                loss = step_fn(loop.MicroStep(index, micro, loop.micro_step_generator(1, index, micro)))
+                (loss / accumulation).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ Usage: .venv/bin/python bench/train_detex.py [--resolution 128] [--steps 3]
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from timing import compare_trainers, describe_peaks, optimizer_step  # noqa: E402 (needs the path above)
+from timing import compare_trainers, describe_peaks, describe_trainer_run, optimizer_steps, parse_trainer_args  # noqa: E402 (needs the path above)
 
 ACCUMULATION = 2
 
@@ -59,27 +58,19 @@ def build(loaded, options):
             step, params = run.step, run.parameters()
             optimizer = recipe.optimizer_factory(settings, run.mapper_parameters())(list(params.values()))
 
-    def one_step(index: int) -> None:
-        with glue.training_mode():
-            optimizer_step(step, optimizer, ACCUMULATION, index)
-    return one_step
+    return optimizer_steps(step, optimizer, ACCUMULATION)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_trainer_args()
     common = {"resolution": args.resolution, "steps": args.steps}
     results = compare_trainers(build, {
         "DETEX mappers": {**common, "trainer": "detex", "attribute_source": "mappers"},
         "DETEX free vectors": {**common, "trainer": "detex", "attribute_source": "free vectors"},
         "DisenDiff": {**common, "trainer": "disendiff"},
     }, args.steps)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     seconds = {name: r.seconds_per_step for name, r in results.items()}
-    print(f"device {device}, threads {torch.get_num_threads()}, tiny SD1.5, {args.resolution}px, "
-          f"micro-batch 2 x accumulation {ACCUMULATION}, {args.steps} steps each (median)")
+    print(describe_trainer_run(args, ACCUMULATION))
     print("seconds per optimizer step: " + ", ".join(f"{name} {s:.3f}" for name, s in seconds.items()))
     print(f"ratios: DETEX/DisenDiff {seconds['DETEX mappers'] / seconds['DisenDiff']:.3f}, "
           f"mappers/free vectors {seconds['DETEX mappers'] / seconds['DETEX free vectors']:.3f}")

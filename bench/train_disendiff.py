@@ -14,7 +14,6 @@ Usage: .venv/bin/python bench/train_disendiff.py [--resolution 128] [--steps 3]
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from timing import compare_trainers, describe_peaks, optimizer_step  # noqa: E402 (needs the path above)
+from timing import compare_trainers, describe_peaks, describe_trainer_run, optimizer_steps, parse_trainer_args  # noqa: E402 (needs the path above)
 
 ACCUMULATION = 2
 
@@ -66,24 +65,16 @@ def build(loaded, options):
             step = dataclasses.replace(step, recorder=naive)
         optimizer = torch.optim.AdamW(list(run.params.values()), lr=settings.learning_rate, weight_decay=0.01)
 
-    def one_step(index: int) -> None:
-        with glue.training_mode():
-            optimizer_step(step, optimizer, ACCUMULATION, index)
-    return one_step
+    return optimizer_steps(step, optimizer, ACCUMULATION)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_trainer_args()
     common = {"resolution": args.resolution, "steps": args.steps}
     results = compare_trainers(build, {"ours": {**common, "reference": False},
                                        "reference": {**common, "reference": True}}, args.steps)
     ours, ref = results["ours"], results["reference"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"device {device}, threads {torch.get_num_threads()}, tiny SD1.5, {args.resolution}px, "
-          f"micro-batch 2 x accumulation {ACCUMULATION}, {args.steps} steps each (median)")
+    print(describe_trainer_run(args, ACCUMULATION))
     print(f"seconds per optimizer step: ours {ours.seconds_per_step:.3f}, reference {ref.seconds_per_step:.3f}, "
           f"ratio {ours.seconds_per_step / ref.seconds_per_step:.3f} (target <= 1.0)")
     print(describe_peaks(results))
