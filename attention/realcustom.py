@@ -175,7 +175,7 @@ class MaskGuidanceRun:
 
     def __init__(self, settings: MaskSettings, indicator: torch.Tensor, latent_size: tuple[int, int],
                  total_steps: int, update_fraction: float, text_only_pass: bool, tokens: ImageTokens,
-                 cascaded: bool = False):
+                 cascaded: bool = False, token_scorer=None):
         self.settings = settings
         self.tokens = tokens  # on the sampling device for the whole run
         self.indicator = indicator
@@ -183,6 +183,9 @@ class MaskGuidanceRun:
         self.update_steps = max(1, round(update_fraction * total_steps))
         self.text_only_pass = text_only_pass or cascaded
         self.cascaded = cascaded
+        #: ``(x, context, cond_or_uncond, mask, sigmas) -> ImageTokens`` of a model call (the adaptive scoring
+        #: module of adapters that have one), else None: ``tokens`` serve every call
+        self.token_scorer = token_scorer
         self.mask: torch.Tensor | None = None  # (B, H', W') gating the current step
         self.history: list[torch.Tensor] = []  # mask of every step, in order
         self.capturing = False  # WordMapReader active

@@ -10,7 +10,9 @@ the visual key/value projections of every cross-attention layer (:class:`ImageBr
   (``down_blocks.1.attentions.j`` → ``input 4+j``, ``down_blocks.2`` → ``input 7+j``,
   ``mid_block`` → ``middle 0``, ``up_blocks.0`` → ``output 0+j``, ``up_blocks.1`` → ``output 3+j``).
 - ``realcustom.clip_vision``: this pack's own format for any U-Net (SD1.5 first), trained in the
-  graph: projector = Linear + LayerNorm over a ComfyUI CLIP_VISION's penultimate hidden states.
+  graph: projector = Linear + LayerNorm over a ComfyUI CLIP_VISION's penultimate hidden states, and,
+  when trained with it, the paper's adaptive scoring module (``scoring.*`` keys) that picks and weights
+  the image tokens before the projector at every step.
 
 Both are stored as safetensors with the adapter's ``state_dict()`` keys and the format in metadata.
 """
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from .blocks import BlockKey
 from .realcustom import ImageBranchWeights, block_name, parse_block_name
+from .realcustom_scoring import AdaptiveScoring
 
 OFFICIAL_FORMAT = "realcustom.official_sdxl"
 CLIP_VISION_FORMAT = "realcustom.clip_vision"
@@ -120,13 +123,15 @@ class LinearProjector(torch.nn.Module):
 
 
 class RealCustomAdapter(torch.nn.Module):
-    """Projector + per-layer visual K/V, in one of the two formats."""
+    """Projector + per-layer visual K/V, in one of the two formats (+ optional adaptive scoring)."""
 
-    def __init__(self, format_name: str, projector: torch.nn.Module, branch: ImageBranchWeights):
+    def __init__(self, format_name: str, projector: torch.nn.Module, branch: ImageBranchWeights,
+                 scoring: AdaptiveScoring | None = None):
         super().__init__()
         self.format_name = format_name
         self.projector = projector
         self.branch = branch
+        self.scoring = scoring
 
     @property
     def vision_dim(self) -> int:
@@ -150,19 +155,26 @@ def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], format_name: st
         projector = LinearProjector(proj.shape[1], proj.shape[0])
     else:
         raise ValueError(f"unknown RealCustom adapter format {format_name!r}")
-    adapter = RealCustomAdapter(format_name, projector, ImageBranchWeights(_branch_shapes(state_dict)))
+    scoring = None
+    if "scoring.text_pool.weight" in state_dict:
+        scoring = AdaptiveScoring(vision_dim=projector.proj.in_features,
+                                  text_dim=state_dict["scoring.text_pool.weight"].shape[1],
+                                  latent_channels=state_dict["scoring.latent_pool.weight"].shape[1])
+    adapter = RealCustomAdapter(format_name, projector, ImageBranchWeights(_branch_shapes(state_dict)), scoring)
     adapter.load_state_dict(state_dict, strict=True)
     return adapter.train(False).requires_grad_(False)
 
 
-def new_clip_vision_adapter(vision_dim: int, shapes: dict[BlockKey, tuple[int, int]], seed: int) -> RealCustomAdapter:
+def new_clip_vision_adapter(vision_dim: int, shapes: dict[BlockKey, tuple[int, int]], seed: int,
+                            scoring: bool = False, latent_channels: int = 4) -> RealCustomAdapter:
     """A fresh adapter of this pack's format (trainer start), initialised from ``seed`` (so a resumed run
-    starts from the same weights). The visual values start at zero, so the untrained branch adds nothing
-    and training starts from the frozen text-to-image model."""
+    starts from the same weights), with the adaptive scoring module when ``scoring``. The visual values
+    start at zero, so the untrained branch adds nothing and training starts from the frozen model."""
     token_dim = next(iter(shapes.values()))[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        adapter = RealCustomAdapter(CLIP_VISION_FORMAT, LinearProjector(vision_dim, token_dim), ImageBranchWeights(shapes))
+        adapter = RealCustomAdapter(CLIP_VISION_FORMAT, LinearProjector(vision_dim, token_dim), ImageBranchWeights(shapes),
+                                    AdaptiveScoring(vision_dim, token_dim, latent_channels) if scoring else None)
     for linear in adapter.branch.to_v_vision.values():
         torch.nn.init.zeros_(linear.weight)
     return adapter

@@ -34,6 +34,7 @@ from ..attention.realcustom import (
     cond_rows,
     step_index,
 )
+from ..attention.realcustom_scoring import INFERENCE_KEEP, alpha_bar
 from ..attention.realcustom_weights import (
     FORMAT_KEY,
     OFFICIAL_FORMAT,
@@ -74,6 +75,9 @@ class LoadedAdapter:
 class EncodedReference:
     adapter: LoadedAdapter
     tokens: ImageTokens
+    #: the encoder features of the reference and the black image, kept when the adapter scores its tokens
+    #: per step (adaptive scoring); the projected ``tokens`` serve adapters without scoring
+    features: ImageTokens | None = None
 
 
 @dataclass(eq=False)
@@ -173,7 +177,9 @@ class RealCustomEncodeReference(io.ComfyNode):
         with torch.no_grad():
             weight = next(projector.parameters())
             tokens = projector(features.to(weight)).float().to(comfy.model_management.intermediate_device())
-        return io.NodeOutput(EncodedReference(adapter, ImageTokens(reference=tokens[:1], negative=tokens[1:])))
+        raw = features.float().to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(EncodedReference(adapter, ImageTokens(reference=tokens[:1], negative=tokens[1:]),
+                                              ImageTokens(raw[:1], raw[1:]) if adapter.adapter.scoring else None))
 
 
 def _rows_of_control(control, rows: slice):
@@ -206,6 +212,8 @@ def guided_diffusion_model(executor, x, timesteps, context, y, control, transfor
             run.capturing, run.injecting = False, True
         run.finish_text_only_pass(float(transformer_options["sigmas"].max()), text_prediction)
     run.record(step)
+    if run.token_scorer is not None:
+        run.tokens = run.token_scorer(x, context, layout, run.mask, transformer_options["sigmas"])
     run.capturing = run.capture_in_guided_pass(step)
     try:
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
@@ -225,13 +233,14 @@ class _SamplingRun:
     tokens: ImageTokens
     record: MaskRecord
     cascaded: bool = False
+    token_scorer: "_ScoredTokens | None" = None
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         options = executor.class_obj.model_options["transformer_options"]  # the sampler's per-run copy
         run = MaskGuidanceRun(self.settings, self.indicator, latent_size=tuple(noise.shape[-2:]),
                               total_steps=len(sigmas) - 1, update_fraction=self.update_fraction,
                               text_only_pass=self.text_only_pass, tokens=self.tokens.to(noise.device),
-                              cascaded=self.cascaded)
+                              cascaded=self.cascaded, token_scorer=self.token_scorer)
         options[RUN_KEY] = run
         try:
             output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -239,6 +248,40 @@ class _SamplingRun:
             del options[RUN_KEY]
         self.record.steps = run.history
         return output
+
+
+@dataclass(frozen=True, eq=False)
+class _ScoredTokens:
+    """The image tokens of one model call from an adapter with the paper's adaptive scoring: each chunk's
+    encoder features (reference for cond chunks, black image for uncond ones) are scored from that chunk's
+    prompt, its model input masked by the word mask (paper: the visual context only sees the subject) and
+    ᾱ_t, weighted, cut to γ_num = 0.8 of the tokens, then projected."""
+
+    adapter: object  # RealCustomAdapter with a scoring module
+    features: ImageTokens
+
+    def __call__(self, x, context, layout, mask, sigmas) -> ImageTokens:
+        chunks = list(layout or ()) or [COND]
+        rows = x.shape[0] // len(chunks)
+        scoring, projector = self.adapter.scoring, self.adapter.projector
+        weight = next(projector.parameters())
+        latent = x[:, :scoring.latent_channels].to(weight)
+        if mask is not None:
+            gate = F.interpolate(mask[:, None].to(weight), size=latent.shape[-2:], mode="bilinear")
+            latent = latent * gate.repeat(len(chunks), 1, 1, 1)
+        # ComfyUI's sigmas are per image (or one for all), not per row of the cond/uncond batch
+        image_sigmas = sigmas.flatten()[:rows] if sigmas.numel() >= rows else sigmas.flatten().expand(rows)
+        alpha = alpha_bar(image_sigmas).to(weight)
+
+        def tokens_of(kind: int, features: torch.Tensor) -> torch.Tensor:
+            chunk = chunks.index(kind) if kind in chunks else 0  # a chunk the branch reads, or any (unread)
+            picked = slice(chunk * rows, (chunk + 1) * rows)
+            kept = scoring(features.to(weight).expand(rows, -1, -1), context[picked].to(weight), latent[picked],
+                           alpha, INFERENCE_KEEP)
+            return projector(kept)
+
+        negative = None if self.features.negative is None else tokens_of(1 - COND, self.features.negative)
+        return ImageTokens(tokens_of(COND, self.features.reference), negative)
 
 
 @dataclass(frozen=True)
@@ -281,7 +324,9 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     the same mask (released code). Works with CFG 1, any batch size (one mask per image), ControlNet, LoRA.
 
     Paper vs code: the released model has no adaptive scoring module and uses plain CFG (not the paper's
-    cascaded eq. 13); this node follows the code by default and offers eq. 13 as ``guidance``. ``map_source``
+    cascaded eq. 13); this node follows the code by default, offers eq. 13 as ``guidance``, and scores the
+    image tokens per call (paper §3.2, γ_num 0.8, masked latent) when the adapter was trained with the
+    adaptive scoring module (RealCustomTrainer). ``map_source``
     "text-only pass" is the code's schedule (an
     extra cond-only forward without the image branch before each updating step, ~+50% time while updating);
     "previous step" (default) reads the map from the guided pass itself and applies it one step later (one
@@ -361,6 +406,11 @@ class AdaptiveMaskGuidance(io.ComfyNode):
         cascaded = guidance == GUIDANCE_MODES[1]
         tokens = ImageTokens(reference.tokens.reference,
                              reference.tokens.negative if uncond_image == UNCOND_IMAGES[0] else None)
+        scorer = None
+        if reference.features is not None:
+            features = ImageTokens(reference.features.reference,
+                                   reference.features.negative if uncond_image == UNCOND_IMAGES[0] else None)
+            scorer = _ScoredTokens(reference.adapter.adapter, features)
         cross_blocks = [b for b in blocks if b.has_cross_attention]
         record = MaskRecord()
 
@@ -372,7 +422,7 @@ class AdaptiveMaskGuidance(io.ComfyNode):
                                      guided_diffusion_model)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY,
                                      _SamplingRun(settings, phrase.indicator(), update_fraction,
-                                                  map_source == MAP_SOURCES[1], tokens, record, cascaded))
+                                                  map_source == MAP_SOURCES[1], tokens, record, cascaded, scorer))
         if cascaded:
             patched.set_model_sampler_pre_cfg_function(_CascadedGuidance(image_guidance))
         return io.NodeOutput(patched, record)

@@ -55,13 +55,15 @@ def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution,
                         features.float().to(device))
 
 
-def prepare_training(model, clip, vae, clip_vision, images, captions, resolution, crop, batch_size, seed):
+def prepare_training(model, clip, vae, clip_vision, images, captions, resolution, crop, batch_size, seed,
+                     adaptive_scoring=False):
     """(fresh adapter, step function) of a run; call inside ``glue.training_mode()``."""
     blocks = [b for b in transformer_blocks(model) if b.has_cross_attention]
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
         data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop)
     context_dim = data.contexts.shape[-1]
-    adapter = new_clip_vision_adapter(data.features.shape[-1], {b.key: (b.channels, context_dim) for b in blocks}, seed)
+    adapter = new_clip_vision_adapter(data.features.shape[-1], {b.key: (b.channels, context_dim) for b in blocks}, seed,
+                                      scoring=adaptive_scoring, latent_channels=data.latents.shape[1])
     adapter.to(data.latents.device)
     trainable = glue.trainable_unet(model, {})
     add_attention_processor(trainable, MaskedImageBranch(adapter.branch), blocks)
@@ -71,7 +73,7 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
         return glue.denoise(trainable, x_t, sigma, context)
 
     step = RealCustomStep(data, adapter.projector, denoise, glue.discrete_sigmas(model), glue.prediction_kind(model),
-                          batch_size)
+                          batch_size, adapter.scoring)
     return adapter, step
 
 
@@ -83,13 +85,16 @@ class RealCustomTrainer(io.ComfyNode):
     learn with the ε-MSE, each image being its own reference and the branch ungated (paper eq. 4; the mask
     exists only at inference). The paper trains on generic captioned images (filtered LAION, 160k
     iterations, lr 1e-5 on 16 A100): the subject is never fixed, any image works at inference.
-    Not implemented: the paper's adaptive scoring module (not in the released model either).
+    adaptive_scoring (on: the paper; off: the released model, which has none) also trains the paper's
+    adaptive scoring module, which picks and weights the image tokens per step from the caption, the noisy
+    latent and the timestep (γ_num ~ U[0.3, 1] in training, 0.8 at inference); AdaptiveMaskGuidance uses it
+    whenever the adapter file has one.
 
     Inputs: model/clip/vae/clip_vision (the encoder you will use at inference), images + captions (one per
     line, or one for all), name (output file models/realcustom/<name>.safetensors), steps, learning_rate
     (paper 1e-5; 1e-4 for small sets), batch_size × grad_accumulation, resolution (512 for SD1.5), seed,
     checkpoint_every (resumable checkpoint in output/realcustom_checkpoints; re-running with the same
-    inputs resumes), crop (how images reach the image encoder; inference must match).
+    inputs resumes), crop (how images reach the image encoder; inference must match), adaptive_scoring.
     """
 
     @classmethod
@@ -118,6 +123,8 @@ class RealCustomTrainer(io.ComfyNode):
                 io.Int.Input("checkpoint_every", default=100, min=0, max=100000,
                              tooltip="Save a resumable checkpoint every N steps (0: only at the end / on cancel)."),
                 io.Boolean.Input("crop", default=False, tooltip="Center-crop images for the image encoder instead of squashing (match at inference)."),
+                io.Boolean.Input("adaptive_scoring", default=True, optional=True,
+                                 tooltip="Also train the paper's adaptive scoring of the image tokens (the released model has none)."),
             ],
             outputs=[
                 AdapterType.Output(display_name="adapter", tooltip="The trained branch, for RealCustomEncodeReference."),
@@ -128,7 +135,7 @@ class RealCustomTrainer(io.ComfyNode):
     @classmethod
     @names_node
     def execute(cls, model, clip, vae, clip_vision, images, captions, name, steps, learning_rate, batch_size,
-                grad_accumulation, resolution, seed, checkpoint_every, crop) -> io.NodeOutput:
+                grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True) -> io.NodeOutput:
         transformer_blocks(model, "RealCustomTrainer")
         if model.model.adm_channels:
             raise ValueError(f"RealCustomTrainer trains SD1.x image branches; this MODEL ({type(model.model).__name__}) "
@@ -141,10 +148,10 @@ class RealCustomTrainer(io.ComfyNode):
         check_resumable(checkpoint)
         with glue.training_mode():
             adapter, step = prepare_training(model, clip, vae, clip_vision, images, texts, resolution, crop, batch_size,
-                                             seed)
+                                             seed, adaptive_scoring)
             run_id = fingerprint(images=images, captions=texts, steps=steps, learning_rate=learning_rate,
                                  batch_size=batch_size, resolution=resolution, seed=seed, crop=crop,
-                                 vision_dim=adapter.vision_dim)
+                                 vision_dim=adapter.vision_dim, adaptive_scoring=adaptive_scoring)
             train(dict(adapter.named_parameters()), step, lambda params: torch.optim.AdamW(params, lr=learning_rate),
                   LoopSettings(steps, grad_accumulation, seed, checkpoint_every, checkpoint, run_id),
                   on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)

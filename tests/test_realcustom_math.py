@@ -292,3 +292,51 @@ def test_per_sample_tokens_of_training_equal_separate_calls(qkv):
     for row in range(4):
         expected[row:row + 1] += image_only(q[row:row + 1], weights, references[row:row + 1])
     assert (out - expected).abs().max() <= 1e-5
+
+
+# --- adaptive scoring (paper §3.2, not in the released code) -----------------------------------------------
+
+def slow_scoring(module, features, text, latent, alpha, keep):
+    """Spec §3 step by step, one sample and one token at a time."""
+    out = []
+    for b in range(features.shape[0]):
+        a_text = torch.stack([module.text_pool(t) for t in text[b]]).squeeze(-1).softmax(0)
+        c_text = sum(a * t for a, t in zip(a_text, text[b]))
+        z = latent[b].flatten(1).T
+        a_vis = torch.stack([module.latent_pool(p) for p in z]).squeeze(-1).softmax(0)
+        c_vis = sum(a * p for a, p in zip(a_vis, z))
+        s_text = torch.stack([module.text_score(torch.cat([f, c_text])) for f in features[b]]).squeeze(-1)
+        s_vis = torch.stack([module.visual_score(torch.cat([f, c_vis])) for f in features[b]]).squeeze(-1)
+        s = ((1 - alpha[b]) * s_text + alpha[b] * s_vis).softmax(0)
+        count = max(1, round(keep * features.shape[1]))
+        kept = sorted(s.argsort(descending=True)[:count].tolist())
+        out.append(torch.stack([features[b, i] * (1 + s[i]) for i in kept]))
+    return torch.stack(out)
+
+
+def test_adaptive_scoring_matches_the_spec_step_by_step():
+    from personalization_nodes.attention.realcustom_scoring import AdaptiveScoring
+    torch.manual_seed(0)
+    module = AdaptiveScoring(vision_dim=12, text_dim=8)
+    features, text, latent = torch.randn(2, 10, 12), torch.randn(2, 6, 8), torch.randn(2, 4, 3, 3)
+    alpha = torch.tensor([0.1, 0.9])
+    got = module(features, text, latent, alpha, keep=0.8)
+    assert got.shape == (2, 8, 12)
+    assert (got - slow_scoring(module, features, text, latent, alpha, 0.8)).abs().max() <= 1e-5
+    assert module(features, text, latent, alpha, keep=0.01).shape == (2, 1, 12)
+
+
+def test_adaptive_scoring_gets_gradients_through_the_weighting():
+    from personalization_nodes.attention.realcustom_scoring import AdaptiveScoring
+    torch.manual_seed(1)
+    module = AdaptiveScoring(vision_dim=12, text_dim=8)
+    module(torch.randn(1, 10, 12), torch.randn(1, 6, 8), torch.randn(1, 4, 3, 3), torch.tensor([0.5]), 0.6).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_model_input_is_the_vp_form_of_comfys_noisy_latent():
+    from personalization_nodes.attention.realcustom_scoring import alpha_bar, model_input
+    x0, eps, sigma = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.tensor([0.3, 4.0])
+    a = alpha_bar(sigma).view(-1, 1, 1, 1)
+    vp = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    assert (model_input(x0 + sigma.view(-1, 1, 1, 1) * eps, sigma) - vp).abs().max() <= 1e-5

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from harness.checkpoints import empty_latent, encode_prompt, sample, sdxl_conditioning
+from harness.comfy_env import pack_module
 from harness.pack_nodes import run_node
 
 PROMPT = "a photo of a toy on the beach"
@@ -12,11 +13,11 @@ GUIDANCE_DEFAULTS = dict(prompt=PROMPT, word="toy", mask_strategy="max_norm", ma
                          update_fraction=1.0, map_source="previous step", uncond_image="black image", strength=1.0)
 
 
-def reference(model, name, token_dim, seed=0):
+def reference(model, name, token_dim, seed=0, scoring=False):
     from harness.comfy_env import pack_module
     from harness.realcustom import TINY_CLIP_VISION, adapter_path, tiny_clip_vision
     blocks = pack_module("nodes.patching").transformer_blocks(model)
-    adapter_path(name, blocks, TINY_CLIP_VISION["hidden_size"], token_dim)
+    adapter_path(name, blocks, TINY_CLIP_VISION["hidden_size"], token_dim, scoring=scoring)
     adapter = run_node("RealCustomLoader", adapter_name=name)[0]
     image = torch.rand(1, 48, 40, 3, generator=torch.Generator().manual_seed(seed))
     return run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(), image=image, crop=False)[0]
@@ -106,6 +107,31 @@ def test_sd15_threshold_selection_keeps_values_above_one_minus_scope(sd15, sd15_
     for mask in masks.steps:
         kept = mask[mask > 0]
         assert kept.numel() > 0 and float(kept.min()) >= 0.6 - 1e-6
+
+
+def test_sd15_adapter_with_adaptive_scoring_scores_the_tokens_of_every_call(sd15):
+    """Paper §3.2: tokens picked and weighted per call from the prompt, the masked model input and ᾱ_t."""
+    import dataclasses
+    model, clip, _ = sd15
+    scored_ref = reference(model, "test_realcustom_sd15_scoring_v1.safetensors", 768, scoring=True)
+    assert scored_ref.features is not None
+    positive, negative = sd15_conds(clip)
+    outputs = {}
+    for cfg in (1.0, 5.0):
+        patched, masks = guided(model, scored_ref, clip)
+        outputs[cfg] = sample(patched, positive, negative, empty_latent(2), steps=STEPS, cfg=cfg)
+        assert torch.isfinite(outputs[cfg]).all() and len(masks.steps) == STEPS
+    unscored = dataclasses.replace(scored_ref, features=None)  # the same adapter's projector on all tokens
+    assert not torch.allclose(outputs[5.0], sample(guided(model, unscored, clip)[0], positive, negative, empty_latent(2),
+                                                   steps=STEPS, cfg=5.0), atol=1e-4)
+
+    scorer = pack_module("nodes.realcustom")._ScoredTokens(scored_ref.adapter.adapter, scored_ref.features)
+    x, context = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 768)
+    tokens = scorer(x, context, [0, 1], torch.ones(2, 4, 4), torch.full((4,), 3.0))
+    count = scored_ref.features.reference.shape[1]
+    assert tokens.reference.shape == (2, round(0.8 * count), 768) and tokens.negative.shape == tokens.reference.shape
+    masked = scorer(x, context, [0, 1], torch.zeros(2, 4, 4), torch.full((4,), 3.0))
+    assert not torch.allclose(masked.reference, tokens.reference), "the word mask must reach the visual context"
 
 
 def test_sd15_frozen_mask_is_reused(sd15, sd15_reference):

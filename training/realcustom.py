@@ -5,9 +5,10 @@ visual key/value projections of every cross-attention layer learn. Each training
 reference, the branch is ungated (eq. 4 has no mask; the mask only exists at inference), and the loss
 is the plain ε- (or v-) MSE of the frozen U-Net with the branch added.
 
-Not trained here: the paper's adaptive scoring module (score nets over the image tokens, top-γ_num
-selection, timestep fusion). The released model has none either, and its inference (which this pack
-follows) never scores tokens; see the node docs.
+With ``scoring`` (the paper's adaptive scoring module, absent from the released model) the image
+features of each sample are scored from its caption, its noisy latent and its timestep, weighted and cut
+to a random share γ_num ~ U[0.3, 1] of the tokens before the projector, so the score nets learn with the
+rest (paper §3.2).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.realcustom import ImageTokens, UngatedRun
+from ..attention.realcustom_scoring import TRAINING_KEEP_RANGE, AdaptiveScoring, alpha_bar, model_input
 from .loop import MicroStep
 from .losses import masked_mse, noised, prediction_from_denoised
 
@@ -42,8 +44,8 @@ class RealCustomStep:
     the micro-step's generator, so an interrupted and resumed run equals an uninterrupted one)."""
 
     def __init__(self, data: TrainingData, projector: torch.nn.Module, denoise: DenoiseFn,
-                 sigmas: torch.Tensor, prediction: str, batch_size: int):
-        self.data, self.projector, self.denoise = data, projector, denoise
+                 sigmas: torch.Tensor, prediction: str, batch_size: int, scoring: AdaptiveScoring | None = None):
+        self.data, self.projector, self.denoise, self.scoring = data, projector, denoise, scoring
         self.sigmas, self.prediction, self.batch_size = sigmas, prediction, batch_size
 
     def __call__(self, micro: MicroStep) -> torch.Tensor:
@@ -51,8 +53,13 @@ class RealCustomStep:
         rows = torch.randint(0, data.latents.shape[0], (self.batch_size,), generator=micro.generator)
         x0 = data.latents[rows.to(device)]
         sigma, x_t = noised(x0, self.sigmas, micro.generator)
-        tokens = self.projector(data.features[rows.to(device)])
+        features, contexts = data.features[rows.to(device)], data.contexts[rows.to(device)]
+        if self.scoring is not None:
+            low, high = TRAINING_KEEP_RANGE
+            keep = low + (high - low) * float(torch.rand((), generator=micro.generator))
+            features = self.scoring(features, contexts, model_input(x_t, sigma), alpha_bar(sigma), keep)
+        tokens = self.projector(features)
         run = UngatedRun(ImageTokens(tokens, None), mask=torch.ones(self.batch_size, 1, 1, device=device))
-        denoised = self.denoise(x_t, sigma, data.contexts[rows.to(device)], run)
+        denoised = self.denoise(x_t, sigma, contexts, run)
         return masked_mse(prediction_from_denoised(self.prediction, x_t, denoised, sigma),
                           prediction_from_denoised(self.prediction, x_t, x0, sigma))

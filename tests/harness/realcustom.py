@@ -50,14 +50,17 @@ def vitl_clip_vision_path():
     return _cached("clip_vision", VITL_CLIP_VISION, _build_vitl)
 
 
-def adapter_state_dict(blocks, vision_dim: int, token_dim: int, seed: int = 0, std: float = 0.05) -> dict:
-    """Random adapter tensors (this pack's format) for `blocks` (TransformerBlock list of a model)."""
+def adapter_state_dict(blocks, vision_dim: int, token_dim: int, seed: int = 0, std: float = 0.05,
+                       scoring: bool = False) -> dict:
+    """Random adapter tensors (this pack's format) for `blocks` (TransformerBlock list of a model), with the
+    adaptive scoring module when ``scoring``."""
     from .comfy_env import pack_module
     weights = pack_module("attention.realcustom_weights")
     realcustom = pack_module("attention.realcustom")
     shapes = {b.key: (b.channels, token_dim) for b in blocks if b.has_cross_attention}
+    scorer = pack_module("attention.realcustom_scoring").AdaptiveScoring(vision_dim, token_dim) if scoring else None
     adapter = weights.RealCustomAdapter(weights.CLIP_VISION_FORMAT, weights.LinearProjector(vision_dim, token_dim),
-                                        realcustom.ImageBranchWeights(shapes))
+                                        realcustom.ImageBranchWeights(shapes), scorer)
     randomize_(adapter, seed=seed, std=std)
     return adapter.state_dict()
 
@@ -72,12 +75,13 @@ def write_adapter(path, state_dict: dict, format_name: str | None) -> None:
     boot_comfy(require_pack=False).folder_paths.filename_list_cache.clear()
 
 
-def adapter_path(name: str, blocks, vision_dim: int, token_dim: int, seed: int = 0):
+def adapter_path(name: str, blocks, vision_dim: int, token_dim: int, seed: int = 0, scoring: bool = False):
     """A random CLIP-vision-format adapter at models/realcustom/<name> (written once per cache)."""
     path = models_dir() / "realcustom" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_adapter(path, adapter_state_dict(blocks, vision_dim, token_dim, seed), "realcustom.clip_vision")
+        write_adapter(path, adapter_state_dict(blocks, vision_dim, token_dim, seed, scoring=scoring),
+                      "realcustom.clip_vision")
     return path
 
 
