@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
@@ -39,11 +40,13 @@ def _captions(text: str, count: int) -> list[str]:
     return lines
 
 
-def _contexts(clip, captions: list[str]) -> torch.Tensor:
-    """Text contexts of the captions; longer prompts repeat shorter ones as ComfyUI batches conds."""
-    conds = [clip.encode_from_tokens(clip.tokenize(c)) for c in captions]
-    length = math.lcm(*(c.shape[1] for c in conds))
-    return torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds])
+def _contexts(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text contexts of the captions (longer prompts repeat shorter ones as ComfyUI batches conds) and
+    their pooled outputs."""
+    encoded = [clip.encode_from_tokens(clip.tokenize(c), return_pooled=True) for c in captions]
+    length = math.lcm(*(cond.shape[1] for cond, _ in encoded))
+    contexts = torch.cat([cond.repeat(1, length // cond.shape[1], 1) for cond, _ in encoded])
+    return contexts, torch.cat([pooled for _, pooled in encoded])
 
 
 def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution, crop) -> TrainingData:
@@ -51,8 +54,9 @@ def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution,
     latents = model.get_model_object("latent_format").process_in(vae.encode(square.movedim(1, -1)))
     features = clip_vision.encode_image(images[..., :3], crop=crop)["penultimate_hidden_states"]
     device = comfy.model_management.get_torch_device()
-    return TrainingData(latents.float().to(device), _contexts(clip, captions).float().to(device),
-                        features.float().to(device))
+    contexts, pooled = _contexts(clip, captions)
+    return TrainingData(latents.float().to(device), contexts.float().to(device), features.float().to(device),
+                        pooled.float().to(device) if model.model.adm_channels else None)
 
 
 def prepare_training(model, clip, vae, clip_vision, images, captions, resolution, crop, batch_size, seed,
@@ -68,9 +72,9 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
     trainable = glue.trainable_unet(model, {})
     add_attention_processor(trainable, MaskedImageBranch(adapter.branch), blocks)
 
-    def denoise(x_t, sigma, context, run):
+    def denoise(x_t, sigma, context, pooled, run):
         trainable.model_options["transformer_options"][RUN_KEY] = run  # a private clone of this run
-        return glue.denoise(trainable, x_t, sigma, context)
+        return glue.denoise(trainable, x_t, sigma, context, **glue.pooled_conditioning(model, pooled, resolution))
 
     step = RealCustomStep(data, adapter.projector, denoise, glue.discrete_sigmas(model), glue.prediction_kind(model),
                           batch_size, adapter.scoring)
@@ -78,7 +82,8 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
 
 
 class RealCustomTrainer(io.ComfyNode):
-    """Trains a RealCustom image branch (Huang et al., CVPR 2024, §3.2) for SD1.x in this pack's format.
+    """Trains a RealCustom image branch (Huang et al., CVPR 2024, §3.2) for SD1.x or SDXL in this pack's
+    format (SDXL: the captions' pooled CLIP-G output and the training size go to the U-Net's size input).
 
     The U-Net, text encoder and image encoder stay frozen; a projector (Linear + LayerNorm over the
     CLIP_VISION's penultimate states) and the visual key/value projections of every cross-attention layer
@@ -92,7 +97,7 @@ class RealCustomTrainer(io.ComfyNode):
 
     Inputs: model/clip/vae/clip_vision (the encoder you will use at inference), images + captions (one per
     line, or one for all), name (output file models/realcustom/<name>.safetensors), steps, learning_rate
-    (paper 1e-5; 1e-4 for small sets), batch_size × grad_accumulation, resolution (512 for SD1.5), seed,
+    (paper 1e-5; 1e-4 for small sets), batch_size × grad_accumulation, resolution (512 for SD1.5, 1024 for SDXL), seed,
     checkpoint_every (resumable checkpoint in output/realcustom_checkpoints; re-running with the same
     inputs resumes), crop (how images reach the image encoder; inference must match), adaptive_scoring.
     """
@@ -105,7 +110,7 @@ class RealCustomTrainer(io.ComfyNode):
             category=CATEGORY,
             description="Train a RealCustom image branch (projector + visual K/V) on captioned images.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x model the branch is trained for; it stays frozen and unchanged."),
+                io.Model.Input("model", tooltip="SD1.x or SDXL model the branch is trained for; it stays frozen and unchanged."),
                 io.Clip.Input("clip", tooltip="The model's text encoder, for the captions."),
                 io.Vae.Input("vae", tooltip="VAE that encodes the training images."),
                 io.ClipVision.Input("clip_vision", tooltip="Image encoder of the branch (use the same at inference)."),
@@ -118,7 +123,7 @@ class RealCustomTrainer(io.ComfyNode):
                                tooltip="AdamW learning rate (paper: 1e-5 on a large dataset)."),
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Images per micro-batch."),
                 io.Int.Input("grad_accumulation", default=1, min=1, max=64, tooltip="Micro-batches per optimizer step."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Square training resolution (512 for SD1.5)."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Square training resolution (512 for SD1.5, 1024 for SDXL)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of sampling order, noise and timesteps."),
                 io.Int.Input("checkpoint_every", default=100, min=0, max=100000,
                              tooltip="Save a resumable checkpoint every N steps (0: only at the end / on cancel)."),
@@ -137,9 +142,9 @@ class RealCustomTrainer(io.ComfyNode):
     def execute(cls, model, clip, vae, clip_vision, images, captions, name, steps, learning_rate, batch_size,
                 grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True) -> io.NodeOutput:
         transformer_blocks(model, "RealCustomTrainer")
-        if model.model.adm_channels:
-            raise ValueError(f"RealCustomTrainer trains SD1.x image branches; this MODEL ({type(model.model).__name__}) "
-                             "also needs pooled text and size conditioning (SDXL): use the released SDXL weights.")
+        if model.model.adm_channels and not isinstance(model.model, comfy.model_base.SDXL):
+            raise ValueError(f"RealCustomTrainer trains SD1.x and SDXL image branches; this MODEL "
+                             f"({type(model.model).__name__}) reads another extra conditioning.")
         require_matching_clip("RealCustomTrainer", model, clip)
         require_images("RealCustomTrainer", "training images", images)
         stem = sanitize_name(name)

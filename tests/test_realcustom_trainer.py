@@ -67,9 +67,29 @@ def test_interrupt_then_resume_equals_uninterrupted_and_exports_a_loadable_adapt
     assert loaded.adapter.format_name == "realcustom.clip_vision"
 
 
-def test_sdxl_is_refused_with_a_reason(comfy, sdxl_model, sd15):
-    with pytest.raises(ValueError, match="SD1.x"):
-        train_node((sdxl_model, sd15[1], sd15[2]), "test_rc_sdxl")
+def test_sdxl_with_an_sd15_text_encoder_is_refused_with_a_reason(comfy, sdxl_model, sd15):
+    with pytest.raises(ValueError, match="2048-wide text.*CLIP gives 768"):
+        train_node((sdxl_model, sd15[1], sd15[2]), "test_rc_sdxl_mismatch")
+
+
+@pytest.mark.slow
+def test_sdxl_branch_trains_and_guides_sdxl_sampling(comfy, sdxl_model, sd15):
+    """The SDXL U-Net also reads the pooled caption and the size: the trainer feeds both."""
+    from harness.checkpoints import empty_latent, encode_prompt, sample
+    from harness.realcustom import tiny_clip_vision
+    from harness.text_encoders import reduced_clip
+    clip = reduced_clip("sdxl")
+    adapter, name = train_node((sdxl_model, clip, sd15[2]), "test_rc_sdxl", steps=2)
+    assert adapter.adapter.scoring is not None and adapter.adapter.projector.proj.out_features == 2048
+    reference = run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(), image=dataset()[:1],
+                         crop=False)[0]
+    prompt = "a photo of a toy on the beach"
+    patched, masks = run_node("AdaptiveMaskGuidance", model=sdxl_model, reference=reference, clip=clip, prompt=prompt,
+                              word="toy", mask_strategy="max_norm", mask_scope=0.25, binary_mask=False,
+                              update_fraction=1.0, map_source="previous step", uncond_image="black image", strength=1.0)
+    out = sample(patched, encode_prompt(clip, prompt), encode_prompt(clip, ""), empty_latent(1), steps=2)
+    assert torch.isfinite(out).all() and len(masks.steps) == 2
+    (models_dir() / "realcustom" / name).unlink()
 
 
 def test_caption_count_must_match(comfy, sd15):

@@ -22,8 +22,9 @@ from ..attention.realcustom_scoring import TRAINING_KEEP_RANGE, AdaptiveScoring,
 from .loop import MicroStep
 from .losses import masked_mse, noised, prediction_from_denoised
 
-#: denoise(x_t, sigma, context, run) -> the frozen U-Net's x̂0 with the image branch of ``run``
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, UngatedRun], torch.Tensor]
+#: denoise(x_t, sigma, context, pooled, run) -> the frozen U-Net's x̂0 with the image branch of ``run``
+#: (``pooled``: the captions' pooled text outputs for models that read them (SDXL), else None)
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", UngatedRun], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class TrainingData:
     latents: torch.Tensor   # (N, 4, h, w) VAE latents (scaled as the model expects)
     contexts: torch.Tensor  # (N, T, C) text contexts of the captions
     features: torch.Tensor  # (N, P, D) CLIP-vision penultimate states of the same images
+    pooled: torch.Tensor | None = None  # (N, C') pooled text outputs of the captions (SDXL), None for SD1.x
 
     def __post_init__(self):
         if not self.latents.shape[0] == self.contexts.shape[0] == self.features.shape[0]:
@@ -60,6 +62,7 @@ class RealCustomStep:
             features = self.scoring(features, contexts, model_input(x_t, sigma), alpha_bar(sigma), keep)
         tokens = self.projector(features)
         run = UngatedRun(ImageTokens(tokens, None), mask=torch.ones(self.batch_size, 1, 1, device=device))
-        denoised = self.denoise(x_t, sigma, contexts, run)
+        pooled = None if data.pooled is None else data.pooled[rows.to(device)]
+        denoised = self.denoise(x_t, sigma, contexts, pooled, run)
         return masked_mse(prediction_from_denoised(self.prediction, x_t, denoised, sigma),
                           prediction_from_denoised(self.prediction, x_t, x0, sigma))
