@@ -6,7 +6,8 @@ Keys follow ComfyUI's patch addressing: ``(block_name, block_id, transformer_ind
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,6 +29,8 @@ class TransformerBlock:
     heads: int
     dim_head: int
     has_cross_attention: bool
+    #: the only transformer of its spatial transformer (SD1.x): other packs may key its replace by (name, id)
+    alone_in_block: bool = False
 
     @property
     def channels(self) -> int:
@@ -68,7 +71,8 @@ def discover_transformer_blocks(diffusion_model: torch.nn.Module, model_name: st
         ))
     if not blocks:
         raise UnsupportedModelError(f"{model_name} has no transformer blocks to patch.")
-    return sorted(blocks, key=lambda b: _order(b.key))
+    depth = Counter(b.key[:2] for b in blocks)
+    return sorted((replace(b, alone_in_block=depth[b.key[:2]] == 1) for b in blocks), key=lambda b: _order(b.key))
 
 
 def group_norm_paths(diffusion_model: torch.nn.Module) -> list[str]:

@@ -31,6 +31,7 @@ from .layout import split_chunks
 
 RUN_KEY = "personalization.realcustom_run"
 COND = 0  # ComfyUI's cond_or_uncond value of the positive prompt's rows
+UNCOND = 1  # ... and of the negative prompt's
 
 #: normalisations of the layer-averaged word map (released code ``mask_mode``)
 MASK_STRATEGIES = ("max_norm", "min_max_norm", "min_max_per_channel")

@@ -209,7 +209,8 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
     concepts = {p: concept_positions(prompt, names, clip, words) for p, prompt in prompts.items()}
     pool = _target_pool(model, vae, target, seed, settings.augment)
     context_length = len(prompts[""].tokens["l"]) * 77
-    regs = _regularisation(model, clip, vae, reg_images, reg_captions, resolution, context_length)
+    regs = _regularisation(model, clip, vae, reg_images, reg_captions, resolution, context_length,
+                           with_pooled=len(encoders) > 1)
     encoder = glue.TrainableTextEncoder(clip)
     # CLIP-G shares CLIP-L's vocabulary, so both start from the same word
     tables = {enc: getattr(encoder.model, enc).transformer.get_input_embeddings().weight for enc in encoders}
@@ -259,8 +260,9 @@ def _target_pool(model, vae, target, seed, augment, size: int = 16) -> list:
     return [recipe.TargetSample(latents[i], v.valid_mask[None], v.prefix) for i, v in enumerate(views)]
 
 
-def _regularisation(model, clip, vae, images, captions, resolution, context_length) -> list:
-    """Encoded regularisation images with their frozen caption encodings (cut to the target's length)."""
+def _regularisation(model, clip, vae, images, captions, resolution, context_length, with_pooled: bool) -> list:
+    """Encoded regularisation images with their frozen caption encodings (cut to the target's length) and,
+    ``with_pooled`` (SDXL), the captions' pooled outputs."""
     if images is None:
         return []
     lines = [c.strip() for c in (captions or "").splitlines() if c.strip()]
@@ -269,15 +271,13 @@ def _regularisation(model, clip, vae, images, captions, resolution, context_leng
                          f"single line for all, got {len(lines)}")
     squares = center_square(images.clone(), resolution, "bilinear").clamp(0, 1)
     latents = _encode_pixels(vae, model, squares)
-    samples = []
-    pooled_needed = len(_text_encoders(model, clip)) > 1
-    for i in range(images.shape[0]):
-        caption = lines[i] if len(lines) > 1 else lines[0]
-        with torch.no_grad():
+    encoded = {}  # one text-encoder pass per distinct caption
+    with torch.no_grad():
+        for caption in dict.fromkeys(lines):
             context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
-        samples.append(recipe.RegularisationSample(latents[i], context[:, :context_length].clone(),
-                                                   pooled.clone() if pooled_needed else None))
-    return samples
+            encoded[caption] = (context[:, :context_length].clone(), pooled.clone() if with_pooled else None)
+    return [recipe.RegularisationSample(latents[i], *encoded[lines[i] if len(lines) > 1 else lines[0]])
+            for i in range(images.shape[0])]
 
 
 class DisenDiffRegularization(io.ComfyNode):

@@ -5,8 +5,6 @@ dispatchers per patch point, whatever nodes are chained.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
 
@@ -31,7 +29,6 @@ def add_attention_processor(patched, processor: AttentionProcessor, blocks: list
     options = patched.model_options["transformer_options"]
     point = processor.patch_point
     replaces = options.get("patches_replace", {}).get(point, {})
-    depth = Counter(block.key[:2] for block in transformer_blocks(patched))
     served = []
     for block in blocks:
         name, block_id, index = block.key
@@ -39,7 +36,7 @@ def add_attention_processor(patched, processor: AttentionProcessor, blocks: list
         dispatcher = install_dispatcher(existing, point, comfy_attention.optimized_attention)
         patched.set_model_patch_replace(dispatcher, point, name, block_id, index)
         served.append(block.key)
-        if depth[(name, block_id)] == 1:
+        if block.alone_in_block:
             # Packs that patch one-transformer blocks (SD1.x) by (name, id), as IPAdapter does, must find
             # our dispatcher there too, or their patch would sit behind ours and never run.
             patched.set_model_patch_replace(dispatcher, point, name, block_id)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..attention.realcustom import (
     COND,
+    UNCOND,
     MASK_STRATEGIES,
     RUN_KEY,
     SCOPE_SELECTIONS,
@@ -240,7 +241,8 @@ class _SamplingRun:
         run = MaskGuidanceRun(self.settings, self.indicator, latent_size=tuple(noise.shape[-2:]),
                               total_steps=len(sigmas) - 1, update_fraction=self.update_fraction,
                               text_only_pass=self.text_only_pass, tokens=self.tokens.to(noise.device),
-                              cascaded=self.cascaded, token_scorer=self.token_scorer)
+                              cascaded=self.cascaded,
+                              token_scorer=None if self.token_scorer is None else self.token_scorer.to(noise.device))
         options[RUN_KEY] = run
         try:
             output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -259,6 +261,9 @@ class _ScoredTokens:
 
     adapter: object  # RealCustomAdapter with a scoring module
     features: ImageTokens
+
+    def to(self, device) -> "_ScoredTokens":
+        return _ScoredTokens(self.adapter, self.features.to(device))
 
     def __call__(self, x, context, layout, mask, sigmas) -> ImageTokens:
         chunks = list(layout or ()) or [COND]
@@ -280,7 +285,7 @@ class _ScoredTokens:
                            alpha, INFERENCE_KEEP)
             return projector(kept)
 
-        negative = None if self.features.negative is None else tokens_of(1 - COND, self.features.negative)
+        negative = None if self.features.negative is None else tokens_of(UNCOND, self.features.negative)
         return ImageTokens(tokens_of(COND, self.features.reference), negative)
 
 

@@ -238,3 +238,16 @@ def test_multi_token_class_words_cover_all_their_tokens(comfy, sd15):
     first, second = nodes_disendiff.concept_positions(prompt, names, clip, words)
     assert first.modifier == (4,) and first.word == (5, 6)  # SOT photo of a <new1> teddy bear and <new2> dog
     assert second.modifier == (8,) and second.word == (9,)
+
+
+def test_regularisation_images_are_encoded_with_their_captions(comfy, sd15):
+    model, clip, vae = sd15
+    nodes_disendiff = pack_module("nodes.disendiff")
+    images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    shared = nodes_disendiff._regularisation(model, clip, vae, images, "a cat and a dog", 64, 77, with_pooled=False)
+    assert len(shared) == 3 and all(s.pooled is None and s.context.shape == (1, 77, 768) for s in shared)
+    assert all(torch.equal(s.context, shared[0].context) for s in shared)
+    assert not torch.equal(shared[0].latent, shared[1].latent)
+    own = nodes_disendiff._regularisation(model, clip, vae, images, "a cat\na dog\na cat", 64, 77, with_pooled=True)
+    assert torch.equal(own[0].context, own[2].context) and not torch.equal(own[0].context, own[1].context)
+    assert own[0].pooled is not None and not torch.equal(own[0].context, shared[0].context)
