@@ -60,9 +60,17 @@ class MaskSettings:
 
 
 def word_map(probs: torch.Tensor, indicator: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``(B, heads, h*w, T)`` probabilities → ``(B, 1, h, w)``: mean over heads, summed over the word's tokens."""
-    per_query = probs.mean(dim=1) @ indicator.to(probs)
+    """``(B, heads, h*w, T)`` probabilities → ``(B, 1, h, w)``: mean over heads, summed over the word's
+    tokens; ``indicator`` is ``(T,)`` for one prompt or ``(B, T)`` for a prompt (and word) per row."""
+    mean = probs.mean(dim=1)
+    indicator = indicator.to(mean)
+    per_query = mean @ indicator if indicator.ndim == 1 else (mean @ indicator[..., None]).squeeze(-1)
     return per_query.view(probs.shape[0], 1, height, width)
+
+
+def mask_grid(latent_size: tuple[int, int]) -> tuple[int, int]:
+    """Size of the word mask for a latent: half the latent, as the released ``mask_generation``."""
+    return math.ceil(latent_size[0] / 2), math.ceil(latent_size[1] / 2)
 
 
 def min_max(x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +188,7 @@ class MaskGuidanceRun:
         self.settings = settings
         self.tokens = tokens  # on the sampling device for the whole run
         self.indicator = indicator
-        self.size = (math.ceil(latent_size[0] / 2), math.ceil(latent_size[1] / 2))
+        self.size = mask_grid(latent_size)
         self.update_steps = max(1, round(update_fraction * total_steps))
         self.text_only_pass = text_only_pass or cascaded
         self.cascaded = cascaded
@@ -330,19 +338,42 @@ def image_branch_output(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 
 @dataclass
-class UngatedRun:
-    """The run state of training (paper eq. 4): the branch sees ``tokens`` everywhere (all-ones mask)."""
+class TrainingRun:
+    """The run state of a training forward: the branch sees every row's own ``tokens`` through ``mask``,
+    all ones for the paper's ungated eq. 4, or the rows' word masks (``(B, H', W')``) in word-mask training."""
 
     tokens: ImageTokens
-    mask: torch.Tensor  # ones (B, H', W')
+    mask: torch.Tensor
     injecting: bool = True
     capturing: bool = False
+
+
+class WordMapCapture:
+    """The run state of a text-only training forward (no image branch) that reads each row's own word
+    map (``indicators (B, T)``: a caption and target word per row) into masks of ``settings``."""
+
+    injecting = False
+    capturing = True
+
+    def __init__(self, indicators: torch.Tensor, settings: MaskSettings, latent_size: tuple[int, int]):
+        self.indicators = indicators
+        self._maps = WordMapAccumulator(settings, mask_grid(latent_size))
+
+    def capture(self, probs: torch.Tensor, call: AttentionCall) -> None:
+        _b, _c, height, width = call.options["activations_shape"]
+        self._maps.add(word_map(probs, self.indicators.to(probs.device), height, width))
+
+    def mask(self) -> torch.Tensor:
+        """``(B, H', W')`` masks of the captured pass."""
+        if self._maps.empty:
+            raise RuntimeError("no cross-attention layer read the word maps; the model has no word-map reader")
+        return self._maps.mask()
 
 
 @dataclass(frozen=True, eq=False)
 class MaskedImageBranch(AttentionProcessor):
     """The released code's visual cross-attention branch, gated by the run's word mask; the image
-    tokens come from the run (a :class:`MaskGuidanceRun` or an :class:`UngatedRun`)."""
+    tokens come from the run (a :class:`MaskGuidanceRun` or a :class:`TrainingRun`)."""
 
     weights: ImageBranchWeights
     strength: float = 1.0
@@ -357,7 +388,7 @@ class MaskedImageBranch(AttentionProcessor):
                 and self.weights.serves(call.block))
 
     def parallel_output(self, q, call: AttentionCall):
-        run: MaskGuidanceRun | UngatedRun = call.options[RUN_KEY]
+        run: MaskGuidanceRun | TrainingRun = call.options[RUN_KEY]
         if run.mask is None:
             return None  # no map yet (a call without cond rows before the first capture)
         chunks = list(call.cond_or_uncond) or [COND]

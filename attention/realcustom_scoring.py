@@ -14,6 +14,7 @@ from U[0.3, 1]; inference: 0.8).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 #: share of image tokens kept at inference (paper), and the training range it is drawn from
 INFERENCE_KEEP = 0.8
@@ -29,6 +30,13 @@ def alpha_bar(sigma: torch.Tensor) -> torch.Tensor:
 def model_input(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The VP-form latent ``√ᾱ·x0 + √(1 − ᾱ)·ε`` of ComfyUI's ``x_t = x0 + σ·ε`` (what the U-Net receives)."""
     return x_t * alpha_bar(sigma).sqrt().view(-1, *(1,) * (x_t.ndim - 1)).to(x_t)
+
+
+def masked_latent(latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The latent the visual context sees (paper §3.3: only the subject region): ``(k·B, c, h, w)`` times
+    the ``(B, H', W')`` word mask resized to it (bilinear), repeated over the ``k`` cond/uncond chunks."""
+    gate = F.interpolate(mask[:, None].to(latent), size=latent.shape[-2:], mode="bilinear")
+    return latent * gate.repeat(latent.shape[0] // gate.shape[0], 1, 1, 1)
 
 
 def _score_net(in_features: int) -> torch.nn.Sequential:

@@ -88,7 +88,7 @@ def main() -> None:
                        CHAIN_KEY: chain, rc.RUN_KEY: run}
             dispatcher(layer["q"][:rows], layer["k"][:rows], layer["v"][:rows], options)
 
-    ungated_run = rc.UngatedRun(tokens, mask=torch.ones(1, 1, 1, device=device))
+    ungated_run = rc.TrainingRun(tokens, mask=torch.ones(1, 1, 1, device=device))
     with torch.no_grad():
         ungated = best_of(lambda: unet_layers(ungated_run), args.repeats)
         guided = best_of(lambda: unet_layers(new_run(capturing=True)), args.repeats)

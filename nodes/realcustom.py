@@ -35,7 +35,7 @@ from ..attention.realcustom import (
     cond_rows,
     step_index,
 )
-from ..attention.realcustom_scoring import INFERENCE_KEEP, alpha_bar
+from ..attention.realcustom_scoring import INFERENCE_KEEP, alpha_bar, masked_latent
 from ..attention.realcustom_weights import (
     FORMAT_KEY,
     OFFICIAL_FORMAT,
@@ -272,8 +272,7 @@ class _ScoredTokens:
         weight = next(projector.parameters())
         latent = x[:, :scoring.latent_channels].to(weight)
         if mask is not None:
-            gate = F.interpolate(mask[:, None].to(weight), size=latent.shape[-2:], mode="bilinear")
-            latent = latent * gate.repeat(len(chunks), 1, 1, 1)
+            latent = masked_latent(latent, mask)
         # ComfyUI's sigmas are per image (or one for all), not per row of the cond/uncond batch
         image_sigmas = sigmas.flatten()[:rows] if sigmas.numel() >= rows else sigmas.flatten().expand(rows)
         alpha = alpha_bar(image_sigmas).to(weight)

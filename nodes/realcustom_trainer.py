@@ -9,8 +9,9 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 import torch
+import torch.nn.functional as F
 
-from ..attention.realcustom import RUN_KEY, MaskedImageBranch
+from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
 from ..attention.realcustom_weights import (
     CLIP_VISION_FORMAT,
     FORMAT_KEY,
@@ -20,14 +21,17 @@ from ..attention.realcustom_weights import (
 from ..training.checkpoint import check_resumable, save_atomic
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
-from ..training.realcustom import RealCustomStep, TrainingData
+from ..training.realcustom import RealCustomStep, TrainingData, word_scope_preview
 from . import training_glue as glue
 from .comfy_io import io
 from .validation import names_node, require_images, require_matching_clip
 from .patching import add_attention_processor, transformer_blocks
+from .prompt_tokens import PhraseNotInPromptError, find_phrase_tokens
 from .realcustom import ADAPTER_FOLDER, CATEGORY, AdapterType, LoadedAdapter
 
 CHECKPOINT_FOLDER = "realcustom_checkpoints"
+#: brightness of the training image outside the word's mask in the preview
+PREVIEW_DIM = 0.25
 
 
 def _captions(text: str, count: int) -> list[str]:
@@ -40,6 +44,31 @@ def _captions(text: str, count: int) -> list[str]:
     return lines
 
 
+def _target_words(text: str, captions: list[str]) -> list[str] | None:
+    """One target word per caption (one line per caption, or one line for all), None when empty."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return None
+    if len(lines) == 1:
+        return lines * len(captions)
+    if len(lines) != len(captions):
+        raise ValueError(f"RealCustomTrainer: {len(captions)} captions but {len(lines)} target words; write one word per "
+                         "line (or a single line for all captions).")
+    return lines
+
+
+def _word_indicators(clip, captions: list[str], words: list[str], length: int) -> torch.Tensor:
+    """``(N, length)``: 1 at each caption's target-word tokens, repeated as its context is (see _contexts)."""
+    rows = []
+    for number, (caption, word) in enumerate(zip(captions, words), start=1):
+        try:
+            phrase = find_phrase_tokens(clip, caption, word, node_name="RealCustomTrainer")
+        except PhraseNotInPromptError as error:
+            raise PhraseNotInPromptError(f"caption {number}: {error}") from None
+        rows.append(phrase.indicator().repeat(length // phrase.context_length))
+    return torch.stack(rows)
+
+
 def _contexts(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Text contexts of the captions (longer prompts repeat shorter ones as ComfyUI batches conds) and
     their pooled outputs."""
@@ -49,27 +78,39 @@ def _contexts(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return contexts, torch.cat([pooled for _, pooled in encoded])
 
 
-def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution, crop) -> TrainingData:
+def _square(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The training images as the VAE sees them: center-cropped and resized to ``resolution`` squares."""
     square = comfy.utils.common_upscale(images[..., :3].movedim(-1, 1), resolution, resolution, "bilinear", "center")
-    latents = model.get_model_object("latent_format").process_in(vae.encode(square.movedim(1, -1)))
+    return square.movedim(1, -1)
+
+
+def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution, crop, words) -> TrainingData:
+    latents = model.get_model_object("latent_format").process_in(vae.encode(_square(images, resolution)))
     features = clip_vision.encode_image(images[..., :3], crop=crop)["penultimate_hidden_states"]
     device = comfy.model_management.get_torch_device()
     contexts, pooled = _contexts(clip, captions)
+    indicators = None if words is None else _word_indicators(clip, captions, words, contexts.shape[1]).to(device)
     return TrainingData(latents.float().to(device), contexts.float().to(device), features.float().to(device),
-                        pooled.float().to(device) if model.model.adm_channels else None)
+                        pooled.float().to(device) if model.model.adm_channels else None, indicators)
 
 
 def prepare_training(model, clip, vae, clip_vision, images, captions, resolution, crop, batch_size, seed,
-                     adaptive_scoring=False):
-    """(fresh adapter, step function) of a run; call inside ``glue.training_mode()``."""
+                     adaptive_scoring=False, target_words=None, word_mask_training=False):
+    """(fresh adapter, step function) of a run; call inside ``glue.training_mode()``. ``target_words``: one
+    per caption or None; ``word_mask_training`` gates the branch by their masks (needs them)."""
+    if word_mask_training and target_words is None:
+        raise ValueError("RealCustomTrainer: word_mask_training gates the branch by each caption's target word; "
+                         "give the target_words (one per caption, or one for all).")
     blocks = [b for b in transformer_blocks(model) if b.has_cross_attention]
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
-        data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop)
+        data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop,
+                               target_words)
     context_dim = data.contexts.shape[-1]
     adapter = new_clip_vision_adapter(data.features.shape[-1], {b.key: (b.channels, context_dim) for b in blocks}, seed,
                                       scoring=adaptive_scoring, latent_channels=data.latents.shape[1])
     adapter.to(data.latents.device)
     trainable = glue.trainable_unet(model, {})
+    add_attention_processor(trainable, WordMapReader(), blocks)
     add_attention_processor(trainable, MaskedImageBranch(adapter.branch), blocks)
 
     def denoise(x_t, sigma, context, pooled, run):
@@ -77,8 +118,20 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
         return glue.denoise(trainable, x_t, sigma, context, **glue.pooled_conditioning(model, pooled, resolution))
 
     step = RealCustomStep(data, adapter.projector, denoise, glue.discrete_sigmas(model), glue.prediction_kind(model),
-                          batch_size, adapter.scoring)
+                          batch_size, adapter.scoring, MaskSettings() if word_mask_training else None)
     return adapter, step
+
+
+def _word_previews(step, images, resolution, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MASK, IMAGE) at the training size: each target word's mask, and its training image dimmed outside it;
+    without target words the branch was ungated, so the mask covers everything."""
+    square = _square(images, resolution).float().cpu()
+    if step.data.word_indicators is None:
+        mask = torch.ones(square.shape[:3])
+    else:
+        grid = word_scope_preview(step, MaskSettings(), seed).float().cpu()
+        mask = F.interpolate(grid[:, None], size=(resolution, resolution), mode="bilinear").clamp(0, 1)[:, 0]
+    return mask, square * (PREVIEW_DIM + (1.0 - PREVIEW_DIM) * mask[..., None])
 
 
 class RealCustomTrainer(io.ComfyNode):
@@ -100,6 +153,14 @@ class RealCustomTrainer(io.ComfyNode):
     (paper 1e-5; 1e-4 for small sets), batch_size × grad_accumulation, resolution (512 for SD1.5, 1024 for SDXL), seed,
     checkpoint_every (resumable checkpoint in output/realcustom_checkpoints; re-running with the same
     inputs resumes), crop (how images reach the image encoder; inference must match), adaptive_scoring.
+    - target_words: the real word of each caption that AdaptiveMaskGuidance will narrow ("toy"; one per
+      line, or one for all; must occur in its caption). The paper's training (eq. 4) has no mask, so by
+      default the words are checked and previewed: word_masks / word_preview show what each word covers on
+      its training image (text-only pass at mid noise, AdaptiveMaskGuidance's default mask: max_norm, top
+      25%), to see before sampling whether the word finds the subject. Empty: no words (previews all ones).
+    - word_mask_training ([R], not in the paper; off): every step also gates the branch with the word's
+      mask of that step (eq. 12, as inference) and masks the scoring module's latent as inference does
+      (paper §3.3); costs one extra no-grad forward per step. Needs target_words.
     """
 
     @classmethod
@@ -130,17 +191,24 @@ class RealCustomTrainer(io.ComfyNode):
                 io.Boolean.Input("crop", default=False, tooltip="Center-crop images for the image encoder instead of squashing (match at inference)."),
                 io.Boolean.Input("adaptive_scoring", default=True, optional=True,
                                  tooltip="Also train the paper's adaptive scoring of the image tokens (the released model has none)."),
+                io.String.Input("target_words", multiline=True, default="", optional=True,
+                                tooltip="The real word of each caption that becomes the subject (one per line, or one for all); checked and previewed."),
+                io.Boolean.Input("word_mask_training", default=False, optional=True,
+                                 tooltip="[R] Gate the branch by each target word's mask while training, as at inference (paper: ungated)."),
             ],
             outputs=[
                 AdapterType.Output(display_name="adapter", tooltip="The trained branch, for RealCustomEncodeReference."),
                 io.String.Output(display_name="adapter_name", tooltip="File name of the adapter in models/realcustom."),
+                io.Mask.Output(display_name="word_masks", tooltip="What each target word covers on its training image (all ones without words)."),
+                io.Image.Output(display_name="word_preview", tooltip="The training images dimmed outside their word's mask."),
             ],
         )
 
     @classmethod
     @names_node
     def execute(cls, model, clip, vae, clip_vision, images, captions, name, steps, learning_rate, batch_size,
-                grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True) -> io.NodeOutput:
+                grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True, target_words="",
+                word_mask_training=False) -> io.NodeOutput:
         transformer_blocks(model, "RealCustomTrainer")
         if model.model.adm_channels and not isinstance(model.model, comfy.model_base.SDXL):
             raise ValueError(f"RealCustomTrainer trains SD1.x and SDXL image branches; this MODEL "
@@ -149,17 +217,21 @@ class RealCustomTrainer(io.ComfyNode):
         require_images("RealCustomTrainer", "training images", images)
         stem = sanitize_name(name)
         texts = _captions(captions, images.shape[0])
+        words = _target_words(target_words, texts)
         checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
         check_resumable(checkpoint)
         with glue.training_mode():
             adapter, step = prepare_training(model, clip, vae, clip_vision, images, texts, resolution, crop, batch_size,
-                                             seed, adaptive_scoring)
+                                             seed, adaptive_scoring, words, word_mask_training)
             run_id = fingerprint(images=images, captions=texts, steps=steps, learning_rate=learning_rate,
                                  batch_size=batch_size, resolution=resolution, seed=seed, crop=crop,
-                                 vision_dim=adapter.vision_dim, adaptive_scoring=adaptive_scoring)
+                                 vision_dim=adapter.vision_dim, adaptive_scoring=adaptive_scoring,
+                                 # the words change the training only when they gate it
+                                 **({"word_masks_of": words} if word_mask_training else {}))
             train(dict(adapter.named_parameters()), step, lambda params: torch.optim.AdamW(params, lr=learning_rate),
                   LoopSettings(steps, grad_accumulation, seed, checkpoint_every, checkpoint, run_id),
                   on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
+            word_masks, word_preview = _word_previews(step, images, resolution, seed)
         state_dict = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
         path = output_path(folder_paths.get_folder_paths(ADAPTER_FOLDER)[0], stem)
         save_atomic(path, state_dict, metadata={FORMAT_KEY: CLIP_VISION_FORMAT, "method": "realcustom",
@@ -168,7 +240,7 @@ class RealCustomTrainer(io.ComfyNode):
         trained = adapter_from_state_dict(state_dict, CLIP_VISION_FORMAT)
         patcher = comfy.model_patcher.ModelPatcher(trained, load_device=comfy.model_management.get_torch_device(),
                                                    offload_device=comfy.model_management.unet_offload_device())
-        return io.NodeOutput(LoadedAdapter(trained, patcher, path.name), path.name)
+        return io.NodeOutput(LoadedAdapter(trained, patcher, path.name), path.name, word_masks, word_preview)
 
 
 REALCUSTOM_TRAINER_NODES = [RealCustomTrainer]

@@ -14,8 +14,9 @@ from personalization_nodes.attention.realcustom import (
     MaskedImageBranch,
     MaskGuidanceRun,
     MaskSettings,
-    UngatedRun,
+    TrainingRun,
     WordMapAccumulator,
+    WordMapCapture,
     WordMapReader,
     cascaded_cond,
     keep_top,
@@ -86,6 +87,36 @@ def test_streamed_mask_equals_reference_on_materialised_maps(strategy, binary, s
     assert (streamed.mask() - expected).abs().max() <= 1e-5
     if selection == "threshold":
         assert 0 < int((streamed.mask() > 0).sum()) < streamed.mask().numel(), "the threshold keeps some, not all"
+
+
+def test_per_row_words_equal_one_word_per_call():
+    """Training reads a different caption's word in every row: ``(B, T)`` indicators."""
+    probs = random_probs(3, 4, 4, 5)
+    indicators = torch.zeros(3, TOKENS)
+    indicators[0, 1], indicators[1, [2, 3]], indicators[2, 6] = 1.0, 1.0, 1.0
+    batched = word_map(probs, indicators, 4, 4)
+    for row in range(3):
+        assert torch.allclose(batched[row:row + 1], word_map(probs[row:row + 1], indicators[row], 4, 4), atol=1e-7)
+
+
+def test_training_capture_gives_each_row_the_reference_mask_of_its_own_word(qkv):
+    """The text-only training pass through the real dispatcher: per-row words, every layer, the released mask."""
+    q, k, v = qkv
+    indicators = torch.zeros(4, TOKENS)
+    for row, tokens in enumerate([[1], [2, 3], [6], [1, 6]]):
+        indicators[row, tokens] = 1.0
+    capture = WordMapCapture(indicators, MaskSettings(), latent_size=(8, 8))
+    chain = ProcessorChain().with_processor(WordMapReader())
+    dispatcher = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)
+    out = dispatcher(q, k, v, call_options(capture, chain, (0,), h=4, w=4))
+    assert (out - sdpa_attention(q, k, v, HEADS)).abs().max() <= 1e-5, "capturing leaves the attention output alone"
+    probs = (q.view(4, 16, HEADS, DIM_HEAD).transpose(1, 2) @ k.view(4, TOKENS, HEADS, DIM_HEAD).permute(0, 2, 3, 1)
+             / DIM_HEAD ** 0.5).softmax(-1)
+    for row in range(4):
+        expected = reference_mask([(probs[row:row + 1], (4, 4))], indicators[row], (4, 4), "max_norm", 0.25, False)
+        assert (capture.mask()[row:row + 1] - expected).abs().max() <= 1e-5
+    with pytest.raises(RuntimeError, match="word-map reader"):
+        WordMapCapture(indicators, MaskSettings(), (8, 8)).mask()
 
 
 def test_top_ratio_keeps_exactly_that_many_soft_values():
@@ -281,11 +312,11 @@ def test_context_length_mismatch_is_explained():
 
 
 def test_per_sample_tokens_of_training_equal_separate_calls(qkv):
-    """Training gives every row its own reference (B, T, D) through an UngatedRun (paper eq. 4, no mask)."""
+    """Training gives every row its own reference (B, T, D) through a TrainingRun (paper eq. 4: an all-ones mask)."""
     q, k, v = qkv
     weights = branch_weights()
     references = torch.randn(4, 5, 6)
-    run = UngatedRun(ImageTokens(references, None), mask=torch.ones(4, 4, 4))
+    run = TrainingRun(ImageTokens(references, None), mask=torch.ones(4, 4, 4))
     chain = ProcessorChain().with_processor(MaskedImageBranch(weights))
     out = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)(q, k, v, call_options(run, chain, (0,)))
     expected = sdpa_attention(q, k, v, HEADS)

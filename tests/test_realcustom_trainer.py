@@ -26,8 +26,9 @@ def train_node(sd15, name, steps=3, **overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adaptive_scoring", [False, True], ids=["released", "paper scoring"])
-def test_loss_decreases_on_the_same_noise_and_timesteps(comfy, sd15, adaptive_scoring):
+@pytest.mark.parametrize("adaptive_scoring, word_mask", [(False, False), (True, False), (True, True)],
+                         ids=["released", "paper scoring", "word-mask training"])
+def test_loss_decreases_on_the_same_noise_and_timesteps(comfy, sd15, adaptive_scoring, word_mask):
     from harness.realcustom import tiny_clip_vision
     glue = pack_module("nodes.training_glue")
     trainer = pack_module("nodes.realcustom_trainer")
@@ -35,7 +36,7 @@ def test_loss_decreases_on_the_same_noise_and_timesteps(comfy, sd15, adaptive_sc
     model, clip, vae = sd15
     with glue.training_mode():
         adapter, step = trainer.prepare_training(model, clip, vae, tiny_clip_vision(), dataset(), CAPTIONS.split("\n"),
-                                                 32, False, 2, 0, adaptive_scoring)
+                                                 32, False, 2, 0, adaptive_scoring, ["toy", "toy"], word_mask)
         assert (adapter.scoring is not None) == adaptive_scoring
 
         def held_out_loss():  # fixed micro-steps the training never draws (steps 10_000+)
@@ -50,21 +51,79 @@ def test_loss_decreases_on_the_same_noise_and_timesteps(comfy, sd15, adaptive_sc
 
 
 @pytest.mark.slow
-def test_interrupt_then_resume_equals_uninterrupted_and_exports_a_loadable_adapter(comfy, sd15):
-    adapter, name = train_node(sd15, "test_rc_straight")
+@pytest.mark.parametrize("words", [{}, {"target_words": "red\nblue", "word_mask_training": True}],
+                         ids=["paper", "word-mask training"])
+def test_interrupt_then_resume_equals_uninterrupted_and_exports_a_loadable_adapter(comfy, sd15, words):
+    suffix = "_words" if words else ""
+    adapter, name, *_ = train_node(sd15, f"test_rc_straight{suffix}", **words)
     straight = load_file(str(models_dir() / "realcustom" / name))
     assert set(straight) == set(adapter.adapter.state_dict())
     assert any(k.startswith("scoring.") for k in straight), "the paper's adaptive scoring is trained by default"
 
     with user_cancels_at_step(1):
-        train_node(sd15, "test_rc_resumed")
-    _, resumed_name = train_node(sd15, "test_rc_resumed")
+        train_node(sd15, f"test_rc_resumed{suffix}", **words)
+    _, resumed_name, *_ = train_node(sd15, f"test_rc_resumed{suffix}", **words)
     resumed = load_file(str(models_dir() / "realcustom" / resumed_name))
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
 
     loaded = run_node("RealCustomLoader", adapter_name=name)[0]
     assert loaded.adapter.format_name == "realcustom.clip_vision"
+
+
+def test_word_mask_training_gates_the_branch_with_each_captions_word_mask(comfy, sd15):
+    """[R] word_mask_training: the branch (and the scoring latent) see the word's top-25% mask of the step's
+    own noisy latent; with a mask that keeps everything it is exactly the paper's ungated step."""
+    from harness.realcustom import tiny_clip_vision
+    glue = pack_module("nodes.training_glue")
+    trainer = pack_module("nodes.realcustom_trainer")
+    loop = pack_module("training.loop")
+    rc_training = pack_module("training.realcustom")
+    MaskSettings = pack_module("attention.realcustom").MaskSettings
+    model, clip, vae = sd15
+    with glue.training_mode():
+        adapter, masked = trainer.prepare_training(model, clip, vae, tiny_clip_vision(), dataset(), CAPTIONS.split("\n"),
+                                                   64, False, 2, 0, True, ["red", "toy"], True)
+        assert masked.data.word_indicators.sum(1).tolist() == [1.0, 1.0]
+        assert masked.data.word_indicators[0].argmax() != masked.data.word_indicators[1].argmax(), "each caption its word"
+        with torch.no_grad():  # a branch that adds something (the fresh one starts at zero)
+            for projection in adapter.branch.to_v_vision.values():
+                projection.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+
+        def variant(settings):
+            return rc_training.RealCustomStep(masked.data, masked.projector, masked.denoise, masked.sigmas,
+                                              masked.prediction, masked.batch_size, masked.scoring, settings)
+        gates = []
+        denoise = masked.denoise
+
+        def recording_denoise(x_t, sigma, context, pooled, run):
+            if isinstance(run, rc_training.TrainingRun):
+                gates.append(run.mask)
+            return denoise(x_t, sigma, context, pooled, run)
+        masked.denoise = recording_denoise
+        with torch.no_grad():
+            micro = lambda: loop.MicroStep(0, 0, loop.micro_step_generator(3, 0, 0))  # noqa: E731
+            gated = float(masked(micro()))
+            keep_all = float(variant(MaskSettings(scope=1.0, binary=True))(micro()))
+            ungated = float(variant(None)(micro()))
+    gate, keep_all_gate, ungated_gate = gates
+    assert torch.equal(keep_all_gate, torch.ones(2, 4, 4)) and torch.equal(ungated_gate, torch.ones(2, 1, 1))
+    assert gate.shape == (2, 4, 4) and ((gate > 0).flatten(1).sum(1) == 4).all(), "top 25% of the 4×4 mask grid"
+    assert keep_all == pytest.approx(ungated, rel=1e-6, abs=1e-9)
+    assert gated != pytest.approx(ungated, rel=1e-4)
+
+
+def test_target_words_are_previewed_on_the_training_images(comfy, sd15):
+    trainer = pack_module("nodes.realcustom_trainer")
+    *_, masks, preview = train_node(sd15, "test_rc_words", steps=1, target_words="toy")
+    assert masks.shape == (2, 64, 64) and preview.shape == (2, 64, 64, 3)
+    assert 0.0 <= float(masks.min()) and float(masks.max()) <= 1.0 and float(masks.min()) < 0.5
+    square = trainer._square(dataset(), 64)
+    assert torch.allclose(preview, square * (trainer.PREVIEW_DIM + (1 - trainer.PREVIEW_DIM) * masks[..., None]))
+    *_, other_masks, _ = train_node(sd15, "test_rc_words", steps=1, target_words="photo")
+    assert not torch.allclose(masks, other_masks), "another word covers another area"
+    *_, no_word_masks, no_word_preview = train_node(sd15, "test_rc_words", steps=1)
+    assert torch.equal(no_word_masks, torch.ones(2, 64, 64)) and torch.allclose(no_word_preview, square)
 
 
 def test_sdxl_with_an_sd15_text_encoder_is_refused_with_a_reason(comfy, sdxl_model, sd15):
@@ -79,7 +138,8 @@ def test_sdxl_branch_trains_and_guides_sdxl_sampling(comfy, sdxl_model, sd15):
     from harness.realcustom import tiny_clip_vision
     from harness.text_encoders import reduced_clip
     clip = reduced_clip("sdxl")
-    adapter, name = train_node((sdxl_model, clip, sd15[2]), "test_rc_sdxl", steps=2)
+    adapter, name, *_ = train_node((sdxl_model, clip, sd15[2]), "test_rc_sdxl", steps=2, target_words="toy",
+                                   word_mask_training=True)
     assert adapter.adapter.scoring is not None and adapter.adapter.projector.proj.out_features == 2048
     reference = run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(), image=dataset()[:1],
                          crop=False)[0]

@@ -9,6 +9,12 @@ With ``scoring`` (the paper's adaptive scoring module, absent from the released 
 features of each sample are scored from its caption, its noisy latent and its timestep, weighted and cut
 to a random share γ_num ~ U[0.3, 1] of the tokens before the projector, so the score nets learn with the
 rest (paper §3.2).
+
+Each caption may name its target word (the real word that AdaptiveMaskGuidance will narrow). Its mask on
+a training image (a text-only pass of the frozen U-Net on the noised latent, read as at inference) is what
+the trainer previews; with ``word_mask`` set ([R], not in the paper, off by default) every step also gates
+the branch with it (eq. 12 instead of eq. 4) and masks the latent the scoring module's visual context sees
+(paper §3.3), so training sees the gate and scoring inputs of inference.
 """
 from __future__ import annotations
 
@@ -17,14 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention.realcustom import ImageTokens, UngatedRun
-from ..attention.realcustom_scoring import TRAINING_KEEP_RANGE, AdaptiveScoring, alpha_bar, model_input
+from ..attention.realcustom import ImageTokens, MaskSettings, TrainingRun, WordMapCapture
+from ..attention.realcustom_scoring import TRAINING_KEEP_RANGE, AdaptiveScoring, alpha_bar, masked_latent, model_input
 from .loop import MicroStep
-from .losses import masked_mse, noised, prediction_from_denoised
+from .losses import add_noise, masked_mse, noised, prediction_from_denoised
 
 #: denoise(x_t, sigma, context, pooled, run) -> the frozen U-Net's x̂0 with the image branch of ``run``
 #: (``pooled``: the captions' pooled text outputs for models that read them (SDXL), else None)
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", UngatedRun], torch.Tensor]
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "TrainingRun | WordMapCapture"],
+                     torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -35,20 +42,37 @@ class TrainingData:
     contexts: torch.Tensor  # (N, T, C) text contexts of the captions
     features: torch.Tensor  # (N, P, D) CLIP-vision penultimate states of the same images
     pooled: torch.Tensor | None = None  # (N, C') pooled text outputs of the captions (SDXL), None for SD1.x
+    #: (N, T) 1 at the target word's tokens in each caption's context, None without target words
+    word_indicators: torch.Tensor | None = None
 
     def __post_init__(self):
         if not self.latents.shape[0] == self.contexts.shape[0] == self.features.shape[0]:
             raise ValueError("every image needs one caption and one feature row")
+        if self.word_indicators is not None and self.word_indicators.shape != self.contexts.shape[:2]:
+            raise ValueError("every caption needs one target-word indicator over its context's tokens")
 
 
 class RealCustomStep:
     """The step function of :func:`training.loop.train`: one micro-batch's loss (all randomness from
-    the micro-step's generator, so an interrupted and resumed run equals an uninterrupted one)."""
+    the micro-step's generator, so an interrupted and resumed run equals an uninterrupted one).
+    ``word_mask``: gate the branch by the target words' masks of these settings (needs word indicators)."""
 
     def __init__(self, data: TrainingData, projector: torch.nn.Module, denoise: DenoiseFn,
-                 sigmas: torch.Tensor, prediction: str, batch_size: int, scoring: AdaptiveScoring | None = None):
+                 sigmas: torch.Tensor, prediction: str, batch_size: int, scoring: AdaptiveScoring | None = None,
+                 word_mask: MaskSettings | None = None):
+        if word_mask is not None and data.word_indicators is None:
+            raise ValueError("word-mask training needs the target word of every caption")
         self.data, self.projector, self.denoise, self.scoring = data, projector, denoise, scoring
-        self.sigmas, self.prediction, self.batch_size = sigmas, prediction, batch_size
+        self.sigmas, self.prediction, self.batch_size, self.word_mask = sigmas, prediction, batch_size, word_mask
+
+    def word_masks(self, rows: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor,
+                   settings: MaskSettings) -> torch.Tensor:
+        """``(B, H', W')`` masks of the rows' target words on ``x_t``, read from a text-only pass."""
+        data, rows = self.data, rows.to(self.data.latents.device)
+        capture = WordMapCapture(data.word_indicators[rows], settings, tuple(x_t.shape[-2:]))
+        with torch.no_grad():
+            self.denoise(x_t, sigma, data.contexts[rows], None if data.pooled is None else data.pooled[rows], capture)
+        return capture.mask()
 
     def __call__(self, micro: MicroStep) -> torch.Tensor:
         data, device = self.data, self.data.latents.device
@@ -56,13 +80,35 @@ class RealCustomStep:
         x0 = data.latents[rows.to(device)]
         sigma, x_t = noised(x0, self.sigmas, micro.generator)
         features, contexts = data.features[rows.to(device)], data.contexts[rows.to(device)]
+        if self.word_mask is None:
+            mask = torch.ones(self.batch_size, 1, 1, device=device)
+        else:
+            mask = self.word_masks(rows, x_t, sigma, self.word_mask)
         if self.scoring is not None:
             low, high = TRAINING_KEEP_RANGE
             keep = low + (high - low) * float(torch.rand((), generator=micro.generator))
-            features = self.scoring(features, contexts, model_input(x_t, sigma), alpha_bar(sigma), keep)
-        tokens = self.projector(features)
-        run = UngatedRun(ImageTokens(tokens, None), mask=torch.ones(self.batch_size, 1, 1, device=device))
+            latent = model_input(x_t, sigma)
+            if self.word_mask is not None:
+                latent = masked_latent(latent, mask)
+            features = self.scoring(features, contexts, latent, alpha_bar(sigma), keep)
+        run = TrainingRun(ImageTokens(self.projector(features), None), mask=mask)
         pooled = None if data.pooled is None else data.pooled[rows.to(device)]
         denoised = self.denoise(x_t, sigma, contexts, pooled, run)
         return masked_mse(prediction_from_denoised(self.prediction, x_t, denoised, sigma),
                           prediction_from_denoised(self.prediction, x_t, x0, sigma))
+
+
+def word_scope_preview(step: RealCustomStep, settings: MaskSettings, seed: int) -> torch.Tensor:
+    """``(N, H', W')``: what each caption's target word covers on its training image, as
+    AdaptiveMaskGuidance's text-only pass reads it, at the middle noise level of the schedule (fixed noise)."""
+    data = step.data
+    generator = torch.Generator().manual_seed(seed)
+    sigma_value = step.sigmas[len(step.sigmas) // 2]
+    masks = []
+    for start in range(0, data.latents.shape[0], step.batch_size):
+        rows = torch.arange(start, min(start + step.batch_size, data.latents.shape[0]))
+        x0 = data.latents[rows.to(data.latents.device)]
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        sigma = sigma_value.to(x0).expand(rows.shape[0])
+        masks.append(step.word_masks(rows, add_noise(x0, noise, sigma), sigma, settings))
+    return torch.cat(masks)
