@@ -1,0 +1,59 @@
+"""RealCustomTrainer benchmark; prints ratios measured in one run (never asserted in tests).
+
+Seconds per optimizer step (micro-batch 2 × accumulation 2) and peak memory of the paper's training
+(branch ungated, eq. 4, with the adaptive scoring module) vs our [R] word-mask training, which adds a
+no-grad text-only forward per micro-batch to read each caption's word mask and gates the branch with it.
+The ratio is the price of the option; the paper's default pays nothing for the target words.
+
+Each variant runs in its own child process (bench/timing.py ``compare_trainers``); their steps alternate,
+so machine load affects them alike. Runs on the tiny SD1.5 of the test harness (real ComfyUI; CPU unless
+a GPU is there).
+Usage: .venv/bin/python bench/train_realcustom.py [--resolution 128] [--steps 3]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from timing import compare_trainers, describe_peaks, describe_trainer_run, optimizer_steps, parse_trainer_args  # noqa: E402 (needs the path above)
+
+ACCUMULATION = 2
+CAPTIONS = ["a photo of a red toy on a table", "a photo of a blue toy in the grass"]
+
+
+def build(loaded, options):
+    """One variant's optimizer step (runs in the child process)."""
+    from harness.comfy_env import pack_module
+    from harness.realcustom import tiny_clip_vision
+
+    model, clip, vae = loaded
+    trainer, glue = pack_module("nodes.realcustom_trainer"), pack_module("nodes.training_glue")
+    size = options["resolution"]
+    images = torch.rand(2, size, size, 3, generator=torch.Generator().manual_seed(0))
+    with glue.training_mode():
+        adapter, step = trainer.prepare_training(model, clip, vae, tiny_clip_vision(), images, CAPTIONS, size, False, 2,
+                                                 seed=1, adaptive_scoring=True, target_words=["toy", "toy"],
+                                                 word_mask_training=options["word_mask"])
+        optimizer = torch.optim.AdamW(list(adapter.parameters()), lr=1e-4)
+    return optimizer_steps(step, optimizer, ACCUMULATION)
+
+
+def main() -> None:
+    args = parse_trainer_args()
+    common = {"resolution": args.resolution}
+    results = compare_trainers(build, {"paper": {**common, "word_mask": False},
+                                       "word mask": {**common, "word_mask": True}}, args.steps)
+    paper, masked = results["paper"], results["word mask"]
+    print(describe_trainer_run(args, ACCUMULATION))
+    print(f"seconds per optimizer step: paper (ungated) {paper.seconds_per_step:.3f}, word-mask training "
+          f"{masked.seconds_per_step:.3f}, ratio {masked.seconds_per_step / paper.seconds_per_step:.3f}")
+    print(describe_peaks(results))
+
+
+if __name__ == "__main__":
+    main()
