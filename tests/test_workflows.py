@@ -21,6 +21,7 @@ EXPECTED_IMAGES = {
     "pva_lora": 1,
     "realcustom_generation": 1 + STEPS,  # the image, then the word mask of every step
     "realcustom_controlnet": 1 + STEPS,
+    "realcustom_train_then_sample": 1 + 2,  # the image, then what 'toy' covers on each training image
     "detex_train_then_sample": 1,
     "detex_pose_kept_vs_dropped": 2,
     # 2 first-pass images, the 'toy' mask of each image at every step, the 2 face-inpainted images

@@ -40,6 +40,8 @@ def shrink_for_tiny_models(api: dict, input_dir: Path, size: int = SIZE, steps: 
             inputs["pva_name"] = pva_assets.pva_path("arcface").name
         elif kind == "DisenDiffTrainer":
             inputs.update(steps=1, resolution=size, batch_size=1, grad_accumulation=1)
+        elif kind == "RealCustomTrainer":
+            inputs.update(steps=1, resolution=size, batch_size=1, grad_accumulation=1)
         elif kind == "CalibratedCrossAttn":
             _ensure_disendiff_embeddings(inputs["modifiers"])
         elif kind == "DecoupledTokenTrainer":  # free vectors: a ViT-L mapper input is too slow on CPU (node tests cover mappers)
