@@ -200,6 +200,15 @@ def compare_trainers(build: Callable, configurations: dict[str, dict], steps: in
                 process.terminate()
 
 
+def describe_seconds(results: dict[str, TrainerResult], ratio: tuple[str, str] | None = None, note: str = "") -> str:
+    """Seconds per optimizer step of every configuration, and ``ratio`` (numerator, denominator) of two."""
+    line = "seconds per optimizer step: " + ", ".join(f"{name} {r.seconds_per_step:.3f}" for name, r in results.items())
+    if ratio is not None:
+        top, bottom = ratio
+        line += f"; {top} / {bottom} {results[top].seconds_per_step / results[bottom].seconds_per_step:.3f}{note}"
+    return line
+
+
 def describe_peaks(results: dict[str, TrainerResult]) -> str:
     """One line per memory kind: peak RSS above the loaded model (and CUDA peak when present), in MiB."""
     lines = ["peak RSS above the loaded model, MiB: " + ", ".join(

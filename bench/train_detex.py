@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from timing import compare_trainers, describe_peaks, describe_trainer_run, optimizer_steps, parse_trainer_args  # noqa: E402 (needs the path above)
+from timing import compare_trainers, describe_peaks, describe_seconds, describe_trainer_run, optimizer_steps, parse_trainer_args  # noqa: E402 (needs the path above)
 
 ACCUMULATION = 2
 
@@ -71,7 +71,7 @@ def main() -> None:
     }, args.steps)
     seconds = {name: r.seconds_per_step for name, r in results.items()}
     print(describe_trainer_run(args, ACCUMULATION))
-    print("seconds per optimizer step: " + ", ".join(f"{name} {s:.3f}" for name, s in seconds.items()))
+    print(describe_seconds(results))
     print(f"ratios: DETEX/DisenDiff {seconds['DETEX mappers'] / seconds['DisenDiff']:.3f}, "
           f"mappers/free vectors {seconds['DETEX mappers'] / seconds['DETEX free vectors']:.3f}")
     print(describe_peaks(results))

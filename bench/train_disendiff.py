@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from timing import compare_trainers, describe_peaks, describe_trainer_run, optimizer_steps, parse_trainer_args  # noqa: E402 (needs the path above)
+from timing import compare_trainers, describe_peaks, describe_seconds, describe_trainer_run, optimizer_steps, parse_trainer_args  # noqa: E402 (needs the path above)
 
 ACCUMULATION = 2
 
@@ -75,8 +75,7 @@ def main() -> None:
                                        "reference": {**common, "reference": True}}, args.steps)
     ours, ref = results["ours"], results["reference"]
     print(describe_trainer_run(args, ACCUMULATION))
-    print(f"seconds per optimizer step: ours {ours.seconds_per_step:.3f}, reference {ref.seconds_per_step:.3f}, "
-          f"ratio {ours.seconds_per_step / ref.seconds_per_step:.3f} (target <= 1.0)")
+    print(describe_seconds(results, ("ours", "reference"), " (target <= 1.0)"))
     print(describe_peaks(results))
     print(f"peak RSS ratio ours/reference {ours.peak.rss_mib / ref.peak.rss_mib:.3f}")
     if ours.peak.cuda_mib is not None:

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from timing import compare_trainers, describe_peaks, describe_trainer_run, optimizer_steps, parse_trainer_args  # noqa: E402 (needs the path above)
+from timing import compare_trainers, describe_peaks, describe_seconds, describe_trainer_run, optimizer_steps, parse_trainer_args  # noqa: E402 (needs the path above)
 
 ACCUMULATION = 2
 CAPTIONS = ["a photo of a red toy on a table", "a photo of a blue toy in the grass"]
@@ -48,10 +48,8 @@ def main() -> None:
     common = {"resolution": args.resolution}
     results = compare_trainers(build, {"paper": {**common, "word_mask": False},
                                        "word mask": {**common, "word_mask": True}}, args.steps)
-    paper, masked = results["paper"], results["word mask"]
     print(describe_trainer_run(args, ACCUMULATION))
-    print(f"seconds per optimizer step: paper (ungated) {paper.seconds_per_step:.3f}, word-mask training "
-          f"{masked.seconds_per_step:.3f}, ratio {masked.seconds_per_step / paper.seconds_per_step:.3f}")
+    print(describe_seconds(results, ("word mask", "paper")))
     print(describe_peaks(results))
 
 

@@ -55,3 +55,11 @@ def test_each_configuration_reports_its_own_time_and_peak_memory():
 def test_a_child_that_fails_is_an_error_not_a_hang():
     outcome = _run(build_failing, {"broken": {}}, steps=1, load=load_nothing)
     assert isinstance(outcome.get("error"), EOFError)
+
+
+def test_seconds_line_names_every_configuration_and_the_ratio_asked_for():
+    peak = timing.PeakMemory(rss_mib=1.0, cuda_mib=None)
+    results = {"ours": timing.TrainerResult(1.5, peak), "reference": timing.TrainerResult(1.2, peak)}
+    line = timing.describe_seconds(results, ("ours", "reference"), " (target <= 1.0)")
+    assert line == "seconds per optimizer step: ours 1.500, reference 1.200; ours / reference 1.250 (target <= 1.0)"
+    assert timing.describe_seconds(results) == "seconds per optimizer step: ours 1.500, reference 1.200"
