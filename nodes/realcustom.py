@@ -3,6 +3,7 @@ Text-to-Image Customization", CVPR 2024; inference as in the released code byted
 
 - RealCustomLoader: the image branch (projector + visual K/V of every cross-attention layer), either the
   released SDXL model or this pack's CLIP-vision format.
+- RealCustomDINOv2Loader: DINOv2-L/14 with registers, the released model's second image encoder.
 - RealCustomEncodeReference: the reference image (and a black image for the negative pass) → image tokens.
 - AdaptiveMaskGuidance: patches a MODEL so the image branch is gated, at every step, by the mask of a real
   word of the prompt read from the model's own cross-attention.
@@ -35,6 +36,7 @@ from ..attention.realcustom import (
     cond_rows,
     step_index,
 )
+from ..attention.realcustom_encoder import RegisterViT, interleave_local_tokens, reference_views
 from ..attention.realcustom_scoring import INFERENCE_KEEP, alpha_bar, masked_latent
 from ..attention.realcustom_weights import (
     FORMAT_KEY,
@@ -57,6 +59,7 @@ UNCOND_IMAGES = ("black image", "none")
 GUIDANCE_MODES = ("CFG (released code)", "cascaded (paper eq. 13)")
 
 AdapterType = io.Custom("REALCUSTOM_ADAPTER")
+DinoType = io.Custom("REALCUSTOM_DINOV2")
 ReferenceType = io.Custom("REALCUSTOM_REFERENCE")
 MasksType = io.Custom("REALCUSTOM_MASKS")
 
@@ -88,11 +91,18 @@ class MaskRecord:
     steps: list[torch.Tensor] = field(default_factory=list)
 
 
+@dataclass(frozen=True, eq=False)
+class LoadedDino:
+    model: RegisterViT
+    patcher: comfy.model_patcher.ModelPatcher
+    name: str
+
+
 OFFICIAL_ENCODER_MESSAGE = (
     "RealCustomEncodeReference: the released RealCustom model reads SigLIP-so400m-patch14-384 AND DINOv2-L/14 "
-    "with 4 registers (timm vit_large_patch14_reg4_dinov2.lvd142m, block 22 patch tokens). ComfyUI loads the "
-    "SigLIP one as CLIP_VISION, but its DINOv2 (comfy.image_encoders.dino2) has no register tokens, so the "
-    "released adapter cannot be fed the features it was trained on. Use an adapter in this pack's CLIP-vision format (RealCustomTrainer) instead.")
+    "with 4 registers. Connect the SigLIP model as clip_vision (CLIPVisionLoader, e.g. "
+    "sigclip_vision_patch14_384.safetensors) and the DINOv2 one to the dinov2 input (RealCustomDINOv2Loader with "
+    "timm's vit_large_patch14_reg4_dinov2.lvd142m weights as safetensors in models/clip_vision).")
 
 
 class RealCustomLoader(io.ComfyNode):
@@ -131,6 +141,76 @@ class RealCustomLoader(io.ComfyNode):
         return io.NodeOutput(LoadedAdapter(adapter, patcher, adapter_name))
 
 
+class RealCustomDINOv2Loader(io.ComfyNode):
+    """Loads DINOv2 with register tokens (timm ``vit_large_patch14_reg4_dinov2.lvd142m``), the second image
+    encoder of the released RealCustom model (bytedance/RealCustom), which ComfyUI's CLIPVisionLoader cannot
+    read: ComfyUI's DINOv2 has no register tokens. Its penultimate block's patch tokens are what the
+    released adapter was trained on; the 518-px position embedding is resampled to the 384-px views as
+    timm does.
+
+    - dinov2_name: the timm weights as safetensors in models/clip_vision (timm's ``model.safetensors``, or the
+      released ``ckpts/vit_large_patch14_reg4_dinov2.lvd142m/pytorch_model.bin`` converted once; this pack
+      never unpickles).
+    """
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="RealCustomDINOv2Loader",
+            display_name="Load RealCustom DINOv2 (registers)",
+            category=CATEGORY,
+            description="Load DINOv2-L/14 with registers, the released RealCustom model's second image encoder.",
+            inputs=[io.Combo.Input("dinov2_name", options=folder_paths.get_filename_list("clip_vision"),
+                                   tooltip="timm vit_large_patch14_reg4_dinov2 weights (safetensors) in models/clip_vision.")],
+            outputs=[DinoType.Output(display_name="dinov2", tooltip="The encoder, for RealCustomEncodeReference's dinov2 input.")],
+        )
+
+    @classmethod
+    @names_node
+    def execute(cls, dinov2_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("clip_vision", dinov2_name)
+        state_dict, _ = read_safetensors("RealCustomDINOv2Loader", path, "DINOv2 file")
+        try:
+            encoder = RegisterViT.from_state_dict(state_dict)
+        except ValueError as error:
+            raise ValueError(f"RealCustomDINOv2Loader: {dinov2_name} is {error}") from None
+        patcher = comfy.model_patcher.ModelPatcher(encoder, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        return io.NodeOutput(LoadedDino(encoder, patcher, dinov2_name))
+
+
+def _released_features(clip_vision, dinov2: LoadedDino, views: torch.Tensor) -> torch.Tensor:
+    """SigLIP (clip_vision) and DINOv2 penultimate patch tokens of ``(B, 3, 384, 384)`` views, channel-concatenated."""
+    siglip = clip_vision.encode_image(views.movedim(1, -1), crop=False)["penultimate_hidden_states"]
+    comfy.model_management.load_model_gpu(dinov2.patcher)
+    with torch.no_grad():
+        dino = dinov2.model(views.to(dinov2.patcher.load_device))
+    if siglip.shape[1] != dino.shape[1]:
+        raise ValueError(f"RealCustomEncodeReference: the clip_vision model gives {siglip.shape[1]} tokens per 384-px view, "
+                         f"DINOv2 {dino.shape[1]}; the released model needs SigLIP-so400m-patch14-384 as clip_vision.")
+    return torch.cat([siglip.float().to(dino.device), dino.float()], dim=-1)
+
+
+def _released_tokens(adapter: LoadedAdapter, clip_vision, dinov2: LoadedDino | None, image) -> torch.Tensor:
+    """Tokens of [reference, black image] for the released model: global and polyphase local views through
+    SigLIP + DINOv2 (see attention/realcustom_encoder.py), then the released projector."""
+    if dinov2 is None:
+        raise ValueError(OFFICIAL_ENCODER_MESSAGE)
+    images = torch.cat([image, torch.zeros_like(image)])[..., :3].movedim(-1, 1).float()
+    global_views, local_views = reference_views(images)
+    global_features = _released_features(clip_vision, dinov2, global_views)
+    local_features = interleave_local_tokens(_released_features(clip_vision, dinov2, local_views))
+    if global_features.shape[-1] != adapter.adapter.vision_dim:
+        raise ValueError(f"RealCustomEncodeReference: clip_vision + dinov2 give {global_features.shape[-1]} channels, but "
+                         f"adapter {adapter.name} expects {adapter.adapter.vision_dim} (SigLIP-so400m 1152 + DINOv2-L 1024); "
+                         "connect the encoders it was trained with.")
+    comfy.model_management.load_model_gpu(adapter.patcher)
+    projector = adapter.adapter.projector
+    with torch.no_grad():
+        weight = next(projector.parameters())
+        return projector(global_features.to(weight), local_features.to(weight)).float()
+
+
 class RealCustomEncodeReference(io.ComfyNode):
     """Turns the reference image into RealCustom image tokens (and a black image into the negative tokens,
     as the released code does for the unconditional pass).
@@ -140,6 +220,9 @@ class RealCustomEncodeReference(io.ComfyNode):
     - image: one reference image; like the released code it is squashed to the encoder's square input
       unless crop is on.
     - crop: center-crop instead of squashing (released code: off).
+    - dinov2: RealCustomDINOv2Loader, needed by the released SDXL model only (with SigLIP-so400m-384 as
+      clip_vision); its reference is seen as the released code does: squashed to 768, one 384 global view
+      and the four 384 polyphase views of the 768 image, both encoders at their penultimate block.
     """
 
     @classmethod
@@ -154,19 +237,22 @@ class RealCustomEncodeReference(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", tooltip="Image encoder the adapter was trained with."),
                 io.Image.Input("image", tooltip="The subject's reference image (one image)."),
                 io.Boolean.Input("crop", default=False, tooltip="Center-crop to a square instead of squashing (released code squashes)."),
+                DinoType.Input("dinov2", optional=True,
+                               tooltip="DINOv2 with registers (RealCustomDINOv2Loader); only the released SDXL model needs it."),
             ],
             outputs=[ReferenceType.Output(display_name="reference", tooltip="Reference tokens for AdaptiveMaskGuidance.")],
         )
 
     @classmethod
     @names_node
-    def execute(cls, adapter: LoadedAdapter, clip_vision, image, crop) -> io.NodeOutput:
-        if adapter.adapter.format_name == OFFICIAL_FORMAT:
-            raise ValueError(OFFICIAL_ENCODER_MESSAGE)
+    def execute(cls, adapter: LoadedAdapter, clip_vision, image, crop, dinov2: LoadedDino | None = None) -> io.NodeOutput:
         if image.shape[0] != 1:
             raise ValueError(f"RealCustomEncodeReference: give one reference image, got a batch of {image.shape[0]} "
                              "(pick one with ImageFromBatch).")
         require_finite("RealCustomEncodeReference", "reference image", image)
+        if adapter.adapter.format_name == OFFICIAL_FORMAT:
+            tokens = _released_tokens(adapter, clip_vision, dinov2, image).to(comfy.model_management.intermediate_device())
+            return io.NodeOutput(EncodedReference(adapter, ImageTokens(reference=tokens[:1], negative=tokens[1:])))
         images = torch.cat([image, torch.zeros_like(image)])  # reference, black image
         features = clip_vision.encode_image(images, crop=crop)["penultimate_hidden_states"]
         if features.shape[-1] != adapter.adapter.vision_dim:
@@ -474,4 +560,4 @@ class RealCustomMaskPreview(io.ComfyNode):
         return io.NodeOutput(mask, mask[..., None].expand(-1, -1, -1, 3).contiguous())
 
 
-REALCUSTOM_NODES = [RealCustomLoader, RealCustomEncodeReference, AdaptiveMaskGuidance, RealCustomMaskPreview]
+REALCUSTOM_NODES = [RealCustomLoader, RealCustomDINOv2Loader, RealCustomEncodeReference, AdaptiveMaskGuidance, RealCustomMaskPreview]

@@ -50,6 +50,8 @@ grep -viE '^(torch|torchvision|torchaudio|spandrel|kornia)([<>=~ ]|$)' "$COMFY_D
 
 echo "[setup] pack requirements + test tools"
 "${pip[@]}" -r "$ROOT/requirements.txt" pytest
+# timm only as the reference the DINOv2-with-registers port is tested against (its other needs are installed above)
+"${pip[@]}" --no-deps "timm==1.0.31"
 
 mkdir -p "$COMFY_DIR/custom_nodes"
 ln -sfn "$ROOT" "$COMFY_DIR/custom_nodes/$PACK_LINK_NAME"

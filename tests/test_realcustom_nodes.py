@@ -1,6 +1,7 @@
 """RealCustom nodes in the real ComfyUI on the tiny SD1.5 / SDXL models."""
 import pytest
 import torch
+import torch.nn.functional as F
 from harness.checkpoints import empty_latent, encode_prompt, sample, sdxl_conditioning
 from harness.comfy_env import pack_module
 from harness.pack_nodes import run_node
@@ -295,16 +296,77 @@ def test_loader_rejects_a_file_without_realcustom_weights(comfy):
         path.unlink()
 
 
-def test_released_adapter_needs_encoders_comfyui_lacks(comfy, sd15):
+def test_released_adapter_without_dinov2_says_which_encoders_it_needs(comfy, sd15):
     from harness.comfy_env import pack_module
     from harness.realcustom import tiny_clip_vision
     weights = pack_module("attention.realcustom_weights")
     sd = official_state_dict(vision_dim=128, token_dim=64, layers=[("mid_block.attentions.0", 1, 1280)])
     released = weights.adapter_from_state_dict(weights.convert_official(sd), weights.OFFICIAL_FORMAT)
     adapter = pack_module("nodes.realcustom").LoadedAdapter(released, None, "RealCustom_highres.safetensors")
-    with pytest.raises(ValueError, match="DINOv2-L/14 with 4 registers"):
+    with pytest.raises(ValueError, match="SigLIP-so400m-patch14-384 AND DINOv2-L/14 with 4 registers.*RealCustomDINOv2Loader"):
         run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(),
                  image=torch.rand(1, 32, 32, 3), crop=False)
+
+
+def released_layout_adapter(model, vision_dim: int, name: str):
+    """A random adapter of the released format (HighResMinAttn projector) for ``model``'s cross-attention
+    layers, written to models/realcustom and loaded by RealCustomLoader."""
+    from harness.checkpoints import randomize_
+    from harness.comfy_env import models_dir, pack_module
+    from harness.realcustom import write_adapter
+    weights, realcustom = pack_module("attention.realcustom_weights"), pack_module("attention.realcustom")
+    blocks = [b for b in pack_module("nodes.patching").transformer_blocks(model) if b.has_cross_attention]
+    adapter = weights.RealCustomAdapter(weights.OFFICIAL_FORMAT, weights.HighResMinAttnProjector(vision_dim, 2048),
+                                        realcustom.ImageBranchWeights({b.key: (b.channels, 2048) for b in blocks}))
+    randomize_(adapter, seed=5, std=0.05)
+    path = models_dir() / "realcustom" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_adapter(path, adapter.state_dict(), weights.OFFICIAL_FORMAT)
+    return run_node("RealCustomLoader", adapter_name=name)[0]
+
+
+def test_released_model_encodes_its_views_through_siglip_and_dinov2_and_guides_sdxl(comfy, sdxl_model):
+    """Released path end to end on reduced encoders: the global view and the four polyphase local views of
+    the 768-px reference go through SigLIP (CLIP_VISION) and DINOv2 with registers (penultimate blocks),
+    channel-concatenated, locals interleaved token by token, into the released projector; then guidance."""
+    from harness.realcustom import TINY_DINOV2, tiny_dinov2_path, tiny_siglip_vision
+    siglip = tiny_siglip_vision()
+    dinov2 = run_node("RealCustomDINOv2Loader", dinov2_name=tiny_dinov2_path().name)[0]
+    assert dinov2.model.pos_embed.shape[1] == 27 * 27, "the 518-px grid is resampled to the 384-px views"
+    adapter = released_layout_adapter(sdxl_model, 64 + TINY_DINOV2["dim"], "test_released_layout_sdxl.safetensors")
+    image = torch.rand(1, 50, 70, 3, generator=torch.Generator().manual_seed(3))
+    encoded = run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=siglip, image=image, crop=False,
+                       dinov2=dinov2)[0]
+
+    def features(views):  # (N, 3, 384, 384) → SigLIP ‖ DINOv2 penultimate patch tokens
+        with torch.no_grad():
+            sig = siglip.encode_image(views.movedim(1, -1), crop=False)["penultimate_hidden_states"]
+            return torch.cat([sig.float(), dinov2.model(views).float()], dim=-1)
+    images = torch.cat([image, torch.zeros_like(image)]).movedim(-1, 1)
+    big = F.interpolate(images, size=(768, 768), mode="bilinear", align_corners=False)
+    quantise = lambda x: torch.floor(x.clamp(0, 1) * 255) / 255  # noqa: E731 (ToPILImage → ToTensor)
+    global_views = quantise(F.interpolate(big, size=(384, 384), mode="bilinear", align_corners=True))
+    local_views = quantise(torch.stack([big[:, :, r::2, c::2] for r in (0, 1) for c in (0, 1)], dim=1).flatten(0, 1))
+    local = features(local_views).view(2, 4, 729, -1).transpose(1, 2).reshape(2, 4 * 729, -1)
+    with torch.no_grad():
+        expected = adapter.adapter.projector(features(global_views), local)
+    assert encoded.tokens.reference.shape == (1, 729, 2048)
+    assert torch.allclose(encoded.tokens.reference, expected[:1], atol=1e-4)
+    assert torch.allclose(encoded.tokens.negative, expected[1:], atol=1e-4), "the negative is the black image"
+
+    from harness.text_encoders import sdxl_tokenizer_clip
+    patched, masks = guided(sdxl_model, encoded, sdxl_tokenizer_clip())
+    positive, negative = sdxl_conditioning(batch=1, seed=1), sdxl_conditioning(batch=1, seed=2)
+    out = sample(patched, positive, negative, empty_latent(1), steps=2)
+    plain = sample(sdxl_model, positive, negative, empty_latent(1), steps=2)
+    assert torch.isfinite(out).all() and len(masks.steps) == 2
+    assert not torch.allclose(out, plain, atol=1e-4), "the released branch changes the picture"
+
+
+def test_dinov2_loader_refuses_other_vision_files(comfy):
+    from harness.realcustom import vitl_clip_vision_path
+    with pytest.raises(ValueError, match="tiny_vitl.*not a DINOv2-with-registers file"):
+        run_node("RealCustomDINOv2Loader", dinov2_name=vitl_clip_vision_path().name)
 
 
 def test_pickle_checkpoints_are_not_offered(comfy):

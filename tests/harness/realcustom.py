@@ -5,6 +5,9 @@
   by their layer count, so a file of it would not load).
 - `vitl_clip_vision_path()`: a random ViT-L/14 CLIP-vision file in models/clip_vision, the smallest
   layout the stock CLIPVisionLoader detects, for workflow tests.
+- `tiny_siglip_vision()` / `tiny_dinov2_path()`: the released model's two encoders reduced (a SigLIP
+  CLIP_VISION of ComfyUI's own class at 384 px / patch 14, and a DINOv2-with-registers file in timm's layout
+  with the 518-px position grid of the real one), for the released-model path.
 - `adapter_path(...)`: a random adapter of this pack's CLIP-vision format for a model's cross-attention
   blocks, in models/realcustom.
 """
@@ -25,6 +28,13 @@ TINY_CLIP_VISION = dict(
     model_type="clip_vision_model", num_attention_heads=2, num_channels=3, num_hidden_layers=2, patch_size=8,
     projection_dim=16)
 VITL_CLIP_VISION = "tiny_vitl_clip_vision_v1.safetensors"
+TINY_SIGLIP_VISION = dict(
+    num_channels=3, hidden_act="gelu_pytorch_tanh", hidden_size=64, image_size=384, intermediate_size=128,
+    model_type="siglip_vision_model", num_attention_heads=2, num_hidden_layers=2, patch_size=14,
+    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+#: reduced DINOv2-L/14-reg4: width 64 (one 64-channel head), 3 blocks, 4 registers, 37×37 position grid (518 px)
+TINY_DINOV2 = dict(dim=64, depth=3, hidden=128, patch=14, registers=4, grid=37)
+TINY_DINOV2_FILE = "tiny_dinov2_reg4_v1.safetensors"
 
 
 @functools.cache
@@ -37,6 +47,29 @@ def tiny_clip_vision():
     model = comfy.clip_vision.ClipVisionModel(str(config))
     randomize_(model.model, seed=11)
     return model
+
+
+@functools.cache
+def tiny_siglip_vision():
+    boot_comfy(require_pack=False)
+    import comfy.clip_vision
+
+    config = cache_dir() / "tiny_siglip_vision_realcustom_v1.json"
+    config.write_text(json.dumps(TINY_SIGLIP_VISION))
+    model = comfy.clip_vision.ClipVisionModel(str(config))
+    randomize_(model.model, seed=13, std=0.05)
+    return model
+
+
+def _build_dinov2() -> dict:
+    from .comfy_env import pack_module
+    encoder = pack_module("attention.realcustom_encoder").RegisterViT(**TINY_DINOV2)
+    randomize_(encoder, seed=14, std=0.05)
+    return encoder.state_dict()
+
+
+def tiny_dinov2_path():
+    return _cached("clip_vision", TINY_DINOV2_FILE, _build_dinov2)
 
 
 def _build_vitl() -> dict:
