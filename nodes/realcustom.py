@@ -204,11 +204,16 @@ def _released_tokens(adapter: LoadedAdapter, clip_vision, dinov2: LoadedDino | N
         raise ValueError(f"RealCustomEncodeReference: clip_vision + dinov2 give {global_features.shape[-1]} channels, but "
                          f"adapter {adapter.name} expects {adapter.adapter.vision_dim} (SigLIP-so400m 1152 + DINOv2-L 1024); "
                          "connect the encoders it was trained with.")
+    return _project(adapter, global_features, local_features)
+
+
+def _project(adapter: LoadedAdapter, *features: torch.Tensor) -> torch.Tensor:
+    """The adapter's projector on encoder features (loaded by ComfyUI's memory manager), as float tokens."""
     comfy.model_management.load_model_gpu(adapter.patcher)
     projector = adapter.adapter.projector
     with torch.no_grad():
         weight = next(projector.parameters())
-        return projector(global_features.to(weight), local_features.to(weight)).float()
+        return projector(*(f.to(weight) for f in features)).float()
 
 
 class RealCustomEncodeReference(io.ComfyNode):
@@ -259,11 +264,7 @@ class RealCustomEncodeReference(io.ComfyNode):
             raise ValueError(f"RealCustomEncodeReference: this CLIP vision model gives {features.shape[-1]}-d features, "
                              f"but adapter {adapter.name} expects {adapter.adapter.vision_dim}-d; use the image encoder it "
                              "was trained with.")
-        comfy.model_management.load_model_gpu(adapter.patcher)
-        projector = adapter.adapter.projector
-        with torch.no_grad():
-            weight = next(projector.parameters())
-            tokens = projector(features.to(weight)).float().to(comfy.model_management.intermediate_device())
+        tokens = _project(adapter, features).to(comfy.model_management.intermediate_device())
         raw = features.float().to(comfy.model_management.intermediate_device())
         return io.NodeOutput(EncodedReference(adapter, ImageTokens(reference=tokens[:1], negative=tokens[1:]),
                                               ImageTokens(raw[:1], raw[1:]) if adapter.adapter.scoring else None))
