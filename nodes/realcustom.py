@@ -417,8 +417,7 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     Paper vs code: the released model has no adaptive scoring module and uses plain CFG (not the paper's
     cascaded eq. 13); this node follows the code by default, offers eq. 13 as ``guidance``, and scores the
     image tokens per call (paper §3.2, γ_num 0.8, masked latent) when the adapter was trained with the
-    adaptive scoring module (RealCustomTrainer). ``map_source``
-    "text-only pass" is the code's schedule (an
+    adaptive scoring module (RealCustomTrainer). ``map_source`` "text-only pass" is the code's schedule (an
     extra cond-only forward without the image branch before each updating step, ~+50% time while updating);
     "previous step" (default) reads the map from the guided pass itself and applies it one step later (one
     text-only pass at step 0 only), which costs almost nothing.

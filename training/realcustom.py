@@ -51,6 +51,10 @@ class TrainingData:
         if self.word_indicators is not None and self.word_indicators.shape != self.contexts.shape[:2]:
             raise ValueError("every caption needs one target-word indicator over its context's tokens")
 
+    def captions_of(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text contexts and pooled outputs (None for SD1.x) of the captions of ``rows`` (on the data's device)."""
+        return self.contexts[rows], None if self.pooled is None else self.pooled[rows]
+
 
 class RealCustomStep:
     """The step function of :func:`training.loop.train`: one micro-batch's loss (all randomness from
@@ -68,18 +72,19 @@ class RealCustomStep:
     def word_masks(self, rows: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor,
                    settings: MaskSettings) -> torch.Tensor:
         """``(B, H', W')`` masks of the rows' target words on ``x_t``, read from a text-only pass."""
-        data, rows = self.data, rows.to(self.data.latents.device)
-        capture = WordMapCapture(data.word_indicators[rows], settings, tuple(x_t.shape[-2:]))
+        rows = rows.to(self.data.latents.device)
+        capture = WordMapCapture(self.data.word_indicators[rows], settings, tuple(x_t.shape[-2:]))
         with torch.no_grad():
-            self.denoise(x_t, sigma, data.contexts[rows], None if data.pooled is None else data.pooled[rows], capture)
+            self.denoise(x_t, sigma, *self.data.captions_of(rows), capture)
         return capture.mask()
 
     def __call__(self, micro: MicroStep) -> torch.Tensor:
         data, device = self.data, self.data.latents.device
-        rows = torch.randint(0, data.latents.shape[0], (self.batch_size,), generator=micro.generator)
-        x0 = data.latents[rows.to(device)]
+        rows = torch.randint(0, data.latents.shape[0], (self.batch_size,), generator=micro.generator).to(device)
+        x0 = data.latents[rows]
         sigma, x_t = noised(x0, self.sigmas, micro.generator)
-        features, contexts = data.features[rows.to(device)], data.contexts[rows.to(device)]
+        features = data.features[rows]
+        contexts, pooled = data.captions_of(rows)
         if self.word_mask is None:
             mask = torch.ones(self.batch_size, 1, 1, device=device)
         else:
@@ -92,7 +97,6 @@ class RealCustomStep:
                 latent = masked_latent(latent, mask)
             features = self.scoring(features, contexts, latent, alpha_bar(sigma), keep)
         run = TrainingRun(ImageTokens(self.projector(features), None), mask=mask)
-        pooled = None if data.pooled is None else data.pooled[rows.to(device)]
         denoised = self.denoise(x_t, sigma, contexts, pooled, run)
         return masked_mse(prediction_from_denoised(self.prediction, x_t, denoised, sigma),
                           prediction_from_denoised(self.prediction, x_t, x0, sigma))
@@ -106,8 +110,8 @@ def word_scope_preview(step: RealCustomStep, settings: MaskSettings, seed: int) 
     sigma_value = step.sigmas[len(step.sigmas) // 2]
     masks = []
     for start in range(0, data.latents.shape[0], step.batch_size):
-        rows = torch.arange(start, min(start + step.batch_size, data.latents.shape[0]))
-        x0 = data.latents[rows.to(data.latents.device)]
+        rows = torch.arange(start, min(start + step.batch_size, data.latents.shape[0]), device=data.latents.device)
+        x0 = data.latents[rows]
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         sigma = sigma_value.to(x0).expand(rows.shape[0])
         masks.append(step.word_masks(rows, add_noise(x0, noise, sigma), sigma, settings))
