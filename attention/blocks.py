@@ -8,10 +8,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Iterable
 
 import torch
 
 BlockKey = tuple[str, int, int]
+#: (path, module) pairs of a diffusion model, as ``named_modules()`` yields them
+NamedModules = Iterable[tuple[str, torch.nn.Module]]
 
 _TRANSFORMER_PATH = re.compile(
     r"^(?:(input|output)_blocks\.(\d+)|(middle)_block)\.\d+\.transformer_blocks\.(\d+)$"
@@ -44,18 +47,22 @@ def _order(key: BlockKey) -> tuple[int, int, int]:
     return rank, key[1], key[2]
 
 
-def discover_transformer_blocks(diffusion_model: torch.nn.Module, model_name: str = "model") -> list[TransformerBlock]:
-    """All transformer blocks of a SD1.x/SD2/SDXL-style U-Net, in diffusers' layer order.
+def discover_transformer_blocks(modules: NamedModules, model_name: str = "model") -> list[TransformerBlock]:
+    """All transformer blocks of a SD1.x/SD2/SDXL-style U-Net, in diffusers' layer order, from the
+    ``(path, module)`` pairs of its module tree (the tree as loaded: see nodes.patching).
 
     Raises UnsupportedModelError for anything without U-Net input/output blocks (DiT models).
     """
-    if not (hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks")):
+    modules = list(modules)
+    tops = {path for path, _ in modules if path and "." not in path}
+    if not {"input_blocks", "output_blocks"} <= tops:
+        root = type(modules[0][1]).__name__ if modules else "empty model"
         raise UnsupportedModelError(
-            f"{model_name} is a {type(diffusion_model).__name__}, not a U-Net (SD1.5/SD2/SDXL). "
+            f"{model_name} is a {root}, not a U-Net (SD1.5/SD2/SDXL). "
             "DiT models such as Flux or SD3 are not supported yet by the personalization nodes."
         )
     blocks = []
-    for path, module in diffusion_model.named_modules():
+    for path, module in modules:
         match = _TRANSFORMER_PATH.match(path)
         if match is None:
             continue
@@ -75,9 +82,9 @@ def discover_transformer_blocks(diffusion_model: torch.nn.Module, model_name: st
     return sorted((replace(b, alone_in_block=depth[b.key[:2]] == 1) for b in blocks), key=lambda b: _order(b.key))
 
 
-def group_norm_paths(diffusion_model: torch.nn.Module) -> list[str]:
-    """Module paths of every GroupNorm in the U-Net (ResBlocks and transformer input norms)."""
-    return [path for path, module in diffusion_model.named_modules() if isinstance(module, torch.nn.GroupNorm)]
+def group_norms(modules: NamedModules) -> list[tuple[str, torch.nn.GroupNorm]]:
+    """``(path, module)`` of every GroupNorm in the U-Net (ResBlocks and transformer input norms)."""
+    return [(path, module) for path, module in modules if isinstance(module, torch.nn.GroupNorm)]
 
 
 def parse_block_selection(text: str, blocks: list[TransformerBlock]) -> frozenset[BlockKey]:

@@ -142,6 +142,7 @@ class DisenDiffTrainer(io.ComfyNode):
                 io.String.Output(display_name="prompt", tooltip="The training prompt with all concepts, e.g. for sampling."),
                 io.String.Output(display_name="lora_name", tooltip="File name of the exported K/V LoRA in models/loras."),
             ],
+            is_output_node=True,  # it writes files: it runs even when nothing uses its outputs
         )
 
     @classmethod

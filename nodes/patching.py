@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
+import torch
 
 from ..attention.blocks import TransformerBlock, discover_transformer_blocks
 from ..attention.dispatcher import (CHAIN_KEY, AttentionConflictError, AttentionProcessor, ProcessorChain,
@@ -17,11 +18,33 @@ WRAPPER_KEY = "personalization"
 DISPATCH_CHECK_KEY = WRAPPER_KEY + ".dispatch_check"
 
 
+def unpatched_modules(model, root: str = "diffusion_model") -> list[tuple[str, torch.nn.Module]]:
+    """``(path, module)`` of the model's tree under ``root`` as it was loaded (paths relative to ``root``).
+
+    Clones share one module tree, and ComfyUI leaves the object patches of the clone it last loaded
+    applied to it (ours or another pack's, restored only when another clone loads). A walk of the live
+    tree would find those stand-ins, and their children, where the loaded modules are: the originals
+    are in ``object_patches_backup``, which every clone of a model shares.
+    """
+    backups = model.object_patches_backup
+    found = []
+
+    def walk(module, path):
+        module = backups.get(path, module)
+        found.append((path, module))
+        for name, child in module.named_children():
+            walk(child, f"{path}.{name}" if path else name)
+
+    walk(model.model, "")
+    if not root:
+        return found
+    return [(path[len(root) + 1:], module) for path, module in found if path == root or path.startswith(root + ".")]
+
+
 def transformer_blocks(model, node: str = "") -> list[TransformerBlock]:
     """The transformer blocks of a MODEL's U-Net; a clear error (naming ``node``) for DiT and other families."""
     who = f"{node}: this MODEL" if node else "This MODEL"
-    return discover_transformer_blocks(model.get_model_object("diffusion_model"),
-                                       model_name=f"{who} ({type(model.model).__name__})")
+    return discover_transformer_blocks(unpatched_modules(model), model_name=f"{who} ({type(model.model).__name__})")
 
 
 def add_attention_processor(patched, processor: AttentionProcessor, blocks: list[TransformerBlock]) -> None:

@@ -211,6 +211,7 @@ class PVAIdentityTune(io.ComfyNode):
                 PVAType.Output(display_name="pva", tooltip="The tuned PVA weights (also saved to models/pva)."),
                 io.String.Output(display_name="pva_name", tooltip="File name of the tuned weights in models/pva."),
             ],
+            is_output_node=True,  # it writes files: it runs even when nothing uses its outputs
         )
 
     @classmethod
@@ -313,6 +314,7 @@ class PVATrainer(io.ComfyNode):
                 PVAType.Output(display_name="pva", tooltip="The trained PVA weights (also saved to models/pva)."),
                 io.String.Output(display_name="pva_name", tooltip="File name of the trained weights in models/pva."),
             ],
+            is_output_node=True,  # it writes files: it runs even when nothing uses its outputs
         )
 
     @classmethod

@@ -203,6 +203,7 @@ class RealCustomTrainer(io.ComfyNode):
                 io.Mask.Output(display_name="word_masks", tooltip="What each target word covers on its training image (all ones without words)."),
                 io.Image.Output(display_name="word_preview", tooltip="The training images dimmed outside their word's mask."),
             ],
+            is_output_node=True,  # it writes files: it runs even when nothing uses its outputs
         )
 
     @classmethod

@@ -16,7 +16,7 @@ import comfy.samplers
 import latent_preview
 import torch
 
-from ..attention.blocks import evenly_skipped, group_norm_paths, parse_block_selection
+from ..attention.blocks import evenly_skipped, group_norms, parse_block_selection
 from ..attention.dispatcher import sigma_in_range
 from ..attention.group_norm import ReferenceSharedGroupNorm, norm_sharing
 from ..attention.layout import chunk_count
@@ -29,6 +29,7 @@ from .patching import (
     add_attention_processor,
     sigma_range,
     transformer_blocks,
+    unpatched_modules,
 )
 
 CATEGORY = "personalization/style_aligned"
@@ -154,10 +155,8 @@ class SharedAttentionBatch(io.ComfyNode):
         patched = model.clone()
         add_attention_processor(patched, processor, found)
         if share_group_norm:
-            diffusion_model = patched.get_model_object("diffusion_model")
-            for path in group_norm_paths(diffusion_model):
-                original = patched.get_model_object(f"diffusion_model.{path}")
-                patched.add_object_patch(f"diffusion_model.{path}", ReferenceSharedGroupNorm(original))
+            for path, norm in group_norms(unpatched_modules(model)):
+                patched.add_object_patch(f"diffusion_model.{path}", ReferenceSharedGroupNorm(norm))
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY + ".style_aligned",
                                      _ReferenceRowsWrapper(share_group_norm, controlnet_on_reference, sigma_start, sigma_end))
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY + ".style_aligned",

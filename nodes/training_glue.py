@@ -32,6 +32,7 @@ import torch
 from comfy.weight_adapter.base import WeightAdapterTrainBase
 
 from ..training.losses import EPSILON, V_PREDICTION
+from .patching import unpatched_modules
 
 check_interrupted: Callable[[], None] = comfy.model_management.throw_exception_if_processing_interrupted
 
@@ -88,7 +89,7 @@ def trainable_unet(model, deltas: Mapping[str, WeightDelta]):
     patched = model.clone()
     patched.set_model_compute_dtype(torch.float32)
     wrapped = set()
-    for name, module in patched.model.named_modules():
+    for name, module in unpatched_modules(patched, root=""):
         if not hasattr(module, "comfy_cast_weights"):
             continue
         for param in ("weight", "bias"):  # norms save their bias for backward too

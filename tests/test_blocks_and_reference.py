@@ -38,7 +38,7 @@ class ToyUNet(torch.nn.Module):
 
 
 def test_discovery_finds_every_block_in_diffusers_order():
-    keys = [b.key for b in discover_transformer_blocks(ToyUNet())]
+    keys = [b.key for b in discover_transformer_blocks(ToyUNet().named_modules())]
     assert keys == [("input", 1, 0), ("input", 1, 1), ("output", 0, 0), ("middle", 0, 0)]
 
 
@@ -49,11 +49,11 @@ def test_dit_models_are_rejected_clearly():
             self.double_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
 
     with pytest.raises(UnsupportedModelError, match="not supported yet"):
-        discover_transformer_blocks(FluxLike())
+        discover_transformer_blocks(FluxLike().named_modules())
 
 
 def test_block_selection():
-    blocks = discover_transformer_blocks(ToyUNet())
+    blocks = discover_transformer_blocks(ToyUNet().named_modules())
     assert parse_block_selection("", blocks) == {b.key for b in blocks}
     assert parse_block_selection("middle, input:1.1", blocks) == {("middle", 0, 0), ("input", 1, 1)}
     assert parse_block_selection("output:0", blocks) == {("output", 0, 0)}

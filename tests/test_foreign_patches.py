@@ -30,7 +30,7 @@ def image_attention(out, q, k, v, extra_options, weight=1.0, **_):
 
 
 def one_transformer_block_keys(model):
-    blocks = pack_module("attention.blocks").discover_transformer_blocks(model.get_model_object("diffusion_model"))
+    blocks = pack_module("attention.blocks").discover_transformer_blocks(model.get_model_object("diffusion_model").named_modules())
     return [block.key[:2] for block in blocks if block.has_cross_attention]
 
 
@@ -196,3 +196,66 @@ def test_plain_foreign_replace_after_ours_is_refused_not_silently_dropped(foreig
     with pytest.raises(WorkflowExecutionError, match=rf"doubled_attention from test_foreign.*after .*{technique}.*"
                                                      r"would silently do nothing"):
         sampled(graph(["ours", "ForeignAttentionReplace"], technique, reference_image))
+
+
+class WrappedNorm(torch.nn.Module):
+    """Another pack's object patch that keeps the original GroupNorm as a child (``.norm``)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class ForeignNormWrapper:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = "tests/foreign"
+
+    def apply(self, model):
+        patched = model.clone()
+        tree = patched.get_model_object("diffusion_model")
+        for path, module in list(tree.named_modules()):
+            if isinstance(module, torch.nn.GroupNorm):
+                patched.add_object_patch(f"diffusion_model.{path}", WrappedNorm(module))
+        return (patched,)
+
+
+def norm_graph(model_node: dict | None, seed: int) -> dict:
+    """txt2img on the tiny SD1.5 through ``model_node`` (a node taking ``model``), batch 2, 2 steps."""
+    api = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoints.sd15_checkpoint_path().name}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a toy train, origami"}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 2}},
+        "patch": {**model_node, "inputs": {**model_node["inputs"], "model": ["ckpt", 0]}},
+        "sampler": {"class_type": "KSampler", "inputs": {
+            "model": ["patch", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+            "seed": seed, "steps": STEPS, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sampler", 0], "filename_prefix": "norms"}},
+    }
+    return api
+
+
+def test_group_norm_sharing_after_a_foreign_norm_wrapper_was_loaded(comfy):
+    """ComfyUI leaves the last sampled clone's object patches applied: SharedAttentionBatch must patch the
+    loaded GroupNorms, not the children of another pack's wrappers (was: AttributeError '...norm')."""
+    from harness.pack_nodes import SHARED_ATTENTION_DEFAULTS
+    from harness.workflows import new_executor
+
+    comfy.nodes.NODE_CLASS_MAPPINGS["ForeignNormWrapper"] = ForeignNormWrapper
+    try:
+        shared = {"class_type": "SharedAttentionBatch", "inputs": {**SHARED_ATTENTION_DEFAULTS, "share_group_norm": True}}
+        executor = new_executor()
+        execute_workflow(norm_graph({"class_type": "ForeignNormWrapper", "inputs": {}}, seed=1), executor=executor)
+        after_foreign = execute_workflow(norm_graph(shared, seed=1), executor=executor)
+        alone = execute_workflow(norm_graph(shared, seed=1), executor=new_executor())
+    finally:
+        comfy.nodes.NODE_CLASS_MAPPINGS.pop("ForeignNormWrapper")
+    assert torch.equal(after_foreign["sampler"].outputs[0][0]["samples"], alone["sampler"].outputs[0][0]["samples"])

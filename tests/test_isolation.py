@@ -2,13 +2,18 @@
 each other, and memory does not grow run after run."""
 import gc
 import random
+from pathlib import Path
 
+import numpy as np
 import psutil
+import pytest
 import torch
+from PIL import Image
 
 from harness import checkpoints
 from harness.pack_nodes import SHARED_ATTENTION_DEFAULTS
-from harness.workflows import execute_workflow, new_executor
+from harness.tiny_workflows import shrink_for_tiny_models
+from harness.workflows import execute_workflow, load_ui_workflow, new_executor, ui_to_api
 
 RUNS = 100
 
@@ -66,3 +71,61 @@ def test_mixed_runs_never_leak_and_memory_stays_flat(comfy):
     gc.collect()
     growth = process.memory_info().rss - rss_after_warmup
     assert growth < 300 * 2**20, f"memory grew by {growth / 2**20:.0f} MiB over {RUNS - 20} runs"
+
+
+# ---- one process, one executor: sampling with the pack's object patches, then every trainer -----------------------
+
+def _workflow_graph(stem: str, input_dir: Path) -> dict:
+    path = Path(__file__).resolve().parents[1] / "workflows" / f"{stem}.json"
+    return shrink_for_tiny_models(ui_to_api(load_ui_workflow(path)), input_dir)
+
+
+def _pva_graph(node: str, input_dir: Path) -> dict:
+    """PVATrainer / PVAIdentityTune on the tiny SD1.5 (the checkpoint the StyleAligned graph sampled with),
+    continuing from the tiny PVA file, 1 step."""
+    from harness.pva_assets import arcface_path, pva_path
+    arcface_path()
+    photo = "isolation_face.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(input_dir / photo)
+    photos = "images" if node == "PVATrainer" else "photos"
+    common = dict(model=["ckpt", 0], clip=["ckpt", 1], vae=["ckpt", 2], pva=["pva", 0], name=f"isolation_{node}",
+                  steps=1, learning_rate=1e-4, word_learning_rate=1e-3, timestep_bins=1, seed=0, checkpoint_every=0)
+    common[photos] = ["photos", 0]
+    if node == "PVATrainer":
+        common.update(images_per_identity=2, encoder="arcface", transformer_learning_rate=1e-4, init_word="person")
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoints.sd15_checkpoint_path().name}},
+        "pva": {"class_type": "PVALoader", "inputs": {"pva_name": pva_path("arcface").name}},
+        "photo": {"class_type": "LoadImage", "inputs": {"image": photo}},
+        "photos": {"class_type": "RepeatImageBatch", "inputs": {"image": ["photo", 0], "amount": 2}},
+        "train": {"class_type": node, "inputs": common},
+    }
+
+
+TRAINER_GRAPHS = {
+    "DisenDiffTrainer": lambda d: _workflow_graph("disendiff_train_then_sample", d),
+    "DecoupledTokenTrainer": lambda d: _workflow_graph("detex_train_then_sample", d),
+    "RealCustomTrainer": lambda d: _workflow_graph("realcustom_train_then_sample", d),
+    "PVATrainer": lambda d: _pva_graph("PVATrainer", d),
+    "PVAIdentityTune": lambda d: _pva_graph("PVAIdentityTune", d),
+}
+#: every object patch the pack makes on a shared U-Net (StyleAligned's GroupNorm sharing), as node inputs
+OBJECT_PATCHING_GRAPHS = {"share_group_norm": {"share_group_norm": True}}
+
+
+@pytest.mark.parametrize("patch", OBJECT_PATCHING_GRAPHS, ids=str)
+@pytest.mark.parametrize("trainer", TRAINER_GRAPHS)
+def test_trainer_after_sampling_with_object_patches_in_one_process(comfy, trainer, patch):
+    """ComfyUI keeps the last sampled clone's object patches applied to the shared U-Net: a trainer that
+    discovered its modules from that live tree missed the norms (the newcomer's crash 'Inference tensors
+    cannot be saved for backward' in group_norm)."""
+    executor = new_executor()
+    input_dir = Path(comfy.folder_paths.get_input_directory())
+    execute_workflow(graph(7, OBJECT_PATCHING_GRAPHS[patch]), executor=executor)
+    graph_of_trainer = TRAINER_GRAPHS[trainer](input_dir)
+    assert any(node["class_type"] == trainer for node in graph_of_trainer.values())
+    execute_workflow(graph_of_trainer, executor=executor)
+    # nothing of the training run stays on the shared U-Net: sampling after it equals a fresh process's
+    after_training = latent_of(execute_workflow(graph(8, OBJECT_PATCHING_GRAPHS[patch]), executor=executor))
+    fresh = latent_of(execute_workflow(graph(8, OBJECT_PATCHING_GRAPHS[patch]), executor=new_executor()))
+    assert torch.equal(after_training, fresh)
