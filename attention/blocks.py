@@ -1,7 +1,13 @@
-"""Finds the transformer blocks of a U-Net by scanning its modules, never from hard-coded tables.
+"""Finds the transformer blocks of a diffusion model by scanning its modules, never from hard-coded tables.
 
-Keys follow ComfyUI's patch addressing: ``(block_name, block_id, transformer_index)`` where
-``block_name`` is ``"input"``, ``"middle"`` or ``"output"``; the middle block is ``("middle", 0)``.
+This module and the joint-attention dispatcher's views (:mod:`.joint`) are the only places that know model
+families; technique code sees blocks and attention calls, not families.
+
+Keys are ``(block_name, block_id, transformer_index)``:
+- U-Nets (SD1.5/SD2/SDXL) follow ComfyUI's attn1/attn2 patch addressing: ``block_name`` is ``"input"``,
+  ``"middle"`` or ``"output"``; the middle block is ``("middle", 0)``.
+- DiTs name their blocks as ComfyUI's models do, index 0: Flux ``("double", i, 0)`` and ``("single", i, 0)``,
+  SD3/SD3.5 (MMDiT) ``("joint", i, 0)``. Users select them as ``double:3``, ``single:12``, ``joint:7``.
 """
 from __future__ import annotations
 
@@ -19,10 +25,33 @@ NamedModules = Iterable[tuple[str, torch.nn.Module]]
 _TRANSFORMER_PATH = re.compile(
     r"^(?:(input|output)_blocks\.(\d+)|(middle)_block)\.\d+\.transformer_blocks\.(\d+)$"
 )
+_DIT_BLOCK_PATH = re.compile(r"^(double_blocks|single_blocks|joint_blocks)\.(\d+)$")
 
 
 class UnsupportedModelError(ValueError):
-    """The model is not a U-Net this pack can patch (e.g. a DiT such as Flux or SD3)."""
+    """The model is not of a family this pack (or this node) can patch."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the dispatcher must know of a model family."""
+
+    name: str
+    #: attention reaches the pack through ComfyUI's attention override on joint text+image sequences (DiT),
+    #: not through per-block attn1/attn2 replaces (U-Net)
+    joint: bool = False
+    #: ComfyUI itself puts the running block into transformer_options (Flux); else the dispatcher marks it
+    comfy_marks_blocks: bool = False
+    #: queries and keys reach the attention function with rotary position embedding already applied
+    rope_applied: bool = False
+
+
+UNET = Family("U-Net (SD1.5/SD2/SDXL)")
+FLUX = Family("Flux", joint=True, comfy_marks_blocks=True, rope_applied=True)
+MMDIT = Family("SD3/SD3.5 (MMDiT)", joint=True)
+#: the block names each DiT family's blocks go by, and the family
+_DIT_BLOCKS = {"double_blocks": ("double", FLUX), "single_blocks": ("single", FLUX), "joint_blocks": ("joint", MMDIT)}
+ALL_FAMILIES = (UNET, FLUX, MMDIT)
 
 
 @dataclass(frozen=True)
@@ -31,36 +60,54 @@ class TransformerBlock:
     module_path: str
     heads: int
     dim_head: int
+    #: image features attend to text: a U-Net attn2, or the image-query x text-key part of a DiT's joint attention
     has_cross_attention: bool
     #: the only transformer of its spatial transformer (SD1.x): other packs may key its replace by (name, id)
     alone_in_block: bool = False
+    family: Family = UNET
 
     @property
     def channels(self) -> int:
         return self.heads * self.dim_head
 
+    @property
+    def label(self) -> str:
+        """The block as users select it: ``input:4.0``, ``double:3``."""
+        name, block_id, index = self.key
+        return f"{name}:{block_id}" if self.family.joint else f"{name}:{block_id}.{index}"
+
+
+_ORDER = {"input": 0, "output": 1, "middle": 2, "double": 0, "single": 1, "joint": 0}
+
 
 def _order(key: BlockKey) -> tuple[int, int, int]:
     # Diffusers registers down blocks, then up blocks, then the middle block; the paper's
-    # layer-fraction control (StyleAligned `only_self_level`) indexes layers in that order.
-    rank = {"input": 0, "output": 1, "middle": 2}[key[0]]
-    return rank, key[1], key[2]
+    # layer-fraction control (StyleAligned `only_self_level`) indexes layers in that order. DiTs run in
+    # their forward order: Flux's double blocks, then its single blocks.
+    return _ORDER[key[0]], key[1], key[2]
 
 
 def discover_transformer_blocks(modules: NamedModules, model_name: str = "model") -> list[TransformerBlock]:
-    """All transformer blocks of a SD1.x/SD2/SDXL-style U-Net, in diffusers' layer order, from the
+    """All transformer blocks of a U-Net (SD1.x/SD2/SDXL) or DiT (Flux, SD3/SD3.5), in layer order, from the
     ``(path, module)`` pairs of its module tree (the tree as loaded: see nodes.patching).
 
-    Raises UnsupportedModelError for anything without U-Net input/output blocks (DiT models).
+    Raises UnsupportedModelError for any other architecture, naming the families that are supported.
     """
     modules = list(modules)
     tops = {path for path, _ in modules if path and "." not in path}
-    if not {"input_blocks", "output_blocks"} <= tops:
+    if {"input_blocks", "output_blocks"} <= tops:
+        blocks = _unet_blocks(modules)
+    else:
+        blocks = _dit_blocks(modules)
+    if not blocks:
         root = type(modules[0][1]).__name__ if modules else "empty model"
         raise UnsupportedModelError(
-            f"{model_name} is a {root}, not a U-Net (SD1.5/SD2/SDXL). "
-            "DiT models such as Flux or SD3 are not supported yet by the personalization nodes."
-        )
+            f"{model_name} is a {root}, which the personalization nodes cannot patch; supported families: "
+            f"{', '.join(f.name for f in ALL_FAMILIES)}.")
+    return sorted(blocks, key=lambda b: _order(b.key))
+
+
+def _unet_blocks(modules) -> list[TransformerBlock]:
     blocks = []
     for path, module in modules:
         match = _TRANSFORMER_PATH.match(path)
@@ -76,10 +123,23 @@ def discover_transformer_blocks(modules: NamedModules, model_name: str = "model"
             dim_head=attn1.dim_head,
             has_cross_attention=getattr(module, "attn2", None) is not None,
         ))
-    if not blocks:
-        raise UnsupportedModelError(f"{model_name} has no transformer blocks to patch.")
     depth = Counter(b.key[:2] for b in blocks)
-    return sorted((replace(b, alone_in_block=depth[b.key[:2]] == 1) for b in blocks), key=lambda b: _order(b.key))
+    return [replace(b, alone_in_block=depth[b.key[:2]] == 1) for b in blocks]
+
+
+def _dit_blocks(modules) -> list[TransformerBlock]:
+    blocks = []
+    for path, module in modules:
+        match = _DIT_BLOCK_PATH.match(path)
+        if match is None:
+            continue
+        name, family = _DIT_BLOCKS[match.group(1)]
+        attention = module.x_block.attn if family is MMDIT else module
+        heads = attention.num_heads
+        width = module.x_block.attn.qkv.weight.shape[1] if family is MMDIT else module.hidden_size
+        blocks.append(TransformerBlock(key=(name, int(match.group(2)), 0), module_path=path, heads=heads,
+                                       dim_head=width // heads, has_cross_attention=True, family=family))
+    return blocks
 
 
 def group_norms(modules: NamedModules) -> list[tuple[str, torch.nn.GroupNorm]]:
@@ -88,27 +148,30 @@ def group_norms(modules: NamedModules) -> list[tuple[str, torch.nn.GroupNorm]]:
 
 
 def parse_block_selection(text: str, blocks: list[TransformerBlock]) -> frozenset[BlockKey]:
-    """Turns a user selector like ``"input, middle, output:3, output:4.1"`` into block keys.
+    """Turns a user selector like ``"input, middle, output:3, output:4.1"`` or ``"double, single:0"`` into
+    block keys.
 
-    Each comma-separated item is ``name``, ``name:id`` or ``name:id.index``; empty text selects all.
-    Unknown names or items matching no block raise ValueError listing what exists.
+    Each comma-separated item is ``name``, ``name:id`` or ``name:id.index`` with a block name of the model
+    (U-Net: input, middle, output; Flux: double, single; SD3: joint); empty text selects all. Unknown names
+    or items matching no block raise ValueError listing what exists.
     """
     keys = [b.key for b in blocks]
+    names = sorted({k[0] for k in keys}, key=lambda n: _ORDER[n])
     items = [item.strip() for item in text.split(",") if item.strip()]
     if not items:
         return frozenset(keys)
     selected = set()
     for item in items:
-        match = re.fullmatch(r"(input|middle|output)(?::(\d+)(?:\.(\d+))?)?", item)
-        if match is None:
+        match = re.fullmatch(r"([a-z]+)(?::(\d+)(?:\.(\d+))?)?", item)
+        if match is None or match.group(1) not in names:
             raise ValueError(f"block selector {item!r} is not of the form name, name:id or name:id.index "
-                             "(name is input, middle or output)")
+                             f"(name is {', '.join(names)} for this model)")
         name, block_id, index = match.groups()
         hits = [k for k in keys if k[0] == name
                 and (block_id is None or k[1] == int(block_id))
                 and (index is None or k[2] == int(index))]
         if not hits:
-            available = ", ".join(f"{k[0]}:{k[1]}.{k[2]}" for k in keys)
+            available = ", ".join(b.label for b in blocks)
             raise ValueError(f"block selector {item!r} matches no transformer block; this model has: {available}")
         selected.update(hits)
     return frozenset(selected)

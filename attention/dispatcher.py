@@ -156,15 +156,15 @@ class ProcessorChain:
     """Ordered, immutable list of processors carried in transformer_options."""
 
     processors: tuple[AttentionProcessor, ...] = ()
-    #: (patch point, replace key) of every entry our dispatcher was installed at (block keys, and the
-    #: (name, id) aliases of one-transformer blocks)
+    #: (patch point, key) of every entry our patches were installed at: U-Net attn1/attn2 replaces (block
+    #: keys, and the (name, id) aliases of one-transformer blocks); a DiT's attention override and block markers
     served: frozenset[tuple[str, tuple]] = frozenset()
 
-    def with_processor(self, processor: AttentionProcessor, keys=()) -> "ProcessorChain":
-        """This chain plus ``processor`` (replacing one of the same name), served at the replace ``keys``."""
+    def with_processor(self, processor: AttentionProcessor, served=()) -> "ProcessorChain":
+        """This chain plus ``processor`` (replacing one of the same name), our patches now also at the
+        ``(patch point, key)`` entries ``served``."""
         kept = tuple(p for p in self.processors if p.name != processor.name)
-        served = self.served | {(processor.patch_point, key) for key in keys}
-        return ProcessorChain(kept + (processor,), served)
+        return ProcessorChain(kept + (processor,), self.served | frozenset(served))
 
     def at(self, patch_point: str) -> tuple[AttentionProcessor, ...]:
         return tuple(p for p in self.processors if p.patch_point == patch_point)
@@ -176,16 +176,27 @@ class ProcessorChain:
 class AttentionCall:
     """What a processor knows about the attention call it is part of."""
 
-    def __init__(self, extra_options: dict, attention: AttentionFn, batch: int):
-        self.options = extra_options
-        self.heads: int = extra_options["n_heads"]
-        self.dim_head: int = extra_options["dim_head"]
-        block = extra_options.get("block")
-        self.block: Optional[BlockKey] = (block[0], block[1], extra_options.get("block_index", 0)) if block else None
-        self.cond_or_uncond: tuple[int, ...] = tuple(extra_options.get("cond_or_uncond") or ())
+    def __init__(self, options: dict, attention: AttentionFn, batch: int, heads: int, dim_head: int,
+                 block: Optional[BlockKey], context: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                 attn_precision=None):
+        self.options = options
+        self.heads, self.dim_head, self.block = heads, dim_head, block
+        self.cond_or_uncond: tuple[int, ...] = tuple(options.get("cond_or_uncond") or ())
         self.n_chunks: int = chunk_count(list(self.cond_or_uncond), batch)
+        #: (keys, values) every query of a self-attention view also attends to, unshared (a DiT's text
+        #: tokens of the same sample); None on a U-Net
+        self.context = context
         self._attention = attention
+        self._attn_precision = attn_precision
         self._sigma: Optional[float] = None
+
+    @classmethod
+    def of_unet_block(cls, extra_options: dict, attention: AttentionFn, batch: int) -> "AttentionCall":
+        """The call of an attn1/attn2 replace, from the ``extra_options`` ComfyUI gives it."""
+        block = extra_options.get("block")
+        key = (block[0], block[1], extra_options.get("block_index", 0)) if block else None
+        return cls(extra_options, attention, batch, extra_options["n_heads"], extra_options["dim_head"], key,
+                   attn_precision=extra_options.get("attn_precision"))
 
     @property
     def sigma(self) -> Optional[float]:
@@ -205,8 +216,8 @@ class AttentionCall:
 
     def attention(self, q, k, v, mask=None) -> torch.Tensor:
         """ComfyUI's attention (backends and overrides included) over ``(B, N, heads*d)`` tensors."""
-        return self._attention(q, k, v, self.heads, mask=mask,
-                               attn_precision=self.options.get("attn_precision"), transformer_options=self.options)
+        return self._attention(q, k, v, self.heads, mask=mask, attn_precision=self._attn_precision,
+                               transformer_options=self.options)
 
 
 def sigma_in_range(sigma: Optional[float], sigma_start: float, sigma_end: float) -> bool:
@@ -235,7 +246,7 @@ class AttentionDispatcher:
 
     def __call__(self, q, k, v, extra_options):
         chain: Optional[ProcessorChain] = extra_options.get(CHAIN_KEY)
-        call = AttentionCall(extra_options, self.attention_fn, q.shape[0])
+        call = AttentionCall.of_unet_block(extra_options, self.attention_fn, q.shape[0])
         processors = [p for p in chain.at(self.patch_point) if p.active(call)] if chain else []
         if not processors:
             out = self._base(q, k, v, call)
@@ -381,6 +392,8 @@ def overwritten_dispatchers(transformer_options: dict) -> Iterator[tuple[str, tu
     chain: Optional[ProcessorChain] = transformer_options.get(CHAIN_KEY)
     replaces = transformer_options.get("patches_replace", {})
     for point, key in sorted(chain.served) if chain else ():
+        if point not in (SELF_ATTENTION, CROSS_ATTENTION):
+            continue
         replace = replaces.get(point, {}).get(key)
         if not isinstance(replace, AttentionDispatcher):
             yield point, key, replace

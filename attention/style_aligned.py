@@ -9,10 +9,16 @@ with s = ``score_scale`` and b = ``score_shift`` = ln λ. The paper's formula le
 own output unchanged (its two key halves are identical; AdaIN with its own statistics is the
 identity), so the reference rows are computed as plain attention: bit-identical to unpatched
 sampling rather than equal up to float rounding.
+
+On a DiT the dispatcher hands the processor the image tokens of each joint text+image attention (and of
+SD3.5 Medium's image-only attention) with the sample's own text keys/values as ``call.context``: image
+queries are normalised and share the reference's IMAGE keys/values, never its text tokens, and still see
+their own text as in the unpatched joint softmax. Text queries are left to the dispatcher (unchanged).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -32,21 +38,43 @@ class StyleAlignedSettings:
     full_attention_share: bool = False
 
 
-def shared_self_attention(q, k, v, n_chunks: int, settings: StyleAlignedSettings, attention) -> torch.Tensor:
-    """StyleAligned self-attention for ``(n_chunks * B, N, C)`` q/k/v.
+def shared_self_attention(q, k, v, n_chunks: int, settings: StyleAlignedSettings, attention,
+                          context: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """StyleAligned self-attention for ``(n_chunks * B, N, C)`` image-token q/k/v.
 
     ``attention(q, k, v, mask=None)`` computes plain attention over ``(B, N, C)`` tensors (heads are
     the callee's business). A chunk of one sample is plain attention.
+
+    ``context``: ``(keys, values)`` of shape ``(n_chunks * B, T, C)`` that each sample's image queries also
+    attend to, in front of the image keys, as they are: a DiT's text tokens of the same sample, whose joint
+    softmax covers text and image keys. They are neither normalised nor shared between samples. None on a
+    U-Net, whose self-attention sees image tokens only.
     """
     qs, ks, vs = (split_chunks(t, n_chunks) for t in (q, k, v))
     batch, tokens, channels = qs.shape[1], qs.shape[2], qs.shape[3]
+    context_keys, context_values = (split_chunks(t, n_chunks) for t in context) if context is not None else (None, None)
+
+    def own_context_first(keys, values, samples: slice):
+        """Each sample's keys/values behind its own context tokens."""
+        if context_keys is None:
+            return keys, values
+        return (torch.cat([context_keys[:, samples], keys], dim=2),
+                torch.cat([context_values[:, samples], values], dim=2))
+
+    def rows(t):
+        return t.reshape(-1, *t.shape[2:])
+
     if batch < 2:
-        return attention(q, k, v)
+        keys, values = own_context_first(ks, vs, slice(None))
+        return attention(q, rows(keys), rows(values))
     if settings.full_attention_share:
-        def flatten(t):
-            return t.reshape(n_chunks, batch * tokens, channels)
-        out = attention(flatten(qs), flatten(ks), flatten(vs))
-        return out.reshape(n_chunks * batch, tokens, channels)
+        def every_image(t):
+            return t.reshape(n_chunks, 1, batch * tokens, channels)
+        if context_keys is None:  # one attention over the chunk's tokens, queries included
+            return attention(*(every_image(t)[:, 0] for t in (q, k, v))).reshape(q.shape)
+        keys, values = own_context_first(every_image(ks).expand(-1, batch, -1, -1),
+                                         every_image(vs).expand(-1, batch, -1, -1), slice(None))
+        return attention(q, rows(keys), rows(values))
 
     q_ref, k_ref, v_ref = qs[:, :1], ks[:, :1], vs[:, :1]
     q_tgt, k_tgt, v_tgt = qs[:, 1:], ks[:, 1:], vs[:, 1:]
@@ -58,18 +86,16 @@ def shared_self_attention(q, k, v, n_chunks: int, settings: StyleAlignedSettings
         v_tgt = adain(v_tgt, v_ref)
     targets = batch - 1
     shared_keys = k_ref if settings.score_scale == 1.0 else k_ref * settings.score_scale
-    keys = torch.cat([k_tgt, shared_keys.expand(-1, targets, -1, -1)], dim=2)
-    values = torch.cat([v_tgt, v_ref.expand(-1, targets, -1, -1)], dim=2)
+    keys, values = own_context_first(torch.cat([k_tgt, shared_keys.expand(-1, targets, -1, -1)], dim=2),
+                                     torch.cat([v_tgt, v_ref.expand(-1, targets, -1, -1)], dim=2), slice(1, None))
     mask = None
     if settings.score_shift != 0.0:
-        mask = torch.zeros(1, 1, 2 * tokens, dtype=q.dtype, device=q.device)
-        mask[..., tokens:] = settings.score_shift
-
-    def rows(t):
-        return t.reshape(n_chunks * targets, -1, channels)
+        mask = torch.zeros(1, 1, keys.shape[2], dtype=q.dtype, device=q.device)
+        mask[..., -tokens:] = settings.score_shift
 
     out = torch.empty_like(qs)
-    out[:, 0] = attention(q_ref[:, 0], k_ref[:, 0], v_ref[:, 0])
+    ref_keys, ref_values = own_context_first(k_ref, v_ref, slice(0, 1))
+    out[:, 0] = attention(q_ref[:, 0], ref_keys[:, 0], ref_values[:, 0])
     out[:, 1:] = attention(rows(q_tgt), rows(keys), rows(values), mask=mask).view(n_chunks, targets, tokens, channels)
     return merge_chunks(out)
 
@@ -91,4 +117,4 @@ class SharedAttentionProcessor(AttentionProcessor):
         return call.block in self.blocks and sigma_in_range(call.sigma, self.sigma_start, self.sigma_end)
 
     def self_attention(self, q, k, v, call: AttentionCall) -> torch.Tensor:
-        return shared_self_attention(q, k, v, call.n_chunks, self.settings, call.attention)
+        return shared_self_attention(q, k, v, call.n_chunks, self.settings, call.attention, call.context)

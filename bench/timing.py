@@ -38,8 +38,9 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def parse_bench_args(description: str):
-    """The common --repeats/--skip-sampling options; prints the device line every report starts with."""
+def parse_bench_args(description: str, add_options=None):
+    """The common --repeats/--skip-sampling options, plus what ``add_options(parser)`` adds; prints the device
+    line every report starts with."""
     import argparse
 
     import torch
@@ -47,6 +48,8 @@ def parse_bench_args(description: str):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-sampling", action="store_true")
+    if add_options is not None:
+        add_options(parser)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")

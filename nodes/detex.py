@@ -59,6 +59,7 @@ def attribute_name(name: str, attribute: str, index: int) -> str:
 
 
 def _check_sd1(model, clip) -> None:
+    transformer_blocks(model, "DecoupledTokenTrainer")  # refuses DiT families by name
     context_dim = model.model.model_config.unet_config.get("context_dim")
     encoders = sorted(k for k in ("clip_l", "clip_g", "clip_h") if hasattr(getattr(clip, "tokenizer", None), k))
     if context_dim != 768 or encoders != ["clip_l"]:

@@ -50,6 +50,7 @@ TEXT_ENCODERS = {768: ("clip_l",), 2048: ("clip_l", "clip_g")}
 
 def _text_encoders(model, clip) -> tuple[str, ...]:
     """``("clip_l",)`` for SD1.x (the paper), ``("clip_l", "clip_g")`` for SDXL; a clear error otherwise."""
+    transformer_blocks(model, "DisenDiffTrainer")  # refuses DiT families by name
     tokenizers = sorted(k for k, _ in glue.sub_tokenizers(clip.tokenizer))
     context_dim = model.model.model_config.unet_config.get("context_dim")
     encoders = TEXT_ENCODERS.get(context_dim)

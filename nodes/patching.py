@@ -9,13 +9,17 @@ import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
 import torch
 
-from ..attention.blocks import TransformerBlock, discover_transformer_blocks
+from ..attention.blocks import UNET, Family, TransformerBlock, UnsupportedModelError, discover_transformer_blocks
 from ..attention.dispatcher import (CHAIN_KEY, AttentionConflictError, AttentionProcessor, ProcessorChain,
                                    describe_foreign, install_dispatcher, overwritten_dispatchers,
                                    stash_hidden_states)
+from ..attention.joint import (JOINT_ATTENTION, LAYOUT_KEY, OVERRIDE_KEY, install_block_marker,
+                               install_joint_dispatcher, joint_layout, overwritten_joint_entries)
+from .comfy_features import require_attention_override
 
 WRAPPER_KEY = "personalization"
 DISPATCH_CHECK_KEY = WRAPPER_KEY + ".dispatch_check"
+JOINT_LAYOUT_KEY = WRAPPER_KEY + ".joint_layout"
 
 
 def unpatched_modules(model, root: str = "diffusion_model") -> list[tuple[str, torch.nn.Module]]:
@@ -41,14 +45,35 @@ def unpatched_modules(model, root: str = "diffusion_model") -> list[tuple[str, t
     return [(path[len(root) + 1:], module) for path, module in found if path == root or path.startswith(root + ".")]
 
 
-def transformer_blocks(model, node: str = "") -> list[TransformerBlock]:
-    """The transformer blocks of a MODEL's U-Net; a clear error (naming ``node``) for DiT and other families."""
+def transformer_blocks(model, node: str = "", families: tuple[Family, ...] = (UNET,)) -> list[TransformerBlock]:
+    """The transformer blocks of a MODEL, which must be of one of ``families``; a clear error naming ``node``
+    and the families it supports otherwise."""
     who = f"{node}: this MODEL" if node else "This MODEL"
-    return discover_transformer_blocks(unpatched_modules(model), model_name=f"{who} ({type(model.model).__name__})")
+    blocks = discover_transformer_blocks(unpatched_modules(model), model_name=f"{who} ({type(model.model).__name__})")
+    family = blocks[0].family
+    if family not in families:
+        supported = ", ".join(f.name for f in families)
+        raise UnsupportedModelError(f"{who} is a {family.name} model; {node or 'this node'} supports {supported} "
+                                    "models.")
+    return blocks
 
 
 def add_attention_processor(patched, processor: AttentionProcessor, blocks: list[TransformerBlock]) -> None:
     """Add ``processor`` to the clone's chain and make sure our dispatcher serves ``blocks``."""
+    options = patched.model_options["transformer_options"]
+    if blocks and blocks[0].family.joint:
+        served = _serve_joint_attention(patched, processor, blocks)
+    else:
+        served = _serve_unet_blocks(patched, processor, blocks)
+    chain = options.get(CHAIN_KEY) or ProcessorChain()
+    patched.model_options["transformer_options"][CHAIN_KEY] = chain.with_processor(processor, served)
+    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, DISPATCH_CHECK_KEY):
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, DISPATCH_CHECK_KEY,
+                                     refuse_overwritten_dispatchers)
+
+
+def _serve_unet_blocks(patched, processor: AttentionProcessor, blocks: list[TransformerBlock]) -> list[tuple]:
+    """Our attn1/attn2 replace at each block; the (point, key) entries it now serves."""
     options = patched.model_options["transformer_options"]
     point = processor.patch_point
     replaces = options.get("patches_replace", {}).get(point, {})
@@ -58,31 +83,58 @@ def add_attention_processor(patched, processor: AttentionProcessor, blocks: list
         existing = replaces.get(block.key, replaces.get((name, block_id)))
         dispatcher = install_dispatcher(existing, point, comfy_attention.optimized_attention)
         patched.set_model_patch_replace(dispatcher, point, name, block_id, index)
-        served.append(block.key)
+        served.append((point, block.key))
         if block.alone_in_block:
             # Packs that patch one-transformer blocks (SD1.x) by (name, id), as IPAdapter does, must find
             # our dispatcher there too, or their patch would sit behind ours and never run.
             patched.set_model_patch_replace(dispatcher, point, name, block_id)
-            served.append((name, block_id))
+            served.append((point, (name, block_id)))
     if processor.needs_hidden_states and stash_hidden_states not in options.get("patches", {}).get("attn2_patch", []):
         patched.set_model_attn2_patch(stash_hidden_states)
-    chain = options.get(CHAIN_KEY) or ProcessorChain()
-    patched.model_options["transformer_options"][CHAIN_KEY] = chain.with_processor(processor, served)
-    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, DISPATCH_CHECK_KEY):
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, DISPATCH_CHECK_KEY,
-                                     refuse_overwritten_dispatchers)
+    return served
+
+
+def _serve_joint_attention(patched, processor: AttentionProcessor, blocks: list[TransformerBlock]) -> list[tuple]:
+    """Our attention override on a DiT clone, the layout of each model call published for it, and (for
+    families whose forward does not name the running block) a block marker per block."""
+    require_attention_override(processor.node_name)
+    options = patched.model_options["transformer_options"]
+    options[OVERRIDE_KEY] = install_joint_dispatcher(options.get(OVERRIDE_KEY))
+    served = [(JOINT_ATTENTION, (OVERRIDE_KEY,))]
+    if not blocks[0].family.comfy_marks_blocks:
+        markers = options.get("patches_replace", {}).get("dit", {})
+        for block in blocks:
+            name, index, _ = block.key
+            key = ("double_block", index)  # ComfyUI's dit replace key of MMDiT's joint blocks
+            patched.set_model_patch_replace(install_block_marker(markers.get(key), name, index), "dit", "double_block", index)
+            served.append(("dit", key))
+    if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, JOINT_LAYOUT_KEY):
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, JOINT_LAYOUT_KEY,
+                                     publish_joint_layout)
+    return served
+
+
+def publish_joint_layout(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+    """APPLY_MODEL wrapper: the token layout of this model call, for the joint dispatcher's attention calls."""
+    diffusion_model = executor.class_obj.diffusion_model
+    layout = joint_layout(x.shape, c_crossattn.shape[1], diffusion_model.patch_size,
+                          getattr(diffusion_model, "register_length", 0))
+    return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, LAYOUT_KEY: layout}, **kwargs)
 
 
 def refuse_overwritten_dispatchers(executor, *args, **kwargs):
     """OUTER_SAMPLE wrapper: a clear error instead of sampling without our patch when another pack's
-    attention replace, applied after our nodes, took a block over."""
+    attention patch, applied after our nodes, took a block (or a DiT's attention override) over."""
     options = executor.class_obj.model_options.get("transformer_options", {})
-    for point, block, replace in overwritten_dispatchers(options):
-        owners = ", ".join(sorted({p.node_name for p in options[CHAIN_KEY].at(point)}))
+    chain = options.get(CHAIN_KEY)
+    for point, block, replace in [*overwritten_dispatchers(options), *overwritten_joint_entries(options)]:
+        serving = chain.processors if point in (JOINT_ATTENTION, "dit") else chain.at(point)
+        owners = ", ".join(sorted({p.node_name for p in serving}))
+        what = "the DiT attention override" if point == JOINT_ATTENTION else f"the {point} attention of block {block}"
         raise AttentionConflictError(
-            f"{describe_foreign(replace) if replace is not None else 'a node'} replaced the {point} attention of "
-            f"block {block} after {owners} patched it, so {owners} would silently do nothing; apply {owners} "
-            "after that node (ours wrap it), or leave one of them out.")
+            f"{describe_foreign(replace) if replace is not None else 'a node'} replaced {what} after {owners} "
+            f"patched it, so {owners} would silently do nothing; apply {owners} after that node (ours wrap it), "
+            "or leave one of them out.")
     return executor(*args, **kwargs)
 
 

@@ -16,7 +16,7 @@ import comfy.samplers
 import latent_preview
 import torch
 
-from ..attention.blocks import evenly_skipped, group_norms, parse_block_selection
+from ..attention.blocks import ALL_FAMILIES, evenly_skipped, group_norms, parse_block_selection
 from ..attention.dispatcher import sigma_in_range
 from ..attention.group_norm import ReferenceSharedGroupNorm, norm_sharing
 from ..attention.layout import chunk_count
@@ -56,22 +56,22 @@ def _check_batch(executor, noise, *args, **kwargs):
 
 
 class _ReferenceRowsWrapper:
-    """Diffusion-model wrapper: publishes the chunk layout to shared GroupNorms and, as the paper's
-    ControlNet pipeline does, gives the reference zero ControlNet residuals."""
+    """APPLY_MODEL wrapper: publishes the chunk layout to shared GroupNorms and, as the paper's
+    ControlNet pipeline does, gives the reference zero ControlNet residuals (U-Net and DiT ControlNets alike)."""
 
     def __init__(self, share_group_norm: bool, controlnet_on_reference: bool, sigma_start: float, sigma_end: float):
         self.share_group_norm = share_group_norm
         self.controlnet_on_reference = controlnet_on_reference
         self.sigma_start, self.sigma_end = sigma_start, sigma_end
 
-    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         n_chunks = chunk_count(transformer_options.get("cond_or_uncond"), x.shape[0])
         sigma = float(transformer_options["sigmas"].max()) if "sigmas" in transformer_options else None
         in_range = sigma_in_range(sigma, self.sigma_start, self.sigma_end)
         if control is not None and not self.controlnet_on_reference:
             control = _zero_reference_rows(control, n_chunks)
         with norm_sharing(n_chunks if self.share_group_norm and in_range else None):
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
 def _zero_reference_rows(control: dict, n_chunks: int) -> dict:
@@ -90,7 +90,9 @@ class SharedAttentionBatch(io.ComfyNode):
     In every selected self-attention layer each target image's queries and keys are AdaIN-normalised
     to the reference's statistics and it also attends to the reference's keys/values. Image 0 of the
     batch (in each cond/uncond pass) is the reference and comes out exactly as without this node.
-    Training-free; works for SD1.5/SD2/SDXL U-Nets, CFG on or off, with ControlNet and LoRA.
+    Training-free; works for SD1.5/SD2/SDXL U-Nets and Flux/SD3/SD3.5 DiTs (there the image tokens of each
+    joint text+image attention are shared, never the reference's text: see web/docs), CFG on or off, with
+    ControlNet and LoRA.
 
     Inputs (safe ranges):
     - adain_queries / adain_keys: normalise target Q / K to the reference (paper: both on).
@@ -99,9 +101,11 @@ class SharedAttentionBatch(io.ComfyNode):
       (reference image, "more fidelity"); -1..1.5 is sensible.
     - shared_score_scale: multiplies the reference keys; 1.0, or 0.5 when a famous image is copied.
     - share_group_norm: GroupNorm statistics joined with the reference (off for text, on for a real
-      reference image in the official notebooks). LayerNorm sharing is a mathematical no-op, not offered.
+      reference image in the official notebooks); U-Nets only. LayerNorm sharing is a mathematical no-op,
+      not offered.
     - full_attention_share: the paper's ablation where all images attend to all (content leaks).
-    - blocks: which transformer blocks share, e.g. "input, middle, output:3"; empty = all.
+    - blocks: which transformer blocks share, e.g. "input, middle, output:3" (Flux "double, single:0",
+      SD3 "joint:0"); empty = all.
     - skip_fraction: switch sharing off in an evenly spaced fraction of layers (paper's only_self_level;
       more → more diverse, less aligned sets), 0..1.
     - start_percent / end_percent: part of sampling during which sharing is active.
@@ -116,7 +120,7 @@ class SharedAttentionBatch(io.ComfyNode):
             category=CATEGORY,
             description="StyleAligned: every image of the batch takes the style of image 0 through shared self-attention.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5/SD2/SDXL model to patch; the input model is left unchanged."),
+                io.Model.Input("model", tooltip="SD1.5/SD2/SDXL, Flux or SD3/SD3.5 model to patch; the input model is left unchanged."),
                 io.Boolean.Input("adain_queries", default=True, tooltip="AdaIN the targets' queries to the reference (paper: on)."),
                 io.Boolean.Input("adain_keys", default=True, tooltip="AdaIN the targets' keys to the reference (paper: on)."),
                 io.Boolean.Input("adain_values", default=False, tooltip="AdaIN the values too (paper ablation: off)."),
@@ -125,10 +129,10 @@ class SharedAttentionBatch(io.ComfyNode):
                 io.Float.Input("shared_score_scale", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="Scale of the reference keys; below 1 weakens the reference (0.5 if it gets copied)."),
                 io.Boolean.Input("share_group_norm", default=False,
-                                 tooltip="Join GroupNorm statistics with the reference (official: off for text, on for a real image)."),
+                                 tooltip="Join GroupNorm statistics with the reference (official: off for text, on for a real image); U-Nets only."),
                 io.Boolean.Input("full_attention_share", default=False,
                                  tooltip="Ablation: every image attends to every image, no AdaIN (leaks content)."),
-                io.String.Input("blocks", default="", tooltip="Blocks that share, e.g. 'input, middle, output:3'; empty = all."),
+                io.String.Input("blocks", default="", tooltip="Blocks that share, e.g. 'input, middle, output:3' or Flux 'double, single:0'; empty = all."),
                 io.Float.Input("skip_fraction", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of layers, evenly spaced, that do not share (paper's level); higher = more diverse."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001, tooltip="Sharing starts at this part of sampling."),
@@ -144,7 +148,11 @@ class SharedAttentionBatch(io.ComfyNode):
     def execute(cls, model, adain_queries, adain_keys, adain_values, shared_score_shift, shared_score_scale,
                 share_group_norm, full_attention_share, blocks, skip_fraction, start_percent, end_percent,
                 controlnet_on_reference) -> io.NodeOutput:
-        found = transformer_blocks(model, "SharedAttentionBatch")
+        found = transformer_blocks(model, "SharedAttentionBatch", ALL_FAMILIES)
+        if share_group_norm and found[0].family.joint:
+            raise ValueError(f"SharedAttentionBatch: share_group_norm joins the GroupNorm statistics of a U-Net; a "
+                             f"{found[0].family.name} model has no GroupNorm (its LayerNorms normalise each token "
+                             "alone, so joining them with the reference changes nothing). Turn share_group_norm off.")
         selected = parse_block_selection(blocks, found) & evenly_skipped([b.key for b in found], skip_fraction)
         sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         settings = StyleAlignedSettings(
@@ -157,7 +165,7 @@ class SharedAttentionBatch(io.ComfyNode):
         if share_group_norm:
             for path, norm in group_norms(unpatched_modules(model)):
                 patched.add_object_patch(f"diffusion_model.{path}", ReferenceSharedGroupNorm(norm))
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY + ".style_aligned",
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY + ".style_aligned",
                                      _ReferenceRowsWrapper(share_group_norm, controlnet_on_reference, sigma_start, sigma_end))
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY + ".style_aligned",
                                      _check_batch)

@@ -45,6 +45,35 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
 
 
+#: (peak resident bytes, test module) each time a module raised the process's high-water mark
+_PEAKS: list[tuple[int, str]] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_models_after_module(request):
+    """Every model a test module loaded is let go when it ends (harness.memory), so the suite's resident
+    memory is that of one module's families, not of all of them."""
+    yield
+    from harness.memory import peak_resident_bytes, release_models
+    peak = peak_resident_bytes()
+    if not _PEAKS or peak > _PEAKS[-1][0]:
+        _PEAKS.append((peak, request.module.__name__))
+    release_models()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # before interpreter teardown, while ComfyUI's modules still exist for ModelPatcher.__del__
+    if "harness.memory" in sys.modules:
+        sys.modules["harness.memory"].release_models()
+
+
+def pytest_terminal_summary(terminalreporter):
+    from harness.memory import peak_resident_bytes
+    peak = peak_resident_bytes()
+    where = f", reached in {_PEAKS[-1][1]}" if _PEAKS and _PEAKS[-1][0] == peak else ""
+    terminalreporter.write_line(f"peak resident memory of the test process: {peak / 2**30:.2f} GiB{where}")
+
+
 @pytest.fixture(scope="session")
 def stock_comfy():
     """ComfyUI booted in-process on the CPU (see harness.comfy_env.boot_comfy); does not fail when our
@@ -61,15 +90,15 @@ def comfy(stock_comfy):
     return boot_comfy(require_pack=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sd15(stock_comfy):
     """(model, clip, vae) of the tiny random SD1.5 checkpoint, via stock CheckpointLoaderSimple.
-    Shared by the session: clone() before patching."""
+    Shared by the module: clone() before patching."""
     from harness.checkpoints import load_sd15
     return load_sd15()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sdxl_model(stock_comfy):
     """ModelPatcher of a reduced random SDXL (comfy.model_base.SDXL); clone() before patching.
     Pair with harness.checkpoints.sdxl_conditioning()."""

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from harness.checkpoints import empty_latent, sample
 from harness.comfy_env import boot_comfy, pack_module
+from harness.memory import model_cache
 from harness.pack_nodes import SHARED_ATTENTION_DEFAULTS, run_node
 from harness.text_encoders import sdxl_tokenizer_clip
 from personalization_nodes.training import naming
@@ -66,7 +67,7 @@ def subject(count=3, size=64):
     return images, masks
 
 
-@functools.cache
+@model_cache
 def flux_model():
     """A tiny random Flux (DiT) ModelPatcher, the family the pack refuses."""
     boot_comfy()
@@ -77,6 +78,11 @@ def flux_model():
                                     "theta": 10000, "qkv_bias": True, "guidance_embed": False})
     return model_patcher.ModelPatcher(config.get_model({}), load_device=mm.get_torch_device(),
                                       offload_device=mm.unet_offload_device())
+
+
+def refuses_dit(node: str) -> str:
+    """The message of a U-Net-only node given a DiT model: it names the model's family and the node's families."""
+    return rf"this MODEL is a Flux model; {node} supports U-Net \(SD1\.5/SD2/SDXL\) models"
 
 
 # ---- damaged files -----------------------------------------------------------------------------------------------
@@ -332,9 +338,12 @@ STYLE_ALIGNED = [
     Case("SharedAttentionBatch refuses 3 batched prompts for a latent batch of 2", "SharedAttentionBatch",
          lambda k, b: k.styled_sampling(prompts=3, images=2), r"3 prompts but the latent batch has 2 images",
          sampling=True),
+    Case("SharedAttentionBatch refuses GroupNorm sharing on a Flux model", "SharedAttentionBatch",
+         lambda k, b: {"model": flux_model(), **SHARED_ATTENTION_DEFAULTS, "share_group_norm": True},
+         r"share_group_norm joins the GroupNorm statistics of a U-Net; a Flux model has no GroupNorm"),
     Case("SharedAttentionInvertReference refuses a Flux model", "SharedAttentionInvertReference",
          lambda k, b: k.invert_reference(model=flux_model(), latent={"samples": torch.zeros(1, 16, 8, 8)}),
-         r"Flux.*not supported"),
+         refuses_dit("SharedAttentionInvertReference")),
     Case("SharedAttentionInvertReference refuses an empty latent batch", "SharedAttentionInvertReference",
          lambda k, b: k.invert_reference(latent={"samples": torch.zeros(0, 4, 8, 8)}), r"one image.*batch of 0"),
     Case("SharedAttentionInvertReference refuses a latent holding NaN", "SharedAttentionInvertReference",
@@ -374,7 +383,7 @@ REALCUSTOM = [
     Case("AdaptiveMaskGuidance refuses an embedding as the word", "AdaptiveMaskGuidance",
          lambda k, b: k.mask_guidance(word="embedding:toy", prompt="a photo of a embedding:toy"), r"plain text"),
     Case("AdaptiveMaskGuidance refuses a Flux model", "AdaptiveMaskGuidance",
-         lambda k, b: k.mask_guidance(model=flux_model()), r"Flux.*not supported"),
+         lambda k, b: k.mask_guidance(model=flux_model()), refuses_dit("AdaptiveMaskGuidance")),
     Case("RealCustomMaskPreview refuses masks from no finished run", "RealCustomMaskPreview",
          lambda k, b: {"masks": pack_module("nodes.realcustom").MaskRecord(),
                        "samples": {"samples": torch.zeros(1, 4, 8, 8)}}, r"no sampling run"),
@@ -388,7 +397,7 @@ REALCUSTOM = [
     Case("RealCustomTrainer refuses training images holding NaN", "RealCustomTrainer",
          lambda k, b: k.realcustom_trainer(images=poisoned(photos(2))), r"NaN.*training images"),
     Case("RealCustomTrainer refuses a Flux model", "RealCustomTrainer",
-         lambda k, b: k.realcustom_trainer(model=flux_model()), r"SD1\.x|Flux.*not supported"),
+         lambda k, b: k.realcustom_trainer(model=flux_model()), refuses_dit("RealCustomTrainer")),
     Case("RealCustomTrainer refuses an SDXL text encoder for an SD1.5 model", "RealCustomTrainer",
          lambda k, b: k.realcustom_trainer(clip=sdxl_tokenizer_clip()), r"768-wide text.*CLIP gives 2048"),
     Case("RealCustomTrainer refuses an empty output name", "RealCustomTrainer",
@@ -427,7 +436,7 @@ PVA = [
     Case("PVALoader does not read a ../ name outside models/pva", "PVALoader",
          lambda k, b: {"pva_name": "../" + text_file(b.root / "models" / "outside.safetensors")}, r"outside\.safetensors.*not"),
     Case("ParallelVisualAttention refuses a Flux model", "ParallelVisualAttention",
-         lambda k, b: k.pva_attention(model=flux_model()), r"Flux.*not supported"),
+         lambda k, b: k.pva_attention(model=flux_model()), refuses_dit("ParallelVisualAttention")),
     Case("ParallelVisualAttention refuses references holding NaN", "ParallelVisualAttention",
          lambda k, b: k.pva_attention(references=poisoned(photos(1))), r"NaN.*references"),
     Case("PVATextEncode refuses an empty identity word", "PVATextEncode",
@@ -438,6 +447,8 @@ PVA = [
                        "text": "photo of a <new1> person", "identity_word": "<new1>"}, r"this CLIP also uses \['g'\]"),
     Case("PVATrainer refuses an empty image batch", "PVATrainer",
          lambda k, b: k.pva_trainer(images=photos(0)), r"no images"),
+    Case("PVATrainer refuses a Flux model", "PVATrainer",
+         lambda k, b: k.pva_trainer(model=flux_model()), refuses_dit("PVATrainer")),
     Case("PVATrainer refuses an SDXL model with an SD1.5 text encoder", "PVATrainer",
          lambda k, b: k.pva_trainer(model=k.sdxl), r"2048-wide text.*CLIP gives 768"),
     Case("PVATrainer refuses masks of another size than the images", "PVATrainer",
@@ -458,6 +469,8 @@ PVA = [
     Case("PVATrainer refuses a truncated resume checkpoint", "PVATrainer",
          resuming_from("PVATrainer", "bad_input_pva", lambda k, p: truncated_copy(k.pva_file, p),
                        lambda k, b: k.pva_trainer()), r"checkpoint.*not a readable safetensors"),
+    Case("PVAIdentityTune refuses a Flux model", "PVAIdentityTune",
+         lambda k, b: k.identity_tune(model=flux_model()), refuses_dit("PVAIdentityTune")),
     Case("PVAIdentityTune refuses an SDXL model with an SD1.5 text encoder", "PVAIdentityTune",
          lambda k, b: k.identity_tune(model=k.sdxl), r"2048-wide text.*CLIP gives 768"),
     Case("PVAIdentityTune refuses photos holding NaN", "PVAIdentityTune",
@@ -475,7 +488,7 @@ DISENDIFF = [
     Case("DisenDiffTrainer refuses an image holding NaN", "DisenDiffTrainer",
          lambda k, b: k.disendiff_trainer(image=poisoned(photos(1))), r"NaN"),
     Case("DisenDiffTrainer refuses a Flux model", "DisenDiffTrainer",
-         lambda k, b: k.disendiff_trainer(model=flux_model()), r"SD1\.x"),
+         lambda k, b: k.disendiff_trainer(model=flux_model()), refuses_dit("DisenDiffTrainer")),
     Case("DisenDiffTrainer refuses regularisation captions that do not match the images", "DisenDiffTrainer",
          lambda k, b: k.disendiff_trainer(reg_images=photos(3), reg_captions="a cat\na dog"),
          r"one line per regularisation image \(3\)"),
@@ -500,7 +513,7 @@ DISENDIFF = [
                lambda k, b: k.calibrated(prompt=f"photo of a embedding:{POISONED} cat and a big dog",
                                          modifiers=f"embedding:{POISONED}, big")), r"poisoned.*NaN"),
     Case("CalibratedCrossAttn refuses a Flux model", "CalibratedCrossAttn",
-         lambda k, b: k.calibrated(model=flux_model()), r"Flux.*not supported"),
+         lambda k, b: k.calibrated(model=flux_model()), refuses_dit("CalibratedCrossAttn")),
 ]
 
 DETEX = [
@@ -509,7 +522,7 @@ DETEX = [
     Case("DecoupledTokenTrainer refuses images holding NaN", "DecoupledTokenTrainer",
          lambda k, b: k.detex_trainer(images=poisoned(subject()[0])), r"NaN.*images"),
     Case("DecoupledTokenTrainer refuses a Flux model", "DecoupledTokenTrainer",
-         lambda k, b: k.detex_trainer(model=flux_model()), r"SD1\.x"),
+         lambda k, b: k.detex_trainer(model=flux_model()), refuses_dit("DecoupledTokenTrainer")),
     Case("DecoupledTokenTrainer refuses an empty class word", "DecoupledTokenTrainer",
          lambda k, b: k.detex_trainer(class_word=" "), r"class_word"),
     Case("DecoupledTokenTrainer refuses an empty output name", "DecoupledTokenTrainer",

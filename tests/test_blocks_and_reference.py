@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from personalization_nodes.attention.blocks import (
-    UnsupportedModelError, discover_transformer_blocks, evenly_skipped, parse_block_selection)
+    FLUX, MMDIT, UnsupportedModelError, discover_transformer_blocks, evenly_skipped, parse_block_selection)
 from personalization_nodes.attention.style_reference import StyleReference, invert, reinsertion_index, schedule_step
 
 
@@ -42,14 +42,64 @@ def test_discovery_finds_every_block_in_diffusers_order():
     assert keys == [("input", 1, 0), ("input", 1, 1), ("output", 0, 0), ("middle", 0, 0)]
 
 
-def test_dit_models_are_rejected_clearly():
-    class FluxLike(torch.nn.Module):
+class ToyFlux(torch.nn.Module):
+    """Module paths shaped like ComfyUI's flux.model.Flux (2 double, 3 single blocks of 2 heads x 4)."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block():
+            module = torch.nn.Module()
+            module.num_heads, module.hidden_size = 2, 8
+            return module
+        self.double_blocks = torch.nn.ModuleList(block() for _ in range(2))
+        self.single_blocks = torch.nn.ModuleList(block() for _ in range(3))
+
+
+class ToyMMDiT(torch.nn.Module):
+    """Module paths shaped like ComfyUI's mmdit.MMDiT: joint_blocks.i.x_block.attn (3 heads, qkv of width 12)."""
+
+    def __init__(self):
+        super().__init__()
+
+        def joint_block():
+            block = torch.nn.Module()
+            block.x_block = torch.nn.Module()
+            block.x_block.attn = torch.nn.Module()
+            block.x_block.attn.num_heads = 3
+            block.x_block.attn.qkv = torch.nn.Linear(12, 36)
+            return block
+        self.joint_blocks = torch.nn.ModuleList(joint_block() for _ in range(2))
+
+
+def test_dit_blocks_are_found_in_forward_order_with_their_family():
+    flux = discover_transformer_blocks(ToyFlux().named_modules())
+    assert [b.key for b in flux] == [("double", 0, 0), ("double", 1, 0), ("single", 0, 0), ("single", 1, 0),
+                                     ("single", 2, 0)]
+    assert {(b.family, b.heads, b.dim_head, b.has_cross_attention) for b in flux} == {(FLUX, 2, 4, True)}
+    assert [b.label for b in flux][:3] == ["double:0", "double:1", "single:0"]
+    mmdit = discover_transformer_blocks(ToyMMDiT().named_modules())
+    assert [(b.key, b.family, b.heads, b.dim_head) for b in mmdit] == [(("joint", 0, 0), MMDIT, 3, 4),
+                                                                     (("joint", 1, 0), MMDIT, 3, 4)]
+
+
+def test_other_architectures_are_rejected_naming_the_supported_families():
+    class Unknown(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.double_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
 
-    with pytest.raises(UnsupportedModelError, match="not supported yet"):
-        discover_transformer_blocks(FluxLike().named_modules())
+    with pytest.raises(UnsupportedModelError, match=r"Unknown.*U-Net \(SD1.5/SD2/SDXL\), Flux, SD3/SD3.5"):
+        discover_transformer_blocks(Unknown().named_modules())
+
+
+def test_dit_block_selection():
+    blocks = discover_transformer_blocks(ToyFlux().named_modules())
+    assert parse_block_selection("double, single:2", blocks) == {("double", 0, 0), ("double", 1, 0), ("single", 2, 0)}
+    with pytest.raises(ValueError, match="name is double, single for this model"):
+        parse_block_selection("input", blocks)
+    with pytest.raises(ValueError, match="this model has: double:0, double:1, single:0"):
+        parse_block_selection("single:9", blocks)
 
 
 def test_block_selection():

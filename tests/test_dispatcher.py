@@ -236,7 +236,7 @@ def test_callbacks_added_to_a_clone_stay_with_the_clone(qkv, image_kwargs):
 
 def test_blocks_whose_dispatcher_was_overwritten_are_found():
     key = ("input", 1, 0)
-    chain = ProcessorChain().with_processor(DampFirstToken(), [key])
+    chain = ProcessorChain().with_processor(DampFirstToken(), [(CROSS_ATTENTION, key)])
 
     def foreign(q, k, v, extra_options):
         return plain(q, k, v)

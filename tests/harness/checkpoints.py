@@ -13,14 +13,13 @@ Weights: normal(0, 0.02) from a fixed seed, except normalization layers, which k
 """
 from __future__ import annotations
 
-import atexit
-import functools
 import os
 from pathlib import Path
 
 import torch
 
 from .comfy_env import boot_comfy, models_dir
+from .memory import model_cache
 
 HARNESS_VERSION = "v1"
 SD15_CHECKPOINT = f"tiny_sd15_{HARNESS_VERSION}.safetensors"
@@ -169,7 +168,7 @@ def sd15_lora_path() -> Path:
     return _cached("loras", SD15_LORA, _build_sd15_lora)
 
 
-@functools.lru_cache(maxsize=None)
+@model_cache
 def model_patcher(family: str = "sdxl", in_channels: int = 4):
     """ModelPatcher around ComfyUI's own model class of ``family`` ("sdxl": comfy.model_base.SDXL, "sd2":
     the BaseModel of comfy.supported_models.SD20) with its reduced U-Net and random weights (built in memory,
@@ -188,8 +187,6 @@ def model_patcher(family: str = "sdxl", in_channels: int = 4):
     config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes))
     model = config.get_model({})
     randomize_(model.diffusion_model, seed=5)
-    # Drop it while modules still exist: ModelPatcher.__del__ at interpreter teardown raises noise.
-    atexit.register(model_patcher.cache_clear)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
                                             offload_device=mm.unet_offload_device())
 

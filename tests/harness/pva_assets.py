@@ -17,7 +17,6 @@ Files are cached like ``checkpoints`` (HARNESS_VERSION in the name, atomic write
 """
 from __future__ import annotations
 
-import functools
 import json
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from . import checkpoints
 from .checkpoints import HARNESS_VERSION, _cached, _fp16, randomize_
 from .comfy_env import boot_comfy, cache_dir, models_dir, pack_module
+from .memory import model_cache
 from .pack_nodes import run_node
 
 SD15_INPAINT_CHECKPOINT = f"tiny_sd15_inpainting_{HARNESS_VERSION}.safetensors"
@@ -56,7 +56,7 @@ def sd15_inpaint_checkpoint_path():
     return _cached("checkpoints", SD15_INPAINT_CHECKPOINT, _build_sd15_inpaint)
 
 
-@functools.cache
+@model_cache
 def tiny_clip_vision():
     """A ClipVisionModel (ComfyUI's class) of a reduced ViT with random weights; image_embeds are 32-d."""
     boot_comfy(require_pack=False)

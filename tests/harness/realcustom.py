@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -21,6 +20,7 @@ import torch
 
 from .checkpoints import _cached, randomize_
 from .comfy_env import boot_comfy, cache_dir, models_dir
+from .memory import model_cache
 
 TINY_CLIP_VISION = dict(
     attention_dropout=0.0, dropout=0.0, hidden_act="quick_gelu", hidden_size=32, image_size=32,
@@ -37,7 +37,7 @@ TINY_DINOV2 = dict(dim=64, depth=3, hidden=128, patch=14, registers=4, grid=37)
 TINY_DINOV2_FILE = "tiny_dinov2_reg4_v1.safetensors"
 
 
-@functools.cache
+@model_cache
 def tiny_clip_vision():
     boot_comfy(require_pack=False)
     import comfy.clip_vision
@@ -49,7 +49,7 @@ def tiny_clip_vision():
     return model
 
 
-@functools.cache
+@model_cache
 def tiny_siglip_vision():
     boot_comfy(require_pack=False)
     import comfy.clip_vision

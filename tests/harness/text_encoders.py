@@ -9,13 +9,11 @@ vocabularies and hidden-layer choice, only `layers` transformer layers deep (Com
 """
 from __future__ import annotations
 
-import atexit
-import functools
-
 from .comfy_env import boot_comfy
+from .memory import model_cache
 
 
-@functools.cache
+@model_cache
 def sdxl_tokenizer_clip():
     boot_comfy(require_pack=False)
     import comfy.sd
@@ -32,7 +30,7 @@ _CLIP_TARGETS = {"sd2": ("comfy.text_encoders.sd2_clip", "SD2Tokenizer", "SD2Cli
                  "sdxl": ("comfy.sdxl_clip", "SDXLTokenizer", "SDXLClipModel", ("clip_l", "clip_g"))}
 
 
-@functools.cache
+@model_cache
 def reduced_clip(family: str, layers: int = 3):
     """A CLIP of ``family`` ("sd2" or "sdxl") that encodes, ``layers`` deep (SD2 and SDXL read the
     penultimate layer, and ComfyUI wants more layers than that index: at least 3), random from a fixed
@@ -50,5 +48,4 @@ def reduced_clip(family: str, layers: int = 3):
     target = comfy.supported_models_base.ClipTarget(getattr(module, tokenizer), getattr(module, encoder))
     clip = comfy.sd.CLIP(target, model_options={f"{name}_model_config": {"num_hidden_layers": layers} for name in names})
     randomize_(clip.cond_stage_model, seed=11)
-    atexit.register(reduced_clip.cache_clear)  # as checkpoints.model_patcher: no ModelPatcher left at teardown
     return clip
