@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from harness import dit
+from harness.checkpoints import encode_prompt, sample
 
 PROMPT, OTHER_PROMPT = "a photo of a cat", "an oil painting of a lighthouse"
 SAMPLING = dict(steps=3, sampler_name="euler", scheduler="simple")
@@ -79,14 +80,14 @@ def _with_override(model, override):
 
 def _assert_attention_is_not_degenerate(model, positive, negative, cfg):
     probe = AttentionProbe()
-    base = dit.sample(model, positive, negative, dit.empty_latent(1), seed=4, cfg=cfg, **SAMPLING)
-    assert torch.equal(base, dit.sample(_with_override(model, probe), positive, negative, dit.empty_latent(1),
+    base = sample(model, positive, negative, dit.empty_latent(1), seed=4, cfg=cfg, **SAMPLING)
+    assert torch.equal(base, sample(_with_override(model, probe), positive, negative, dit.empty_latent(1),
                                         seed=4, cfg=cfg, **SAMPLING)), "the probe must not change the output"
     assert probe.calls
     for call in probe.calls:
         assert call["logit_std"] > 0.5, call  # logits not all ~0
         assert call["kl"] > 0.1, call  # probabilities measurably not uniform (nats)
-    uniform = dit.sample(_with_override(model, AttentionProbe(uniform=True)), positive, negative,
+    uniform = sample(_with_override(model, AttentionProbe(uniform=True)), positive, negative,
                          dit.empty_latent(1), seed=4, cfg=cfg, **SAMPLING)
     assert _rel_change(uniform, base) > 0.03, "the output barely depends on attention"
     return probe
@@ -107,8 +108,8 @@ def _lora_changes_output_and_every_key_loads(stock_comfy, model, family, positiv
     patched = stock_comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(model, path.name, 1.0)[0]
     assert set(patched.patches) == targets and targets, "every LoRA layer of the model must be patched"
     assert not model.patches, "the loader must patch a clone"
-    base = dit.sample(model, positive, negative, dit.empty_latent(1), seed=3, cfg=cfg, **SAMPLING)
-    with_lora = dit.sample(patched, positive, negative, dit.empty_latent(1), seed=3, cfg=cfg, **SAMPLING)
+    base = sample(model, positive, negative, dit.empty_latent(1), seed=3, cfg=cfg, **SAMPLING)
+    with_lora = sample(patched, positive, negative, dit.empty_latent(1), seed=3, cfg=cfg, **SAMPLING)
     assert torch.isfinite(with_lora).all() and _rel_change(with_lora, base) > 0.01
     return present, layers
 
@@ -123,14 +124,14 @@ def flux(stock_comfy):
 @pytest.fixture(scope="class")
 def flux_prompts(flux):
     clip = dit.flux_clip()
-    return dit.encode_prompt(clip, PROMPT), dit.encode_prompt(clip, "")
+    return encode_prompt(clip, PROMPT), encode_prompt(clip, "")
 
 
 @pytest.fixture(scope="class")
 def sd35_prompts(stock_comfy):
     """CLIPTextEncode of the tiny SD3.5 text encoders; SD3.5 and the VAE are released when the class ends."""
     clip = dit.sd35_clip()
-    yield dit.encode_prompt(clip, PROMPT), dit.encode_prompt(clip, "blurry")
+    yield encode_prompt(clip, PROMPT), encode_prompt(clip, "blurry")
     dit.release("sd35", "vae")
 
 
@@ -178,20 +179,20 @@ class TestFlux:
         context, extra = positive[0]
         assert context.shape == (1, 256, 4096) and extra["pooled_output"].shape == (1, 768)
         assert torch.isfinite(context).all()
-        other = dit.encode_prompt(clip, OTHER_PROMPT)[0]
+        other = encode_prompt(clip, OTHER_PROMPT)[0]
         assert not torch.allclose(other[0], context) and not torch.allclose(other[1]["pooled_output"],
                                                                            extra["pooled_output"])
-        assert torch.equal(dit.encode_prompt(clip, PROMPT)[0][0], context)
+        assert torch.equal(encode_prompt(clip, PROMPT)[0][0], context)
         random = dit.conditioning("flux")[0]
         assert random[0].shape == context.shape and random[1]["pooled_output"].shape == extra["pooled_output"].shape
 
     def test_flux_guidance_and_ksampler_cfg1_sample_end_to_end(self, flux, flux_prompts):
         positive, negative = flux_prompts
-        out = dit.sample(flux, _flux_guided(positive), negative, dit.empty_latent(2), seed=1, cfg=1.0, **SAMPLING)
+        out = sample(flux, _flux_guided(positive), negative, dit.empty_latent(2), seed=1, cfg=1.0, **SAMPLING)
         assert out.shape == (2, 16, 8, 8) and torch.isfinite(out).all()
-        again = dit.sample(flux, _flux_guided(positive), negative, dit.empty_latent(2), seed=1, cfg=1.0, **SAMPLING)
+        again = sample(flux, _flux_guided(positive), negative, dit.empty_latent(2), seed=1, cfg=1.0, **SAMPLING)
         assert torch.equal(out, again), "sampling must be deterministic for identity tests"
-        stronger = dit.sample(flux, _flux_guided(positive, 6.0), negative, dit.empty_latent(2), seed=1, cfg=1.0,
+        stronger = sample(flux, _flux_guided(positive, 6.0), negative, dit.empty_latent(2), seed=1, cfg=1.0,
                               **SAMPLING)
         assert _rel_change(stronger, out) > 1e-3, "guidance_in must feed the model"
 
@@ -202,12 +203,12 @@ class TestFlux:
         sigmas = _node("BasicScheduler", model=flux, scheduler="simple", steps=SAMPLING["steps"], denoise=1.0)[0]
         out = _node("SamplerCustomAdvanced", noise=_node("RandomNoise", noise_seed=5)[0], guider=guider,
                     sampler=_node("KSamplerSelect", sampler_name="euler")[0], sigmas=sigmas, latent_image=latent)[0]
-        expected = dit.sample(flux, positive, flux_prompts[1], latent, seed=5, cfg=1.0, **SAMPLING)
+        expected = sample(flux, positive, flux_prompts[1], latent, seed=5, cfg=1.0, **SAMPLING)
         torch.testing.assert_close(out["samples"], expected)
 
     def test_schnell_samples(self, stock_comfy):
         positive = dit.conditioning("flux", tokens=32)
-        out = dit.sample(dit.flux_model("schnell"), positive, positive, dit.empty_latent(1), cfg=1.0, **SAMPLING)
+        out = sample(dit.flux_model("schnell"), positive, positive, dit.empty_latent(1), cfg=1.0, **SAMPLING)
         assert out.shape == (1, 16, 8, 8) and torch.isfinite(out).all()
 
     def test_attention_is_not_degenerate(self, flux):
@@ -230,8 +231,8 @@ class TestFlux:
         hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
         controlled = stock_comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(
             positive, positive, control, hint, 1.0, 0.0, 1.0)
-        base = dit.sample(flux, positive, positive, dit.empty_latent(1), seed=2, cfg=1.0, **SAMPLING)
-        out = dit.sample(flux, *controlled, dit.empty_latent(1), seed=2, cfg=1.0, **SAMPLING)
+        base = sample(flux, positive, positive, dit.empty_latent(1), seed=2, cfg=1.0, **SAMPLING)
+        out = sample(flux, *controlled, dit.empty_latent(1), seed=2, cfg=1.0, **SAMPLING)
         assert torch.isfinite(out).all() and _rel_change(out, base) > 0.01
 
 
@@ -273,7 +274,7 @@ class TestSD35:
         context, extra = sd35_prompts[0][0]
         assert context.shape == (1, 154, 4096) and extra["pooled_output"].shape == (1, 2048)
         assert torch.isfinite(context).all()
-        other = dit.encode_prompt(clip, OTHER_PROMPT)[0][0]
+        other = encode_prompt(clip, OTHER_PROMPT)[0][0]
         for part in (slice(0, 77), slice(77, 154)):  # CLIP-L+G tokens, then T5 tokens
             assert not torch.allclose(other[:, part], context[:, part])
         random = dit.conditioning("sd35")[0]
@@ -282,10 +283,10 @@ class TestSD35:
     @pytest.mark.parametrize("variant", ["large", "medium"])
     def test_ksampler_cfg4_samples_end_to_end(self, sd35_prompts, variant):
         model = dit.sd35_model(variant)
-        out = dit.sample(model, *sd35_prompts, dit.empty_latent(2), seed=1, cfg=4.0, **SAMPLING)
+        out = sample(model, *sd35_prompts, dit.empty_latent(2), seed=1, cfg=4.0, **SAMPLING)
         assert out.shape == (2, 16, 8, 8) and torch.isfinite(out).all()
-        assert torch.equal(out, dit.sample(model, *sd35_prompts, dit.empty_latent(2), seed=1, cfg=4.0, **SAMPLING))
-        cfg1 = dit.sample(model, *sd35_prompts, dit.empty_latent(2), seed=1, cfg=1.0, **SAMPLING)
+        assert torch.equal(out, sample(model, *sd35_prompts, dit.empty_latent(2), seed=1, cfg=4.0, **SAMPLING))
+        cfg1 = sample(model, *sd35_prompts, dit.empty_latent(2), seed=1, cfg=1.0, **SAMPLING)
         assert _rel_change(cfg1, out) > 0.01, "the negative prompt must matter at CFG 4"
 
     @pytest.mark.parametrize("variant", ["large", "medium"])
@@ -308,7 +309,7 @@ class TestSD35:
         import comfy.cldm.dit_embedder
         import comfy.controlnet
 
-        control = stock_comfy.nodes.ControlNetLoader().load_controlnet(dit.sd35_controlnet_path().name)[0]
+        control = dit.sd35_controlnet()  # stock ControlNetLoader
         assert type(control) is comfy.controlnet.ControlNetSD35
         assert type(control.control_model) is comfy.cldm.dit_embedder.ControlNetEmbedder
         model = dit.sd35_model("large")
@@ -316,8 +317,8 @@ class TestSD35:
         hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
         controlled = _node("ControlNetApplySD3", positive=positive, negative=negative, control_net=control,
                            vae=dit.vae(), image=hint, strength=1.0, start_percent=0.0, end_percent=1.0)
-        base = dit.sample(model, positive, negative, dit.empty_latent(1), seed=2, cfg=4.0, **SAMPLING)
-        out = dit.sample(model, *controlled, dit.empty_latent(1), seed=2, cfg=4.0, **SAMPLING)
+        base = sample(model, positive, negative, dit.empty_latent(1), seed=2, cfg=4.0, **SAMPLING)
+        out = sample(model, *controlled, dit.empty_latent(1), seed=2, cfg=4.0, **SAMPLING)
         assert torch.isfinite(out).all() and _rel_change(out, base) > 0.01
 
     def test_vae_loader_decodes_and_encodes_16_channels(self, stock_comfy):
@@ -331,13 +332,92 @@ class TestSD35:
         assert decoded.shape == (2, 64, 64, 3) and torch.isfinite(decoded).all()
 
 
-def test_release_frees_a_family(stock_comfy):
-    model, clip, control = dit.flux_model("schnell"), dit.flux_clip(), dit.flux_controlnet()
-    alive = [weakref.ref(model.model), weakref.ref(clip.cond_stage_model), weakref.ref(control.control_model)]
-    positive = dit.encode_prompt(clip, PROMPT)
-    dit.sample(model, positive, positive, dit.empty_latent(1), cfg=1.0, steps=1)
-    assert dit.flux_model("schnell") is model, "a family is built once per process until released"
-    del model, clip, control, positive
-    dit.release("flux")
+@pytest.mark.parametrize("family", ["flux", "sd35"])
+def test_release_frees_a_family(stock_comfy, family):
+    if family == "flux":
+        model, clip, control, cfg = dit.flux_model("schnell"), dit.flux_clip(), dit.flux_controlnet(), 1.0
+    else:
+        model, clip, control, cfg = dit.sd35_model("large"), dit.sd35_clip(), dit.sd35_controlnet(), 4.0
+    vae = dit.vae()
+    alive = [weakref.ref(model.model), weakref.ref(clip.cond_stage_model), weakref.ref(control.control_model),
+             weakref.ref(vae.first_stage_model)]
+    positive = encode_prompt(clip, PROMPT)
+    vae.decode(sample(model, positive, positive, dit.empty_latent(1), cfg=cfg, steps=1))
+    assert dit.vae() is vae, "a model is built once per process until released"
+    del model, clip, control, vae, positive
+    dit.release(family, "vae")
     gc.collect()
-    assert [ref() for ref in alive] == [None, None, None]
+    assert [ref() for ref in alive] == [None] * 4
+
+
+def _prompt(nodes: dict) -> dict:
+    return {node_id: {"class_type": kind, "inputs": inputs} for node_id, (kind, inputs) in nodes.items()}
+
+
+def test_flux_workflow_runs_with_stand_ins_for_the_loaders_stock_comfyui_cannot_build(stock_comfy):
+    """A Flux graph as users wire it (UNETLoader, DualCLIPLoader, LoRA, ControlNet, FluxGuidance, KSampler
+    at CFG 1, VAE decode), executed by ComfyUI's own validator and executor on the tiny models."""
+    from harness.workflows import execute_workflow
+
+    api = _prompt({
+        "1": ("UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}),
+        "2": ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                 "type": "flux"}),
+        "3": ("LoraLoaderModelOnly", {"model": ["1", 0], "lora_name": "style.safetensors", "strength_model": 1.0}),
+        "4": ("CLIPTextEncode", {"clip": ["2", 0], "text": PROMPT}),
+        "5": ("FluxGuidance", {"conditioning": ["4", 0], "guidance": 3.5}),
+        "6": ("ControlNetLoader", {"control_net_name": "flux-canny-controlnet.safetensors"}),
+        "7": ("EmptyImage", {"width": 64, "height": 64, "batch_size": 1, "color": 0x808080}),
+        "8": ("ControlNetApplyAdvanced", {"positive": ["5", 0], "negative": ["5", 0], "control_net": ["6", 0],
+                                          "image": ["7", 0], "strength": 1.0, "start_percent": 0.0,
+                                          "end_percent": 1.0}),
+        "9": ("EmptySD3LatentImage", {"width": 64, "height": 64, "batch_size": 2}),
+        "10": ("KSampler", {"model": ["3", 0], "positive": ["8", 0], "negative": ["8", 1], "latent_image": ["9", 0],
+                            "seed": 0, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                            "denoise": 1.0}),
+        "11": ("VAELoader", {"vae_name": "ae.safetensors"}),
+        "12": ("VAEDecode", {"samples": ["10", 0], "vae": ["11", 0]}),
+        "13": ("PreviewImage", {"images": ["12", 0]}),
+    })
+    dit.use_tiny_dit_models(api, "flux")
+    assert {n["class_type"] for n in api.values()} >= {"TinyFluxModelLoader", "TinyDiTTextEncoders",
+                                                         "TinyFluxControlNetLoader", "VAELoader"}
+    try:
+        with dit.stand_in_nodes():
+            image = execute_workflow(api)["12"].outputs[0][0]
+    finally:
+        dit.release("flux", "vae")
+    assert image.shape == (2, 64, 64, 3) and torch.isfinite(image).all()
+    assert "TinyFluxModelLoader" not in stock_comfy.nodes.NODE_CLASS_MAPPINGS
+
+
+def test_sd35_workflow_runs_through_stock_unet_and_controlnet_loaders(stock_comfy):
+    from harness.workflows import execute_workflow
+
+    api = _prompt({
+        "1": ("UNETLoader", {"unet_name": "sd3.5_medium.safetensors", "weight_dtype": "default"}),
+        "2": ("TripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                   "clip_name3": "t5xxl_fp16.safetensors"}),
+        "3": ("CLIPTextEncode", {"clip": ["2", 0], "text": PROMPT}),
+        "4": ("CLIPTextEncode", {"clip": ["2", 0], "text": "blurry"}),
+        "5": ("ControlNetLoader", {"control_net_name": "sd3.5_large_controlnet_canny.safetensors"}),
+        "6": ("VAELoader", {"vae_name": "sd3_vae.safetensors"}),
+        "7": ("EmptyImage", {"width": 64, "height": 64, "batch_size": 1, "color": 0x808080}),
+        "8": ("ControlNetApplySD3", {"positive": ["3", 0], "negative": ["4", 0], "control_net": ["5", 0],
+                                     "vae": ["6", 0], "image": ["7", 0], "strength": 1.0, "start_percent": 0.0,
+                                     "end_percent": 1.0}),
+        "9": ("EmptySD3LatentImage", {"width": 64, "height": 64, "batch_size": 1}),
+        "10": ("KSampler", {"model": ["1", 0], "positive": ["8", 0], "negative": ["8", 1], "latent_image": ["9", 0],
+                            "seed": 0, "steps": 2, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+                            "denoise": 1.0}),
+        "11": ("VAEDecode", {"samples": ["10", 0], "vae": ["6", 0]}),
+        "12": ("PreviewImage", {"images": ["11", 0]}),
+    })
+    dit.use_tiny_dit_models(api, "sd35", "medium")
+    assert api["1"]["class_type"] == "UNETLoader" and api["5"]["class_type"] == "ControlNetLoader"
+    try:
+        with dit.stand_in_nodes():
+            image = execute_workflow(api)["11"].outputs[0][0]
+    finally:
+        dit.release("sd35", "vae")
+    assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()

@@ -17,7 +17,7 @@ for dev, ``FluxSchnell`` for schnell), ``FLUX_DIT``:
     schnell has not (detected as FluxSchnell).
   Why not through UNETLoader: ComfyUI's detection PINS num_heads = 24 for Flux (model_detection.py) and
     reads the width from ``img_in``, so any file narrower than 3072 (24 x 128) fails to build. A 3072-wide
-    Flux is >= 415M parameters (1.7 GB in fp32, the CPU inference dtype) even with one double block and no
+    Flux has 404M parameters (1.5 GiB in fp32, the CPU inference dtype) even with one double block and no
     single block, far over the suite's memory budget. So the weights are cached in a file with the real key
     names, ComfyUI's own detection reads it back (class Flux / FluxSchnell, depths, widths, guidance) and the
     model is built the way ``comfy.sd.load_diffusion_model_state_dict`` builds it, the harness supplying
@@ -47,12 +47,20 @@ LoRA: rank 4 on every attention projection, diffusers/PEFT names (``transformer.
   blocks, hint image; ComfyUI's ControlNetFlux), SD3.5 in Stability's layout (2 blocks, VAE-encoded hint;
   ComfyUI's ControlNetEmbedder, loaded by the stock ControlNetLoader).
 
-Weights: normal(0, 0.02) from a fixed seed per file; every normalisation layer (LayerNorm, GroupNorm and
-the RMSNorms of Flux, MMDiT and T5, whose weight is called ``scale`` in Flux) at identity. Attention is
-not degenerate without a larger std: Flux and SD3.5 RMS-normalise q and k per head (scale 1), so their
-logits q.k / sqrt(128 or 64) have a standard deviation near 1 whatever the weights' std
-(tests/test_dit_harness.py measures it); T5 has no 1/sqrt(d) and its q, k come from RMS-normalised tokens
-through 4096-wide projections, giving larger logits still.
+Weights, from a fixed seed per file: every normalisation layer (LayerNorm, GroupNorm, and the RMSNorms of
+Flux, MMDiT and T5, whose weight Flux calls ``scale``) at identity. Text encoders and VAE: normal(0, 0.02)
+like harness.checkpoints. DiT models and their ControlNets: weight matrices and kernels normal(0,
+1/sqrt(fan_in)), biases and other tensors normal(0, 0.02). Why: with 0.02 everywhere the adaLN-zero gates
+come out ~0.02, so each block barely moves the residual stream: replacing every attention by uniform
+attention changed a 2-step Flux sample by 0.2%, too little for a test to tell a technique from noise; with
+the fan-in scale each map keeps its input's scale, the gates are O(1) and that change is 8% on Flux and
+19-28% on SD3.5 (tests/test_dit_harness.py asserts > 3%). The attention logits themselves were never
+degenerate: Flux and SD3.5 RMS-normalise q and k per head (scale 1), so q.k / sqrt(head dim) has a
+standard deviation near 1 whatever the std (measured ~1.0; the probabilities are ~0.4 nats from uniform);
+T5 has no 1/sqrt(d) and its q, k come from RMS-normalised tokens through 4096-wide projections.
+
+Workflows: use_tiny_dit_models() points an API prompt's loaders at these models, through stock loaders
+where they can load them and test-only stand-in nodes (stand_in_nodes()) where they cannot.
 
 Memory: every loader is a functools cache (once per process, clone() before patching) that ``release()``
 empties; the module holds no other reference, so a released family is freed when the tests drop theirs.
@@ -61,13 +69,16 @@ Files are cached like harness.checkpoints (atomic writes, ``DIT_HARNESS_VERSION`
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import functools
 import gc
+import sys
 from pathlib import Path
 
 import torch
 
-from .checkpoints import _cached, encode_prompt, sample  # noqa: F401  (re-exported for DiT tests)
+from .checkpoints import _cached
 from .comfy_env import boot_comfy
 
 DIT_HARNESS_VERSION = "dit1"
@@ -80,9 +91,10 @@ FLUX_DIT = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=
 FLUX_CONTROLNET_DEPTHS = dict(depth=2, depth_single_blocks=0)
 
 SD35_VARIANTS = {"large": [], "medium": [0, 1]}  # variant -> x_block_self_attn_layers
-SD35_DIT = dict(in_channels=16, out_channels=16, patch_size=2, depth=3, input_size=None, adm_in_channels=2048,
+SD35_DEPTH = 3  # MMDiT: hidden 64 * depth, depth heads, depth joint blocks
+SD35_DIT = dict(in_channels=16, out_channels=16, patch_size=2, depth=SD35_DEPTH, input_size=None, adm_in_channels=2048,
                 context_embedder_config={"target": "torch.nn.Linear",
-                                         "params": {"in_features": 4096, "out_features": 64 * 3}},
+                                         "params": {"in_features": 4096, "out_features": 64 * SD35_DEPTH}},
                 num_patches=32 * 32, pos_embed_max_size=32, qk_norm="rms", pos_embed_scaling_factor=None)
 SD35_CONTROLNET_BLOCKS = 2
 
@@ -103,7 +115,6 @@ FLUX_SD3_VAE_DDCONFIG = {'double_z': True, 'z_channels': 16, 'resolution': 256, 
 # CLIP-L+G (77, zero-padded to 4096) and T5 padded to 77.
 CONDITIONING_SHAPES = {"flux": dict(tokens=256, context=4096, pooled=768),
                        "sd35": dict(tokens=154, context=4096, pooled=2048)}
-LATENT_CHANNELS = 16
 
 
 def _name(stem: str) -> str:
@@ -136,8 +147,8 @@ def randomize_(module: torch.nn.Module, seed: int, std: float | None = 0.02) -> 
     return module
 
 
-def _fp16(sd: dict, prefix: str = "") -> dict:
-    return {prefix + k: v.to(torch.float16) if v.is_floating_point() else v for k, v in sd.items()}
+def _fp16(sd: dict) -> dict:
+    return {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in sd.items()}
 
 
 def _load(path: Path) -> dict:
@@ -305,10 +316,9 @@ def _build_sd35_controlnet() -> dict:
     import comfy.ops
     from comfy.cldm.dit_embedder import ControlNetEmbedder
 
-    depth = SD35_DIT["depth"]
     net = ControlNetEmbedder(img_size=None, patch_size=2, in_chans=16, attention_head_dim=64,
-                             num_attention_heads=depth, adm_in_channels=2048, num_layers=SD35_CONTROLNET_BLOCKS,
-                             main_model_double=depth, double_y_emb=False, device=None, dtype=None,
+                             num_attention_heads=SD35_DEPTH, adm_in_channels=2048, num_layers=SD35_CONTROLNET_BLOCKS,
+                             main_model_double=SD35_DEPTH, double_y_emb=False, device=None, dtype=None,
                              operations=comfy.ops.disable_weight_init)
     return _fp16(randomize_(net, seed=32, std=None).state_dict())
 
@@ -447,7 +457,7 @@ def _lora_targets(family: str) -> list[str]:
 
 
 def _build_lora(family: str, rank: int = 4) -> dict:
-    width = FLUX_DIT["hidden_size"] if family == "flux" else 64 * SD35_DIT["depth"]
+    width = FLUX_DIT["hidden_size"] if family == "flux" else 64 * SD35_DEPTH
     gen = torch.Generator().manual_seed(60 + ("flux", "sd35").index(family))
     sd = {}
     for target in _lora_targets(family):
@@ -469,6 +479,87 @@ def empty_latent(batch: int = 1, width: int = 64, height: int = 64) -> dict:
                                                                      batch_size=batch).result[0]
 
 
+# ---------------------------------------------------------------- workflows
+
+
+class TinyFluxModelLoader:
+    """Test-only stand-in for UNETLoader on Flux files, which stock UNETLoader cannot build this narrow."""
+    RETURN_TYPES, FUNCTION, CATEGORY = ("MODEL",), "load", "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"variant": (list(FLUX_VARIANTS),)}}
+
+    def load(self, variant):
+        return (flux_model(variant),)
+
+
+class TinyDiTTextEncoders:
+    """Test-only stand-in for DualCLIPLoader / TripleCLIPLoader, which build the full-size text encoders."""
+    RETURN_TYPES, FUNCTION, CATEGORY = ("CLIP",), "load", "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (list(FAMILY_ENCODERS),)}}
+
+    def load(self, family):
+        return (flux_clip() if family == "flux" else sd35_clip(),)
+
+
+class TinyFluxControlNetLoader:
+    """Test-only stand-in for ControlNetLoader on Flux ControlNets (same reason as TinyFluxModelLoader)."""
+    RETURN_TYPES, FUNCTION, CATEGORY = ("CONTROL_NET",), "load", "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return (flux_controlnet(),)
+
+
+STAND_IN_NODES = {cls.__name__: cls for cls in (TinyFluxModelLoader, TinyDiTTextEncoders, TinyFluxControlNetLoader)}
+
+
+@contextlib.contextmanager
+def stand_in_nodes():
+    """STAND_IN_NODES registered in ComfyUI's node table inside the block (removed after it), to execute
+    prompts made by use_tiny_dit_models."""
+    mappings = boot_comfy(require_pack=False).nodes.NODE_CLASS_MAPPINGS
+    added = {node_id: cls for node_id, cls in STAND_IN_NODES.items() if node_id not in mappings}
+    mappings.update(added)
+    try:
+        yield
+    finally:
+        for node_id in added:
+            mappings.pop(node_id, None)
+
+
+def use_tiny_dit_models(api_prompt: dict, family: str, variant: str | None = None) -> dict:
+    """Point an API prompt of ``family`` ("flux" or "sd35") at the tiny models, in place: stock loaders where
+    they can load them (SD3.5 UNETLoader, VAELoader, LoRA loaders, the SD3.5 ControlNetLoader), stand-in nodes
+    where they cannot (Flux UNETLoader and ControlNetLoader, every DiT text-encoder loader); ``variant`` is
+    the model variant (default: dev / large). Execute it inside ``with stand_in_nodes():``."""
+    variant = variant or ("dev" if family == "flux" else "large")
+    for node in api_prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader" and family == "flux":
+            node.update(class_type="TinyFluxModelLoader", inputs={"variant": variant})
+        elif kind == "UNETLoader":
+            inputs.update(unet_name=sd35_path(variant).name, weight_dtype="default")
+        elif kind in ("DualCLIPLoader", "TripleCLIPLoader", "CLIPLoader"):
+            node.update(class_type="TinyDiTTextEncoders", inputs={"family": family})
+        elif kind == "VAELoader":
+            inputs["vae_name"] = vae_path().name
+        elif kind in ("LoraLoaderModelOnly", "LoraLoader"):
+            inputs["lora_name"] = lora_path(family).name
+        elif kind == "ControlNetLoader" and family == "flux":
+            node.update(class_type="TinyFluxControlNetLoader", inputs={})
+        elif kind == "ControlNetLoader":
+            inputs["control_net_name"] = sd35_controlnet_path().name
+    return api_prompt
+
+
 # ---------------------------------------------------------------- lifetime
 
 #: The process-wide caches of each family; release() empties them.
@@ -483,9 +574,19 @@ def release(*families: str) -> None:
         for cached in FAMILY_CACHES[family]:
             cached.cache_clear()
     gc.collect()
-    import sys
-    if "comfy.model_management" in sys.modules:
+    if "comfy.model_management" in sys.modules:  # booted: drop ComfyUI's entries for the freed models
         sys.modules["comfy.model_management"].cleanup_models()
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim). Without it the RSS stays near its peak
+    after a release: most weights are under glibc's mmap threshold, so they live in the heap, and freeing
+    them leaves the pages mapped (measured: ~700 MB kept after releasing SD3.5 and the VAE)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 # As checkpoints.model_patcher: no ModelPatcher may be left for interpreter teardown (its __del__ is noisy).
