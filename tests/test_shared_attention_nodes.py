@@ -131,20 +131,6 @@ def test_reference_gets_zero_controlnet_residuals(comfy, sd15, prompts):
     assert not torch.allclose(controlled_reference[0], with_control[0], atol=1e-4)
 
 
-def test_dit_model_is_refused_clearly(comfy):
-    from comfy import model_management as mm, model_patcher, supported_models
-
-    config = supported_models.Flux({"image_model": "flux", "in_channels": 16, "patch_size": 2,
-                                          "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
-                                          "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
-                                          "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000,
-                                          "qkv_bias": True, "guidance_embed": False})
-    flux = model_patcher.ModelPatcher(config.get_model({}), load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
-    with pytest.raises(ValueError, match="Flux.*not supported yet"):
-        shared_attention(flux)
-
-
 def test_prompt_batch_encodes_one_conditioning_per_line(comfy, sd15):
     clip = sd15[1]
     conditioning, count = run_node("SharedAttentionPromptBatch", clip=clip,

@@ -62,16 +62,14 @@ T5 has no 1/sqrt(d) and its q, k come from RMS-normalised tokens through 4096-wi
 Workflows: use_tiny_dit_models() points an API prompt's loaders at these models, through stock loaders
 where they can load them and test-only stand-in nodes (stand_in_nodes()) where they cannot.
 
-Memory: every loader is a functools cache (once per process, clone() before patching) that ``release()``
-empties; the module holds no other reference, so a released family is freed when the tests drop theirs.
+Memory: every loader is a harness.memory.model_cache (once per process, clone() before patching) that
+``release()`` empties for some families and conftest empties for all after every test module; the module holds
+no other reference, so a released family is freed when the tests drop theirs.
 Files are cached like harness.checkpoints (atomic writes, ``DIT_HARNESS_VERSION`` in the names).
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
-import functools
 import gc
 import sys
 from pathlib import Path
@@ -80,6 +78,7 @@ import torch
 
 from .checkpoints import _cached
 from .comfy_env import boot_comfy
+from .memory import model_cache, trim_heap
 
 DIT_HARNESS_VERSION = "dit1"
 
@@ -225,7 +224,7 @@ def _model_patcher(config, sd: dict):
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-@functools.cache
+@model_cache
 def flux_model(variant: str = "dev"):
     """ModelPatcher of the tiny Flux ``variant`` (comfy.model_base.Flux; dev: guidance-distilled, FLUX
     model sampling; schnell: FLOW). Once per process until release("flux"): clone() before patching."""
@@ -249,7 +248,7 @@ def flux_controlnet_path() -> Path:
     return _cached("tiny_dit", _name("flux_controlnet"), _build_flux_controlnet)
 
 
-@functools.cache
+@model_cache
 def flux_controlnet():
     """CONTROL_NET of the tiny Flux ControlNet: comfy.controlnet.load_controlnet_flux_xlabs_mistoline's body
     (ComfyUI's controlnet_config, ControlNetFlux, ControlNet with the y/guidance extra conds), the head count
@@ -304,7 +303,7 @@ def sd35_path(variant: str = "large") -> Path:
     return _cached("diffusion_models", _name(f"sd35_{variant}"), lambda: _build_sd35(variant))
 
 
-@functools.cache
+@model_cache
 def sd35_model(variant: str = "large"):
     """ModelPatcher of the tiny SD3.5 ``variant`` from stock UNETLoader (comfy.model_base.SD3, FLOW sampling
     with shift 3). Once per process until release("sd35"): clone() before patching."""
@@ -329,7 +328,7 @@ def sd35_controlnet_path() -> Path:
     return _cached("controlnet", _name("sd35_controlnet"), _build_sd35_controlnet)
 
 
-@functools.cache
+@model_cache
 def sd35_controlnet():
     """CONTROL_NET of the tiny SD3.5 ControlNet from stock ControlNetLoader."""
     nodes = boot_comfy(require_pack=False).nodes
@@ -384,14 +383,14 @@ def _clip(family: str):
     return clip
 
 
-@functools.cache
+@model_cache
 def flux_clip():
     """CLIP of Flux: ComfyUI's FluxTokenizer and FluxClipModel (CLIP-L pooled + T5-XXL sequence), reduced
     (module docstring). Once per process until release("flux"): clone() before changing it."""
     return _clip("flux")
 
 
-@functools.cache
+@model_cache
 def sd35_clip():
     """CLIP of SD3.5: ComfyUI's SD3Tokenizer and SD3ClipModel (CLIP-L + CLIP-G + T5-XXL), reduced.
     Once per process until release("sd35")."""
@@ -431,7 +430,7 @@ def vae_path() -> Path:
     return _cached("vae", _name("flux_sd3_vae"), _build_vae)
 
 
-@functools.cache
+@model_cache
 def vae():
     """VAE from stock VAELoader (shared by both families). Once per process until release("vae")."""
     nodes = boot_comfy(require_pack=False).nodes
@@ -576,18 +575,4 @@ def release(*families: str) -> None:
     gc.collect()
     if "comfy.model_management" in sys.modules:  # booted: drop ComfyUI's entries for the freed models
         sys.modules["comfy.model_management"].cleanup_models()
-    _return_freed_memory()
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc's malloc_trim). Without it the RSS stays near its peak
-    after a release: most weights are under glibc's mmap threshold, so they live in the heap, and freeing
-    them leaves the pages mapped (measured: ~700 MB kept after releasing SD3.5 and the VAE)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
-
-
-# As checkpoints.model_patcher: no ModelPatcher may be left for interpreter teardown (its __del__ is noisy).
-atexit.register(release)
+    trim_heap()

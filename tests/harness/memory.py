@@ -34,10 +34,13 @@ def release_models() -> None:
         model_management.unload_all_models()
         model_management.soft_empty_cache()
     gc.collect()
-    _trim_heap()
+    trim_heap()
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
+    """Hand freed heap pages back to the system (glibc's malloc_trim): most weights are under glibc's mmap
+    threshold, so they live in the heap, and freeing them leaves the pages mapped (measured: ~1 GiB kept after
+    five runs of a tiny SD1.5 graph, ~700 MB after releasing SD3.5 and the VAE)."""
     libc_name = ctypes.util.find_library("c")
     if libc_name is None:  # not glibc (e.g. musl or macOS): nothing to trim
         return
