@@ -73,7 +73,7 @@ def main() -> None:
     dispatcher = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)
 
     def new_run(capturing: bool):
-        run = rc.MaskGuidanceRun(rc.MaskSettings(), indicator, latent_size=(128, 128), total_steps=25,
+        run = rc.MaskGuidanceRun(rc.MaskSettings(), indicator, total_steps=25,
                                  update_fraction=1.0, text_only_pass=False, tokens=tokens)
         run.mask = torch.rand(1, 64, 64, device=device)
         run.capturing = capturing

@@ -325,10 +325,9 @@ class _SamplingRun:
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         options = executor.class_obj.model_options["transformer_options"]  # the sampler's per-run copy
-        run = MaskGuidanceRun(self.settings, self.indicator, latent_size=tuple(noise.shape[-2:]),
-                              total_steps=len(sigmas) - 1, update_fraction=self.update_fraction,
-                              text_only_pass=self.text_only_pass, tokens=self.tokens.to(noise.device),
-                              cascaded=self.cascaded,
+        run = MaskGuidanceRun(self.settings, self.indicator, total_steps=len(sigmas) - 1,
+                              update_fraction=self.update_fraction, text_only_pass=self.text_only_pass,
+                              tokens=self.tokens.to(noise.device), cascaded=self.cascaded,
                               token_scorer=None if self.token_scorer is None else self.token_scorer.to(noise.device))
         options[RUN_KEY] = run
         try:
@@ -409,7 +408,8 @@ class AdaptiveMaskGuidance(io.ComfyNode):
 
     A real word of the prompt ("toy") is narrowed to the reference subject: at every step the word's text
     cross-attention map (mean over heads, summed over its tokens, averaged over all cross-attention
-    layers) is normalised and its top ``mask_scope`` kept with soft values; an image branch in every
+    layers at the size of the largest one, paper §3.3: the latent's size on SD1.5, half of it on SDXL)
+    is normalised and its top ``mask_scope`` kept with soft values; an image branch in every
     cross-attention layer (the layer's query, the adapter's visual keys/values) is multiplied by that
     mask and added to the text attention. Cond rows see the reference, uncond rows a black image with
     the same mask (released code). Works with CFG 1, any batch size (one mask per image), ControlNet, LoRA.
