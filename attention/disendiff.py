@@ -130,7 +130,8 @@ class CalibratedCrossAttention(AttentionProcessor):
         text_tokens = call.options.get(CONTEXT_TOKENS_KEY)
         if text_tokens is None:
             raise RuntimeError(f"{self.node_name}: this cross-attention call came without the length of its text "
-                               "context; the node's sampling wrapper did not run (sample the MODEL with a sampler node).")
+                               "context; the node's sampling wrapper did not run (sample the MODEL with a sampler "
+                               "node).")
         last = max(p for c in self.concepts for p in c.modifier + c.word)
         if last >= self.prompt_length or text_tokens % self.prompt_length or text_tokens > n_keys:
             raise ValueError(f"{self.node_name}: the concepts sit at tokens up to {last} of the node's prompt "
