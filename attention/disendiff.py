@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .dispatcher import CROSS_ATTENTION, AttentionProcessor, sigma_in_range
 from .layout import cond_row_indices
+from .prompt_context import repeated_positions
 
 IOU_SMOOTHING = 1.0
 GAUSSIAN_SIGMA = 0.5
@@ -35,10 +36,11 @@ def gaussian_kernel(sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
 
 
 def smooth(maps: torch.Tensor, sigma: float = GAUSSIAN_SIGMA) -> torch.Tensor:
-    """Gaussian smoothing of ``(..., H, W)`` maps with reflect padding of 1."""
+    """Gaussian smoothing of ``(..., H, W)`` maps with reflect padding of 1 (replicate padding for a map one
+    pixel high or wide, which has nothing to reflect: sampling-time maps of tiny images)."""
     shape = maps.shape
     flat = maps.reshape(-1, 1, *shape[-2:])
-    padded = F.pad(flat, (1, 1, 1, 1), mode="reflect")
+    padded = F.pad(flat, (1, 1, 1, 1), mode="reflect" if min(shape[-2:]) > 1 else "replicate")
     return F.conv2d(padded, gaussian_kernel(sigma).to(maps)[None, None]).reshape(shape)
 
 
@@ -86,15 +88,28 @@ class Concept:
     word: tuple[int, ...]
 
 
+#: transformer_options key: the number of text tokens of the call's context, set by CalibratedCrossAttn's
+#: sampling wrapper once it has checked that the cond rows' context is the node's prompt
+CONTEXT_TOKENS_KEY = "personalization.calibration_context_tokens"
+
+
 @dataclass(eq=False)
 class CalibratedCrossAttention(AttentionProcessor):
     """Sampling-time calibration (goes beyond the paper, which is prompt-only at inference).
 
     In cond rows of every cross-attention layer in the sigma range, with ``P`` the softmax of the
-    logits and ``Ĉ_i`` the head-mean class map of concept i, min-max normalised and squared:
+    logits and ``Ĉ_i`` concept i's class map of the layer (head mean of ``P`` on its class word's
+    tokens) processed as training processes class maps (min-max, 3×3 Gaussian, squared: f_m(G(·))):
     - binding: ``logits[m_i] += strength · (2Ĉ_i − 1)``, raising the modifier where its class attends;
     - separation: ``logits[m_i ∪ c_i] −= strength · relu(Ĉ_j − Ĉ_i)`` for every other concept j,
       lowering concept i where concept j dominates.
+    Training averages the maps of the deepest layers (16×16 on SD1.5 at 512 px) before processing them;
+    here each layer's edit needs a map within the same forward pass, before those layers have run, so
+    it uses its own.
+
+    Concept positions are tokens of the node's prompt (``prompt_length`` tokens); the text keys of a call
+    are that prompt, repeated when ComfyUI padded the cond to a longer one, and their count comes from
+    ``CONTEXT_TOKENS_KEY``. A call whose text cannot hold the positions is an error, never a silent no-op.
     ``strength`` 0 makes the processor inactive, so sampling is exactly the plain one.
     """
 
@@ -102,6 +117,7 @@ class CalibratedCrossAttention(AttentionProcessor):
     strength: float
     sigma_start: float
     sigma_end: float
+    prompt_length: int
     name = "disendiff_calibration"
     node_name = "CalibratedCrossAttn"
     patch_point = CROSS_ATTENTION
@@ -109,29 +125,43 @@ class CalibratedCrossAttention(AttentionProcessor):
     def active(self, call):
         return self.strength != 0 and sigma_in_range(call.sigma, self.sigma_start, self.sigma_end)
 
+    def text_repeats(self, call, n_keys: int) -> int:
+        """How many times the prompt fills the call's text keys (ComfyUI repeats a shorter cond)."""
+        text_tokens = call.options.get(CONTEXT_TOKENS_KEY)
+        if text_tokens is None:
+            raise RuntimeError(f"{self.node_name}: this cross-attention call came without the length of its text "
+                               "context; the node's sampling wrapper did not run (sample the MODEL with a sampler "
+                               "node).")
+        last = max(p for c in self.concepts for p in c.modifier + c.word)
+        if last >= self.prompt_length or text_tokens % self.prompt_length or text_tokens > n_keys:
+            raise ValueError(f"{self.node_name}: the concepts sit at tokens up to {last} of the node's prompt "
+                             f"({self.prompt_length} tokens), but this cross-attention call has {text_tokens} text "
+                             f"tokens among {n_keys} keys; give the node the prompt of the positive conditioning.")
+        return text_tokens // self.prompt_length
+
     def edit_logits(self, logits, call):
         cond_rows = cond_row_indices(call.cond_or_uncond, logits.shape[0])
         if not cond_rows:
             return logits
+        repeats = self.text_repeats(call, logits.shape[-1])
+        keys = [(repeated_positions(c.modifier, self.prompt_length, repeats),
+                 repeated_positions(c.word, self.prompt_length, repeats)) for c in self.concepts]
         rows = torch.tensor(cond_rows, device=logits.device)
         sub = logits[rows]
-        n_keys = sub.shape[-1]
-        concepts = [c for c in self.concepts if max(c.modifier + c.word) < n_keys]
-        if len(concepts) < 2:
-            return logits
-        probs = sub.softmax(-1).mean(1)  # (b, Nq, T)
-        class_maps = []
-        for concept in concepts:
-            cmap = probs[..., list(concept.word)].mean(-1)
-            low, high = cmap.min(-1, keepdim=True).values, cmap.max(-1, keepdim=True).values
-            class_maps.append(((cmap - low) / (high - low + 1e-8)) ** 2)
-        edit = torch.zeros_like(sub[:, 0])  # (b, Nq, T)
-        for i, concept in enumerate(concepts):
-            edit[..., list(concept.modifier)] += (self.strength * (2 * class_maps[i] - 1))[..., None]
+        probs = sub.softmax(-1).mean(1)  # (b, Nq, keys)
+        batch, queries = probs.shape[:2]
+        height, width = call.options["activations_shape"][-2:]
+        if height * width != queries:
+            raise ValueError(f"{self.node_name}: cannot lay {queries} queries out on the layer's {height}x{width} grid")
+        class_maps = [process_maps(probs[..., word].mean(-1).view(batch, height, width), suppress=True).flatten(1)
+                      for _modifier, word in keys]
+        edit = torch.zeros_like(probs)
+        for i, (modifier, word) in enumerate(keys):
+            edit[..., modifier] += (self.strength * (2 * class_maps[i] - 1))[..., None]
             for j, other in enumerate(class_maps):
                 if j != i:
                     penalty = (self.strength * (other - class_maps[i]).clamp_min(0))[..., None]
-                    edit[..., list(concept.modifier + concept.word)] -= penalty
+                    edit[..., modifier + word] -= penalty
         edited = logits.clone()
         edited[rows] = sub + edit[:, None]
         return edited

@@ -3,9 +3,10 @@
 Two cross-attention processors and the per-run state they share:
 
 - :class:`WordMapReader` reads the text cross-attention probabilities of the *cond* rows and reduces
-  them at once to the target word's map: mean over heads, sum over the word's tokens, bilinear resize
-  to the mask grid (half the latent size, as the released code), accumulated over layers. Only this
-  ``(B, H', W')`` running sum is kept, never a layer's full probabilities.
+  them at once to the target word's map of the layer: mean over heads, sum over the word's tokens.
+  Only these ``(B, 1, h, w)`` layer maps are kept (h·w numbers per image and layer), never a layer's
+  full probabilities. When the pass is over they are resized (bilinear) to the mask grid, the size of
+  the largest map (paper §3.3), and averaged: see :func:`mask_grid`.
 - :class:`MaskedImageBranch` adds the visual cross-attention, the released code's
   ``AttnProcessor2_0_image_prompt``: ``softmax(Q K_iᵀ/√d) V_i`` with the layer's own query and new
   bias-free projections ``K_i = to_k_vision(tokens)``, ``V_i = to_v_vision(tokens)``, multiplied by
@@ -68,9 +69,13 @@ def word_map(probs: torch.Tensor, indicator: torch.Tensor, height: int, width: i
     return per_query.view(probs.shape[0], 1, height, width)
 
 
-def mask_grid(latent_size: tuple[int, int]) -> tuple[int, int]:
-    """Size of the word mask for a latent: half the latent, as the released ``mask_generation``."""
-    return math.ceil(latent_size[0] / 2), math.ceil(latent_size[1] / 2)
+def mask_grid(map_sizes) -> tuple[int, int]:
+    """Size of the word mask: the largest of the ``(h, w)`` cross-attention maps of a pass (paper §3.3:
+    every map is resized "to the largest map size, i.e. 64 × 64 in Stable Diffusion"). SD1.5 has maps at
+    the latent's own size, so its mask has the latent's size; SDXL has no attention at full resolution,
+    so its mask is half the latent, the size the released SDXL code hard-codes; a DiT's maps all have its
+    image-token grid. Read from the maps themselves, so no family needs a rule of its own."""
+    return max(map_sizes, key=lambda size: size[0] * size[1])
 
 
 def min_max(x: torch.Tensor) -> torch.Tensor:
@@ -112,28 +117,36 @@ def select_scope(scores: torch.Tensor, settings: MaskSettings) -> torch.Tensor:
 
 
 class WordMapAccumulator:
-    """Streams per-layer word maps into the mask of the released ``mask_generation``."""
+    """Collects the word maps of one pass, layer by layer, into the mask of the released ``mask_generation``.
 
-    def __init__(self, settings: MaskSettings, size: tuple[int, int]):
-        self.settings, self.size = settings, size
-        self.total: torch.Tensor | None = None
-        self.layers = 0
+    The layer maps are kept at their own size until the mask is made: the grid is the largest map's
+    (:func:`mask_grid`), known only once every layer has been read, and ``min_max_per_channel`` normalises
+    each layer after its resize, so no running sum could stand in for them."""
+
+    def __init__(self, settings: MaskSettings):
+        self.settings = settings
+        self.layer_maps: list[torch.Tensor] = []
 
     def add(self, layer_map: torch.Tensor) -> None:
-        """``(B, 1, h, w)`` map of one layer; resized to the mask grid as the released code does."""
-        resized = F.interpolate(layer_map.float(), size=self.size, mode="bilinear")
-        if self.settings.strategy == "min_max_per_channel":
-            resized = min_max(resized)
-        self.total = resized if self.total is None else self.total + resized
-        self.layers += 1
+        """``(B, 1, h, w)`` map of one layer."""
+        self.layer_maps.append(layer_map.float())
 
     @property
     def empty(self) -> bool:
-        return self.layers == 0
+        return not self.layer_maps
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return mask_grid(tuple(m.shape[-2:]) for m in self.layer_maps)
 
     def mask(self) -> torch.Tensor:
-        """``(B, H', W')`` mask: normalised layer mean, ``scope`` selected."""
-        mean_map = normalise(self.total / self.layers, self.settings.strategy)
+        """``(B, H', W')`` mask at :attr:`size`: the layers resized to it (bilinear, as the released code),
+        normalised by the strategy, averaged, ``scope`` selected."""
+        size = self.size
+        resized = [F.interpolate(m, size=size, mode="bilinear") for m in self.layer_maps]
+        if self.settings.strategy == "min_max_per_channel":
+            resized = [min_max(m) for m in resized]
+        mean_map = normalise(torch.cat(resized, dim=1).mean(dim=1, keepdim=True), self.settings.strategy)
         return select_scope(mean_map, self.settings)[:, 0]
 
 
@@ -182,13 +195,11 @@ class MaskGuidanceRun:
     prediction waits in the run until the guidance takes it.
     """
 
-    def __init__(self, settings: MaskSettings, indicator: torch.Tensor, latent_size: tuple[int, int],
-                 total_steps: int, update_fraction: float, text_only_pass: bool, tokens: ImageTokens,
-                 cascaded: bool = False, token_scorer=None):
+    def __init__(self, settings: MaskSettings, indicator: torch.Tensor, total_steps: int, update_fraction: float,
+                 text_only_pass: bool, tokens: ImageTokens, cascaded: bool = False, token_scorer=None):
         self.settings = settings
         self.tokens = tokens  # on the sampling device for the whole run
         self.indicator = indicator
-        self.size = mask_grid(latent_size)
         self.update_steps = max(1, round(update_fraction * total_steps))
         self.text_only_pass = text_only_pass or cascaded
         self.cascaded = cascaded
@@ -199,7 +210,7 @@ class MaskGuidanceRun:
         self.history: list[torch.Tensor] = []  # mask of every step, in order
         self.capturing = False  # WordMapReader active
         self.injecting = True   # MaskedImageBranch active
-        self._pending = WordMapAccumulator(settings, self.size)
+        self._pending = WordMapAccumulator(settings)
         self._step = -1
         self._text_prediction: tuple[float, torch.Tensor] | None = None  # (sigma, ε_T2I) of the current call
 
@@ -210,7 +221,7 @@ class MaskGuidanceRun:
         """Called before every model call: a new step adopts the map captured during the previous one."""
         if step != self._step and not self._pending.empty:
             self.mask = self._pending.mask()
-            self._pending = WordMapAccumulator(self.settings, self.size)
+            self._pending = WordMapAccumulator(self.settings)
         self._step = step
 
     def needs_text_only_pass(self, step: int) -> bool:
@@ -227,7 +238,7 @@ class MaskGuidanceRun:
     def finish_text_only_pass(self, sigma: float | None = None, prediction: torch.Tensor | None = None) -> None:
         if not self._pending.empty:
             self.mask = self._pending.mask()
-            self._pending = WordMapAccumulator(self.settings, self.size)
+            self._pending = WordMapAccumulator(self.settings)
         if self.cascaded:
             if self._text_prediction is not None:
                 raise ValueError("AdaptiveMaskGuidance: cascaded guidance needs the positive conditioning in one model "
@@ -355,9 +366,9 @@ class WordMapCapture:
     injecting = False
     capturing = True
 
-    def __init__(self, indicators: torch.Tensor, settings: MaskSettings, latent_size: tuple[int, int]):
+    def __init__(self, indicators: torch.Tensor, settings: MaskSettings):
         self.indicators = indicators
-        self._maps = WordMapAccumulator(settings, mask_grid(latent_size))
+        self._maps = WordMapAccumulator(settings)
 
     def capture(self, probs: torch.Tensor, call: AttentionCall) -> None:
         _b, _c, height, width = call.options["activations_shape"]

@@ -4,10 +4,11 @@ At real SDXL cross-attention sizes (1024² image: 4096 queries × 640 channels a
 tokens, 729 image tokens; cond + uncond, batch 1 each), over one U-Net's worth of such layers:
 
 (a) time of the cross-attention layers with mask guidance (word map read from the same pass, the
-    default "previous step" source) / the same image branch ungated (no map read, all-ones mask).
+    "previous step" source) / the same image branch ungated (no map read, all-ones mask).
     Target: <= 1.10. Also: with the mask frozen (no map read) / ungated.
-(b) the released schedule ("text-only pass"): one extra cond-only pass of these layers per updating step,
-    as a ratio to (a)'s guided time (the whole U-Net pays this share in addition).
+(b) the released schedule ("text-only pass", the node's default): one extra cond-only pass of these
+    layers per updating step, as a ratio to (a)'s guided time (the whole U-Net pays a cond-only forward in
+    addition; bench/map_source.py measures whole sampling runs of both sources).
 (c) peak memory of map capture over all layers (CUDA allocator peak on a GPU, the process's resident-set
     high-water mark on the CPU): extra peak over the ungated run, in units of one layer's full attention
     probabilities and of all layers' full probabilities; capture keeps only the reduced word map, so the
@@ -73,7 +74,7 @@ def main() -> None:
     dispatcher = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)
 
     def new_run(capturing: bool):
-        run = rc.MaskGuidanceRun(rc.MaskSettings(), indicator, latent_size=(128, 128), total_steps=25,
+        run = rc.MaskGuidanceRun(rc.MaskSettings(), indicator, total_steps=25,
                                  update_fraction=1.0, text_only_pass=False, tokens=tokens)
         run.mask = torch.rand(1, 64, 64, device=device)
         run.capturing = capturing

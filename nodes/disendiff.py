@@ -12,14 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.sample
 import torch.nn.functional as F
 import folder_paths
 import torch
 
 from ..attention.custom_diffusion import StartTokenDetach
-from ..attention.disendiff import CalibratedCrossAttention, Concept, min_max
+from ..attention.disendiff import CONTEXT_TOKENS_KEY, CalibratedCrossAttention, Concept, min_max
 from ..attention.dispatcher import CHAIN_KEY
+from ..attention.layout import cond_row_indices
+from ..attention.prompt_context import prompt_repeats
 from ..attention.token_maps import MapRecorder, map_block_keys
 from ..training import disendiff as recipe
 from ..training.augmentation import center_square, draw_views
@@ -29,12 +32,13 @@ from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
 from . import training_glue as glue
 from .comfy_io import io
-from .patching import add_attention_processor, sigma_range, transformer_blocks
+from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
 from .validation import names_node, require_images, resolve_embedding
 
 CATEGORY = "personalization/disendiff"
 LORA_SUFFIX = "_disendiff_kv"
 CHECKPOINT_FOLDER = "disendiff_checkpoints"
+CALIBRATION_WRAPPER_KEY = WRAPPER_KEY + ".disendiff_calibration"
 
 
 def _class_words(text: str) -> list[str]:
@@ -338,10 +342,14 @@ class CalibratedCrossAttn(io.ComfyNode):
 
     In every cross-attention layer, for cond rows and within the step range, each modifier token's
     logits are raised where its class word attends and lowered elsewhere (binding), and each concept
-    is lowered where another concept's class map dominates (separation). Inputs: clip + prompt (to
-    find the tokens; the same prompt you encode), modifiers and class_words (comma lists in prompt
-    order, e.g. "embedding:pair_new1, embedding:pair_new2" and "man, woman"), strength (0 = plain
-    sampling exactly; 0.5–2 typical), start/end percent. Works with trained or stock models.
+    is lowered where another concept's class map dominates (separation). The class maps are the layer's
+    own (head mean), min-max normalised, smoothed by training's 3×3 Gaussian and squared, as training
+    processes its maps; training averages the 16×16 layers first, which a layer cannot wait for inside
+    the same forward pass. Inputs: clip + prompt (the CLIP and the prompt text of the positive
+    CLIPTextEncode: it finds the tokens, and sampling stops with an error when the positive conditioning
+    is another prompt), modifiers and class_words (comma lists in prompt order, e.g.
+    "embedding:pair_new1, embedding:pair_new2" and "man, woman"), strength (0 = plain sampling exactly;
+    0.5–2 typical), start/end percent. Works with trained or stock models.
     """
 
     @classmethod
@@ -355,7 +363,7 @@ class CalibratedCrossAttn(io.ComfyNode):
                 io.Model.Input("model", tooltip="SD1.5/SDXL model (e.g. with the DisenDiff LoRA); left unchanged."),
                 io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt (finds the token positions)."),
                 io.String.Input("prompt", multiline=True, default="photo of a embedding:disendiff_pair_new1 man and embedding:disendiff_pair_new2 woman",
-                                tooltip="The positive prompt, exactly as encoded for sampling."),
+                                tooltip="The positive prompt, exactly as encoded for sampling (another one stops sampling with an error)."),
                 io.String.Input("modifiers", default="embedding:disendiff_pair_new1, embedding:disendiff_pair_new2",
                                 tooltip="Modifier words or embeddings, one per concept, comma separated."),
                 io.String.Input("class_words", default="man, woman", tooltip="Class word of each concept, same order."),
@@ -380,8 +388,33 @@ class CalibratedCrossAttn(io.ComfyNode):
         sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         m = model.clone()
         blocks = [b for b in transformer_blocks(m, "CalibratedCrossAttn") if b.has_cross_attention]
-        add_attention_processor(m, CalibratedCrossAttention(concepts, strength, sigma_start, sigma_end), blocks)
+        encoded = clip.encode_from_tokens(clip.tokenize(prompt)).float().to(comfy.model_management.intermediate_device())
+        add_attention_processor(m, CalibratedCrossAttention(concepts, strength, sigma_start, sigma_end, encoded.shape[1]),
+                                blocks)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CALIBRATION_WRAPPER_KEY,
+                               _PromptCheck(encoded, prompt))
         return io.NodeOutput(m)
+
+
+@dataclass(frozen=True, eq=False)
+class _PromptCheck:
+    """DIFFUSION_MODEL wrapper of CalibratedCrossAttn: the concept positions are tokens of the node's prompt,
+    so the cond rows' context must be that prompt as the node's CLIP encodes it (a different prompt would
+    move the edit onto other tokens, silently); hands the processor the context's length."""
+
+    encoded: torch.Tensor  # (1, L, D)
+    prompt: str
+
+    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        rows = cond_row_indices(transformer_options.get("cond_or_uncond"), x.shape[0])
+        if rows and prompt_repeats(context, self.encoded, rows) is None:
+            raise ValueError(
+                f"CalibratedCrossAttn: the positive conditioning ({context.shape[1]} tokens) is not the node's prompt "
+                f"{self.prompt!r} ({self.encoded.shape[1]} tokens) as the node's CLIP encodes it, so the concepts' "
+                "token positions would point at other tokens. Give the node the CLIP and the prompt text of the "
+                "positive CLIPTextEncode (convert its text widget to an input and share one string).")
+        return executor(x, timesteps, context, y, control, {**transformer_options, CONTEXT_TOKENS_KEY: context.shape[1]},
+                        **kwargs)
 
 
 class CalibratedCrossAttnMaps(io.ComfyNode):

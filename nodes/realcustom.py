@@ -54,7 +54,8 @@ from .prompt_tokens import find_phrase_tokens
 CATEGORY = "personalization/realcustom"
 ADAPTER_FOLDER = "realcustom"
 RUN_WRAPPER_KEY = WRAPPER_KEY + ".realcustom"
-MAP_SOURCES = ("previous step", "text-only pass")
+#: where the word map of a step comes from: the paper's and released code's schedule (default), the fast option
+MAP_SOURCES = ("text-only pass", "previous step")
 UNCOND_IMAGES = ("black image", "none")
 GUIDANCE_MODES = ("CFG (released code)", "cascaded (paper eq. 13)")
 
@@ -325,10 +326,9 @@ class _SamplingRun:
 
     def __call__(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         options = executor.class_obj.model_options["transformer_options"]  # the sampler's per-run copy
-        run = MaskGuidanceRun(self.settings, self.indicator, latent_size=tuple(noise.shape[-2:]),
-                              total_steps=len(sigmas) - 1, update_fraction=self.update_fraction,
-                              text_only_pass=self.text_only_pass, tokens=self.tokens.to(noise.device),
-                              cascaded=self.cascaded,
+        run = MaskGuidanceRun(self.settings, self.indicator, total_steps=len(sigmas) - 1,
+                              update_fraction=self.update_fraction, text_only_pass=self.text_only_pass,
+                              tokens=self.tokens.to(noise.device), cascaded=self.cascaded,
                               token_scorer=None if self.token_scorer is None else self.token_scorer.to(noise.device))
         options[RUN_KEY] = run
         try:
@@ -409,7 +409,8 @@ class AdaptiveMaskGuidance(io.ComfyNode):
 
     A real word of the prompt ("toy") is narrowed to the reference subject: at every step the word's text
     cross-attention map (mean over heads, summed over its tokens, averaged over all cross-attention
-    layers) is normalised and its top ``mask_scope`` kept with soft values; an image branch in every
+    layers at the size of the largest one, paper §3.3: the latent's size on SD1.5, half of it on SDXL)
+    is normalised and its top ``mask_scope`` kept with soft values; an image branch in every
     cross-attention layer (the layer's query, the adapter's visual keys/values) is multiplied by that
     mask and added to the text attention. Cond rows see the reference, uncond rows a black image with
     the same mask (released code). Works with CFG 1, any batch size (one mask per image), ControlNet, LoRA.
@@ -417,10 +418,14 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     Paper vs code: the released model has no adaptive scoring module and uses plain CFG (not the paper's
     cascaded eq. 13); this node follows the code by default, offers eq. 13 as ``guidance``, and scores the
     image tokens per call (paper §3.2, γ_num 0.8, masked latent) when the adapter was trained with the
-    adaptive scoring module (RealCustomTrainer). ``map_source`` "text-only pass" is the code's schedule (an
-    extra cond-only forward without the image branch before each updating step, ~+50% time while updating);
-    "previous step" (default) reads the map from the guided pass itself and applies it one step later (one
-    text-only pass at step 0 only), which costs almost nothing.
+    adaptive scoring module (RealCustomTrainer). ``map_source`` "text-only pass" (default) is the schedule of
+    the paper (§3.3) and the released code: before each updating step a forward of the cond rows without the
+    image branch reads the map that gates that same step (one extra cond-only forward per updating step;
+    bench/map_source.py: +58 % sampling time on the tiny test model on the CPU, CFG 5, every step updating).
+    "previous step" is this pack's faster option: the map is read from the cond rows of the guided pass
+    itself and gates the next step (one text-only forward at step 0 only), so it comes one step late and
+    with the subject already injected; its masks differ from the released schedule's (tiny test model: up
+    to 0.98 in a mask value, 3–13 of the 64 kept positions per step at 128 px, 12–47 of 256 at 256 px).
 
     Inputs (safe ranges):
     - model, reference (RealCustomEncodeReference), clip + prompt: the SAME prompt text as the positive
@@ -431,7 +436,8 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     - binary_mask: kept positions become 1 (paper ablation: worse controllability); off.
     - update_fraction: part of the steps during which the mask is recomputed, then frozen; 1.0 = every step
       (code CLI), 0.48 = first 12 of 25 (code app).
-    - map_source: "previous step" (fast) or "text-only pass" (released schedule).
+    - map_source: "text-only pass" (paper and released code, default) or "previous step" (faster, masks one
+      step late).
     - uncond_image: "black image" (released) or "none" (no image branch in the negative pass: stronger push).
     - strength: multiplies the image branch; 1.0 as released, 0 = off.
     - scope_selection: "top-k" keeps the top ``mask_scope`` fraction (paper eq. 11, released default);
@@ -466,7 +472,7 @@ class AdaptiveMaskGuidance(io.ComfyNode):
                 io.Float.Input("update_fraction", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="Recompute the mask during this part of the steps, then freeze it (app: 0.48)."),
                 io.Combo.Input("map_source", options=list(MAP_SOURCES), default=MAP_SOURCES[0],
-                               tooltip="previous step: map from the guided pass, applied next step (fast); text-only pass: released code (+1 pass)."),
+                               tooltip="text-only pass: paper and released code (+1 cond pass per updating step); previous step: map of the guided pass, one step late (faster)."),
                 io.Combo.Input("uncond_image", options=list(UNCOND_IMAGES), default=UNCOND_IMAGES[0],
                                tooltip="Image the negative pass sees: a black image (released) or none."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=3.0, step=0.01,
@@ -512,7 +518,7 @@ class AdaptiveMaskGuidance(io.ComfyNode):
                                      guided_diffusion_model)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY,
                                      _SamplingRun(settings, phrase.indicator(), update_fraction,
-                                                  map_source == MAP_SOURCES[1], tokens, record, cascaded, scorer))
+                                                  map_source == MAP_SOURCES[0], tokens, record, cascaded, scorer))
         if cascaded:
             patched.set_model_sampler_pre_cfg_function(_CascadedGuidance(image_guidance))
         return io.NodeOutput(patched, record)

@@ -13,14 +13,16 @@ from personalization_nodes.attention.blocks import TransformerBlock
 from personalization_nodes.training import disendiff as recipe
 
 
-def slow_gaussian_smooth(m):
-    """Reflect-pad by 1, then the 3×3 Attend-and-Excite kernel with exponent ((x−μ)/(2σ))², σ 0.5."""
+def slow_gaussian_smooth(m, padding="reflect"):
+    """Pad by 1 (reflect, or replicate), then the 3×3 Attend-and-Excite kernel with exponent ((x−μ)/(2σ))², σ 0.5."""
     g = [math.exp(-(((x - 1) / (2 * 0.5)) ** 2)) for x in range(3)]
     kernel = [[g[i] * g[j] for j in range(3)] for i in range(3)]
     total = sum(sum(r) for r in kernel)
     h, w = m.shape
 
     def at(y, x):
+        if padding == "replicate":
+            return m[min(max(y, 0), h - 1), min(max(x, 0), w - 1)]
         y = -y if y < 0 else (2 * (h - 1) - y if y >= h else y)
         x = -x if x < 0 else (2 * (w - 1) - x if x >= w else x)
         return m[y, x]
@@ -31,9 +33,9 @@ def slow_gaussian_smooth(m):
     return out
 
 
-def slow_process(m, square):
+def slow_process(m, square, padding="reflect"):
     m = (m - m.min()) / (m.max() - m.min() + 1e-8)
-    m = slow_gaussian_smooth(m)
+    m = slow_gaussian_smooth(m, padding)
     return m * m if square else m
 
 
@@ -65,6 +67,96 @@ def test_calibration_loss_matches_slow_reference(concepts):
     fast = disendiff.calibration_loss(mods, classes)
     for b in range(2):
         assert torch.allclose(fast[b], slow_loss(mods[b], classes[b]), atol=1e-5)
+
+
+def slow_softmax(values):
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def slow_calibrated_logits(logits, cond_rows, concepts, strength, height, width, prompt_length, text_tokens):
+    """CalibratedCrossAttn as its docs state it, one row, head, query and key at a time: P the softmax of a
+    head's logits over all keys; the class map of concept i is the head mean of P on its class word's keys
+    (every repeat of the prompt among the text keys), min-max normalised, Gaussian smoothed and squared
+    like training's class maps; a modifier key gains strength·(2Ĉ_i − 1), and concept i's modifier and
+    class keys lose strength·relu(Ĉ_j − Ĉ_i) for every other concept j. Uncond rows are left alone."""
+    rows, heads, queries, n_keys = logits.shape
+    repeats = text_tokens // prompt_length
+
+    def keys_of(positions):
+        return [p + r * prompt_length for r in range(repeats) for p in positions]
+    out = logits.clone().double()
+    for b in cond_rows:
+        mean = [[0.0] * n_keys for _ in range(queries)]
+        for head in range(heads):
+            for q in range(queries):
+                for k, p in enumerate(slow_softmax(logits[b, head, q].tolist())):
+                    mean[q][k] += p / heads
+        maps = []
+        for modifier, word in concepts:
+            raw = [sum(mean[q][k] for k in keys_of(word)) / len(keys_of(word)) for q in range(queries)]
+            maps.append(slow_process(torch.tensor(raw, dtype=torch.float64).view(height, width), True).flatten())
+        for head in range(heads):
+            for q in range(queries):
+                for k in range(n_keys):
+                    delta = 0.0
+                    for i, (modifier, word) in enumerate(concepts):
+                        if k in keys_of(modifier):
+                            delta += strength * (2 * float(maps[i][q]) - 1)
+                        for j in range(len(concepts)):
+                            if j != i and k in keys_of(modifier) + keys_of(word):
+                                delta -= strength * max(float(maps[j][q]) - float(maps[i][q]), 0.0)
+                    out[b, head, q, k] += delta
+    return out
+
+
+def calibration_call(cond_or_uncond, text_tokens, height, width):
+    options = {"activations_shape": [4, 8, height, width]}
+    if text_tokens is not None:
+        options[disendiff.CONTEXT_TOKENS_KEY] = text_tokens
+    return SimpleNamespace(cond_or_uncond=cond_or_uncond, options=options)
+
+
+CONCEPTS = {2: (((1,), (2,)), ((4,), (5, 6))), 3: (((1,), (2,)), ((3,), (4, 5)), ((6,), (7,)))}
+
+
+@pytest.mark.parametrize("concepts", [2, 3])
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_calibrated_logits_match_the_written_out_formula(concepts, repeats):
+    """Cond rows of a call with uncond rows first; the prompt (8 tokens) repeated ``repeats`` times as ComfyUI
+    pads a cond to a longer negative; two more keys after the text (another technique's joint keys)."""
+    prompt_length, height, width = 8, 3, 4
+    text_tokens = prompt_length * repeats
+    pairs = CONCEPTS[concepts]
+    processor = disendiff.CalibratedCrossAttention(tuple(disendiff.Concept(m, w) for m, w in pairs), 1.5,
+                                                   float("inf"), 0.0, prompt_length)
+    logits = 2 * torch.randn(4, 2, height * width, text_tokens + 2, generator=torch.Generator().manual_seed(concepts))
+    edited = processor.edit_logits(logits, calibration_call((1, 0), text_tokens, height, width))
+    expected = slow_calibrated_logits(logits, [2, 3], pairs, 1.5, height, width, prompt_length, text_tokens)
+    assert torch.equal(edited[:2], logits[:2]), "uncond rows are left alone"
+    assert (edited.double() - expected).abs().max() <= 1e-5
+    assert (edited[2:] - logits[2:]).abs().max() > 0.1
+
+
+def test_calibration_refuses_calls_that_cannot_hold_its_tokens():
+    """Positions beyond the text of the call were skipped silently; they are an error naming the node."""
+    processor = disendiff.CalibratedCrossAttention((disendiff.Concept((1,), (2,)), disendiff.Concept((4,), (5,))),
+                                                   1.0, float("inf"), 0.0, prompt_length=8)
+    logits = torch.randn(2, 2, 4, 10)
+    with pytest.raises(ValueError, match="CalibratedCrossAttn: the concepts sit at tokens up to 5 .* 4 text tokens"):
+        processor.edit_logits(logits[..., :4], calibration_call((0, 1), 4, 2, 2))
+    with pytest.raises(ValueError, match="CalibratedCrossAttn: .* 12 text tokens among 10 keys"):
+        processor.edit_logits(logits, calibration_call((0, 1), 12, 2, 2))
+    with pytest.raises(RuntimeError, match="CalibratedCrossAttn: .*without the length of its text"):
+        processor.edit_logits(logits, calibration_call((0, 1), None, 2, 2))
+    assert torch.equal(processor.edit_logits(logits, calibration_call((1, 1), None, 2, 2)), logits)  # no cond rows
+
+
+def test_smoothing_replicates_the_edge_of_a_map_one_pixel_high():
+    """Reflection needs two pixels; a 1×w map (a tiny image's deepest layer) is padded by replication."""
+    m = torch.rand(1, 5, dtype=torch.float64)
+    torch.testing.assert_close(disendiff.smooth(m), slow_gaussian_smooth(m, "replicate"))
 
 
 def test_binding_sends_no_gradient_through_the_class_map():

@@ -215,16 +215,37 @@ def test_regularisation_images_from_the_frozen_model(comfy, sd15):
     assert not torch.equal(images[0], images[1])
 
 
-def test_calibration_on_sdxl(comfy, sd15, sdxl_model):
-    from harness.checkpoints import sdxl_conditioning
-    _, clip, _ = sd15  # token positions only: SDXL's two encoders tokenize like CLIP-L
-    args = dict(clip=clip, prompt="photo of a small cat and a big dog", modifiers="small, big", class_words="cat, dog",
-                start_percent=0.0, end_percent=1.0)
-    positive, negative, latent = sdxl_conditioning(2, seed=1), sdxl_conditioning(2, seed=2), empty_latent(2)
+def test_calibration_on_sdxl(comfy, sdxl_model):
+    from harness.text_encoders import reduced_clip
+    clip = reduced_clip("sdxl")  # ComfyUI's SDXL CLIP (L + G), 3 layers deep: tokenizes and encodes as SDXL's
+    prompt = "photo of a small cat and a big dog"
+    args = dict(clip=clip, prompt=prompt, modifiers="small, big", class_words="cat, dog", start_percent=0.0,
+                end_percent=1.0)
+    positive, negative, latent = encode_prompt(clip, prompt), encode_prompt(clip, ""), empty_latent(2)
     plain = sample(sdxl_model, positive, negative, latent, steps=2)
     off = sample(run_node("CalibratedCrossAttn", model=sdxl_model, strength=0.0, **args)[0], positive, negative, latent, steps=2)
     on = sample(run_node("CalibratedCrossAttn", model=sdxl_model, strength=2.0, **args)[0], positive, negative, latent, steps=2)
     assert torch.equal(plain, off) and (on - plain).abs().max() > 1e-4
+
+
+def test_conditioning_of_another_prompt_stops_sampling_naming_the_node(comfy, sd15):
+    """The token positions come from the node's prompt: a positive conditioning of another prompt (same length,
+    other words) used to move the edit onto other tokens silently, and one shorter than the positions was
+    skipped silently."""
+    model, clip, _ = sd15
+    prompt = "photo of a small cat and a big dog"
+    calibrated = run_node("CalibratedCrossAttn", model=model, clip=clip, prompt=prompt, modifiers="small, big",
+                          class_words="cat, dog", strength=1.0, start_percent=0.0, end_percent=1.0)[0]
+    negative, latent = encode_prompt(clip, ""), empty_latent(1)
+    short = encode_prompt(clip, prompt)
+    short[0][0] = short[0][0][:, :4]  # "photo of a small": the class words fall beyond the conditioning
+    for positive in (encode_prompt(clip, "photo of a big cat and a small dog"), short):
+        with pytest.raises(ValueError, match="CalibratedCrossAttn: the positive conditioning .* is not the node's prompt"):
+            sample(calibrated, positive, negative, latent, steps=1)
+    long_negative = encode_prompt(clip, ", ".join(["blurry"] * 60))  # 154 tokens: ComfyUI repeats the positive
+    plain = sample(model, encode_prompt(clip, prompt), long_negative, latent, steps=2)
+    calibrated_out = sample(calibrated, encode_prompt(clip, prompt), long_negative, latent, steps=2)
+    assert (calibrated_out - plain).abs().max() > 1e-4
 
 
 def test_multi_token_class_words_cover_all_their_tokens(comfy, sd15):

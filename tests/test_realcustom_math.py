@@ -72,21 +72,33 @@ def random_probs(batch, h, w, seed):
     return (q @ k.transpose(-1, -2) / DIM_HEAD ** 0.5).softmax(-1)
 
 
+#: (layer map sizes in the order a pass reads them, the largest map's size = the paper's mask grid)
+LAYER_LAYOUTS = {
+    "SD1.5-like, maps at the latent and half of it": ([(8, 8), (4, 4), (8, 8)], (8, 8)),
+    "largest map read last": ([(4, 4), (2, 2), (8, 8)], (8, 8)),
+    "non-square, no map at the latent (SDXL-like)": ([(3, 4), (6, 8), (3, 4)], (6, 8)),
+}
+
+
 @pytest.mark.parametrize("strategy", ["max_norm", "min_max_norm", "min_max_per_channel"])
 @pytest.mark.parametrize("binary", [False, True])
 @pytest.mark.parametrize("selection", ["top-k", "threshold"])
-def test_streamed_mask_equals_reference_on_materialised_maps(strategy, binary, selection):
+@pytest.mark.parametrize("layout", list(LAYER_LAYOUTS))
+def test_mask_equals_reference_at_the_largest_maps_size(strategy, binary, selection, layout):
+    """Paper §3.3: every layer's map is resized to the largest map's size (64 × 64 on SD1.5 at 512 px)."""
+    sizes, grid = LAYER_LAYOUTS[layout]
     indicator = torch.zeros(TOKENS)
     indicator[[2, 3]] = 1.0  # a two-token word
-    layers = [(random_probs(3, 8, 8, 0), (8, 8)), (random_probs(3, 4, 4, 1), (4, 4)), (random_probs(3, 8, 8, 2), (8, 8))]
+    layers = [(random_probs(3, h, w, seed), (h, w)) for seed, (h, w) in enumerate(sizes)]
     settings = MaskSettings(strategy=strategy, scope=0.3, binary=binary, selection=selection)
-    streamed = WordMapAccumulator(settings, (8, 8))
+    collected = WordMapAccumulator(settings)
     for probs, (h, w) in layers:
-        streamed.add(word_map(probs, indicator, h, w))
-    expected = reference_mask(layers, indicator, (8, 8), strategy, 0.3, binary, selection)
-    assert (streamed.mask() - expected).abs().max() <= 1e-5
+        collected.add(word_map(probs, indicator, h, w))
+    expected = reference_mask(layers, indicator, grid, strategy, 0.3, binary, selection)
+    assert collected.mask().shape == (3, *grid)
+    assert (collected.mask() - expected).abs().max() <= 1e-5
     if selection == "threshold":
-        assert 0 < int((streamed.mask() > 0).sum()) < streamed.mask().numel(), "the threshold keeps some, not all"
+        assert 0 < int((collected.mask() > 0).sum()) < collected.mask().numel(), "the threshold keeps some, not all"
 
 
 def test_per_row_words_equal_one_word_per_call():
@@ -105,7 +117,7 @@ def test_training_capture_gives_each_row_the_reference_mask_of_its_own_word(qkv)
     indicators = torch.zeros(4, TOKENS)
     for row, tokens in enumerate([[1], [2, 3], [6], [1, 6]]):
         indicators[row, tokens] = 1.0
-    capture = WordMapCapture(indicators, MaskSettings(), latent_size=(8, 8))
+    capture = WordMapCapture(indicators, MaskSettings())
     chain = ProcessorChain().with_processor(WordMapReader())
     dispatcher = AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)
     out = dispatcher(q, k, v, call_options(capture, chain, (0,), h=4, w=4))
@@ -116,7 +128,7 @@ def test_training_capture_gives_each_row_the_reference_mask_of_its_own_word(qkv)
         expected = reference_mask([(probs[row:row + 1], (4, 4))], indicators[row], (4, 4), "max_norm", 0.25, False)
         assert (capture.mask()[row:row + 1] - expected).abs().max() <= 1e-5
     with pytest.raises(RuntimeError, match="word-map reader"):
-        WordMapCapture(indicators, MaskSettings(), (8, 8)).mask()
+        WordMapCapture(indicators, MaskSettings()).mask()
 
 
 def test_top_ratio_keeps_exactly_that_many_soft_values():
@@ -154,7 +166,7 @@ def branch_weights(token_dim=6):
 
 
 def make_run(mask=None, text_only=True, tokens=None):
-    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], latent_size=(8, 8), total_steps=4,
+    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], total_steps=4,
                           update_fraction=1.0, text_only_pass=text_only, tokens=tokens)
     run.mask = mask
     return run
@@ -220,7 +232,7 @@ def test_reader_captures_cond_rows_only(qkv):
     run.finish_text_only_pass()
     probs = (q.view(4, 16, HEADS, DIM_HEAD).transpose(1, 2) @ k.view(4, TOKENS, HEADS, DIM_HEAD).permute(0, 2, 3, 1)
              / DIM_HEAD ** 0.5).softmax(-1)
-    expected = WordMapAccumulator(MaskSettings(), (4, 4))
+    expected = WordMapAccumulator(MaskSettings())
     expected.add(word_map(probs[2:], torch.eye(TOKENS)[3], 8, 2))
     assert torch.equal(run.mask, expected.mask())
 
@@ -235,7 +247,7 @@ def test_reader_is_inactive_without_capture_so_attention_stays_fused(qkv):
 
 
 def test_fast_schedule_uses_previous_steps_map_and_freezes():
-    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], latent_size=(4, 4), total_steps=4,
+    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], total_steps=4,
                           update_fraction=0.5, text_only_pass=False, tokens=None)
     first, second = torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2)
     run.start_call(0)
@@ -255,7 +267,7 @@ def test_fast_schedule_uses_previous_steps_map_and_freezes():
 
 
 def test_text_only_schedule_runs_one_pass_per_updating_step():
-    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], latent_size=(4, 4), total_steps=4,
+    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], total_steps=4,
                           update_fraction=0.5, text_only_pass=True, tokens=None)
     passes = []
     for step in (0, 0, 1, 2, 3):  # step 0 called twice (a multi-eval sampler)
@@ -283,7 +295,7 @@ def test_cascaded_cond_makes_comfy_cfg_compute_paper_eq13(cfg):
 
 
 def test_cascaded_schedule_runs_the_text_pass_every_call_and_maps_on_updating_steps():
-    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], latent_size=(4, 4), total_steps=4,
+    run = MaskGuidanceRun(MaskSettings(), torch.eye(TOKENS)[3], total_steps=4,
                           update_fraction=0.5, text_only_pass=False, tokens=None, cascaded=True)
     captured, sigmas = [], {0: 9.0, 1: 5.0, 2: 2.0, 3: 1.0}
     for call, step in enumerate((0, 0, 1, 2, 3)):  # step 0 called twice (a multi-eval sampler)

@@ -11,7 +11,7 @@ STEPS = 2
 SD15_ADAPTER = "test_realcustom_sd15_v1.safetensors"
 SDXL_ADAPTER = "test_realcustom_sdxl_v1.safetensors"
 GUIDANCE_DEFAULTS = dict(prompt=PROMPT, word="toy", mask_strategy="max_norm", mask_scope=0.25, binary_mask=False,
-                         update_fraction=1.0, map_source="previous step", uncond_image="black image", strength=1.0)
+                         update_fraction=1.0, map_source="text-only pass", uncond_image="black image", strength=1.0)
 
 
 def reference(model, name, token_dim, seed=0, scoring=False):
@@ -45,9 +45,10 @@ def test_sd15_one_mask_per_image_per_step(sd15, sd15_reference, batch, cfg):
     out = sample(patched, positive, negative, empty_latent(batch), steps=STEPS, cfg=cfg)
     assert len(masks.steps) == STEPS
     for mask in masks.steps:
-        assert mask.shape == (batch, 4, 4)  # 64 px → latent 8 → mask grid 4 (half the latent, as released)
+        # 64 px → latent 8; SD1.5's largest cross-attention maps are 8×8, so is the mask (paper §3.3)
+        assert mask.shape == (batch, 8, 8)
         assert not torch.equal(mask[0], mask[1])  # each image its own map
-        assert ((mask > 0).flatten(1).sum(1) <= 4).all()  # top 25 % of 16
+        assert ((mask > 0).flatten(1).sum(1) <= 16).all()  # top 25 % of 64
         assert torch.allclose(mask.flatten(1).max(1).values, torch.ones(batch), atol=1e-4)  # max_norm, soft
     plain = sample(model, positive, negative, empty_latent(batch), steps=STEPS, cfg=cfg)
     assert not torch.allclose(out, plain, atol=1e-3)
@@ -67,6 +68,25 @@ def test_sd15_text_only_pass_and_fast_mode_share_the_step0_mask(sd15, sd15_refer
         runs[source] = masks.steps
     assert torch.allclose(runs["previous step"][0], runs["text-only pass"][0], atol=1e-5)
     assert len(runs["text-only pass"]) == STEPS
+
+
+def test_new_nodes_read_the_map_on_the_released_schedule(comfy, sd15, sd15_reference):
+    """Paper §3.3 and the released code read each step's map from a text-only pass at that step: a node with
+    its widget defaults does, and "previous step" (the map of the guided pass, one step late) stays an option."""
+    schema = comfy.nodes.NODE_CLASS_MAPPINGS["AdaptiveMaskGuidance"].GET_SCHEMA()
+    defaults = {i.id: i.default for i in schema.inputs if getattr(i, "default", None) is not None}
+    assert defaults["map_source"] == "text-only pass"
+    model, clip, _ = sd15
+    positive, negative = sd15_conds(clip)
+    steps = {}
+    for name, overrides in {"defaults": {}, "text-only pass": {"map_source": "text-only pass"},
+                            "previous step": {"map_source": "previous step"}}.items():
+        patched, masks = run_node("AdaptiveMaskGuidance", model=model, reference=sd15_reference, clip=clip,
+                                  **{**defaults, "prompt": PROMPT, **overrides})
+        sample(patched, positive, negative, empty_latent(1), steps=STEPS)
+        steps[name] = masks.steps
+    assert all(torch.equal(a, b) for a, b in zip(steps["defaults"], steps["text-only pass"], strict=True))
+    assert not torch.equal(steps["defaults"][1], steps["previous step"][1])
 
 
 def test_sd15_cascaded_guidance_is_paper_eq13(sd15, sd15_reference):
@@ -195,6 +215,7 @@ def test_sdxl_masks_per_step(comfy, sdxl_model, batch, cfg):
     positive, negative = sdxl_conditioning(batch=1, seed=1), sdxl_conditioning(batch=1, seed=2)
     out = sample(patched, positive, negative, empty_latent(batch), steps=STEPS, cfg=cfg)
     assert out.shape == (batch, 4, 8, 8)
+    # no attention at SDXL's full resolution: its largest maps, and so the mask, are half the latent (as released)
     assert len(masks.steps) == STEPS and all(m.shape == (batch, 4, 4) for m in masks.steps)
 
 

@@ -73,7 +73,7 @@ class RealCustomStep:
                    settings: MaskSettings) -> torch.Tensor:
         """``(B, H', W')`` masks of the rows' target words on ``x_t``, read from a text-only pass."""
         rows = rows.to(self.data.latents.device)
-        capture = WordMapCapture(self.data.word_indicators[rows], settings, tuple(x_t.shape[-2:]))
+        capture = WordMapCapture(self.data.word_indicators[rows], settings)
         with torch.no_grad():
             self.denoise(x_t, sigma, *self.data.captions_of(rows), capture)
         return capture.mask()
