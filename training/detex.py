@@ -91,7 +91,9 @@ class RegularisationView:
 
 def build_pool(subject: SubjectImages, views_per_image: int, generator: torch.Generator,
                encode_pixels: EncodePixels) -> list[PoolView]:
-    """Augmented views of every image, VAE-encoded once (as DisenDiff's port does, spec §10.8).
+    """Augmented views of every image, VAE-encoded once (spec disendiff.md §10.8's time saver; DETEX's own
+    data pipeline is unknown [R], so the pool size stays the ``augmented_views`` widget, where DisenDiff
+    follows its official code and draws a fresh view per sample).
 
     ``views_per_image`` 0 turns augmentation off: each image and its mirror image.
     """
