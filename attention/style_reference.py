@@ -1,9 +1,9 @@
 """StyleAligned with a real reference image: DDIM inversion and the re-insertion schedule.
 
-Everything works in ComfyUI's sampler space for ε-models, ``x = x0 + σ·ε``, where a DDIM step is
-an Euler step in σ. Inversion walks the sampling schedule backwards from the clean latent; as in
-the official code, each step predicts the noise at the *next, noisier* level from the current
-latent (the standard DDIM-inversion approximation).
+The trajectory is stored in ComfyUI's sampler space, one latent per level of the sampling schedule, so
+image 0 of a batch can be replaced by it at every step. :func:`invert_eps` is the official inversion of
+ε- (and v-) prediction models, whose schedule is variance preserving; a model family with another
+parametrisation needs its own inversion function beside it.
 """
 from __future__ import annotations
 
@@ -59,24 +59,42 @@ def reinsertion_index(step: int, offset: int, steps: int) -> int:
     return min(index, steps)
 
 
-def invert(denoise: Denoiser, clean_latent: torch.Tensor, sigmas: torch.Tensor,
-           on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> StyleReference:
-    """DDIM-invert ``clean_latent`` (one image, ``(1, C, H, W)``) along the descending sampling
-    ``sigmas`` (ending at 0).
+def _vp_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """``√(1 + σ²) = 1/√ᾱ``: a VP latent ``z`` at noise level σ is ComfyUI's sampler latent ``x = z·√(1 + σ²)``."""
+    return (1.0 + sigma * sigma).sqrt()
 
-    ``denoise(x, sigma_batch)`` returns the model's x0 prediction (CFG included) at noise level sigma.
+
+def invert_eps(denoise: Denoiser, clean_latent: torch.Tensor, sigmas: torch.Tensor, clean_sigma: torch.Tensor,
+               on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> StyleReference:
+    """DDIM-invert ``clean_latent`` (one image, ``(1, C, H, W)``) of an ε- or v-prediction model along the
+    descending sampling ``sigmas`` (ending at 0): the official loop (``inversion.py``'s ``_ddim_loop``).
+
+    ``denoise(x, sigma_batch)`` is ComfyUI's model call (CFG included): it scales its input by
+    ``1/√(1 + σ²)`` before the U-Net and returns the x0 prediction. The official loop works on VP latents
+    ``z = √ᾱ·x0 + √(1 − ᾱ)·ε``: it takes the clean latent as the latent at ᾱ_0 (the first training
+    timestep, ``clean_sigma`` = the model's smallest σ), and each step evaluates the noise at the current
+    latent with the next timestep, ``ε = ε_θ(z_now, t_next)``, then moves with DDIM's update
+    ``z_next = √ᾱ_next·(z_now − √(1 − ᾱ_now)·ε)/√ᾱ_now + √(1 − ᾱ_next)·ε``. In σ space that update is
+    ``x_next = x_now + (σ_next − σ_now)·ε``; the U-Net must still see ``z_now``, so the model gets
+    ``x_now·√(1 + σ_next²)/√(1 + σ_now²)`` at ``σ_next``.
     """
-    if clean_latent.shape[0] != 1:
-        raise ValueError(f"a style reference is one image, got a batch of {clean_latent.shape[0]}")
-    ascending = sigmas.flip(0)
-    x = clean_latent
-    latents = [x]
+    _check_one_image(clean_latent)
+    levels = sigmas.flip(0).to(clean_latent)
+    levels[0] = clean_sigma
+    x = clean_latent * _vp_scale(levels[0])
+    latents = [clean_latent]
     ones = x.new_ones(x.shape[0])
-    for i in range(ascending.shape[0] - 1):
-        sigma_now, sigma_next = ascending[i], ascending[i + 1]
-        noise = (x - denoise(x, sigma_next * ones)) / sigma_next
+    for i in range(levels.shape[0] - 1):
+        sigma_now, sigma_next = levels[i], levels[i + 1]
+        model_input = x * (_vp_scale(sigma_next) / _vp_scale(sigma_now))
+        noise = (model_input - denoise(model_input, sigma_next * ones)) / sigma_next
         x = x + (sigma_next - sigma_now) * noise
         latents.append(x)
         if on_step is not None:
             on_step(i, x)
     return StyleReference(latents=torch.cat(latents[::-1]), sigmas=sigmas.detach().float().cpu())
+
+
+def _check_one_image(clean_latent: torch.Tensor) -> None:
+    if clean_latent.shape[0] != 1:
+        raise ValueError(f"a style reference is one image, got a batch of {clean_latent.shape[0]}")

@@ -3,7 +3,8 @@
 Seconds per optimizer step (micro-batch 2 × accumulation 2) and peak memory of the DETEX trainer
 (attribute mappers; and the free-vectors switch) next to the DisenDiff trainer on the same model,
 resolution, batch and accumulation. DETEX adds one text encoding per sample (each sample has its own
-pose/background words) and two small MLPs; DisenDiff adds attention-map capture. Both train the same
+pose/background words) and two small MLPs; DisenDiff adds attention-map capture and a VAE encode of fresh
+target views per micro-batch (DETEX encodes its pool of views once). Both train the same
 K/V deltas with the same shared loop, so the ratio shows what each technique's extras cost.
 
 Each configuration runs in its own child process (bench/timing.py ``compare_trainers``), whose peak

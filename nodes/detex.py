@@ -18,7 +18,7 @@ from ..attention.custom_diffusion import StartTokenDetach
 from ..attention.token_maps import MapRecorder, map_block_keys
 from ..training.detex import (
     DetexSettings, DetexStep, RegularisationView, attribute_parameters, build_pool, optimizer_factory)
-from ..training.augmentation import center_square
+from ..training.augmentation import center_square, encode_both_ways
 from ..training.detex_data import (
     MAX_IMAGES, MIN_IMAGES, attribute_inputs, dilate, prepare_subject, split_foreground)
 from ..training.detex_loss import ATTENTION_LOSS_WEIGHT, MASK_NORMALIZATIONS
@@ -168,10 +168,12 @@ class DecoupledTokenTrainer(io.ComfyNode):
     - attribute_source: "mappers" (paper) or "free vectors" (one learnable vector per image) [R].
     - subject_branch_probability 0.5 [R]: share of samples trained without the background clause and
       with the subject-masked loss; mask_normalization "all elements" (Break-A-Scene) or "mask area" [R].
+      Every sample's ε-MSE is a per-element mean (full-branch and regularisation samples over the
+      augmentation mask), not Custom Diffusion's channel sum [R].
     - augmented_views 8: augmented views per image (Custom Diffusion scale/flip), 0 = image + mirror only.
     - resolution 512; mask_dilation −16..16 px; checkpoint_every 50 steps (0 = only at the end/interrupt).
     - regularization_images / regularization_prompt: optional class images (Custom Diffusion's prior,
-      weight 1, half of the samples) and their caption ("photo of a {class}" when empty).
+      weight 1, half of the samples, mirrored with p 1/2) and their caption ("photo of a {class}" when empty).
     - attention_regularizer (off): Break-A-Scene's attention loss (λ 0.01, map layers = 16×16 at 512 px):
       the max-normalised map of [V] pulled towards the subject mask, that of [B_i] towards the background.
       [R], not confirmed for DETEX; costs explicit attention probabilities in the map layers.
@@ -343,7 +345,8 @@ class DetexTraining:
             reg_text = reg_caption.replace(CLASS, class_word)
             with torch.no_grad():  # truncated to one CLIP window, as Custom Diffusion's tokenizer does
                 context = encoder.encode(clip.tokenize(reg_text))[0][:, :77].detach()
-            regularisation = [RegularisationView(latent, context) for latent in encode_pixels(reg_pixels)]
+            regularisation = [RegularisationView(latent, mirrored, context)
+                              for latent, mirrored in zip(*encode_both_ways(encode_pixels, reg_pixels))]
 
         self.step = DetexStep(self.pool, regularisation, self.subject_word, self.attributes, template, class_word,
                               encode_text, lambda x, s, c: glue.denoise(unet, x, s, c),

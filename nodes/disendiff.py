@@ -25,7 +25,7 @@ from ..attention.layout import cond_row_indices
 from ..attention.prompt_context import prompt_repeats
 from ..attention.token_maps import MapRecorder, map_block_keys
 from ..training import disendiff as recipe
-from ..training.augmentation import center_square, draw_views
+from ..training.augmentation import center_square, encode_both_ways
 from ..training.checkpoint import check_resumable
 from ..training.exporters import low_rank_deltas, save_embedding, save_lora
 from ..training.loop import LoopSettings, fingerprint, train
@@ -213,7 +213,8 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
     prompts = {p: glue.PlaceholderPrompt(clip, recipe.training_caption(names, words, p), {n: 1 for n in names})
                for p in recipe.PREFIXES}
     concepts = {p: concept_positions(prompt, names, clip, words) for p, prompt in prompts.items()}
-    pool = _target_pool(model, vae, target, seed, settings.augment)
+    device = comfy.model_management.get_torch_device()
+    targets = recipe.TargetViews(target, lambda pixels: _encode_pixels(vae, model, pixels).to(device), settings.augment)
     context_length = len(prompts[""].tokens["l"]) * 77
     regs = _regularisation(model, clip, vae, reg_images, reg_captions, resolution, context_length,
                            with_pooled=len(encoders) > 1)
@@ -232,7 +233,6 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
     recorder = MapRecorder(map_block_keys(blocks), node_name="DisenDiffTrainer")
     add_attention_processor(trainable, StartTokenDetach("DisenDiffTrainer"), cross)
     add_attention_processor(trainable, recorder, [b for b in cross if b.key in recorder.blocks])
-    device = comfy.model_management.get_torch_device()
 
     def encode_target(prefix):
         context, pooled = encoder.encode(prompts[prefix].substitute(vectors))
@@ -242,8 +242,8 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
         return glue.denoise(trainable, x_t, sigma, context, **glue.pooled_conditioning(model, pooled, resolution))
 
     step = recipe.DisenDiffStep(
-        pool=[recipe.TargetSample(s.latent.to(device), s.mask.to(device), s.prefix) for s in pool],
-        regs=[recipe.RegularisationSample(r.latent.to(device), r.context.to(device),
+        targets=targets,
+        regs=[recipe.RegularisationSample(r.latent.to(device), r.mirrored.to(device), r.context.to(device),
                                           None if r.pooled is None else r.pooled.to(device)) for r in regs],
         encode_target=encode_target,
         denoise=denoise,
@@ -258,17 +258,9 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
     return PreparedRun(names, vectors, deltas, trainable, step, params, run)
 
 
-def _target_pool(model, vae, target, seed, augment, size: int = 16) -> list:
-    """Pre-encoded augmented views of the target (spec §10.8), drawn from ``seed``; without augmentation
-    the image and its mirror image."""
-    views = draw_views(target, torch.Generator().manual_seed(seed), size if augment else 0)
-    latents = _encode_pixels(vae, model, torch.stack([v.pixels for v in views]))
-    return [recipe.TargetSample(latents[i], v.valid_mask[None], v.prefix) for i, v in enumerate(views)]
-
-
 def _regularisation(model, clip, vae, images, captions, resolution, context_length, with_pooled: bool) -> list:
-    """Encoded regularisation images with their frozen caption encodings (cut to the target's length) and,
-    ``with_pooled`` (SDXL), the captions' pooled outputs."""
+    """Regularisation images encoded as they are and mirrored, with their frozen caption encodings (cut to
+    the target's length) and, ``with_pooled`` (SDXL), the captions' pooled outputs."""
     if images is None:
         return []
     lines = [c.strip() for c in (captions or "").splitlines() if c.strip()]
@@ -276,13 +268,13 @@ def _regularisation(model, clip, vae, images, captions, resolution, context_leng
         raise ValueError(f"reg_captions needs one line per regularisation image ({images.shape[0]}) or a "
                          f"single line for all, got {len(lines)}")
     squares = center_square(images.clone(), resolution, "bilinear").clamp(0, 1)
-    latents = _encode_pixels(vae, model, squares)
+    latents, mirrored = encode_both_ways(lambda pixels: _encode_pixels(vae, model, pixels), squares)
     encoded = {}  # one text-encoder pass per distinct caption
     with torch.no_grad():
         for caption in dict.fromkeys(lines):
             context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
             encoded[caption] = (context[:, :context_length].clone(), pooled.clone() if with_pooled else None)
-    return [recipe.RegularisationSample(latents[i], *encoded[lines[i] if len(lines) > 1 else lines[0]])
+    return [recipe.RegularisationSample(latents[i], mirrored[i], *encoded[lines[i] if len(lines) > 1 else lines[0]])
             for i in range(images.shape[0])]
 
 

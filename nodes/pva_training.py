@@ -29,6 +29,10 @@ from .pva import (CATEGORY, PVA_FOLDER, LoadedPVA, ParallelVisualAttention, PVAT
 CHECKPOINT_FOLDER = "pva_checkpoints"
 #: the identity word while training: an ``embedding:`` name resolved to the vector under training.
 WORD_PLACEHOLDER = "pva_identity_word"
+#: the official stage-1 config's ``init_token``. It is no token of CLIP's vocabulary, so the official lookup
+#: (``convert_tokens_to_ids``) returns the unknown token, which in CLIP is <|endoftext|>: the official identity
+#: word starts as the end-of-text embedding. An empty ``init_word`` starts from the same row.
+OFFICIAL_INIT_TOKEN = "ktn+pll+ucd"
 
 
 def _patcher(weights) -> comfy.model_patcher.ModelPatcher:
@@ -233,21 +237,32 @@ class PVAIdentityTune(io.ComfyNode):
         return io.NodeOutput(patched, tuned, tuned.name)
 
 
+def _initial_word_ids(clip, init_word: str) -> dict[str, int]:
+    """Vocabulary row of the identity word's start per text encoder: the official lookup of
+    :data:`OFFICIAL_INIT_TOKEN` when ``init_word`` is empty, else the first token of ``init_word``."""
+    ids = {}
+    for key, chunks in clip.tokenize(init_word, return_word_ids=True).items():
+        if not init_word.strip():
+            ids[key] = getattr(clip.tokenizer, f"clip_{key}").tokenizer.convert_tokens_to_ids(OFFICIAL_INIT_TOKEN)
+            continue
+        tokens = [token for token, _weight, word in chunks[0] if word != 0 and isinstance(token, int)]
+        if not tokens:
+            raise ValueError(f"PVATrainer: init_word {init_word!r} has no token for the text encoder; name a word whose "
+                             "embedding starts the identity word (e.g. 'person'), or leave it empty for the official start.")
+        ids[key] = tokens[0]
+    return ids
+
+
 def initial_pva(model, clip, encoder: str, init_word: str, seed: int, clip_vision=None, probe=None) -> LoadedPVA:
     """Stage-1 starting point: projections copied from the model, a seeded random token transformer, the
-    identity word initialised to the embedding of ``init_word`` (official ``init_token``)."""
+    identity word initialised to a vocabulary row (:func:`_initial_word_ids`)."""
     blocks = [b for b in transformer_blocks(model, "PVATrainer") if b.has_cross_attention]
     diffusion_model = model.get_model_object("diffusion_model")
     layers = {b.key: diffusion_model.get_submodule(b.module_path).attn2 for b in blocks}
-    tokens = clip.tokenize(init_word, return_word_ids=True)
     words = {}
-    for key, chunks in tokens.items():
-        ids = [token for token, _weight, word in chunks[0] if word != 0 and isinstance(token, int)]
-        if not ids:
-            raise ValueError(f"PVATrainer: init_word {init_word!r} is empty (no word for the text encoder); name the "
-                             "word whose embedding starts the identity word, e.g. 'person'.")
+    for key, token in _initial_word_ids(clip, init_word).items():
         table = getattr(clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings().weight
-        words[key] = table[ids[0]].detach().float().cpu()[None].clone()
+        words[key] = table[token].detach().float().cpu()[None].clone()
     face_encoder = _arcface_backbone() if encoder == "arcface" else None
     if encoder == "clip_vision":
         if clip_vision is None:
@@ -274,8 +289,10 @@ class PVATrainer(io.ComfyNode):
     Inputs (safe ranges): images (photos grouped by person: consecutive ``images_per_identity`` images are
     one identity), masks (optional, one per image, 1 = inpaint), encoder (arcface = paper; clip_vision =
     deviation), steps, learning rates (paper: projections 8e-6 = 1e-6 × batch 8, transformer 3.2e-5,
-    word 1e-3), timestep_bins (paper 4), init_word (paper's new token starts from a word's embedding),
-    pva (optional: continue from these weights instead of a fresh start).
+    word 1e-3), timestep_bins (paper 4), init_word (empty = the official start: its init_token
+    "ktn+pll+ucd" is not in CLIP's vocabulary, so the identity word starts as the end-of-text embedding;
+    or a word, e.g. "person", whose embedding starts it), pva (optional: continue from these weights
+    instead of a fresh start).
     """
 
     @classmethod
@@ -302,7 +319,8 @@ class PVATrainer(io.ComfyNode):
                 io.Float.Input("word_learning_rate", default=1e-3, min=0.0, max=1e-1, step=1e-5,
                                tooltip="AdamW lr of the identity word (paper: 1e-3)."),
                 io.Int.Input("timestep_bins", default=4, min=1, max=8, tooltip="Micro-batches per step, one timestep slice each (paper: 4)."),
-                io.String.Input("init_word", default="person", tooltip="Word whose embedding starts the identity word."),
+                io.String.Input("init_word", default="",
+                                tooltip="Empty: the official start (the end-of-text embedding); or a word whose embedding starts the identity word."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of initialisation, noise, timesteps, references."),
                 io.Int.Input("checkpoint_every", default=500, min=0, max=1000000,
                              tooltip="Save a resumable checkpoint every N steps (0: at the end and on cancel)."),

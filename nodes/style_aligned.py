@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 
+import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
@@ -21,7 +22,7 @@ from ..attention.dispatcher import sigma_in_range
 from ..attention.group_norm import ReferenceSharedGroupNorm, norm_sharing
 from ..attention.layout import chunk_count
 from ..attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
-from ..attention.style_reference import DEFAULT_REFERENCE_OFFSET, StyleReference, invert
+from ..attention.style_reference import DEFAULT_REFERENCE_OFFSET, StyleReference, invert_eps
 from .comfy_io import io
 from .validation import names_node, require_finite
 from .patching import (
@@ -226,7 +227,9 @@ class SharedAttentionPromptBatch(io.ComfyNode):
 
 
 class SharedAttentionInvertReference(io.ComfyNode):
-    """DDIM inversion of a real reference image for StyleAligned (paper §"style from a reference image").
+    """DDIM inversion of a real reference image for StyleAligned (paper §"style from a reference image"),
+    the official loop: from the clean latent at ᾱ_0, each step predicts the noise of the current latent
+    at the next timestep. ε- and v-prediction U-Nets (variance-preserving schedules).
 
     - model: the model you will sample with (before or after SharedAttentionBatch: inversion itself
       runs without sharing).
@@ -266,7 +269,11 @@ class SharedAttentionInvertReference(io.ComfyNode):
                              f"{samples.shape[0]}; pick one with LatentFromBatch.")
         require_finite("SharedAttentionInvertReference", "reference latent", samples)
         transformer_blocks(model, "SharedAttentionInvertReference")
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+        model_sampling = model.get_model_object("model_sampling")
+        if not isinstance(model_sampling, comfy.model_sampling.EPS) or getattr(model_sampling, "sigma_data", 1.0) != 1.0:
+            raise ValueError("SharedAttentionInvertReference inverts models with a variance-preserving schedule (ε- or "
+                             f"v-prediction); this MODEL samples with {type(model_sampling).__name__}.")
+        sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
         trajectory: dict[str, StyleReference] = {}
         progress = latent_preview.prepare_callback(model, steps)
 
@@ -277,7 +284,7 @@ class SharedAttentionInvertReference(io.ComfyNode):
             def on_step(i, x_now):
                 if callback is not None:
                     callback({"i": i, "denoised": x_now, "x": x_now, "sigma": flipped_sigmas[i + 1]})
-            trajectory["reference"] = invert(denoise, x, flipped_sigmas.flip(0), on_step)
+            trajectory["reference"] = invert_eps(denoise, x, flipped_sigmas.flip(0), model_sampling.sigma_min, on_step)
             return x
 
         comfy.sample.sample_custom(

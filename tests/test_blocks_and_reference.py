@@ -1,10 +1,11 @@
 """Block discovery/selection and the reference-image trajectory helpers."""
 import pytest
 import torch
+from harness.official_inversion import official_ddim_inversion
 
 from personalization_nodes.attention.blocks import (
     FLUX, MMDIT, UnsupportedModelError, discover_transformer_blocks, evenly_skipped, parse_block_selection)
-from personalization_nodes.attention.style_reference import StyleReference, invert, reinsertion_index, schedule_step
+from personalization_nodes.attention.style_reference import StyleReference, invert_eps, reinsertion_index, schedule_step
 
 
 class Attn(torch.nn.Module):
@@ -148,21 +149,48 @@ def test_schedule_step_maps_intermediate_sigmas_to_their_step():
     assert schedule_step(sigmas, 7.0) == 0 and schedule_step(sigmas, 1.5) == 2
 
 
-def test_inversion_is_euler_in_sigma_with_noise_predicted_at_the_next_level():
-    sigmas = torch.tensor([4.0, 2.0, 1.0, 0.0])
-    clean = torch.randn(1, 4, 2, 2)
-    x0_guess = torch.full_like(clean, 0.25)
+def scaled_linear_alphas_cumprod(steps=1000, start=0.00085, end=0.012):
+    betas = torch.linspace(start ** 0.5, end ** 0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
 
-    def denoise(x, sigma):  # a model that always predicts the same clean image
-        return x0_guess.expand_as(x)
 
-    ref = invert(denoise, clean, sigmas)
-    assert ref.latents.shape == (4, 4, 2, 2)
+class ToyEpsUNet:
+    """A non-linear ε-model of (VP latent, integer timestep): it reacts to the scale of its input."""
+
+    def __init__(self, channels=4):
+        gen = torch.Generator().manual_seed(3)
+        self.mix = torch.randn(channels, channels, generator=gen, dtype=torch.float64) / channels ** 0.5
+
+    def __call__(self, z, t):
+        mixed = torch.einsum("dc,bchw->bdhw", self.mix, z)
+        return torch.tanh(1.5 * mixed) * (1 + t / 1000) + 0.3 * z ** 2 - 0.2 * z
+
+
+def comfy_eps_denoiser(eps_model, alphas_cumprod):
+    """What ComfyUI's discrete ε-model call does with (x, σ): nearest timestep, input x/√(1+σ²), x − σ·ε."""
+    log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log()
+
+    def denoise(x, sigma):
+        t = int((sigma[0].log() - log_sigmas).abs().argmin())
+        return x - sigma.view(-1, 1, 1, 1) * eps_model(x / (1 + sigma.view(-1, 1, 1, 1) ** 2) ** 0.5, t)
+    return denoise
+
+
+def test_inversion_equals_the_official_vp_ddim_loop_on_a_nonlinear_model():
+    alphas_cumprod = scaled_linear_alphas_cumprod()
+    sigma_table = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    timesteps = list(range(1, 1000, 100))  # ComfyUI's ddim_uniform at 10 steps: 1, 101, ..., 901
+    sigmas = torch.cat([sigma_table[timesteps].flip(0), torch.zeros(1, dtype=torch.float64)])
+    eps_model = ToyEpsUNet()
+    clean = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    ref = invert_eps(comfy_eps_denoiser(eps_model, alphas_cumprod), clean, sigmas, sigma_table[0])
+    official = official_ddim_inversion(eps_model, clean, timesteps, alphas_cumprod)
+    assert ref.latents.shape == official.shape == (11, 4, 3, 3)
     assert torch.equal(ref.latents[-1], clean[0])
-    x = clean
-    for lo, hi in ((0.0, 1.0), (1.0, 2.0), (2.0, 4.0)):
-        x = x + (hi - lo) * (x - x0_guess) / hi
-    assert torch.allclose(ref.latents[0], x[0])
+    # ComfyUI's sampler latent at σ is the VP latent times √(1 + σ²)
+    official_sigma_space = official * (1 + sigmas.view(-1, 1, 1, 1) ** 2) ** 0.5
+    assert (ref.latents - official_sigma_space).abs().max() <= 1e-10 * official_sigma_space.abs().max()
 
 
 def test_reference_rejects_another_schedule():

@@ -355,7 +355,11 @@ def test_fill_holes_matches_a_slow_flood_fill():
 # ---- one training step ------------------------------------------------------------------------------
 
 def test_detex_step_prompts_masks_and_loss_match_a_slow_reference():
-    from personalization_nodes.training.detex import BACKGROUND_WORD, POSE_WORD, SUBJECT_WORD, DetexSettings, DetexStep, PoolView
+    """Per sample the ε-MSE is a per-element mean (spec §3.3/§3.5 [R]: "standard ε-MSE", Break-A-Scene's
+    mean, the diffusers prior loss's mean): full-branch and regularisation samples over the elements their
+    mask keeps, subject-branch samples over all elements (default) or the kept ones; no channel sum."""
+    from personalization_nodes.training.detex import (
+        BACKGROUND_WORD, POSE_WORD, SUBJECT_WORD, DetexSettings, DetexStep, PoolView, RegularisationView)
     from personalization_nodes.training.loop import MicroStep
 
     gen = torch.Generator().manual_seed(11)
@@ -366,6 +370,9 @@ def test_detex_step_prompts_masks_and_loss_match_a_slow_reference():
         valid = torch.ones(1, 4, 4)
         valid[0, 3] = 0
         pool.append(PoolView(k % IMAGES, torch.randn(4, 4, 4, generator=gen), subject_mask, valid, f"view{k} ", bool(k % 2)))
+    symmetric = torch.randn(4, 4, 4, generator=gen)
+    symmetric = symmetric + symmetric.flip(-1)  # the same latent either way round
+    regularisation = [RegularisationView(symmetric, symmetric.flip(-1), torch.full((1, 3, WIDTH), 0.1))]
     attributes = AttributeEmbeddings(FREE_VECTORS, IMAGES, {"pose": torch.randn(WIDTH), "background": torch.randn(WIDTH)})
     subject_word = torch.randn(1, WIDTH, requires_grad=True)
     seen = []
@@ -384,11 +391,23 @@ def test_detex_step_prompts_masks_and_loss_match_a_slow_reference():
 
     for normalization in (ALL_ELEMENTS, MASK_AREA):
         seen.clear()
-        settings = DetexSettings(micro_batch=6, subject_branch_probability=0.5, mask_normalization=normalization)
-        step = DetexStep(pool, [], subject_word, attributes, PromptTemplate.parse(DEFAULT_TEMPLATE), "dog",
+        settings = DetexSettings(micro_batch=8, subject_branch_probability=0.5, mask_normalization=normalization)
+        step = DetexStep(pool, regularisation, subject_word, attributes, PromptTemplate.parse(DEFAULT_TEMPLATE), "dog",
                          encode_text, denoise, torch.linspace(0.1, 10, 1000), "eps", settings)
         loss = step(MicroStep(0, 0, torch.Generator().manual_seed(3)))
         total = 0.0
+        regs = calls["x_t"].shape[0] - len(seen)  # the regularisation samples follow the training views
+        assert 0 < regs < 8
+        for i in range(len(seen), len(seen) + regs):
+            sigma = float(calls["sigma"][i])
+            eps_hat = (calls["x_t"][i] - calls["out"][i].detach()) / sigma
+            eps = (calls["x_t"][i] - symmetric) / sigma
+            squared = 0.0
+            for c in range(4):
+                for y in range(4):
+                    for x in range(4):
+                        squared += float(eps_hat[c, y, x] - eps[c, y, x]) ** 2
+            total += squared / 64
         for i, (text, names) in enumerate(seen):
             view = pool[int(text.split(" ")[0][4:])]
             full = BACKGROUND_WORD in names
@@ -413,7 +432,7 @@ def test_detex_step_prompts_masks_and_loss_match_a_slow_reference():
             else:
                 total += squared / 64
         assert {BACKGROUND_WORD in names for _, names in seen} == {True, False}
-        assert loss.item() == pytest.approx(total / len(seen), rel=1e-4)
+        assert loss.item() == pytest.approx(total / (len(seen) + regs), rel=1e-4)
     loss.backward()
     assert subject_word.grad is not None and attributes.vectors["pose"].grad is not None
 
@@ -470,3 +489,29 @@ def test_attention_regulariser_adds_break_a_scene_loss_of_subject_and_background
     with pytest.raises(ValueError, match="MapRecorder"):
         DetexStep(pool, [], subject_word, attributes, PromptTemplate.parse(DEFAULT_TEMPLATE), "dog", encode_text,
                   denoise, torch.linspace(0.1, 10, 1000), "eps", DetexSettings(attention_loss_weight=0.01))
+
+
+def test_regularisation_images_are_mirrored_half_of_the_time():
+    """Custom Diffusion's MaskBase flips every image, regularisation images included, with p 1/2."""
+    from personalization_nodes.training.detex import DetexSettings, DetexStep, PoolView, RegularisationView
+    from personalization_nodes.training.loop import micro_step_generator, MicroStep
+
+    pool = [PoolView(0, torch.zeros(4, 2, 2), torch.ones(1, 2, 2), torch.ones(1, 2, 2), "", False)]
+    regularisation = [RegularisationView(torch.ones(4, 2, 2), -torch.ones(4, 2, 2), torch.zeros(1, 3, WIDTH))]
+    attributes = AttributeEmbeddings(FREE_VECTORS, 1, {"pose": torch.randn(WIDTH), "background": torch.randn(WIDTH)})
+    seen = []
+
+    def denoise(x_t, sigma, context):
+        seen.append(x_t.detach())
+        return x_t
+
+    step = DetexStep(pool, regularisation, torch.zeros(1, WIDTH), attributes, PromptTemplate.parse(DEFAULT_TEMPLATE),
+                     "dog", lambda text, vectors: (torch.zeros(1, 3, WIDTH), {n: [0] for n in vectors}), denoise,
+                     torch.full((1000,), 1e-4), "eps", DetexSettings(micro_batch=2))
+    for m in range(100):
+        step(MicroStep(0, m, micro_step_generator(4, 0, m)))
+    rows = torch.cat(seen).flatten(1).mean(1)
+    regs = rows[rows.abs() > 0.5]  # the training views' rows are ~0
+    assert len(regs) > 50 and ((regs.abs() - 1).abs() < 1e-2).all()
+    mirrored = float((regs < 0).float().mean())
+    assert 0.35 < mirrored < 0.65, mirrored

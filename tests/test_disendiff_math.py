@@ -254,10 +254,76 @@ def test_step_loss_uses_custom_diffusions_mask_normalisation():
         seen.update(x_t=x_t, sigma=sigma)
         return x_t - sigma.view(-1, 1, 1, 1) * eps_hat
 
-    step = DisenDiffStep(pool=[TargetSample(latent, mask, "")], regs=[], encode_target=lambda p: (torch.zeros(1, 77, 8), None, ()),
+    one_view = SimpleNamespace(draw=lambda generator, count: [TargetSample(latent, mask, "")] * count)
+    step = DisenDiffStep(targets=one_view, regs=[], encode_target=lambda p: (torch.zeros(1, 77, 8), None, ()),
                          denoise=denoise, recorder=type("R", (), {"maps": []})(), sigmas=torch.linspace(0.1, 10, 1000),
                          kind="eps", settings=DisenDiffSettings(micro_batch=1, attention_weight=0.0))
     loss = step(MicroStep(0, 0, micro_step_generator(1, 0, 0)))
     noise = (seen["x_t"] - latent) / seen["sigma"].view(-1, 1, 1, 1)
     official = (((eps_hat - noise) ** 2) * mask).sum() / mask.sum()
     assert loss.item() == pytest.approx(official.item(), rel=1e-5)
+
+
+def test_every_target_sample_gets_a_fresh_augmented_view():
+    """The official MaskBase draws a new flip, scale and offset for every target sample (about 1,000 in 250
+    steps), never a fixed pool (of 16 before): the rescaled views among 80 target samples are more than 16
+    and all different, every caption prefix and both flips occur, and the same micro-step generator draws
+    the same views again (exact resume)."""
+    from personalization_nodes.training.loop import micro_step_generator
+
+    pixels = torch.rand(128, 128, 3, generator=torch.Generator().manual_seed(0))
+    pixels[:, :64] *= 0.5  # the left half darker: a mirrored view is told apart by its brightness
+    encoded = []
+
+    def encode(batch):  # stands in for the VAE: one latent pixel per 8×8 block
+        encoded.append(batch)
+        return torch.nn.functional.avg_pool2d(batch.movedim(-1, 1), 8)
+
+    views = recipe.TargetViews(pixels, encode)
+    samples = [s for m in range(40) for s in views.draw(micro_step_generator(1, m, 0), 2)]
+    images = torch.cat(encoded)
+    assert images.shape == (80, 128, 128, 3) and len(samples) == 80
+    rescaled = [image.numpy().tobytes() for image, s in zip(images, samples) if s.prefix]
+    assert len(rescaled) > 16 and len(set(rescaled)) == len(rescaled)
+    assert {s.prefix for s in samples} == set(recipe.PREFIXES)
+    unscaled = [image for image, s in zip(images, samples) if s.prefix == "" and s.mask.all()]
+    left_darker = {bool(image[:, :64].mean() < image[:, 64:].mean()) for image in unscaled}
+    assert left_darker == {True, False}, "both orientations"
+    for sample, latent in zip(samples, torch.cat([encode(image[None]) for image in images])):
+        assert torch.equal(sample.latent, latent) and sample.mask.shape == (1, 16, 16)
+    again = views.draw(micro_step_generator(1, 7, 0), 2)
+    for first, second in zip(samples[14:16], again):
+        assert torch.equal(first.latent, second.latent) and torch.equal(first.mask, second.mask)
+        assert first.prefix == second.prefix
+    plain = recipe.TargetViews(pixels, encode, augment=False).draw(micro_step_generator(2, 0, 0), 30)
+    assert all(s.prefix == "" and s.mask.all() for s in plain)
+    assert {bool(torch.equal(i, pixels)) for i in encoded[-1]} == {True, False}, "without augmentation: flips only"
+
+
+def test_regularisation_images_are_mirrored_half_of_the_time():
+    """MaskBase flips every image, regularisation images included, with p 1/2."""
+    from personalization_nodes.training.disendiff import DisenDiffSettings, DisenDiffStep, RegularisationSample
+    from personalization_nodes.training.loop import MicroStep, micro_step_generator
+
+    seen = []
+
+    def denoise(x_t, sigma, context, pooled):
+        seen.append(x_t.detach())
+        return x_t
+
+    from personalization_nodes.training.disendiff import TargetSample
+
+    target = TargetSample(torch.zeros(4, 2, 2), torch.ones(1, 2, 2), "")
+    zero_target = SimpleNamespace(draw=lambda generator, count: [target] * count)
+    reg = RegularisationSample(torch.ones(4, 2, 2), -torch.ones(4, 2, 2), torch.zeros(1, 77, 8))
+    step = DisenDiffStep(targets=zero_target, regs=[reg], encode_target=lambda prefix: (torch.zeros(1, 77, 8), None, ()),
+                         denoise=denoise,
+                         recorder=SimpleNamespace(maps=[]), sigmas=torch.full((1000,), 1e-4), kind="eps",
+                         settings=DisenDiffSettings(micro_batch=2, attention_weight=0.0))
+    for m in range(100):
+        step(MicroStep(0, m, micro_step_generator(4, 0, m)))
+    rows = torch.cat(seen).flatten(1).mean(1)
+    regs = rows[rows.abs() > 0.5]  # the targets' rows are ~0
+    assert len(regs) > 50 and ((regs.abs() - 1).abs() < 1e-2).all()
+    mirrored = float((regs < 0).float().mean())
+    assert 0.35 < mirrored < 0.65, mirrored

@@ -58,12 +58,38 @@ def test_exports_load_in_stock_nodes_and_reproduce_the_trained_model(comfy, sd15
 
 @pytest.mark.slow
 def test_interrupt_then_resume_equals_uninterrupted(comfy, sd15, run_name):
-    straight = load_file_after(_train, sd15, run_name + "_a")
+    """With fresh augmented views per target sample and randomly mirrored regularisation images."""
+    data = dict(augment=True, reg_images=torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1)),
+                reg_captions="a cat and a dog")
+    straight = load_file_after(_train, sd15, run_name + "_a", **data)
     with user_cancels_at_step(1):
-        _train(sd15, run_name)
-    resumed = load_file_after(_train, sd15, run_name)
+        _train(sd15, run_name, **data)
+    resumed = load_file_after(_train, sd15, run_name, **data)
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+class RecordingVAE:
+    """The real VAE, recording the pixels of every encode call."""
+
+    def __init__(self, vae):
+        self.vae, self.calls = vae, []
+
+    def encode(self, pixels):
+        self.calls.append(pixels.clone())
+        return self.vae.encode(pixels)
+
+
+def test_every_micro_batch_encodes_fresh_views_of_the_target(comfy, sd15, run_name):
+    """As the official MaskBase: each target sample is a new augmented view, VAE-encoded when drawn (there
+    was one pool of 16 views encoded up front)."""
+    model, clip, vae = sd15
+    recording = RecordingVAE(vae)
+    run_node("DisenDiffTrainer", model=model, clip=clip, vae=recording, image=_image(), name=run_name,
+             **{**TRAIN, "steps": 3, "checkpoint_every": 0, "augment": True})
+    assert [call.shape[0] for call in recording.calls] == [2, 2, 2], "one encode of 2 views per micro-batch"
+    views = torch.cat(recording.calls)
+    assert len({view.numpy().tobytes() for view in views}) > 1
 
 
 def test_low_rank_export_loads_in_stock_nodes_and_matches_the_model_output(comfy, sd15, run_name):

@@ -149,35 +149,122 @@ def test_tokens_per_row_layout():
     assert tokens_per_row(tokens[:1], 3, 6).flatten().tolist() == [0] * 6
 
 
+def _randomize(module, seed):
+    """Random parameters and buffers (BatchNorm statistics too), so every layer shows in the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
+            else:
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.3)
+    return module
+
+
+def official_transform_network(state, features, heads, eps=1e-5):
+    """PVA's TransformNetwork (lib/pva.py) written out from its own weight names: a Sequential of the
+    input Linear ``0`` and a post-norm ``nn.TransformerEncoder`` ``1`` (ReLU feed-forward, final LayerNorm),
+    learnable ``q_tokens`` appended to the features, the last ``num_q_token`` outputs kept, plus ``pos_enc``."""
+    def linear(x, name):
+        return x @ state[f"{name}.weight"].T + state[f"{name}.bias"]
+
+    def layer_norm(x, name):
+        mean = x.sum(-1, keepdim=True) / x.shape[-1]
+        variance = ((x - mean) ** 2).sum(-1, keepdim=True) / x.shape[-1]
+        return (x - mean) / (variance + eps).sqrt() * state[f"{name}.weight"] + state[f"{name}.bias"]
+
+    def self_attention(x, name):
+        width = x.shape[-1]
+        d = width // heads
+        qkv = x @ state[f"{name}.in_proj_weight"].T + state[f"{name}.in_proj_bias"]
+        q, k, v = qkv[..., :width], qkv[..., width:2 * width], qkv[..., 2 * width:]
+        out = torch.zeros_like(x)
+        for b in range(x.shape[0]):
+            for h in range(heads):
+                part = slice(h * d, (h + 1) * d)
+                logits = q[b, :, part] @ k[b, :, part].T / math.sqrt(d)
+                weights = (logits - logits.max(-1, keepdim=True).values).exp()
+                out[b, :, part] = weights / weights.sum(-1, keepdim=True) @ v[b, :, part]
+        return linear(out, f"{name}.out_proj")
+
+    num_q_token = state["q_tokens"].shape[0]
+    x = torch.cat([features, state["q_tokens"][None].repeat(features.shape[0], 1, 1)], 1)
+    x = linear(x, "0")
+    layers = len({key.split(".")[2] for key in state if key.startswith("1.layers.")})
+    for i in range(layers):
+        name = f"1.layers.{i}"
+        x = layer_norm(x + self_attention(x, f"{name}.self_attn"), f"{name}.norm1")
+        feed_forward = linear(linear(x, f"{name}.linear1").clamp_min(0), f"{name}.linear2")
+        x = layer_norm(x + feed_forward, f"{name}.norm2")
+    x = layer_norm(x, "1.norm")
+    return x[:, -num_q_token:] + state["pos_enc"][None]
+
+
 def test_token_transformer_matches_the_official_formulation():
-    torch.manual_seed(1)
-    transformer = IdentityTokenTransformer(feature_dim=6, width=16, num_tokens=3, layers=2, heads=2, feedforward=32).eval()
+    transformer = _randomize(IdentityTokenTransformer(feature_dim=6, width=16, num_tokens=3, layers=2, heads=8,
+                                                      feedforward=32), seed=1).eval()
+    # the official weight names: its 0.* is our lift.*, its 1.* our encoder.* (the docstring's mapping)
+    official = {key.replace("lift.", "0.", 1).replace("encoder.", "1.", 1): tensor.detach()
+                for key, tensor in transformer.state_dict().items()}
+    features = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        transformer.pos_enc.normal_()
-    features = torch.randn(2, 4, 6)
-    out = transformer(features)
+        out = transformer(features)
     assert out.shape == (2, 3, 16)
-    with torch.no_grad():
-        x = transformer.lift(torch.cat([features, transformer.q_tokens.expand(2, -1, -1)], 1))
-        for encoder_layer in transformer.encoder.layers:  # post-norm layers, then the final LayerNorm
-            x = encoder_layer(x)
-        expected = transformer.encoder.norm(x)[:, -3:] + transformer.pos_enc
-    assert (out - expected).abs().max() <= 1e-5
+    torch.testing.assert_close(out, official_transform_network(official, features, heads=8), rtol=1e-4, atol=1e-5)
     assert transformer(features[:, :1]).shape == (2, 3, 16), "any number of references"
-    config = IdentityTokenTransformer.config_from_state_dict(transformer.state_dict(), heads=2)
-    assert config == dict(feature_dim=6, width=16, num_tokens=3, layers=2, heads=2, feedforward=32)
+    config = IdentityTokenTransformer.config_from_state_dict(transformer.state_dict(), heads=8)
+    assert config == dict(feature_dim=6, width=16, num_tokens=3, layers=2, heads=8, feedforward=32)
 
 
-def test_iresnet_depth_is_read_from_the_weights_and_crop_gives_arcface_input():
-    torch.manual_seed(2)
-    net = IResNet((1, 2, 1, 1)).eval()
-    loaded = IResNet.from_state_dict(net.state_dict())
-    assert loaded.layers == (1, 2, 1, 1)
-    faces = arcface_crop(torch.rand(2, 3, 64, 64) * 2 - 1)
+def official_iresnet(state, x, eps=1e-5):
+    """InsightFace's arcface_torch iresnet (lib/face_net.py in PVA) in eval mode, from its weight names:
+    conv1–bn1–PReLU; four stages of IBasicBlocks (BN → conv3×3 → BN → PReLU → conv3×3 with the stage's
+    stride 2 in the first block → BN, plus the identity, through a 1×1 conv + BN downsample in the first
+    block); then bn2, flatten, fc, and the BatchNorm1d ``features``."""
+    def batch_norm(x, name):
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        mean, variance = state[f"{name}.running_mean"].view(shape), state[f"{name}.running_var"].view(shape)
+        return (x - mean) / (variance + eps).sqrt() * state[f"{name}.weight"].view(shape) + state[f"{name}.bias"].view(shape)
+
+    def prelu(x, name):
+        return torch.where(x > 0, x, state[f"{name}.weight"].view(1, -1, 1, 1) * x)
+
+    def conv(x, name, stride=1):
+        weight = state[f"{name}.weight"]
+        return torch.nn.functional.conv2d(x, weight, stride=stride, padding=weight.shape[-1] // 2)
+
+    x = prelu(batch_norm(conv(x, "conv1"), "bn1"), "prelu")
+    for stage in range(1, 5):
+        blocks = len({key.split(".")[1] for key in state if key.startswith(f"layer{stage}.")})
+        for index in range(blocks):
+            name, stride = f"layer{stage}.{index}", 2 if index == 0 else 1
+            out = batch_norm(x, f"{name}.bn1")
+            out = prelu(batch_norm(conv(out, f"{name}.conv1"), f"{name}.bn2"), f"{name}.prelu")
+            out = batch_norm(conv(out, f"{name}.conv2", stride), f"{name}.bn3")
+            identity = batch_norm(conv(x, f"{name}.downsample.0", stride), f"{name}.downsample.1") if index == 0 else x
+            x = out + identity
+    x = batch_norm(x, "bn2").flatten(1)
+    return batch_norm(x @ state["fc.weight"].T + state["fc.bias"], "features")
+
+
+def test_iresnet_matches_the_official_formulation_and_crop_gives_arcface_input():
+    net = _randomize(IResNet((1, 2, 1, 1), num_features=32), seed=2).eval()
+    state = {k: v.detach() for k, v in net.state_dict().items()}
+    faces = arcface_crop(torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1)
     assert faces.shape == (2, 3, 112, 112)
     with torch.no_grad():
-        assert torch.equal(loaded(faces), net(faces))
-    assert "layer3.13.conv1.weight" in IResNet().state_dict(), "r50 layout: layers 3/4/14/3"
+        out = net(faces)
+    assert out.shape == (2, 32)
+    expected = official_iresnet(state, faces)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    loaded = IResNet.from_state_dict(net.state_dict())
+    assert loaded.layers == (1, 2, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(loaded(faces), out)
+    r50 = IResNet().state_dict()
+    assert "layer3.13.conv1.weight" in r50 and "layer3.14.conv1.weight" not in r50, "r50 layout: layers 3/4/14/3"
     with pytest.raises(ValueError, match="not an InsightFace iresnet"):
         IResNet.from_state_dict({"fc.weight": torch.zeros(512, 10)})
 

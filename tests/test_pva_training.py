@@ -42,6 +42,29 @@ def test_binning_references_and_mask():
     assert mask.sum() == (223 - 35) * (220 - 32) and mask[35, 32] == 1 and mask[34, 32] == 0
 
 
+def test_identity_word_starts_where_the_official_code_starts_it(comfy, inpainting):
+    """The official stage-1 config's init_token "ktn+pll+ucd" is no token of CLIP's vocabulary: its lookup
+    gives the unknown token, which in CLIP is <|endoftext|>. So an empty init_word starts the identity word
+    as the end-of-text embedding; a word starts it as that word's embedding."""
+    import os
+
+    import comfy.sd1_clip
+    from transformers import CLIPTokenizer
+
+    official = CLIPTokenizer.from_pretrained(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_tokenizer"))
+    end_of_text = official.convert_tokens_to_ids("<|endoftext|>")
+    assert official.convert_tokens_to_ids("ktn+pll+ucd") == official.unk_token_id == end_of_text == 49407
+    person = official("person")["input_ids"][1]
+    model, clip, _ = inpainting
+    arcface_path()
+    training = pack_module("nodes.pva_training")
+    table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.detach().float().cpu()
+    for init_word, row in (("", end_of_text), ("person", person)):
+        words = training.initial_pva(model, clip, "arcface", init_word, 0).weights.identity_word
+        assert set(words) == {"l"}
+        assert torch.equal(words["l"].detach().cpu(), table[row][None]), init_word
+
+
 def test_identity_tune_changes_only_the_projections_and_the_word(comfy, inpainting, pva):
     model, clip, vae = inpainting
     unet, text, pva_before = unpatched_state(model.model), unpatched_state(clip.cond_stage_model), unpatched_state(pva.weights)

@@ -114,6 +114,82 @@ def test_word_mask_training_gates_the_branch_with_each_captions_word_mask(comfy,
     assert gated != pytest.approx(ungated, rel=1e-4)
 
 
+def slow_attention(q, k, v, heads):
+    """softmax(Q Kᵀ/√d) V per head, the softmax written out."""
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype)
+    d = q.shape[2] // heads
+    for h in range(heads):
+        part = slice(h * d, (h + 1) * d)
+        logits = q[..., part] @ k[..., part].transpose(1, 2) / d ** 0.5
+        weights = (logits - logits.amax(-1, keepdim=True)).exp()
+        out[..., part] = weights / weights.sum(-1, keepdim=True) @ v[..., part]
+    return out
+
+
+def test_a_steps_loss_is_the_eps_mse_of_the_unet_with_the_image_branch(comfy, sd15):
+    """Paper eq. 4, the training forward: in every cross-attention layer the frozen text attention plus the
+    ungated image attention, softmax(Q K_iᵀ/√d) V_i with K_i, V_i = to_k/v_vision(LayerNorm(Linear(features))),
+    before the layer's to_out; the loss is the ε-MSE of that U-Net. The reference U-Net here is the stock
+    model with an attn2 replace written in this test (not the pack's dispatcher or processors)."""
+    import comfy.model_management
+    from harness.realcustom import tiny_clip_vision
+    glue = pack_module("nodes.training_glue")
+    trainer = pack_module("nodes.realcustom_trainer")
+    loop = pack_module("training.loop")
+    model, clip, vae = sd15
+    with glue.training_mode():
+        adapter, step = trainer.prepare_training(model, clip, vae, tiny_clip_vision(), dataset(), CAPTIONS.split("\n"),
+                                                 32, False, 2, 0, False)
+        with torch.no_grad():  # a branch that adds something (the fresh one's values start at zero)
+            for projection in adapter.branch.to_v_vision.values():
+                projection.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+        seen = {}
+        denoise = step.denoise
+
+        def recording_denoise(x_t, sigma, context, pooled, run):
+            seen.update(x_t=x_t, sigma=sigma, context=context)
+            return denoise(x_t, sigma, context, pooled, run)
+        step.denoise = recording_denoise
+        with torch.no_grad():
+            loss = float(step(loop.MicroStep(0, 0, loop.micro_step_generator(5, 0, 0))))
+
+    data = step.data
+    x_t, sigma, context = (seen[k].detach().float().cpu() for k in ("x_t", "sigma", "context"))
+    rows = [next(r for r in range(2) if torch.equal(context[i], data.contexts[r].cpu())) for i in range(2)]
+    x0, features = data.latents[rows].float().cpu(), data.features[rows].float().cpu()
+    noise = (x_t - x0) / sigma.view(-1, 1, 1, 1)
+    linear, norm = adapter.projector.proj, adapter.projector.norm
+    hidden = features @ linear.weight.detach().cpu().T + linear.bias.detach().cpu()
+    mean = hidden.mean(-1, keepdim=True)
+    variance = ((hidden - mean) ** 2).mean(-1, keepdim=True)
+    tokens = (hidden - mean) / (variance + norm.eps).sqrt() * norm.weight.detach().cpu() + norm.bias.detach().cpu()
+
+    def text_plus_image(q, k, v, extra_options):
+        name = "_".join(map(str, (*extra_options["block"], extra_options["block_index"])))
+        to_k, to_v = (getattr(adapter.branch, f"to_{p}_vision")[name].weight.detach().float().cpu() for p in "kv")
+        heads = extra_options["n_heads"]
+        text = slow_attention(q.float(), k.float(), v.float(), heads)
+        return (text + slow_attention(q.float(), tokens @ to_k.T, tokens @ to_v.T, heads)).to(q.dtype)
+
+    reference = model.clone()
+    for name in adapter.branch.to_k_vision:
+        kind, block_id, index = name.split("_")
+        reference.set_model_attn2_replace(text_plus_image, kind, int(block_id), int(index))
+    comfy.model_management.load_models_gpu([reference])
+    with torch.no_grad():
+        denoised = reference.model.apply_model(x_t, sigma, c_crossattn=context,
+                                               transformer_options=dict(reference.model_options["transformer_options"]))
+    eps_hat = (x_t - denoised.float().cpu()) / sigma.view(-1, 1, 1, 1)
+    expected = float(((eps_hat - noise) ** 2).mean())
+    assert loss == pytest.approx(expected, rel=1e-4)
+    branchless = model.clone()
+    comfy.model_management.load_models_gpu([branchless])
+    with torch.no_grad():
+        plain = branchless.model.apply_model(x_t, sigma, c_crossattn=context)
+    plain_loss = float(((((x_t - plain.float().cpu()) / sigma.view(-1, 1, 1, 1)) - noise) ** 2).mean())
+    assert plain_loss != pytest.approx(expected, rel=1e-3), "the branch changes the prediction"
+
+
 def test_target_words_are_previewed_on_the_training_images(comfy, sd15):
     trainer = pack_module("nodes.realcustom_trainer")
     *_, masks, preview = train_node(sd15, "test_rc_words", steps=1, target_words="toy")

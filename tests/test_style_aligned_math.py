@@ -99,11 +99,43 @@ def test_reference_rows_are_plain_attention_bitwise():
 
 
 def test_targets_change_and_follow_reference_statistics():
+    """What the targets attend with: their queries and own keys carry the reference's per-channel token
+    mean and standard deviation (computed here from the definition), their shared keys and values are the
+    reference's own, their values are untouched (adain_values off); the reference attends as plain."""
     torch.manual_seed(1)
-    q, k, v = (torch.randn(3, TOKENS, HEADS * DIM_HEAD) for _ in range(3))
-    out = shared_self_attention(q, k, v, 1, StyleAlignedSettings(), attention)
-    plain = attention(q, k, v)
-    assert not torch.allclose(out[1:], plain[1:], atol=1e-3)
+    shape = (3, TOKENS, HEADS * DIM_HEAD)
+    # each image its own per-channel offsets and scales, far from the reference's
+    q, k, v = (torch.randn(shape) * (1 + 3 * torch.rand(3, 1, shape[2])) + 4 * torch.randn(3, 1, shape[2])
+               for _ in range(3))
+    calls = []
+
+    def recording_attention(q_, k_, v_, mask=None):
+        calls.append((q_, k_, v_))
+        return attention(q_, k_, v_, mask=mask)
+
+    out = shared_self_attention(q, k, v, 1, StyleAlignedSettings(), recording_attention)
+
+    def statistics(x):  # per channel over the tokens: mean and unbiased standard deviation
+        n = x.shape[0]
+        mean = x.sum(0) / n
+        return mean, (((x - mean) ** 2).sum(0) / (n - 1)).sqrt()
+
+    (ref_q, ref_k, ref_v), (tgt_q, tgt_k, tgt_v) = calls
+    assert torch.equal(ref_q, q[:1]) and torch.equal(ref_k, k[:1]) and torch.equal(ref_v, v[:1])
+    assert tgt_q.shape == (2, TOKENS, shape[2]) and tgt_k.shape == tgt_v.shape == (2, 2 * TOKENS, shape[2])
+    q_mean, q_std = statistics(q[0])
+    k_mean, k_std = statistics(k[0])
+    for target in range(2):
+        for ours, (mean, std) in ((tgt_q[target], (q_mean, q_std)), (tgt_k[target, :TOKENS], (k_mean, k_std))):
+            got_mean, got_std = statistics(ours)
+            torch.testing.assert_close(got_mean, mean, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got_std, std, rtol=1e-4, atol=1e-4)
+        image = target + 1
+        assert not torch.allclose(statistics(q[image])[0], q_mean, atol=0.5), "the target's own statistics differed"
+        assert torch.equal(tgt_k[target, TOKENS:], k[0]) and torch.equal(tgt_v[target, TOKENS:], v[0])
+        assert torch.equal(tgt_v[target, :TOKENS], v[image])
+    assert torch.equal(out[:1], attention(q[:1], k[:1], v[:1]))
+    assert not torch.allclose(out[1:], attention(q, k, v)[1:], atol=1e-3)
 
 
 def test_batch_that_does_not_split_into_chunks_is_rejected():

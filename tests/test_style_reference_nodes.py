@@ -4,6 +4,7 @@ import torch
 
 from harness.checkpoints import empty_latent, encode_prompt, sample
 from harness.comfy_env import pack_module
+from harness.official_inversion import official_ddim_inversion
 from harness.pack_nodes import run_node, shared_attention
 
 STEPS = 4
@@ -32,6 +33,33 @@ def test_inversion_covers_the_sampling_schedule(comfy, setup):
     assert torch.isfinite(reference.latents).all()
     # noisier along the inverted trajectory
     assert reference.latents[0].std() > reference.latents[-1].std()
+
+
+def test_inversion_equals_the_official_loop_run_on_the_unet(comfy, setup):
+    """The official inversion (inversion.py) driving the tiny SD1.5's U-Net directly: it sees the VP latent z
+    and the integer timestep, CFG 2 on ε, the clean latent taken at ᾱ_0. The node's trajectory is that z at
+    each sampling level times √(1 + σ²) (ComfyUI's sampler space)."""
+    import comfy.model_management
+
+    model, positive, negative, _latent, reference = setup
+    sampling = model.get_model_object("model_sampling")
+    alphas_cumprod = 1 / (1 + sampling.sigmas.double() ** 2)
+    timesteps = list(range(1, 1000, 1000 // STEPS))  # ddim_uniform: every (1000/steps)-th timestep from 1
+    assert torch.equal(reference.sigmas[:-1].flip(0), sampling.sigmas[timesteps].float())
+    comfy.model_management.load_models_gpu([model])
+    unet, dtype = model.model.diffusion_model, model.model.get_dtype()
+    context = torch.cat([negative[0][0], positive[0][0]]).to(dtype)
+
+    def guided_eps(z, t):
+        with torch.no_grad():
+            uncond, cond = unet(z.repeat(2, 1, 1, 1).to(dtype), torch.full((2,), float(t)), context=context).double().chunk(2)
+        return uncond + 2.0 * (cond - uncond)
+
+    z0 = reference.latents[-1:].double()
+    official = official_ddim_inversion(guided_eps, z0, timesteps, alphas_cumprod)
+    sigmas = reference.sigmas.double().view(-1, 1, 1, 1)
+    expected = (official * (1 + sigmas ** 2) ** 0.5).float()
+    assert (reference.latents - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 def test_image_zero_follows_the_trajectory_in_every_pass(comfy, setup):
@@ -73,6 +101,11 @@ def test_mismatched_size_and_schedule_are_clear_errors(comfy, setup):
     with pytest.raises(ValueError, match="must hold one image"):
         run_node("SharedAttentionInvertReference", model=model, positive=positive, negative=negative,
                  latent=two, steps=STEPS, scheduler="ddim_uniform", cfg=2.0)
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+    flow = ModelSamplingSD3().patch(model, 3.0)[0]  # a U-Net sampled as a flow model: not this inversion
+    with pytest.raises(ValueError, match="variance-preserving schedule.*ModelSamplingAdvanced"):
+        run_node("SharedAttentionInvertReference", model=flow, positive=positive, negative=negative,
+                 latent=latent, steps=STEPS, scheduler="ddim_uniform", cfg=2.0)
 
 
 def test_styled_batch_with_reference_runs_with_shared_attention(comfy, setup):

@@ -1,17 +1,19 @@
 """Custom Diffusion's image preparation and ``MaskBase`` augmentation (Kumari et al., CVPR 2023), shared
 by the trainers built on it (DisenDiff, DETEX).
 
-:func:`center_square` centre-crops images to a square at the training resolution. :func:`draw_view` makes one view of a square image ``[S, S, 3]`` in [0, 1]: random flip (p = 1/2), then
+:func:`center_square` centre-crops images to a square at the training resolution. :func:`draw_view` makes one view of a square image ``[S, S, 3]`` in [0, 1]: random flip (:func:`draw_flip`, p = 1/2), then
 with p = 2/3 a scale s ∈ [S/3, S], with p = 1/3 s ∈ [1.2, 1.4)·S (even). s < 0.6·S: the image shrinks
 onto a mid-grey canvas at a random centre, the caption gets "a far away " or "very small ", and the
 loss mask covers the pasted box shrunk by one latent pixel; s > S: a random crop of the enlarged image
 with "zoomed in " or "close up "; otherwise unchanged. An optional subject mask ``[S, S]`` goes through
 the same flip, scale, paste and crop, so it stays aligned with the pixels (DETEX's masked loss).
+``MaskBase`` flips regularisation images too (p = 1/2, no scale): :func:`encode_both_ways` encodes them
+once as they are and mirrored, and a training step picks one orientation per sample with :func:`draw_flip`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,18 @@ class AugmentedView:
 
 def _randint(low: int, high_inclusive: int, generator: torch.Generator) -> int:
     return int(torch.randint(low, high_inclusive + 1, (1,), generator=generator))
+
+
+def draw_flip(generator: torch.Generator) -> bool:
+    """Custom Diffusion's random horizontal flip (p = 1/2) of a training or regularisation image."""
+    return bool(torch.rand(1, generator=generator) < 0.5)
+
+
+def encode_both_ways(encode: Callable[[torch.Tensor], torch.Tensor],
+                     images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents of images ``[N, S, S, C]`` as they are and mirrored (``encode``: pixels → latents)."""
+    latents = encode(torch.cat([images, images.flip(2)]))
+    return latents[:images.shape[0]], latents[images.shape[0]:]
 
 
 def resize_square(images: torch.Tensor, side: int, mode: str) -> torch.Tensor:
@@ -64,7 +78,7 @@ def draw_view(pixels: torch.Tensor, generator: torch.Generator, subject_mask: Op
     image on or off instead of drawing it."""
     size = pixels.shape[0]
     latent = size // latent_factor
-    flipped = bool(torch.rand(1, generator=generator) < 0.5) if flip is None else flip
+    flipped = draw_flip(generator) if flip is None else flip
     # the mask rides along as a fourth channel, so every transform below moves both alike
     both = pixels if subject_mask is None else torch.cat([pixels, subject_mask[..., None]], dim=-1)
     if flipped:

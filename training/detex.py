@@ -7,13 +7,18 @@ U-Net call in as callables.
 
 Per micro-batch (Custom Diffusion's data regime, spec detex.md §2, §3.5 [R]; the draw is DisenDiff's
 ``draw_batch``, which implements the same regime): each sample is a regularisation image with
-probability 1/2 when regularisation images are given, otherwise a view of a training image from the
-augmentation pool. A training view takes the ``FULL`` or the ``SUBJECT``
-branch; its prompt is the template with the view's caption prefix, [V], its [P_i] and (``FULL`` only)
-its [B_i], encoded with the live vectors so gradients reach the subject word and the mappers.
-Loss: ε- (or v-) MSE per sample — ``FULL`` and regularisation samples over the augmentation mask
-normalised by its area (Custom Diffusion), ``SUBJECT`` samples over the subject mask with the chosen
-normalisation (Break-A-Scene by default) — averaged over the micro-batch. With the optional attention
+probability 1/2 when regularisation images are given (mirrored with p 1/2, as Custom Diffusion's
+``MaskBase`` flips them), otherwise a view of a training image from the augmentation pool. A training
+view takes the ``FULL`` or the ``SUBJECT`` branch; its prompt is the template with the view's caption
+prefix, [V], its [P_i] and (``FULL`` only) its [B_i], encoded with the live vectors so gradients reach the
+subject word and the mappers.
+Loss: ε- (or v-) MSE per sample, a per-element mean as the spec's [R] reading (§3.3: "standard ε-MSE",
+Break-A-Scene's mean; §3.5: the prior loss of Custom Diffusion's diffusers script, also a mean) —
+``FULL`` and regularisation samples over the latent elements the augmentation mask keeps, ``SUBJECT``
+samples over the subject mask with the chosen normalisation (Break-A-Scene's mean over all elements by
+default) — averaged over the micro-batch. Custom Diffusion's own instance loss (and DisenDiff's, whose
+code is known: ``training.losses`` ``channel_sum``) instead sums the error over the 4 latent channels,
+4× this mean; per-element means keep the full, subject and regularisation terms on one scale. With the optional attention
 regulariser [R] (``attention_loss_weight`` > 0, spec §3.3, not confirmed for DETEX) a recorder keeps the
 map layers' cross-attention maps and each training sample adds Break-A-Scene's loss of [V] against its
 subject mask and (``FULL`` only) of [B_i] against the rest of the picture (``1 − m``, the grey canvas of
@@ -26,7 +31,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .augmentation import draw_views
+from .augmentation import draw_flip, draw_views
 from .detex_data import SubjectImages
 from ..attention.token_maps import MapRecorder
 from .detex_loss import (
@@ -80,12 +85,15 @@ class PoolView:
 @dataclass(frozen=True)
 class RegularisationView:
     latent: torch.Tensor  # [4, h, w]
+    mirrored: torch.Tensor  # [4, h, w], the mirrored image's (Custom Diffusion flips reg images with p 1/2)
     context: torch.Tensor  # [1, 77, width], frozen encoding of its caption (truncated to 77 tokens as CLIP's)
 
 
 def build_pool(subject: SubjectImages, views_per_image: int, generator: torch.Generator,
                encode_pixels: EncodePixels) -> list[PoolView]:
-    """Augmented views of every image, VAE-encoded once (as DisenDiff's port does, spec §10.8).
+    """Augmented views of every image, VAE-encoded once (spec disendiff.md §10.8's time saver; DETEX's own
+    data pipeline is unknown [R], so the pool size stays the ``augmented_views`` widget, where DisenDiff
+    follows its official code and draws a fresh view per sample).
 
     ``views_per_image`` 0 turns augmentation off: each image and its mirror image.
     """
@@ -158,7 +166,7 @@ class DetexStep:
                 normalizations.append(MASK_AREA)
         for reg_index in regs:
             view = self.regularisation[reg_index]
-            latents.append(view.latent)
+            latents.append(view.mirrored if draw_flip(gen) else view.latent)
             contexts.append(view.context)
             masks.append(torch.ones_like(view.latent[:1]))
             normalizations.append(MASK_AREA)

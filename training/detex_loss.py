@@ -3,15 +3,16 @@
 Joint training [R] (spec detex.md §3.3): each training sample takes one of two branches at random.
 
 * ``FULL``: the prompt holds [V], the image's pose word [P_i] and background word [B_i]; the
-  ε-MSE covers the whole latent (times Custom Diffusion's augmentation mask).
+  ε-MSE is the mean over the latent elements Custom Diffusion's augmentation mask keeps.
 * ``SUBJECT``: the background clause is dropped from the prompt and the ε-MSE is masked to the
   subject, so the background can only be explained by [B_i] and [V] never has to paint it.
 
 The masked loss follows Break-A-Scene (which DETEX cites for it, App. B.1): prediction and target are
 multiplied by the mask, downsampled to the latent size with nearest-neighbour interpolation, and the
 MSE is the mean over *all* elements (``ALL_ELEMENTS``), so a small subject weighs less. The switchable
-alternative ``MASK_AREA`` averages over the masked elements only (Custom Diffusion's augmentation-mask
-normalisation, ``training.losses.masked_mse``).
+alternative ``MASK_AREA`` averages over the masked elements only (``training.losses.masked_mse``, the
+normalisation of the full branch). Neither sums over the latent channels as Custom Diffusion's instance
+loss does (``channel_sum``), so all branches are per-element means (spec §3.3 [R]).
 
 Optional attention regulariser [R] (spec §3.3; Break-A-Scene's, **not confirmed for DETEX**, off by
 default): :func:`attention_mask_loss` compares the max-normalised aggregated cross-attention map of

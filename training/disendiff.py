@@ -1,5 +1,6 @@
-"""DisenDiff training data and step (spec §2–§5): modifier-token initialisation, the caption prefixes of
-the target image's augmentation (Custom Diffusion's, ``training.augmentation``), the 50/50
+"""DisenDiff training data and step (spec §2–§5): modifier-token initialisation, the target image's
+augmentation (Custom Diffusion's ``MaskBase``, ``training.augmentation``: a fresh flip, scale and offset
+for every target sample, with its caption prefix), the regularisation images' random flip, the 50/50
 target/regularisation sampling, and the loss ``ε-MSE + 0.01 · calibration`` of one micro-batch.
 
 Everything here is plain torch over tensors; the node glue supplies the VAE encoder, the text encoder
@@ -13,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..attention.disendiff import calibration_loss
-from .augmentation import CLOSE_PREFIXES, FAR_PREFIXES
+from .augmentation import CLOSE_PREFIXES, FAR_PREFIXES, draw_flip, draw_view
 from .losses import diffusion_loss, noised
 
 ATTENTION_LOSS_WEIGHT = 0.01
@@ -57,29 +58,48 @@ class TargetSample:
 
 
 @dataclass(frozen=True)
+class TargetViews:
+    """Augmented views of the target image ``pixels`` (``[S, S, 3]`` in [0, 1]), drawn fresh for every
+    target sample as the official ``MaskBase`` does, and VAE-encoded by ``encode_pixels`` (``[B, S, S, 3]``
+    → ``[B, 4, S/8, S/8]`` model-space latents on the training device). ``augment`` False: flips only."""
+
+    pixels: torch.Tensor
+    encode_pixels: Callable[[torch.Tensor], torch.Tensor]
+    augment: bool = True
+
+    def draw(self, generator: torch.Generator, count: int) -> list[TargetSample]:
+        views = [draw_view(self.pixels, generator, augment=self.augment) for _ in range(count)]
+        if not views:
+            return []
+        latents = self.encode_pixels(torch.stack([v.pixels for v in views]))
+        return [TargetSample(latent, v.valid_mask[None].to(latent.device), v.prefix) for latent, v in zip(latents, views)]
+
+
+@dataclass(frozen=True)
 class RegularisationSample:
     latent: torch.Tensor
+    mirrored: torch.Tensor  # the latent of the mirrored image (MaskBase flips reg images with p 1/2)
     context: torch.Tensor  # (1, T, C) frozen text encoding of its caption, cut to the target's length
     pooled: torch.Tensor | None = None  # (1, P) pooled text output (SDXL's CLIP-G), None for SD1.x
 
 
 @dataclass
 class DisenDiffBatch:
-    """What one micro-batch draws: which samples are the target (with their pool index) or reg."""
+    """What one micro-batch draws: which samples are a target (with the index of its image) or reg."""
 
     targets: list[int]
     regs: list[int]
 
 
-def draw_batch(generator: torch.Generator, micro_batch: int, pool_size: int, reg_count: int) -> DisenDiffBatch:
-    """Each sample is the target with p 1/2 (always without regularisation images), as the paper's
-    dataset of N target and N regularisation items."""
+def draw_batch(generator: torch.Generator, micro_batch: int, target_count: int, reg_count: int) -> DisenDiffBatch:
+    """Each sample is a target with p 1/2 (always without regularisation images), as the paper's
+    dataset of N target and N regularisation items; ``target_count``: the targets to pick from."""
     targets, regs = [], []
     for _ in range(micro_batch):
         if reg_count and torch.rand((), generator=generator) < 0.5:
             regs.append(int(torch.randint(0, reg_count, (), generator=generator)))
         else:
-            targets.append(int(torch.randint(0, pool_size, (), generator=generator)))
+            targets.append(int(torch.randint(0, target_count, (), generator=generator)))
     return DisenDiffBatch(targets, regs)
 
 
@@ -94,7 +114,7 @@ class DisenDiffStep:
     discrete schedule; ``kind`` the prediction type.
     """
 
-    pool: Sequence[TargetSample]
+    targets: TargetViews
     regs: Sequence[RegularisationSample]
     encode_target: Callable
     denoise: Callable
@@ -105,11 +125,10 @@ class DisenDiffStep:
 
     def __call__(self, micro) -> torch.Tensor:
         gen = micro.generator
-        batch = draw_batch(gen, self.settings.micro_batch, len(self.pool), len(self.regs))
+        batch = draw_batch(gen, self.settings.micro_batch, 1, len(self.regs))
         latents, masks, contexts, pooled, concept_sets = [], [], [], [], []
         encoded = {}  # one text-encoder pass per distinct caption of the micro-batch
-        for index in batch.targets:
-            sample = self.pool[index]
+        for sample in self.targets.draw(gen, len(batch.targets)):
             if sample.prefix not in encoded:
                 encoded[sample.prefix] = self.encode_target(sample.prefix)
             context, pooled_text, concepts = encoded[sample.prefix]
@@ -120,7 +139,7 @@ class DisenDiffStep:
             concept_sets.append(concepts)
         for index in batch.regs:
             sample = self.regs[index]
-            latents.append(sample.latent)
+            latents.append(sample.mirrored if draw_flip(gen) else sample.latent)
             masks.append(torch.ones_like(sample.latent[:1]))
             contexts.append(sample.context)
             pooled.append(sample.pooled)
