@@ -2,8 +2,8 @@
 
 The trajectory is stored in ComfyUI's sampler space, one latent per level of the sampling schedule, so
 image 0 of a batch can be replaced by it at every step. :func:`invert_eps` is the official inversion of
-ε- (and v-) prediction models, whose schedule is variance preserving; a model family with another
-parametrisation needs its own inversion function beside it.
+ε- (and v-) prediction models, whose schedule is variance preserving; :func:`invert_flow` its counterpart for
+rectified-flow models (Flux, SD3/SD3.5).
 """
 from __future__ import annotations
 
@@ -89,6 +89,33 @@ def invert_eps(denoise: Denoiser, clean_latent: torch.Tensor, sigmas: torch.Tens
         model_input = x * (_vp_scale(sigma_next) / _vp_scale(sigma_now))
         noise = (model_input - denoise(model_input, sigma_next * ones)) / sigma_next
         x = x + (sigma_next - sigma_now) * noise
+        latents.append(x)
+        if on_step is not None:
+            on_step(i, x)
+    return StyleReference(latents=torch.cat(latents[::-1]), sigmas=sigmas.detach().float().cpu())
+
+
+def invert_flow(denoise: Denoiser, clean_latent: torch.Tensor, sigmas: torch.Tensor,
+                on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> StyleReference:
+    """Invert ``clean_latent`` (one image) of a rectified-flow model along the descending sampling ``sigmas``
+    (ending at 0): the Euler ODE of the sampler run backwards, in the model's own sigma schedule.
+
+    Rectified flow (ComfyUI's CONST sampling: ``x_σ = (1 − σ)·x0 + σ·ε``, model input unscaled) samples with
+    ``x_next = x_now + (σ_next − σ_now)·v(x_now, σ_now)``, ``v = (x − D(x, σ))/σ``. Run backwards from the clean
+    latent at σ = 0, each step needs the velocity at the noisier level before the latent there is known; as
+    DDIM inversion does with the noise, it is taken at the current latent with the next level,
+    ``v = v_θ(x_now, σ_next)``, so the model is never asked at σ = 0. ``denoise(x, sigma_batch)`` is ComfyUI's
+    model call (CFG included), returning the x0 prediction.
+    """
+    _check_one_image(clean_latent)
+    levels = sigmas.flip(0).to(clean_latent)
+    x = clean_latent
+    latents = [clean_latent]
+    ones = x.new_ones(x.shape[0])
+    for i in range(levels.shape[0] - 1):
+        sigma_now, sigma_next = levels[i], levels[i + 1]
+        velocity = (x - denoise(x, sigma_next * ones)) / sigma_next
+        x = x + (sigma_next - sigma_now) * velocity
         latents.append(x)
         if on_step is not None:
             on_step(i, x)

@@ -22,7 +22,7 @@ from ..attention.dispatcher import sigma_in_range
 from ..attention.group_norm import ReferenceSharedGroupNorm, norm_sharing
 from ..attention.layout import chunk_count
 from ..attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
-from ..attention.style_reference import DEFAULT_REFERENCE_OFFSET, StyleReference, invert_eps
+from ..attention.style_reference import DEFAULT_REFERENCE_OFFSET, StyleReference, invert_eps, invert_flow
 from .comfy_io import io
 from .validation import names_node, require_finite
 from .patching import (
@@ -229,15 +229,19 @@ class SharedAttentionPromptBatch(io.ComfyNode):
 class SharedAttentionInvertReference(io.ComfyNode):
     """DDIM inversion of a real reference image for StyleAligned (paper §"style from a reference image"),
     the official loop: from the clean latent at ᾱ_0, each step predicts the noise of the current latent
-    at the next timestep. ε- and v-prediction U-Nets (variance-preserving schedules).
+    at the next timestep. ε- and v-prediction U-Nets (variance-preserving schedules); on rectified-flow
+    models (Flux, SD3/SD3.5) the same idea in their own parametrisation: the sampler's Euler ODE run
+    backwards, each step taking the velocity of the current latent at the next level.
 
     - model: the model you will sample with (before or after SharedAttentionBatch: inversion itself
       runs without sharing).
     - positive: a prompt describing the reference (subject and style), e.g. "a man in bed, medieval painting".
     - negative: usually an empty prompt or ConditioningZeroOut (the official code uses zeros).
     - latent: VAE-encoded reference, one image.
-    - steps / scheduler: MUST equal those of the sampler that uses the reference (official: 50, DDIM).
-    - cfg: guidance during inversion (official: 2; 1–3 is sensible).
+    - steps / scheduler: MUST equal those of the sampler that uses the reference (official: 50, DDIM;
+      Flux/SD3.5: the scheduler you sample with, e.g. simple or beta).
+    - cfg: guidance during inversion (official: 2; 1–3 is sensible; 1 for guidance-distilled Flux, whose
+      positive carries FluxGuidance's guidance).
     """
 
     @classmethod
@@ -268,11 +272,9 @@ class SharedAttentionInvertReference(io.ComfyNode):
             raise ValueError(f"SharedAttentionInvertReference: the reference latent must hold one image, got a batch of "
                              f"{samples.shape[0]}; pick one with LatentFromBatch.")
         require_finite("SharedAttentionInvertReference", "reference latent", samples)
-        transformer_blocks(model, "SharedAttentionInvertReference")
+        transformer_blocks(model, "SharedAttentionInvertReference", ALL_FAMILIES)
         model_sampling = model.get_model_object("model_sampling")
-        if not isinstance(model_sampling, comfy.model_sampling.EPS) or getattr(model_sampling, "sigma_data", 1.0) != 1.0:
-            raise ValueError("SharedAttentionInvertReference inverts models with a variance-preserving schedule (ε- or "
-                             f"v-prediction); this MODEL samples with {type(model_sampling).__name__}.")
+        inversion = _inversion_of(model_sampling)
         sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()
         trajectory: dict[str, StyleReference] = {}
         progress = latent_preview.prepare_callback(model, steps)
@@ -284,13 +286,25 @@ class SharedAttentionInvertReference(io.ComfyNode):
             def on_step(i, x_now):
                 if callback is not None:
                     callback({"i": i, "denoised": x_now, "x": x_now, "sigma": flipped_sigmas[i + 1]})
-            trajectory["reference"] = invert_eps(denoise, x, flipped_sigmas.flip(0), model_sampling.sigma_min, on_step)
+            trajectory["reference"] = inversion(denoise, x, flipped_sigmas.flip(0), on_step)
             return x
 
         comfy.sample.sample_custom(
             model, torch.zeros_like(samples), cfg, comfy.samplers.KSAMPLER(run_inversion), sigmas.flip(0),
             positive, negative, samples, callback=progress, disable_pbar=True, seed=0)
         return io.NodeOutput(trajectory["reference"])
+
+
+def _inversion_of(model_sampling):
+    """The inversion of the model's parametrisation: DDIM's for ε/v-prediction (variance preserving), the
+    backward Euler ODE for rectified flow; a clear error for any other."""
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return invert_flow
+    if isinstance(model_sampling, comfy.model_sampling.EPS) and getattr(model_sampling, "sigma_data", 1.0) == 1.0:
+        return lambda denoise, x, sigmas, on_step: invert_eps(denoise, x, sigmas, model_sampling.sigma_min, on_step)
+    raise ValueError("SharedAttentionInvertReference inverts models with a variance-preserving schedule (ε- or "
+                     "v-prediction: SD1.5/SD2/SDXL) or rectified flow (Flux, SD3/SD3.5); this MODEL samples with "
+                     f"{type(model_sampling).__name__}.")
 
 
 def _reference_input_wrapper(reference: StyleReference, offset: int):

@@ -5,7 +5,8 @@ from harness.official_inversion import official_ddim_inversion
 
 from personalization_nodes.attention.blocks import (
     FLUX, MMDIT, UnsupportedModelError, discover_transformer_blocks, evenly_skipped, parse_block_selection)
-from personalization_nodes.attention.style_reference import StyleReference, invert_eps, reinsertion_index, schedule_step
+from personalization_nodes.attention.style_reference import (StyleReference, invert_eps, invert_flow, reinsertion_index,
+                                                             schedule_step)
 
 
 class Attn(torch.nn.Module):
@@ -198,3 +199,43 @@ def test_reference_rejects_another_schedule():
     with pytest.raises(ValueError, match="3-step schedule"):
         ref.latent_for(torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0]), 4.0, 1)
     assert ref.latent_for(torch.tensor([4.0, 2.0, 1.0, 0.0]), 2.0, 0) is not None
+
+
+class ToyVelocityModel:
+    """A non-linear rectified-flow velocity model v(x, σ): the x0 prediction of ComfyUI's CONST call is x − σ·v."""
+
+    def __init__(self, channels=4):
+        gen = torch.Generator().manual_seed(5)
+        self.mix = torch.randn(channels, channels, generator=gen, dtype=torch.float64) / channels ** 0.5
+
+    def __call__(self, x, sigma):
+        mixed = torch.einsum("dc,bchw->bdhw", self.mix, x)
+        return 0.3 * torch.tanh(mixed) * (1 + sigma) + 0.1 * x ** 2 - 0.2 * x
+
+    def denoise(self, x, sigma_batch):
+        return x - sigma_batch.view(-1, 1, 1, 1) * self(x, sigma_batch.view(-1, 1, 1, 1))
+
+
+def euler_sampling(velocity, x, sigmas):
+    """ComfyUI's sample_euler on a CONST model, written out: x ← x + (σ_{i+1} − σ_i)·v(x, σ_i)."""
+    for i in range(len(sigmas) - 1):
+        x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i])
+    return x
+
+
+@pytest.mark.parametrize("steps", [10, 40])
+def test_flow_inversion_runs_the_euler_ode_backwards_and_regenerates_the_latent(steps):
+    """Each inverted step undoes one Euler sampling step up to the velocity being taken at the less noisy
+    latent; sampling the inverted noise with Euler gives the clean latent back, closer with more steps."""
+    model = ToyVelocityModel()
+    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    clean = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference = invert_flow(model.denoise, clean, sigmas)
+    assert reference.latents.shape == (steps + 1, 4, 3, 3) and torch.equal(reference.latents[-1], clean[0])
+    for k in range(steps):  # latents[k] is at sigmas[k]; one sampling step from it, with the velocity where the
+        step = sigmas[k + 1] - sigmas[k]  # inversion took it, lands exactly on latents[k + 1]
+        x_next = reference.latents[k:k + 1] + step * model(reference.latents[k + 1:k + 2], sigmas[k])
+        torch.testing.assert_close(x_next, reference.latents[k + 1:k + 2], rtol=1e-12, atol=1e-12)
+    regenerated = euler_sampling(model, reference.latents[:1], sigmas)
+    error = ((regenerated - clean).norm() / clean.norm()).item()
+    assert error < 0.2 / steps  # first order in the step: measured 0.98 % at 10 steps, 0.25 % at 40

@@ -101,10 +101,10 @@ def test_mismatched_size_and_schedule_are_clear_errors(comfy, setup):
     with pytest.raises(ValueError, match="must hold one image"):
         run_node("SharedAttentionInvertReference", model=model, positive=positive, negative=negative,
                  latent=two, steps=STEPS, scheduler="ddim_uniform", cfg=2.0)
-    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
-    flow = ModelSamplingSD3().patch(model, 3.0)[0]  # a U-Net sampled as a flow model: not this inversion
-    with pytest.raises(ValueError, match="variance-preserving schedule.*ModelSamplingAdvanced"):
-        run_node("SharedAttentionInvertReference", model=flow, positive=positive, negative=negative,
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+    edm = ModelSamplingContinuousEDM().patch(model, "edm", 80.0, 0.002)[0]  # σ_data 0.5: neither VP nor flow
+    with pytest.raises(ValueError, match="variance-preserving schedule.*or rectified flow.*ModelSamplingAdvanced"):
+        run_node("SharedAttentionInvertReference", model=edm, positive=positive, negative=negative,
                  latent=latent, steps=STEPS, scheduler="ddim_uniform", cfg=2.0)
 
 
