@@ -80,6 +80,12 @@ def flux_model():
                                       offload_device=mm.unet_offload_device())
 
 
+def edm_sampled(model):
+    """``model`` sampled as an EDM model (σ_data 0.5): neither variance preserving nor rectified flow."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+    return ModelSamplingContinuousEDM().patch(model, "edm", 80.0, 0.002)[0]
+
+
 def refuses_dit(node: str) -> str:
     """The message of a U-Net-only node given a DiT model: it names the model's family and the node's families."""
     return rf"this MODEL is a Flux model; {node} supports U-Net \(SD1\.5/SD2/SDXL\) models"
@@ -341,9 +347,9 @@ STYLE_ALIGNED = [
     Case("SharedAttentionBatch refuses GroupNorm sharing on a Flux model", "SharedAttentionBatch",
          lambda k, b: {"model": flux_model(), **SHARED_ATTENTION_DEFAULTS, "share_group_norm": True},
          r"share_group_norm joins the GroupNorm statistics of a U-Net; a Flux model has no GroupNorm"),
-    Case("SharedAttentionInvertReference refuses a Flux model", "SharedAttentionInvertReference",
-         lambda k, b: k.invert_reference(model=flux_model(), latent={"samples": torch.zeros(1, 16, 8, 8)}),
-         refuses_dit("SharedAttentionInvertReference")),
+    Case("SharedAttentionInvertReference refuses an EDM-sampled model", "SharedAttentionInvertReference",
+         lambda k, b: k.invert_reference(model=edm_sampled(k.sd15[0])),
+         r"variance-preserving schedule.*or rectified flow.*ModelSamplingAdvanced"),
     Case("SharedAttentionInvertReference refuses an empty latent batch", "SharedAttentionInvertReference",
          lambda k, b: k.invert_reference(latent={"samples": torch.zeros(0, 4, 8, 8)}), r"one image.*batch of 0"),
     Case("SharedAttentionInvertReference refuses a latent holding NaN", "SharedAttentionInvertReference",
