@@ -5,7 +5,6 @@ dispatchers per patch point, whatever nodes are chained.
 """
 from __future__ import annotations
 
-import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
 import torch
 
@@ -13,6 +12,7 @@ from ..attention.blocks import TransformerBlock, discover_transformer_blocks
 from ..attention.dispatcher import (CHAIN_KEY, AttentionConflictError, AttentionProcessor, ProcessorChain,
                                    describe_foreign, install_dispatcher, overwritten_dispatchers,
                                    stash_hidden_states)
+from .comfy_features import comfy_attention_function
 
 WRAPPER_KEY = "personalization"
 DISPATCH_CHECK_KEY = WRAPPER_KEY + ".dispatch_check"
@@ -56,7 +56,7 @@ def add_attention_processor(patched, processor: AttentionProcessor, blocks: list
     for block in blocks:
         name, block_id, index = block.key
         existing = replaces.get(block.key, replaces.get((name, block_id)))
-        dispatcher = install_dispatcher(existing, point, comfy_attention.optimized_attention)
+        dispatcher = install_dispatcher(existing, point, comfy_attention_function())
         patched.set_model_patch_replace(dispatcher, point, name, block_id, index)
         served.append(block.key)
         if block.alone_in_block:
