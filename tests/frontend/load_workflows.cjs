@@ -6,8 +6,8 @@
 // usage: node load_workflows.cjs <request.json>
 //   request: {url, playwright, chromium, userDataDir, results, workflows: [{name, path, screenshot}]}
 //   writes `results`: {blockedRequests, pageErrors, workflows: [{name, nodeCount, loadedNodeCount,
-//   unregisteredTypes, missingNodeTypes, missingModels, comboValuesNotOffered, prompt, consoleErrors,
-//   screenshot}]}
+//   unregisteredTypes, missingNodeTypes, missingModels (null where the frontend does not expose it),
+//   comboValuesNotOffered, prompt, consoleErrors, screenshot}]}
 'use strict';
 
 const fs = require('fs');
@@ -27,27 +27,34 @@ function isLoopback(url) {
   return hostname === '127.0.0.1' || hostname === 'localhost' || hostname === '[::1]';
 }
 
-// In the page: wrap the app's own missing-node / missing-model reporters (loadGraphData calls them with
-// what it found) so we record their arguments; the dialogs still open, so a screenshot shows them.
+// In the page: record what loadGraphData found missing. Missing node types come from the extension hook
+// `afterConfigureGraph(missingNodeTypes)`, which every frontend calls after a load. Missing models have no
+// such hook: where the app exposes its reporter `showMissingModelsError` we wrap it (its dialog still
+// opens, so a screenshot shows it); frontends that keep it private (1.27.x) leave `missingModels` null,
+// "not observable", and the test checks instead that the workflow embeds no model list to report on.
 function installReporters() {
   const app = window.app;
-  window.__frontendTest = { missingNodeTypes: [], missingModels: [] };
-  const showNodes = app.showMissingNodesError.bind(app);
-  app.showMissingNodesError = (types) => {
-    window.__frontendTest.missingNodeTypes.push(...types.map((t) => (typeof t === 'string' ? t : `${t.type} (${t.hint})`)));
-    return showNodes(types);
-  };
-  const showModels = app.showMissingModelsError.bind(app);
-  app.showMissingModelsError = (models, paths) => {
-    window.__frontendTest.missingModels.push(...models.map((m) => `${m.directory}/${m.name}`));
-    return showModels(models, paths);
-  };
+  window.__frontendTest = { missingNodeTypes: [], missingModels: null };
+  app.registerExtension({
+    name: 'personalization_nodes.tests.missing_node_reporter',
+    afterConfigureGraph(types) {
+      window.__frontendTest.missingNodeTypes.push(...types.map((t) => (typeof t === 'string' ? t : `${t.type} (${t.hint})`)));
+    },
+  });
+  window.__frontendTest.modelsObservable = typeof app.showMissingModelsError === 'function';
+  if (window.__frontendTest.modelsObservable) {
+    const showModels = app.showMissingModelsError.bind(app);
+    app.showMissingModelsError = (models, paths) => {
+      window.__frontendTest.missingModels.push(...models.map((m) => `${m.directory}/${m.name}`));
+      return showModels(models, paths);
+    };
+  }
 }
 
 async function loadInPage({ name, workflow }) {
   const app = window.app;
   window.__frontendTest.missingNodeTypes = [];
-  window.__frontendTest.missingModels = [];
+  window.__frontendTest.missingModels = window.__frontendTest.modelsObservable ? [] : null;
   // Without a saved view offset the frontend fits the view to the graph, so the screenshot shows all of it.
   if (workflow.extra) delete workflow.extra.ds;
   await app.loadGraphData(workflow, true, true, name);

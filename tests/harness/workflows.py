@@ -8,6 +8,7 @@ widget list no longer matches its nodes fails here instead of in a user's browse
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import uuid
@@ -157,9 +158,20 @@ def ui_to_api(ui_workflow: dict) -> dict:
 
 
 def new_executor():
-    """A PromptExecutor with ComfyUI's default (classic) output cache, to reuse across prompts like the server does."""
+    """A PromptExecutor with ComfyUI's default (classic) output cache, to reuse across prompts like the server does.
+
+    Built as that ComfyUI's own main.py builds it with default arguments: newer ones take
+    `cache_args={"lru", "ram"}`, older ones `cache_size` (the LRU size alone)."""
     execution = boot_comfy(require_pack=False).execution
-    return execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    accepts = inspect.signature(execution.PromptExecutor).parameters
+    cache = {"cache_args": {"lru": 0, "ram": 0}} if "cache_args" in accepts else {"cache_size": 0}
+    return execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC, **cache)
+
+
+def _cached_outputs(entry) -> list:
+    """A node's raw outputs from the executor's output cache: newer ComfyUI caches a CacheEntry(ui, outputs),
+    older ones the outputs list itself."""
+    return entry.outputs if hasattr(entry, "outputs") else entry
 
 
 def execute_workflow(api_prompt: dict, extra_data: dict | None = None, executor=None) -> dict:
@@ -192,7 +204,7 @@ def execute_workflow(api_prompt: dict, extra_data: dict | None = None, executor=
     for node_id in api_prompt:
         entry = executor.caches.outputs.get(node_id)
         if entry is not None:
-            results[node_id] = NodeResult(ui.get(node_id), entry.outputs)
+            results[node_id] = NodeResult(ui.get(node_id), _cached_outputs(entry))
     return results
 
 
