@@ -54,11 +54,14 @@ def release_models_after_module(request):
     """Every model a test module loaded is let go when it ends (harness.memory), so the suite's resident
     memory is that of one module's families, not of all of them."""
     yield
-    from harness.memory import peak_resident_bytes, release_models
+    from harness.memory import peak_resident_bytes, release_models, resident_bytes
     peak = peak_resident_bytes()
     if not _PEAKS or peak > _PEAKS[-1][0]:
         _PEAKS.append((peak, request.module.__name__))
     release_models()
+    if os.environ.get("PERSONALIZATION_TEST_MEMORY"):
+        print(f"\n[memory] {request.module.__name__}: peak so far {peak / 2**30:.2f} GiB, resident after release "
+              f"{resident_bytes() / 2**30:.2f} GiB", flush=True)
 
 
 def pytest_sessionfinish(session, exitstatus):

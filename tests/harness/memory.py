@@ -49,6 +49,12 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+def resident_bytes() -> int:
+    """This process's resident set now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
+
+
 def peak_resident_bytes() -> int:
     """High-water mark of this process's resident set (Linux reports kibibytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
