@@ -98,7 +98,7 @@ COLUMNS: dict[str, list[list[list[tuple[str, list[int]]]]]] = {
         [("Sample: pose dropped", [6, 7, 8]), ("Sample: pose kept", [10, 11])],
         [("Images", [9, 12])],
     ]],
-    "09 RealCustom - train an image branch, then narrow a word to your subject": [[
+    "09 RealCustom - train an image branch, then sample": [[
         [("Models", [1, 2]), ("Training images", [3, 4, 5])],
         [("Train (RealCustom)", [6]), ("What the word covers", [7])],
         [("Subject reference", [8, 9]), ("Prompt (shared)", [10])],

@@ -19,7 +19,7 @@ EXPECTED_IMAGES = {
     "07 DETEX - learn a subject without its poses and backgrounds": 1,
     "08 DETEX - the same seed with a pose kept and dropped": 2,
     # the image, what 'toy' covers on each training image, the word mask of every step
-    "09 RealCustom - train an image branch, then narrow a word to your subject": 1 + 2 + STEPS,
+    "09 RealCustom - train an image branch, then sample": 1 + 2 + STEPS,
     "10 RealCustom - with a ControlNet": 1 + STEPS,
     "11 PVA - identity-preserving face inpainting": 1,
     "12 PVA - on top of a LoRA, with a text edit": 1,

@@ -41,7 +41,7 @@ async function readLayoutInPage() {
   const groups = app.graph.groups.map((group) => {
     // As LGraphGroup.draw writes the title: at padding from the left, in the group font.
     measure.font = `${group.font_size || window.LiteGraph.DEFAULT_GROUP_FONT_SIZE}px ${window.LiteGraph.GROUP_FONT}`;
-    const titleRight = group.padding + measure.measureText(group.title).width;
+    const titleRight = group.constructor.padding + measure.measureText(group.title).width;
     return { title: group.title, rect: [...group._bounding], titleRight };
   });
   const rectOf = (selector) => {
