@@ -3,9 +3,11 @@ and a copy of every example workflow that can run on them, wired to them at demo
 end on the CPU in a few minutes.
 
 The demo models have random weights: outputs are noise, as each demo copy's note says. Files a trainer
-workflow writes (embeddings, PVA weights) are shipped as random stand-ins, so a demo that uses them runs
-before its trainer did (running the trainer's demo replaces them). Workflows that need a CLIP vision
-model are left out: ComfyUI only loads full-size ones (0.6 GB even with random weights).
+workflow writes (embeddings) ship as random stand-ins, so a demo that uses them runs before its trainer
+did (running the trainer's demo replaces them); in the demo copies these files are called demo_<name>,
+so no stand-in ever answers for a file the real workflows name. Left out: workflows that need a CLIP
+vision model (ComfyUI only loads full-size ones, 0.6 GB even with random weights) or PVA (its ArcFace
+backbone has one fixed file name, which a random stand-in must not take).
 Existing demo copies are never overwritten (they may hold the user's edits).
 
 Usage: python scripts/demo_assets.py <ComfyUI folder>
@@ -15,13 +17,15 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_FOLDER = "personalization-demo"  # in the Workflows sidebar
 DEMO_SIZE, DEMO_STEPS, DEMO_TRAIN_STEPS = 128, 8, 8
-NEEDS_FULL_SIZE_WEIGHTS = {"CLIPVisionLoader"}
+NOT_IN_THE_DEMO = {"CLIPVisionLoader", "PVALoader"}
+TRAINERS = ("DisenDiffTrainer", "DecoupledTokenTrainer", "RealCustomTrainer")
 DEMO_BANNER = ("> **DEMO** on tiny RANDOM-weight models: the images are noise. The original, for real "
                "models, is in the Templates browser.\n\n")
 DEMO_BANNER_HEIGHT = 60
@@ -34,20 +38,31 @@ def _harness():
 
 
 def runs_on_demo_models(workflow: dict) -> bool:
-    return not {node["type"] for node in workflow["nodes"]} & NEEDS_FULL_SIZE_WEIGHTS
+    return not {node["type"] for node in workflow["nodes"]} & NOT_IN_THE_DEMO
+
+
+def trained_names() -> list[str]:
+    """The names the example trainers save their files under (their `name` widget)."""
+    _, workflows = _harness()
+    return sorted({_widget_values(workflows, node)["name"] for path in sorted((ROOT / "workflows").glob("*.json"))
+                   for node in json.loads(path.read_text())["nodes"] if node["type"] in TRAINERS})
 
 
 def demo_workflow(workflow: dict, input_dir: Path) -> dict:
     """A copy of `workflow` wired to the tiny models at demo size (input images and stand-in files
-    written), its note saying so, without the real models' download list."""
+    written), the trainers' files called demo_<name>, its note saying so, without the real models'
+    download list."""
     tiny_workflows, workflows = _harness()
     demo = copy.deepcopy(workflow)
+    trained = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, trained_names())) + ")")
     for node in demo["nodes"]:
         if node["type"] in workflows.FRONTEND_ONLY:
             continue
+        node["widgets_values"] = [trained.sub(r"demo_\1", value) if isinstance(value, str) else value
+                                  for value in node.get("widgets_values") or []]
         current = _widget_values(workflows, node)
         overrides = tiny_workflows.tiny_inputs(node["type"], current, DEMO_SIZE, DEMO_STEPS, DEMO_TRAIN_STEPS)
-        if node["type"] in ("DisenDiffTrainer", "RealCustomTrainer", "DecoupledTokenTrainer", "PVATrainer"):
+        if node["type"] in TRAINERS:
             overrides["checkpoint_every"] = 0
         workflows.set_ui_widgets(node, overrides)
         if node["type"] == "LoadImage" and not (input_dir / current["image"]).exists():
@@ -74,7 +89,7 @@ def write_demo_copies(target: Path, input_dir: Path) -> list[Path]:
     for path in sorted((ROOT / "workflows").glob("*.json")):
         workflow = json.loads(path.read_text())
         if not runs_on_demo_models(workflow):
-            print(f"no demo of {path.stem}: it needs a CLIP vision model")
+            print(f"no demo of {path.stem}: it needs a CLIP vision model or PVA's ArcFace")
             continue
         copy_path = target / path.name
         written.append(copy_path)

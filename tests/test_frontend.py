@@ -108,7 +108,8 @@ CONTROLS = {
          "widgets_values": ["no_such_method", 512, 512, "disabled"]},)),
     "control_missing_model": {**_control_workflow(CONTROL_IMAGE), "models": [MISSING_MODEL]},
 }
-# What a newcomer types into the node search, and the pack's nodes it must find (None: all of them).
+# What a newcomer types into the node search: the pack's name finds every node, a technique's name the
+# nodes of that technique (node ids by prefix).
 TECHNIQUE_PREFIXES = {"StyleAligned": "SharedAttention", "RealCustom": ("RealCustom", "AdaptiveMaskGuidance"),
                       "PVA": ("PVA", "ParallelVisualAttention"), "DisenDiff": ("DisenDiff", "CalibratedCrossAttn"),
                       "DETEX": "DecoupledToken"}
@@ -330,7 +331,7 @@ def test_a_read_me_note_explains_the_graph_and_fits_its_text(frontend_report, pa
     assert len(notes) == 1
     text = next(n for n in workflow["nodes"] if n["id"] == notes[0]["id"])["widgets_values"][0]
     assert "## Models" in text and "models/" in text
-    assert notes[0]["textHeight"] <= notes[0]["rect"][3] - 30, "the note scrolls: give it the height of its text"
+    assert notes[0]["textHeight"] <= notes[0]["size"][1], "the note scrolls: give it the height of its text"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -83,25 +83,29 @@ def test_demo_copies_are_never_overwritten(comfy, tmp_path):
     assert copies[0].read_text() == '{"edited": true}'
 
 
-DEMO_COPIES = [path for path in WORKFLOWS if "CLIPVisionLoader" not in path.read_text()]
+DEMO_COPIES = [path for path in WORKFLOWS if _demo_assets().runs_on_demo_models(load_ui_workflow(path))]
 
 
-def test_demo_copies_are_the_workflows_without_a_clip_vision_model():
-    names = {path.stem[:2] for path in DEMO_COPIES}
-    assert names == {"01", "02", "03", "04", "05", "06", "08", "11", "12"}
+def test_demo_copies_are_the_workflows_without_clip_vision_or_pva():
+    assert {path.stem[:2] for path in DEMO_COPIES} == {"01", "02", "03", "04", "05", "06", "08"}
+    assert _demo_assets().trained_names() == ["disendiff_pair", "my_dog", "my_toy_branch"]
 
 
 @pytest.mark.parametrize("path", DEMO_COPIES, ids=lambda p: p.stem)
 def test_every_demo_copy_runs(comfy, path):
     """scripts/start_comfyui.sh offers these demo copies when no checkpoint is installed: each runs end to
-    end, before any trainer ran (the trainers' files ship as stand-ins). Generated at demo size (all nine
-    ran in 4.5 minutes on 2 busy CPU cores), run here at the other workflow tests' size."""
+    end, before any trainer ran (the trainers' files ship as demo_ stand-ins). Generated at demo size
+    (each ran end to end through the server in 2-5 minutes on 2 busy CPU cores), run here at the other workflow tests' size."""
     demo_assets = _demo_assets()
     input_dir = Path(comfy.folder_paths.get_input_directory())
     workflow = demo_assets.demo_workflow(load_ui_workflow(path), input_dir)
     assert "models" not in workflow, "the tiny files stand in for the real models"
     note = next(n for n in workflow["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
     assert note.startswith(demo_assets.DEMO_BANNER)
+    for node in workflow["nodes"]:  # a random stand-in never answers for a file the real workflows name
+        for value in node["widgets_values"] if node["type"] != "MarkdownNote" else ():
+            for name in demo_assets.trained_names():
+                assert not isinstance(value, str) or name not in value.replace(f"demo_{name}", ""), value
     api = ui_to_api(workflow)
     for node in api.values():
         inputs = node["inputs"]

@@ -19,6 +19,7 @@ async function readLayoutInPage() {
   const nodes = app.graph.nodes.map((node) => {
     const report = {
       id: node.id, type: node.type, title: node.title,
+      size: [...node.size],
       rect: [node.pos[0], node.pos[1] - titleHeight, node.size[0], node.size[1] + titleHeight],
       minSize: node.computeSize(),
     };
