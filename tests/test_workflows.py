@@ -67,7 +67,8 @@ def test_declared_models_are_files_the_graph_loads(path):
 def _demo_assets():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("demo_assets", Path(__file__).resolve().parents[1] / "scripts" / "demo_assets.py")
+    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_assets.py"
+    spec = importlib.util.spec_from_file_location("demo_assets", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -95,7 +96,8 @@ def test_demo_copies_are_the_workflows_without_clip_vision_or_pva():
 def test_every_demo_copy_runs(comfy, path):
     """scripts/start_comfyui.sh offers these demo copies when no checkpoint is installed: each runs end to
     end, before any trainer ran (the trainers' files ship as demo_ stand-ins). Generated at demo size
-    (each ran end to end through the server in 2-5 minutes on 2 busy CPU cores), run here at the other workflow tests' size."""
+    (each ran through the server in 2-5 minutes on 2 busy CPU cores); run here at the other workflow
+    tests' size."""
     demo_assets = _demo_assets()
     input_dir = Path(comfy.folder_paths.get_input_directory())
     workflow = demo_assets.demo_workflow(load_ui_workflow(path), input_dir)

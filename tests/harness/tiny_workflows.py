@@ -64,7 +64,8 @@ def shrink_for_tiny_models(api: dict, input_dir: Path, size: int = SIZE, steps: 
     for node in api.values():
         kind, inputs = node["class_type"], node["inputs"]
         inputs.update(tiny_inputs(kind, inputs, size, steps, train_steps=1))
-        if kind == "DecoupledTokenTrainer":  # free vectors: a ViT-L mapper input is too slow on CPU (node tests cover mappers)
+        # free vectors: a ViT-L mapper input is too slow on CPU (node tests cover mappers)
+        if kind == "DecoupledTokenTrainer":
             inputs["attribute_source"] = "free vectors"
             inputs.pop("clip_vision", None)
         elif kind == "LoadImage":
