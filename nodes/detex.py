@@ -112,7 +112,7 @@ class DecoupledTokenMask(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DecoupledTokenMask",
-            display_name="Decoupled Token Mask (DETEX)",
+            display_name="DETEX Mask (personalization)",
             category=CATEGORY,
             description="Subject masks by border keying (plain backgrounds), with previews of what DETEX's mappers see.",
             inputs=[
@@ -185,7 +185,7 @@ class DecoupledTokenTrainer(io.ComfyNode):
         settings = DetexSettings()
         return io.Schema(
             node_id="DecoupledTokenTrainer",
-            display_name="Decoupled Token Trainer (DETEX)",
+            display_name="DETEX Trainer (personalization)",
             category=CATEGORY,
             description="DETEX: trains a subject word decoupled from per-image pose and background words, plus K/V.",
             inputs=[
@@ -401,7 +401,7 @@ class DecoupledTokenPrompt(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DecoupledTokenPrompt",
-            display_name="Decoupled Token Prompt (DETEX)",
+            display_name="DETEX Prompt (personalization)",
             category=CATEGORY,
             description="DETEX prompt: the subject word, optionally with a training image's pose and/or background word.",
             inputs=[
@@ -470,7 +470,7 @@ class DecoupledTokenAttributes(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DecoupledTokenAttributes",
-            display_name="Decoupled Token Attributes (DETEX)",
+            display_name="DETEX Attributes (personalization)",
             category=CATEGORY,
             description="Pose and background words of a new reference image, from DETEX's exported attribute mappers.",
             inputs=[

@@ -111,7 +111,7 @@ class DisenDiffTrainer(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DisenDiffTrainer",
-            display_name="DisenDiff Trainer",
+            display_name="DisenDiff Trainer (personalization)",
             category=CATEGORY,
             description="DisenDiff: learn several concepts from one image (modifier tokens + cross-attention K/V).",
             inputs=[
@@ -289,7 +289,7 @@ class DisenDiffRegularization(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DisenDiffRegularization",
-            display_name="DisenDiff Regularisation Images",
+            display_name="DisenDiff Class Images (personalization)",
             category=CATEGORY,
             description="Generate class images with the frozen model for DisenDiffTrainer's regularisation.",
             inputs=[
@@ -348,7 +348,7 @@ class CalibratedCrossAttn(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CalibratedCrossAttn",
-            display_name="Calibrated Cross-Attention (DisenDiff)",
+            display_name="DisenDiff Calibration (personalization)",
             category=CATEGORY,
             description="Bind each modifier token's attention to its class word and separate the concepts while sampling.",
             inputs=[
@@ -420,7 +420,7 @@ class CalibratedCrossAttnMaps(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CalibratedCrossAttnMaps",
-            display_name="Calibrated Cross-Attention Maps (DisenDiff)",
+            display_name="DisenDiff Calibration Maps (personalization)",
             category=CATEGORY,
             description="Preview the concepts' cross-attention maps (modifier and class word) of a calibrated model.",
             inputs=[

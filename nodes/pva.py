@@ -71,7 +71,7 @@ class PVALoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PVALoader",
-            display_name="Load PVA Weights",
+            display_name="PVA Load Weights (personalization)",
             category=CATEGORY,
             description="Load Parallel Visual Attention weights (projections, identity tokens, identity word).",
             inputs=[io.Combo.Input("pva_name", options=folder_paths.get_filename_list(PVA_FOLDER),
@@ -191,7 +191,7 @@ class ParallelVisualAttention(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ParallelVisualAttention",
-            display_name="Parallel Visual Attention (PVA)",
+            display_name="PVA Parallel Attention (personalization)",
             category=CATEGORY,
             description="PVA: reference faces become identity tokens that join every cross-attention softmax.",
             inputs=[
@@ -262,7 +262,7 @@ class PVATextEncode(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PVATextEncode",
-            display_name="PVA Text Encode (identity word)",
+            display_name="PVA Text Encode (personalization)",
             category=CATEGORY,
             description="Encode a prompt whose identity placeholder becomes PVA's learned identity word.",
             inputs=[

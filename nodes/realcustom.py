@@ -120,7 +120,7 @@ class RealCustomLoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="RealCustomLoader",
-            display_name="Load RealCustom Adapter",
+            display_name="RealCustom Load Adapter (personalization)",
             category=CATEGORY,
             description="Load a RealCustom image branch (projector + visual key/value projections).",
             inputs=[io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(ADAPTER_FOLDER),
@@ -158,7 +158,7 @@ class RealCustomDINOv2Loader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="RealCustomDINOv2Loader",
-            display_name="Load RealCustom DINOv2 (registers)",
+            display_name="RealCustom Load DINOv2 (personalization)",
             category=CATEGORY,
             description="Load DINOv2-L/14 with registers, the released RealCustom model's second image encoder.",
             inputs=[io.Combo.Input("dinov2_name", options=folder_paths.get_filename_list("clip_vision"),
@@ -235,7 +235,7 @@ class RealCustomEncodeReference(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="RealCustomEncodeReference",
-            display_name="Encode RealCustom Reference",
+            display_name="RealCustom Encode Reference (personalization)",
             category=CATEGORY,
             description="Encode a reference image into the image tokens of a RealCustom adapter.",
             inputs=[
@@ -454,7 +454,7 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AdaptiveMaskGuidance",
-            display_name="Adaptive Mask Guidance (RealCustom)",
+            display_name="RealCustom Mask Guidance (personalization)",
             category=CATEGORY,
             description="RealCustom: a real word of the prompt takes the reference subject, inside that word's own attention mask.",
             inputs=[
@@ -537,7 +537,7 @@ class RealCustomMaskPreview(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="RealCustomMaskPreview",
-            display_name="RealCustom Mask Preview",
+            display_name="RealCustom Mask Preview (personalization)",
             category=CATEGORY,
             description="The word mask of every sampling step, as MASK and IMAGE batches.",
             inputs=[

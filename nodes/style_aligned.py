@@ -117,7 +117,7 @@ class SharedAttentionBatch(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SharedAttentionBatch",
-            display_name="Shared Attention Batch (StyleAligned)",
+            display_name="StyleAligned Batch (personalization)",
             category=CATEGORY,
             description="StyleAligned: every image of the batch takes the style of image 0 through shared self-attention.",
             inputs=[
@@ -193,7 +193,7 @@ class SharedAttentionPromptBatch(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SharedAttentionPromptBatch",
-            display_name="Prompt Batch (StyleAligned)",
+            display_name="StyleAligned Prompt Batch (personalization)",
             category=CATEGORY,
             description="Encode one prompt per line into one batched conditioning; line 1 is the style reference.",
             inputs=[
@@ -248,7 +248,7 @@ class SharedAttentionInvertReference(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SharedAttentionInvertReference",
-            display_name="Invert Style Reference (StyleAligned)",
+            display_name="StyleAligned Invert Image (personalization)",
             category=CATEGORY,
             description="DDIM-invert a reference latent so its style can lead a StyleAligned batch.",
             inputs=[
@@ -339,7 +339,7 @@ class SharedAttentionApplyReference(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SharedAttentionApplyReference",
-            display_name="Apply Style Reference (StyleAligned)",
+            display_name="StyleAligned Apply Image (personalization)",
             category=CATEGORY,
             description="Image 0 of the batch follows the inverted reference image at every step.",
             inputs=[

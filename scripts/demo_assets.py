@@ -1,75 +1,115 @@
-"""Demo assets for a ComfyUI without checkpoints: tiny random models (the test harness's builders) and
-copies of workflows/*.json that use them, so every example workflow runs out of the box.
+"""Demo assets for a ComfyUI without checkpoints: tiny random-weight models (the test harness's builders)
+and a copy of every example workflow that can run on them, wired to them at demo size, so it runs end to
+end on the CPU in a few minutes.
 
-The demo models have random weights: outputs are noise, clearly labelled as such in each demo
-workflow. Usage: python scripts/demo_assets.py <ComfyUI folder>
+The demo models have random weights: outputs are noise, as each demo copy's note says. Files a trainer
+workflow writes (embeddings) ship as random stand-ins, so a demo that uses them runs before its trainer
+did (running the trainer's demo replaces them); in the demo copies these files are called demo_<name>,
+so no stand-in ever answers for a file the real workflows name. Left out: workflows that need a CLIP
+vision model (ComfyUI only loads full-size ones, 0.6 GB even with random weights) or PVA (its ArcFace
+backbone has one fixed file name, which a random stand-in must not take).
+Existing demo copies are never overwritten (they may hold the user's edits).
+
+Usage: python scripts/demo_assets.py <ComfyUI folder>
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_SIZE, DEMO_STEPS = 256, 8
+DEMO_FOLDER = "personalization-demo"  # in the Workflows sidebar
+DEMO_SIZE, DEMO_STEPS, DEMO_TRAIN_STEPS = 128, 8, 8
+NOT_IN_THE_DEMO = {"CLIPVisionLoader", "PVALoader"}
+TRAINERS = ("DisenDiffTrainer", "DecoupledTokenTrainer", "RealCustomTrainer")
+DEMO_BANNER = ("> **DEMO** on tiny RANDOM-weight models: the images are noise. The original, for real "
+               "models, is in the Templates browser.\n\n")
+DEMO_BANNER_HEIGHT = 60
 
-# widget index of the model file of each loader in workflows/*.json
-MODEL_WIDGETS = {"CheckpointLoaderSimple": ("checkpoint", 0), "ControlNetLoader": ("controlnet", 0),
-                 "LoraLoader": ("lora", 0), "LoraLoaderModelOnly": ("lora", 0)}
-# Loaders of weights the demo cannot make up (vision encoders, trained adapters): such workflows are skipped.
-NEEDS_REAL_WEIGHTS = {"CLIPVisionLoader", "PVALoader", "RealCustomLoader"}
+
+def _harness():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from harness import tiny_workflows, workflows
+    return tiny_workflows, workflows
 
 
-def demo_workflow(workflow: dict, model_names: dict[str, str]) -> dict:
-    for node in workflow["nodes"]:
-        kind, values = node["type"], node.get("widgets_values")
-        if kind in MODEL_WIDGETS:
-            role, index = MODEL_WIDGETS[kind]
-            values[index] = model_names[role]
-        elif kind == "EmptyLatentImage":
-            values[0] = values[1] = DEMO_SIZE
-        elif kind == "KSampler":
-            values[2] = DEMO_STEPS
-        elif kind == "SharedAttentionInvertReference":
-            values[0] = DEMO_STEPS
-        elif kind == "SharedAttentionApplyReference":
-            values[0] = min(values[0], DEMO_STEPS // 2)
-    workflow["extra"]["info"] = ("DEMO on a tiny RANDOM-weight SD1.5 model: the images are noise. Load a real "
-                                 "checkpoint and the original workflow for real results. " + workflow["extra"].get("info", ""))
-    return workflow
+def runs_on_demo_models(workflow: dict) -> bool:
+    return not {node["type"] for node in workflow["nodes"]} & NOT_IN_THE_DEMO
+
+
+def trained_names() -> list[str]:
+    """The names the example trainers save their files under (their `name` widget)."""
+    _, workflows = _harness()
+    return sorted({_widget_values(workflows, node)["name"] for path in sorted((ROOT / "workflows").glob("*.json"))
+                   for node in json.loads(path.read_text())["nodes"] if node["type"] in TRAINERS})
+
+
+def demo_workflow(workflow: dict, input_dir: Path) -> dict:
+    """A copy of `workflow` wired to the tiny models at demo size (input images and stand-in files
+    written), the trainers' files called demo_<name>, its note saying so, without the real models'
+    download list."""
+    tiny_workflows, workflows = _harness()
+    demo = copy.deepcopy(workflow)
+    trained = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, trained_names())) + ")")
+    for node in demo["nodes"]:
+        if node["type"] in workflows.FRONTEND_ONLY:
+            continue
+        node["widgets_values"] = [trained.sub(r"demo_\1", value) if isinstance(value, str) else value
+                                  for value in node.get("widgets_values") or []]
+        current = _widget_values(workflows, node)
+        overrides = tiny_workflows.tiny_inputs(node["type"], current, DEMO_SIZE, DEMO_STEPS, DEMO_TRAIN_STEPS)
+        if node["type"] in TRAINERS:
+            overrides["checkpoint_every"] = 0
+        workflows.set_ui_widgets(node, overrides)
+        if node["type"] == "LoadImage" and not (input_dir / current["image"]).exists():
+            tiny_workflows.write_input_image(current["image"], input_dir, DEMO_SIZE)
+    for note in (n for n in demo["nodes"] if n["type"] in ("Note", "MarkdownNote")):
+        note["widgets_values"][0] = DEMO_BANNER + note["widgets_values"][0]
+        note["size"][1] += DEMO_BANNER_HEIGHT  # the read-me column has nothing below its note
+    demo.pop("models", None)  # the tiny files stand in for them
+    return demo
+
+
+def _widget_values(workflows, node: dict) -> dict:
+    """The node's widget values by input name (as ui_to_api reads them)."""
+    api = workflows.ui_to_api({"nodes": [{**node, "inputs": []}], "links": []})
+    return api[str(node["id"])]["inputs"]
+
+
+def write_demo_copies(target: Path, input_dir: Path) -> list[Path]:
+    """Demo copies of workflows/*.json in `target`, except those that exist already; returns the paths
+    of every demo copy."""
+    target.mkdir(parents=True, exist_ok=True)
+    input_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in sorted((ROOT / "workflows").glob("*.json")):
+        workflow = json.loads(path.read_text())
+        if not runs_on_demo_models(workflow):
+            print(f"no demo of {path.stem}: it needs a CLIP vision model or PVA's ArcFace")
+            continue
+        copy_path = target / path.name
+        written.append(copy_path)
+        if copy_path.exists():
+            print(f"kept {copy_path} (not overwritten)")
+            continue
+        tmp = copy_path.with_name(f".{copy_path.name}.tmp")
+        tmp.write_text(json.dumps(demo_workflow(workflow, input_dir), indent=1, ensure_ascii=False))
+        os.replace(tmp, copy_path)
+    return written
 
 
 def main(comfy_dir: Path) -> None:
     os.environ["PERSONALIZATION_TEST_CACHE"] = str(comfy_dir)  # the builders write into <comfy>/models/...
-    sys.path.insert(0, str(ROOT / "tests"))
-    from harness import checkpoints, comfy_env
-
-    comfy_env.boot_comfy(require_pack=False)
-    names = {"checkpoint": checkpoints.sd15_checkpoint_path().name,
-             "controlnet": checkpoints.sd15_controlnet_path().name,
-             "lora": checkpoints.sd15_lora_path().name}
-    target = comfy_dir / "user" / "default" / "workflows" / "personalization-demo"
-    target.mkdir(parents=True, exist_ok=True)
-    input_dir = comfy_dir / "input"
-    input_dir.mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    for path in sorted((ROOT / "workflows").glob("*.json")):
-        workflow = json.loads(path.read_text())
-        missing = sorted({node["type"] for node in workflow["nodes"]} & NEEDS_REAL_WEIGHTS)
-        if missing:
-            print(f"skipped {path.name}: needs real weights for {', '.join(missing)}")
-            continue
-        workflow = demo_workflow(workflow, names)
-        (target / path.name).write_text(json.dumps(workflow, indent=1))
-        for node in workflow["nodes"]:
-            if node["type"] == "LoadImage" and not (input_dir / node["widgets_values"][0]).exists():
-                pixels = rng.integers(0, 255, (DEMO_SIZE, DEMO_SIZE, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(input_dir / node["widgets_values"][0])
-    print(f"demo models in {comfy_dir / 'models'}, demo workflows in {target}")
+    _harness()
+    from harness import comfy_env
+    comfy_env.boot_comfy()
+    target = comfy_dir / "user" / "default" / "workflows" / DEMO_FOLDER
+    copies = write_demo_copies(target, comfy_dir / "input")
+    print(f"demo models in {comfy_dir / 'models'}, {len(copies)} demo workflows in {target}")
 
 
 if __name__ == "__main__":

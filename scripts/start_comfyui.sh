@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up (idempotent) and starts the pinned ComfyUI with this pack loaded, on http://127.0.0.1:8188.
-# With no checkpoint installed, tiny random demo models and demo workflows are generated first.
+# With no checkpoint installed (as ComfyUI would list them, with these arguments), tiny random demo
+# models and demo workflows are generated first; existing demo workflows are never overwritten.
 # COMFYUI_PATH=/path/to/ComfyUI uses that install instead; extra arguments go to ComfyUI's main.py.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -8,7 +9,7 @@ bash "$ROOT/scripts/setup_env.sh"
 COMFY_DIR="${COMFYUI_PATH:-$ROOT/.comfyui}"
 PY="$ROOT/.venv/bin/python"
 
-if ! ls "$COMFY_DIR"/models/checkpoints/*.safetensors "$COMFY_DIR"/models/checkpoints/*.ckpt >/dev/null 2>&1; then
+if ! "$PY" "$ROOT/scripts/checkpoint_installed.py" "$COMFY_DIR" "$@"; then
   echo "[start] no checkpoint found: generating the tiny demo models and demo workflows"
   "$PY" "$ROOT/scripts/demo_assets.py" "$COMFY_DIR"
 fi

@@ -7,7 +7,12 @@ playwright-core (`tests/frontend/load_workflows.cjs`), loads each workflow with 
 missing node type or model, that the server's validation (what POST /prompt checks, through the test-only
 route in `tests/frontend/validate_only_route`, so nothing is executed) accepts the prompt, and that the
 frontend's prompt equals what `harness.workflows.ui_to_api` (used by test_workflows.py) makes of it.
-Screenshots land in test-artifacts/frontend/<workflow>.png.
+It also reads what a newcomer meets (tests/frontend/ui_checks.cjs): each graph's layout at the sizes the
+frontend gives its nodes (no overlaps, one group per stage, notes that fit their text, a first view below
+the frontend's bars), the node search, and the Templates browser's thumbnails.
+Screenshots land in test-artifacts/frontend/<workflow>.png (whole graph) and <workflow>.opened.png (the
+view the workflow opens with); the node sizes the frontend computed go to
+test-artifacts/frontend/node_sizes.json for scripts/layout_workflows.py.
 
 Setup: `bash scripts/setup_frontend_test.sh` (chromium + pinned playwright-core in .frontend-test/).
 Skipped only where chromium or node is not installed.
@@ -31,7 +36,7 @@ import pytest
 from PIL import Image
 
 from harness import checkpoints, realcustom
-from harness.comfy_env import PACK_LINK_NAME, comfy_dir
+from harness.comfy_env import PACK_LINK_NAME, comfy_dir, pack_node_ids
 from harness.workflows import load_ui_workflow, ui_to_api
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +77,8 @@ FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontS
 # node type and a value the server refuses are really caught by the checks above.
 CONTROL_IMAGE = "personalization_tests_control.png"
 UNKNOWN_NODE_TYPE = "PersonalizationTestsNoSuchNode"
+MISSING_MODEL = {"name": "personalization_tests_no_such_model.safetensors", "directory": "checkpoints",
+                 "url": "https://huggingface.co/personalization-tests/none/resolve/main/no_such_model.safetensors"}
 
 
 def _control_workflow(image: str, extra_nodes: tuple = ()) -> dict:
@@ -99,7 +106,15 @@ CONTROLS = {
          "inputs": [{"name": "image", "type": "IMAGE", "link": None}],
          "outputs": [{"name": "IMAGE", "type": "IMAGE", "links": None}], "properties": {},
          "widgets_values": ["no_such_method", 512, 512, "disabled"]},)),
+    "control_missing_model": {**_control_workflow(CONTROL_IMAGE), "models": [MISSING_MODEL]},
 }
+# What a newcomer types into the node search: the pack's name finds every node, a technique's name the
+# nodes of that technique (node ids by prefix).
+TECHNIQUE_PREFIXES = {"StyleAligned": "SharedAttention", "RealCustom": ("RealCustom", "AdaptiveMaskGuidance"),
+                      "PVA": ("PVA", "ParallelVisualAttention"), "DisenDiff": ("DisenDiff", "CalibratedCrossAttn"),
+                      "DETEX": "DecoupledToken"}
+SEARCHES = ["personalization", *TECHNIQUE_PREFIXES]
+NODE_SIZES = SCREENSHOTS / "node_sizes.json"
 
 
 def _embedded_model_lists(workflow: dict) -> list:
@@ -221,6 +236,7 @@ def frontend_report(comfy_server, tmp_path_factory):
     request = {
         "url": comfy_server, "playwright": str(PLAYWRIGHT), "chromium": CHROMIUM,
         "userDataDir": str(work / "chromium-profile"), "results": str(work / "results.json"),
+        "searches": SEARCHES, "templateModule": PACK_LINK_NAME,
         "workflows": [{"name": name, "path": str(path), "screenshot": str(shot)} for name, path, shot in loads],
     }
     (work / "request.json").write_text(json.dumps(request))
@@ -236,6 +252,11 @@ def frontend_report(comfy_server, tmp_path_factory):
     assert driver.returncode == 0, f"the browser driver failed:\n{output[-6000:]}"
     report = json.loads((work / "results.json").read_text())
     report["workflows"] = {entry["name"]: entry for entry in report["workflows"]}
+    # For scripts/layout_workflows.py: per workflow and node, the size the frontend computes (a note: the
+    # height its text needs).
+    NODE_SIZES.write_text(json.dumps({path.stem: {
+        str(node["id"]): [node["minSize"][0], node.get("textHeight", node["minSize"][1])]
+        for node in report["workflows"][path.stem]["layout"]["nodes"]} for path in WORKFLOWS}, indent=1))
     return report
 
 
@@ -272,6 +293,95 @@ def test_frontend_loads_workflow(comfy, comfy_server, frontend_report, path):
     assert frontend_prompt == ui_to_api(load_ui_workflow(path))
 
 
+def _overlap(a, b) -> bool:
+    """Whether two [x, y, width, height] rectangles share any area."""
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _inside(inner, outer) -> bool:
+    return (outer[0] <= inner[0] and inner[0] + inner[2] <= outer[0] + outer[2]
+            and outer[1] <= inner[1] and inner[1] + inner[3] <= outer[1] + outer[3])
+
+
+def _is_note(node) -> bool:
+    return node["type"] in ("Note", "MarkdownNote")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_nodes_do_not_overlap_at_the_sizes_the_frontend_draws(frontend_report, path):
+    """The frontend grows a node to its computed size (a LoadImage further, to show its picture): the
+    saved sizes alone would not show what covers what."""
+    nodes = frontend_report["workflows"][path.stem]["layout"]["nodes"]
+    overlapping = [f"{a['title']} #{a['id']} / {b['title']} #{b['id']}"
+                   for i, a in enumerate(nodes) for b in nodes[i + 1:] if _overlap(a["rect"], b["rect"])]
+    assert overlapping == [], "scripts/layout_workflows.py lays the graphs out"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_node_sits_in_one_stage_group(frontend_report, path):
+    layout = frontend_report["workflows"][path.stem]["layout"]
+    groups = layout["groups"]
+    assert [(a["title"], b["title"]) for i, a in enumerate(groups) for b in groups[i + 1:]
+            if _overlap(a["rect"], b["rect"])] == []
+    assert [group["title"] for group in groups if group["titleRight"] > group["rect"][2]] == [], \
+        "group titles longer than their group"
+    for node in layout["nodes"]:
+        homes = [group["title"] for group in groups if _inside(node["rect"], group["rect"])]
+        if _is_note(node):
+            assert homes == [], f"the note #{node['id']} stands apart, left of the stages"
+        else:
+            assert len(homes) == 1, f"{node['title']} #{node['id']} is in the groups {homes}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_a_read_me_note_explains_the_graph_and_fits_its_text(frontend_report, path):
+    """The explanations are in a note the frontend shows (not extra.info, which it never shows): what the
+    graph does and which models go where, readable without scrolling."""
+    workflow = load_ui_workflow(path)
+    assert "info" not in workflow.get("extra", {})
+    notes = [node for node in frontend_report["workflows"][path.stem]["layout"]["nodes"] if _is_note(node)]
+    assert len(notes) == 1
+    text = next(n for n in workflow["nodes"] if n["id"] == notes[0]["id"])["widgets_values"][0]
+    assert "## Models" in text and "models/" in text
+    assert notes[0]["textHeight"] <= notes[0]["size"][1], "the note scrolls: give it the height of its text"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_the_saved_view_opens_on_the_graph_below_the_frontends_bars(frontend_report, path):
+    """The view a workflow opens with (extra.ds: screen = (graph + offset) * scale) puts its top-left corner
+    right of the side bar and below the tab bar, the floating workflow title and the Run bar."""
+    workflow = load_ui_workflow(path)
+    view = workflow["extra"]["ds"]
+    layout = frontend_report["workflows"][path.stem]["layout"]
+    rects = [node["rect"] for node in layout["nodes"]] + [group["rect"] for group in layout["groups"]]
+    left = (min(r[0] for r in rects) + view["offset"][0]) * view["scale"]
+    top = (min(r[1] for r in rects) + view["offset"][1]) * view["scale"]
+    bars = layout["overlays"]
+    assert all(bars.values()), f"the frontend's bars were not found: {bars}"
+    assert left >= bars["sideBar"]["right"]
+    assert top >= max(bars[name]["bottom"] for name in ("tabBar", "workflowTitle", "runBar"))
+    assert 0.5 <= view["scale"] <= 1.0, "readable: text is not drawn below about half size"
+
+
+def test_node_search_finds_every_node_by_pack_and_technique(comfy, frontend_report):
+    found = frontend_report["search"]
+    ours = set(pack_node_ids())
+    assert len(ours) == 23
+    assert ours <= set(found["personalization"]), sorted(ours - set(found["personalization"]))
+    for technique, prefixes in TECHNIQUE_PREFIXES.items():
+        expected = {node for node in ours if node.startswith(prefixes)}
+        assert expected and expected <= set(found[technique]), (technique, sorted(expected - set(found[technique])))
+
+
+def test_templates_browser_lists_every_workflow_with_its_thumbnail(frontend_report):
+    """The browser lists the files of workflows/ by name (its title) and shows <name>.jpg beside them."""
+    templates = frontend_report["templates"]
+    assert sorted(templates["listed"][PACK_LINK_NAME]) == [path.stem for path in WORKFLOWS]
+    for name, thumbnail in templates["thumbnails"].items():
+        assert thumbnail["status"] == 200 and thumbnail["contentType"] == "image/jpeg", name
+        assert thumbnail["size"] and min(thumbnail["size"]) >= 128, name
+
+
 def test_controls_show_the_checks_catch_errors(comfy_server, frontend_report):
     unknown = frontend_report["workflows"]["control_unknown_node"]
     assert unknown["missingNodeTypes"] == [UNKNOWN_NODE_TYPE]
@@ -284,3 +394,6 @@ def test_controls_show_the_checks_catch_errors(comfy_server, frontend_report):
     verdict = _post_json(f"{comfy_server}/personalization-tests/validate", {"prompt": missing_file["prompt"]})
     assert not verdict["ok"]
     assert "personalization_tests_no_such_file.png" in json.dumps(verdict["node_errors"]["1"])
+
+    declared = frontend_report["workflows"]["control_missing_model"]
+    assert declared["missingModels"] == [f"{MISSING_MODEL['directory']}/{MISSING_MODEL['name']}"]

@@ -103,9 +103,10 @@ def _pva_graph(node: str, input_dir: Path) -> dict:
 
 
 TRAINER_GRAPHS = {
-    "DisenDiffTrainer": lambda d: _workflow_graph("disendiff_train_then_sample", d),
-    "DecoupledTokenTrainer": lambda d: _workflow_graph("detex_train_then_sample", d),
-    "RealCustomTrainer": lambda d: _workflow_graph("realcustom_train_then_sample", d),
+    "DisenDiffTrainer": lambda d: _workflow_graph("05 DisenDiff - learn two concepts from one photo, then sample", d),
+    "DecoupledTokenTrainer": lambda d: _workflow_graph(
+        "07 DETEX - learn a subject without its poses and backgrounds", d),
+    "RealCustomTrainer": lambda d: _workflow_graph("09 RealCustom - train an image branch, then sample", d),
     "PVATrainer": lambda d: _pva_graph("PVATrainer", d),
     "PVAIdentityTune": lambda d: _pva_graph("PVAIdentityTune", d),
 }

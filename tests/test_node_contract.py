@@ -47,6 +47,24 @@ def test_every_node_has_docs_tooltips_and_its_category(comfy):
             assert item.tooltip, f"{node_id}: {item.id or item.get_io_type()} has no tooltip"
 
 
+TECHNIQUE_OF_CATEGORY = {"personalization/style_aligned": "StyleAligned", "personalization/realcustom": "RealCustom",
+                         "personalization/pva": "PVA", "personalization/disendiff": "DisenDiff",
+                         "personalization/detex": "DETEX"}
+
+
+def test_display_names_follow_one_pattern(comfy):
+    """'<technique> <role> (personalization)': the frontend's node search reads only the node id and the
+    display name (ComfyUI 0.3.75 has no search aliases), so both words must be in the name; its fuzzy
+    search (threshold 0.3, distance 100) finds a word only if it starts within the first 30 characters,
+    hence the short roles. tests/test_frontend.py runs the real search."""
+    for node_id in pack_node_ids():
+        schema = schema_of(comfy, node_id)
+        technique = TECHNIQUE_OF_CATEGORY[schema.category]
+        match = re.fullmatch(rf"{technique} (\S.*) \(personalization\)", schema.display_name)
+        assert match, f"{node_id}: display name {schema.display_name!r}"
+        assert schema.display_name.index("personalization") <= 30, f"{node_id}: role too long for the search"
+
+
 def test_pyproject_meets_registry_rules():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "comfyui" not in project["project"]["name"].lower()

@@ -5,28 +5,31 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from harness import checkpoints
 from harness.tiny_workflows import SIZE, STEPS, WORKFLOWS, shrink_for_tiny_models
 from harness.workflows import execute_workflow, load_ui_workflow, saved_image_paths, ui_to_api
 
 # What each workflow must produce: SaveImage image count.
 EXPECTED_IMAGES = {
-    "style_aligned_text": 4,
-    "style_aligned_lora": 4,
-    "style_aligned_controlnet": 4,
-    "style_aligned_reference": 3,
-    "disendiff_train_then_sample": 2,
-    "disendiff_exported_controlnet": 2,
-    "pva_face_inpainting": 1,
-    "pva_lora": 1,
-    "realcustom_generation": 1 + STEPS,  # the image, then the word mask of every step
-    "realcustom_controlnet": 1 + STEPS,
-    "realcustom_train_then_sample": 1 + 2,  # the image, then what 'toy' covers on each training image
-    "detex_train_then_sample": 1,
-    "detex_pose_kept_vs_dropped": 2,
+    "01 StyleAligned - a batch in one style, from text": 4,
+    "02 StyleAligned - the style of your own image": 3,
+    "03 StyleAligned - with a depth ControlNet": 4,
+    "04 StyleAligned - on top of a LoRA": 4,
+    "05 DisenDiff - learn two concepts from one photo, then sample": 2,
+    "06 DisenDiff - the exported files with a ControlNet": 2,
+    "07 DETEX - learn a subject without its poses and backgrounds": 1,
+    "08 DETEX - the same seed with a pose kept and dropped": 2,
+    # the image, what 'toy' covers on each training image, the word mask of every step
+    "09 RealCustom - train an image branch, then sample": 1 + 2 + STEPS,
+    "10 RealCustom - with a ControlNet": 1 + STEPS,
+    "11 PVA - identity-preserving face inpainting": 1,
+    "12 PVA - on top of a LoRA, with a text edit": 1,
     # 2 first-pass images, the 'toy' mask of each image at every step, the 2 face-inpainted images
-    "composition_all_five": 2 + 2 * STEPS + 2,
+    "13 All five techniques in one graph": 2 + 2 * STEPS + 2,
 }
+# Loader type -> the models folder of the file its first widget names.
+LOADER_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "ControlNetLoader": "controlnet", "LoraLoader": "loras",
+                  "LoraLoaderModelOnly": "loras", "CLIPVisionLoader": "clip_vision", "PVALoader": "pva",
+                  "RealCustomLoader": "realcustom"}
 
 def test_every_workflow_is_covered():
     assert {w.stem for w in WORKFLOWS} == set(EXPECTED_IMAGES)
@@ -44,23 +47,77 @@ def test_workflow_executes(comfy, path):
         assert Image.open(image).size == (SIZE, SIZE)
 
 
-def test_demo_copy_of_a_workflow_runs_on_the_demo_models(comfy):
-    """scripts/start_comfyui.sh offers these demo copies when no checkpoint is installed."""
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_declared_models_are_files_the_graph_loads(path):
+    """The `models` list feeds the frontend's missing-models dialog: each entry is a file one of the graph's
+    loaders names, in that loader's folder, downloadable from a source the dialog accepts."""
+    workflow = load_ui_workflow(path)
+    loaded = {(LOADER_FOLDERS[node["type"]], node["widgets_values"][0])
+              for node in workflow["nodes"] if node["type"] in LOADER_FOLDERS}
+    declared = workflow.get("models") or []
+    assert declared, "the models to download, for the missing-models dialog"
+    for model in declared:
+        assert (model["directory"], model["name"]) in loaded, model
+        assert model["url"].startswith(("https://huggingface.co/", "https://civitai.com/")), model
+        assert model["name"].endswith((".safetensors", ".sft")), model
+    base = next(n for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple")["widgets_values"][0]
+    assert ("checkpoints", base) in {(m["directory"], m["name"]) for m in declared}, "the base checkpoint"
+
+
+def _demo_assets():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "demo_assets.py"
     spec = importlib.util.spec_from_file_location("demo_assets", path)
-    demo_assets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo_assets)
-    names = {"checkpoint": checkpoints.sd15_checkpoint_path().name, "controlnet": checkpoints.sd15_controlnet_path().name,
-             "lora": checkpoints.sd15_lora_path().name}
-    workflow = demo_assets.demo_workflow(load_ui_workflow(WORKFLOWS[0].parent / "style_aligned_lora.json"), names)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_copies_are_never_overwritten(comfy, tmp_path):
+    """start_comfyui.sh may run the demo generation again: a user's edits of a demo copy stay."""
+    demo_assets = _demo_assets()
+    input_dir = Path(comfy.folder_paths.get_input_directory())
+    copies = demo_assets.write_demo_copies(tmp_path, input_dir)
+    copies[0].write_text('{"edited": true}')
+    assert demo_assets.write_demo_copies(tmp_path, input_dir) == copies
+    assert copies[0].read_text() == '{"edited": true}'
+
+
+DEMO_COPIES = [path for path in WORKFLOWS if _demo_assets().runs_on_demo_models(load_ui_workflow(path))]
+
+
+def test_demo_copies_are_the_workflows_without_clip_vision_or_pva():
+    assert {path.stem[:2] for path in DEMO_COPIES} == {"01", "02", "03", "04", "05", "06", "08"}
+    assert _demo_assets().trained_names() == ["disendiff_pair", "my_dog", "my_toy_branch"]
+
+
+@pytest.mark.parametrize("path", DEMO_COPIES, ids=lambda p: p.stem)
+def test_every_demo_copy_runs(comfy, path):
+    """scripts/start_comfyui.sh offers these demo copies when no checkpoint is installed: each runs end to
+    end, before any trainer ran (the trainers' files ship as demo_ stand-ins). Generated at demo size
+    (each ran through the server in 2-5 minutes on 2 busy CPU cores); run here at the other workflow
+    tests' size."""
+    demo_assets = _demo_assets()
+    input_dir = Path(comfy.folder_paths.get_input_directory())
+    workflow = demo_assets.demo_workflow(load_ui_workflow(path), input_dir)
+    assert "models" not in workflow, "the tiny files stand in for the real models"
+    note = next(n for n in workflow["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
+    assert note.startswith(demo_assets.DEMO_BANNER)
+    for node in workflow["nodes"]:  # a random stand-in never answers for a file the real workflows name
+        for value in node["widgets_values"] if node["type"] != "MarkdownNote" else ():
+            for name in demo_assets.trained_names():
+                assert not isinstance(value, str) or name not in value.replace(f"demo_{name}", ""), value
     api = ui_to_api(workflow)
-    for node in api.values():  # keep the run short; the demo's own sizes are checked below
+    for node in api.values():
+        inputs = node["inputs"]
         if node["class_type"] == "EmptyLatentImage":
-            assert node["inputs"]["width"] == demo_assets.DEMO_SIZE
-            node["inputs"]["width"] = node["inputs"]["height"] = SIZE
-    results = execute_workflow(api)
-    saved = [p for node_id, node in api.items() if node["class_type"] == "SaveImage" for p in saved_image_paths(results[node_id])]
-    assert len(saved) == 4
-    assert "RANDOM-weight" in workflow["extra"]["info"]
+            assert inputs["width"] == inputs["height"] == demo_assets.DEMO_SIZE
+        elif node["class_type"] == "KSampler":
+            assert inputs["steps"] == demo_assets.DEMO_STEPS
+        elif node["class_type"].endswith("Trainer"):
+            assert (inputs["steps"], inputs["resolution"]) == (demo_assets.DEMO_TRAIN_STEPS, demo_assets.DEMO_SIZE)
+    results = execute_workflow(shrink_for_tiny_models(api, input_dir))
+    images = [p for node_id, node in api.items() if node["class_type"] == "SaveImage"
+              for p in saved_image_paths(results[node_id])]
+    assert len(images) == EXPECTED_IMAGES[path.stem]

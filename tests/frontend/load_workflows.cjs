@@ -12,6 +12,7 @@
 
 const fs = require('fs');
 const path = require('path');
+const { readLayoutInPage, showViewInPage, searchNodesInPage, templatesInPage } = require('./ui_checks.cjs');
 
 const STARTUP_TIMEOUT_MS = 60_000;
 
@@ -121,8 +122,16 @@ async function main() {
       await page.evaluate(() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done))));
       fs.mkdirSync(path.dirname(screenshot), { recursive: true });
       await page.screenshot({ path: screenshot });
+      // ui_checks.cjs: the layout as drawn, and the view the workflow opens with (its saved one).
+      seen.layout = await page.evaluate(readLayoutInPage);
+      if (workflow.extra && workflow.extra.ds) {
+        await page.evaluate(showViewInPage, workflow.extra.ds);
+        await page.screenshot({ path: screenshot.replace(/\.png$/, '.opened.png') });
+      }
       report.workflows.push({ name, nodeCount: workflow.nodes.length, ...seen, consoleErrors, screenshot });
     }
+    if (request.searches) report.search = await page.evaluate(searchNodesInPage, request.searches);
+    if (request.templateModule) report.templates = await page.evaluate(templatesInPage, request.templateModule);
   } finally {
     await context.close();
     fs.writeFileSync(request.results, JSON.stringify(report, null, 1));

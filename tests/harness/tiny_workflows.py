@@ -1,7 +1,7 @@
 """Example workflows made runnable on the tiny random checkpoints of the harness: models swapped for the
 generated ones, sizes and step counts shrunk, input images and the trainers' exported files written
-as stand-ins when no training run made them. Used by tests/test_workflows.py and
-scripts/readme_outputs.py."""
+as stand-ins when no training run made them. Used by tests/test_workflows.py, scripts/readme_outputs.py
+(on API prompts) and scripts/demo_assets.py (on the UI-format demo copies), so both run the same way."""
 from pathlib import Path
 
 import numpy as np
@@ -21,54 +21,68 @@ TINY_MODELS = {
 }
 
 
+def tiny_inputs(kind: str, inputs: dict, size: int, steps: int, train_steps: int) -> dict:
+    """The inputs of a node of type `kind` (its current `inputs` by name) to change so that it runs on the
+    tiny models at `size` px, `steps` sampling steps and `train_steps` training steps; files it names but
+    no earlier run made (a trainer's exported embeddings) are written as random stand-ins."""
+    if kind == "CheckpointLoaderSimple" and "inpainting" in inputs["ckpt_name"]:
+        return {"ckpt_name": pva_assets.sd15_inpaint_checkpoint_path().name}
+    if kind in TINY_MODELS:
+        name, path = TINY_MODELS[kind]
+        return {name: path().name}
+    if kind == "EmptyLatentImage":
+        return {"width": size, "height": size}
+    if kind in ("KSampler", "SharedAttentionInvertReference"):
+        return {"steps": steps}
+    if kind == "SharedAttentionApplyReference":
+        return {"offset": 1}
+    if kind == "PVALoader":
+        pva_assets.arcface_path()
+        return {"pva_name": pva_assets.pva_path("arcface").name}
+    if kind in ("DisenDiffTrainer", "RealCustomTrainer"):
+        return {"steps": train_steps, "resolution": size, "batch_size": 1, "grad_accumulation": 1}
+    if kind == "DecoupledTokenTrainer":
+        return {"steps": train_steps, "resolution": size, "batch_size": 1, "grad_accumulation": 1, "augmented_views": 0}
+    if kind == "CalibratedCrossAttn":
+        _ensure_disendiff_embeddings(inputs["modifiers"])
+    elif kind == "DecoupledTokenPrompt" and isinstance(inputs["name"], str):
+        _ensure_detex_embeddings(inputs["name"], inputs["image_index"])
+    elif kind == "CLIPVisionLoader":
+        return {"clip_name": realcustom_assets.vitl_clip_vision_path().name}
+    elif kind == "RealCustomLoader":
+        return {"adapter_name": realcustom_assets.sd15_workflow_adapter_path().name}
+    return {}
+
+
+def write_input_image(name: str, input_dir: Path, size: int) -> None:
+    """A random picture as input/<name> (what a LoadImage of the example names)."""
+    rng = np.random.default_rng(len(name))
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(input_dir / name)
+
+
 def shrink_for_tiny_models(api: dict, input_dir: Path, size: int = SIZE, steps: int = STEPS) -> dict:
     for node in api.values():
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CheckpointLoaderSimple" and "inpainting" in inputs["ckpt_name"]:
-            inputs["ckpt_name"] = pva_assets.sd15_inpaint_checkpoint_path().name
-        elif kind in TINY_MODELS:
-            name, path = TINY_MODELS[kind]
-            inputs[name] = path().name
-        elif kind == "EmptyLatentImage":
-            inputs["width"] = inputs["height"] = size
-        elif kind in ("KSampler", "SharedAttentionInvertReference"):
-            inputs["steps"] = steps
-        elif kind == "SharedAttentionApplyReference":
-            inputs["offset"] = 1
-        elif kind == "PVALoader":
-            pva_assets.arcface_path()
-            inputs["pva_name"] = pva_assets.pva_path("arcface").name
-        elif kind == "DisenDiffTrainer":
-            inputs.update(steps=1, resolution=size, batch_size=1, grad_accumulation=1)
-        elif kind == "RealCustomTrainer":
-            inputs.update(steps=1, resolution=size, batch_size=1, grad_accumulation=1)
-        elif kind == "CalibratedCrossAttn":
-            _ensure_disendiff_embeddings(inputs["modifiers"])
-        elif kind == "DecoupledTokenTrainer":  # free vectors: a ViT-L mapper input is too slow on CPU (node tests cover mappers)
-            inputs.update(steps=1, resolution=size, batch_size=1, grad_accumulation=1, augmented_views=0,
-                          attribute_source="free vectors")
+        inputs.update(tiny_inputs(kind, inputs, size, steps, train_steps=1))
+        # free vectors: a ViT-L mapper input is too slow on CPU (node tests cover mappers)
+        if kind == "DecoupledTokenTrainer":
+            inputs["attribute_source"] = "free vectors"
             inputs.pop("clip_vision", None)
-        elif kind == "DecoupledTokenPrompt" and isinstance(inputs["name"], str):
-            _ensure_detex_embeddings(inputs["name"], inputs["image_index"])
-        elif kind == "CLIPVisionLoader":
-            inputs["clip_name"] = realcustom_assets.vitl_clip_vision_path().name
-        elif kind == "RealCustomLoader":
-            inputs["adapter_name"] = realcustom_assets.sd15_workflow_adapter_path().name
         elif kind == "LoadImage":
-            rng = np.random.default_rng(len(inputs["image"]))
-            pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(input_dir / inputs["image"])
+            write_input_image(inputs["image"], input_dir, size)
     return api
 
 
 def _ensure_disendiff_embeddings(modifiers: str) -> None:
-    """The exported-files workflow names embeddings a training run writes; stand-ins when none ran yet."""
+    """The exported-files DisenDiff workflow names embeddings a training run writes (`embedding:<name>`,
+    comma-separated); random stand-ins when none ran yet."""
     import torch
     from harness.comfy_env import models_dir
     from safetensors.torch import save_file
     for name in (m.strip()[len("embedding:"):] for m in modifiers.split(",") if m.strip().startswith("embedding:")):
         path = models_dir() / "embeddings" / f"{name}.safetensors"
         if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
             save_file({"clip_l": torch.randn(1, 768, generator=torch.Generator().manual_seed(0)) * 0.02}, str(path))
 
 

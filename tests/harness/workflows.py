@@ -157,6 +157,24 @@ def ui_to_api(ui_workflow: dict) -> dict:
     return api
 
 
+def set_ui_widgets(node: dict, values: dict) -> None:
+    """Set widget inputs of a UI-format node by name, where the frontend stores them in widgets_values
+    (required, then optional; a seed's control value and an upload value after their widget)."""
+    stored = node.get("widgets_values") or []
+    position = 0
+    for name, is_widget, extra, _ in _widget_inputs(node["type"], node["id"]):
+        if not is_widget:
+            continue
+        if name in values:
+            if position >= len(stored):
+                raise WorkflowConversionError(f"node {node['id']} ({node['type']}): no stored value for {name!r}")
+            stored[position] = values[name]
+        position += 1 + extra
+    unknown = set(values) - {name for name, is_widget, _, _ in _widget_inputs(node["type"], node["id"]) if is_widget}
+    if unknown:
+        raise WorkflowConversionError(f"node {node['id']} ({node['type']}) has no widgets {sorted(unknown)}")
+
+
 def new_executor():
     """A PromptExecutor with ComfyUI's default (classic) output cache, to reuse across prompts like the server does.
 
