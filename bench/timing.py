@@ -38,6 +38,28 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def best_of_interleaved(functions: dict[str, Callable], repeats: int) -> dict[str, float]:
+    """:func:`best_of` of several functions called in turns (one warm-up call each), so that load from other
+    jobs on a shared machine hits them alike."""
+    import torch
+
+    def synchronize():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    for fn in functions.values():
+        fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
 def parse_bench_args(description: str):
     """The common --repeats/--skip-sampling options; prints the device line every report starts with."""
     import argparse
