@@ -55,7 +55,7 @@ def extra_key_logits(queries, keys: torch.Tensor, heads: int, bias: float = 0.0)
     """``(B, Nq, heads, M)`` logits ``queries_h · keys_hᵀ / √d + bias`` of ``M`` extra keys ``(B, M, heads*d)``,
     for queries given as ``(B, Nq, heads*d)`` or as :class:`ProjectedQueries`."""
     keys_h = keys.unflatten(-1, (heads, -1))  # (B, M, heads, d)
-    scale = keys_h.shape[-1] ** -0.5
+    keys_h = keys_h * keys_h.shape[-1] ** -0.5  # scaling the few keys costs less than scaling the logits
     if isinstance(queries, ProjectedQueries):
         weight_h = queries.weight.to(keys).unflatten(0, (heads, -1))  # (heads, d, C_in)
         keys_in = torch.einsum("hec,bmhe->bchm", weight_h, keys_h).flatten(2)  # keys back in input space
@@ -65,7 +65,7 @@ def extra_key_logits(queries, keys: torch.Tensor, heads: int, bias: float = 0.0)
                                            keys_h).unsqueeze(1)
     else:
         logits = torch.einsum("bnhe,bmhe->bnhm", queries.to(keys).unflatten(-1, (heads, -1)), keys_h)
-    return logits * scale + bias if bias != 0.0 else logits * scale
+    return logits + bias if bias != 0.0 else logits
 
 
 def fused_joint_attention(q, k, v, extra_logits: torch.Tensor, extra_values: torch.Tensor, heads: int,

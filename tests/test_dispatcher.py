@@ -172,10 +172,11 @@ def test_keys_with_own_queries_take_one_fused_call_per_row_group(qkv):
         return plain(q_, k_, v_, heads, **kwargs)
 
     processor = own_query_processor(rows=torch.tensor([False, True, False, True]), extra=7)
-    chain = ProcessorChain().with_processor(processor).with_processor(JointTokens(torch.randn(1, 2, C), torch.randn(1, 2, C)))
+    shared = JointTokens(torch.randn(1, 2, C), torch.randn(1, 2, C))
+    chain = ProcessorChain().with_processor(processor).with_processor(shared)
     out = AttentionDispatcher(CROSS_ATTENTION, recording)(q, k, v, options(chain))
-    keys, values = (torch.cat([t, chain.processors[1].k_extra.expand(4, -1, -1) if t is k
-                               else chain.processors[1].v_extra.expand(4, -1, -1)], 1) for t in (k, v))
+    keys = torch.cat([k, shared.k_extra.expand(4, -1, -1)], 1)
+    values = torch.cat([v, shared.v_extra.expand(4, -1, -1)], 1)
     assert (out - explicit_joint_attention(q, keys, values, processor)).abs().max() <= 1e-5
     # widened heads: 4 + 7 rounded up to a multiple of 8; the shared extra keys join the text keys
     assert sorted(calls) == [(2, DIM_HEAD, 7), (2, 16, 14)]
