@@ -38,11 +38,19 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def user_cpu_time() -> float:
+    """This process's CPU time in user mode: its own work, which other jobs on a shared machine neither
+    stretch (as they do wall time) nor inflate through page reclaim (as they do system time)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+
+
 def best_of_interleaved(functions: dict[str, Callable], repeats: int, clock: Callable[[], float] = time.perf_counter
                         ) -> dict[str, float]:
     """:func:`best_of` of several functions called in turns (one warm-up call each), so that load from other
-    jobs on a shared machine hits them alike. ``clock``: wall time by default; ``time.process_time`` (this
-    process's CPU time) measures the work itself on a shared CPU, best with one thread (OMP_NUM_THREADS=1)."""
+    jobs on a shared machine hits them alike. ``clock``: wall time by default; :func:`user_cpu_time` measures
+    the work itself on a shared CPU, best with one thread (OMP_NUM_THREADS=1: idle threads spin)."""
     import torch
 
     def synchronize():

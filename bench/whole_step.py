@@ -19,9 +19,10 @@ Timing: every configuration samples ``--steps`` steps per round, and the rounds 
 configurations in turn, so load from other jobs on a shared machine hits them alike. A configuration's
 seconds per step is its lowest over the rounds of the mean of the steps after the first (step ends taken
 from ComfyUI's progress hook); the first step's extra (sampler set-up and warm-up, AdaptiveMaskGuidance's
-one text-only pass of "previous step" mode) is printed apart. Both wall time and this process's CPU time
-are taken; on the CPU the ratios use CPU time, which other jobs on a shared machine do not stretch (run
-with OMP_NUM_THREADS=1 there, so idle threads' spinning does not count either); on a GPU, wall time.
+one text-only pass of "previous step" mode) is printed apart. Both wall time and this process's user CPU
+time are taken; on the CPU the ratios use CPU time, which other jobs on a shared machine neither stretch nor
+inflate (run with OMP_NUM_THREADS=1 there, so idle threads' spinning does not count either); on a GPU, wall
+time.
 The prompts are random conditionings of CLIP-L's shape (their values do not change the cost).
 
 Usage: .venv/bin/python bench/whole_step.py [--size 512] [--batch 4] [--steps 2] [--rounds 2]
@@ -40,6 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from timing import user_cpu_time  # noqa: E402 (bench/ is on the path: scripts run from it)
 
 #: ComfyUI's own SD1.5 U-Net config (comfy.model_detection's SD15 entry); SD15 adds num_heads 8.
 SD15_FULL_UNET = dict(
@@ -174,8 +176,8 @@ def pva_models(model) -> dict:
     return {"PVA": patched}
 
 
-#: the clocks of a run: wall time, and this process's CPU time (the work itself, whatever else runs)
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+#: the clocks of a run: wall time, and this process's user CPU time (the work itself, whatever else runs)
+CLOCKS = {"wall": time.perf_counter, "cpu": user_cpu_time}
 
 
 class StepClock:
