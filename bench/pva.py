@@ -5,7 +5,7 @@
 (b) one cross-attention call at real SD2 size (320 channels = 5 heads x 64, 4096 queries, 77 text + 10
     identity tokens, batch 2, both rows cond): our joint softmax through the dispatcher (parallel query
     projection and identity key/value projections included) / the unpatched layer's fused attention over
-    the 77 text keys, called in turns (on the CPU timed by this process's user CPU time, so run it with
+    the 77 text keys, called in turns (on the CPU timed by this process's CPU time, so run it with
     OMP_NUM_THREADS=1 on a shared machine); target <= 1.5;
 (c) identity-tune optimizer steps per second on the tiny model.
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import best_of, best_of_interleaved, parse_bench_args, user_cpu_time
+from timing import best_of, best_of_interleaved, parse_bench_args
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -56,7 +56,7 @@ def joint_softmax_vs_plain(repeats: int, device: str) -> tuple[float, float]:
         dispatcher.stash_hidden_states(hidden, None, None, call_options)
         return layer(q, k, v, call_options)
 
-    clock = user_cpu_time if device == "cpu" else time.perf_counter  # CPU: the work, whatever else runs
+    clock = time.process_time if device == "cpu" else time.perf_counter  # CPU: the work, whatever else runs
     with torch.inference_mode():
         times = best_of_interleaved({"ours": ours, "plain": lambda: attention(q, k, v, heads)}, repeats, clock)
     return times["ours"], times["plain"]

@@ -39,8 +39,8 @@ def best_of(fn, repeats: int) -> float:
 
 
 def user_cpu_time() -> float:
-    """This process's CPU time in user mode: its own work, which other jobs on a shared machine neither
-    stretch (as they do wall time) nor inflate through page reclaim (as they do system time)."""
+    """This process's CPU time in user mode: unlike wall time, not stretched by other jobs on a shared
+    machine, and unlike system time, not inflated by page reclaim under their memory pressure."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_utime
@@ -49,8 +49,9 @@ def user_cpu_time() -> float:
 def best_of_interleaved(functions: dict[str, Callable], repeats: int, clock: Callable[[], float] = time.perf_counter
                         ) -> dict[str, float]:
     """:func:`best_of` of several functions called in turns (one warm-up call each), so that load from other
-    jobs on a shared machine hits them alike. ``clock``: wall time by default; :func:`user_cpu_time` measures
-    the work itself on a shared CPU, best with one thread (OMP_NUM_THREADS=1: idle threads spin)."""
+    jobs on a shared machine hits them alike. ``clock``: wall time by default; ``time.process_time`` (this
+    process's CPU time) measures the work itself on a shared CPU, best with one thread (OMP_NUM_THREADS=1:
+    idle threads spin)."""
     import torch
 
     def synchronize():

@@ -19,10 +19,10 @@ Timing: every configuration samples ``--steps`` steps per round, and the rounds 
 configurations in turn, so load from other jobs on a shared machine hits them alike. A configuration's
 seconds per step is its lowest over the rounds of the mean of the steps after the first (step ends taken
 from ComfyUI's progress hook); the first step's extra (sampler set-up and warm-up, AdaptiveMaskGuidance's
-one text-only pass of "previous step" mode) is printed apart. Both wall time and this process's user CPU
-time are taken; on the CPU the ratios use CPU time, which other jobs on a shared machine neither stretch nor
-inflate (run with OMP_NUM_THREADS=1 there, so idle threads' spinning does not count either); on a GPU, wall
-time.
+one text-only pass of "previous step" mode) is printed apart. Wall time and this process's CPU time (user +
+system, and user alone) are taken; on the CPU the ratios use CPU time, which other jobs on a shared machine do
+not stretch (run with OMP_NUM_THREADS=1 there, so idle threads' spinning does not count either); on a GPU,
+wall time.
 The prompts are random conditionings of CLIP-L's shape (their values do not change the cost).
 
 Usage: .venv/bin/python bench/whole_step.py [--size 512] [--batch 4] [--steps 2] [--rounds 2]
@@ -176,8 +176,10 @@ def pva_models(model) -> dict:
     return {"PVA": patched}
 
 
-#: the clocks of a run: wall time, and this process's user CPU time (the work itself, whatever else runs)
-CLOCKS = {"wall": time.perf_counter, "cpu": user_cpu_time}
+#: the clocks of a run: wall time; this process's CPU time (user + system: on one thread what the step takes on
+#: an idle machine, page faults of fresh tensors included), and its user part (which reclaim under other
+#: jobs' memory pressure does not inflate)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "user": user_cpu_time}
 
 
 class StepClock:
@@ -272,11 +274,12 @@ def main() -> None:
     print(f"\nseconds per step, lowest over rounds of the steps after the first ({primary} time rules the ratios); "
           "first step's extra:")
     for config in models:
-        print(f"  {config:28s} wall {lowest(config, 'wall'):8.3f}  cpu {lowest(config, 'cpu'):8.3f}   "
-              f"first step {lowest(config, primary, 1) - best[config]:+.3f}")
+        print(f"  {config:28s} " + "  ".join(f"{clock} {lowest(config, clock):8.3f}" for clock in CLOCKS)
+              + f"   first step {lowest(config, primary, 1) - best[config]:+.3f}")
 
     def ratio(top, bottom, note=""):
-        print(f"  {top} / {bottom}: {best[top] / best[bottom]:.3f}{note}")
+        user = "" if primary == "wall" else f" (user time alone {lowest(top, 'user') / lowest(bottom, 'user'):.3f})"
+        print(f"  {top} / {bottom}: {best[top] / best[bottom]:.3f}{user}{note}")
 
     print("ratios:")
     if "style_aligned" in groups:
