@@ -17,7 +17,8 @@ Processor interface (override what a technique needs; the rest are no-ops):
 ``extra_key_values(q, call) -> (k, v) | JointKeys | None``   (attn2)
     Keys/values appended to the text keys so they join ONE joint softmax (PVA identity tokens).
     A :class:`JointKeys` may also bring its own queries for those keys (PVA's parallel query
-    projection), limit them to some batch rows (cond chunks only) and bias their logits.
+    projection, best as :class:`~.joint_softmax.ProjectedQueries`), limit them to some batch rows (cond
+    chunks only) and bias their logits; all of it stays one fused attention call per row group.
 ``edit_key_values(k, v, call) -> (k, v)``   (attn2)
     Edits of the projected text keys/values before anything else uses them (DisenDiff training
     detaches the start-of-text rows so they send no gradient into W_K/W_V).
@@ -61,6 +62,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .blocks import BlockKey
+from .joint_softmax import ProjectedQueries, extra_key_logits, fused_joint_attention
 from .layout import chunk_count
 from .sdpa import merge_heads, split_heads
 
@@ -126,19 +128,27 @@ class JointKeys:
 
     Logits of these keys are ``queries_h · keys_hᵀ / √d + logit_bias`` per head, where ``queries``
     defaults to the layer's own queries; batch rows outside ``rows`` give them probability 0 (they see
-    plain cross-attention). Only the defaults can go through the fused attention function.
+    plain cross-attention). All of it goes through the fused attention function (:mod:`.joint_softmax`)
+    unless a processor edits or reads the logits.
     """
 
     keys: torch.Tensor  # (B, M, heads * d)
     values: torch.Tensor  # (B, M, heads * d)
-    queries: Optional[torch.Tensor] = None  # (B, Nq, heads * d)
+    queries: Optional[torch.Tensor | ProjectedQueries] = None  # (B, Nq, heads * d)
     rows: Optional[torch.Tensor] = None  # (B,) bool
     logit_bias: float = 0.0
 
     @property
     def shares_queries(self) -> bool:
-        """True when these keys are plain extra keys of the layer's own softmax (fused path)."""
+        """True when these keys are plain extra keys of the layer's own softmax (concatenated to the text keys)."""
         return self.queries is None and self.rows is None and self.logit_bias == 0.0
+
+    def take_rows(self, index) -> "JointKeys":
+        """These keys for the batch rows ``index`` (a slice or index tensor), all of which see them."""
+        queries = self.queries
+        if queries is not None:
+            queries = queries.take_rows(index) if isinstance(queries, ProjectedQueries) else queries[index]
+        return JointKeys(self.keys[index], self.values[index], queries, None, self.logit_bias)
 
 
 def stash_hidden_states(n, context, value, extra_options):
@@ -309,8 +319,10 @@ class AttentionDispatcher:
                 probs = attention_probs(q, k, call.heads)
                 for processor in readers:
                     processor.read_probs(probs, call)
-        elif editors or readers or own_queries:
+        elif editors or readers:
             out = self._materialised_attention(q, k, v, call, editors, readers, own_queries)
+        elif own_queries:
+            out = self._joint_attention(q, k, v, call, own_queries)
         else:
             out = call.attention(q, k, v)
 
@@ -319,6 +331,33 @@ class AttentionDispatcher:
                 extra_out = processor.parallel_output(q, call)
                 if extra_out is not None:
                     out = out + extra_out.to(out.dtype)
+        return out
+
+    @staticmethod
+    def _joint_attention(q, k, v, call, own_queries):
+        """Keys with own queries (or bias, or rows) through fused attention: one call per group of batch rows
+        that see the same extra keys; rows that see none get exactly the plain attention."""
+        batch = q.shape[0]
+        seen_by = [[True] * batch if extra.rows is None else extra.rows.tolist() for extra in own_queries]
+        groups: dict[tuple[bool, ...], list[int]] = {}
+        for row in range(batch):
+            groups.setdefault(tuple(seen[row] for seen in seen_by), []).append(row)
+        pieces = []
+        for sees, rows in groups.items():
+            index = row_index(rows, q.device)
+            q_rows, k_rows, v_rows = q[index], k[index], v[index]
+            extras = [extra.take_rows(index) for extra, seen in zip(own_queries, sees) if seen]
+            if not extras:
+                pieces.append(call.attention(q_rows, k_rows, v_rows))
+                continue
+            logits = torch.cat([extra_key_logits(q_rows if extra.queries is None else extra.queries, extra.keys,
+                                                 call.heads, extra.logit_bias) for extra in extras], dim=-1)
+            values = torch.cat([extra.values for extra in extras], dim=1)
+            pieces.append(fused_joint_attention(q_rows, k_rows, v_rows, logits, values, call.heads, call.attention))
+        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        order = [row for rows in groups.values() for row in rows]
+        if order != list(range(batch)):
+            out = out.index_select(0, torch.tensor(order, device=out.device).argsort())
         return out
 
     @staticmethod
@@ -350,11 +389,18 @@ def attention_logits(q, k, heads) -> torch.Tensor:
     return (qh @ kh.transpose(-1, -2)) * qh.shape[-1] ** -0.5
 
 
+def row_index(rows: list[int], device):
+    """Batch rows as a slice (a view) when consecutive, else as an index tensor."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, device=device)
+
+
 def joint_logits(q, extra: JointKeys, heads) -> torch.Tensor:
-    """Logits of ``extra``'s keys against its own queries (or ``q``), biased, masked outside its rows."""
-    logits = attention_logits(q if extra.queries is None else extra.queries, extra.keys, heads)
-    if extra.logit_bias != 0.0:
-        logits = logits + extra.logit_bias
+    """``(B, heads, Nq, M)`` float32 logits of ``extra``'s keys against its own queries (or ``q``), biased,
+    masked outside its rows."""
+    logits = extra_key_logits(q if extra.queries is None else extra.queries, extra.keys.float(), heads,
+                              extra.logit_bias).transpose(1, 2)
     if extra.rows is not None:
         logits = logits.masked_fill(~extra.rows.to(logits.device).view(-1, 1, 1, 1), float("-inf"))
     return logits

@@ -26,6 +26,7 @@ from torch import nn
 
 from .blocks import BlockKey
 from .dispatcher import CROSS_ATTENTION, AttentionCall, AttentionProcessor, JointKeys, sigma_in_range
+from .joint_softmax import ProjectedQueries
 
 #: value of a cond chunk in ComfyUI's ``cond_or_uncond`` (``comfy.samplers.COND``).
 COND = 0
@@ -63,8 +64,9 @@ class ParallelProjection(nn.Module):
                     mine.bias.copy_(theirs.bias.float())
         return projection
 
-    def queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return _linear(self.to_visual_q, hidden_states)
+    def queries(self, hidden_states: torch.Tensor) -> ProjectedQueries:
+        """``to_visual_q(hidden_states)``, left for the dispatcher to fold into the identity keys."""
+        return ProjectedQueries(hidden_states, self.to_visual_q.weight, self.to_visual_q.bias)
 
     def keys_values(self, identity_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _linear(self.to_visual_k, identity_tokens), _linear(self.to_visual_v, identity_tokens)

@@ -38,6 +38,39 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def user_cpu_time() -> float:
+    """This process's CPU time in user mode: unlike wall time, not stretched by other jobs on a shared
+    machine, and unlike system time, not inflated by page reclaim under their memory pressure."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+
+
+def best_of_interleaved(functions: dict[str, Callable], repeats: int, clock: Callable[[], float] = time.perf_counter
+                        ) -> dict[str, float]:
+    """:func:`best_of` of several functions called in turns (one warm-up call each), so that load from other
+    jobs on a shared machine hits them alike. ``clock``: wall time by default; ``time.process_time`` (this
+    process's CPU time) measures the work itself on a shared CPU, best with one thread (OMP_NUM_THREADS=1:
+    idle threads spin)."""
+    import torch
+
+    def synchronize():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    for fn in functions.values():
+        fn()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            synchronize()
+            start = clock()
+            fn()
+            synchronize()
+            times[name].append(clock() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
 def parse_bench_args(description: str, add_options=None):
     """The common --repeats/--skip-sampling options, plus what ``add_options(parser)`` adds; prints the device
     line every report starts with."""

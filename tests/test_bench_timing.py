@@ -3,7 +3,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import timing  # noqa: E402 (bench/ is not a package)

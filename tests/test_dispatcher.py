@@ -6,7 +6,8 @@ import torch
 
 from personalization_nodes.attention.dispatcher import (
     CHAIN_KEY, CROSS_ATTENTION, SELF_ATTENTION, AttentionConflictError, AttentionDispatcher, AttentionProcessor,
-    ProcessorChain, install_dispatcher, overwritten_dispatchers)
+    JointKeys, ProcessorChain, install_dispatcher, overwritten_dispatchers)
+from personalization_nodes.attention.joint_softmax import ProjectedQueries
 from personalization_nodes.attention.sdpa import sdpa_attention
 
 from harness.additive_replace import AdditiveAttn2Replace
@@ -112,6 +113,85 @@ def test_joint_tokens_equal_explicit_concatenation(qkv):
     out = AttentionDispatcher(CROSS_ATTENTION, plain)(q, k, v, options(chain))
     expected, _ = explicit_attention(q, torch.cat([k, k_extra.expand(4, -1, -1)], 1), torch.cat([v, v_extra.expand(4, -1, -1)], 1))
     assert (out - expected).abs().max() <= 1e-5
+
+
+class OwnQueryKeys(AttentionProcessor):
+    """Extra keys scored by their own queries (PVA-like): projected from ``inputs`` or given, biased, some rows."""
+    name, patch_point = "own_queries", CROSS_ATTENTION
+
+    def __init__(self, keys, values, weight, bias, inputs, projected, rows, logit_bias):
+        self.keys, self.values, self.weight, self.bias, self.inputs = keys, values, weight, bias, inputs
+        self.projected, self.rows, self.logit_bias = projected, rows, logit_bias
+
+    def extra_key_values(self, q, call):
+        queries = ProjectedQueries(self.inputs, self.weight, self.bias)
+        return JointKeys(self.keys, self.values, queries if self.projected else queries.project(), self.rows,
+                         self.logit_bias)
+
+
+def own_query_processor(projected=True, rows=None, logit_bias=0.0, extra=3, inputs_dim=5):
+    gen = torch.Generator().manual_seed(1)
+    return OwnQueryKeys(torch.randn(4, extra, C, generator=gen), torch.randn(4, extra, C, generator=gen),
+                        torch.randn(C, inputs_dim, generator=gen), torch.randn(C, generator=gen),
+                        torch.randn(4, 6, inputs_dim, generator=gen), projected, rows, logit_bias)
+
+
+def explicit_joint_attention(q, k, v, p):
+    """One row and head at a time: [q kᵀ, q' k'ᵀ + bias] / √d in one softmax, q' = inputs Wᵀ + b."""
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        sees = p.rows is None or bool(p.rows[b])
+        for h in range(HEADS):
+            cols = slice(h * DIM_HEAD, (h + 1) * DIM_HEAD)
+            scores, values = [q[b, :, cols] @ k[b, :, cols].T / DIM_HEAD ** 0.5], [v[b, :, cols]]
+            if sees:
+                own = p.inputs[b] @ p.weight[cols].T + p.bias[cols]
+                scores.append(own @ p.keys[b, :, cols].T / DIM_HEAD ** 0.5 + p.logit_bias)
+                values.append(p.values[b, :, cols])
+            out[b, :, cols] = torch.cat(scores, dim=1).softmax(dim=1) @ torch.cat(values, dim=0)
+    return out
+
+
+@pytest.mark.parametrize("projected", [True, False])
+@pytest.mark.parametrize("rows", [None, [True, False, True, False], [False, False, True, True], [False] * 4])
+@pytest.mark.parametrize("logit_bias", [0.0, -0.9])
+def test_keys_with_own_queries_equal_explicit_per_head_softmax(qkv, projected, rows, logit_bias):
+    q, k, v = qkv
+    processor = own_query_processor(projected, None if rows is None else torch.tensor(rows), logit_bias)
+    out = AttentionDispatcher(CROSS_ATTENTION, plain)(q, k, v, options(ProcessorChain().with_processor(processor)))
+    assert (out - explicit_joint_attention(q, k, v, processor)).abs().max() <= 1e-5
+
+
+def test_keys_with_own_queries_take_one_fused_call_per_row_group(qkv):
+    """No logits materialised: rows without the keys get the plain call, the others one widened call."""
+    q, k, v = qkv
+    calls = []
+
+    def recording(q_, k_, v_, heads, **kwargs):
+        calls.append((q_.shape[0], q_.shape[-1] // heads, k_.shape[1]))
+        return plain(q_, k_, v_, heads, **kwargs)
+
+    processor = own_query_processor(rows=torch.tensor([False, True, False, True]), extra=7)
+    shared = JointTokens(torch.randn(1, 2, C), torch.randn(1, 2, C))
+    chain = ProcessorChain().with_processor(processor).with_processor(shared)
+    out = AttentionDispatcher(CROSS_ATTENTION, recording)(q, k, v, options(chain))
+    keys = torch.cat([k, shared.k_extra.expand(4, -1, -1)], 1)
+    values = torch.cat([v, shared.v_extra.expand(4, -1, -1)], 1)
+    assert (out - explicit_joint_attention(q, keys, values, processor)).abs().max() <= 1e-5
+    # widened heads: 4 + 7 rounded up to a multiple of 8; the shared extra keys join the text keys
+    assert sorted(calls) == [(2, DIM_HEAD, 7), (2, 16, 14)]
+
+
+def test_keys_with_own_queries_and_a_probability_reader_use_the_materialised_softmax(qkv):
+    q, k, v = qkv
+    recorder = Recorder()
+    processor = own_query_processor(rows=torch.tensor([True, False, True, False]), logit_bias=0.5)
+    chain = ProcessorChain().with_processor(processor).with_processor(recorder)
+    out = AttentionDispatcher(CROSS_ATTENTION, plain)(q, k, v, options(chain))
+    assert (out - explicit_joint_attention(q, k, v, processor)).abs().max() <= 1e-5
+    probs = recorder.seen[0]  # head mean over the 5 text + 3 extra keys; rows 1 and 3 give the extra keys 0
+    assert probs.shape == (4, 6, 8) and (probs.sum(-1) - 1).abs().max() <= 1e-6
+    assert probs[1::2, :, 5:].abs().max() == 0 and probs[::2, :, 5:].min() > 0
 
 
 def test_logit_edit_and_map_reading_use_the_materialised_softmax(qkv):
@@ -246,3 +326,32 @@ def test_blocks_whose_dispatcher_was_overwritten_are_found():
     theirs = {CHAIN_KEY: chain, "patches_replace": {CROSS_ATTENTION: {key: foreign}}}
     assert list(overwritten_dispatchers(theirs)) == [(CROSS_ATTENTION, key, foreign)]
     assert list(overwritten_dispatchers({CHAIN_KEY: chain})) == [(CROSS_ATTENTION, key, None)]
+
+
+def test_keys_with_own_queries_keep_the_accuracy_of_plain_attention_in_bfloat16():
+    """The extra logits ride in the widened queries in the attention dtype: bf16 costs no more accuracy
+    than plain bf16 attention does."""
+    heads, dim_head, extra, batch = 2, 32, 10, 2
+    channels = heads * dim_head
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(batch, n, channels, generator=gen) for n in (64, 77, 77))
+    p = OwnQueryKeys(torch.randn(batch, extra, channels, generator=gen), torch.randn(batch, extra, channels, generator=gen),
+                     torch.randn(channels, 48, generator=gen) * 0.2, torch.zeros(channels),
+                     torch.randn(batch, 64, 48, generator=gen), True, None, -0.3)
+
+    def dispatched(dtype):
+        chain = ProcessorChain().with_processor(OwnQueryKeys(p.keys.to(dtype), p.values.to(dtype), p.weight.to(dtype),
+                                                             p.bias.to(dtype), p.inputs.to(dtype), True, None, -0.3))
+        opts = dict(options(chain, cond_or_uncond=(0,)), n_heads=heads, dim_head=dim_head)
+        return AttentionDispatcher(CROSS_ATTENTION, sdpa_attention)(q.to(dtype), k.to(dtype), v.to(dtype), opts).float()
+
+    def own_heads(t):
+        return t.unflatten(-1, (heads, dim_head)).transpose(1, 2)
+    own = own_heads(p.inputs @ p.weight.T)
+    logits = torch.cat([own_heads(q) @ own_heads(k).transpose(-1, -2),
+                        own @ own_heads(p.keys).transpose(-1, -2) + p.logit_bias * dim_head ** 0.5], -1) / dim_head ** 0.5
+    expected = (logits.softmax(-1) @ torch.cat([own_heads(v), own_heads(p.values)], 2)).transpose(1, 2).flatten(2)
+    assert (dispatched(torch.float32) - expected).abs().max() <= 1e-5
+    plain_error = (sdpa_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads).float()
+                   - sdpa_attention(q, k, v, heads)).abs().max()
+    assert (dispatched(torch.bfloat16) - expected).abs().max() <= 3 * plain_error

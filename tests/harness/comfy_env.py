@@ -158,7 +158,7 @@ def _pack_load_error(pack_path: str, records) -> str | None:
     return f"ComfyUI failed to load the pack from {pack_path}:\n{detail}"
 
 
-def boot_comfy(require_pack: bool = True) -> types.SimpleNamespace:
+def boot_comfy(require_pack: bool = True, cpu: bool = True) -> types.SimpleNamespace:
     """Import and initialise ComfyUI once per process; return a namespace of its modules and paths.
 
     Raises PackImportError when our pack failed to load (on every call, not only the first), unless
@@ -169,16 +169,17 @@ def boot_comfy(require_pack: bool = True) -> types.SimpleNamespace:
     `nodes.init_extra_nodes`. Custom nodes are limited to our pack with ComfyUI's own
     `--disable-all-custom-nodes --whitelist-custom-nodes` switches so a user's other packs
     (when COMFYUI_PATH points at a real install) cannot break or slow the tests. API nodes are skipped.
+    ``cpu=False`` (benchmarks) lets ComfyUI use a GPU when one is there; only the first call's choice counts.
     """
     global _ENV
     if _ENV is None:
-        _ENV = _boot()
+        _ENV = _boot(cpu)
     if require_pack and _ENV.pack_error:
         raise PackImportError(_ENV.pack_error)
     return _ENV
 
 
-def _boot() -> types.SimpleNamespace:
+def _boot(cpu: bool) -> types.SimpleNamespace:
     """The once-per-process part of boot_comfy()."""
     cdir = comfy_dir()
     if not (cdir / "comfy" / "model_management.py").exists():
@@ -189,12 +190,12 @@ def _boot() -> types.SimpleNamespace:
 
     from comfy.cli_args import args  # parses an empty argv: comfy.options.args_parsing stays False
     if "comfy.model_management" not in sys.modules:
-        args.cpu = True  # must precede comfy.model_management: a CUDA torch build would look for a driver
+        args.cpu = cpu  # must precede comfy.model_management: a CUDA torch build would look for a driver
     args.disable_all_custom_nodes = True
     args.whitelist_custom_nodes = [link.name]
     args.disable_api_nodes = True
     import comfy.model_management as mm
-    if mm.cpu_state != mm.CPUState.CPU:
+    if cpu and mm.cpu_state != mm.CPUState.CPU:
         raise RuntimeError("comfy.model_management was imported before boot_comfy() without --cpu")
 
     import folder_paths
