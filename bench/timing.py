@@ -46,6 +46,12 @@ def user_cpu_time() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_utime
 
 
+def work_clock(device: str) -> Callable[[], float]:
+    """The clock a benchmark on ``device`` times with: this process's CPU time on the CPU (other jobs on a
+    shared machine do not stretch it), wall time on a GPU."""
+    return time.process_time if device == "cpu" else time.perf_counter
+
+
 def best_of_interleaved(functions: dict[str, Callable], repeats: int, clock: Callable[[], float] = time.perf_counter
                         ) -> dict[str, float]:
     """:func:`best_of` of several functions called in turns (one warm-up call each), so that load from other

@@ -34,14 +34,21 @@ def one_transformer_block_keys(model):
     return [block.key[:2] for block in blocks if block.has_cross_attention]
 
 
-class ForeignImagePrompt:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "weight": ("FLOAT", {"default": 1.0})}}
-
+class ForeignModelPatch:
+    """A legacy-API node of another pack: MODEL in, patched MODEL out."""
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "apply"
     CATEGORY = "tests/foreign"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+
+class ForeignImagePrompt(ForeignModelPatch):
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "weight": ("FLOAT", {"default": 1.0})}}
 
     def apply(self, model, weight):
         import comfy.ldm.modules.attention as comfy_attention
@@ -66,15 +73,7 @@ def doubled_attention(q, k, v, extra_options):
     return 2.0 * comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"])
 
 
-class ForeignAttentionReplace:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",)}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "apply"
-    CATEGORY = "tests/foreign"
-
+class ForeignAttentionReplace(ForeignModelPatch):
     def apply(self, model):
         patched = model.clone()
         for name, block_id in one_transformer_block_keys(patched):
@@ -209,15 +208,7 @@ class WrappedNorm(torch.nn.Module):
         return self.norm(x)
 
 
-class ForeignNormWrapper:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",)}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "apply"
-    CATEGORY = "tests/foreign"
-
+class ForeignNormWrapper(ForeignModelPatch):
     def apply(self, model):
         patched = model.clone()
         tree = patched.get_model_object("diffusion_model")
