@@ -30,8 +30,9 @@ EXPECTED_IMAGES = {
     "15 StyleAligned - SD3.5, the style of your own image": 3,
 }
 # Loader type -> (the models folder of the files it loads, the inputs that name them).
-LOADER_FILES = {"CheckpointLoaderSimple": ("checkpoints", ["ckpt_name"]), "UNETLoader": ("diffusion_models", ["unet_name"]),
-                "VAELoader": ("vae", ["vae_name"]), "DualCLIPLoader": ("text_encoders", ["clip_name1", "clip_name2"]),
+LOADER_FILES = {"CheckpointLoaderSimple": ("checkpoints", ["ckpt_name"]),
+                "UNETLoader": ("diffusion_models", ["unet_name"]), "VAELoader": ("vae", ["vae_name"]),
+                "DualCLIPLoader": ("text_encoders", ["clip_name1", "clip_name2"]),
                 "TripleCLIPLoader": ("text_encoders", ["clip_name1", "clip_name2", "clip_name3"]),
                 "ControlNetLoader": ("controlnet", ["control_net_name"]), "LoraLoader": ("loras", ["lora_name"]),
                 "LoraLoaderModelOnly": ("loras", ["lora_name"]), "CLIPVisionLoader": ("clip_vision", ["clip_name"]),
