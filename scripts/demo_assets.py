@@ -6,8 +6,10 @@ The demo models have random weights: outputs are noise, as each demo copy's note
 workflow writes (embeddings) ship as random stand-ins, so a demo that uses them runs before its trainer
 did (running the trainer's demo replaces them); in the demo copies these files are called demo_<name>,
 so no stand-in ever answers for a file the real workflows name. Left out: workflows that need a CLIP
-vision model (ComfyUI only loads full-size ones, 0.6 GB even with random weights) or PVA (its ArcFace
-backbone has one fixed file name, which a random stand-in must not take).
+vision model (ComfyUI only loads full-size ones, 0.6 GB even with random weights), PVA (its ArcFace
+backbone has one fixed file name, which a random stand-in must not take) or a DiT family (Flux, SD3.5:
+recognised by their text-encoder loaders; the demo models are SD1.5, and ComfyUI's stock loaders build only
+full-size Flux and DiT text encoders).
 Existing demo copies are never overwritten (they may hold the user's edits).
 
 Usage: python scripts/demo_assets.py <ComfyUI folder>
@@ -24,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_FOLDER = "personalization-demo"  # in the Workflows sidebar
 DEMO_SIZE, DEMO_STEPS, DEMO_TRAIN_STEPS = 128, 8, 8
-NOT_IN_THE_DEMO = {"CLIPVisionLoader", "PVALoader"}
+NOT_IN_THE_DEMO = {"CLIPVisionLoader", "PVALoader", "DualCLIPLoader", "TripleCLIPLoader"}
 TRAINERS = ("DisenDiffTrainer", "DecoupledTokenTrainer", "RealCustomTrainer")
 DEMO_BANNER = ("> **DEMO** on tiny RANDOM-weight models: the images are noise. The original, for real "
                "models, is in the Templates browser.\n\n")
@@ -89,7 +91,7 @@ def write_demo_copies(target: Path, input_dir: Path) -> list[Path]:
     for path in sorted((ROOT / "workflows").glob("*.json")):
         workflow = json.loads(path.read_text())
         if not runs_on_demo_models(workflow):
-            print(f"no demo of {path.stem}: it needs a CLIP vision model or PVA's ArcFace")
+            print(f"no demo of {path.stem}: it needs a CLIP vision model, PVA's ArcFace or a Flux / SD3.5 model")
             continue
         copy_path = target / path.name
         written.append(copy_path)

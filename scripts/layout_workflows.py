@@ -145,6 +145,19 @@ COLUMNS: dict[str, list[list[list[tuple[str, list[int]]]]]] = {
             [("Faces", [41])],
         ],
     ],
+    "14 StyleAligned - Flux, a batch in one style": [[
+        [("Models", [1, 2, 3])],
+        [("StyleAligned", [4]), ("Prompts", [5, 6, 7])],
+        [("Sample", [8, 9, 10])],
+        [("Images", [11])],
+    ]],
+    "15 StyleAligned - SD3.5, the style of your own image": [[
+        [("Models", [1, 2]), ("Style image", [3, 4])],
+        [("Invert the style image", [5, 6, 7])],
+        [("StyleAligned", [8, 9]), ("Prompts", [10])],
+        [("Sample", [11, 12, 13, 14])],
+        [("Images", [15])],
+    ]],
 }
 
 
@@ -206,9 +219,10 @@ def layout(workflow: dict, bands: list, sizes: dict[str, list[float]]) -> dict:
 
 
 # Node types of ComfyUI itself (a stage made only of these is drawn in the stock group colour).
-STOCK_TYPES = {"CheckpointLoaderSimple", "LoraLoader", "LoraLoaderModelOnly", "ControlNetLoader",
-               "ControlNetApplyAdvanced", "CLIPVisionLoader", "LoadImage", "ImageBatch", "ImageToMask",
-               "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "VAEEncode", "SaveImage",
+STOCK_TYPES = {"CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "TripleCLIPLoader", "VAELoader",
+               "LoraLoader", "LoraLoaderModelOnly", "ControlNetLoader", "ControlNetApplyAdvanced", "CLIPVisionLoader",
+               "LoadImage", "ImageBatch", "ImageToMask", "CLIPTextEncode", "FluxGuidance", "ConditioningZeroOut",
+               "EmptyLatentImage", "EmptySD3LatentImage", "KSampler", "VAEDecode", "VAEEncode", "SaveImage",
                "PreviewImage", "LatentFromBatch", "InpaintModelConditioning", "PrimitiveStringMultiline"}
 
 

@@ -2,7 +2,7 @@
 Templates browser's thumbnail of each workflow (workflows/<name>.jpg, which ComfyUI serves beside it).
 
 There is no real checkpoint on the machines this pack is built on, so the runs use the test harness's
-TINY RANDOM-weight models (real ComfyUI, real SD1.5 layouts, shrunk sizes and steps). Their images are
+TINY RANDOM-weight models (real ComfyUI, real SD1.5, Flux and SD3.5 layouts, shrunk sizes and steps). Their images are
 noise by design: each sheet says so in its banner. They show that every graph runs end to end and what
 each SaveImage produces (images, mask previews). With a real checkpoint, load the workflow in ComfyUI.
 
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--only", help="run only the workflow whose name starts with this")
     args = parser.parse_args()
 
+    from harness import dit
     from harness.comfy_env import boot_comfy
     from harness.tiny_workflows import WORKFLOWS, shrink_for_tiny_models
     from harness.workflows import execute_workflow, load_ui_workflow, saved_image_paths, ui_to_api
@@ -69,10 +70,16 @@ def main() -> None:
     for workflow in WORKFLOWS:
         if args.only and not workflow.stem.startswith(args.only):
             continue
-        api = shrink_for_tiny_models(ui_to_api(load_ui_workflow(workflow)), input_dir, args.size, args.steps)
-        results = execute_workflow(api)
+        api = ui_to_api(load_ui_workflow(workflow))
+        family = dit.family_of(api)  # Flux / SD3.5: the tiny DiT models, some through test-only loaders
+        shrink_for_tiny_models(api, input_dir, args.size, args.steps)
+        with dit.stand_in_nodes():
+            results = execute_workflow(api)
         images = [path for node_id, node in api.items() if node["class_type"] == "SaveImage"
                   for path in saved_image_paths(results[node_id])]
+        del results
+        if family:
+            dit.release(family)
         contact_sheet(workflow.stem, images).save(args.out / f"{workflow.stem}.png", optimize=True)
         thumbnail(workflow.stem, images).save(workflow.with_suffix(".jpg"), quality=88)
         print(f"{workflow.stem}: {len(images)} image(s) -> {args.out / (workflow.stem + '.png')}, "

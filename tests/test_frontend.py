@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness import checkpoints, realcustom
+from harness import checkpoints, dit, realcustom
 from harness.comfy_env import PACK_LINK_NAME, comfy_dir, pack_node_ids
 from harness.workflows import load_ui_workflow, ui_to_api
 
@@ -58,16 +58,21 @@ pytestmark = [
 ]
 
 # Files the workflows name, provided under those names as links to the tiny checkpoints (the server only
-# validates, so any loadable file of the right kind does). Loader type -> (models folder, tiny file); the
-# file name is the loader's first widget. A new loader in a workflow fails validation ("Value not in
-# list") until it is added here.
+# validates, so any file of the right kind does). Loader type -> (models folder, tiny file); the file
+# names are the loader's first widget, or its first FILE_WIDGETS ones. A new loader in a workflow fails
+# validation ("Value not in list") until it is added here.
 MODEL_FILES = {
     "CheckpointLoaderSimple": ("checkpoints", checkpoints.sd15_checkpoint_path),
+    "UNETLoader": ("diffusion_models", dit.sd35_path),
+    "DualCLIPLoader": ("text_encoders", lambda: dit.text_encoder_path("clip_l")),
+    "TripleCLIPLoader": ("text_encoders", lambda: dit.text_encoder_path("clip_l")),
+    "VAELoader": ("vae", dit.vae_path),
     "ControlNetLoader": ("controlnet", checkpoints.sd15_controlnet_path),
     "LoraLoader": ("loras", checkpoints.sd15_lora_path),
     "LoraLoaderModelOnly": ("loras", checkpoints.sd15_lora_path),
     "CLIPVisionLoader": ("clip_vision", realcustom.vitl_clip_vision_path),
 }
+FILE_WIDGETS = {"DualCLIPLoader": 2, "TripleCLIPLoader": 3}
 INPUT_IMAGE_NODES = {"LoadImage"}
 # For readable screenshots: no first-run dialog (templates browser) over the graph, and text drawn at
 # any zoom (fitting a wide graph zooms out past the level-of-detail threshold that hides widget text).
@@ -157,10 +162,11 @@ def _build_base_directory(base: Path) -> None:
                 continue
             if node["type"] in MODEL_FILES:
                 folder, tiny_file = MODEL_FILES[node["type"]]
-                link = base / "models" / folder / values[0]
-                link.parent.mkdir(parents=True, exist_ok=True)
-                if not link.exists():
-                    link.symlink_to(tiny_file())
+                for name in values[:FILE_WIDGETS.get(node["type"], 1)]:
+                    link = base / "models" / folder / name
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    if not link.exists():
+                        link.symlink_to(tiny_file())
             elif node["type"] in INPUT_IMAGE_NODES:
                 pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(base / "input" / values[0])

@@ -60,7 +60,10 @@ standard deviation near 1 whatever the std (measured ~1.0; the probabilities are
 T5 has no 1/sqrt(d) and its q, k come from RMS-normalised tokens through 4096-wide projections.
 
 Workflows: use_tiny_dit_models() points an API prompt's loaders at these models, through stock loaders
-where they can load them and test-only stand-in nodes (stand_in_nodes()) where they cannot.
+where they can load them and test-only stand-in nodes (stand_in_nodes()) where they cannot; family_of() tells
+a prompt's family from its text-encoder loaders. SD3.5 is also written as a checkpoint with the VAE inside
+(sd35_checkpoint_path), the layout of Stability's sd3.5_large.safetensors that ComfyUI's SD3.5 examples load
+with CheckpointLoaderSimple.
 
 Memory: every loader is a harness.memory.model_cache (once per process, clone() before patching) that
 ``release()`` empties for some families and conftest empties for all after every test module; the module holds
@@ -303,6 +306,19 @@ def sd35_path(variant: str = "large") -> Path:
     return _cached("diffusion_models", _name(f"sd35_{variant}"), lambda: _build_sd35(variant))
 
 
+def _build_sd35_checkpoint(variant: str) -> dict:
+    model = {f"model.diffusion_model.{k}": v for k, v in _load(sd35_path(variant)).items()}
+    return {**model, **{f"first_stage_model.{k}": v for k, v in _load(vae_path()).items()}}
+
+
+def sd35_checkpoint_path(variant: str = "large") -> Path:
+    """The tiny SD3.5 ``variant`` and the VAE in one checkpoint (``model.diffusion_model.*``,
+    ``first_stage_model.*``, no text encoders), the layout of Stability's sd3.5_large.safetensors, in
+    models/checkpoints: stock CheckpointLoaderSimple loads its MODEL and VAE (its CLIP is None)."""
+    sd35_config(variant)
+    return _cached("checkpoints", _name(f"sd35_{variant}_checkpoint"), lambda: _build_sd35_checkpoint(variant))
+
+
 @model_cache
 def sd35_model(variant: str = "large"):
     """ModelPatcher of the tiny SD3.5 ``variant`` from stock UNETLoader (comfy.model_base.SD3, FLOW sampling
@@ -534,11 +550,27 @@ def stand_in_nodes():
             mappings.pop(node_id, None)
 
 
+def family_of(api_prompt: dict) -> str | None:
+    """The DiT family ("flux" or "sd35") of an API prompt, read from its text-encoder loaders as ComfyUI
+    reads it (DualCLIPLoader's type; TripleCLIPLoader is SD3's); None for a prompt of neither."""
+    families = set()
+    for node in api_prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "TripleCLIPLoader" or (kind == "DualCLIPLoader" and inputs.get("type") == "sd3"):
+            families.add("sd35")
+        elif kind == "DualCLIPLoader" and inputs.get("type") == "flux":
+            families.add("flux")
+    if len(families) > 1:
+        raise ValueError(f"a prompt with the text encoders of several DiT families: {sorted(families)}")
+    return families.pop() if families else None
+
+
 def use_tiny_dit_models(api_prompt: dict, family: str, variant: str | None = None) -> dict:
     """Point an API prompt of ``family`` ("flux" or "sd35") at the tiny models, in place: stock loaders where
-    they can load them (SD3.5 UNETLoader, VAELoader, LoRA loaders, the SD3.5 ControlNetLoader), stand-in nodes
-    where they cannot (Flux UNETLoader and ControlNetLoader, every DiT text-encoder loader); ``variant`` is
-    the model variant (default: dev / large). Execute it inside ``with stand_in_nodes():``."""
+    they can load them (SD3.5 UNETLoader and CheckpointLoaderSimple, VAELoader, LoRA loaders, the SD3.5
+    ControlNetLoader), stand-in nodes where they cannot (Flux UNETLoader and ControlNetLoader, every DiT
+    text-encoder loader); ``variant`` is the model variant (default: dev / large). Execute it inside
+    ``with stand_in_nodes():``."""
     variant = variant or ("dev" if family == "flux" else "large")
     for node in api_prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
@@ -546,6 +578,8 @@ def use_tiny_dit_models(api_prompt: dict, family: str, variant: str | None = Non
             node.update(class_type="TinyFluxModelLoader", inputs={"variant": variant})
         elif kind == "UNETLoader":
             inputs.update(unet_name=sd35_path(variant).name, weight_dtype="default")
+        elif kind == "CheckpointLoaderSimple" and family == "sd35":
+            inputs["ckpt_name"] = sd35_checkpoint_path(variant).name
         elif kind in ("DualCLIPLoader", "TripleCLIPLoader", "CLIPLoader"):
             node.update(class_type="TinyDiTTextEncoders", inputs={"family": family})
         elif kind == "VAELoader":

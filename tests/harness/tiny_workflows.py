@@ -1,13 +1,14 @@
 """Example workflows made runnable on the tiny random checkpoints of the harness: models swapped for the
 generated ones, sizes and step counts shrunk, input images and the trainers' exported files written
-as stand-ins when no training run made them. Used by tests/test_workflows.py, scripts/readme_outputs.py
+as stand-ins when no training run made them; Flux and SD3.5 workflows get the tiny DiT models of harness.dit.
+Used by tests/test_workflows.py, scripts/readme_outputs.py
 (on API prompts) and scripts/demo_assets.py (on the UI-format demo copies), so both run the same way."""
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from . import checkpoints, pva_assets
+from . import checkpoints, dit, pva_assets
 from . import realcustom as realcustom_assets
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
@@ -30,7 +31,7 @@ def tiny_inputs(kind: str, inputs: dict, size: int, steps: int, train_steps: int
     if kind in TINY_MODELS:
         name, path = TINY_MODELS[kind]
         return {name: path().name}
-    if kind == "EmptyLatentImage":
+    if kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
         return {"width": size, "height": size}
     if kind in ("KSampler", "SharedAttentionInvertReference"):
         return {"steps": steps}
@@ -61,8 +62,16 @@ def write_input_image(name: str, input_dir: Path, size: int) -> None:
 
 
 def shrink_for_tiny_models(api: dict, input_dir: Path, size: int = SIZE, steps: int = STEPS) -> dict:
+    """`api` made runnable on the tiny models, in place. A Flux or SD3.5 prompt (harness.dit.family_of) gets
+    the tiny models of its family, some through test-only loaders: execute it inside
+    `with harness.dit.stand_in_nodes():` and free them after with harness.dit.release(family)."""
+    family = dit.family_of(api)
+    if family:
+        dit.use_tiny_dit_models(api, family)
     for node in api.values():
         kind, inputs = node["class_type"], node["inputs"]
+        if family and kind in TINY_MODELS:
+            continue  # use_tiny_dit_models chose the family's files
         inputs.update(tiny_inputs(kind, inputs, size, steps, train_steps=1))
         # free vectors: a ViT-L mapper input is too slow on CPU (node tests cover mappers)
         if kind == "DecoupledTokenTrainer":
