@@ -45,22 +45,23 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
 
 
-#: (peak resident bytes, test module) each time a module raised the process's high-water mark
-_PEAKS: list[tuple[int, str]] = []
+#: (peak resident bytes, test module) of the module with the highest peak so far
+_PEAK: list[tuple[int, str]] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
 def release_models_after_module(request):
     """Every model a test module loaded is let go when it ends (harness.memory), so the suite's resident
-    memory is that of one module's families, not of all of them."""
+    memory is that of one module's families, not of all of them. Measures each module's own peak."""
+    from harness.memory import peak_resident_bytes, release_models, reset_peak, resident_bytes
+    reset_peak()
     yield
-    from harness.memory import peak_resident_bytes, release_models, resident_bytes
     peak = peak_resident_bytes()
-    if not _PEAKS or peak > _PEAKS[-1][0]:
-        _PEAKS.append((peak, request.module.__name__))
+    if not _PEAK or peak > _PEAK[0][0]:
+        _PEAK[:] = [(peak, request.module.__name__)]
     release_models()
     if os.environ.get("PERSONALIZATION_TEST_MEMORY"):
-        print(f"\n[memory] {request.module.__name__}: peak so far {peak / 2**30:.2f} GiB, resident after release "
+        print(f"\n[memory] {request.module.__name__}: peak {peak / 2**30:.2f} GiB, resident after release "
               f"{resident_bytes() / 2**30:.2f} GiB", flush=True)
 
 
@@ -72,8 +73,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_terminal_summary(terminalreporter):
     from harness.memory import peak_resident_bytes
-    peak = peak_resident_bytes()
-    where = f", reached in {_PEAKS[-1][1]}" if _PEAKS and _PEAKS[-1][0] == peak else ""
+    peak, where = _PEAK[0] if _PEAK else (peak_resident_bytes(), "")
+    where = f", reached in {where}" if where else ""
     terminalreporter.write_line(f"peak resident memory of the test process: {peak / 2**30:.2f} GiB{where}")
 
 

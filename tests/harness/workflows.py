@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .comfy_env import _StubServer, boot_comfy
+from .memory import collect_dropped_models
 
 # Frontend-only node types: never sent to the backend.
 FRONTEND_ONLY = {"Reroute", "PrimitiveNode", "Note", "MarkdownNote"}
@@ -200,6 +201,7 @@ def execute_workflow(api_prompt: dict, extra_data: dict | None = None, executor=
     ComfyUI's messages.
     """
     env = boot_comfy(require_pack=False)
+    collect_dropped_models()  # what the server does between prompts: earlier graphs' models go
     execution = env.execution
     prompt_id = uuid.uuid4().hex
     ok, error, good_outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, api_prompt, None))
