@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import folder_paths
 import torch
 
+from ..attention.blocks import ALL_FAMILIES, Family
 from ..attention.custom_diffusion import StartTokenDetach
 from ..attention.disendiff import CONTEXT_TOKENS_KEY, CalibratedCrossAttention, Concept, min_max
 from ..attention.dispatcher import CHAIN_KEY
@@ -376,37 +377,39 @@ class CalibratedCrossAttn(io.ComfyNode):
         if len(mods) != len(words) or len(words) < 2:
             raise ValueError(f"CalibratedCrossAttn needs 2+ concepts with one modifier per class word; got "
                              f"modifiers {mods} and class words {words}")
-        concepts = tuple(Concept(_positions(clip, prompt, m), _positions(clip, prompt, w)) for m, w in zip(mods, words))
+        blocks = [b for b in transformer_blocks(model, "CalibratedCrossAttn", ALL_FAMILIES) if b.has_cross_attention]
+        encoded = clip.encode_from_tokens(clip.tokenize(prompt)).float().to(comfy.model_management.intermediate_device())
+        concepts = tuple(Concept(_positions(clip, prompt, m, encoded.shape[1], blocks[0].family),
+                                 _positions(clip, prompt, w, encoded.shape[1], blocks[0].family))
+                         for m, w in zip(mods, words))
         sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         m = model.clone()
-        blocks = [b for b in transformer_blocks(m, "CalibratedCrossAttn") if b.has_cross_attention]
-        encoded = clip.encode_from_tokens(clip.tokenize(prompt)).float().to(comfy.model_management.intermediate_device())
         add_attention_processor(m, CalibratedCrossAttention(concepts, strength, sigma_start, sigma_end, encoded.shape[1]),
                                 blocks)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CALIBRATION_WRAPPER_KEY,
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CALIBRATION_WRAPPER_KEY,
                                _PromptCheck(encoded, prompt))
         return io.NodeOutput(m)
 
 
 @dataclass(frozen=True, eq=False)
 class _PromptCheck:
-    """DIFFUSION_MODEL wrapper of CalibratedCrossAttn: the concept positions are tokens of the node's prompt,
+    """APPLY_MODEL wrapper of CalibratedCrossAttn: the concept positions are tokens of the node's prompt,
     so the cond rows' context must be that prompt as the node's CLIP encodes it (a different prompt would
     move the edit onto other tokens, silently); hands the processor the context's length."""
 
     encoded: torch.Tensor  # (1, L, D)
     prompt: str
 
-    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         rows = cond_row_indices(transformer_options.get("cond_or_uncond"), x.shape[0])
-        if rows and prompt_repeats(context, self.encoded, rows) is None:
+        if rows and prompt_repeats(c_crossattn, self.encoded, rows) is None:
             raise ValueError(
-                f"CalibratedCrossAttn: the positive conditioning ({context.shape[1]} tokens) is not the node's prompt "
-                f"{self.prompt!r} ({self.encoded.shape[1]} tokens) as the node's CLIP encodes it, so the concepts' "
-                "token positions would point at other tokens. Give the node the CLIP and the prompt text of the "
-                "positive CLIPTextEncode (convert its text widget to an input and share one string).")
-        return executor(x, timesteps, context, y, control, {**transformer_options, CONTEXT_TOKENS_KEY: context.shape[1]},
-                        **kwargs)
+                f"CalibratedCrossAttn: the positive conditioning ({c_crossattn.shape[1]} tokens) is not the node's "
+                f"prompt {self.prompt!r} ({self.encoded.shape[1]} tokens) as the node's CLIP encodes it, so the "
+                "concepts' token positions would point at other tokens. Give the node the CLIP and the prompt text of "
+                "the positive CLIPTextEncode (convert its text widget to an input and share one string).")
+        return executor(x, t, c_concat, c_crossattn, control,
+                        {**transformer_options, CONTEXT_TOKENS_KEY: c_crossattn.shape[1]}, **kwargs)
 
 
 class CalibratedCrossAttnMaps(io.ComfyNode):
@@ -444,7 +447,7 @@ class CalibratedCrossAttnMaps(io.ComfyNode):
         if calibration is None:
             raise ValueError("CalibratedCrossAttnMaps needs the MODEL output of CalibratedCrossAttn (it names the concepts)")
         patched = model.clone()
-        blocks = transformer_blocks(patched)
+        blocks = transformer_blocks(patched, "CalibratedCrossAttnMaps", ALL_FAMILIES)
         reader = MapRecorder(map_block_keys(blocks), node_name="CalibratedCrossAttnMaps")
         add_attention_processor(patched, reader, [b for b in blocks if b.key in reader.blocks])
         samples = latent["samples"][:1]
@@ -462,15 +465,24 @@ class CalibratedCrossAttnMaps(io.ComfyNode):
         return io.NodeOutput(images, maps[concepts:].contiguous())
 
 
-def _positions(clip, prompt: str, phrase: str) -> tuple[int, ...]:
-    """Context positions of ``phrase`` (a word or ``embedding:name``) in ``prompt`` as CLIP encodes it."""
+def _positions(clip, prompt: str, phrase: str, context_tokens: int, family: Family) -> tuple[int, ...]:
+    """Context positions of ``phrase`` (a word, or on a U-Net an ``embedding:name``) in ``prompt`` as ``clip``
+    encodes it into ``context_tokens`` tokens."""
     if phrase.startswith("embedding:"):
+        if family.joint:
+            raise ValueError(f"CalibratedCrossAttn: {phrase!r} is a CLIP embedding (DisenDiffTrainer's modifier tokens "
+                             f"are for U-Net models); on a {family.name} model name modifier words of the prompt.")
         name = phrase[len("embedding:"):]
         probe = glue.PlaceholderPrompt(clip, prompt, {name: _embedding_rows(clip, name)})
         key = glue.sub_tokenizers(clip.tokenizer)[0][1].embedding_key.replace("clip_", "")
         return tuple(probe.positions(key, name))
     from .prompt_tokens import find_phrase_tokens
-    return tuple(find_phrase_tokens(clip, prompt, phrase, node_name="CalibratedCrossAttn").positions)
+    found = find_phrase_tokens(clip, prompt, phrase, node_name="CalibratedCrossAttn")
+    if found.context_length != context_tokens:
+        raise ValueError(f"CalibratedCrossAttn: this CLIP encodes the prompt into {context_tokens} tokens, but its "
+                         f"tokenizers lay out {found.context_length}; the node cannot tell where {phrase!r} lands in "
+                         "the conditioning of this text encoder.")
+    return found.positions
 
 
 def _embedding_rows(clip, name: str) -> int:
