@@ -9,7 +9,6 @@ so SDXL and other resolutions get the equivalent layers instead of silently none
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -27,16 +26,6 @@ def map_block_keys(blocks: Sequence[TransformerBlock]) -> frozenset[BlockKey]:
         raise ValueError("this model has no cross-attention blocks outside the middle block")
     deepest = max(b.channels for b in candidates)
     return frozenset(b.key for b in candidates if b.channels == deepest)
-
-
-def to_spatial(maps: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
-    """``(B, Nq, T)`` maps of one layer → ``(B, T, h, w)`` using the latent's aspect ratio."""
-    height, width = latent_shape[-2:]
-    downscale = math.sqrt(height * width / maps.shape[1])
-    h, w = round(height / downscale), round(width / downscale)
-    if h * w != maps.shape[1]:
-        raise ValueError(f"cannot lay {maps.shape[1]} queries out on a {height}x{width} latent")
-    return maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], h, w)
 
 
 @dataclass(eq=False)
@@ -62,7 +51,8 @@ class MapRecorder(AttentionProcessor):
         rows = cond_row_indices(call.cond_or_uncond, probs.shape[0])
         if rows:
             selected = probs if len(rows) == probs.shape[0] else probs[rows]  # no copy when all rows are cond
-            self.maps.append(to_spatial(selected[..., call.text_keys].mean(1), call.options["original_shape"]))
+            maps = selected[..., call.text_keys].mean(1)  # (b, queries, T)
+            self.maps.append(maps.transpose(1, 2).reshape(*maps.shape[::2], *call.query_grid))
 
     def layer_mean(self) -> torch.Tensor:
         """``(b, T, h, w)``: the recorded maps averaged over the layer calls."""

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from personalization_nodes.attention.disendiff import CONTEXT_TOKENS_KEY, CalibratedCrossAttention, Concept
+from harness.comfy_env import pack_module
 from personalization_nodes.attention.dispatcher import (CHAIN_KEY, CROSS_ATTENTION, AttentionConflictError,
-                                                       AttentionProcessor, ProcessorChain)
+                                                       AttentionProcessor, ProcessorChain, attention_logits)
 from personalization_nodes.attention.joint import LAYOUT_KEY, JointAttentionDispatcher, JointLayout
 from personalization_nodes.attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
 
@@ -276,3 +277,141 @@ def test_conflict_rules_of_the_cross_view():
     with pytest.raises(AttentionConflictError, match="ImageKeyEditor edits the image-key logits .* SharedAttentionBatch"):
         JointAttentionDispatcher()(comfy_style_attention, q, k, v, HEADS, skip_reshape=True,
                                    transformer_options=joint_options(both, (0,), PROMPT_LENGTH))
+
+
+# ---------------------------------------------------------------- in the real ComfyUI, tiny Flux dev and SD3.5 Large
+
+PROMPT = "photo of a small cat and a big dog"
+NODE_INPUTS = dict(prompt=PROMPT, modifiers="small, big", class_words="cat, dog", start_percent=0.0, end_percent=1.0)
+SAMPLING = dict(steps=2, sampler_name="euler", scheduler="simple")
+
+
+class Family:
+    def __init__(self, name, comfy):
+        from harness import dit
+        self.name, self.comfy = name, comfy
+        self.model = dit.flux_model("dev") if name == "flux" else dit.sd35_model("large")
+        self.clip = dit.flux_clip() if name == "flux" else dit.sd35_clip()
+        self.cfg = 1.0 if name == "flux" else 4.0  # Flux dev: guidance-distilled, FluxGuidance as users wire it
+
+    def encode(self, text):
+        from harness.checkpoints import encode_prompt
+        conditioning = encode_prompt(self.clip, text)
+        if self.name == "flux":
+            conditioning = self.comfy.nodes.NODE_CLASS_MAPPINGS["FluxGuidance"]().append(conditioning, 3.5)[0]
+        return conditioning
+
+    def calibrated(self, model=None, strength=STRENGTH, **over):
+        from harness.pack_nodes import run_node
+        return run_node("CalibratedCrossAttn", model=self.model if model is None else model, clip=self.clip,
+                        strength=strength, **{**NODE_INPUTS, **over})[0]
+
+    def sample(self, model, batch=2, cfg=None, positive=None):
+        from harness import dit
+        from harness.checkpoints import sample
+        return sample(model, positive or self.encode(PROMPT), self.encode(""), dit.empty_latent(batch), seed=3,
+                      cfg=self.cfg if cfg is None else cfg, **SAMPLING)
+
+
+@pytest.fixture(scope="module", params=["flux", "sd35"])
+def family(request, comfy):
+    from harness import dit
+    yield Family(request.param, comfy)
+    dit.release(request.param)
+
+
+def rel_change(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_strength_zero_is_unpatched_sampling_and_strength_changes_it(family):
+    """Batch 2; Flux at CFG 1 (cond pass only), SD3.5 at CFG 1 and CFG 4 (cond and uncond passes)."""
+    for cfg in ((1.0,) if family.name == "flux" else (1.0, 4.0)):
+        base = family.sample(family.model, cfg=cfg)
+        assert torch.equal(family.sample(family.calibrated(strength=0.0), cfg=cfg), base)
+        on = family.sample(family.calibrated(), cfg=cfg)
+        assert rel_change(on[0], base[0]) > 1e-3 and rel_change(on[1], base[1]) > 1e-3
+    assert torch.equal(family.sample(family.model, cfg=cfg), base), "the input model must stay unpatched"
+
+
+def test_the_edit_is_the_cond_rows_only(family, monkeypatch):
+    """At CFG > 1 the uncond pass is left alone: its rows leave the dispatcher as the plain joint softmax."""
+    if family.name == "flux":
+        pytest.skip("Flux dev samples at CFG 1 (distilled guidance): no uncond pass")
+    joint = pack_module("attention.joint")
+    edited_rows = []
+    original = joint._cross_view
+
+    def recording(queries, k, v, text, call, crossing, keep_edits):
+        context, logits, edits = original(queries, k, v, text, call, crossing, True)
+        plain = attention_logits(queries, torch.cat([context[0], k[:, text:]], dim=1), call.heads)
+        edited_rows.append(tuple(call.cond_or_uncond[row // (logits.shape[0] // len(call.cond_or_uncond))] for row
+                                 in range(logits.shape[0]) if (logits[row] - plain[row]).abs().max() > 0))
+        return context, logits, edits if keep_edits else None
+    monkeypatch.setattr(joint, "_cross_view", recording)
+    family.sample(family.calibrated())
+    assert edited_rows and all(rows == (0, 0) for rows in edited_rows)
+
+
+def test_a_lora_on_the_dit_still_applies(family):
+    from harness import dit
+    lora = family.comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(family.model, dit.lora_path(family.name).name,
+                                                                       1.0)[0]
+    with_lora = family.sample(family.calibrated(model=lora))
+    assert torch.equal(family.sample(family.calibrated(model=lora, strength=0.0)), family.sample(lora))
+    assert rel_change(with_lora, family.sample(family.calibrated())) > 1e-3
+    assert rel_change(with_lora, family.sample(lora)) > 1e-3
+
+
+def test_composes_with_shared_attention_on_the_same_model(family):
+    """Both nodes in either order give one result; calibration off gives SharedAttentionBatch alone bit for bit;
+    the reference image is calibrated as without sharing (up to float rounding: its calibrated joint softmax
+    goes through the attention function with the edits as a mask instead of an explicit softmax)."""
+    from harness.pack_nodes import shared_attention
+    shared = shared_attention(family.model)
+    calibrated_then_shared = family.sample(shared_attention(family.calibrated()))
+    shared_then_calibrated = family.sample(family.calibrated(model=shared))
+    assert torch.equal(calibrated_then_shared, shared_then_calibrated)
+    assert torch.equal(family.sample(family.calibrated(model=shared, strength=0.0)), family.sample(shared))
+    assert rel_change(calibrated_then_shared[1], family.sample(shared)[1]) > 1e-3
+    calibrated_alone = family.sample(family.calibrated())
+    torch.testing.assert_close(calibrated_then_shared[0], calibrated_alone[0], rtol=1e-4, atol=1e-4)
+    assert rel_change(calibrated_then_shared[1], calibrated_alone[1]) > 1e-3
+
+
+def test_the_words_are_found_in_the_dits_text_sequence(family):
+    """Flux's conditioning is T5's sequence; SD3's is CLIP-L/G (77 tokens) then T5: a word has a position in
+    each. Checked against the T5 tokenizer's own reading of the whole prompt (ComfyUI tokenizes word by word)."""
+    find = pack_module("nodes.prompt_tokens").find_phrase_tokens
+    t5 = family.clip.tokenizer.t5xxl.tokenizer
+    t5_position = t5.convert_ids_to_tokens(t5(PROMPT)["input_ids"]).index("\u2581cat")
+    clip_tokens = family.clip.tokenize(PROMPT)
+    found = find(family.clip, PROMPT, "cat")
+    if family.name == "flux":
+        assert found.positions == (t5_position,) and found.context_length == len(clip_tokens["t5xxl"][0]) == 256
+    else:
+        clip_length = len(clip_tokens["l"][0])
+        assert found.positions == (PROMPT.split().index("cat") + 1, clip_length + t5_position)  # + 1: CLIP's BOS
+        assert found.context_length == clip_length + len(clip_tokens["t5xxl"][0])
+
+
+def test_bad_inputs_are_clear_errors(family):
+    with pytest.raises(ValueError, match=r"CalibratedCrossAttn: the word 'horse' does not occur in the prompt"):
+        family.calibrated(class_words="cat, horse")
+    with pytest.raises(ValueError, match=r"(?s)CalibratedCrossAttn: the word 'Cat' does not occur .* T5 \(Flux, SD3\) does not"):
+        family.calibrated(class_words="Cat, dog")
+    with pytest.raises(ValueError, match=r"CalibratedCrossAttn: 'embedding:pair_new1' is a CLIP embedding .* name "
+                                         r"modifier words"):
+        family.calibrated(prompt="photo of a embedding:pair_new1 cat and a big dog", modifiers="embedding:pair_new1, big")
+    with pytest.raises(ValueError, match=r"CalibratedCrossAttn: the positive conditioning .* is not the node's prompt"):
+        family.sample(family.calibrated(), positive=family.encode("photo of a big cat and a small dog"))
+
+
+def test_map_preview_on_the_dit(family):
+    from harness.pack_nodes import run_node
+    latent = {"samples": family.sample(family.model, batch=1)}
+    images, masks = run_node("CalibratedCrossAttnMaps", model=family.calibrated(), positive=family.encode(PROMPT),
+                             latent=latent, noise_level=0.5, seed=0)
+    assert images.shape == (4, 64, 64, 3) and masks.shape == (2, 64, 64)
+    assert float(masks.amax()) == pytest.approx(1.0, abs=1e-4) and float(masks.amin()) == pytest.approx(0.0, abs=1e-4)
+    assert not torch.equal(masks[0], masks[1])

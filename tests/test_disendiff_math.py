@@ -192,8 +192,8 @@ def test_map_recorder_keeps_head_mean_maps_of_cond_rows_with_their_graph():
     probs = torch.rand(4, 2, 6, 3, requires_grad=True)  # (batch, heads, 2x3 queries, tokens)
 
     def call(block, cond_or_uncond):
-        return SimpleNamespace(block=block, cond_or_uncond=cond_or_uncond, options={"original_shape": (4, 4, 4, 6)},
-                               text_keys=slice(0, 3))
+        return SimpleNamespace(block=block, cond_or_uncond=cond_or_uncond, options={}, text_keys=slice(0, 3),
+                               query_grid=(2, 3))
     assert recorder.active(call(("input", 7, 0), ())) and not recorder.active(call(("input", 1, 0), ()))
     recorder.read_probs(probs, call(("input", 7, 0), ()))
     recorder.read_probs(probs * 3, call(("input", 7, 0), ()))
