@@ -10,7 +10,24 @@ use, and hands each the view of the call it knows from the U-Net:
 - ``SELF_ATTENTION`` processors (StyleAligned) get the image-token self-attention: the image tokens'
   q/k/v as ``(B, N, heads * d)``, with the sample's own text keys/values as ``call.context``, since in the
   joint softmax image queries see both. Text queries are computed as without the pack.
-- ``CROSS_ATTENTION`` processors are not served on DiT models yet; their nodes refuse DiT models.
+- ``CROSS_ATTENTION`` processors get the *cross view*: ``edit_key_values`` the text keys/values (the
+  tokens in front of the image tokens), then ``edit_logits`` and ``read_probs`` the ``(B, heads, N, L)``
+  logits / probabilities of the sampled latent's N image queries against ALL joint keys ``[text | image]``,
+  one softmax over them, as in the unpatched joint attention. ``call.text_keys`` is the slice of columns
+  holding the conditioning's tokens (after SD3's register tokens, if any) and ``call.query_grid`` the
+  latent's token grid, so a processor written for a U-Net attn2 (whose logits are its text keys, the same
+  ``call.text_keys`` and ``call.query_grid``) runs here unchanged; what changes is only that its softmax also
+  covers the image keys, which is what the DiT attends with. The image output is that softmax times
+  ``[text values | image values]``. Text queries, image tokens after the latent's (Flux Kontext's
+  references) and image-only calls (no text keys) are computed as without the pack. Edits of the logits
+  of the image keys are allowed only when no self-attention owner takes the call (below).
+  ``extra_key_values`` and ``parallel_output`` are not served on joint attention yet.
+- Both in one call (StyleAligned and DisenDiff's calibration on the same block): the cross view runs on
+  the plain joint keys, and what its edits added to the text-key logits reaches the self-attention owner as
+  ``call.context_bias`` ``(B, heads, N, T)``, which it adds to its queries' logits of ``call.context`` (its
+  softmax also holds the reference's image keys, which the cross view's maps do not see). The order of the
+  nodes does not matter. An edit of image-key logits cannot move into the owner's softmax, whose image keys
+  differ, and raises :class:`~.dispatcher.AttentionConflictError`.
 
 What the dispatcher knows of each call, and from where:
 
@@ -27,9 +44,9 @@ What the dispatcher knows of each call, and from where:
 - the cond/uncond layout and the sigma, from transformer_options as on the U-Net.
 
 Another pack's override installed before ours is kept as ``inner`` and called for every call none of our
-processors takes part in; a processor that replaces attention cannot compose with it and raises
-:class:`~.dispatcher.AttentionConflictError` naming both. An override installed after ours replaces it; the
-node glue then refuses to sample (see ``nodes.patching``).
+processors takes part in; a processor that replaces attention or edits its softmax cannot compose with it
+and raises :class:`~.dispatcher.AttentionConflictError` naming both. An override installed after ours
+replaces it; the node glue then refuses to sample (see ``nodes.patching``).
 """
 from __future__ import annotations
 

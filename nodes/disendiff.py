@@ -343,6 +343,11 @@ class CalibratedCrossAttn(io.ComfyNode):
     is another prompt), modifiers and class_words (comma lists in prompt order, e.g.
     "embedding:pair_new1, embedding:pair_new2" and "man, woman"), strength (0 = plain sampling exactly;
     0.5–2 typical), start/end percent. Works with trained or stock models.
+
+    Families: SD1.5/SD2/SDXL, Flux and SD3/SD3.5. On a DiT the edit is made on the image-query x text-key
+    logits of every block's joint attention, inside its one softmax over text and image keys (text queries
+    and image keys untouched); the words are found in the DiT's text sequence (Flux: T5 tokens; SD3:
+    CLIP-L/G tokens, then T5's), and modifiers must be words of the prompt (no embeddings).
     """
 
     @classmethod
@@ -353,12 +358,12 @@ class CalibratedCrossAttn(io.ComfyNode):
             category=CATEGORY,
             description="Bind each modifier token's attention to its class word and separate the concepts while sampling.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5/SDXL model (e.g. with the DisenDiff LoRA); left unchanged."),
-                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt (finds the token positions)."),
+                io.Model.Input("model", tooltip="SD1.5/SDXL (e.g. with the DisenDiff LoRA), Flux or SD3/SD3.5 model; left unchanged."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt (finds the token positions; T5 on Flux/SD3)."),
                 io.String.Input("prompt", multiline=True, default="photo of a embedding:disendiff_pair_new1 man and embedding:disendiff_pair_new2 woman",
                                 tooltip="The positive prompt, exactly as encoded for sampling (another one stops sampling with an error)."),
                 io.String.Input("modifiers", default="embedding:disendiff_pair_new1, embedding:disendiff_pair_new2",
-                                tooltip="Modifier words or embeddings, one per concept, comma separated."),
+                                tooltip="Modifier words or (U-Net only) embeddings, one per concept, comma separated."),
                 io.String.Input("class_words", default="man, woman", tooltip="Class word of each concept, same order."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=5.0, step=0.05,
                                tooltip="Calibration strength in logit units; 0 = plain sampling."),
@@ -416,8 +421,9 @@ class CalibratedCrossAttnMaps(io.ComfyNode):
     """Attention-map preview for CalibratedCrossAttn (DisenDiff, CVPR 2024; the official sample.py's
     ``--check_token_attn``). Runs ONE cond-only denoising step of ``latent`` (e.g. the KSampler output)
     re-noised to ``noise_level`` (0 = clean, 1 = pure noise; 0.3–0.6 shows the layout) and returns each
-    concept's modifier and class maps from the deepest U-Net level (the training maps), after the
-    calibration. The MODEL must come from CalibratedCrossAttn (strength 0 shows the plain maps)."""
+    concept's modifier and class maps from the deepest U-Net level (the training maps; on Flux and SD3 every
+    block, at the latent's token grid), after the calibration. The MODEL must come from CalibratedCrossAttn
+    (strength 0 shows the plain maps)."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
