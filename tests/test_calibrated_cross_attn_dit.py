@@ -415,3 +415,47 @@ def test_map_preview_on_the_dit(family):
     assert images.shape == (4, 64, 64, 3) and masks.shape == (2, 64, 64)
     assert float(masks.amax()) == pytest.approx(1.0, abs=1e-4) and float(masks.amin()) == pytest.approx(0.0, abs=1e-4)
     assert not torch.equal(masks[0], masks[1])
+
+
+def test_a_controlnet_in_the_same_graph(family):
+    """Flux: the XLabs-layout ControlNet (hint image); SD3.5: Stability's (VAE-encoded hint)."""
+    from harness import dit
+    positive, negative = family.encode(PROMPT), family.encode("")
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    if family.name == "flux":
+        controlled = family.comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(
+            positive, negative, dit.flux_controlnet(), hint, 1.0, 0.0, 1.0)
+    else:
+        controlled = family.comfy.nodes.ControlNetApplyAdvanced().apply_controlnet(
+            positive, negative, dit.sd35_controlnet(), hint, 1.0, 0.0, 1.0, vae=dit.vae())
+    from harness.checkpoints import sample
+
+    def sampled(model, prompts):
+        return sample(model, *prompts, dit.empty_latent(2), seed=3, cfg=family.cfg, **SAMPLING)
+    plain_controlled = sampled(family.model, controlled)
+    assert torch.equal(sampled(family.calibrated(strength=0.0), controlled), plain_controlled)
+    calibrated_controlled = sampled(family.calibrated(), controlled)
+    assert rel_change(calibrated_controlled, plain_controlled) > 1e-3
+    assert rel_change(calibrated_controlled, sampled(family.calibrated(), (positive, negative))) > 1e-3
+
+
+def test_sd35_medium_leaves_its_image_only_attention_alone(comfy, monkeypatch):
+    """SD3.5 Medium (MMDiT-X): its joint attentions are calibrated, its second, image-only attention (no text
+    keys) is not."""
+    from harness import dit
+    family = Family("sd35", comfy)
+    family.model = dit.sd35_model("medium")
+    joint = pack_module("attention.joint")
+    lengths = []
+    original = joint._cross_view
+
+    def recording(queries, k, *args):
+        lengths.append(k.shape[1])
+        return original(queries, k, *args)
+    monkeypatch.setattr(joint, "_cross_view", recording)
+    base = family.sample(family.model)
+    assert torch.equal(family.sample(family.calibrated(strength=0.0)), base)
+    assert rel_change(family.sample(family.calibrated()), base) > 1e-3
+    image_tokens = (64 // 8 // 2) ** 2
+    assert lengths and all(length > image_tokens for length in lengths)
+    assert len(lengths) == 2 * dit.SD35_DIT["depth"]  # 2 steps x 3 joint blocks, one cond+uncond batch each
