@@ -153,22 +153,27 @@ class CalibratedCrossAttention(AttentionProcessor):
         first = call.text_keys.start
         keys = [([first + p for p in repeated_positions(c.modifier, self.prompt_length, repeats)],
                  [first + p for p in repeated_positions(c.word, self.prompt_length, repeats)]) for c in self.concepts]
-        rows = torch.tensor(cond_rows, device=logits.device)
-        sub = logits[rows]
-        probs = sub.softmax(-1).mean(1)  # (b, Nq, keys): the softmax over every key of the call
-        batch, queries = probs.shape[:2]
+        heads, queries = logits.shape[1:3]
         height, width = call.query_grid
         if height * width != queries:
             raise ValueError(f"{self.node_name}: cannot lay {queries} queries out on the layer's {height}x{width} grid")
-        class_maps = [process_maps(probs[..., word].mean(-1).view(batch, height, width), suppress=True).flatten(1)
-                      for _modifier, word in keys]
-        edit = torch.zeros_like(probs)
+        # Only the concepts' columns are read and edited: a DiT's joint logits hold thousands of image keys, so
+        # the softmax goes one head at a time and nothing else of the logits' size is made but the edited copy.
+        read = sorted({k for _modifier, word in keys for k in word})
+        written = sorted({k for modifier, word in keys for k in modifier + word})
+        rows = torch.tensor(cond_rows, device=logits.device)
+        word_probs = sum(logits[rows, head].softmax(-1)[..., read] for head in range(heads)) / heads  # (b, Nq, read)
+        class_maps = [process_maps(word_probs[..., [read.index(k) for k in word]].mean(-1).view(-1, height, width),
+                                   suppress=True).flatten(1) for _modifier, word in keys]
+        edit = word_probs.new_zeros(len(cond_rows), queries, len(written))
         for i, (modifier, word) in enumerate(keys):
-            edit[..., modifier] += (self.strength * (2 * class_maps[i] - 1))[..., None]
+            edit[..., [written.index(k) for k in modifier]] += (self.strength * (2 * class_maps[i] - 1))[..., None]
             for j, other in enumerate(class_maps):
                 if j != i:
                     penalty = (self.strength * (other - class_maps[i]).clamp_min(0))[..., None]
-                    edit[..., modifier + word] -= penalty
+                    edit[..., [written.index(k) for k in modifier + word]] -= penalty
         edited = logits.clone()
-        edited[rows] = sub + edit[:, None]
+        columns = torch.tensor(written, device=logits.device)
+        for row, row_edit in zip(cond_rows, edit):
+            edited[row].index_add_(-1, columns, row_edit.to(edited.dtype).expand(heads, -1, -1))
         return edited

@@ -23,7 +23,8 @@ Processor interface (override what a technique needs; the rest are no-ops):
     Edits of the projected text keys/values before anything else uses them (DisenDiff training
     detaches the start-of-text rows so they send no gradient into W_K/W_V).
 ``edit_logits(logits, call) -> logits``   (attn2)
-    Edits of the ``(B, heads, Nq, Nk)`` logits before the softmax (DisenDiff calibration). The text
+    Edits of the ``(B, heads, Nq, Nk)`` logits before the softmax (DisenDiff calibration), returned as a new
+    tensor; the argument stays as it is. The text
     context's tokens are the key columns ``call.text_keys``; the queries lie on ``call.query_grid``.
 ``read_probs(probs, call) -> None``   (attn2)
     Reads the attention probabilities (RealCustom word mask, previews). Must keep only reduced

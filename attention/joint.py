@@ -142,11 +142,11 @@ class JointAttentionDispatcher:
         context = (k[:, :text], v[:, :text]) if text else None
         grid = layout.image_tokens
         if crossing:
-            context, logits, edits = _cross_view(q[:, text:text + grid], k, v, text, call, crossing, bool(owners))
+            context, logits, plain = _cross_view(q[:, text:text + grid], k, v, text, call, crossing, bool(owners))
         if owners:
             call.context = context
             if crossing:
-                call.context_bias = _text_bias(edits, text, q.shape[1] - text, owners[0], crossing)
+                call.context_bias = _text_bias(logits, plain, text, q.shape[1] - text, owners[0], crossing)
             image_out = owners[0].self_attention(q[:, text:], k[:, text:], v[:, text:], call)
         else:
             values = torch.cat([context[1], v[:, text:]], dim=1)
@@ -236,13 +236,14 @@ def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_ed
     """The cross view of a joint call for the processors ``crossing``: the text keys/values after their
     ``edit_key_values``, the logits ``(B, heads, N, L)`` (float32) of the latent's image queries against the
     joint keys ``[text | image]`` after their ``edit_logits``, their ``read_probs`` served with the softmax of
-    those logits, and (``keep_edits``) what the edits added to the logits."""
+    those logits, and (``keep_edits``) the logits before the edits (processors return edited logits and leave
+    their argument as it is, so no copy is needed)."""
     text_keys, text_values = k[:, :text], v[:, :text]
     for processor in crossing:
         if processor.overrides("edit_key_values"):
             text_keys, text_values = processor.edit_key_values(text_keys, text_values, call)
     logits = attention_logits(queries, torch.cat([text_keys, k[:, text:]], dim=1), call.heads)
-    plain = logits.clone() if keep_edits else None
+    plain = logits
     for processor in crossing:
         if processor.overrides("edit_logits"):
             logits = processor.edit_logits(logits, call)
@@ -251,17 +252,17 @@ def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_ed
         probs = logits.softmax(dim=-1)
         for processor in readers:
             processor.read_probs(probs, call)
-    return (text_keys, text_values), logits, (logits - plain if keep_edits else None)
+    return (text_keys, text_values), logits, (plain if keep_edits else None)
 
 
-def _text_bias(edits, text: int, image_rows: int, owner, crossing):
-    """The cross view's logit edits as a bias ``(B, heads, image rows, text)`` on the text columns of a
-    self-attention owner's softmax (zero for image rows after the latent's); edits of image columns cannot
-    move into another softmax over other image keys."""
-    if edits[..., text:].any():
+def _text_bias(logits, plain, text: int, image_rows: int, owner, crossing):
+    """What the cross view's edits added to the ``plain`` logits, as a bias ``(B, heads, image rows, text)`` on the
+    text columns of a self-attention owner's softmax (zero for image rows after the latent's); edits of image
+    columns cannot move into another softmax over other image keys."""
+    if not torch.equal(logits[..., text:], plain[..., text:]):
         editor = next(p for p in crossing if p.overrides("edit_logits"))
         raise AttentionConflictError(
             f"{editor.node_name} edits the image-key logits of a joint attention that {owner.node_name} replaces; "
             "apply only one of them to these blocks.")
-    bias = edits[..., :text]
+    bias = logits[..., :text] - plain[..., :text]
     return torch.nn.functional.pad(bias, (0, 0, 0, image_rows - bias.shape[2])) if image_rows > bias.shape[2] else bias

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from personalization_nodes.attention.disendiff import CONTEXT_TOKENS_KEY, CalibratedCrossAttention, Concept
 from harness.comfy_env import pack_module
 from personalization_nodes.attention.dispatcher import (CHAIN_KEY, CROSS_ATTENTION, AttentionConflictError,
-                                                       AttentionProcessor, ProcessorChain, attention_logits)
+                                                       AttentionProcessor, ProcessorChain)
 from personalization_nodes.attention.joint import LAYOUT_KEY, JointAttentionDispatcher, JointLayout
 from personalization_nodes.attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
 
@@ -342,12 +342,12 @@ def test_the_edit_is_the_cond_rows_only(family, monkeypatch):
     edited_rows = []
     original = joint._cross_view
 
-    def recording(queries, k, v, text, call, crossing, keep_edits):
-        context, logits, edits = original(queries, k, v, text, call, crossing, True)
-        plain = attention_logits(queries, torch.cat([context[0], k[:, text:]], dim=1), call.heads)
-        edited_rows.append(tuple(call.cond_or_uncond[row // (logits.shape[0] // len(call.cond_or_uncond))] for row
-                                 in range(logits.shape[0]) if (logits[row] - plain[row]).abs().max() > 0))
-        return context, logits, edits if keep_edits else None
+    def recording(queries, k, v, text, call, crossing, keep_plain):
+        context, logits, plain = original(queries, k, v, text, call, crossing, True)
+        per_chunk = logits.shape[0] // len(call.cond_or_uncond)
+        edited_rows.append(tuple(call.cond_or_uncond[row // per_chunk] for row in range(logits.shape[0])
+                                 if not torch.equal(logits[row], plain[row])))
+        return context, logits, plain if keep_plain else None
     monkeypatch.setattr(joint, "_cross_view", recording)
     family.sample(family.calibrated())
     assert edited_rows and all(rows == (0, 0) for rows in edited_rows)
