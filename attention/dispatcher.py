@@ -195,7 +195,7 @@ class AttentionCall:
 
     def __init__(self, options: dict, attention: AttentionFn, batch: int, heads: int, dim_head: int,
                  block: Optional[BlockKey], context: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 attn_precision=None):
+                 attn_precision=None, query_grid: Optional[tuple[int, int]] = None):
         self.options = options
         self.heads, self.dim_head, self.block = heads, dim_head, block
         self.cond_or_uncond: tuple[int, ...] = tuple(options.get("cond_or_uncond") or ())
@@ -210,7 +210,7 @@ class AttentionCall:
         #: gets (U-Net: all text keys, before any extra keys; DiT: the conditioning's tokens of the joint keys)
         self.text_keys: Optional[slice] = None
         #: (rows, columns) of the query tokens when the dispatcher knows them (DiT), else read from ComfyUI
-        self._query_grid: Optional[tuple[int, int]] = None
+        self._query_grid = query_grid
         self._attention = attention
         self._attn_precision = attn_precision
         self._sigma: Optional[float] = None

@@ -113,7 +113,7 @@ class JointAttentionDispatcher:
         text = self._text_tokens(length, layout, block_type)
         block = (block_type, int(options.get("block_index", 0)), 0)
         call = AttentionCall(options, func, q.shape[0], heads, (q.shape[-1] if batched_heads else q.shape[-1] // heads),
-                             block, attn_precision=kwargs.get("attn_precision"))
+                             block, attn_precision=kwargs.get("attn_precision"), query_grid=layout.image_grid)
         owners = [p for p in chain.at(SELF_ATTENTION) if p.active(call)]
         # an image-only attention has no text keys: nothing of a cross view
         crossing = [p for p in chain.at(CROSS_ATTENTION) if p.active(call)] if text else []
@@ -138,7 +138,6 @@ class JointAttentionDispatcher:
                                          "the pack does not do on joint (DiT) attention.")
         q, k, v = (merge_heads(t) if batched_heads else t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v))
         call.text_keys = slice(layout.register_tokens, text)
-        call._query_grid = layout.image_grid
         context = (k[:, :text], v[:, :text]) if text else None
         grid = layout.image_tokens
         if crossing:
@@ -232,11 +231,11 @@ def overwritten_joint_entries(transformer_options: dict):
 _NOT_ON_JOINT_ATTENTION = ("extra_key_values", "parallel_output")
 
 
-def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_edits: bool):
+def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_plain: bool):
     """The cross view of a joint call for the processors ``crossing``: the text keys/values after their
     ``edit_key_values``, the logits ``(B, heads, N, L)`` (float32) of the latent's image queries against the
     joint keys ``[text | image]`` after their ``edit_logits``, their ``read_probs`` served with the softmax of
-    those logits, and (``keep_edits``) the logits before the edits (processors return edited logits and leave
+    those logits, and (``keep_plain``) the logits before the edits (processors return edited logits and leave
     their argument as it is, so no copy is needed)."""
     text_keys, text_values = k[:, :text], v[:, :text]
     for processor in crossing:
@@ -252,7 +251,7 @@ def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_ed
         probs = logits.softmax(dim=-1)
         for processor in readers:
             processor.read_probs(probs, call)
-    return (text_keys, text_values), logits, (plain if keep_edits else None)
+    return (text_keys, text_values), logits, (plain if keep_plain else None)
 
 
 def _text_bias(logits, plain, text: int, image_rows: int, owner, crossing):
