@@ -108,8 +108,13 @@ class CalibratedCrossAttention(AttentionProcessor):
     it uses its own.
 
     Concept positions are tokens of the node's prompt (``prompt_length`` tokens); the text keys of a call
-    are that prompt, repeated when ComfyUI padded the cond to a longer one, and their count comes from
-    ``CONTEXT_TOKENS_KEY``. A call whose text cannot hold the positions is an error, never a silent no-op.
+    (from column ``call.text_keys.start`` on) are that prompt, repeated when ComfyUI padded the cond to a
+    longer one, and their count comes from ``CONTEXT_TOKENS_KEY``, set by the node's prompt check. A call
+    whose text cannot hold the positions is an error, never a silent no-op.
+
+    On a DiT the logits are the cross view of the joint attention (``attention.joint``): the latent's image
+    queries against ``[text | image]`` keys with one softmax, so the maps are the probabilities on the
+    words' text columns within it, and only text columns are edited.
     ``strength`` 0 makes the processor inactive, so sampling is exactly the plain one.
     """
 
@@ -125,43 +130,50 @@ class CalibratedCrossAttention(AttentionProcessor):
     def active(self, call):
         return self.strength != 0 and sigma_in_range(call.sigma, self.sigma_start, self.sigma_end)
 
-    def text_repeats(self, call, n_keys: int) -> int:
+    def text_repeats(self, call) -> int:
         """How many times the prompt fills the call's text keys (ComfyUI repeats a shorter cond)."""
         text_tokens = call.options.get(CONTEXT_TOKENS_KEY)
         if text_tokens is None:
             raise RuntimeError(f"{self.node_name}: this cross-attention call came without the length of its text "
                                "context; the node's sampling wrapper did not run (sample the MODEL with a sampler "
                                "node).")
+        text_keys = call.text_keys.stop - call.text_keys.start
         last = max(p for c in self.concepts for p in c.modifier + c.word)
-        if last >= self.prompt_length or text_tokens % self.prompt_length or text_tokens > n_keys:
+        if last >= self.prompt_length or text_tokens % self.prompt_length or text_tokens > text_keys:
             raise ValueError(f"{self.node_name}: the concepts sit at tokens up to {last} of the node's prompt "
-                             f"({self.prompt_length} tokens), but this cross-attention call has {text_tokens} text "
-                             f"tokens among {n_keys} keys; give the node the prompt of the positive conditioning.")
+                             f"({self.prompt_length} tokens), but this attention call has {text_tokens} text "
+                             f"tokens among {text_keys} keys; give the node the prompt of the positive conditioning.")
         return text_tokens // self.prompt_length
 
     def edit_logits(self, logits, call):
         cond_rows = cond_row_indices(call.cond_or_uncond, logits.shape[0])
         if not cond_rows:
             return logits
-        repeats = self.text_repeats(call, logits.shape[-1])
-        keys = [(repeated_positions(c.modifier, self.prompt_length, repeats),
-                 repeated_positions(c.word, self.prompt_length, repeats)) for c in self.concepts]
-        rows = torch.tensor(cond_rows, device=logits.device)
-        sub = logits[rows]
-        probs = sub.softmax(-1).mean(1)  # (b, Nq, keys)
-        batch, queries = probs.shape[:2]
-        height, width = call.options["activations_shape"][-2:]
+        repeats = self.text_repeats(call)
+        first = call.text_keys.start
+        keys = [([first + p for p in repeated_positions(c.modifier, self.prompt_length, repeats)],
+                 [first + p for p in repeated_positions(c.word, self.prompt_length, repeats)]) for c in self.concepts]
+        heads, queries = logits.shape[1:3]
+        height, width = call.query_grid
         if height * width != queries:
             raise ValueError(f"{self.node_name}: cannot lay {queries} queries out on the layer's {height}x{width} grid")
-        class_maps = [process_maps(probs[..., word].mean(-1).view(batch, height, width), suppress=True).flatten(1)
-                      for _modifier, word in keys]
-        edit = torch.zeros_like(probs)
+        # Only the concepts' columns are read and edited: a DiT's joint logits hold thousands of image keys, so
+        # the softmax goes one head at a time and nothing else of the logits' size is made but the edited copy.
+        read = sorted({k for _modifier, word in keys for k in word})
+        written = sorted({k for modifier, word in keys for k in modifier + word})
+        rows = torch.tensor(cond_rows, device=logits.device)
+        word_probs = sum(logits[rows, head].softmax(-1)[..., read] for head in range(heads)) / heads  # (b, Nq, read)
+        class_maps = [process_maps(word_probs[..., [read.index(k) for k in word]].mean(-1).view(-1, height, width),
+                                   suppress=True).flatten(1) for _modifier, word in keys]
+        edit = word_probs.new_zeros(len(cond_rows), queries, len(written))
         for i, (modifier, word) in enumerate(keys):
-            edit[..., modifier] += (self.strength * (2 * class_maps[i] - 1))[..., None]
+            edit[..., [written.index(k) for k in modifier]] += (self.strength * (2 * class_maps[i] - 1))[..., None]
             for j, other in enumerate(class_maps):
                 if j != i:
                     penalty = (self.strength * (other - class_maps[i]).clamp_min(0))[..., None]
-                    edit[..., modifier + word] -= penalty
+                    edit[..., [written.index(k) for k in modifier + word]] -= penalty
         edited = logits.clone()
-        edited[rows] = sub + edit[:, None]
+        columns = torch.tensor(written, device=logits.device)
+        for row, row_edit in zip(cond_rows, edit):
+            edited[row].index_add_(-1, columns, row_edit.to(edited.dtype).expand(heads, -1, -1))
         return edited

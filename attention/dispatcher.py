@@ -23,10 +23,17 @@ Processor interface (override what a technique needs; the rest are no-ops):
     Edits of the projected text keys/values before anything else uses them (DisenDiff training
     detaches the start-of-text rows so they send no gradient into W_K/W_V).
 ``edit_logits(logits, call) -> logits``   (attn2)
-    Edits of the ``(B, heads, Nq, Nk)`` logits before the softmax (DisenDiff calibration).
+    Edits of the ``(B, heads, Nq, Nk)`` logits before the softmax (DisenDiff calibration), returned as a new
+    tensor; the argument stays as it is. The text
+    context's tokens are the key columns ``call.text_keys``; the queries lie on ``call.query_grid``.
 ``read_probs(probs, call) -> None``   (attn2)
     Reads the attention probabilities (RealCustom word mask, previews). Must keep only reduced
     maps, never the full tensor.
+
+On a DiT the cross-attention hooks get the *cross view* of the joint attention (see :mod:`.joint`):
+the image-token queries against the joint keys ``[text | image]``, one softmax over all of them, the
+text columns named by ``call.text_keys``; a processor that reads and edits columns ``call.text_keys``
+and lays queries out on ``call.query_grid`` runs on every family unchanged.
 ``parallel_output(q, call) -> Tensor | None``   (attn2)
     An output added to the attention output, already gated (RealCustom image branch).
 
@@ -188,7 +195,7 @@ class AttentionCall:
 
     def __init__(self, options: dict, attention: AttentionFn, batch: int, heads: int, dim_head: int,
                  block: Optional[BlockKey], context: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 attn_precision=None):
+                 attn_precision=None, query_grid: Optional[tuple[int, int]] = None):
         self.options = options
         self.heads, self.dim_head, self.block = heads, dim_head, block
         self.cond_or_uncond: tuple[int, ...] = tuple(options.get("cond_or_uncond") or ())
@@ -196,6 +203,14 @@ class AttentionCall:
         #: (keys, values) every query of a self-attention view also attends to, unshared (a DiT's text
         #: tokens of the same sample); None on a U-Net
         self.context = context
+        #: ``(B, heads, Nq, T)`` logits a self-attention view adds to its queries' logits of the ``context`` keys:
+        #: the edits of cross-attention processors sharing the joint call of a DiT (see :mod:`.joint`); else None
+        self.context_bias: Optional[torch.Tensor] = None
+        #: key columns of the text context's tokens in the logits/probabilities a cross-attention processor
+        #: gets (U-Net: all text keys, before any extra keys; DiT: the conditioning's tokens of the joint keys)
+        self.text_keys: Optional[slice] = None
+        #: (rows, columns) of the query tokens when the dispatcher knows them (DiT), else read from ComfyUI
+        self._query_grid = query_grid
         self._attention = attention
         self._attn_precision = attn_precision
         self._sigma: Optional[float] = None
@@ -214,6 +229,15 @@ class AttentionCall:
         if self._sigma is None and self.options.get("sigmas") is not None:
             self._sigma = float(self.options["sigmas"].max())
         return self._sigma
+
+    @property
+    def query_grid(self) -> tuple[int, int]:
+        """(rows, columns) the queries of this call lie on, row-major: the latent's token grid of a DiT, the
+        feature map of a U-Net layer."""
+        if self._query_grid is not None:
+            return self._query_grid
+        height, width = self.options["activations_shape"][-2:]
+        return int(height), int(width)
 
     @property
     def hidden_states(self) -> torch.Tensor:
@@ -290,6 +314,7 @@ class AttentionDispatcher:
         return owners[0].self_attention(q, k, v, call) if owners else self._base(q, k, v, call)
 
     def _cross_attention(self, q, k, v, call, processors):
+        call.text_keys = slice(0, k.shape[1])
         for processor in processors:
             if processor.overrides("edit_key_values"):
                 k, v = processor.edit_key_values(k, v, call)

@@ -10,7 +10,24 @@ use, and hands each the view of the call it knows from the U-Net:
 - ``SELF_ATTENTION`` processors (StyleAligned) get the image-token self-attention: the image tokens'
   q/k/v as ``(B, N, heads * d)``, with the sample's own text keys/values as ``call.context``, since in the
   joint softmax image queries see both. Text queries are computed as without the pack.
-- ``CROSS_ATTENTION`` processors are not served on DiT models yet; their nodes refuse DiT models.
+- ``CROSS_ATTENTION`` processors get the *cross view*: ``edit_key_values`` the text keys/values (the
+  tokens in front of the image tokens), then ``edit_logits`` and ``read_probs`` the ``(B, heads, N, L)``
+  logits / probabilities of the sampled latent's N image queries against ALL joint keys ``[text | image]``,
+  one softmax over them, as in the unpatched joint attention. ``call.text_keys`` is the slice of columns
+  holding the conditioning's tokens (after SD3's register tokens, if any) and ``call.query_grid`` the
+  latent's token grid, so a processor written for a U-Net attn2 (whose logits are its text keys, the same
+  ``call.text_keys`` and ``call.query_grid``) runs here unchanged; what changes is only that its softmax also
+  covers the image keys, which is what the DiT attends with. The image output is that softmax times
+  ``[text values | image values]``. Text queries, image tokens after the latent's (Flux Kontext's
+  references) and image-only calls (no text keys) are computed as without the pack. Edits of the logits
+  of the image keys are allowed only when no self-attention owner takes the call (below).
+  ``extra_key_values`` and ``parallel_output`` are not served on joint attention yet.
+- Both in one call (StyleAligned and DisenDiff's calibration on the same block): the cross view runs on
+  the plain joint keys, and what its edits added to the text-key logits reaches the self-attention owner as
+  ``call.context_bias`` ``(B, heads, N, T)``, which it adds to its queries' logits of ``call.context`` (its
+  softmax also holds the reference's image keys, which the cross view's maps do not see). The order of the
+  nodes does not matter. An edit of image-key logits cannot move into the owner's softmax, whose image keys
+  differ, and raises :class:`~.dispatcher.AttentionConflictError`.
 
 What the dispatcher knows of each call, and from where:
 
@@ -27,9 +44,9 @@ What the dispatcher knows of each call, and from where:
 - the cond/uncond layout and the sigma, from transformer_options as on the U-Net.
 
 Another pack's override installed before ours is kept as ``inner`` and called for every call none of our
-processors takes part in; a processor that replaces attention cannot compose with it and raises
-:class:`~.dispatcher.AttentionConflictError` naming both. An override installed after ours replaces it; the
-node glue then refuses to sample (see ``nodes.patching``).
+processors takes part in; a processor that replaces attention or edits its softmax cannot compose with it
+and raises :class:`~.dispatcher.AttentionConflictError` naming both. An override installed after ours
+replaces it; the node glue then refuses to sample (see ``nodes.patching``).
 """
 from __future__ import annotations
 
@@ -38,8 +55,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .dispatcher import (CHAIN_KEY, SELF_ATTENTION, AttentionCall, AttentionConflictError, ProcessorChain,
-                         describe_foreign)
+from .dispatcher import (CHAIN_KEY, CROSS_ATTENTION, SELF_ATTENTION, AttentionCall, AttentionConflictError,
+                         ProcessorChain, attention_logits, describe_foreign)
 from .sdpa import merge_heads, split_heads
 
 #: transformer_options key of the attention override ComfyUI's wrap_attn calls
@@ -58,6 +75,8 @@ class JointLayout:
     text_tokens: int
     #: token grid (rows, columns) of the sampled latent: the first image tokens
     image_grid: tuple[int, int]
+    #: of the text tokens, the learned register tokens in front of the conditioning's (SD3's register_length)
+    register_tokens: int = 0
 
     @property
     def image_tokens(self) -> int:
@@ -94,27 +113,46 @@ class JointAttentionDispatcher:
         text = self._text_tokens(length, layout, block_type)
         block = (block_type, int(options.get("block_index", 0)), 0)
         call = AttentionCall(options, func, q.shape[0], heads, (q.shape[-1] if batched_heads else q.shape[-1] // heads),
-                             block, attn_precision=kwargs.get("attn_precision"))
+                             block, attn_precision=kwargs.get("attn_precision"), query_grid=layout.image_grid)
         owners = [p for p in chain.at(SELF_ATTENTION) if p.active(call)]
-        if not owners:
+        # an image-only attention has no text keys: nothing of a cross view
+        crossing = [p for p in chain.at(CROSS_ATTENTION) if p.active(call)] if text else []
+        if not owners and not crossing:
             return self._base(func, args, kwargs)
+        taking_part = (owners + crossing)[0].node_name
         if len(owners) > 1:
             raise AttentionConflictError(
                 f"{owners[0].node_name} and {owners[1].node_name} both replace self-attention in block "
                 f"{block[0]}:{block[1]}; use one of them per model.")
         if self.inner is not None:
             raise AttentionConflictError(
-                f"{owners[0].node_name} replaces attention in block {block[0]}:{block[1]}, but "
+                f"{taking_part} {'replaces' if owners else 'changes'} attention in block {block[0]}:{block[1]}, but "
                 f"{describe_foreign(self.inner)} already overrides DiT attention; apply only one of them to this model.")
         if kwargs.get("mask") is not None:
             raise AttentionConflictError(
-                f"{owners[0].node_name} cannot share attention in a call with an attention mask (block "
+                f"{taking_part} cannot change attention in a call with an attention mask (block "
                 f"{block[0]}:{block[1]}); remove the conditioning's attention mask or this node.")
+        unserved = [p for p in crossing if any(p.overrides(hook) for hook in _NOT_ON_JOINT_ATTENTION)]
+        if unserved:
+            raise AttentionConflictError(f"{unserved[0].node_name} adds keys or outputs to cross-attention, which "
+                                         "the pack does not do on joint (DiT) attention.")
         q, k, v = (merge_heads(t) if batched_heads else t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v))
-        call.context = (k[:, :text], v[:, :text]) if text else None
-        out = owners[0].self_attention(q[:, text:], k[:, text:], v[:, text:], call)
-        if text:
-            out = torch.cat([call.attention(q[:, :text], k, v), out.to(q.dtype)], dim=1)
+        call.text_keys = slice(layout.register_tokens, text)
+        context = (k[:, :text], v[:, :text]) if text else None
+        grid = layout.image_tokens
+        if crossing:
+            context, logits, plain = _cross_view(q[:, text:text + grid], k, v, text, call, crossing, bool(owners))
+        if owners:
+            call.context = context
+            if crossing:
+                call.context_bias = _text_bias(logits, plain, text, q.shape[1] - text, owners[0], crossing)
+            image_out = owners[0].self_attention(q[:, text:], k[:, text:], v[:, text:], call)
+        else:
+            values = torch.cat([context[1], v[:, text:]], dim=1)
+            image_out = merge_heads(logits.softmax(dim=-1).to(values.dtype) @ split_heads(values, heads))
+            if q.shape[1] > text + grid:  # image tokens after the latent's (Flux Kontext's references): plain
+                image_out = torch.cat([image_out, call.attention(q[:, text + grid:], k, v)], dim=1)
+        out = torch.cat([call.attention(q[:, :text], k, v), image_out.to(q.dtype)], dim=1) if text else image_out
         return split_heads(out, heads) if kwargs.get("skip_output_reshape") else out
 
     @staticmethod
@@ -149,7 +187,7 @@ def joint_layout(latent_shape, context_tokens: int, patch_size: int, register_to
     put learned register tokens, if any (SD3's register_length), in front of the text."""
     height, width = latent_shape[-2:]
     return JointLayout(text_tokens=register_tokens + context_tokens,
-                       image_grid=(-(-height // patch_size), -(-width // patch_size)))
+                       image_grid=(-(-height // patch_size), -(-width // patch_size)), register_tokens=register_tokens)
 
 
 class BlockMarker:
@@ -187,3 +225,43 @@ def overwritten_joint_entries(transformer_options: dict):
             entry = transformer_options.get("patches_replace", {}).get("dit", {}).get(key)
             if not isinstance(entry, BlockMarker):
                 yield point, key, entry
+
+
+#: cross-attention hooks the cross view does not serve (their nodes refuse DiT models)
+_NOT_ON_JOINT_ATTENTION = ("extra_key_values", "parallel_output")
+
+
+def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_plain: bool):
+    """The cross view of a joint call for the processors ``crossing``: the text keys/values after their
+    ``edit_key_values``, the logits ``(B, heads, N, L)`` (float32) of the latent's image queries against the
+    joint keys ``[text | image]`` after their ``edit_logits``, their ``read_probs`` served with the softmax of
+    those logits, and (``keep_plain``) the logits before the edits (processors return edited logits and leave
+    their argument as it is, so no copy is needed)."""
+    text_keys, text_values = k[:, :text], v[:, :text]
+    for processor in crossing:
+        if processor.overrides("edit_key_values"):
+            text_keys, text_values = processor.edit_key_values(text_keys, text_values, call)
+    logits = attention_logits(queries, torch.cat([text_keys, k[:, text:]], dim=1), call.heads)
+    plain = logits
+    for processor in crossing:
+        if processor.overrides("edit_logits"):
+            logits = processor.edit_logits(logits, call)
+    readers = [p for p in crossing if p.overrides("read_probs")]
+    if readers:
+        probs = logits.softmax(dim=-1)
+        for processor in readers:
+            processor.read_probs(probs, call)
+    return (text_keys, text_values), logits, (plain if keep_plain else None)
+
+
+def _text_bias(logits, plain, text: int, image_rows: int, owner, crossing):
+    """What the cross view's edits added to the ``plain`` logits, as a bias ``(B, heads, image rows, text)`` on the
+    text columns of a self-attention owner's softmax (zero for image rows after the latent's); edits of image
+    columns cannot move into another softmax over other image keys."""
+    if not torch.equal(logits[..., text:], plain[..., text:]):
+        editor = next(p for p in crossing if p.overrides("edit_logits"))
+        raise AttentionConflictError(
+            f"{editor.node_name} edits the image-key logits of a joint attention that {owner.node_name} replaces; "
+            "apply only one of them to these blocks.")
+    bias = logits[..., :text] - plain[..., :text]
+    return torch.nn.functional.pad(bias, (0, 0, 0, image_rows - bias.shape[2])) if image_rows > bias.shape[2] else bias

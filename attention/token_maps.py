@@ -1,7 +1,7 @@
 """Cross-attention maps of prompt tokens, captured while the U-Net runs.
 
-Used by DisenDiff (calibration loss while training, map preview while sampling) and by DETEX's
-optional attention regulariser. A map is a token's attention probability over the image queries,
+Used by DisenDiff (calibration loss while training, map preview while sampling, the latter on DiTs too)
+and by DETEX's optional attention regulariser. A map is a token's attention probability over the image queries,
 averaged over the heads of a layer and then over the *map layers*: the cross-attention blocks of the
 deepest U-Net level outside the middle block (SD1.5 at 512 px: the five 16×16 layers, DisenDiff's
 and Break-A-Scene's choice). :func:`map_block_keys` picks that level from the block list (channels),
@@ -9,7 +9,6 @@ so SDXL and other resolutions get the equivalent layers instead of silently none
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -29,20 +28,10 @@ def map_block_keys(blocks: Sequence[TransformerBlock]) -> frozenset[BlockKey]:
     return frozenset(b.key for b in candidates if b.channels == deepest)
 
 
-def to_spatial(maps: torch.Tensor, latent_shape: Sequence[int]) -> torch.Tensor:
-    """``(B, Nq, T)`` maps of one layer → ``(B, T, h, w)`` using the latent's aspect ratio."""
-    height, width = latent_shape[-2:]
-    downscale = math.sqrt(height * width / maps.shape[1])
-    h, w = round(height / downscale), round(width / downscale)
-    if h * w != maps.shape[1]:
-        raise ValueError(f"cannot lay {maps.shape[1]} queries out on a {height}x{width} latent")
-    return maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], h, w)
-
-
 @dataclass(eq=False)
 class MapRecorder(AttentionProcessor):
-    """Keeps the head-mean probabilities ``(b, T, h, w)`` of the cond rows of every call of the
-    ``blocks`` layers (every row of a trainer's call, which has no uncond), with their autograd graph
+    """Keeps the head-mean probabilities ``(b, T, h, w)`` of the text keys (``call.text_keys``: on a DiT the
+    conditioning's columns of the joint softmax) of the cond rows of every call of the ``blocks`` layers (every row of a trainer's call, which has no uncond), with their autograd graph
     when gradients are on, so a trainer can put a loss on them. Whoever reads the maps clears
     ``maps`` before the next U-Net call; :meth:`layer_mean` averages over the recorded calls.
 
@@ -62,7 +51,8 @@ class MapRecorder(AttentionProcessor):
         rows = cond_row_indices(call.cond_or_uncond, probs.shape[0])
         if rows:
             selected = probs if len(rows) == probs.shape[0] else probs[rows]  # no copy when all rows are cond
-            self.maps.append(to_spatial(selected.mean(1), call.options["original_shape"]))
+            maps = selected[..., call.text_keys].mean(1)  # (b, queries, T)
+            self.maps.append(maps.transpose(1, 2).reshape(*maps.shape[::2], *call.query_grid))
 
     def layer_mean(self) -> torch.Tensor:
         """``(b, T, h, w)``: the recorded maps averaged over the layer calls."""

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import folder_paths
 import torch
 
+from ..attention.blocks import ALL_FAMILIES, Family
 from ..attention.custom_diffusion import StartTokenDetach
 from ..attention.disendiff import CONTEXT_TOKENS_KEY, CalibratedCrossAttention, Concept, min_max
 from ..attention.dispatcher import CHAIN_KEY
@@ -342,6 +343,11 @@ class CalibratedCrossAttn(io.ComfyNode):
     is another prompt), modifiers and class_words (comma lists in prompt order, e.g.
     "embedding:pair_new1, embedding:pair_new2" and "man, woman"), strength (0 = plain sampling exactly;
     0.5–2 typical), start/end percent. Works with trained or stock models.
+
+    Families: SD1.5/SD2/SDXL, Flux and SD3/SD3.5. On a DiT the edit is made on the image-query x text-key
+    logits of every block's joint attention, inside its one softmax over text and image keys (text queries
+    and image keys untouched); the words are found in the DiT's text sequence (Flux: T5 tokens; SD3:
+    CLIP-L/G tokens, then T5's), and modifiers must be words of the prompt (no embeddings).
     """
 
     @classmethod
@@ -352,12 +358,12 @@ class CalibratedCrossAttn(io.ComfyNode):
             category=CATEGORY,
             description="Bind each modifier token's attention to its class word and separate the concepts while sampling.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5/SDXL model (e.g. with the DisenDiff LoRA); left unchanged."),
-                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt (finds the token positions)."),
+                io.Model.Input("model", tooltip="SD1.5/SDXL (e.g. with the DisenDiff LoRA), Flux or SD3/SD3.5 model; left unchanged."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt (finds the token positions; T5 on Flux/SD3)."),
                 io.String.Input("prompt", multiline=True, default="photo of a embedding:disendiff_pair_new1 man and embedding:disendiff_pair_new2 woman",
                                 tooltip="The positive prompt, exactly as encoded for sampling (another one stops sampling with an error)."),
                 io.String.Input("modifiers", default="embedding:disendiff_pair_new1, embedding:disendiff_pair_new2",
-                                tooltip="Modifier words or embeddings, one per concept, comma separated."),
+                                tooltip="Modifier words or (U-Net only) embeddings, one per concept, comma separated."),
                 io.String.Input("class_words", default="man, woman", tooltip="Class word of each concept, same order."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=5.0, step=0.05,
                                tooltip="Calibration strength in logit units; 0 = plain sampling."),
@@ -376,45 +382,48 @@ class CalibratedCrossAttn(io.ComfyNode):
         if len(mods) != len(words) or len(words) < 2:
             raise ValueError(f"CalibratedCrossAttn needs 2+ concepts with one modifier per class word; got "
                              f"modifiers {mods} and class words {words}")
-        concepts = tuple(Concept(_positions(clip, prompt, m), _positions(clip, prompt, w)) for m, w in zip(mods, words))
+        blocks = [b for b in transformer_blocks(model, "CalibratedCrossAttn", ALL_FAMILIES) if b.has_cross_attention]
+        encoded = clip.encode_from_tokens(clip.tokenize(prompt)).float().to(comfy.model_management.intermediate_device())
+        concepts = tuple(Concept(_positions(clip, prompt, m, encoded.shape[1], blocks[0].family),
+                                 _positions(clip, prompt, w, encoded.shape[1], blocks[0].family))
+                         for m, w in zip(mods, words))
         sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         m = model.clone()
-        blocks = [b for b in transformer_blocks(m, "CalibratedCrossAttn") if b.has_cross_attention]
-        encoded = clip.encode_from_tokens(clip.tokenize(prompt)).float().to(comfy.model_management.intermediate_device())
         add_attention_processor(m, CalibratedCrossAttention(concepts, strength, sigma_start, sigma_end, encoded.shape[1]),
                                 blocks)
-        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, CALIBRATION_WRAPPER_KEY,
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, CALIBRATION_WRAPPER_KEY,
                                _PromptCheck(encoded, prompt))
         return io.NodeOutput(m)
 
 
 @dataclass(frozen=True, eq=False)
 class _PromptCheck:
-    """DIFFUSION_MODEL wrapper of CalibratedCrossAttn: the concept positions are tokens of the node's prompt,
+    """APPLY_MODEL wrapper of CalibratedCrossAttn: the concept positions are tokens of the node's prompt,
     so the cond rows' context must be that prompt as the node's CLIP encodes it (a different prompt would
     move the edit onto other tokens, silently); hands the processor the context's length."""
 
     encoded: torch.Tensor  # (1, L, D)
     prompt: str
 
-    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         rows = cond_row_indices(transformer_options.get("cond_or_uncond"), x.shape[0])
-        if rows and prompt_repeats(context, self.encoded, rows) is None:
+        if rows and prompt_repeats(c_crossattn, self.encoded, rows) is None:
             raise ValueError(
-                f"CalibratedCrossAttn: the positive conditioning ({context.shape[1]} tokens) is not the node's prompt "
-                f"{self.prompt!r} ({self.encoded.shape[1]} tokens) as the node's CLIP encodes it, so the concepts' "
-                "token positions would point at other tokens. Give the node the CLIP and the prompt text of the "
-                "positive CLIPTextEncode (convert its text widget to an input and share one string).")
-        return executor(x, timesteps, context, y, control, {**transformer_options, CONTEXT_TOKENS_KEY: context.shape[1]},
-                        **kwargs)
+                f"CalibratedCrossAttn: the positive conditioning ({c_crossattn.shape[1]} tokens) is not the node's "
+                f"prompt {self.prompt!r} ({self.encoded.shape[1]} tokens) as the node's CLIP encodes it, so the "
+                "concepts' token positions would point at other tokens. Give the node the CLIP and the prompt text of "
+                "the positive CLIPTextEncode (convert its text widget to an input and share one string).")
+        return executor(x, t, c_concat, c_crossattn, control,
+                        {**transformer_options, CONTEXT_TOKENS_KEY: c_crossattn.shape[1]}, **kwargs)
 
 
 class CalibratedCrossAttnMaps(io.ComfyNode):
     """Attention-map preview for CalibratedCrossAttn (DisenDiff, CVPR 2024; the official sample.py's
     ``--check_token_attn``). Runs ONE cond-only denoising step of ``latent`` (e.g. the KSampler output)
     re-noised to ``noise_level`` (0 = clean, 1 = pure noise; 0.3–0.6 shows the layout) and returns each
-    concept's modifier and class maps from the deepest U-Net level (the training maps), after the
-    calibration. The MODEL must come from CalibratedCrossAttn (strength 0 shows the plain maps)."""
+    concept's modifier and class maps from the deepest U-Net level (the training maps; on Flux and SD3 every
+    block, at the latent's token grid), after the calibration. The MODEL must come from CalibratedCrossAttn
+    (strength 0 shows the plain maps)."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -444,7 +453,7 @@ class CalibratedCrossAttnMaps(io.ComfyNode):
         if calibration is None:
             raise ValueError("CalibratedCrossAttnMaps needs the MODEL output of CalibratedCrossAttn (it names the concepts)")
         patched = model.clone()
-        blocks = transformer_blocks(patched)
+        blocks = transformer_blocks(patched, "CalibratedCrossAttnMaps", ALL_FAMILIES)
         reader = MapRecorder(map_block_keys(blocks), node_name="CalibratedCrossAttnMaps")
         add_attention_processor(patched, reader, [b for b in blocks if b.key in reader.blocks])
         samples = latent["samples"][:1]
@@ -462,15 +471,24 @@ class CalibratedCrossAttnMaps(io.ComfyNode):
         return io.NodeOutput(images, maps[concepts:].contiguous())
 
 
-def _positions(clip, prompt: str, phrase: str) -> tuple[int, ...]:
-    """Context positions of ``phrase`` (a word or ``embedding:name``) in ``prompt`` as CLIP encodes it."""
+def _positions(clip, prompt: str, phrase: str, context_tokens: int, family: Family) -> tuple[int, ...]:
+    """Context positions of ``phrase`` (a word, or on a U-Net an ``embedding:name``) in ``prompt`` as ``clip``
+    encodes it into ``context_tokens`` tokens."""
     if phrase.startswith("embedding:"):
+        if family.joint:
+            raise ValueError(f"CalibratedCrossAttn: {phrase!r} is a CLIP embedding (DisenDiffTrainer's modifier tokens "
+                             f"are for U-Net models); on a {family.name} model name modifier words of the prompt.")
         name = phrase[len("embedding:"):]
         probe = glue.PlaceholderPrompt(clip, prompt, {name: _embedding_rows(clip, name)})
         key = glue.sub_tokenizers(clip.tokenizer)[0][1].embedding_key.replace("clip_", "")
         return tuple(probe.positions(key, name))
     from .prompt_tokens import find_phrase_tokens
-    return tuple(find_phrase_tokens(clip, prompt, phrase, node_name="CalibratedCrossAttn").positions)
+    found = find_phrase_tokens(clip, prompt, phrase, node_name="CalibratedCrossAttn")
+    if found.context_length != context_tokens:
+        raise ValueError(f"CalibratedCrossAttn: this CLIP encodes the prompt into {context_tokens} tokens, but its "
+                         f"tokenizers lay out {found.context_length}; the node cannot tell where {phrase!r} lands in "
+                         "the conditioning of this text encoder.")
+    return found.positions
 
 
 def _embedding_rows(clip, name: str) -> int:

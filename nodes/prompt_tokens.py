@@ -8,15 +8,22 @@ DisenDiff's class/identifier tokens, PVA). Usage::
     tokens.indicator()          # float tensor [context_length], 1 at those positions
 
 Positions index the token axis of the CONDITIONING tensor that CLIPTextEncode produces from the same
-prompt (``[1, 77 * chunks, C]``): chunk ``c`` starts at ``77 * c`` and every chunk starts with BOS. For
-SDXL the two encoders (``l`` and ``g``) tokenize identically and are concatenated channel-wise, so they
-share positions; this is checked rather than assumed. Matching is by token ids (see
+prompt. On the U-Nets it is ``[1, 77 * chunks, C]``: chunk ``c`` starts at ``77 * c`` and every chunk
+starts with BOS. For SDXL the two encoders (``l`` and ``g``) tokenize identically and are concatenated
+channel-wise, so they share positions; this is checked rather than assumed. The DiT text encoders fill
+the token axis in *stretches* (:func:`context_stretches`): Flux's conditioning is T5-XXL's sequence alone
+(no BOS, padded to 256 tokens; its CLIP-L gives only the pooled vector); SD3/SD3.5's is CLIP-L and CLIP-G
+side by side (77 per chunk, zero-padded to 4096 channels) followed by T5-XXL's sequence (77 or more), so a
+word has positions in both stretches. A phrase must occur in every stretch; T5, unlike CLIP, is
+case-sensitive. Matching is by token ids (see
 ``attention.token_spans``): case and prompt weights do not matter, word forms do ("dogs" ≠ "dog").
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import comfy.text_encoders.flux
+import comfy.text_encoders.sd3_clip
 import torch
 
 from ..attention.token_spans import context_length, phrase_occurrences, word_token_ids
@@ -51,6 +58,21 @@ class PhraseTokens:
         return out
 
 
+def context_stretches(clip, tokens: dict) -> list[tuple[str, ...]]:
+    """The tokenizer keys (of ``tokens``, ``clip.tokenize``'s output) whose encoders fill the conditioning's
+    token axis, one tuple per stretch in token order: the encoders of one stretch are concatenated
+    channel-wise (they share positions), stretches follow each other along the tokens (as ComfyUI's
+    FluxClipModel and SD3ClipModel build the conditioning; any other CLIP is one stretch of all its
+    encoders, the U-Nets' layout)."""
+    encoders = getattr(clip, "cond_stage_model", None)  # a tokenizer-only CLIP has none
+    if isinstance(encoders, comfy.text_encoders.flux.FluxClipModel):
+        return [("t5xxl",)]
+    if isinstance(encoders, comfy.text_encoders.sd3_clip.SD3ClipModel):
+        clips = tuple(key for key, encoder in (("l", encoders.clip_l), ("g", encoders.clip_g)) if encoder is not None)
+        return [stretch for stretch in (clips, ("t5xxl",) if encoders.t5xxl is not None else ()) if stretch]
+    return [tuple(tokens)]
+
+
 def find_phrase_tokens(clip, prompt: str, phrase: str, node_name: str = "") -> PhraseTokens:
     """Locate ``phrase`` in ``prompt`` with ``clip``'s own tokenizer(s) (ComfyUI ``clip.tokenize``).
 
@@ -64,31 +86,41 @@ def find_phrase_tokens(clip, prompt: str, phrase: str, node_name: str = "") -> P
         raise ValueError(f"{who}name the word of the prompt to use (it is empty).")
     prompt_tokens = clip.tokenize(prompt, return_word_ids=True)
     phrase_tokens = clip.tokenize(phrase.strip(), return_word_ids=True)
-    found: dict[str, PhraseTokens] = {}
-    for encoder, chunks in prompt_tokens.items():
-        phrase_ids = word_token_ids(phrase_tokens[encoder])
-        if not phrase_ids or None in phrase_ids:
-            raise ValueError(f"{who}{phrase!r} is not plain text the tokenizer can look for (embeddings cannot be "
-                             "searched); name a word of the prompt.")
-        occurrences = phrase_occurrences(chunks, phrase_ids)
-        if not occurrences:
-            raise PhraseNotInPromptError(
-                f"{who}the word {phrase!r} does not occur in the prompt as the text encoder reads it.\n"
-                f"Prompt: {prompt!r}\nThe encoder reads: {_readable(clip, chunks)}\n"
-                "Write the word exactly as it appears in the prompt (case and (word:1.2) weights do not matter, "
-                "word forms do: 'dogs' is not 'dog').")
-        found[encoder] = PhraseTokens(phrase, prompt, tuple(occurrences), context_length(chunks))
-    first = next(iter(found.values()))
-    for tokens in found.values():
-        if tokens.occurrences != first.occurrences:
+    occurrences, offset = [], 0
+    for stretch in context_stretches(clip, prompt_tokens):
+        found = {encoder: _occurrences(clip, encoder, prompt, phrase, prompt_tokens[encoder], phrase_tokens[encoder], who)
+                 for encoder in stretch}
+        first = next(iter(found.values()))
+        if any(positions != first for positions in found.values()):
             raise ValueError(f"{who}the text encoders of this CLIP place {phrase!r} at different tokens "
-                             f"({ {e: t.positions for e, t in found.items()} }); this model family is not supported.")
-    return first
+                             f"({ {e: sorted({p for o in f for p in o}) for e, f in found.items()} }); this model "
+                             "family is not supported.")
+        occurrences += [tuple(offset + p for p in occurrence) for occurrence in first]
+        offset += min(context_length(prompt_tokens[encoder]) for encoder in stretch)
+    return PhraseTokens(phrase, prompt, tuple(occurrences), offset)
 
 
-def _readable(clip, chunks) -> str:
-    """The prompt's word tokens as vocabulary pieces, so a user sees why a word did not match."""
+def _occurrences(clip, encoder, prompt, phrase, prompt_chunks, phrase_chunks, who) -> list[tuple[int, ...]]:
+    """Positions of every occurrence of ``phrase`` in one encoder's tokens of ``prompt``."""
+    phrase_ids = word_token_ids(phrase_chunks)
+    if not phrase_ids or None in phrase_ids:
+        raise ValueError(f"{who}{phrase!r} is not plain text the tokenizer can look for (embeddings cannot be "
+                         "searched); name a word of the prompt.")
+    occurrences = phrase_occurrences(prompt_chunks, phrase_ids)
+    if not occurrences:
+        raise PhraseNotInPromptError(
+            f"{who}the word {phrase!r} does not occur in the prompt as the text encoder reads it.\n"
+            f"Prompt: {prompt!r}\nThe encoder reads: {_readable(clip, encoder, prompt_chunks)}\n"
+            "Write the word exactly as it appears in the prompt ((word:1.2) weights do not matter, word forms do: "
+            "'dogs' is not 'dog'; CLIP ignores case, T5 (Flux, SD3) does not).")
+    return occurrences
+
+
+def _readable(clip, encoder: str, chunks) -> str:
+    """The prompt's word tokens as ``encoder``'s vocabulary pieces, so a user sees why a word did not match."""
     pairs = [(token, weight) for chunk in chunks for token, weight, word_id in chunk
              if word_id != 0 and isinstance(token, int)]
-    pieces = [piece for _pair, piece in clip.tokenizer.untokenize(pairs)]
-    return " ".join(piece.replace("</w>", "") for piece in pieces) or "(no words)"
+    # ComfyUI's tokenizers keep each encoder's tokenizer as clip_<key> (CLIP) or <key> (t5xxl)
+    tokenizer = getattr(clip.tokenizer, f"clip_{encoder}", None) or getattr(clip.tokenizer, encoder, clip.tokenizer)
+    pieces = [piece for _pair, piece in tokenizer.untokenize(pairs)]
+    return " ".join(piece.replace("</w>", "").replace("\u2581", "") for piece in pieces) or "(no words)"

@@ -518,8 +518,10 @@ DISENDIFF = [
          after(lambda k, b: nan_embedding(b.embedding_file(k.sd15[1], POISONED)),
                lambda k, b: k.calibrated(prompt=f"photo of a embedding:{POISONED} cat and a big dog",
                                          modifiers=f"embedding:{POISONED}, big")), r"poisoned.*NaN"),
-    Case("CalibratedCrossAttn refuses a Flux model", "CalibratedCrossAttn",
-         lambda k, b: k.calibrated(model=flux_model()), refuses_dit("CalibratedCrossAttn")),
+    Case("CalibratedCrossAttn refuses a CLIP embedding as a modifier on a Flux model", "CalibratedCrossAttn",
+         lambda k, b: k.calibrated(model=flux_model(), prompt="photo of a embedding:pair_new1 cat and a big dog",
+                                   modifiers="embedding:pair_new1, big"),
+         r"CalibratedCrossAttn: 'embedding:pair_new1' is a CLIP embedding .* on a Flux model name modifier words"),
 ]
 
 DETEX = [

@@ -10,6 +10,7 @@ import torch
 from personalization_nodes.attention import disendiff, token_maps
 from personalization_nodes.attention.custom_diffusion import StartTokenDetach
 from personalization_nodes.attention.blocks import TransformerBlock
+from personalization_nodes.attention.dispatcher import AttentionCall
 from personalization_nodes.training import disendiff as recipe
 
 
@@ -111,11 +112,15 @@ def slow_calibrated_logits(logits, cond_rows, concepts, strength, height, width,
     return out
 
 
-def calibration_call(cond_or_uncond, text_tokens, height, width):
-    options = {"activations_shape": [4, 8, height, width]}
+def calibration_call(cond_or_uncond, text_tokens, height, width, text_keys=None):
+    """A U-Net attn2 call as the dispatcher hands it to the processor: ``text_keys`` text keys (default
+    ``text_tokens``) in front of the logits' other keys, queries on the layer's height x width map."""
+    options = {"activations_shape": [4, 8, height, width], "cond_or_uncond": list(cond_or_uncond)}
     if text_tokens is not None:
         options[disendiff.CONTEXT_TOKENS_KEY] = text_tokens
-    return SimpleNamespace(cond_or_uncond=cond_or_uncond, options=options)
+    call = AttentionCall(options, None, batch=2 * len(cond_or_uncond), heads=2, dim_head=4, block=("input", 1, 0))
+    call.text_keys = slice(0, text_keys if text_keys is not None else text_tokens or 0)
+    return call
 
 
 CONCEPTS = {2: (((1,), (2,)), ((4,), (5, 6))), 3: (((1,), (2,)), ((3,), (4, 5)), ((6,), (7,)))}
@@ -147,7 +152,7 @@ def test_calibration_refuses_calls_that_cannot_hold_its_tokens():
     with pytest.raises(ValueError, match="CalibratedCrossAttn: the concepts sit at tokens up to 5 .* 4 text tokens"):
         processor.edit_logits(logits[..., :4], calibration_call((0, 1), 4, 2, 2))
     with pytest.raises(ValueError, match="CalibratedCrossAttn: .* 12 text tokens among 10 keys"):
-        processor.edit_logits(logits, calibration_call((0, 1), 12, 2, 2))
+        processor.edit_logits(logits, calibration_call((0, 1), 12, 2, 2, text_keys=10))
     with pytest.raises(RuntimeError, match="CalibratedCrossAttn: .*without the length of its text"):
         processor.edit_logits(logits, calibration_call((0, 1), None, 2, 2))
     assert torch.equal(processor.edit_logits(logits, calibration_call((1, 1), None, 2, 2)), logits)  # no cond rows
@@ -187,7 +192,8 @@ def test_map_recorder_keeps_head_mean_maps_of_cond_rows_with_their_graph():
     probs = torch.rand(4, 2, 6, 3, requires_grad=True)  # (batch, heads, 2x3 queries, tokens)
 
     def call(block, cond_or_uncond):
-        return SimpleNamespace(block=block, cond_or_uncond=cond_or_uncond, options={"original_shape": (4, 4, 4, 6)})
+        return SimpleNamespace(block=block, cond_or_uncond=cond_or_uncond, options={}, text_keys=slice(0, 3),
+                               query_grid=(2, 3))
     assert recorder.active(call(("input", 7, 0), ())) and not recorder.active(call(("input", 1, 0), ()))
     recorder.read_probs(probs, call(("input", 7, 0), ()))
     recorder.read_probs(probs * 3, call(("input", 7, 0), ()))
