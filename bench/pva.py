@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 PVA_SETTINGS = dict(strength=1.0, uncond_identity=False, images_per_identity=0, start_percent=0.0, end_percent=1.0)
 
 
-
 def joint_softmax_vs_plain(repeats: int, device: str) -> tuple[float, float]:
     from harness.comfy_env import boot_comfy, pack_module
 
