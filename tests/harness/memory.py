@@ -56,6 +56,13 @@ def collect_dropped_models(limit: int = COLLECT_ABOVE_BYTES) -> None:
     trim_heap()
 
 
+def trim_heap_above(limit: int = COLLECT_ABOVE_BYTES) -> None:
+    """:func:`trim_heap` when this process holds more than ``limit`` bytes (conftest: after every test, so one
+    test's freed tensors do not add to the next one's peak)."""
+    if resident_bytes() > limit:
+        trim_heap()
+
+
 def trim_heap() -> None:
     """Hand freed heap pages back to the system (glibc's malloc_trim): most weights are under glibc's mmap
     threshold, so they live in the heap, and freeing them leaves the pages mapped (measured: ~1 GiB kept after
