@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
 from ..attention.realcustom_weights import (
     CLIP_VISION_FORMAT,
+    FAMILY_KEY,
     FORMAT_KEY,
     adapter_from_state_dict,
     new_clip_vision_adapter,
@@ -236,7 +237,8 @@ class RealCustomTrainer(io.ComfyNode):
             word_masks, word_preview = _word_previews(step, images, resolution, seed)
         state_dict = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
         path = output_path(folder_paths.get_folder_paths(ADAPTER_FOLDER)[0], stem)
-        save_atomic(path, state_dict, metadata={FORMAT_KEY: CLIP_VISION_FORMAT, "method": "realcustom",
+        save_atomic(path, state_dict, metadata={FORMAT_KEY: CLIP_VISION_FORMAT, FAMILY_KEY: adapter.family.file_tag,
+                                                "method": "realcustom",
                                                 "steps": str(steps), "learning_rate": str(learning_rate)})
         folder_paths.filename_list_cache.clear()
         trained = adapter_from_state_dict(state_dict, CLIP_VISION_FORMAT)

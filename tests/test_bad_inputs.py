@@ -388,8 +388,10 @@ REALCUSTOM = [
          lambda k, b: k.mask_guidance(word="  "), r"word.*empty"),
     Case("AdaptiveMaskGuidance refuses an embedding as the word", "AdaptiveMaskGuidance",
          lambda k, b: k.mask_guidance(word="embedding:toy", prompt="a photo of a embedding:toy"), r"plain text"),
-    Case("AdaptiveMaskGuidance refuses a Flux model", "AdaptiveMaskGuidance",
-         lambda k, b: k.mask_guidance(model=flux_model()), refuses_dit("AdaptiveMaskGuidance")),
+    Case("AdaptiveMaskGuidance refuses a U-Net adapter on a Flux model", "AdaptiveMaskGuidance",
+         lambda k, b: k.mask_guidance(model=flux_model()),
+         r"AdaptiveMaskGuidance: adapter .* was made for U-Net \(SD1\.5/SD2/SDXL\) models, but this MODEL \(Flux\) "
+         r"is a Flux model"),
     Case("RealCustomMaskPreview refuses masks from no finished run", "RealCustomMaskPreview",
          lambda k, b: {"masks": pack_module("nodes.realcustom").MaskRecord(),
                        "samples": {"samples": torch.zeros(1, 4, 8, 8)}}, r"no sampling run"),

@@ -4,7 +4,11 @@ First against a slow written-out formulation of what the dispatcher serves RealC
 attention (per sample, per head, per query, explicit softmax): the word map is the head mean of the image
 queries' probabilities over the WHOLE joint key set, read on the word's text columns; the image branch is a
 softmax of the latent's image queries over the projected reference tokens, gated by the mask and added to the
-image rows of the joint output (text rows untouched)."""
+image rows of the joint output (text rows untouched). Then in the real ComfyUI on the tiny Flux dev and SD3.5
+Large of harness.dit with random adapters of their family, sampled by stock KSampler: strength 0 is bit-identical
+to unpatched sampling, CFG 1 and CFG > 1 (SD3.5), batch 2, one mask per image and step at the image-token grid and
+its preview, both map sources, the cascaded guidance, a LoRA, a ControlNet, adapters of another family refused,
+and SharedAttentionBatch + CalibratedCrossAttn + AdaptiveMaskGuidance on one Flux model."""
 from __future__ import annotations
 
 import math
@@ -189,3 +193,199 @@ def test_branch_is_added_to_style_aligned_image_rows():
     torch.testing.assert_close(out, flat(expected + slow_branch(q, text, weights, tokens, mask, chunks)),
                                rtol=1e-5, atol=1e-5)
 
+
+# ---------------------------------------------------------------- in the real ComfyUI, tiny Flux dev and SD3.5 Large
+
+PROMPT = "photo of a small toy on the beach"
+GUIDANCE_DEFAULTS = dict(prompt=PROMPT, word="toy", mask_strategy="max_norm", mask_scope=0.25, binary_mask=False,
+                         update_fraction=1.0, map_source="text-only pass", uncond_image="black image", strength=1.0)
+SAMPLING = dict(steps=2, sampler_name="euler", scheduler="simple")
+ADAPTER_TOKEN_DIM = 64
+#: 64 px images: 8 x 8 latents, 4 x 4 image tokens (patch 2), the mask grid
+MASK_GRID = (4, 4)
+
+
+class Family:
+    def __init__(self, name, comfy):
+        from harness import dit
+        self.name, self.comfy = name, comfy
+        self.model = dit.flux_model("dev") if name == "flux" else dit.sd35_model("large")
+        self.clip = dit.flux_clip() if name == "flux" else dit.sd35_clip()
+        self.cfg = 1.0 if name == "flux" else 4.0  # Flux dev: guidance-distilled, FluxGuidance as users wire it
+        self.reference = self.encoded_reference(f"test_realcustom_{name}_v1.safetensors", self.tag)
+
+    @property
+    def tag(self):
+        return "flux" if self.name == "flux" else "sd3"
+
+    def encoded_reference(self, file_name, family_tag, scoring=False):
+        from harness.pack_nodes import run_node
+        from harness.realcustom import TINY_CLIP_VISION, adapter_path, tiny_clip_vision
+        blocks = pack_module("nodes.patching").transformer_blocks(self.model, families=self.families())
+        adapter_path(file_name, blocks, TINY_CLIP_VISION["hidden_size"], ADAPTER_TOKEN_DIM, family=family_tag,
+                     scoring=scoring)
+        adapter = run_node("RealCustomLoader", adapter_name=file_name)[0]
+        image = torch.rand(1, 48, 40, 3, generator=torch.Generator().manual_seed(0))
+        return run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(), image=image,
+                        crop=False)[0]
+
+    @staticmethod
+    def families():
+        return pack_module("attention.blocks").ALL_FAMILIES
+
+    def encode(self, text):
+        from harness.checkpoints import encode_prompt
+        conditioning = encode_prompt(self.clip, text)
+        if self.name == "flux":
+            conditioning = self.comfy.nodes.NODE_CLASS_MAPPINGS["FluxGuidance"]().append(conditioning, 3.5)[0]
+        return conditioning
+
+    def guided(self, model=None, reference=None, **over):
+        from harness.pack_nodes import run_node
+        return run_node("AdaptiveMaskGuidance", model=self.model if model is None else model, clip=self.clip,
+                        reference=self.reference if reference is None else reference, **{**GUIDANCE_DEFAULTS, **over})
+
+    def sample(self, model, batch=2, cfg=None, positive=None, steps=None):
+        from harness import dit
+        from harness.checkpoints import sample
+        return sample(model, positive or self.encode(PROMPT), self.encode(""), dit.empty_latent(batch), seed=3,
+                      cfg=self.cfg if cfg is None else cfg, **{**SAMPLING, **({"steps": steps} if steps else {})})
+
+
+def pack_module(name):
+    from harness.comfy_env import pack_module as module
+    return module(name)
+
+
+@pytest.fixture(scope="module", params=["flux", "sd35"])
+def family(request, comfy):
+    from harness import dit
+    yield Family(request.param, comfy)
+    dit.release(request.param)
+
+
+def rel_change(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_strength_zero_is_unpatched_sampling_and_the_branch_changes_it(family):
+    """Batch 2; Flux at CFG 1 (cond pass only), SD3.5 at CFG 1 and CFG 4 (cond and uncond passes). One mask per
+    image and step at the image-token grid, the top quarter kept with soft max-normalised values; the mask
+    preview shows every step's masks at image size."""
+    for cfg in ((1.0,) if family.name == "flux" else (1.0, 4.0)):
+        base = family.sample(family.model, cfg=cfg)
+        assert torch.equal(family.sample(family.guided(strength=0.0)[0], cfg=cfg), base)
+        patched, masks = family.guided()
+        on = family.sample(patched, cfg=cfg)
+        assert rel_change(on[0], base[0]) > 1e-3 and rel_change(on[1], base[1]) > 1e-3
+        assert len(masks.steps) == SAMPLING["steps"]
+        for mask in masks.steps:
+            assert mask.shape == (2, *MASK_GRID)
+            assert not torch.equal(mask[0], mask[1])
+            assert ((mask > 0).flatten(1).sum(1) <= 4).all()
+            torch.testing.assert_close(mask.flatten(1).amax(1), torch.ones(2), atol=1e-4, rtol=0)
+        from harness.pack_nodes import run_node
+        preview_mask, preview = run_node("RealCustomMaskPreview", masks=masks, samples={"samples": on})
+        assert preview_mask.shape == (2 * SAMPLING["steps"], 64, 64) and preview.shape == (2 * SAMPLING["steps"], 64, 64, 3)
+    assert torch.equal(family.sample(family.model, cfg=cfg), base), "the input model must stay unpatched"
+
+
+def test_map_sources_share_the_first_mask_and_the_frozen_mask_is_reused(family):
+    runs = {}
+    for source in ("previous step", "text-only pass"):
+        patched, masks = family.guided(map_source=source)
+        family.sample(patched, batch=1)
+        runs[source] = masks.steps
+    torch.testing.assert_close(runs["previous step"][0], runs["text-only pass"][0], atol=1e-5, rtol=0)
+    assert not torch.equal(runs["previous step"][1], runs["text-only pass"][1])
+    patched, masks = family.guided(update_fraction=0.5)
+    family.sample(patched, batch=1)
+    assert len(masks.steps) == 2 and torch.equal(masks.steps[0], masks.steps[1])
+
+
+def test_cascaded_guidance_with_equal_scales_is_the_released_cfg(family):
+    """Paper eq. 13 with ω_i = ω_t is the released CFG; the text-only prediction the DiT wrapper keeps is the
+    denoised one (an APPLY_MODEL wrapper), which the guidance must not convert again."""
+    cfg = 3.0
+    released = family.sample(family.guided()[0], cfg=cfg)
+    cascaded, masks = family.guided(guidance="cascaded (paper eq. 13)", image_guidance=cfg)
+    assert (family.sample(cascaded, cfg=cfg) - released).abs().max() <= 1e-4 * released.abs().max()
+    other = family.sample(family.guided(guidance="cascaded (paper eq. 13)", image_guidance=2 * cfg)[0], cfg=cfg)
+    assert rel_change(other, released) > 1e-3
+    assert len(masks.steps) == SAMPLING["steps"]
+
+
+def test_a_lora_on_the_dit_still_applies(family):
+    from harness import dit
+    lora = family.comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(family.model, dit.lora_path(family.name).name,
+                                                                       1.0)[0]
+    with_lora = family.sample(family.guided(model=lora)[0])
+    assert torch.equal(family.sample(family.guided(model=lora, strength=0.0)[0]), family.sample(lora))
+    assert rel_change(with_lora, family.sample(family.guided()[0])) > 1e-3
+    assert rel_change(with_lora, family.sample(lora)) > 1e-3
+
+
+def test_adapters_of_another_family_are_refused_naming_both(family):
+    other = "sd3" if family.name == "flux" else "flux"
+    foreign = family.encoded_reference(f"test_realcustom_{family.name}_marked_{other}_v1.safetensors", other)
+    names = {"flux": "Flux", "sd3": r"SD3/SD3\.5 \(MMDiT\)"}
+    with pytest.raises(ValueError, match=rf"AdaptiveMaskGuidance: adapter .* was made for {names[other]} models, but "
+                                         rf"this MODEL .* is a {names[family.tag]} model"):
+        family.guided(reference=foreign)
+    unet = family.encoded_reference(f"test_realcustom_{family.name}_unmarked_v1.safetensors", None)
+    with pytest.raises(ValueError, match=r"made for U-Net \(SD1\.5/SD2/SDXL\) models, but this MODEL"):
+        family.guided(reference=unet)
+    scored = family.encoded_reference(f"test_realcustom_{family.name}_scoring_v1.safetensors", family.tag, scoring=True)
+    with pytest.raises(ValueError, match=r"has the adaptive scoring module, which this pack runs on U-Net models only"):
+        family.guided(reference=scored)
+
+
+def test_the_word_is_found_in_the_dits_text_sequence(family):
+    with pytest.raises(ValueError, match=r"AdaptiveMaskGuidance: the word 'dog' does not occur in the prompt"):
+        family.guided(word="dog")
+    with pytest.raises(ValueError, match=r"AdaptiveMaskGuidance: .* same prompt"):
+        family.sample(family.guided()[0], positive=family.encode(" ".join(["red"] * 300) + " toy"))
+
+
+def test_composes_with_shared_attention_and_calibration_on_one_flux_model(comfy):
+    """SharedAttentionBatch + CalibratedCrossAttn + AdaptiveMaskGuidance on one Flux model: every order gives one
+    result; the guidance at strength 0 gives the other two alone bit for bit; the branch changes every image."""
+    from harness import dit
+    from harness.pack_nodes import run_node, shared_attention
+    flux = Family("flux", comfy)
+
+    def calibrated(model):
+        return run_node("CalibratedCrossAttn", model=model, clip=flux.clip, prompt=PROMPT, modifiers="small, beach",
+                        class_words="toy, photo", strength=1.0, start_percent=0.0, end_percent=1.0)[0]
+    others = flux.sample(calibrated(shared_attention(flux.model)))
+    orders = [flux.guided(model=calibrated(shared_attention(flux.model)))[0],
+              calibrated(shared_attention(flux.guided()[0])),
+              shared_attention(calibrated(flux.guided()[0]))]
+    outputs = [flux.sample(model) for model in orders]
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])
+    assert torch.equal(flux.sample(flux.guided(model=calibrated(shared_attention(flux.model)), strength=0.0)[0]), others)
+    assert rel_change(outputs[0][0], others[0]) > 1e-3 and rel_change(outputs[0][1], others[1]) > 1e-3
+    dit.release("flux")
+
+
+def test_a_controlnet_in_the_same_graph(family):
+    """Flux: the XLabs-layout ControlNet (hint image); SD3.5: Stability's (VAE-encoded hint). The text-only pass
+    of the cond rows gets the cond rows' residuals."""
+    from harness import dit
+    from harness.checkpoints import sample
+    positive, negative = family.encode(PROMPT), family.encode("")
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    apply = family.comfy.nodes.ControlNetApplyAdvanced().apply_controlnet
+    controlled = (apply(positive, negative, dit.flux_controlnet(), hint, 1.0, 0.0, 1.0) if family.name == "flux" else
+                  apply(positive, negative, dit.sd35_controlnet(), hint, 1.0, 0.0, 1.0, vae=dit.vae()))
+
+    def sampled(model, prompts):
+        return sample(model, *prompts, dit.empty_latent(2), seed=3, cfg=family.cfg, **SAMPLING)
+    plain_controlled = sampled(family.model, controlled)
+    assert torch.equal(sampled(family.guided(strength=0.0)[0], controlled), plain_controlled)
+    patched, masks = family.guided()
+    guided_controlled = sampled(patched, controlled)
+    assert rel_change(guided_controlled, plain_controlled) > 1e-3
+    uncontrolled_masks = family.guided()
+    sampled(uncontrolled_masks[0], (positive, negative))
+    assert not torch.equal(masks.steps[0], uncontrolled_masks[1].steps[0]), "the map is read with the ControlNet"
