@@ -177,15 +177,15 @@ def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], format_name: st
 
 
 def new_clip_vision_adapter(vision_dim: int, shapes: dict[BlockKey, tuple[int, int]], seed: int,
-                            scoring: bool = False, latent_channels: int = 4) -> RealCustomAdapter:
-    """A fresh adapter of this pack's format (trainer start), initialised from ``seed`` (so a resumed run
-    starts from the same weights), with the adaptive scoring module when ``scoring``. The visual values
-    start at zero, so the untrained branch adds nothing and training starts from the frozen model."""
+                            scoring: bool = False, latent_channels: int = 4, family: Family = UNET) -> RealCustomAdapter:
+    """A fresh adapter of this pack's format (trainer start) for ``family``'s blocks, initialised from ``seed`` (so
+    a resumed run starts from the same weights), with the adaptive scoring module when ``scoring``. The visual
+    values start at zero, so the untrained branch adds nothing and training starts from the frozen model."""
     token_dim = next(iter(shapes.values()))[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         adapter = RealCustomAdapter(CLIP_VISION_FORMAT, LinearProjector(vision_dim, token_dim), ImageBranchWeights(shapes),
-                                    AdaptiveScoring(vision_dim, token_dim, latent_channels) if scoring else None)
+                                    AdaptiveScoring(vision_dim, token_dim, latent_channels) if scoring else None, family)
     for linear in adapter.branch.to_v_vision.values():
         torch.nn.init.zeros_(linear.weight)
     return adapter

@@ -3,7 +3,9 @@
 Everything pre-trained is frozen (U-Net, text encoder, image encoder); only the projector and the
 visual key/value projections of every cross-attention layer learn. Each training image is its own
 reference, the branch is ungated (eq. 4 has no mask; the mask only exists at inference), and the loss
-is the plain ε- (or v-) MSE of the frozen U-Net with the branch added.
+is the plain ε- (or v-) MSE of the frozen U-Net with the branch added; on the rectified-flow DiTs (Flux,
+SD3) the noise is mixed the flow way and the loss is the MSE of the velocity ε − x0 the model predicts
+(its own CONST sampling's target, see :mod:`.losses`).
 
 With ``scoring`` (the paper's adaptive scoring module, absent from the released model) the image
 features of each sample are scored from its caption, its noisy latent and its timestep, weighted and cut
@@ -38,10 +40,10 @@ DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | 
 class TrainingData:
     """The encoded dataset: one row per image (all on the training device)."""
 
-    latents: torch.Tensor   # (N, 4, h, w) VAE latents (scaled as the model expects)
+    latents: torch.Tensor   # (N, C, h, w) VAE latents (scaled as the model expects)
     contexts: torch.Tensor  # (N, T, C) text contexts of the captions
     features: torch.Tensor  # (N, P, D) CLIP-vision penultimate states of the same images
-    pooled: torch.Tensor | None = None  # (N, C') pooled text outputs of the captions (SDXL), None for SD1.x
+    pooled: torch.Tensor | None = None  # (N, C') pooled text outputs of the captions (SDXL, DiTs), None for SD1.x
     #: (N, T) 1 at the target word's tokens in each caption's context, None without target words
     word_indicators: torch.Tensor | None = None
 
@@ -82,7 +84,7 @@ class RealCustomStep:
         data, device = self.data, self.data.latents.device
         rows = torch.randint(0, data.latents.shape[0], (self.batch_size,), generator=micro.generator).to(device)
         x0 = data.latents[rows]
-        sigma, x_t = noised(x0, self.sigmas, micro.generator)
+        sigma, x_t = noised(x0, self.sigmas, micro.generator, self.prediction)
         features = data.features[rows]
         contexts, pooled = data.captions_of(rows)
         if self.word_mask is None:
@@ -114,5 +116,5 @@ def word_scope_preview(step: RealCustomStep, settings: MaskSettings, seed: int) 
         x0 = data.latents[rows]
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         sigma = sigma_value.to(x0).expand(rows.shape[0])
-        masks.append(step.word_masks(rows, add_noise(x0, noise, sigma), sigma, settings))
+        masks.append(step.word_masks(rows, add_noise(x0, noise, sigma, step.prediction), sigma, settings))
     return torch.cat(masks)
