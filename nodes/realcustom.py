@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.patcher_extension
 import folder_paths
 import torch
@@ -38,7 +39,7 @@ from ..attention.realcustom import (
 )
 from ..attention.blocks import ALL_FAMILIES, UNET, family_of_tag
 from ..attention.realcustom_encoder import RegisterViT, interleave_local_tokens, reference_views
-from ..attention.realcustom_scoring import INFERENCE_KEEP, alpha_bar, masked_latent
+from ..attention.realcustom_scoring import INFERENCE_KEEP, alpha_bar, masked_latent, model_input
 from ..attention.realcustom_weights import (
     FAMILY_KEY,
     FORMAT_KEY,
@@ -344,7 +345,8 @@ def guided_apply_model(executor, x, t, c_concat, c_crossattn, control, transform
         lambda rows, options: executor(x[rows], t[rows], _batch_rows(c_concat, rows, batch), c_crossattn[rows],
                                        _rows_of_control(control, rows), options,
                                        **{name: _batch_rows(value, rows, batch) for name, value in kwargs.items()}),
-        lambda: executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs))
+        lambda: executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs),
+        lambda run: run.token_scorer(x, c_crossattn, transformer_options.get("cond_or_uncond"), run.mask, t))
 
 
 @dataclass(frozen=True, eq=False)
@@ -385,9 +387,12 @@ class _ScoredTokens:
 
     adapter: object  # RealCustomAdapter with a scoring module
     features: ImageTokens
+    #: the model samples a rectified flow (CONST): its input ``x`` is ComfyUI's noisy latent itself, brought to the
+    #: VP form the scoring module reads (an ε/v U-Net's input is that form already)
+    flow: bool = False
 
     def to(self, device) -> "_ScoredTokens":
-        return _ScoredTokens(self.adapter, self.features.to(device))
+        return _ScoredTokens(self.adapter, self.features.to(device), self.flow)
 
     def __call__(self, x, context, layout, mask, sigmas) -> ImageTokens:
         chunks = list(layout or ()) or [COND]
@@ -395,11 +400,14 @@ class _ScoredTokens:
         scoring, projector = self.adapter.scoring, self.adapter.projector
         weight = next(projector.parameters())
         latent = x[:, :scoring.latent_channels].to(weight)
+        if self.flow:
+            latent = model_input(latent, sigmas.flatten().expand(x.shape[0]) if sigmas.numel() == 1 else sigmas.flatten(),
+                                 flow=True)
         if mask is not None:
             latent = masked_latent(latent, mask)
         # ComfyUI's sigmas are per image (or one for all), not per row of the cond/uncond batch
         image_sigmas = sigmas.flatten()[:rows] if sigmas.numel() >= rows else sigmas.flatten().expand(rows)
-        alpha = alpha_bar(image_sigmas).to(weight)
+        alpha = alpha_bar(image_sigmas, flow=self.flow).to(weight)
 
         def tokens_of(kind: int, features: torch.Tensor) -> torch.Tensor:
             chunk = chunks.index(kind) if kind in chunks else 0  # a chunk the branch reads, or any (unread)
@@ -437,10 +445,6 @@ def _check_adapter_fits(model, adapter: LoadedAdapter, blocks) -> None:
         raise ValueError(f"AdaptiveMaskGuidance: adapter {adapter.name} was made for {made_for.name} models, but this "
                          f"MODEL ({type(model.model).__name__}) is a {model_family.name} model; use an adapter trained "
                          f"for {model_family.name}.")
-    if model_family.joint and adapter.adapter.scoring is not None:
-        raise ValueError(f"AdaptiveMaskGuidance: adapter {adapter.name} has the adaptive scoring module, which this "
-                         f"pack runs on U-Net models only (it weighs tokens by the VP noise level); on "
-                         f"{model_family.name} use an adapter without it.")
     cross = {block_name(b.key): b for b in blocks if b.has_cross_attention}
     for name in adapter.adapter.branch.to_k_vision:
         block = cross.get(name)
@@ -481,8 +485,8 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     image-token queries' probabilities in the block's one joint softmax over text and image keys, read on the
     word's text columns (Flux: T5 tokens; SD3: CLIP-L/G tokens, then T5's), and the mask grid is the image-token
     grid (every block's map has that size); the branch attends the image-token queries to the reference tokens
-    and is added to the image tokens' part of the joint output (text tokens untouched). Adapters with the
-    adaptive scoring module run on U-Nets only.
+    and is added to the image tokens' part of the joint output (text tokens untouched); an adaptive scoring
+    module reads the flow's ᾱ of the same signal-to-noise ratio.
 
     Inputs (safe ranges):
     - model, reference (RealCustomEncodeReference), clip + prompt: the SAME prompt text as the positive
@@ -564,7 +568,8 @@ class AdaptiveMaskGuidance(io.ComfyNode):
         if reference.features is not None:
             features = ImageTokens(reference.features.reference,
                                    reference.features.negative if uncond_image == UNCOND_IMAGES[0] else None)
-            scorer = _ScoredTokens(reference.adapter.adapter, features)
+            flow = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+            scorer = _ScoredTokens(reference.adapter.adapter, features, flow)
         cross_blocks = [b for b in blocks if b.has_cross_attention]
         record = MaskRecord()
 

@@ -107,9 +107,6 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
                          "give the target_words (one per caption, or one for all).")
     blocks = [b for b in transformer_blocks(model, "RealCustomTrainer", ALL_FAMILIES) if b.has_cross_attention]
     family = blocks[0].family
-    if family.joint and adaptive_scoring:
-        raise ValueError(f"RealCustomTrainer: the adaptive scoring module weighs the image tokens by the VP noise level "
-                         f"of the U-Nets; on a {family.name} model turn adaptive_scoring off.")
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
         data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop,
                                target_words, reads_pooled=bool(model.model.adm_channels) or family.joint)
@@ -147,8 +144,8 @@ class RealCustomTrainer(io.ComfyNode):
     """Trains a RealCustom image branch (Huang et al., CVPR 2024, §3.2) for SD1.x, SDXL, Flux or SD3/SD3.5 in this
     pack's format (SDXL: the captions' pooled CLIP-G output and the training size go to the U-Net's size input;
     Flux/SD3: the pooled output goes to ``y``, Flux dev trains at distilled guidance 3.5, the loss is the
-    flow-matching MSE of the velocity ε − x0, the target of the model's own sampling; adaptive_scoring must be
-    off there). The adapter file records the model family.
+    flow-matching MSE of the velocity ε − x0, the target of the model's own sampling; the scoring module reads
+    the flow's ᾱ of the same signal-to-noise ratio). The adapter file records the model family.
 
     The U-Net, text encoder and image encoder stay frozen; a projector (Linear + LayerNorm over the
     CLIP_VISION's penultimate states) and the visual key/value projections of every cross-attention layer

@@ -7,8 +7,8 @@ softmax of the latent's image queries over the projected reference tokens, gated
 image rows of the joint output (text rows untouched). Then in the real ComfyUI on the tiny Flux dev and SD3.5
 Large of harness.dit with random adapters of their family, sampled by stock KSampler: strength 0 is bit-identical
 to unpatched sampling, CFG 1 and CFG > 1 (SD3.5), batch 2, one mask per image and step at the image-token grid and
-its preview, both map sources, the cascaded guidance, a LoRA, a ControlNet, adapters of another family refused,
-and SharedAttentionBatch + CalibratedCrossAttn + AdaptiveMaskGuidance on one Flux model."""
+its preview, both map sources, the cascaded guidance, an adapter with adaptive scoring, a LoRA, a ControlNet,
+adapters of another family refused, and SharedAttentionBatch + CalibratedCrossAttn + AdaptiveMaskGuidance on one Flux model."""
 from __future__ import annotations
 
 import math
@@ -157,6 +157,21 @@ def test_image_branch_is_added_to_the_image_rows_of_the_joint_output(family, con
     assert branch[:, :, text:].abs().max() > 1e-2
 
 
+def test_scoring_reads_the_flow_latent_in_vp_form_at_the_same_signal_to_noise_ratio():
+    """[R] For x_t = (1 - σ) x0 + σ ε: ᾱ/(1 - ᾱ) is the flow's SNR ((1 - σ)/σ)², and the scoring module's latent
+    is √ᾱ x0 + √(1 - ᾱ) ε, as a VP model's input at that ᾱ."""
+    from personalization_nodes.attention.realcustom_scoring import alpha_bar, model_input
+    sigma = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.97], dtype=torch.float64)
+    a = alpha_bar(sigma, flow=True).double()
+    torch.testing.assert_close(a / (1 - a), ((1 - sigma) / sigma) ** 2, rtol=1e-5, atol=0)  # ᾱ in float32
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = (torch.randn(5, 16, 2, 2, generator=gen, dtype=torch.float64) for _ in range(2))
+    view = (-1, 1, 1, 1)
+    x_t = (1 - sigma).view(view) * x0 + sigma.view(view) * eps
+    torch.testing.assert_close(model_input(x_t, sigma, flow=True), a.sqrt().view(view) * x0 + (1 - a).sqrt().view(view) * eps,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_map_read_and_branch_added_in_one_call():
     """"previous step": the guided pass both reads the map (of the joint softmax without the branch, which is
     an output added after it) and adds the branch; a block the adapter has no projections for is left alone."""
@@ -201,6 +216,7 @@ GUIDANCE_DEFAULTS = dict(prompt=PROMPT, word="toy", mask_strategy="max_norm", ma
                          update_fraction=1.0, map_source="text-only pass", uncond_image="black image", strength=1.0)
 SAMPLING = dict(steps=2, sampler_name="euler", scheduler="simple")
 ADAPTER_TOKEN_DIM = 64
+CONTEXT_WIDTH = 4096  # T5-XXL's, the text context of Flux and SD3
 #: 64 px images: 8 x 8 latents, 4 x 4 image tokens (patch 2), the mask grid
 MASK_GRID = (4, 4)
 
@@ -219,11 +235,13 @@ class Family:
         return "flux" if self.name == "flux" else "sd3"
 
     def encoded_reference(self, file_name, family_tag, scoring=False):
+        """A random adapter of ``family_tag`` for this model's blocks; with the scoring module, its tokens have the
+        text context's width (4096), as the trainer makes them, so that the module reads the prompt."""
         from harness.pack_nodes import run_node
         from harness.realcustom import TINY_CLIP_VISION, adapter_path, tiny_clip_vision
         blocks = pack_module("nodes.patching").transformer_blocks(self.model, families=self.families())
-        adapter_path(file_name, blocks, TINY_CLIP_VISION["hidden_size"], ADAPTER_TOKEN_DIM, family=family_tag,
-                     scoring=scoring)
+        adapter_path(file_name, blocks, TINY_CLIP_VISION["hidden_size"], CONTEXT_WIDTH if scoring else ADAPTER_TOKEN_DIM,
+                     family=family_tag, scoring=scoring, latent_channels=16)
         adapter = run_node("RealCustomLoader", adapter_name=file_name)[0]
         image = torch.rand(1, 48, 40, 3, generator=torch.Generator().manual_seed(0))
         return run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(), image=image,
@@ -335,9 +353,29 @@ def test_adapters_of_another_family_are_refused_naming_both(family):
     unet = family.encoded_reference(f"test_realcustom_{family.name}_unmarked_v1.safetensors", None)
     with pytest.raises(ValueError, match=r"made for U-Net \(SD1\.5/SD2/SDXL\) models, but this MODEL"):
         family.guided(reference=unet)
+
+
+
+def test_adapter_with_adaptive_scoring_scores_the_tokens_of_every_call(family):
+    """Paper §3.2 on a rectified flow: tokens picked and weighted per call from the prompt, the masked latent in
+    its VP form and the ᾱ of the flow's signal-to-noise ratio."""
+    import dataclasses
     scored = family.encoded_reference(f"test_realcustom_{family.name}_scoring_v1.safetensors", family.tag, scoring=True)
-    with pytest.raises(ValueError, match=r"has the adaptive scoring module, which this pack runs on U-Net models only"):
-        family.guided(reference=scored)
+    assert scored.features is not None
+    patched, masks = family.guided(reference=scored)
+    out = family.sample(patched)
+    assert torch.isfinite(out).all() and len(masks.steps) == SAMPLING["steps"]
+    unscored = dataclasses.replace(scored, features=None)  # the same adapter's projector on all tokens
+    assert rel_change(out, family.sample(family.guided(reference=unscored)[0])) > 1e-4
+    assert torch.equal(family.sample(family.guided(reference=scored, strength=0.0)[0]), family.sample(family.model))
+
+    scorer = pack_module("nodes.realcustom")._ScoredTokens(scored.adapter.adapter, scored.features, flow=True)
+    x, context = torch.randn(4, 16, 8, 8), torch.randn(4, 154, CONTEXT_WIDTH)
+    tokens = scorer(x, context, [0, 1], torch.ones(2, *MASK_GRID), torch.full((4,), 0.6))
+    count = scored.features.reference.shape[1]
+    assert tokens.reference.shape == (2, round(0.8 * count), CONTEXT_WIDTH)
+    masked = scorer(x, context, [0, 1], torch.zeros(2, *MASK_GRID), torch.full((4,), 0.6))
+    assert not torch.allclose(masked.reference, tokens.reference), "the word mask must reach the visual context"
 
 
 def test_the_word_is_found_in_the_dits_text_sequence(family):

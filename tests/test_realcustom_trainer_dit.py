@@ -31,7 +31,7 @@ class Family:
         from harness.realcustom import tiny_clip_vision
         inputs = dict(model=self.model, clip=self.clip, vae=self.vae, clip_vision=tiny_clip_vision(), images=dataset(),
                       captions=CAPTIONS, name=name, steps=steps, learning_rate=1e-3, batch_size=2, grad_accumulation=1,
-                      resolution=64, seed=0, checkpoint_every=1, crop=False, adaptive_scoring=False)
+                      resolution=64, seed=0, checkpoint_every=1, crop=False)
         return run_node("RealCustomTrainer", **{**inputs, **overrides})
 
 
@@ -59,15 +59,19 @@ def test_flow_loss_is_the_velocity_mse_of_comfys_const_sampling(comfy):
 
 
 @pytest.mark.slow
-def test_loss_decreases_on_the_same_noise_and_timesteps(family):
+@pytest.mark.parametrize("adaptive_scoring, word_mask", [(False, False), (True, False)],
+                         ids=["released", "paper scoring"])
+def test_loss_decreases_on_the_same_noise_and_timesteps(family, adaptive_scoring, word_mask):
     from harness.realcustom import tiny_clip_vision
     glue = pack_module("nodes.training_glue")
     trainer = pack_module("nodes.realcustom_trainer")
     loop = pack_module("training.loop")
     with glue.training_mode():
         adapter, step = trainer.prepare_training(family.model, family.clip, family.vae, tiny_clip_vision(), dataset(),
-                                                 CAPTIONS.split("\n"), 64, False, 2, 0, False, ["toy", "toy"], False)
+                                                 CAPTIONS.split("\n"), 64, False, 2, 0, adaptive_scoring,
+                                                 ["toy", "toy"], word_mask)
         assert step.prediction == "flow" and adapter.family.file_tag == ("flux" if family.name == "flux" else "sd3")
+        assert (adapter.scoring is not None) == adaptive_scoring
 
         def held_out_loss():  # fixed micro-steps the training never draws (steps 10_000+)
             with torch.no_grad():
@@ -82,19 +86,24 @@ def test_loss_decreases_on_the_same_noise_and_timesteps(family):
 
 @pytest.mark.slow
 def test_interrupt_then_resume_equals_uninterrupted_and_the_export_reloads_to_the_same_output(family):
+    """With the node's defaults (adaptive scoring) and word-mask training: each step's word masks are read in the
+    joint softmax of the frozen DiT; the word masks output has the training size."""
     from harness import dit
     from harness.checkpoints import encode_prompt, sample
     from harness.realcustom import tiny_clip_vision
-    adapter, name, *_ = family.train(f"test_rc_{family.name}_straight", target_words="toy")
+    adapter, name, word_masks, _ = family.train(f"test_rc_{family.name}_straight", target_words="toy",
+                                                word_mask_training=True)
+    assert word_masks.shape == (2, 64, 64) and float(word_masks.min()) < 0.5 < float(word_masks.max())
     path = models_dir() / "realcustom" / name
     straight = load_file(str(path))
     with safe_open(str(path), "pt") as handle:
         assert handle.metadata()["family"] == ("flux" if family.name == "flux" else "sd3")
-    assert set(straight) == set(adapter.adapter.state_dict()) and not any(k.startswith("scoring.") for k in straight)
+    assert set(straight) == set(adapter.adapter.state_dict())
+    assert any(k.startswith("scoring.") for k in straight), "the paper's adaptive scoring is trained by default"
 
     with user_cancels_at_step(1):
-        family.train(f"test_rc_{family.name}_resumed", target_words="toy")
-    _, resumed_name, *_ = family.train(f"test_rc_{family.name}_resumed", target_words="toy")
+        family.train(f"test_rc_{family.name}_resumed", target_words="toy", word_mask_training=True)
+    _, resumed_name, *_ = family.train(f"test_rc_{family.name}_resumed", target_words="toy", word_mask_training=True)
     resumed = load_file(str(models_dir() / "realcustom" / resumed_name))
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
@@ -117,8 +126,3 @@ def test_interrupt_then_resume_equals_uninterrupted_and_the_export_reloads_to_th
     plain = sample(family.model, positive, negative, dit.empty_latent(1), seed=3, steps=2, cfg=2.0,
                    sampler_name="euler", scheduler="simple")
     assert not torch.equal(outputs[0], plain), "the trained branch adds something"
-
-
-def test_adaptive_scoring_is_refused_on_a_dit(family):
-    with pytest.raises(ValueError, match=r"RealCustomTrainer: the adaptive scoring module .* turn adaptive_scoring off"):
-        family.train(f"test_rc_{family.name}_scoring", adaptive_scoring=True)

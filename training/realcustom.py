@@ -28,7 +28,7 @@ import torch
 from ..attention.realcustom import ImageTokens, MaskSettings, TrainingRun, WordMapCapture
 from ..attention.realcustom_scoring import TRAINING_KEEP_RANGE, AdaptiveScoring, alpha_bar, masked_latent, model_input
 from .loop import MicroStep
-from .losses import add_noise, masked_mse, noised, prediction_from_denoised
+from .losses import FLOW, add_noise, masked_mse, noised, prediction_from_denoised
 
 #: denoise(x_t, sigma, context, pooled, run) -> the frozen U-Net's x̂0 with the image branch of ``run``
 #: (``pooled``: the captions' pooled text outputs for models that read them (SDXL), else None)
@@ -94,10 +94,10 @@ class RealCustomStep:
         if self.scoring is not None:
             low, high = TRAINING_KEEP_RANGE
             keep = low + (high - low) * float(torch.rand((), generator=micro.generator))
-            latent = model_input(x_t, sigma)
+            latent = model_input(x_t, sigma, flow=self.prediction == FLOW)
             if self.word_mask is not None:
                 latent = masked_latent(latent, mask)
-            features = self.scoring(features, contexts, latent, alpha_bar(sigma), keep)
+            features = self.scoring(features, contexts, latent, alpha_bar(sigma, flow=self.prediction == FLOW), keep)
         run = TrainingRun(ImageTokens(self.projector(features), None), mask=mask)
         denoised = self.denoise(x_t, sigma, contexts, pooled, run)
         return masked_mse(prediction_from_denoised(self.prediction, x_t, denoised, sigma),

@@ -84,14 +84,15 @@ def vitl_clip_vision_path():
 
 
 def adapter_state_dict(blocks, vision_dim: int, token_dim: int, seed: int = 0, std: float = 0.05,
-                       scoring: bool = False) -> dict:
+                       scoring: bool = False, latent_channels: int = 4) -> dict:
     """Random adapter tensors (this pack's format) for `blocks` (TransformerBlock list of a model), with the
-    adaptive scoring module when ``scoring``."""
+    adaptive scoring module when ``scoring`` (reading text of ``token_dim`` and latents of ``latent_channels``)."""
     from .comfy_env import pack_module
     weights = pack_module("attention.realcustom_weights")
     realcustom = pack_module("attention.realcustom")
     shapes = {b.key: (b.channels, token_dim) for b in blocks if b.has_cross_attention}
-    scorer = pack_module("attention.realcustom_scoring").AdaptiveScoring(vision_dim, token_dim) if scoring else None
+    scorer = (pack_module("attention.realcustom_scoring").AdaptiveScoring(vision_dim, token_dim, latent_channels)
+              if scoring else None)
     adapter = weights.RealCustomAdapter(weights.CLIP_VISION_FORMAT, weights.LinearProjector(vision_dim, token_dim),
                                         realcustom.ImageBranchWeights(shapes), scorer)
     randomize_(adapter, seed=seed, std=std)
@@ -110,14 +111,14 @@ def write_adapter(path, state_dict: dict, format_name: str | None, family: str |
 
 
 def adapter_path(name: str, blocks, vision_dim: int, token_dim: int, seed: int = 0, scoring: bool = False,
-                 family: str | None = None):
+                 family: str | None = None, latent_channels: int = 4):
     """A random CLIP-vision-format adapter at models/realcustom/<name> (written once per cache) for ``blocks``;
     ``family``: the family tag its file records (None: none, read as a U-Net adapter)."""
     path = models_dir() / "realcustom" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_adapter(path, adapter_state_dict(blocks, vision_dim, token_dim, seed, scoring=scoring),
-                      "realcustom.clip_vision", family)
+        write_adapter(path, adapter_state_dict(blocks, vision_dim, token_dim, seed, scoring=scoring,
+                                               latent_channels=latent_channels), "realcustom.clip_vision", family)
     return path
 
 
