@@ -8,7 +8,8 @@ image rows of the joint output (text rows untouched). Then in the real ComfyUI o
 Large of harness.dit with random adapters of their family, sampled by stock KSampler: strength 0 is bit-identical
 to unpatched sampling, CFG 1 and CFG > 1 (SD3.5), batch 2, one mask per image and step at the image-token grid and
 its preview, both map sources, the cascaded guidance, an adapter with adaptive scoring, a LoRA, a ControlNet,
-adapters of another family refused, and SharedAttentionBatch + CalibratedCrossAttn + AdaptiveMaskGuidance on one Flux model."""
+adapters of another family refused, SD3.5 Medium's image-only attention left alone, and SharedAttentionBatch +
+CalibratedCrossAttn + AdaptiveMaskGuidance on one Flux model."""
 from __future__ import annotations
 
 import math
@@ -427,3 +428,27 @@ def test_a_controlnet_in_the_same_graph(family):
     uncontrolled_masks = family.guided()
     sampled(uncontrolled_masks[0], (positive, negative))
     assert not torch.equal(masks.steps[0], uncontrolled_masks[1].steps[0]), "the map is read with the ControlNet"
+
+
+def test_sd35_medium_leaves_its_image_only_attention_alone(comfy, monkeypatch):
+    """SD3.5 Medium (MMDiT-X): the word map is read and the branch added in its joint attentions; its second,
+    image-only attention (no text keys) computes as without the node."""
+    from harness import dit
+    family = Family("sd35", comfy)
+    family.model = dit.sd35_model("medium")
+    family.reference = family.encoded_reference("test_realcustom_sd35_medium_v1.safetensors", "sd3")
+    joint = pack_module("attention.joint")
+    lengths = []
+    original = joint._add_parallel_outputs
+
+    def recording(image_out, queries, call, adding):
+        lengths.append(image_out.shape[1])
+        return original(image_out, queries, call, adding)
+    monkeypatch.setattr(joint, "_add_parallel_outputs", recording)
+    base = family.sample(family.model)
+    assert torch.equal(family.sample(family.guided(strength=0.0)[0]), base)
+    patched, masks = family.guided()
+    assert rel_change(family.sample(patched), base) > 1e-3 and masks.steps[0].shape == (2, *MASK_GRID)
+    # 2 steps x 3 joint blocks of the guided pass (one cond+uncond batch each), the image-only attentions never
+    assert lengths == [MASK_GRID[0] * MASK_GRID[1]] * (2 * dit.SD35_DIT["depth"])
+    dit.release("sd35")
