@@ -37,6 +37,8 @@ class Family:
     """What the dispatcher must know of a model family."""
 
     name: str
+    #: how files made for one family (RealCustom adapters) record it; never renamed
+    file_tag: str = "unet"
     #: attention reaches the pack through ComfyUI's attention override on joint text+image sequences (DiT),
     #: not through per-block attn1/attn2 replaces (U-Net)
     joint: bool = False
@@ -47,11 +49,19 @@ class Family:
 
 
 UNET = Family("U-Net (SD1.5/SD2/SDXL)")
-FLUX = Family("Flux", joint=True, comfy_marks_blocks=True, rope_applied=True)
-MMDIT = Family("SD3/SD3.5 (MMDiT)", joint=True)
+FLUX = Family("Flux", file_tag="flux", joint=True, comfy_marks_blocks=True, rope_applied=True)
+MMDIT = Family("SD3/SD3.5 (MMDiT)", file_tag="sd3", joint=True)
 #: the block names each DiT family's blocks go by, and the family
 _DIT_BLOCKS = {"double_blocks": ("double", FLUX), "single_blocks": ("single", FLUX), "joint_blocks": ("joint", MMDIT)}
 ALL_FAMILIES = (UNET, FLUX, MMDIT)
+
+
+def family_of_tag(tag: str) -> Family:
+    """The family a file records as ``tag`` (:attr:`Family.file_tag`); ValueError for an unknown one."""
+    for family in ALL_FAMILIES:
+        if family.file_tag == tag:
+            return family
+    raise ValueError(f"unknown model family {tag!r} (known: {', '.join(f.file_tag for f in ALL_FAMILIES)})")
 
 
 @dataclass(frozen=True)

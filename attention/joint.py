@@ -21,7 +21,11 @@ use, and hands each the view of the call it knows from the U-Net:
   ``[text values | image values]``. Text queries, image tokens after the latent's (Flux Kontext's
   references) and image-only calls (no text keys) are computed as without the pack. Edits of the logits
   of the image keys are allowed only when no self-attention owner takes the call (below).
-  ``extra_key_values`` and ``parallel_output`` are not served on joint attention yet.
+  ``parallel_output`` processors (RealCustom's image branch) get the latent's image queries ``(B, N, heads * d)``
+  (on Flux with RoPE applied, as the attention function gets them) and their output is added to those rows of
+  the image output, whoever computes it (the plain joint attention through the fused function when no
+  processor needs logits, the cross view's softmax, or a self-attention owner); text rows never get it.
+  ``extra_key_values`` is not served on joint attention yet.
 - Both in one call (StyleAligned and DisenDiff's calibration on the same block): the cross view runs on
   the plain joint keys, and what its edits added to the text-key logits reaches the self-attention owner as
   ``call.context_bias`` ``(B, heads, N, T)``, which it adds to its queries' logits of ``call.context`` (its
@@ -117,6 +121,8 @@ class JointAttentionDispatcher:
         owners = [p for p in chain.at(SELF_ATTENTION) if p.active(call)]
         # an image-only attention has no text keys: nothing of a cross view
         crossing = [p for p in chain.at(CROSS_ATTENTION) if p.active(call)] if text else []
+        viewing = [p for p in crossing if any(p.overrides(hook) for hook in _CROSS_VIEW_HOOKS)]
+        adding = [p for p in crossing if p.overrides("parallel_output")]
         if not owners and not crossing:
             return self._base(func, args, kwargs)
         taking_part = (owners + crossing)[0].node_name
@@ -132,26 +138,31 @@ class JointAttentionDispatcher:
             raise AttentionConflictError(
                 f"{taking_part} cannot change attention in a call with an attention mask (block "
                 f"{block[0]}:{block[1]}); remove the conditioning's attention mask or this node.")
-        unserved = [p for p in crossing if any(p.overrides(hook) for hook in _NOT_ON_JOINT_ATTENTION)]
+        unserved = [p for p in crossing if p.overrides("extra_key_values")]
         if unserved:
-            raise AttentionConflictError(f"{unserved[0].node_name} adds keys or outputs to cross-attention, which "
-                                         "the pack does not do on joint (DiT) attention.")
+            raise AttentionConflictError(f"{unserved[0].node_name} adds keys to cross-attention, which the pack does "
+                                         "not do on joint (DiT) attention yet.")
         q, k, v = (merge_heads(t) if batched_heads else t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v))
         call.text_keys = slice(layout.register_tokens, text)
         context = (k[:, :text], v[:, :text]) if text else None
         grid = layout.image_tokens
-        if crossing:
-            context, logits, plain = _cross_view(q[:, text:text + grid], k, v, text, call, crossing, bool(owners))
+        logits = None
+        if viewing:
+            context, logits, plain = _cross_view(q[:, text:text + grid], k, v, text, call, viewing, bool(owners))
         if owners:
             call.context = context
-            if crossing:
-                call.context_bias = _text_bias(logits, plain, text, q.shape[1] - text, owners[0], crossing)
+            if logits is not None:
+                call.context_bias = _text_bias(logits, plain, text, q.shape[1] - text, owners[0], viewing)
             image_out = owners[0].self_attention(q[:, text:], k[:, text:], v[:, text:], call)
-        else:
+        elif logits is not None:
             values = torch.cat([context[1], v[:, text:]], dim=1)
             image_out = merge_heads(logits.softmax(dim=-1).to(values.dtype) @ split_heads(values, heads))
             if q.shape[1] > text + grid:  # image tokens after the latent's (Flux Kontext's references): plain
                 image_out = torch.cat([image_out, call.attention(q[:, text + grid:], k, v)], dim=1)
+        else:  # only parallel outputs: the image rows of the plain joint attention, through the fused function
+            image_out = call.attention(q[:, text:], k, v)
+        if adding:
+            image_out = _add_parallel_outputs(image_out, q[:, text:text + grid], call, adding)
         out = torch.cat([call.attention(q[:, :text], k, v), image_out.to(q.dtype)], dim=1) if text else image_out
         return split_heads(out, heads) if kwargs.get("skip_output_reshape") else out
 
@@ -227,8 +238,20 @@ def overwritten_joint_entries(transformer_options: dict):
                 yield point, key, entry
 
 
-#: cross-attention hooks the cross view does not serve (their nodes refuse DiT models)
-_NOT_ON_JOINT_ATTENTION = ("extra_key_values", "parallel_output")
+#: cross-attention hooks served on the cross view's logits (``parallel_output`` needs no logits)
+_CROSS_VIEW_HOOKS = ("edit_key_values", "edit_logits", "read_probs")
+
+
+def _add_parallel_outputs(image_out, queries, call: AttentionCall, adding):
+    """``image_out`` (all image rows) plus each processor's ``parallel_output`` of the latent's image ``queries``
+    on the latent's rows; image tokens after the latent's (Flux Kontext's references) get nothing."""
+    grid = queries.shape[1]
+    latent_out = image_out[:, :grid]
+    for processor in adding:
+        extra = processor.parallel_output(queries, call)
+        if extra is not None:
+            latent_out = latent_out + extra.to(latent_out.dtype)
+    return torch.cat([latent_out, image_out[:, grid:]], dim=1) if image_out.shape[1] > grid else latent_out
 
 
 def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_plain: bool):

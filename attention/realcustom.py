@@ -3,7 +3,9 @@
 Two cross-attention processors and the per-run state they share:
 
 - :class:`WordMapReader` reads the text cross-attention probabilities of the *cond* rows and reduces
-  them at once to the target word's map of the layer: mean over heads, sum over the word's tokens.
+  them at once to the target word's map of the layer: mean over heads, sum over the word's tokens. The
+  columns read are the text context's (``call.text_keys``): all keys of a U-Net's attn2, the text keys of a
+  DiT's joint attention, whose probabilities are those of its one softmax over text and image keys.
   Only these ``(B, 1, h, w)`` layer maps are kept (h·w numbers per image and layer), never a layer's
   full probabilities. When the pass is over they are resized (bilinear) to the mask grid, the size of
   the largest map (paper §3.3), and averaged: see :func:`mask_grid`.
@@ -275,9 +277,9 @@ class MaskGuidanceRun:
         rows = cond_rows(call.cond_or_uncond, probs.shape[0])
         if rows is None:
             return
-        _b, _c, height, width = call.options["activations_shape"]
-        indicator = self.token_indicator(probs.shape[-1]).to(probs.device)
-        self._pending.add(word_map(probs[rows], indicator, height, width))
+        text = probs[rows][..., call.text_keys]
+        indicator = self.token_indicator(text.shape[-1]).to(probs.device)
+        self._pending.add(word_map(text, indicator, *call.query_grid))
 
 
 def cond_rows(cond_or_uncond, batch: int) -> slice | None:
@@ -371,8 +373,7 @@ class WordMapCapture:
         self._maps = WordMapAccumulator(settings)
 
     def capture(self, probs: torch.Tensor, call: AttentionCall) -> None:
-        _b, _c, height, width = call.options["activations_shape"]
-        self._maps.add(word_map(probs, self.indicators.to(probs.device), height, width))
+        self._maps.add(word_map(probs[..., call.text_keys], self.indicators.to(probs.device), *call.query_grid))
 
     def mask(self) -> torch.Tensor:
         """``(B, H', W')`` masks of the captured pass."""
@@ -404,8 +405,7 @@ class MaskedImageBranch(AttentionProcessor):
             return None  # no map yet (a call without cond rows before the first capture)
         chunks = list(call.cond_or_uncond) or [COND]
         rows = q.shape[0] // len(chunks)
-        _b, _c, height, width = call.options["activations_shape"]
-        gate = resize_gate(run.mask.to(q.device), height, width)
+        gate = resize_gate(run.mask.to(q.device), *call.query_grid)
         if gate.shape[0] != rows:
             raise ValueError(f"AdaptiveMaskGuidance: the mask holds {gate.shape[0]} images but the batch has {rows}.")
         tokens: ImageTokens = run.tokens

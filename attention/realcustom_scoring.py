@@ -9,7 +9,11 @@ by the timestep, ``S = (1 − ᾱ_t)·S_text + ᾱ_t·S_vis``, soft-maxed over t
 from U[0.3, 1]; inference: 0.8).
 
 [R] The paper does not give the score nets' width and activation: two Linear layers with a GELU,
-256 wide. The latent is the model's own input (``x_t / √(1 + σ²)``, i.e. ``√ᾱ·x0 + √(1 − ᾱ)·ε``).
+256 wide. The latent is the VP form ``√ᾱ·x0 + √(1 − ᾱ)·ε`` of the noisy latent: the U-Net's own input
+(``x_t / √(1 + σ²)``). [R] On the rectified-flow DiTs (Flux, SD3: ``x_t = (1 − σ)·x0 + σ·ε``) the paper's
+ᾱ_t is the one of the same signal-to-noise ratio, ``(1 − σ)² / ((1 − σ)² + σ²)``, and the latent
+``x_t / √((1 − σ)² + σ²)`` is again ``√ᾱ·x0 + √(1 − ᾱ)·ε``, so the module sees the same kind of input on
+every family.
 """
 from __future__ import annotations
 
@@ -22,14 +26,24 @@ TRAINING_KEEP_RANGE = (0.3, 1.0)
 SCORE_HIDDEN = 256
 
 
-def alpha_bar(sigma: torch.Tensor) -> torch.Tensor:
-    """ᾱ_t of a noise level σ of ComfyUI's discrete VP schedules (σ² = (1 − ᾱ)/ᾱ)."""
-    return 1.0 / (1.0 + sigma.float() ** 2)
+def _signal_and_noise(sigma: torch.Tensor, flow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights of x0 and ε in ComfyUI's noisy latent at σ: ``(1, σ)``, or ``(1 − σ, σ)`` for rectified flow."""
+    sigma = sigma.float()
+    return (1.0 - sigma if flow else torch.ones_like(sigma)), sigma
 
 
-def model_input(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The VP-form latent ``√ᾱ·x0 + √(1 − ᾱ)·ε`` of ComfyUI's ``x_t = x0 + σ·ε`` (what the U-Net receives)."""
-    return x_t * alpha_bar(sigma).sqrt().view(-1, *(1,) * (x_t.ndim - 1)).to(x_t)
+def alpha_bar(sigma: torch.Tensor, flow: bool = False) -> torch.Tensor:
+    """ᾱ_t of a noise level σ: of ComfyUI's discrete VP schedules (σ² = (1 − ᾱ)/ᾱ), or (``flow``) the ᾱ of the
+    same signal-to-noise ratio as rectified flow's ``(1 − σ)·x0 + σ·ε``."""
+    signal, noise = _signal_and_noise(sigma, flow)
+    return signal ** 2 / (signal ** 2 + noise ** 2)
+
+
+def model_input(x_t: torch.Tensor, sigma: torch.Tensor, flow: bool = False) -> torch.Tensor:
+    """The VP-form latent ``√ᾱ·x0 + √(1 − ᾱ)·ε`` of ComfyUI's ``x_t = x0 + σ·ε`` (what the U-Net receives), or
+    (``flow``) of ``x_t = (1 − σ)·x0 + σ·ε``; σ per sample."""
+    signal, noise = _signal_and_noise(sigma, flow)
+    return x_t * (signal ** 2 + noise ** 2).rsqrt().view(-1, *(1,) * (x_t.ndim - 1)).to(x_t)
 
 
 def masked_latent(latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,11 @@ the visual key/value projections of every cross-attention layer (:class:`ImageBr
   when trained with it, the paper's adaptive scoring module (``scoring.*`` keys) that picks and weights
   the image tokens before the projector at every step.
 
-Both are stored as safetensors with the adapter's ``state_dict()`` keys and the format in metadata.
+Both are stored as safetensors with the adapter's ``state_dict()`` keys, the format and the model family
+(:attr:`~.blocks.Family.file_tag`: ``unet``, ``flux``, ``sd3``; files without it are U-Net adapters, as every
+file written before the DiT families and the released SDXL model are) in metadata. On a DiT the visual
+projections are per joint block (``double_3_0``, ``single_12_0``, ``joint_7_0``), from the token width to the
+block's attention width.
 """
 from __future__ import annotations
 
@@ -23,13 +27,14 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .blocks import BlockKey
+from .blocks import UNET, BlockKey, Family
 from .realcustom import ImageBranchWeights, block_name, parse_block_name
 from .realcustom_scoring import AdaptiveScoring
 
 OFFICIAL_FORMAT = "realcustom.official_sdxl"
 CLIP_VISION_FORMAT = "realcustom.clip_vision"
 FORMAT_KEY = "format"
+FAMILY_KEY = "family"
 
 #: released model: SigLIP-so400m (1152) + DINOv2-L (1024) channels, SDXL context width
 OFFICIAL_VISION_DIM, OFFICIAL_TOKEN_DIM = 2176, 2048
@@ -126,9 +131,11 @@ class RealCustomAdapter(torch.nn.Module):
     """Projector + per-layer visual K/V, in one of the two formats (+ optional adaptive scoring)."""
 
     def __init__(self, format_name: str, projector: torch.nn.Module, branch: ImageBranchWeights,
-                 scoring: AdaptiveScoring | None = None):
+                 scoring: AdaptiveScoring | None = None, family: Family = UNET):
         super().__init__()
         self.format_name = format_name
+        #: the model family the branch was made for (its blocks and widths are that family's)
+        self.family = family
         self.projector = projector
         self.branch = branch
         self.scoring = scoring
@@ -145,8 +152,12 @@ def _branch_shapes(state_dict) -> dict[BlockKey, tuple[int, int]]:
             for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], format_name: str) -> RealCustomAdapter:
-    """Build the adapter of ``format_name`` and load ``state_dict`` strictly (every key, right shapes)."""
+def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], format_name: str,
+                            family: Family = UNET) -> RealCustomAdapter:
+    """Build the adapter of ``format_name`` for ``family`` and load ``state_dict`` strictly (every key, right
+    shapes)."""
+    if format_name == OFFICIAL_FORMAT and family is not UNET:
+        raise ValueError(f"the released RealCustom model is an SDXL adapter, but its file records the {family.name} family")
     if format_name == OFFICIAL_FORMAT:
         base = state_dict["projector.projector_base.weight"]
         projector = HighResMinAttnProjector(base.shape[1], base.shape[0])
@@ -160,21 +171,21 @@ def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], format_name: st
         scoring = AdaptiveScoring(vision_dim=projector.proj.in_features,
                                   text_dim=state_dict["scoring.text_pool.weight"].shape[1],
                                   latent_channels=state_dict["scoring.latent_pool.weight"].shape[1])
-    adapter = RealCustomAdapter(format_name, projector, ImageBranchWeights(_branch_shapes(state_dict)), scoring)
+    adapter = RealCustomAdapter(format_name, projector, ImageBranchWeights(_branch_shapes(state_dict)), scoring, family)
     adapter.load_state_dict(state_dict, strict=True)
     return adapter.train(False).requires_grad_(False)
 
 
 def new_clip_vision_adapter(vision_dim: int, shapes: dict[BlockKey, tuple[int, int]], seed: int,
-                            scoring: bool = False, latent_channels: int = 4) -> RealCustomAdapter:
-    """A fresh adapter of this pack's format (trainer start), initialised from ``seed`` (so a resumed run
-    starts from the same weights), with the adaptive scoring module when ``scoring``. The visual values
-    start at zero, so the untrained branch adds nothing and training starts from the frozen model."""
+                            scoring: bool = False, latent_channels: int = 4, family: Family = UNET) -> RealCustomAdapter:
+    """A fresh adapter of this pack's format (trainer start) for ``family``'s blocks, initialised from ``seed`` (so
+    a resumed run starts from the same weights), with the adaptive scoring module when ``scoring``. The visual
+    values start at zero, so the untrained branch adds nothing and training starts from the frozen model."""
     token_dim = next(iter(shapes.values()))[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         adapter = RealCustomAdapter(CLIP_VISION_FORMAT, LinearProjector(vision_dim, token_dim), ImageBranchWeights(shapes),
-                                    AdaptiveScoring(vision_dim, token_dim, latent_channels) if scoring else None)
+                                    AdaptiveScoring(vision_dim, token_dim, latent_channels) if scoring else None, family)
     for linear in adapter.branch.to_v_vision.values():
         torch.nn.init.zeros_(linear.weight)
     return adapter

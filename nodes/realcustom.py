@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.patcher_extension
 import folder_paths
 import torch
@@ -36,9 +37,11 @@ from ..attention.realcustom import (
     cond_rows,
     step_index,
 )
+from ..attention.blocks import ALL_FAMILIES, UNET, family_of_tag
 from ..attention.realcustom_encoder import RegisterViT, interleave_local_tokens, reference_views
-from ..attention.realcustom_scoring import INFERENCE_KEEP, alpha_bar, masked_latent
+from ..attention.realcustom_scoring import INFERENCE_KEEP, alpha_bar, masked_latent, model_input
 from ..attention.realcustom_weights import (
+    FAMILY_KEY,
     FORMAT_KEY,
     OFFICIAL_FORMAT,
     RealCustomAdapter,
@@ -111,7 +114,9 @@ class RealCustomLoader(io.ComfyNode):
 
     Two formats: the released SDXL model (bytedance/RealCustom ``RealCustom_highres``, converted key by key
     from its diffusers names; convert the released ``.pth`` to safetensors once, this pack never unpickles),
-    or this pack's CLIP-vision format written by RealCustomTrainer (any U-Net, SD1.5 first).
+    or this pack's CLIP-vision format written by RealCustomTrainer (any U-Net, SD1.5 first; Flux and SD3/SD3.5
+    adapters are of this format too). The file records the model family it was made for (files without it are
+    U-Net adapters); AdaptiveMaskGuidance refuses it on a model of another family.
 
     - adapter_name: file in models/realcustom.
     """
@@ -136,7 +141,11 @@ class RealCustomLoader(io.ComfyNode):
         format_name = metadata.get(FORMAT_KEY)
         if format_name is None:  # the released checkpoint, converted to safetensors as is
             state_dict, format_name = convert_official(state_dict), OFFICIAL_FORMAT
-        adapter = adapter_from_state_dict(state_dict, format_name)
+        try:
+            family = family_of_tag(metadata.get(FAMILY_KEY, UNET.file_tag))
+        except ValueError as error:
+            raise ValueError(f"RealCustomLoader: {adapter_name} records {error}") from None
+        adapter = adapter_from_state_dict(state_dict, format_name, family)
         patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=comfy.model_management.get_torch_device(),
                                                    offload_device=comfy.model_management.unet_offload_device())
         return io.NodeOutput(LoadedAdapter(adapter, patcher, adapter_name))
@@ -277,9 +286,10 @@ def _rows_of_control(control, rows: slice):
     return {name: [None if r is None else r[rows] for r in residuals] for name, residuals in control.items()}
 
 
-def guided_diffusion_model(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-    """DIFFUSION_MODEL wrapper: schedules the word-map capture of each step (text-only pass or the guided
-    pass itself) and records the mask that gates the step."""
+def _guided_call(transformer_options: dict, batch: int, cond_only, whole, scored_tokens=None):
+    """The schedule of one model call (shared by the U-Net and the DiT wrappers): the word-map capture of the step
+    (a text-only pass of the cond rows, ``cond_only(rows, options)``, or the guided pass ``whole()`` itself),
+    the mask that gates the step recorded, the image tokens of the call scored (``scored_tokens(run)``)."""
     run: MaskGuidanceRun | None = transformer_options.get(RUN_KEY)
     if run is None:
         raise RuntimeError("AdaptiveMaskGuidance: the model was called outside a sampling run; sample it with a "
@@ -287,27 +297,56 @@ def guided_diffusion_model(executor, x, timesteps, context, y, control, transfor
     step = step_index(transformer_options["sample_sigmas"], float(transformer_options["sigmas"].max()))
     run.start_call(step)
     layout = transformer_options.get("cond_or_uncond")
-    rows = cond_rows(layout, x.shape[0])
+    rows = cond_rows(layout, batch)
     if rows is not None and run.needs_text_only_pass(step):
         if run.cascaded and list(layout or ()).count(COND) > 1:
             raise ValueError("AdaptiveMaskGuidance: cascaded guidance needs ONE positive conditioning; combined or area "
                              "positive conds are not supported (use the released CFG guidance).")
         run.capturing, run.injecting = run.captures_in_text_only_pass(step), False
         try:
-            text_prediction = executor(x[rows], timesteps[rows], context[rows], None if y is None else y[rows],
-                                       _rows_of_control(control, rows), {**transformer_options, "cond_or_uncond": [COND]},
-                                       **kwargs)
+            text_prediction = cond_only(rows, {**transformer_options, "cond_or_uncond": [COND]})
         finally:
             run.capturing, run.injecting = False, True
         run.finish_text_only_pass(float(transformer_options["sigmas"].max()), text_prediction)
     run.record(step)
     if run.token_scorer is not None:
-        run.tokens = run.token_scorer(x, context, layout, run.mask, transformer_options["sigmas"])
+        run.tokens = scored_tokens(run)
     run.capturing = run.capture_in_guided_pass(step)
     try:
-        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        return whole()
     finally:
         run.capturing = False
+
+
+def guided_diffusion_model(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+    """DIFFUSION_MODEL wrapper of the U-Nets (their forward's signature): see :func:`_guided_call`. The text-only
+    prediction it keeps for the cascaded guidance is the model's output (eps or v)."""
+    return _guided_call(
+        transformer_options, x.shape[0],
+        lambda rows, options: executor(x[rows], timesteps[rows], context[rows], None if y is None else y[rows],
+                                       _rows_of_control(control, rows), options, **kwargs),
+        lambda: executor(x, timesteps, context, y, control, transformer_options, **kwargs),
+        lambda run: run.token_scorer(x, context, transformer_options.get("cond_or_uncond"), run.mask,
+                                     transformer_options["sigmas"]))
+
+
+def _batch_rows(value, rows: slice, batch: int):
+    """``value[rows]`` for a per-row tensor of the model call (batch first), else ``value`` (shared inputs)."""
+    return value[rows] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch else value
+
+
+def guided_apply_model(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+    """APPLY_MODEL wrapper of the DiTs (whose forwards have no common signature, and SD3's no DIFFUSION_MODEL
+    wrappers): see :func:`_guided_call`. The text-only prediction it keeps is the denoised one; the extra conds
+    (Flux's guidance, the pooled ``y``) are cut to the cond rows with the latent."""
+    batch = x.shape[0]
+    return _guided_call(
+        transformer_options, batch,
+        lambda rows, options: executor(x[rows], t[rows], _batch_rows(c_concat, rows, batch), c_crossattn[rows],
+                                       _rows_of_control(control, rows), options,
+                                       **{name: _batch_rows(value, rows, batch) for name, value in kwargs.items()}),
+        lambda: executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs),
+        lambda run: run.token_scorer(x, c_crossattn, transformer_options.get("cond_or_uncond"), run.mask, t))
 
 
 @dataclass(frozen=True, eq=False)
@@ -348,9 +387,12 @@ class _ScoredTokens:
 
     adapter: object  # RealCustomAdapter with a scoring module
     features: ImageTokens
+    #: the model samples a rectified flow (CONST): its input ``x`` is ComfyUI's noisy latent itself, brought to the
+    #: VP form the scoring module reads (an ε/v U-Net's input is that form already)
+    flow: bool = False
 
     def to(self, device) -> "_ScoredTokens":
-        return _ScoredTokens(self.adapter, self.features.to(device))
+        return _ScoredTokens(self.adapter, self.features.to(device), self.flow)
 
     def __call__(self, x, context, layout, mask, sigmas) -> ImageTokens:
         chunks = list(layout or ()) or [COND]
@@ -358,11 +400,14 @@ class _ScoredTokens:
         scoring, projector = self.adapter.scoring, self.adapter.projector
         weight = next(projector.parameters())
         latent = x[:, :scoring.latent_channels].to(weight)
+        if self.flow:
+            latent = model_input(latent, sigmas.flatten().expand(x.shape[0]) if sigmas.numel() == 1 else sigmas.flatten(),
+                                 flow=True)
         if mask is not None:
             latent = masked_latent(latent, mask)
         # ComfyUI's sigmas are per image (or one for all), not per row of the cond/uncond batch
         image_sigmas = sigmas.flatten()[:rows] if sigmas.numel() >= rows else sigmas.flatten().expand(rows)
-        alpha = alpha_bar(image_sigmas).to(weight)
+        alpha = alpha_bar(image_sigmas, flow=self.flow).to(weight)
 
         def tokens_of(kind: int, features: torch.Tensor) -> torch.Tensor:
             chunk = chunks.index(kind) if kind in chunks else 0  # a chunk the branch reads, or any (unread)
@@ -381,17 +426,25 @@ class _CascadedGuidance:
     the paper's eq. 13 with ω_t = the sampler's CFG and ω_i = ``image_scale``."""
 
     image_scale: float
+    #: the text-only predictions are denoised already (the DiT wrapper), not the model's output (the U-Net one)
+    denoised_predictions: bool = False
 
     def __call__(self, args):
         run: MaskGuidanceRun = args["model_options"]["transformer_options"][RUN_KEY]
         sigma, cond_denoised = args["sigma"], args["conds_out"][0]
         text = run.take_text_prediction(float(sigma.max()))
-        text_denoised = args["model"].model_sampling.calculate_denoised(sigma, text.float(), args["input"])
+        text_denoised = text if self.denoised_predictions else \
+            args["model"].model_sampling.calculate_denoised(sigma, text.float(), args["input"])
         return [cascaded_cond(text_denoised, cond_denoised, args["cond_scale"], self.image_scale),
                 *args["conds_out"][1:]]
 
 
 def _check_adapter_fits(model, adapter: LoadedAdapter, blocks) -> None:
+    model_family, made_for = blocks[0].family, adapter.adapter.family
+    if made_for != model_family:
+        raise ValueError(f"AdaptiveMaskGuidance: adapter {adapter.name} was made for {made_for.name} models, but this "
+                         f"MODEL ({type(model.model).__name__}) is a {model_family.name} model; use an adapter trained "
+                         f"for {model_family.name}.")
     cross = {block_name(b.key): b for b in blocks if b.has_cross_attention}
     for name in adapter.adapter.branch.to_k_vision:
         block = cross.get(name)
@@ -427,6 +480,14 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     with the subject already injected; its masks differ from the released schedule's (tiny test model: up
     to 0.98 in a mask value, 3–13 of the 64 kept positions per step at 128 px, 12–47 of 256 at 256 px).
 
+    Families: SD1.5/SD2/SDXL, Flux and SD3/SD3.5, with an adapter made for the model's family (its file records
+    the family; another family's adapter is refused). On a DiT the word map of a block is the head mean of the
+    image-token queries' probabilities in the block's one joint softmax over text and image keys, read on the
+    word's text columns (Flux: T5 tokens; SD3: CLIP-L/G tokens, then T5's), and the mask grid is the image-token
+    grid (every block's map has that size); the branch attends the image-token queries to the reference tokens
+    and is added to the image tokens' part of the joint output (text tokens untouched); an adaptive scoring
+    module reads the flow's ᾱ of the same signal-to-noise ratio.
+
     Inputs (safe ranges):
     - model, reference (RealCustomEncodeReference), clip + prompt: the SAME prompt text as the positive
       CLIPTextEncode (share one string); word: a word/phrase that occurs in it (multi-token phrases and
@@ -458,7 +519,7 @@ class AdaptiveMaskGuidance(io.ComfyNode):
             category=CATEGORY,
             description="RealCustom: a real word of the prompt takes the reference subject, inside that word's own attention mask.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5/SDXL model to patch (the adapter's family); the input is left unchanged."),
+                io.Model.Input("model", tooltip="SD1.5/SDXL, Flux or SD3/SD3.5 model to patch (the adapter's family); the input is left unchanged."),
                 ReferenceType.Input("reference", tooltip="Reference tokens from RealCustomEncodeReference."),
                 io.Clip.Input("clip", tooltip="Text encoder of the model, to find the word's tokens in the prompt."),
                 io.String.Input("prompt", multiline=True, default="a photo of a toy on the beach",
@@ -495,7 +556,8 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     def execute(cls, model, reference: EncodedReference, clip, prompt, word, mask_strategy, mask_scope, binary_mask,
                 update_fraction, map_source, uncond_image, strength, scope_selection=SCOPE_SELECTIONS[0],
                 guidance=GUIDANCE_MODES[0], image_guidance=12.5) -> io.NodeOutput:
-        blocks = transformer_blocks(model, "AdaptiveMaskGuidance")
+        blocks = transformer_blocks(model, "AdaptiveMaskGuidance", ALL_FAMILIES)
+        joint = blocks[0].family.joint
         _check_adapter_fits(model, reference.adapter, blocks)
         phrase = find_phrase_tokens(clip, prompt, word, node_name="AdaptiveMaskGuidance")
         settings = MaskSettings(strategy=mask_strategy, scope=mask_scope, binary=binary_mask, selection=scope_selection)
@@ -506,7 +568,8 @@ class AdaptiveMaskGuidance(io.ComfyNode):
         if reference.features is not None:
             features = ImageTokens(reference.features.reference,
                                    reference.features.negative if uncond_image == UNCOND_IMAGES[0] else None)
-            scorer = _ScoredTokens(reference.adapter.adapter, features)
+            flow = isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+            scorer = _ScoredTokens(reference.adapter.adapter, features, flow)
         cross_blocks = [b for b in blocks if b.has_cross_attention]
         record = MaskRecord()
 
@@ -514,13 +577,17 @@ class AdaptiveMaskGuidance(io.ComfyNode):
         add_attention_processor(patched, WordMapReader(), cross_blocks)
         add_attention_processor(patched, MaskedImageBranch(reference.adapter.adapter.branch, strength), cross_blocks)
         patched.set_additional_models(RUN_WRAPPER_KEY, [reference.adapter.patcher])
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RUN_WRAPPER_KEY,
-                                     guided_diffusion_model)
+        if joint:
+            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, RUN_WRAPPER_KEY,
+                                         guided_apply_model)
+        else:
+            patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RUN_WRAPPER_KEY,
+                                         guided_diffusion_model)
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_WRAPPER_KEY,
                                      _SamplingRun(settings, phrase.indicator(), update_fraction,
                                                   map_source == MAP_SOURCES[0], tokens, record, cascaded, scorer))
         if cascaded:
-            patched.set_model_sampler_pre_cfg_function(_CascadedGuidance(image_guidance))
+            patched.set_model_sampler_pre_cfg_function(_CascadedGuidance(image_guidance, denoised_predictions=joint))
         return io.NodeOutput(patched, record)
 
 

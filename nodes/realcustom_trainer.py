@@ -1,6 +1,7 @@
 """RealCustomTrainer: trains this pack's RealCustom image branch in the graph (DESIGN.md §4)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import comfy.model_base
@@ -11,9 +12,11 @@ import folder_paths
 import torch
 import torch.nn.functional as F
 
+from ..attention.blocks import ALL_FAMILIES
 from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
 from ..attention.realcustom_weights import (
     CLIP_VISION_FORMAT,
+    FAMILY_KEY,
     FORMAT_KEY,
     adapter_from_state_dict,
     new_clip_vision_adapter,
@@ -84,14 +87,15 @@ def _square(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return square.movedim(1, -1)
 
 
-def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution, crop, words) -> TrainingData:
+def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution, crop, words,
+                    reads_pooled: bool) -> TrainingData:
     latents = model.get_model_object("latent_format").process_in(vae.encode(_square(images, resolution)))
     features = clip_vision.encode_image(images[..., :3], crop=crop)["penultimate_hidden_states"]
     device = comfy.model_management.get_torch_device()
     contexts, pooled = _contexts(clip, captions)
     indicators = None if words is None else _word_indicators(clip, captions, words, contexts.shape[1]).to(device)
     return TrainingData(latents.float().to(device), contexts.float().to(device), features.float().to(device),
-                        pooled.float().to(device) if model.model.adm_channels else None, indicators)
+                        pooled.float().to(device) if reads_pooled else None, indicators)
 
 
 def prepare_training(model, clip, vae, clip_vision, images, captions, resolution, crop, batch_size, seed,
@@ -101,13 +105,14 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
     if word_mask_training and target_words is None:
         raise ValueError("RealCustomTrainer: word_mask_training gates the branch by each caption's target word; "
                          "give the target_words (one per caption, or one for all).")
-    blocks = [b for b in transformer_blocks(model) if b.has_cross_attention]
+    blocks = [b for b in transformer_blocks(model, "RealCustomTrainer", ALL_FAMILIES) if b.has_cross_attention]
+    family = blocks[0].family
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
         data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop,
-                               target_words)
+                               target_words, reads_pooled=bool(model.model.adm_channels) or family.joint)
     context_dim = data.contexts.shape[-1]
     adapter = new_clip_vision_adapter(data.features.shape[-1], {b.key: (b.channels, context_dim) for b in blocks}, seed,
-                                      scoring=adaptive_scoring, latent_channels=data.latents.shape[1])
+                                      scoring=adaptive_scoring, latent_channels=data.latents.shape[1], family=family)
     adapter.to(data.latents.device)
     trainable = glue.trainable_unet(model, {})
     add_attention_processor(trainable, WordMapReader(), blocks)
@@ -115,9 +120,10 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
 
     def denoise(x_t, sigma, context, pooled, run):
         trainable.model_options["transformer_options"][RUN_KEY] = run  # a private clone of this run
-        return glue.denoise(trainable, x_t, sigma, context, **glue.pooled_conditioning(model, pooled, resolution))
+        with glue.saved_tensor_copies() if family.joint else contextlib.nullcontext():
+            return glue.denoise(trainable, x_t, sigma, context, **glue.pooled_conditioning(model, pooled, resolution))
 
-    step = RealCustomStep(data, adapter.projector, denoise, glue.discrete_sigmas(model), glue.prediction_kind(model),
+    step = RealCustomStep(data, adapter.projector, denoise, glue.discrete_sigmas(model), glue.prediction_kind(model, flow=True),
                           batch_size, adapter.scoring, MaskSettings() if word_mask_training else None)
     return adapter, step
 
@@ -135,8 +141,11 @@ def _word_previews(step, images, resolution, seed) -> tuple[torch.Tensor, torch.
 
 
 class RealCustomTrainer(io.ComfyNode):
-    """Trains a RealCustom image branch (Huang et al., CVPR 2024, §3.2) for SD1.x or SDXL in this pack's
-    format (SDXL: the captions' pooled CLIP-G output and the training size go to the U-Net's size input).
+    """Trains a RealCustom image branch (Huang et al., CVPR 2024, §3.2) for SD1.x, SDXL, Flux or SD3/SD3.5 in this
+    pack's format (SDXL: the captions' pooled CLIP-G output and the training size go to the U-Net's size input;
+    Flux/SD3: the pooled output goes to ``y``, Flux dev trains at distilled guidance 3.5, the loss is the
+    flow-matching MSE of the velocity ε − x0, the target of the model's own sampling; the scoring module reads
+    the flow's ᾱ of the same signal-to-noise ratio). The adapter file records the model family.
 
     The U-Net, text encoder and image encoder stay frozen; a projector (Linear + LayerNorm over the
     CLIP_VISION's penultimate states) and the visual key/value projections of every cross-attention layer
@@ -172,7 +181,7 @@ class RealCustomTrainer(io.ComfyNode):
             category=CATEGORY,
             description="Train a RealCustom image branch (projector + visual K/V) on captioned images.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x or SDXL model the branch is trained for; it stays frozen and unchanged."),
+                io.Model.Input("model", tooltip="SD1.x, SDXL, Flux or SD3/SD3.5 model the branch is trained for; it stays frozen and unchanged."),
                 io.Clip.Input("clip", tooltip="The model's text encoder, for the captions."),
                 io.Vae.Input("vae", tooltip="VAE that encodes the training images."),
                 io.ClipVision.Input("clip_vision", tooltip="Image encoder of the branch (use the same at inference)."),
@@ -211,8 +220,8 @@ class RealCustomTrainer(io.ComfyNode):
     def execute(cls, model, clip, vae, clip_vision, images, captions, name, steps, learning_rate, batch_size,
                 grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True, target_words="",
                 word_mask_training=False) -> io.NodeOutput:
-        transformer_blocks(model, "RealCustomTrainer")
-        if model.model.adm_channels and not isinstance(model.model, comfy.model_base.SDXL):
+        family = transformer_blocks(model, "RealCustomTrainer", ALL_FAMILIES)[0].family
+        if not family.joint and model.model.adm_channels and not isinstance(model.model, comfy.model_base.SDXL):
             raise ValueError(f"RealCustomTrainer trains SD1.x and SDXL image branches; this MODEL "
                              f"({type(model.model).__name__}) reads another extra conditioning.")
         require_matching_clip("RealCustomTrainer", model, clip)
@@ -236,10 +245,11 @@ class RealCustomTrainer(io.ComfyNode):
             word_masks, word_preview = _word_previews(step, images, resolution, seed)
         state_dict = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
         path = output_path(folder_paths.get_folder_paths(ADAPTER_FOLDER)[0], stem)
-        save_atomic(path, state_dict, metadata={FORMAT_KEY: CLIP_VISION_FORMAT, "method": "realcustom",
+        save_atomic(path, state_dict, metadata={FORMAT_KEY: CLIP_VISION_FORMAT, FAMILY_KEY: adapter.family.file_tag,
+                                                "method": "realcustom",
                                                 "steps": str(steps), "learning_rate": str(learning_rate)})
         folder_paths.filename_list_cache.clear()
-        trained = adapter_from_state_dict(state_dict, CLIP_VISION_FORMAT)
+        trained = adapter_from_state_dict(state_dict, CLIP_VISION_FORMAT, adapter.family)
         patcher = comfy.model_patcher.ModelPatcher(trained, load_device=comfy.model_management.get_torch_device(),
                                                    offload_device=comfy.model_management.unet_offload_device())
         return io.NodeOutput(LoadedAdapter(trained, patcher, path.name), path.name, word_masks, word_preview)

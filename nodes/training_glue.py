@@ -26,12 +26,13 @@ from typing import Callable, Mapping, Optional
 import comfy.clip_model
 import comfy.model_management
 import comfy.model_sampling
+import comfy.patcher_extension
 import comfy.sd1_clip
 import comfy.utils
 import torch
 from comfy.weight_adapter.base import WeightAdapterTrainBase
 
-from ..training.losses import EPSILON, V_PREDICTION
+from ..training.losses import EPSILON, FLOW, V_PREDICTION
 from .patching import unpatched_modules
 
 check_interrupted: Callable[[], None] = comfy.model_management.throw_exception_if_processing_interrupted
@@ -105,6 +106,16 @@ def trainable_unet(model, deltas: Mapping[str, WeightDelta]):
     return patched
 
 
+@contextmanager
+def saved_tensor_copies():
+    """Autograd keeps its own copies of the tensors it saves for backward. ComfyUI's Flux blocks add to their
+    residual stream in place after normalising it (``x += ...``), so a gradient that flows back through them
+    (from a trained branch in an earlier block) would find a saved tensor changed and autograd would refuse;
+    the copies cost one more copy of the saved activations."""
+    with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
+        yield
+
+
 def with_weight_deltas(model, deltas: Mapping[str, torch.Tensor], strength: float = 1.0):
     """A clone with the changes as ``diff`` patches: what LoraLoaderModelOnly does with ``.diff`` keys."""
     patched = model.clone()
@@ -112,16 +123,19 @@ def with_weight_deltas(model, deltas: Mapping[str, torch.Tensor], strength: floa
     return patched
 
 
-def prediction_kind(model) -> str:
-    """``"eps"`` or ``"v"`` from the MODEL's sampling type; a clear error for anything else."""
+def prediction_kind(model, flow: bool = False) -> str:
+    """``"eps"`` or ``"v"`` (and, for trainers that mix noise the flow way, ``"flow"``: rectified flow, ComfyUI's
+    CONST) from the MODEL's sampling type; a clear error for anything else."""
     sampling = model.get_model_object("model_sampling")
     denoised_fn = type(sampling).calculate_denoised
     if denoised_fn is comfy.model_sampling.EPS.calculate_denoised:
         return EPSILON
     if denoised_fn is comfy.model_sampling.V_PREDICTION.calculate_denoised:
         return V_PREDICTION
-    raise ValueError(f"training supports ε- and v-prediction models; this MODEL samples with "
-                     f"{type(sampling).__name__}")
+    if flow and denoised_fn is comfy.model_sampling.CONST.calculate_denoised:
+        return FLOW
+    raise ValueError(f"training supports ε- and v-prediction{' and rectified-flow' if flow else ''} models; this "
+                     f"MODEL samples with {type(sampling).__name__}")
 
 
 def discrete_sigmas(model) -> torch.Tensor:
@@ -139,19 +153,30 @@ def denoise(patched, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tens
     # (a no-op while it stays loaded).
     comfy.model_management.load_models_gpu([patched], force_full_load=True)
     options = dict(patched.model_options["transformer_options"])
+    # the clone's wrappers, as ComfyUI's sampler hands them to the model (the DiTs' token layout is published by one)
+    options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(options.get("wrappers", {}), patched.wrappers)
     options["sigmas"] = sigma
     options["cond_or_uncond"] = [0]
     return patched.model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=options, **model_kwargs)
 
 
+#: the distilled guidance a guidance-embedding model (Flux dev) trains with: ComfyUI's default for Flux
+#: conditionings without FluxGuidance, and FluxGuidance's default
+DISTILLED_GUIDANCE = 3.5
+
+
 def pooled_conditioning(model, pooled: Optional[torch.Tensor], size: int) -> dict:
     """Model keyword arguments from the pooled text output of a square ``size`` training image: SDXL's
-    ADM vector ``y`` (pooled CLIP-G + original/crop/target size, no crop), nothing for SD1.x."""
+    ADM vector ``y`` (pooled CLIP-G + original/crop/target size, no crop), the pooled vector itself as ``y``
+    for Flux and SD3 (their encode_adm), with Flux dev's distilled ``guidance``; nothing for SD1.x."""
     if pooled is None:
         return {}
     adm = model.model.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0,
                                  target_width=size, target_height=size)
-    return {} if adm is None else {"y": adm}
+    out = {} if adm is None else {"y": adm}
+    if getattr(getattr(model.model.diffusion_model, "params", None), "guidance_embed", False):
+        out["guidance"] = torch.full((pooled.shape[0],), DISTILLED_GUIDANCE, device=pooled.device)
+    return out
 
 
 def sub_tokenizers(tokenizer):

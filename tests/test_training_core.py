@@ -162,7 +162,7 @@ def test_masked_mse_matches_per_sample_reference():
 def test_unknown_prediction_type_is_an_error():
     x = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match="unsupported prediction"):
-        losses.prediction_from_denoised("flow", x, x, torch.ones(1))
+        losses.prediction_from_denoised("x0", x, x, torch.ones(1))
 
 
 def test_timesteps_are_uniform_and_seeded():

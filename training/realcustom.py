@@ -3,7 +3,9 @@
 Everything pre-trained is frozen (U-Net, text encoder, image encoder); only the projector and the
 visual key/value projections of every cross-attention layer learn. Each training image is its own
 reference, the branch is ungated (eq. 4 has no mask; the mask only exists at inference), and the loss
-is the plain ε- (or v-) MSE of the frozen U-Net with the branch added.
+is the plain ε- (or v-) MSE of the frozen U-Net with the branch added; on the rectified-flow DiTs (Flux,
+SD3) the noise is mixed the flow way and the loss is the MSE of the velocity ε − x0 the model predicts
+(its own CONST sampling's target, see :mod:`.losses`).
 
 With ``scoring`` (the paper's adaptive scoring module, absent from the released model) the image
 features of each sample are scored from its caption, its noisy latent and its timestep, weighted and cut
@@ -26,7 +28,7 @@ import torch
 from ..attention.realcustom import ImageTokens, MaskSettings, TrainingRun, WordMapCapture
 from ..attention.realcustom_scoring import TRAINING_KEEP_RANGE, AdaptiveScoring, alpha_bar, masked_latent, model_input
 from .loop import MicroStep
-from .losses import add_noise, masked_mse, noised, prediction_from_denoised
+from .losses import FLOW, add_noise, masked_mse, noised, prediction_from_denoised
 
 #: denoise(x_t, sigma, context, pooled, run) -> the frozen U-Net's x̂0 with the image branch of ``run``
 #: (``pooled``: the captions' pooled text outputs for models that read them (SDXL), else None)
@@ -38,10 +40,10 @@ DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | 
 class TrainingData:
     """The encoded dataset: one row per image (all on the training device)."""
 
-    latents: torch.Tensor   # (N, 4, h, w) VAE latents (scaled as the model expects)
+    latents: torch.Tensor   # (N, C, h, w) VAE latents (scaled as the model expects)
     contexts: torch.Tensor  # (N, T, C) text contexts of the captions
     features: torch.Tensor  # (N, P, D) CLIP-vision penultimate states of the same images
-    pooled: torch.Tensor | None = None  # (N, C') pooled text outputs of the captions (SDXL), None for SD1.x
+    pooled: torch.Tensor | None = None  # (N, C') pooled text outputs of the captions (SDXL, DiTs), None for SD1.x
     #: (N, T) 1 at the target word's tokens in each caption's context, None without target words
     word_indicators: torch.Tensor | None = None
 
@@ -82,7 +84,7 @@ class RealCustomStep:
         data, device = self.data, self.data.latents.device
         rows = torch.randint(0, data.latents.shape[0], (self.batch_size,), generator=micro.generator).to(device)
         x0 = data.latents[rows]
-        sigma, x_t = noised(x0, self.sigmas, micro.generator)
+        sigma, x_t = noised(x0, self.sigmas, micro.generator, self.prediction)
         features = data.features[rows]
         contexts, pooled = data.captions_of(rows)
         if self.word_mask is None:
@@ -92,10 +94,10 @@ class RealCustomStep:
         if self.scoring is not None:
             low, high = TRAINING_KEEP_RANGE
             keep = low + (high - low) * float(torch.rand((), generator=micro.generator))
-            latent = model_input(x_t, sigma)
+            latent = model_input(x_t, sigma, flow=self.prediction == FLOW)
             if self.word_mask is not None:
                 latent = masked_latent(latent, mask)
-            features = self.scoring(features, contexts, latent, alpha_bar(sigma), keep)
+            features = self.scoring(features, contexts, latent, alpha_bar(sigma, flow=self.prediction == FLOW), keep)
         run = TrainingRun(ImageTokens(self.projector(features), None), mask=mask)
         denoised = self.denoise(x_t, sigma, contexts, pooled, run)
         return masked_mse(prediction_from_denoised(self.prediction, x_t, denoised, sigma),
@@ -114,5 +116,5 @@ def word_scope_preview(step: RealCustomStep, settings: MaskSettings, seed: int) 
         x0 = data.latents[rows]
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         sigma = sigma_value.to(x0).expand(rows.shape[0])
-        masks.append(step.word_masks(rows, add_noise(x0, noise, sigma), sigma, settings))
+        masks.append(step.word_masks(rows, add_noise(x0, noise, sigma, step.prediction), sigma, settings))
     return torch.cat(masks)

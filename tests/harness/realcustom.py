@@ -9,7 +9,7 @@
   CLIP_VISION of ComfyUI's own class at 384 px / patch 14, and a DINOv2-with-registers file in timm's layout
   with the 518-px position grid of the real one), for the released-model path.
 - `adapter_path(...)`: a random adapter of this pack's CLIP-vision format for a model's cross-attention
-  blocks, in models/realcustom.
+  blocks (a DiT's joint blocks), in models/realcustom, recording the family it is given.
 """
 from __future__ import annotations
 
@@ -84,37 +84,41 @@ def vitl_clip_vision_path():
 
 
 def adapter_state_dict(blocks, vision_dim: int, token_dim: int, seed: int = 0, std: float = 0.05,
-                       scoring: bool = False) -> dict:
+                       scoring: bool = False, latent_channels: int = 4) -> dict:
     """Random adapter tensors (this pack's format) for `blocks` (TransformerBlock list of a model), with the
-    adaptive scoring module when ``scoring``."""
+    adaptive scoring module when ``scoring`` (reading text of ``token_dim`` and latents of ``latent_channels``)."""
     from .comfy_env import pack_module
     weights = pack_module("attention.realcustom_weights")
     realcustom = pack_module("attention.realcustom")
     shapes = {b.key: (b.channels, token_dim) for b in blocks if b.has_cross_attention}
-    scorer = pack_module("attention.realcustom_scoring").AdaptiveScoring(vision_dim, token_dim) if scoring else None
+    scorer = (pack_module("attention.realcustom_scoring").AdaptiveScoring(vision_dim, token_dim, latent_channels)
+              if scoring else None)
     adapter = weights.RealCustomAdapter(weights.CLIP_VISION_FORMAT, weights.LinearProjector(vision_dim, token_dim),
                                         realcustom.ImageBranchWeights(shapes), scorer)
     randomize_(adapter, seed=seed, std=std)
     return adapter.state_dict()
 
 
-def write_adapter(path, state_dict: dict, format_name: str | None) -> None:
-    """Save an adapter file atomically, with the format in metadata (None: like the released checkpoint)."""
+def write_adapter(path, state_dict: dict, format_name: str | None, family: str | None = None) -> None:
+    """Save an adapter file atomically, with the format (None: like the released checkpoint) and the model
+    family's file tag (None: none recorded, as U-Net files before the DiT families) in metadata."""
     import comfy.utils
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    metadata = {"format": format_name} if format_name else None
+    metadata = {**({"format": format_name} if format_name else {}), **({"family": family} if family else {})} or None
     comfy.utils.save_torch_file({k: v.clone() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     boot_comfy(require_pack=False).folder_paths.filename_list_cache.clear()
 
 
-def adapter_path(name: str, blocks, vision_dim: int, token_dim: int, seed: int = 0, scoring: bool = False):
-    """A random CLIP-vision-format adapter at models/realcustom/<name> (written once per cache)."""
+def adapter_path(name: str, blocks, vision_dim: int, token_dim: int, seed: int = 0, scoring: bool = False,
+                 family: str | None = None, latent_channels: int = 4):
+    """A random CLIP-vision-format adapter at models/realcustom/<name> (written once per cache) for ``blocks``;
+    ``family``: the family tag its file records (None: none, read as a U-Net adapter)."""
     path = models_dir() / "realcustom" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_adapter(path, adapter_state_dict(blocks, vision_dim, token_dim, seed, scoring=scoring),
-                      "realcustom.clip_vision")
+        write_adapter(path, adapter_state_dict(blocks, vision_dim, token_dim, seed, scoring=scoring,
+                                               latent_channels=latent_channels), "realcustom.clip_vision", family)
     return path
 
 
