@@ -13,10 +13,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from personalization_nodes.attention.disendiff import CONTEXT_TOKENS_KEY, CalibratedCrossAttention, Concept
 from harness.comfy_env import pack_module
+from harness.dit import comfy_style_attention
+from harness.tensors import relative_change
 from personalization_nodes.attention.dispatcher import (CHAIN_KEY, CROSS_ATTENTION, AttentionConflictError,
                                                        AttentionProcessor, ProcessorChain)
 from personalization_nodes.attention.joint import LAYOUT_KEY, JointAttentionDispatcher, JointLayout
@@ -29,17 +30,6 @@ PROMPT_LENGTH = 6
 #: (modifier positions, class word positions) of two concepts in the 6-token prompt
 CONCEPTS = (((1,), (2,)), ((3,), (4, 5)))
 STRENGTH = 1.5
-
-
-def comfy_style_attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **_):
-    """ComfyUI's attention convention: (B, L, heads*d) in and out, or (B, heads, L, d) in with skip_reshape."""
-    if not skip_reshape:
-        q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-    if mask is not None:
-        while mask.ndim < 4:
-            mask = mask.unsqueeze(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out if skip_output_reshape else out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
 
 def slow_smooth(m):
@@ -320,17 +310,13 @@ def family(request, comfy):
     dit.release(request.param)
 
 
-def rel_change(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def test_strength_zero_is_unpatched_sampling_and_strength_changes_it(family):
     """Batch 2; Flux at CFG 1 (cond pass only), SD3.5 at CFG 1 and CFG 4 (cond and uncond passes)."""
     for cfg in ((1.0,) if family.name == "flux" else (1.0, 4.0)):
         base = family.sample(family.model, cfg=cfg)
         assert torch.equal(family.sample(family.calibrated(strength=0.0), cfg=cfg), base)
         on = family.sample(family.calibrated(), cfg=cfg)
-        assert rel_change(on[0], base[0]) > 1e-3 and rel_change(on[1], base[1]) > 1e-3
+        assert relative_change(on[0], base[0]) > 1e-3 and relative_change(on[1], base[1]) > 1e-3
     assert torch.equal(family.sample(family.model, cfg=cfg), base), "the input model must stay unpatched"
 
 
@@ -359,8 +345,8 @@ def test_a_lora_on_the_dit_still_applies(family):
                                                                        1.0)[0]
     with_lora = family.sample(family.calibrated(model=lora))
     assert torch.equal(family.sample(family.calibrated(model=lora, strength=0.0)), family.sample(lora))
-    assert rel_change(with_lora, family.sample(family.calibrated())) > 1e-3
-    assert rel_change(with_lora, family.sample(lora)) > 1e-3
+    assert relative_change(with_lora, family.sample(family.calibrated())) > 1e-3
+    assert relative_change(with_lora, family.sample(lora)) > 1e-3
 
 
 def test_composes_with_shared_attention_on_the_same_model(family):
@@ -373,10 +359,10 @@ def test_composes_with_shared_attention_on_the_same_model(family):
     shared_then_calibrated = family.sample(family.calibrated(model=shared))
     assert torch.equal(calibrated_then_shared, shared_then_calibrated)
     assert torch.equal(family.sample(family.calibrated(model=shared, strength=0.0)), family.sample(shared))
-    assert rel_change(calibrated_then_shared[1], family.sample(shared)[1]) > 1e-3
+    assert relative_change(calibrated_then_shared[1], family.sample(shared)[1]) > 1e-3
     calibrated_alone = family.sample(family.calibrated())
     torch.testing.assert_close(calibrated_then_shared[0], calibrated_alone[0], rtol=1e-4, atol=1e-4)
-    assert rel_change(calibrated_then_shared[1], calibrated_alone[1]) > 1e-3
+    assert relative_change(calibrated_then_shared[1], calibrated_alone[1]) > 1e-3
 
 
 def test_the_words_are_found_in_the_dits_text_sequence(family):
@@ -435,8 +421,8 @@ def test_a_controlnet_in_the_same_graph(family):
     plain_controlled = sampled(family.model, controlled)
     assert torch.equal(sampled(family.calibrated(strength=0.0), controlled), plain_controlled)
     calibrated_controlled = sampled(family.calibrated(), controlled)
-    assert rel_change(calibrated_controlled, plain_controlled) > 1e-3
-    assert rel_change(calibrated_controlled, sampled(family.calibrated(), (positive, negative))) > 1e-3
+    assert relative_change(calibrated_controlled, plain_controlled) > 1e-3
+    assert relative_change(calibrated_controlled, sampled(family.calibrated(), (positive, negative))) > 1e-3
 
 
 def test_sd35_medium_leaves_its_image_only_attention_alone(comfy, monkeypatch):
@@ -455,7 +441,7 @@ def test_sd35_medium_leaves_its_image_only_attention_alone(comfy, monkeypatch):
     monkeypatch.setattr(joint, "_cross_view", recording)
     base = family.sample(family.model)
     assert torch.equal(family.sample(family.calibrated(strength=0.0)), base)
-    assert rel_change(family.sample(family.calibrated()), base) > 1e-3
+    assert relative_change(family.sample(family.calibrated()), base) > 1e-3
     image_tokens = (64 // 8 // 2) ** 2
     assert lengths and all(length > image_tokens for length in lengths)
     assert len(lengths) == 2 * dit.SD35_DIT["depth"]  # 2 steps x 3 joint blocks, one cond+uncond batch each

@@ -16,6 +16,7 @@ import torch
 
 from harness import dit
 from harness.checkpoints import encode_prompt, sample
+from harness.tensors import relative_change
 
 PROMPT, OTHER_PROMPT = "a photo of a cat", "an oil painting of a lighthouse"
 SAMPLING = dict(steps=3, sampler_name="euler", scheduler="simple")
@@ -29,10 +30,6 @@ def _node(node_id: str, **inputs) -> tuple:
 
 def _flux_guided(conditioning, guidance: float = 3.5):
     return _node("FluxGuidance", conditioning=conditioning, guidance=guidance)[0]
-
-
-def _rel_change(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _head_view(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
@@ -89,7 +86,7 @@ def _assert_attention_is_not_degenerate(model, positive, negative, cfg):
         assert call["kl"] > 0.1, call  # probabilities measurably not uniform (nats)
     uniform = sample(_with_override(model, AttentionProbe(uniform=True)), positive, negative,
                          dit.empty_latent(1), seed=4, cfg=cfg, **SAMPLING)
-    assert _rel_change(uniform, base) > 0.03, "the output barely depends on attention"
+    assert relative_change(uniform, base) > 0.03, "the output barely depends on attention"
     return probe
 
 
@@ -110,7 +107,7 @@ def _lora_changes_output_and_every_key_loads(stock_comfy, model, family, positiv
     assert not model.patches, "the loader must patch a clone"
     base = sample(model, positive, negative, dit.empty_latent(1), seed=3, cfg=cfg, **SAMPLING)
     with_lora = sample(patched, positive, negative, dit.empty_latent(1), seed=3, cfg=cfg, **SAMPLING)
-    assert torch.isfinite(with_lora).all() and _rel_change(with_lora, base) > 0.01
+    assert torch.isfinite(with_lora).all() and relative_change(with_lora, base) > 0.01
     return present, layers
 
 
@@ -194,7 +191,7 @@ class TestFlux:
         assert torch.equal(out, again), "sampling must be deterministic for identity tests"
         stronger = sample(flux, _flux_guided(positive, 6.0), negative, dit.empty_latent(2), seed=1, cfg=1.0,
                               **SAMPLING)
-        assert _rel_change(stronger, out) > 1e-3, "guidance_in must feed the model"
+        assert relative_change(stronger, out) > 1e-3, "guidance_in must feed the model"
 
     def test_sampler_custom_advanced_matches_ksampler(self, flux, flux_prompts):
         positive = _flux_guided(flux_prompts[0])
@@ -233,7 +230,7 @@ class TestFlux:
             positive, positive, control, hint, 1.0, 0.0, 1.0)
         base = sample(flux, positive, positive, dit.empty_latent(1), seed=2, cfg=1.0, **SAMPLING)
         out = sample(flux, *controlled, dit.empty_latent(1), seed=2, cfg=1.0, **SAMPLING)
-        assert torch.isfinite(out).all() and _rel_change(out, base) > 0.01
+        assert torch.isfinite(out).all() and relative_change(out, base) > 0.01
 
 
 @pytest.mark.usefixtures("sd35_prompts")
@@ -287,7 +284,7 @@ class TestSD35:
         assert out.shape == (2, 16, 8, 8) and torch.isfinite(out).all()
         assert torch.equal(out, sample(model, *sd35_prompts, dit.empty_latent(2), seed=1, cfg=4.0, **SAMPLING))
         cfg1 = sample(model, *sd35_prompts, dit.empty_latent(2), seed=1, cfg=1.0, **SAMPLING)
-        assert _rel_change(cfg1, out) > 0.01, "the negative prompt must matter at CFG 4"
+        assert relative_change(cfg1, out) > 0.01, "the negative prompt must matter at CFG 4"
 
     @pytest.mark.parametrize("variant", ["large", "medium"])
     def test_attention_is_not_degenerate(self, stock_comfy, variant):
@@ -319,7 +316,7 @@ class TestSD35:
                            vae=dit.vae(), image=hint, strength=1.0, start_percent=0.0, end_percent=1.0)
         base = sample(model, positive, negative, dit.empty_latent(1), seed=2, cfg=4.0, **SAMPLING)
         out = sample(model, *controlled, dit.empty_latent(1), seed=2, cfg=4.0, **SAMPLING)
-        assert torch.isfinite(out).all() and _rel_change(out, base) > 0.01
+        assert torch.isfinite(out).all() and relative_change(out, base) > 0.01
 
     def test_vae_loader_decodes_and_encodes_16_channels(self, stock_comfy):
         vae = dit.vae()

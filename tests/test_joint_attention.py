@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from harness.dit import comfy_style_attention
 from personalization_nodes.attention.blocks import FLUX
 from personalization_nodes.attention.dispatcher import CHAIN_KEY, AttentionConflictError, ProcessorChain
 from personalization_nodes.attention.joint import (LAYOUT_KEY, JointAttentionDispatcher, JointLayout,
@@ -16,17 +16,6 @@ from personalization_nodes.attention.style_aligned import SharedAttentionProcess
 HEADS, DIM = 2, 8
 TEXT, GRID = 5, (3, 4)
 IMAGE = GRID[0] * GRID[1]
-
-
-def comfy_style_attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **_):
-    """ComfyUI's attention convention: (B, L, heads*d) in and out, or (B, heads, L, d) in with skip_reshape."""
-    if not skip_reshape:
-        q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-    if mask is not None:
-        while mask.ndim < 4:
-            mask = mask.unsqueeze(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out if skip_output_reshape else out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
 
 def token_mean_std(x):

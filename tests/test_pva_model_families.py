@@ -19,6 +19,7 @@ import torch
 
 from harness.checkpoints import IN_MEMORY_FAMILIES, conditioning, encode_prompt, model_patcher, sample
 from harness.comfy_env import pack_module
+from harness.memory import collect_dropped_models
 from harness.pack_nodes import run_node
 from harness.pva_assets import IDENTITY_WORD_WIDTHS, arcface_path, faces, pva_model, pva_path
 from harness.tensors import changed_keys, close, same_bits
@@ -62,7 +63,7 @@ class Inpainting:
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def inpainting(request, comfy, sd15) -> Inpainting:
+def inpainting(request, comfy, sd15):
     from comfy.ldm.modules.attention import SpatialTransformer
     from comfy.sampler_helpers import prepare_mask
 
@@ -81,7 +82,12 @@ def inpainting(request, comfy, sd15) -> Inpainting:
     positive, negative, latent = comfy.nodes.InpaintModelConditioning().encode(
         conditioning(family, seed=1), conditioning(family, seed=2), pixels, sd15[2], mask)
     hole = prepare_mask(latent["noise_mask"], latent["samples"].shape, "cpu") > 0
-    return Inpainting(family, model, pva, positive, negative, latent, hole, layers)
+    yield Inpainting(family, model, pva, positive, negative, latent, hole, layers)
+    # one family in memory at a time (both together peaked at 7.2 GiB)
+    del model, layers
+    model_patcher.cache_clear()
+    reduced_clip.cache_clear()
+    collect_dropped_models(limit=0)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 5.0])

@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 
+from harness.tensors import relative_change
 from personalization_nodes.attention.dispatcher import ProcessorChain
 from personalization_nodes.attention.joint import JointAttentionDispatcher
 from personalization_nodes.attention.realcustom import (COND, RUN_KEY, ImageBranchWeights, ImageTokens,
@@ -283,10 +284,6 @@ def family(request, comfy):
     dit.release(request.param)
 
 
-def rel_change(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 def test_strength_zero_is_unpatched_sampling_and_the_branch_changes_it(family):
     """Batch 2; Flux at CFG 1 (cond pass only), SD3.5 at CFG 1 and CFG 4 (cond and uncond passes). One mask per
     image and step at the image-token grid, the top quarter kept with soft max-normalised values; the mask
@@ -296,7 +293,7 @@ def test_strength_zero_is_unpatched_sampling_and_the_branch_changes_it(family):
         assert torch.equal(family.sample(family.guided(strength=0.0)[0], cfg=cfg), base)
         patched, masks = family.guided()
         on = family.sample(patched, cfg=cfg)
-        assert rel_change(on[0], base[0]) > 1e-3 and rel_change(on[1], base[1]) > 1e-3
+        assert relative_change(on[0], base[0]) > 1e-3 and relative_change(on[1], base[1]) > 1e-3
         assert len(masks.steps) == SAMPLING["steps"]
         for mask in masks.steps:
             assert mask.shape == (2, *MASK_GRID)
@@ -330,7 +327,7 @@ def test_cascaded_guidance_with_equal_scales_is_the_released_cfg(family):
     cascaded, masks = family.guided(guidance="cascaded (paper eq. 13)", image_guidance=cfg)
     assert (family.sample(cascaded, cfg=cfg) - released).abs().max() <= 1e-4 * released.abs().max()
     other = family.sample(family.guided(guidance="cascaded (paper eq. 13)", image_guidance=2 * cfg)[0], cfg=cfg)
-    assert rel_change(other, released) > 1e-3
+    assert relative_change(other, released) > 1e-3
     assert len(masks.steps) == SAMPLING["steps"]
 
 
@@ -340,8 +337,8 @@ def test_a_lora_on_the_dit_still_applies(family):
                                                                        1.0)[0]
     with_lora = family.sample(family.guided(model=lora)[0])
     assert torch.equal(family.sample(family.guided(model=lora, strength=0.0)[0]), family.sample(lora))
-    assert rel_change(with_lora, family.sample(family.guided()[0])) > 1e-3
-    assert rel_change(with_lora, family.sample(lora)) > 1e-3
+    assert relative_change(with_lora, family.sample(family.guided()[0])) > 1e-3
+    assert relative_change(with_lora, family.sample(lora)) > 1e-3
 
 
 def test_adapters_of_another_family_are_refused_naming_both(family):
@@ -356,7 +353,6 @@ def test_adapters_of_another_family_are_refused_naming_both(family):
         family.guided(reference=unet)
 
 
-
 def test_adapter_with_adaptive_scoring_scores_the_tokens_of_every_call(family):
     """Paper §3.2 on a rectified flow: tokens picked and weighted per call from the prompt, the masked latent in
     its VP form and the ᾱ of the flow's signal-to-noise ratio."""
@@ -367,7 +363,7 @@ def test_adapter_with_adaptive_scoring_scores_the_tokens_of_every_call(family):
     out = family.sample(patched)
     assert torch.isfinite(out).all() and len(masks.steps) == SAMPLING["steps"]
     unscored = dataclasses.replace(scored, features=None)  # the same adapter's projector on all tokens
-    assert rel_change(out, family.sample(family.guided(reference=unscored)[0])) > 1e-4
+    assert relative_change(out, family.sample(family.guided(reference=unscored)[0])) > 1e-4
     assert torch.equal(family.sample(family.guided(reference=scored, strength=0.0)[0]), family.sample(family.model))
 
     scorer = pack_module("nodes.realcustom")._ScoredTokens(scored.adapter.adapter, scored.features, flow=True)
@@ -403,7 +399,7 @@ def test_composes_with_shared_attention_and_calibration_on_one_flux_model(comfy)
     outputs = [flux.sample(model) for model in orders]
     assert all(torch.equal(outputs[0], out) for out in outputs[1:])
     assert torch.equal(flux.sample(flux.guided(model=calibrated(shared_attention(flux.model)), strength=0.0)[0]), others)
-    assert rel_change(outputs[0][0], others[0]) > 1e-3 and rel_change(outputs[0][1], others[1]) > 1e-3
+    assert relative_change(outputs[0][0], others[0]) > 1e-3 and relative_change(outputs[0][1], others[1]) > 1e-3
     dit.release("flux")
 
 
@@ -424,7 +420,7 @@ def test_a_controlnet_in_the_same_graph(family):
     assert torch.equal(sampled(family.guided(strength=0.0)[0], controlled), plain_controlled)
     patched, masks = family.guided()
     guided_controlled = sampled(patched, controlled)
-    assert rel_change(guided_controlled, plain_controlled) > 1e-3
+    assert relative_change(guided_controlled, plain_controlled) > 1e-3
     uncontrolled_masks = family.guided()
     sampled(uncontrolled_masks[0], (positive, negative))
     assert not torch.equal(masks.steps[0], uncontrolled_masks[1].steps[0]), "the map is read with the ControlNet"
@@ -448,7 +444,7 @@ def test_sd35_medium_leaves_its_image_only_attention_alone(comfy, monkeypatch):
     base = family.sample(family.model)
     assert torch.equal(family.sample(family.guided(strength=0.0)[0]), base)
     patched, masks = family.guided()
-    assert rel_change(family.sample(patched), base) > 1e-3 and masks.steps[0].shape == (2, *MASK_GRID)
+    assert relative_change(family.sample(patched), base) > 1e-3 and masks.steps[0].shape == (2, *MASK_GRID)
     # 2 steps x 3 joint blocks of the guided pass (one cond+uncond batch each), the image-only attentions never
     assert lengths == [MASK_GRID[0] * MASK_GRID[1]] * (2 * dit.SD35_DIT["depth"])
     dit.release("sd35")

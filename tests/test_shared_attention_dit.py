@@ -13,6 +13,7 @@ from harness import dit
 from harness.checkpoints import sample
 from harness.comfy_env import pack_module
 from harness.pack_nodes import shared_attention
+from harness.tensors import relative_change
 
 SAMPLING = dict(steps=3, sampler_name="euler", scheduler="simple")
 
@@ -48,17 +49,13 @@ def family(request, comfy):
     dit.release(name)
 
 
-def rel_change(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("batch", [2, 3, 5])
 def test_reference_is_bit_identical_and_every_target_changes(family, batch):
     base = family.sample(family.model, batch)
     patched = family.sample(shared_attention(family.model), batch)
     assert torch.equal(patched[0], base[0])
     for target in range(1, batch):
-        assert rel_change(patched[target], base[target]) > 1e-3, f"target {target} unchanged"
+        assert relative_change(patched[target], base[target]) > 1e-3, f"target {target} unchanged"
     assert torch.equal(family.sample(family.model, batch), base), "the input model must stay unpatched"
 
 
@@ -68,7 +65,7 @@ def test_guidance_passes_cond_and_uncond_each_with_its_reference(family):
     for cfg in (1.0, 3.0):
         base = family.sample(family.model, 3, cfg=cfg)
         patched = family.sample(shared_attention(family.model, shared_score_shift=0.693), 3, cfg=cfg)
-        assert torch.equal(patched[0], base[0]) and rel_change(patched[1:], base[1:]) > 1e-3
+        assert torch.equal(patched[0], base[0]) and relative_change(patched[1:], base[1:]) > 1e-3
 
 
 def test_block_selection_by_dit_block_names(family):
@@ -78,7 +75,7 @@ def test_block_selection_by_dit_block_names(family):
     everywhere = family.sample(shared_attention(family.model), 2)
     one_block = family.sample(shared_attention(family.model, blocks=first), 2)
     nowhere = family.sample(shared_attention(family.model, skip_fraction=1.0), 2)
-    assert rel_change(one_block[1], everywhere[1]) > 1e-4
+    assert relative_change(one_block[1], everywhere[1]) > 1e-4
     assert torch.equal(nowhere, family.sample(family.model, 2))
     with pytest.raises(ValueError, match="block selector 'input'"):
         shared_attention(family.model, blocks="input")
@@ -89,7 +86,7 @@ def test_a_lora_on_the_dit_still_applies(comfy, family):
     with_lora = family.sample(shared_attention(lora), 2)
     without_lora = family.sample(shared_attention(family.model), 2)
     assert torch.equal(with_lora[0], family.sample(lora, 2)[0])
-    assert rel_change(with_lora[1], without_lora[1]) > 1e-3
+    assert relative_change(with_lora[1], without_lora[1]) > 1e-3
 
 
 def test_sd35_medium_shares_its_image_only_attention_too(family, monkeypatch):
@@ -122,8 +119,8 @@ def test_flux_controlnet_gives_the_reference_zero_residuals(comfy, family):
     controlled_reference = family.sample(shared_attention(family.model, controlnet_on_reference=True), 2,
                                          prompts=controlled)
     assert torch.equal(with_control[0], without_control[0])
-    assert rel_change(with_control[1], without_control[1]) > 1e-3
-    assert rel_change(controlled_reference[0], with_control[0]) > 1e-3
+    assert relative_change(with_control[1], without_control[1]) > 1e-3
+    assert relative_change(controlled_reference[0], with_control[0]) > 1e-3
 
 
 def test_another_packs_attention_override_applied_after_ours_is_refused(family):

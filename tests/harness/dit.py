@@ -494,6 +494,21 @@ def empty_latent(batch: int = 1, width: int = 64, height: int = 64) -> dict:
                                                                      batch_size=batch).result[0]
 
 
+# ---------------------------------------------------------------- attention
+
+
+def comfy_style_attention(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=False, **_):
+    """A stand-in for ComfyUI's attention functions with their calling convention: (B, L, heads*d) in and out,
+    or (B, heads, L, d) in with ``skip_reshape`` (Flux) and out with ``skip_output_reshape``."""
+    if not skip_reshape:
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    if mask is not None:
+        while mask.ndim < 4:
+            mask = mask.unsqueeze(0)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out if skip_output_reshape else out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
 # ---------------------------------------------------------------- workflows
 
 

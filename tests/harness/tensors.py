@@ -30,3 +30,8 @@ def unpatched_state(module: torch.nn.Module) -> dict:
 
     comfy.model_management.unload_all_models()
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖: how much ``a`` moved away from ``b``."""
+    return ((a - b).norm() / b.norm()).item()
