@@ -8,8 +8,7 @@ from PIL import Image
 from harness import dit
 from harness.comfy_env import pack_module
 from harness.tiny_workflows import SIZE, STEPS, WORKFLOWS, shrink_for_tiny_models
-from harness.workflows import (WorkflowExecutionError, execute_workflow, load_ui_workflow, saved_image_paths,
-                               ui_to_api)
+from harness.workflows import execute_workflow, load_ui_workflow, saved_image_paths, ui_to_api
 
 # What each workflow must produce: SaveImage image count.
 EXPECTED_IMAGES = {
@@ -48,12 +47,11 @@ def test_every_workflow_is_covered():
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_executes(comfy, path):
-    api = shrink_for_tiny_models(ui_to_api(load_ui_workflow(path)), Path(comfy.folder_paths.get_input_directory()))
+    api = ui_to_api(load_ui_workflow(path))
     if dit.family_of(api) and not pack_module("nodes.comfy_features").has_attention_override():
-        # the oldest ComfyUI the pack supports runs the U-Net nodes; the DiT ones refuse it by name
-        with dit.stand_in_nodes(), pytest.raises(WorkflowExecutionError, match=r"needs ComfyUI 0\.3\.60 or newer"):
-            execute_workflow(api)
-        return
+        pytest.skip("the DiT nodes need ComfyUI 0.3.60 (the attention override), and the tiny DiT models follow "
+                    "its model detection; test_comfy_features tests the refusal on this ComfyUI")
+    api = shrink_for_tiny_models(api, Path(comfy.folder_paths.get_input_directory()))
     with dit.stand_in_nodes():  # the test-only loaders of the Flux / SD3.5 workflows
         results = execute_workflow(api)
     saves = [node_id for node_id, node in api.items() if node["class_type"] == "SaveImage"]

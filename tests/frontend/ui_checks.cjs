@@ -21,7 +21,7 @@ async function readLayoutInPage() {
       id: node.id, type: node.type, title: node.title,
       size: [...node.size],
       rect: [node.pos[0], node.pos[1] - titleHeight, node.size[0], node.size[1] + titleHeight],
-      minSize: node.computeSize(),
+      minSize: [...node.computeSize()],
     };
     const text = node.type === 'MarkdownNote' || node.type === 'Note'
       ? (node.widgets || []).find((w) => w.element) : null;
