@@ -285,11 +285,8 @@ class Family:
         self.cfg = 1.0 if name == "flux" else 4.0  # Flux dev: guidance-distilled, FluxGuidance as users wire it
 
     def encode(self, text):
-        from harness.checkpoints import encode_prompt
-        conditioning = encode_prompt(self.clip, text)
-        if self.name == "flux":
-            conditioning = self.comfy.nodes.NODE_CLASS_MAPPINGS["FluxGuidance"]().append(conditioning, 3.5)[0]
-        return conditioning
+        from harness import dit
+        return dit.encode_as_users_wire_it(self.name, self.clip, text)
 
     def calibrated(self, model=None, strength=STRENGTH, **over):
         from harness.pack_nodes import run_node

@@ -254,11 +254,8 @@ class Family:
         return pack_module("attention.blocks").ALL_FAMILIES
 
     def encode(self, text):
-        from harness.checkpoints import encode_prompt
-        conditioning = encode_prompt(self.clip, text)
-        if self.name == "flux":
-            conditioning = self.comfy.nodes.NODE_CLASS_MAPPINGS["FluxGuidance"]().append(conditioning, 3.5)[0]
-        return conditioning
+        from harness import dit
+        return dit.encode_as_users_wire_it(self.name, self.clip, text)
 
     def guided(self, model=None, reference=None, **over):
         from harness.pack_nodes import run_node

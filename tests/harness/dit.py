@@ -413,6 +413,16 @@ def sd35_clip():
     return _clip("sd35")
 
 
+def encode_as_users_wire_it(family: str, clip, text: str) -> list:
+    """``text`` encoded by ``clip`` as a positive prompt of ``family``'s graphs: Flux dev's with FluxGuidance 3.5."""
+    from .checkpoints import encode_prompt
+    conditioning = encode_prompt(clip, text)
+    if family == "flux":
+        import nodes
+        conditioning = nodes.NODE_CLASS_MAPPINGS["FluxGuidance"]().append(conditioning, 3.5)[0]
+    return conditioning
+
+
 def conditioning(family: str = "flux", batch: int = 1, seed: int = 0, tokens: int | None = None,
                  guidance: float | None = None) -> list:
     """CONDITIONING of the real shapes of ``family``'s text encoders, random from ``seed``, for tests that
