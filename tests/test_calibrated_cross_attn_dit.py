@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from personalization_nodes.attention.disendiff import CONTEXT_TOKENS_KEY, CalibratedCrossAttention, Concept
+from harness import dit
 from harness.comfy_env import pack_module
 from harness.dit import comfy_style_attention
 from harness.tensors import relative_change
@@ -276,17 +277,10 @@ NODE_INPUTS = dict(prompt=PROMPT, modifiers="small, big", class_words="cat, dog"
 SAMPLING = dict(steps=2, sampler_name="euler", scheduler="simple")
 
 
-class Family:
+class Family(dit.TinyFamily):
     def __init__(self, name, comfy):
-        from harness import dit
-        self.name, self.comfy = name, comfy
-        self.model = dit.flux_model("dev") if name == "flux" else dit.sd35_model("large")
-        self.clip = dit.flux_clip() if name == "flux" else dit.sd35_clip()
-        self.cfg = 1.0 if name == "flux" else 4.0  # Flux dev: guidance-distilled, FluxGuidance as users wire it
-
-    def encode(self, text):
-        from harness import dit
-        return dit.encode_as_users_wire_it(self.name, self.clip, text)
+        super().__init__(name)
+        self.comfy = comfy
 
     def calibrated(self, model=None, strength=STRENGTH, **over):
         from harness.pack_nodes import run_node
@@ -302,7 +296,6 @@ class Family:
 
 @pytest.fixture(scope="module", params=["flux", "sd35"])
 def family(request, comfy):
-    from harness import dit
     yield Family(request.param, comfy)
     dit.release(request.param)
 
@@ -337,7 +330,6 @@ def test_the_edit_is_the_cond_rows_only(family, monkeypatch):
 
 
 def test_a_lora_on_the_dit_still_applies(family):
-    from harness import dit
     lora = family.comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(family.model, dit.lora_path(family.name).name,
                                                                        1.0)[0]
     with_lora = family.sample(family.calibrated(model=lora))
@@ -402,7 +394,6 @@ def test_map_preview_on_the_dit(family):
 
 def test_a_controlnet_in_the_same_graph(family):
     """Flux: the XLabs-layout ControlNet (hint image); SD3.5: Stability's (VAE-encoded hint)."""
-    from harness import dit
     positive, negative = family.encode(PROMPT), family.encode("")
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     if family.name == "flux":
@@ -425,7 +416,6 @@ def test_a_controlnet_in_the_same_graph(family):
 def test_sd35_medium_leaves_its_image_only_attention_alone(comfy, monkeypatch):
     """SD3.5 Medium (MMDiT-X): its joint attentions are calibrated, its second, image-only attention (no text
     keys) is not."""
-    from harness import dit
     family = Family("sd35", comfy)
     family.model = dit.sd35_model("medium")
     joint = pack_module("attention.joint")

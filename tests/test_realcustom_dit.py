@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 
+from harness import dit
 from harness.tensors import relative_change
 from personalization_nodes.attention.dispatcher import ProcessorChain
 from personalization_nodes.attention.joint import JointAttentionDispatcher
@@ -223,13 +224,10 @@ CONTEXT_WIDTH = 4096  # T5-XXL's, the text context of Flux and SD3
 MASK_GRID = (4, 4)
 
 
-class Family:
+class Family(dit.TinyFamily):
     def __init__(self, name, comfy):
-        from harness import dit
-        self.name, self.comfy = name, comfy
-        self.model = dit.flux_model("dev") if name == "flux" else dit.sd35_model("large")
-        self.clip = dit.flux_clip() if name == "flux" else dit.sd35_clip()
-        self.cfg = 1.0 if name == "flux" else 4.0  # Flux dev: guidance-distilled, FluxGuidance as users wire it
+        super().__init__(name)
+        self.comfy = comfy
         self.reference = self.encoded_reference(f"test_realcustom_{name}_v1.safetensors", self.tag)
 
     @property
@@ -253,10 +251,6 @@ class Family:
     def families():
         return pack_module("attention.blocks").ALL_FAMILIES
 
-    def encode(self, text):
-        from harness import dit
-        return dit.encode_as_users_wire_it(self.name, self.clip, text)
-
     def guided(self, model=None, reference=None, **over):
         from harness.pack_nodes import run_node
         return run_node("AdaptiveMaskGuidance", model=self.model if model is None else model, clip=self.clip,
@@ -276,7 +270,6 @@ def pack_module(name):
 
 @pytest.fixture(scope="module", params=["flux", "sd35"])
 def family(request, comfy):
-    from harness import dit
     yield Family(request.param, comfy)
     dit.release(request.param)
 
@@ -329,7 +322,6 @@ def test_cascaded_guidance_with_equal_scales_is_the_released_cfg(family):
 
 
 def test_a_lora_on_the_dit_still_applies(family):
-    from harness import dit
     lora = family.comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(family.model, dit.lora_path(family.name).name,
                                                                        1.0)[0]
     with_lora = family.sample(family.guided(model=lora)[0])
@@ -382,7 +374,6 @@ def test_the_word_is_found_in_the_dits_text_sequence(family):
 def test_composes_with_shared_attention_and_calibration_on_one_flux_model(comfy):
     """SharedAttentionBatch + CalibratedCrossAttn + AdaptiveMaskGuidance on one Flux model: every order gives one
     result; the guidance at strength 0 gives the other two alone bit for bit; the branch changes every image."""
-    from harness import dit
     from harness.pack_nodes import run_node, shared_attention
     flux = Family("flux", comfy)
 
@@ -403,7 +394,6 @@ def test_composes_with_shared_attention_and_calibration_on_one_flux_model(comfy)
 def test_a_controlnet_in_the_same_graph(family):
     """Flux: the XLabs-layout ControlNet (hint image); SD3.5: Stability's (VAE-encoded hint). The text-only pass
     of the cond rows gets the cond rows' residuals."""
-    from harness import dit
     from harness.checkpoints import sample
     positive, negative = family.encode(PROMPT), family.encode("")
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
@@ -426,7 +416,6 @@ def test_a_controlnet_in_the_same_graph(family):
 def test_sd35_medium_leaves_its_image_only_attention_alone(comfy, monkeypatch):
     """SD3.5 Medium (MMDiT-X): the word map is read and the branch added in its joint attentions; its second,
     image-only attention (no text keys) computes as without the node."""
-    from harness import dit
     family = Family("sd35", comfy)
     family.model = dit.sd35_model("medium")
     family.reference = family.encoded_reference("test_realcustom_sd35_medium_v1.safetensors", "sd3")

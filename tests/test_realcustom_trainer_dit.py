@@ -3,6 +3,7 @@ CONST sampling, learning on a fixed probe, bit-exact resume after a cancel, and 
 reloads to the same model output, with its family recorded."""
 import pytest
 import torch
+from harness import dit
 from harness.comfy_env import models_dir, pack_module
 from harness.pack_nodes import run_node, user_cancels_at_step
 from safetensors import safe_open
@@ -19,12 +20,9 @@ def dataset():
     return images
 
 
-class Family:
+class Family(dit.TinyFamily):
     def __init__(self, name):
-        from harness import dit
-        self.name = name
-        self.model = dit.flux_model("dev") if name == "flux" else dit.sd35_model("large")
-        self.clip = dit.flux_clip() if name == "flux" else dit.sd35_clip()
+        super().__init__(name)
         self.vae = dit.vae()
 
     def train(self, name, steps=3, **overrides):
@@ -37,7 +35,6 @@ class Family:
 
 @pytest.fixture(scope="module", params=["flux", "sd35"])
 def family(request, comfy):
-    from harness import dit
     yield Family(request.param)
     dit.release(request.param)
 
@@ -88,7 +85,6 @@ def test_loss_decreases_on_the_same_noise_and_timesteps(family, adaptive_scoring
 def test_interrupt_then_resume_equals_uninterrupted_and_the_export_reloads_to_the_same_output(family):
     """With the node's defaults (adaptive scoring) and word-mask training: each step's word masks are read in the
     joint softmax of the frozen DiT; the word masks output has the training size."""
-    from harness import dit
     from harness.checkpoints import encode_prompt, sample
     from harness.realcustom import tiny_clip_vision
     adapter, name, word_masks, _ = family.train(f"test_rc_{family.name}_straight", target_words="toy",

@@ -423,6 +423,20 @@ def encode_as_users_wire_it(family: str, clip, text: str) -> list:
     return conditioning
 
 
+class TinyFamily:
+    """A family's tiny model as the DiT node tests use it: Flux dev (guidance-distilled: sampled at CFG 1, prompts
+    with FluxGuidance) or SD3.5 Large (CFG 4), with its text encoders."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.model = flux_model("dev") if name == "flux" else sd35_model("large")
+        self.clip = flux_clip() if name == "flux" else sd35_clip()
+        self.cfg = 1.0 if name == "flux" else 4.0
+
+    def encode(self, text: str) -> list:
+        return encode_as_users_wire_it(self.name, self.clip, text)
+
+
 def conditioning(family: str = "flux", batch: int = 1, seed: int = 0, tokens: int | None = None,
                  guidance: float | None = None) -> list:
     """CONDITIONING of the real shapes of ``family``'s text encoders, random from ``seed``, for tests that
