@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -46,10 +46,14 @@ class Family:
     comfy_marks_blocks: bool = False
     #: queries and keys reach the attention function with rotary position embedding already applied
     rope_applied: bool = False
+    #: the module (under the diffusion model) whose output is the rotary position embedding of a model call's
+    #: tokens, in sequence order (Flux: ``pe_embedder`` on the ids of ``[text | image]``); None without RoPE
+    position_embedder: Optional[str] = None
 
 
 UNET = Family("U-Net (SD1.5/SD2/SDXL)")
-FLUX = Family("Flux", file_tag="flux", joint=True, comfy_marks_blocks=True, rope_applied=True)
+FLUX = Family("Flux", file_tag="flux", joint=True, comfy_marks_blocks=True, rope_applied=True,
+              position_embedder="pe_embedder")
 MMDIT = Family("SD3/SD3.5 (MMDiT)", file_tag="sd3", joint=True)
 #: the block names each DiT family's blocks go by, and the family
 _DIT_BLOCKS = {"double_blocks": ("double", FLUX), "single_blocks": ("single", FLUX), "joint_blocks": ("joint", MMDIT)}
@@ -65,6 +69,34 @@ def family_of_tag(tag: str) -> Family:
 
 
 @dataclass(frozen=True)
+class JointProjections:
+    """Where a DiT block projects the tokens of its joint attention (module paths under the diffusion model).
+
+    The image queries are the first ``width`` outputs of ``image_qkv`` (then ``[keys | values]``), normalised per
+    head by ``query_norm``; the text keys and values are outputs ``width .. 3 width`` of ``text_qkv``, the keys
+    normalised per head by ``key_norm`` (an ``nn.Identity`` in SD3 models without such norms). ``image_qkv``'s
+    input holds the text tokens first when the block runs one stream over ``[text | image]`` (Flux's single
+    blocks)."""
+
+    image_qkv: str
+    query_norm: str
+    text_qkv: str
+    key_norm: str
+    one_stream: bool = False
+
+
+def _joint_projections(path: str, name: str) -> JointProjections:
+    if name == "double":
+        return JointProjections(f"{path}.img_attn.qkv", f"{path}.img_attn.norm.query_norm", f"{path}.txt_attn.qkv",
+                                f"{path}.txt_attn.norm.key_norm")
+    if name == "single":
+        return JointProjections(f"{path}.linear1", f"{path}.norm.query_norm", f"{path}.linear1",
+                                f"{path}.norm.key_norm", one_stream=True)
+    return JointProjections(f"{path}.x_block.attn.qkv", f"{path}.x_block.attn.ln_q", f"{path}.context_block.attn.qkv",
+                            f"{path}.context_block.attn.ln_k")
+
+
+@dataclass(frozen=True)
 class TransformerBlock:
     key: BlockKey
     module_path: str
@@ -75,6 +107,8 @@ class TransformerBlock:
     #: the only transformer of its spatial transformer (SD1.x): other packs may key its replace by (name, id)
     alone_in_block: bool = False
     family: Family = UNET
+    #: the projections of a DiT block's joint attention; None on a U-Net
+    projections: Optional[JointProjections] = None
 
     @property
     def channels(self) -> int:
@@ -148,7 +182,8 @@ def _dit_blocks(modules) -> list[TransformerBlock]:
         heads = attention.num_heads
         width = module.x_block.attn.qkv.weight.shape[1] if family is MMDIT else module.hidden_size
         blocks.append(TransformerBlock(key=(name, int(match.group(2)), 0), module_path=path, heads=heads,
-                                       dim_head=width // heads, has_cross_attention=True, family=family))
+                                       dim_head=width // heads, has_cross_attention=True, family=family,
+                                       projections=_joint_projections(path, name)))
     return blocks
 
 

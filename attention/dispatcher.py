@@ -211,6 +211,11 @@ class AttentionCall:
         self.text_keys: Optional[slice] = None
         #: (rows, columns) of the query tokens when the dispatcher knows them (DiT), else read from ComfyUI
         self._query_grid = query_grid
+        #: the layer's input before ``to_q`` when the dispatcher has it (DiT), else read from ComfyUI's stash
+        self._hidden_states: Optional[torch.Tensor] = None
+        #: ``(B, N, heads * d) -> same``: what the family does to its image queries after projecting and
+        #: normalising them (Flux: rotary position embedding); None: nothing
+        self._image_query_placement: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self._attention = attention
         self._attn_precision = attn_precision
         self._sigma: Optional[float] = None
@@ -241,12 +246,20 @@ class AttentionCall:
 
     @property
     def hidden_states(self) -> torch.Tensor:
-        """The layer's input before ``to_q`` (normed hidden states), for processors with own projections."""
+        """The layer's input before ``to_q`` (normed hidden states), for processors with own projections; on a
+        DiT the input of the image stream's query projection for the latent's image tokens."""
+        if self._hidden_states is not None:
+            return self._hidden_states
         states = self.options.get(HIDDEN_STATES_KEY)
         if states is None:
             raise RuntimeError("the attn2 hidden states were not stashed for this block; a processor with "
                                "needs_hidden_states must be added with nodes.patching.add_attention_processor")
         return states
+
+    def place_image_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """Projected, normalised image queries ``(B, N, heads * d)`` placed as the family places its own before
+        attention (Flux rotates them by the tokens' positions; U-Nets and SD3 do nothing)."""
+        return queries if self._image_query_placement is None else self._image_query_placement(queries)
 
     def attention(self, q, k, v, mask=None) -> torch.Tensor:
         """ComfyUI's attention (backends and overrides included) over ``(B, N, heads*d)`` tensors."""
@@ -347,7 +360,7 @@ class AttentionDispatcher:
         elif editors or readers:
             out = self._materialised_attention(q, k, v, call, editors, readers, own_queries)
         elif own_queries:
-            out = self._joint_attention(q, k, v, call, own_queries)
+            out = attention_with_extra_keys(q, k, v, call, own_queries)
         else:
             out = call.attention(q, k, v)
 
@@ -356,33 +369,6 @@ class AttentionDispatcher:
                 extra_out = processor.parallel_output(q, call)
                 if extra_out is not None:
                     out = out + extra_out.to(out.dtype)
-        return out
-
-    @staticmethod
-    def _joint_attention(q, k, v, call, own_queries):
-        """Keys with own queries (or bias, or rows) through fused attention: one call per group of batch rows
-        that see the same extra keys; rows that see none get exactly the plain attention."""
-        batch = q.shape[0]
-        seen_by = [[True] * batch if extra.rows is None else extra.rows.tolist() for extra in own_queries]
-        groups: dict[tuple[bool, ...], list[int]] = {}
-        for row in range(batch):
-            groups.setdefault(tuple(seen[row] for seen in seen_by), []).append(row)
-        pieces = []
-        for sees, rows in groups.items():
-            index = row_index(rows, q.device)
-            q_rows, k_rows, v_rows = q[index], k[index], v[index]
-            extras = [extra.take_rows(index) for extra, seen in zip(own_queries, sees) if seen]
-            if not extras:
-                pieces.append(call.attention(q_rows, k_rows, v_rows))
-                continue
-            logits = torch.cat([extra_key_logits(q_rows if extra.queries is None else extra.queries, extra.keys,
-                                                 call.heads, extra.logit_bias) for extra in extras], dim=-1)
-            values = torch.cat([extra.values for extra in extras], dim=1)
-            pieces.append(fused_joint_attention(q_rows, k_rows, v_rows, logits, values, call.heads, call.attention))
-        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        order = [row for rows in groups.values() for row in rows]
-        if order != list(range(batch)):
-            out = out.index_select(0, torch.tensor(order, device=out.device).argsort())
         return out
 
     @staticmethod
@@ -406,6 +392,34 @@ class AttentionDispatcher:
 
     def models(self):
         return self.inner.models() if hasattr(self.inner, "models") else []
+
+
+def attention_with_extra_keys(q, k, v, call: AttentionCall, own_queries: list[JointKeys]) -> torch.Tensor:
+    """``q`` against the keys ``k`` and the extra keys of ``own_queries`` (with their own queries, bias or rows) in
+    one softmax, through fused attention: one call per group of batch rows that see the same extra keys; rows
+    that see none get exactly the plain attention."""
+    batch = q.shape[0]
+    seen_by = [[True] * batch if extra.rows is None else extra.rows.tolist() for extra in own_queries]
+    groups: dict[tuple[bool, ...], list[int]] = {}
+    for row in range(batch):
+        groups.setdefault(tuple(seen[row] for seen in seen_by), []).append(row)
+    pieces = []
+    for sees, rows in groups.items():
+        index = row_index(rows, q.device)
+        q_rows, k_rows, v_rows = q[index], k[index], v[index]
+        extras = [extra.take_rows(index) for extra, seen in zip(own_queries, sees) if seen]
+        if not extras:
+            pieces.append(call.attention(q_rows, k_rows, v_rows))
+            continue
+        logits = torch.cat([extra_key_logits(q_rows if extra.queries is None else extra.queries, extra.keys,
+                                             call.heads, extra.logit_bias) for extra in extras], dim=-1)
+        values = torch.cat([extra.values for extra in extras], dim=1)
+        pieces.append(fused_joint_attention(q_rows, k_rows, v_rows, logits, values, call.heads, call.attention))
+    out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    order = [row for rows in groups.values() for row in rows]
+    if order != list(range(batch)):
+        out = out.index_select(0, torch.tensor(order, device=out.device).argsort())
+    return out
 
 
 def attention_logits(q, k, heads) -> torch.Tensor:

@@ -25,7 +25,14 @@ use, and hands each the view of the call it knows from the U-Net:
   (on Flux with RoPE applied, as the attention function gets them) and their output is added to those rows of
   the image output, whoever computes it (the plain joint attention through the fused function when no
   processor needs logits, the cross view's softmax, or a self-attention owner); text rows never get it.
-  ``extra_key_values`` is not served on joint attention yet.
+  ``extra_key_values`` processors (PVA's identity tokens) get the latent's image queries and their keys join
+  the softmax of those queries only, whoever computes it (fused attention over widened heads, see
+  :mod:`.joint_softmax`; the cross view's logits, as extra columns after the joint keys; a self-attention
+  owner's softmax, as keys after ``call.context`` with their logits' difference from the owner's queries in
+  ``call.context_bias``). A processor with its own projections (``needs_hidden_states``) gets
+  ``call.hidden_states``, the input of the block's image query projection for the latent's tokens, and
+  ``call.place_image_queries`` (Flux: the rotary position embedding of those tokens), both recorded during
+  the model call by hooks the node glue installs (:class:`QueryInputs`).
 - Both in one call (StyleAligned and DisenDiff's calibration on the same block): the cross view runs on
   the plain joint keys, and what its edits added to the text-key logits reaches the self-attention owner as
   ``call.context_bias`` ``(B, heads, N, T)``, which it adds to its queries' logits of ``call.context`` (its
@@ -60,7 +67,8 @@ from typing import Callable, Optional
 import torch
 
 from .dispatcher import (CHAIN_KEY, CROSS_ATTENTION, SELF_ATTENTION, AttentionCall, AttentionConflictError,
-                         ProcessorChain, attention_logits, describe_foreign)
+                         JointKeys, ProcessorChain, attention_logits, attention_with_extra_keys, describe_foreign,
+                         joint_logits)
 from .sdpa import merge_heads, split_heads
 
 #: transformer_options key of the attention override ComfyUI's wrap_attn calls
@@ -69,6 +77,8 @@ OVERRIDE_KEY = "optimized_attention_override"
 LAYOUT_KEY = "personalization.joint_layout"
 #: the patch point of the chain's ``served`` entries for the override
 JOINT_ATTENTION = "joint"
+#: transformer_options key of the QueryInputs the node glue records during a model call
+QUERY_INPUTS_KEY = "personalization.query_inputs"
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,27 @@ class JointLayout:
     @property
     def image_tokens(self) -> int:
         return self.image_grid[0] * self.image_grid[1]
+
+
+class QueryInputs:
+    """What the image queries of the running block are computed from, recorded during one model call by hooks the
+    node glue installs when a processor has its own projections: the image tokens' input of the block's query
+    projection (written by each block in turn, so only the running block's is held) and the rotary position
+    embedding of the call's tokens (Flux's ``pe``: ``(B, 1, L, d / 2, 2, 2)`` rotation matrices, ``[text | image]``
+    order; None for families without one)."""
+
+    def __init__(self):
+        self.image_tokens: Optional[torch.Tensor] = None  # (B, image tokens, hidden)
+        self.positions: Optional[torch.Tensor] = None
+
+
+def rotate_by_positions(queries: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``(B, N, heads * d)`` queries rotated by Flux-style rotary embedding matrices ``(B, 1, N, d / 2, 2, 2)``: each
+    pair of a head's features is multiplied by its 2x2 rotation."""
+    heads_first = queries.unflatten(-1, (-1, positions.shape[-3] * 2)).transpose(1, 2)  # (B, heads, N, d)
+    pairs = heads_first.to(positions.dtype).unflatten(-1, (-1, 1, 2))
+    rotated = positions[..., 0] * pairs[..., 0] + positions[..., 1] * pairs[..., 1]
+    return rotated.flatten(-2).transpose(1, 2).flatten(2).to(queries.dtype)
 
 
 class UnrecognisedAttentionError(RuntimeError):
@@ -138,26 +169,32 @@ class JointAttentionDispatcher:
             raise AttentionConflictError(
                 f"{taking_part} cannot change attention in a call with an attention mask (block "
                 f"{block[0]}:{block[1]}); remove the conditioning's attention mask or this node.")
-        unserved = [p for p in crossing if p.overrides("extra_key_values")]
-        if unserved:
-            raise AttentionConflictError(f"{unserved[0].node_name} adds keys to cross-attention, which the pack does "
-                                         "not do on joint (DiT) attention yet.")
         q, k, v = (merge_heads(t) if batched_heads else t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v))
         call.text_keys = slice(layout.register_tokens, text)
         context = (k[:, :text], v[:, :text]) if text else None
         grid = layout.image_tokens
+        if any(p.needs_hidden_states for p in crossing):
+            _serve_query_inputs(call, options, text, grid)
+        extras = _extra_keys(q[:, text:text + grid], call, crossing)
         logits = None
         if viewing:
-            context, logits, plain = _cross_view(q[:, text:text + grid], k, v, text, call, viewing, bool(owners))
+            context, logits, plain = _cross_view(q[:, text:text + grid], k, v, text, call, viewing, bool(owners),
+                                                 extras)
         if owners:
             call.context = context
             if logits is not None:
                 call.context_bias = _text_bias(logits, plain, text, q.shape[1] - text, owners[0], viewing)
+            if extras:
+                _join_owner_context(call, q[:, text:text + grid], q.shape[1] - text, extras)
             image_out = owners[0].self_attention(q[:, text:], k[:, text:], v[:, text:], call)
         elif logits is not None:
-            values = torch.cat([context[1], v[:, text:]], dim=1)
+            values = torch.cat([context[1], v[:, text:], *(extra.values.to(v.dtype) for extra in extras)], dim=1)
             image_out = merge_heads(logits.softmax(dim=-1).to(values.dtype) @ split_heads(values, heads))
             if q.shape[1] > text + grid:  # image tokens after the latent's (Flux Kontext's references): plain
+                image_out = torch.cat([image_out, call.attention(q[:, text + grid:], k, v)], dim=1)
+        elif extras:
+            image_out = attention_with_extra_keys(q[:, text:text + grid], k, v, call, extras)
+            if q.shape[1] > text + grid:
                 image_out = torch.cat([image_out, call.attention(q[:, text + grid:], k, v)], dim=1)
         else:  # only parallel outputs: the image rows of the plain joint attention, through the fused function
             image_out = call.attention(q[:, text:], k, v)
@@ -254,17 +291,19 @@ def _add_parallel_outputs(image_out, queries, call: AttentionCall, adding):
     return torch.cat([latent_out, image_out[:, grid:]], dim=1) if image_out.shape[1] > grid else latent_out
 
 
-def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_plain: bool):
+def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_plain: bool, extras=()):
     """The cross view of a joint call for the processors ``crossing``: the text keys/values after their
     ``edit_key_values``, the logits ``(B, heads, N, L)`` (float32) of the latent's image queries against the
-    joint keys ``[text | image]`` after their ``edit_logits``, their ``read_probs`` served with the softmax of
-    those logits, and (``keep_plain``) the logits before the edits (processors return edited logits and leave
-    their argument as it is, so no copy is needed)."""
+    joint keys ``[text | image]`` and the ``extras`` keys after their ``edit_logits``, their ``read_probs``
+    served with the softmax of those logits, and (``keep_plain``) the logits before the edits (processors return
+    edited logits and leave their argument as it is, so no copy is needed)."""
     text_keys, text_values = k[:, :text], v[:, :text]
     for processor in crossing:
         if processor.overrides("edit_key_values"):
             text_keys, text_values = processor.edit_key_values(text_keys, text_values, call)
     logits = attention_logits(queries, torch.cat([text_keys, k[:, text:]], dim=1), call.heads)
+    if extras:
+        logits = torch.cat([logits, *(joint_logits(queries, extra, call.heads) for extra in extras)], dim=-1)
     plain = logits
     for processor in crossing:
         if processor.overrides("edit_logits"):
@@ -275,6 +314,46 @@ def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_pl
         for processor in readers:
             processor.read_probs(probs, call)
     return (text_keys, text_values), logits, (plain if keep_plain else None)
+
+
+def _serve_query_inputs(call: AttentionCall, options: dict, text: int, grid: int) -> None:
+    """``call.hidden_states`` and ``call.place_image_queries`` of the latent's image tokens, from the QueryInputs
+    recorded during this model call."""
+    inputs: Optional[QueryInputs] = options.get(QUERY_INPUTS_KEY)
+    if inputs is None or inputs.image_tokens is None:
+        raise RuntimeError("the input of this block's image query projection was not recorded; a processor with "
+                           "needs_hidden_states must be added with nodes.patching.add_attention_processor")
+    call._hidden_states = inputs.image_tokens[:, :grid]
+    if inputs.positions is not None:
+        positions = inputs.positions[:, :, text:text + grid]
+        call._image_query_placement = lambda queries: rotate_by_positions(queries, positions)
+
+
+def _extra_keys(queries, call: AttentionCall, crossing) -> list[JointKeys]:
+    """The keys ``extra_key_values`` processors add to the softmax of the latent's image ``queries``."""
+    extras = []
+    for processor in crossing:
+        if processor.overrides("extra_key_values"):
+            extra = processor.extra_key_values(queries, call)
+            if extra is not None:
+                extras.append(extra if isinstance(extra, JointKeys) else JointKeys(*extra))
+    return extras
+
+
+def _join_owner_context(call: AttentionCall, queries, image_rows: int, extras: list[JointKeys]) -> None:
+    """The extra keys after ``call.context`` of a self-attention owner, whose softmax scores every context key by
+    the image queries: ``call.context_bias`` gains, on their columns, what their own logits (own queries, bias,
+    rows) differ from that (-inf on image rows after the latent's, which never see them)."""
+    keys, values = call.context
+    call.context = (torch.cat([keys, *(extra.keys.to(keys.dtype) for extra in extras)], dim=1),
+                    torch.cat([values, *(extra.values.to(values.dtype) for extra in extras)], dim=1))
+    own = torch.cat([joint_logits(queries, extra, call.heads) for extra in extras], dim=-1)
+    shared = attention_logits(queries, torch.cat([extra.keys for extra in extras], dim=1), call.heads)
+    bias = own - shared
+    if image_rows > bias.shape[2]:
+        bias = torch.nn.functional.pad(bias, (0, 0, 0, image_rows - bias.shape[2]), value=float("-inf"))
+    text_bias = call.context_bias if call.context_bias is not None else bias.new_zeros(*bias.shape[:3], keys.shape[1])
+    call.context_bias = torch.cat([text_bias.to(bias.dtype), bias], dim=-1)
 
 
 def _text_bias(logits, plain, text: int, image_rows: int, owner, crossing):

@@ -13,6 +13,14 @@ The identity keys compete with the text keys for attention mass; nothing is summ
 ``s`` is the node's strength (not in the paper): it multiplies the identity keys' share of the softmax
 before normalisation; 1 is the paper, 0 removes them (exactly plain cross-attention). The query side is
 the one thing the dispatcher's text path does not have, hence ``needs_hidden_states``.
+
+On a DiT (:class:`JointParallelProjection`) the identity tokens join the joint softmax of the latent's image
+queries over ``[text | image]`` keys; text queries never see them. The parallel projections are initialised
+from the block's own as in cross-attention: ``to_visual_q`` from the image stream's query projection (with a copy
+of its per-head query norm; Flux then rotates it by the image token's position, as its own queries), and
+``to_visual_k``/``to_visual_v`` from the text stream's key/value projections (with a copy of its key norm; no
+rotation, as Flux's text tokens sit at position 0): the identity tokens take the place of text tokens, at the
+block's hidden width.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ from torch import nn
 
 from .blocks import BlockKey
 from .dispatcher import CROSS_ATTENTION, AttentionCall, AttentionProcessor, JointKeys, sigma_in_range
+from .head_norm import HeadNorm
 from .joint_softmax import ProjectedQueries
 
 #: value of a cond chunk in ComfyUI's ``cond_or_uncond`` (``comfy.samplers.COND``).
@@ -64,12 +73,65 @@ class ParallelProjection(nn.Module):
                     mine.bias.copy_(theirs.bias.float())
         return projection
 
-    def queries(self, hidden_states: torch.Tensor) -> ProjectedQueries:
-        """``to_visual_q(hidden_states)``, left for the dispatcher to fold into the identity keys."""
-        return ProjectedQueries(hidden_states, self.to_visual_q.weight, self.to_visual_q.bias)
+    @property
+    def context_dim(self) -> int:
+        """Width of the identity tokens the projections take."""
+        return self.to_visual_k.in_features
+
+    def queries(self, call: AttentionCall) -> ProjectedQueries:
+        """``to_visual_q`` of the layer's input, left for the dispatcher to fold into the identity keys."""
+        return ProjectedQueries(call.hidden_states, self.to_visual_q.weight, self.to_visual_q.bias)
 
     def keys_values(self, identity_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _linear(self.to_visual_k, identity_tokens), _linear(self.to_visual_v, identity_tokens)
+
+
+def _per_head(norm: Optional[HeadNorm], x: torch.Tensor) -> torch.Tensor:
+    """``norm`` over each head of ``x`` (..., heads * d)."""
+    return x if norm is None else norm(x.unflatten(-1, (-1, norm.weight.shape[0]))).flatten(-2)
+
+
+class JointParallelProjection(nn.Module):
+    """``to_visual_q/k/v`` of one DiT block (module docstring) with copies of its per-head query and key norms."""
+
+    def __init__(self, hidden: int, inner: int, bias: bool, query_norm: Optional[HeadNorm],
+                 key_norm: Optional[HeadNorm]):
+        super().__init__()
+        self.to_visual_q = nn.Linear(hidden, inner, bias=bias)
+        self.to_visual_k = nn.Linear(hidden, inner, bias=bias)
+        self.to_visual_v = nn.Linear(hidden, inner, bias=bias)
+        self.query_norm, self.key_norm = query_norm, key_norm
+
+    @classmethod
+    def copy_of(cls, image_qkv: nn.Linear, query_norm: Optional[nn.Module], text_qkv: nn.Linear,
+                key_norm: Optional[nn.Module], inner: int) -> "JointParallelProjection":
+        """The paper's initialisation on a DiT block: ``to_visual_q`` = the first ``inner`` outputs of the image
+        stream's ``image_qkv`` (its queries), ``to_visual_k``/``to_visual_v`` = outputs ``inner .. 3 inner`` of the
+        text stream's ``text_qkv`` (its keys and values), the norms copied."""
+        projection = cls(image_qkv.in_features, inner, image_qkv.bias is not None, HeadNorm.copy_of(query_norm),
+                         HeadNorm.copy_of(key_norm))
+        with torch.no_grad():
+            for mine, source, rows in ((projection.to_visual_q, image_qkv, slice(0, inner)),
+                                       (projection.to_visual_k, text_qkv, slice(inner, 2 * inner)),
+                                       (projection.to_visual_v, text_qkv, slice(2 * inner, 3 * inner))):
+                mine.weight.copy_(source.weight[rows].float())
+                if mine.bias is not None:
+                    mine.bias.copy_(source.bias[rows].float())
+        return projection
+
+    @property
+    def context_dim(self) -> int:
+        return self.to_visual_k.in_features
+
+    def queries(self, call: AttentionCall) -> torch.Tensor:
+        """``(B, N, heads * d)`` parallel queries of the latent's image tokens, normalised and placed (rotated)
+        as the block's own."""
+        queries = _per_head(self.query_norm, _linear(self.to_visual_q, call.hidden_states))
+        return call.place_image_queries(queries)
+
+    def keys_values(self, identity_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (_per_head(self.key_norm, _linear(self.to_visual_k, identity_tokens)),
+                _linear(self.to_visual_v, identity_tokens))
 
 
 def identity_rows(cond_or_uncond: tuple[int, ...], batch: int, uncond_identity: bool) -> Optional[torch.Tensor]:
@@ -99,7 +161,7 @@ def tokens_per_row(identity_tokens: torch.Tensor, n_chunks: int, batch: int) -> 
 class ParallelVisualAttentionProcessor(AttentionProcessor):
     """Adds one identity's (or one per image) tokens to the joint softmax of every patched attn2."""
 
-    projections: nn.ModuleDict  # block_name(key) -> ParallelProjection
+    projections: nn.ModuleDict  # block_name(key) -> ParallelProjection or JointParallelProjection
     identity_tokens: torch.Tensor  # (G, N, context_dim)
     strength: float = 1.0
     uncond_identity: bool = False
@@ -123,5 +185,5 @@ class ParallelVisualAttentionProcessor(AttentionProcessor):
         projection = self.projections[block_name(call.block)]
         tokens = tokens_per_row(self.identity_tokens, call.n_chunks, q.shape[0]).to(call.hidden_states)
         keys, values = projection.keys_values(tokens)
-        return JointKeys(keys, values, queries=projection.queries(call.hidden_states), rows=rows,
+        return JointKeys(keys, values, queries=projection.queries(call), rows=rows,
                          logit_bias=math.log(self.strength))

@@ -4,6 +4,8 @@ Keys (``.safetensors``; no pickle is ever read):
 
 - ``parallel.<block>.to_visual_{q,k,v}.{weight,bias}``: the parallel projections of every
   cross-attention layer, ``<block>`` = ``input_1_0``-style block key (see ``attention.pva.block_name``);
+  on a DiT (``double_3_0``, ``single_12_0``, ``joint_7_0``) also ``parallel.<block>.{query,key}_norm.weight``
+  (``.bias`` for a layer norm), the copies of the block's per-head norms;
 - ``token_transformer.*``: the identity token transformer (``IdentityTokenTransformer``);
 - ``identity_word.<encoder>``: ``[1, width]`` learned vector of the identity word per text encoder
   (``l`` for SD1.5, ``h`` for SD2, ``l`` and ``g`` for SDXL: ComfyUI's tokenizer keys);
@@ -11,7 +13,8 @@ Keys (``.safetensors``; no pickle is ever read):
   without it the stock ``ms1mv3_arcface_r50`` backbone is used (and never copied into the file).
 
 Metadata: ``format`` = ``pva-v1``, ``encoder`` = ``arcface`` or ``clip_vision`` (which features the token
-transformer was trained on), ``heads`` of the token transformer. Every other size is read from shapes.
+transformer was trained on), ``heads`` of the token transformer, ``family`` the model family's file tag
+(``unet``, ``flux``, ``sd3``; files without it are U-Net files). Every other size is read from shapes.
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .blocks import BlockKey
-from .pva import ParallelProjection, block_name
+from .blocks import UNET, Family, family_of_tag
+from .head_norm import HeadNorm
+from .pva import JointParallelProjection, ParallelProjection
 from .pva_identity import IdentityTokenTransformer, IResNet
 
 FORMAT = "pva-v1"
@@ -37,9 +41,12 @@ class PVAFormatError(ValueError):
 class PVAWeights(nn.Module):
     """Parallel projections + identity token transformer + identity word (+ optional face encoder)."""
 
-    def __init__(self, parallel: Mapping[str, ParallelProjection], token_transformer: IdentityTokenTransformer,
-                 identity_word: Mapping[str, torch.Tensor], encoder: str, face_encoder: Optional[IResNet] = None):
+    def __init__(self, parallel: Mapping[str, nn.Module], token_transformer: IdentityTokenTransformer,
+                 identity_word: Mapping[str, torch.Tensor], encoder: str, face_encoder: Optional[IResNet] = None,
+                 family: Family = UNET):
         super().__init__()
+        #: the model family the projections were made for
+        self.family = family
         if encoder not in ENCODERS:
             raise PVAFormatError(f"unknown PVA encoder {encoder!r}; expected one of {ENCODERS}")
         self.parallel = nn.ModuleDict(dict(parallel))
@@ -51,16 +58,17 @@ class PVAWeights(nn.Module):
         self.stock_face_encoder = False
 
     @classmethod
-    def initial(cls, attn2_layers: Mapping[BlockKey, nn.Module], encoder: str, feature_dim: int,
-                identity_word: Mapping[str, torch.Tensor], seed: int = 0, **transformer_args) -> "PVAWeights":
-        """The state training starts from (official stage 1): projections copied from each layer's
-        to_q/k/v, a randomly initialised token transformer of the context width (seeded)."""
-        parallel = {block_name(key): ParallelProjection.copy_of(layer) for key, layer in attn2_layers.items()}
-        width = next(iter(attn2_layers.values())).to_k.in_features
+    def initial(cls, parallel: Mapping[str, nn.Module], encoder: str, feature_dim: int,
+                identity_word: Mapping[str, torch.Tensor], family: Family = UNET, seed: int = 0,
+                **transformer_args) -> "PVAWeights":
+        """The state training starts from (official stage 1): the ``parallel`` projections copied from each
+        block's own (``ParallelProjection.copy_of`` / ``JointParallelProjection.copy_of``), a randomly
+        initialised token transformer of the projections' context width (seeded)."""
+        width = next(iter(parallel.values())).context_dim
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             transformer = IdentityTokenTransformer(feature_dim=feature_dim, width=width, **transformer_args)
-        return cls(parallel, transformer, identity_word, encoder)
+        return cls(parallel, transformer, identity_word, encoder, family=family)
 
     @property
     def context_dim(self) -> int:
@@ -79,7 +87,8 @@ class PVAWeights(nn.Module):
     def state_and_metadata(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()
                    if not (self.stock_face_encoder and k.startswith("face_encoder."))}
-        return tensors, {"format": FORMAT, "encoder": self.encoder, "heads": str(self.token_transformer.heads)}
+        return tensors, {"format": FORMAT, "encoder": self.encoder, "heads": str(self.token_transformer.heads),
+                         "family": self.family.file_tag}
 
     @classmethod
     def from_state(cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str = "") -> "PVAWeights":
@@ -99,16 +108,31 @@ class PVAWeights(nn.Module):
         for key, tensor in groups["parallel"].items():
             block, _, rest = key.partition(".")
             by_block.setdefault(block, {})[rest] = tensor
+        try:
+            family = family_of_tag(metadata.get("family", UNET.file_tag))
+        except ValueError as error:
+            raise PVAFormatError(f"PVA weights file{where}: {error}") from None
         for block, sd in by_block.items():
-            q, k = sd["to_visual_q.weight"], sd["to_visual_k.weight"]
-            projection = ParallelProjection(q.shape[1], k.shape[1], q.shape[0], bias="to_visual_q.bias" in sd)
-            projection.load_state_dict(sd, strict=True)
-            parallel[block] = projection
+            parallel[block] = _projection_from_state(sd, family)
         config = IdentityTokenTransformer.config_from_state_dict(groups["token_transformer"], int(metadata["heads"]))
         transformer = IdentityTokenTransformer(**config)
         transformer.load_state_dict(groups["token_transformer"], strict=True)
         face_encoder = IResNet.from_state_dict(groups["face_encoder"]) if "face_encoder" in groups else None
-        return cls(parallel, transformer, groups["identity_word"], metadata["encoder"], face_encoder)
+        return cls(parallel, transformer, groups["identity_word"], metadata["encoder"], face_encoder, family)
+
+
+def _projection_from_state(sd: dict[str, torch.Tensor], family: Family) -> nn.Module:
+    q, k = sd["to_visual_q.weight"], sd["to_visual_k.weight"]
+    bias = "to_visual_q.bias" in sd
+    if not family.joint:
+        projection = ParallelProjection(q.shape[1], k.shape[1], q.shape[0], bias=bias)
+    else:
+        def norm(name):
+            state = {key.partition(".")[2]: t for key, t in sd.items() if key.startswith(name + ".")}
+            return HeadNorm.from_state(state) if state else None
+        projection = JointParallelProjection(q.shape[1], q.shape[0], bias, norm("query_norm"), norm("key_norm"))
+    projection.load_state_dict(sd, strict=True)
+    return projection
 
 
 def save_pva(path: str | Path, weights: PVAWeights) -> None:

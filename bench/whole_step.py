@@ -170,10 +170,9 @@ def pva_models(model) -> dict:
     from harness.pva_assets import CLIP_VISION_CONFIG, PVA_DEFAULTS, faces, tiny_clip_vision
 
     pva_weights, patching = pack_module("attention.pva_weights"), pack_module("nodes.patching")
-    diffusion_model = model.get_model_object("diffusion_model")
-    layers = {b.key: diffusion_model.get_submodule(b.module_path).attn2
-              for b in patching.transformer_blocks(model) if b.has_cross_attention}
-    weights = pva_weights.PVAWeights.initial(layers, "clip_vision", CLIP_VISION_CONFIG["projection_dim"],
+    blocks = [b for b in patching.transformer_blocks(model) if b.has_cross_attention]
+    projections = pack_module("nodes.pva").parallel_projections(model, blocks)
+    weights = pva_weights.PVAWeights.initial(projections, "clip_vision", CLIP_VISION_CONFIG["projection_dim"],
                                              {"l": torch.randn(1, 768)}, seed=3, layers=1, feedforward=64)
     weights.float()
     loaded = pack_module("nodes.pva").LoadedPVA("bench pva", weights, comfy.model_patcher.ModelPatcher(

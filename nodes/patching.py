@@ -5,6 +5,8 @@ dispatchers per patch point, whatever nodes are chained.
 """
 from __future__ import annotations
 
+import contextlib
+
 import comfy.patcher_extension
 import torch
 
@@ -12,8 +14,9 @@ from ..attention.blocks import UNET, Family, TransformerBlock, UnsupportedModelE
 from ..attention.dispatcher import (CHAIN_KEY, AttentionConflictError, AttentionProcessor, ProcessorChain,
                                    describe_foreign, install_dispatcher, overwritten_dispatchers,
                                    stash_hidden_states)
-from ..attention.joint import (JOINT_ATTENTION, LAYOUT_KEY, OVERRIDE_KEY, install_block_marker,
-                               install_joint_dispatcher, joint_layout, overwritten_joint_entries)
+from ..attention.joint import (JOINT_ATTENTION, LAYOUT_KEY, OVERRIDE_KEY, QUERY_INPUTS_KEY, QueryInputs,
+                               install_block_marker, install_joint_dispatcher, joint_layout,
+                               overwritten_joint_entries)
 from .comfy_features import comfy_attention_function, require_attention_override
 
 WRAPPER_KEY = "personalization"
@@ -114,11 +117,45 @@ def _serve_joint_attention(patched, processor: AttentionProcessor, blocks: list[
 
 
 def publish_joint_layout(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-    """APPLY_MODEL wrapper: the token layout of this model call, for the joint dispatcher's attention calls."""
+    """APPLY_MODEL wrapper: the token layout of this model call, for the joint dispatcher's attention calls, and
+    (when a processor has its own projections) the inputs of the image queries, recorded while the call runs."""
     diffusion_model = executor.class_obj.diffusion_model
     layout = joint_layout(x.shape, c_crossattn.shape[1], diffusion_model.patch_size,
                           getattr(diffusion_model, "register_length", 0))
-    return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, LAYOUT_KEY: layout}, **kwargs)
+    options = {**transformer_options, LAYOUT_KEY: layout}
+    chain = options.get(CHAIN_KEY)
+    recording = contextlib.nullcontext()
+    if chain is not None and any(p.needs_hidden_states for p in chain.processors):
+        options[QUERY_INPUTS_KEY] = QueryInputs()
+        recording = recording_query_inputs(diffusion_model, options[QUERY_INPUTS_KEY], layout.text_tokens)
+    with recording:
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+
+@contextlib.contextmanager
+def recording_query_inputs(diffusion_model, inputs: QueryInputs, text_tokens: int):
+    """Forward hooks, for the duration of one model call, that record into ``inputs`` each block's image-token
+    input of its query projection and the call's rotary position embedding (see attention.joint.QueryInputs).
+    Hooks on the shared modules live only inside this call, so no other clone or graph ever sees them."""
+    blocks = discover_transformer_blocks(diffusion_model.named_modules())
+    handles = []
+
+    def recorder(one_stream: bool):
+        def record(_module, args):
+            inputs.image_tokens = args[0][:, text_tokens:] if one_stream else args[0]
+        return record
+    try:
+        for block in blocks:
+            module = diffusion_model.get_submodule(block.projections.image_qkv)
+            handles.append(module.register_forward_pre_hook(recorder(block.projections.one_stream)))
+        embedder = blocks[0].family.position_embedder
+        if embedder is not None:
+            handles.append(diffusion_model.get_submodule(embedder).register_forward_hook(
+                lambda _module, _args, out: setattr(inputs, "positions", out)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def refuse_overwritten_dispatchers(executor, *args, **kwargs):

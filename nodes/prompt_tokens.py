@@ -100,6 +100,23 @@ def find_phrase_tokens(clip, prompt: str, phrase: str, node_name: str = "") -> P
     return PhraseTokens(phrase, prompt, tuple(occurrences), offset)
 
 
+def occurrences_per_encoder(clip, prompt: str, phrase: str, node_name: str = "") -> dict[str, list[tuple[int, ...]]]:
+    """Positions of every occurrence of ``phrase`` in each text encoder's own tokens of ``prompt`` (the token
+    lists ``clip.tokenize`` gives, each encoder with its own tokenizer: CLIP and T5 place words differently)."""
+    who = f"{node_name}: " if node_name else ""
+    prompt_tokens = clip.tokenize(prompt, return_word_ids=True)
+    phrase_tokens = clip.tokenize(phrase.strip(), return_word_ids=True)
+    return {encoder: _occurrences(clip, encoder, prompt, phrase, chunks, phrase_tokens[encoder], who)
+            for encoder, chunks in prompt_tokens.items()}
+
+
+def encoder_attribute(clip, key: str) -> str:
+    """ComfyUI's name of the text encoder whose tokens ``clip.tokenize`` keys ``key``, as an attribute of the
+    tokenizer and of the text model and as its embedding key: ``clip_<key>`` for CLIP (``l`` -> ``clip_l``), the
+    key itself for T5 (``t5xxl``)."""
+    return f"clip_{key}" if hasattr(clip.tokenizer, f"clip_{key}") else key
+
+
 def _occurrences(clip, encoder, prompt, phrase, prompt_chunks, phrase_chunks, who) -> list[tuple[int, ...]]:
     """Positions of every occurrence of ``phrase`` in one encoder's tokens of ``prompt``."""
     phrase_ids = word_token_ids(phrase_chunks)
@@ -120,7 +137,6 @@ def _readable(clip, encoder: str, chunks) -> str:
     """The prompt's word tokens as ``encoder``'s vocabulary pieces, so a user sees why a word did not match."""
     pairs = [(token, weight) for chunk in chunks for token, weight, word_id in chunk
              if word_id != 0 and isinstance(token, int)]
-    # ComfyUI's tokenizers keep each encoder's tokenizer as clip_<key> (CLIP) or <key> (t5xxl)
-    tokenizer = getattr(clip.tokenizer, f"clip_{encoder}", None) or getattr(clip.tokenizer, encoder, clip.tokenizer)
+    tokenizer = getattr(clip.tokenizer, encoder_attribute(clip, encoder), clip.tokenizer)
     pieces = [piece for _pair, piece in tokenizer.untokenize(pairs)]
     return " ".join(piece.replace("</w>", "").replace("\u2581", "") for piece in pieces) or "(no words)"

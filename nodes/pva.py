@@ -17,14 +17,15 @@ import comfy.patcher_extension
 import folder_paths
 import torch
 
-from ..attention.pva import ParallelVisualAttentionProcessor, block_name
+from ..attention.blocks import ALL_FAMILIES, TransformerBlock
+from ..attention.pva import JointParallelProjection, ParallelProjection, ParallelVisualAttentionProcessor, block_name
 from ..attention.pva_identity import IResNet, arcface_crop
 from ..attention.pva_weights import PVAFormatError, PVAWeights
 from .comfy_io import io
 from .model_folders import register_model_folder
 from .validation import names_node, read_safetensors, require_finite
 from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
-from .prompt_tokens import find_phrase_tokens
+from .prompt_tokens import encoder_attribute, occurrences_per_encoder
 
 CATEGORY = "personalization/pva"
 PVA_FOLDER = "pva"
@@ -94,26 +95,63 @@ class PVALoader(io.ComfyNode):
         return io.NodeOutput(LoadedPVA(pva_name, weights, patcher))
 
 
+def parallel_projections(model, blocks: list[TransformerBlock]) -> dict[str, torch.nn.Module]:
+    """The paper's initial parallel projections of each of ``blocks``: copies of the block's own (a U-Net's
+    attn2 to_q/k/v; a DiT block's image query and text key/value projections with their per-head norms)."""
+    module = model.get_model_object("diffusion_model").get_submodule
+    projections = {}
+    for block in blocks:
+        paths = block.projections
+        if paths is None:
+            projections[block_name(block.key)] = ParallelProjection.copy_of(module(block.module_path).attn2)
+        else:
+            projections[block_name(block.key)] = JointParallelProjection.copy_of(
+                module(paths.image_qkv), module(paths.query_norm), module(paths.text_qkv), module(paths.key_norm),
+                block.channels)
+    return projections
+
+
 def _check_model_fits(pva: LoadedPVA, model, node: str = "ParallelVisualAttention") -> list:
-    """The model's cross-attention blocks, after checking the file has a projection of the right shape for each."""
-    blocks = [b for b in transformer_blocks(model, node) if b.has_cross_attention]
+    """The model's cross-attention blocks, after checking the file was made for the model's family and has a
+    projection of the right shape for each."""
+    blocks = [b for b in transformer_blocks(model, node, ALL_FAMILIES) if b.has_cross_attention]
+    family = blocks[0].family
+    if pva.weights.family != family:
+        raise PVAFormatError(f"{node}: {pva.name} was trained for {pva.weights.family.name} models, but this MODEL "
+                             f"({type(model.model).__name__}) is a {family.name} model; use a PVA file trained for "
+                             f"{family.name}.")
     names = {block_name(b.key) for b in blocks}
     if names != set(pva.weights.parallel):
         raise PVAFormatError(
             f"{node}: {pva.name} was trained for a model with the cross-attention blocks "
             f"{sorted(pva.weights.parallel)}, but this model has {sorted(names)}; use a PVA file trained on this "
             "model family.")
-    diffusion_model = model.get_model_object("diffusion_model")
+    expected = _parallel_shapes(model, blocks)
     for block in blocks:
-        attn2 = diffusion_model.get_submodule(block.module_path).attn2
         projection = pva.weights.parallel[block_name(block.key)]
-        for mine, theirs in (("to_visual_q", "to_q"), ("to_visual_k", "to_k"), ("to_visual_v", "to_v")):
-            if getattr(projection, mine).weight.shape != getattr(attn2, theirs).weight.shape:
+        for name, shape in expected[block.key].items():
+            if getattr(projection, name).weight.shape != shape:
                 raise PVAFormatError(
-                    f"{node}: {pva.name} does not fit this model: block {block.key} {theirs} is "
-                    f"{tuple(getattr(attn2, theirs).weight.shape)} but the file's {mine} is "
-                    f"{tuple(getattr(projection, mine).weight.shape)} (another model family?).")
+                    f"{node}: {pva.name} does not fit this model: block {block.label} needs {name} of shape "
+                    f"{tuple(shape)} but the file's is {tuple(getattr(projection, name).weight.shape)} (another model "
+                    "size?).")
     return blocks
+
+
+def _parallel_shapes(model, blocks: list[TransformerBlock]) -> dict:
+    """``{block key: {to_visual_q/k/v: weight shape}}`` of the parallel projections the model's blocks need."""
+    diffusion_model = model.get_model_object("diffusion_model")
+    shapes = {}
+    for block in blocks:
+        if block.projections is None:
+            attn2 = diffusion_model.get_submodule(block.module_path).attn2
+            shapes[block.key] = {"to_visual_q": attn2.to_q.weight.shape, "to_visual_k": attn2.to_k.weight.shape,
+                                 "to_visual_v": attn2.to_v.weight.shape}
+        else:
+            hidden = diffusion_model.get_submodule(block.projections.image_qkv).weight.shape[1]
+            shape = torch.Size((block.channels, hidden))
+            shapes[block.key] = dict.fromkeys(("to_visual_q", "to_visual_k", "to_visual_v"), shape)
+    return shapes
 
 
 def reference_features(pva: LoadedPVA, references: torch.Tensor, clip_vision=None) -> torch.Tensor:
@@ -278,7 +316,9 @@ class PVATextEncode(io.ComfyNode):
     @classmethod
     @names_node
     def execute(cls, clip, pva, text, identity_word) -> io.NodeOutput:
-        found = find_phrase_tokens(clip, text, identity_word, node_name="PVATextEncode")
+        if not identity_word.strip():
+            raise ValueError("PVATextEncode: name the identity word of the text (it is empty).")
+        found = occurrences_per_encoder(clip, text, identity_word, node_name="PVATextEncode")
         tokens = clip.tokenize(text)
         missing = sorted(set(tokens) - set(pva.weights.identity_word))
         if missing:
@@ -287,12 +327,18 @@ class PVATextEncode(io.ComfyNode):
                                  "PVA file trained for this model.")
         for encoder, chunks in tokens.items():
             vector = pva.weights.identity_word[encoder].detach().float().reshape(-1)
-            expected = getattr(clip.cond_stage_model, f"clip_{encoder}").transformer.get_input_embeddings().weight.shape[1]
+            expected = token_embeddings(clip, encoder).shape[1]
             if vector.shape[0] != expected:
                 raise PVAFormatError(f"PVATextEncode: {pva.name}'s identity word for encoder {encoder!r} is "
                                      f"{vector.shape[0]}-d but the encoder's tokens are {expected}-d.")
-            tokens[encoder] = put_identity_word(chunks, found.occurrences, vector)
+            tokens[encoder] = put_identity_word(chunks, found[encoder], vector)
         return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))
+
+
+def token_embeddings(clip, encoder: str) -> torch.Tensor:
+    """The vocabulary's embedding table of one text encoder (tokenizer key ``encoder``)."""
+    model = getattr(clip.cond_stage_model, encoder_attribute(clip, encoder))
+    return model.transformer.get_input_embeddings().weight
 
 
 PVA_NODES = [PVALoader, ParallelVisualAttention, PVATextEncode]

@@ -2,6 +2,7 @@
 paper's 40-step per-identity tune, both on the shared training core."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import comfy.model_patcher
 import folder_paths
 import torch
 
+from ..attention.blocks import ALL_FAMILIES
 from ..attention.dispatcher import CHAIN_KEY
 from ..attention.pva import ParallelVisualAttentionProcessor
 from ..attention.pva_weights import save_pva
@@ -23,8 +25,9 @@ from . import training_glue as glue
 from .comfy_io import io
 from .validation import names_node, require_finite, require_images, require_masks_for, require_matching_clip
 from .patching import add_attention_processor, transformer_blocks
+from .prompt_tokens import encoder_attribute
 from .pva import (CATEGORY, PVA_FOLDER, LoadedPVA, ParallelVisualAttention, PVAType, _arcface_backbone,
-                  _check_model_fits, reference_features)
+                  _check_model_fits, parallel_projections, reference_features, token_embeddings)
 
 CHECKPOINT_FOLDER = "pva_checkpoints"
 #: the identity word while training: an ``embedding:`` name resolved to the vector under training.
@@ -104,7 +107,7 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
     encoder = glue.TrainableTextEncoder(clip)
 
     def context():
-        vectors = {f"clip_{k}": weights.identity_word[k].to(torch.float32).cpu() for k in prompt.tokens}
+        vectors = {encoder_attribute(clip, k): weights.identity_word[k].to(torch.float32).cpu() for k in prompt.tokens}
         cond, pooled = encoder.encode(prompt.substitute({WORD_PLACEHOLDER: vectors}))
         return cond.to(device), pooled
 
@@ -116,8 +119,9 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
     def denoise(x_t, sigma, text, tokens, c_concat):
         options[CHAIN_KEY] = options[CHAIN_KEY].with_processor(dataclasses.replace(processor, identity_tokens=tokens))
         cond, pooled = text
-        return glue.denoise(trainable, x_t, sigma, cond, c_concat=c_concat,
-                            **glue.pooled_conditioning(model, pooled, images.shape[1]))  # SDXL's ADM input
+        with glue.saved_tensor_copies() if blocks[0].family.joint else contextlib.nullcontext():
+            return glue.denoise(trainable, x_t, sigma, cond, c_concat=c_concat,
+                                **glue.pooled_conditioning(model, pooled, images.shape[1]))  # SDXL's ADM input
 
     def concat(x_t, masked_latent, mask):
         return model.model.concat_cond(noise=x_t, concat_latent_image=masked_latent, concat_mask=mask, device=device)
@@ -132,7 +136,7 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
             return transformer(features.to(transformer.lift.weight))
 
     step = PVAStep(photos, groups, stage1_references if stage1 else rotating_references, identity_tokens, context,
-                   concat, denoise, glue.discrete_sigmas(model).to(device), glue.prediction_kind(model), bins, seed)
+                   concat, denoise, glue.discrete_sigmas(model).to(device), glue.prediction_kind(model, flow=True), bins, seed)
     run = fingerprint(method="pva_stage1" if stage1 else "pva_identity_tune", pva=pva.name, images=images.float(),
                       groups=groups, bins=bins, seed=seed, masks=masks if masks is not None else "face box",
                       start=torch.cat([p.detach().float().flatten().cpu() for p in trainable_params.values()]),
@@ -239,11 +243,13 @@ class PVAIdentityTune(io.ComfyNode):
 
 def _initial_word_ids(clip, init_word: str) -> dict[str, int]:
     """Vocabulary row of the identity word's start per text encoder: the official lookup of
-    :data:`OFFICIAL_INIT_TOKEN` when ``init_word`` is empty, else the first token of ``init_word``."""
+    :data:`OFFICIAL_INIT_TOKEN` (the tokenizer's unknown token) when ``init_word`` is empty, else the first token
+    of ``init_word``."""
     ids = {}
     for key, chunks in clip.tokenize(init_word, return_word_ids=True).items():
         if not init_word.strip():
-            ids[key] = getattr(clip.tokenizer, f"clip_{key}").tokenizer.convert_tokens_to_ids(OFFICIAL_INIT_TOKEN)
+            tokenizer = getattr(clip.tokenizer, encoder_attribute(clip, key)).tokenizer
+            ids[key] = tokenizer.convert_tokens_to_ids(OFFICIAL_INIT_TOKEN)
             continue
         tokens = [token for token, _weight, word in chunks[0] if word != 0 and isinstance(token, int)]
         if not tokens:
@@ -256,13 +262,9 @@ def _initial_word_ids(clip, init_word: str) -> dict[str, int]:
 def initial_pva(model, clip, encoder: str, init_word: str, seed: int, clip_vision=None, probe=None) -> LoadedPVA:
     """Stage-1 starting point: projections copied from the model, a seeded random token transformer, the
     identity word initialised to a vocabulary row (:func:`_initial_word_ids`)."""
-    blocks = [b for b in transformer_blocks(model, "PVATrainer") if b.has_cross_attention]
-    diffusion_model = model.get_model_object("diffusion_model")
-    layers = {b.key: diffusion_model.get_submodule(b.module_path).attn2 for b in blocks}
-    words = {}
-    for key, token in _initial_word_ids(clip, init_word).items():
-        table = getattr(clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings().weight
-        words[key] = table[token].detach().float().cpu()[None].clone()
+    blocks = [b for b in transformer_blocks(model, "PVATrainer", ALL_FAMILIES) if b.has_cross_attention]
+    words = {key: token_embeddings(clip, key)[token].detach().float().cpu()[None].clone()
+             for key, token in _initial_word_ids(clip, init_word).items()}
     face_encoder = _arcface_backbone() if encoder == "arcface" else None
     if encoder == "clip_vision":
         if clip_vision is None:
@@ -270,7 +272,8 @@ def initial_pva(model, clip, encoder: str, init_word: str, seed: int, clip_visio
         feature_dim = clip_vision.encode_image(probe[:1]).image_embeds.shape[-1]
     else:
         feature_dim = face_encoder.fc.out_features
-    weights = PVAWeights.initial(layers, encoder, feature_dim, words, seed=seed)
+    weights = PVAWeights.initial(parallel_projections(model, blocks), encoder, feature_dim, words,
+                                 family=blocks[0].family, seed=seed)
     weights.face_encoder = face_encoder
     weights.stock_face_encoder = face_encoder is not None
     return LoadedPVA("initial", weights, _patcher(weights))
@@ -340,7 +343,7 @@ class PVATrainer(io.ComfyNode):
     def execute(cls, model, clip, vae, images, images_per_identity, name, encoder, steps, learning_rate,
                 transformer_learning_rate, word_learning_rate, timestep_bins, init_word, seed, checkpoint_every,
                 masks=None, pva=None, clip_vision=None) -> io.NodeOutput:
-        transformer_blocks(model, "PVATrainer")
+        transformer_blocks(model, "PVATrainer", ALL_FAMILIES)
         require_matching_clip("PVATrainer", model, clip)
         require_images("PVATrainer", "images", images)
         require_masks_for("PVATrainer", masks, images)

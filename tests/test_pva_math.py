@@ -272,7 +272,8 @@ def test_iresnet_matches_the_official_formulation_and_crop_gives_arcface_input()
 def test_weights_file_round_trip(tmp_path):
     torch.manual_seed(3)
     layers = {BLOCK: Attn2(), ("middle", 0, 0): Attn2()}
-    weights = PVAWeights.initial(layers, "clip_vision", feature_dim=5, identity_word={"l": torch.randn(1, CONTEXT_DIM)},
+    projections = {block_name(key): ParallelProjection.copy_of(layer) for key, layer in layers.items()}
+    weights = PVAWeights.initial(projections, "clip_vision", feature_dim=5, identity_word={"l": torch.randn(1, CONTEXT_DIM)},
                                  num_tokens=2, layers=1, heads=2, feedforward=8)
     assert weights.context_dim == CONTEXT_DIM
     save_pva(tmp_path / "alice.safetensors", weights)

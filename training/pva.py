@@ -1,6 +1,7 @@
 """PVA training recipes (Xu et al., WACV 2024; specs/pva.md §3): stage 1 and the per-identity tune.
 
-Both are plain ε/v-MSE of the (inpainting) U-Net over the whole latent with the official timestep
+Both are plain ε/v-MSE of the (inpainting) U-Net (on a DiT: the flow-matching MSE of the velocity) over the
+whole latent with the official timestep
 binning: an optimizer step reuses one sample for ``bins`` micro-batches whose timesteps come from
 consecutive equal slices of the schedule ([0, T/bins), [T/bins, 2T/bins), …). The sample (target,
 flip, references) is drawn once per step; noise and timestep per micro-batch.
@@ -98,7 +99,7 @@ class PVAStep:
     concat: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
     denoise: Callable[..., torch.Tensor]
     sigmas: torch.Tensor  # σ of every discrete timestep
-    kind: str  # "eps" or "v"
+    kind: str  # "eps", "v" or "flow" (training.losses)
     bins: int
     seed: int
 
@@ -114,7 +115,7 @@ class PVAStep:
         x0 = photos.latents[target, flip][None]
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         sigma = self.sigmas[t:t + 1].to(x0)
-        x_t = add_noise(x0, noise, sigma)
+        x_t = add_noise(x0, noise, sigma, self.kind)
         c_concat = self.concat(x_t, photos.masked_latents[target, flip][None], photos.masks[target, flip][None])
         tokens = self.identity_tokens(features, generator)
         denoised = self.denoise(x_t, sigma, self.context(), tokens, c_concat)

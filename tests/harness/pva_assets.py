@@ -85,12 +85,11 @@ def arcface_path():
 def _build_pva(encoder: str, feature_dim: int, family: str):
     pva_weights = pack_module("attention.pva_weights")
     model = checkpoints.load_sd15()[0] if family == "sd15" else checkpoints.model_patcher(family, in_channels=9)
-    diffusion_model = model.get_model_object("diffusion_model")
     blocks = [b for b in pack_module("nodes.patching").transformer_blocks(model) if b.has_cross_attention]
-    layers = {b.key: diffusion_model.get_submodule(b.module_path).attn2 for b in blocks}
+    projections = pack_module("nodes.pva").parallel_projections(model, blocks)
     gen = torch.Generator().manual_seed(9)
     word = {name: torch.randn(1, width, generator=gen) for name, width in IDENTITY_WORD_WIDTHS[family].items()}
-    weights = pva_weights.PVAWeights.initial(layers, encoder, feature_dim, word, seed=10, layers=1, feedforward=64)
+    weights = pva_weights.PVAWeights.initial(projections, encoder, feature_dim, word, seed=10, layers=1, feedforward=64)
     with torch.no_grad():
         for projection in weights.parallel.values():
             for p in projection.parameters():
