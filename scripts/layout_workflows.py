@@ -158,6 +158,14 @@ COLUMNS: dict[str, list[list[list[tuple[str, list[int]]]]]] = {
         [("Sample", [11, 12, 13, 14])],
         [("Images", [15])],
     ]],
+    "16 RealCustom - Flux, train an image branch, then sample": [[
+        [("Models", [1, 2, 3, 4]), ("Training images", [5, 6, 7])],
+        [("Train (RealCustom)", [8]), ("What the word covers", [9])],
+        [("Subject reference", [10, 11]), ("Prompt (shared)", [12])],
+        [("RealCustom guidance", [13]), ("Prompts", [14, 15, 16])],
+        [("Sample", [17, 18, 19]), ("Mask of every step", [21])],
+        [("Images", [20, 22])],
+    ]],
 }
 
 

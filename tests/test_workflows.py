@@ -29,6 +29,8 @@ EXPECTED_IMAGES = {
     "13 All five techniques in one graph": 2 + 2 * STEPS + 2,
     "14 StyleAligned - Flux, a batch in one style": 4,
     "15 StyleAligned - SD3.5, the style of your own image": 3,
+    # as 09: the image, what 'toy' covers on each training image, the word mask of every step
+    "16 RealCustom - Flux, train an image branch, then sample": 1 + 2 + STEPS,
 }
 # Loader type -> (the models folder of the files it loads, the inputs that name them).
 LOADER_FILES = {"CheckpointLoaderSimple": ("checkpoints", ["ckpt_name"]),
@@ -111,7 +113,7 @@ DEMO_COPIES = [path for path in WORKFLOWS if _demo_assets().runs_on_demo_models(
 
 def test_demo_copies_are_the_workflows_without_clip_vision_or_pva():
     assert {path.stem[:2] for path in DEMO_COPIES} == {"01", "02", "03", "04", "05", "06", "08"}
-    assert _demo_assets().trained_names() == ["disendiff_pair", "my_dog", "my_toy_branch"]
+    assert _demo_assets().trained_names() == ["disendiff_pair", "my_dog", "my_flux_toy_branch", "my_toy_branch"]
 
 
 @pytest.mark.parametrize("path", DEMO_COPIES, ids=lambda p: p.stem)
