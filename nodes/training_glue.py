@@ -92,6 +92,7 @@ def trainable_unet(model, deltas: Mapping[str, WeightDelta]):
     wrapped = set()
     for name, module in unpatched_modules(patched, root=""):
         if not hasattr(module, "comfy_cast_weights"):
+            _copy_inference_parameters(patched, name, module)
             continue
         for param in ("weight", "bias"):  # norms save their bias for backward too
             if getattr(module, param, None) is not None:
@@ -104,6 +105,16 @@ def trainable_unet(model, deltas: Mapping[str, WeightDelta]):
     patched.model.requires_grad_(False)
     comfy.model_management.load_models_gpu([patched], force_full_load=True)
     return patched
+
+
+def _copy_inference_parameters(patched, name: str, module: torch.nn.Module) -> None:
+    """Parameters outside ComfyUI's cast layers (the DiTs' per-head RMSNorm scales) reach autograd as they were
+    loaded: inference tensors when a loader node ran under inference_mode, which autograd cannot save for
+    backward. The clone gets normal copies as object patches (its own; the shared model keeps its tensors)."""
+    for param_name, param in module.named_parameters(recurse=False):
+        if param.is_inference():
+            patched.add_object_patch(f"{name}.{param_name}", torch.nn.Parameter(param.detach().clone(),
+                                                                                 requires_grad=False))
 
 
 @contextmanager

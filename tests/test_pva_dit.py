@@ -44,7 +44,7 @@ def projection(seed=0, norms=True):
     with torch.no_grad():
         for p in out.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * (0.3 if p.ndim > 1 else 0.5) + (p.ndim == 1))
-    return out
+    return out.requires_grad_(False)
 
 
 def rotations(batch, length, seed=5):
@@ -161,3 +161,136 @@ def test_text_rows_and_rows_without_the_identity_are_the_plain_call_bit_for_bit(
     plain = comfy_style_attention(q, k, v, HEADS, skip_reshape=True)
     assert torch.equal(out[:, :TEXT], plain[:, :TEXT]) and torch.equal(out[0], plain[0])
     assert not torch.allclose(out[1, TEXT:], plain[1, TEXT:])
+
+
+# ---------------------------------------------------------------- in the real ComfyUI, tiny Flux dev and SD3.5 Large
+
+PROMPT = "photo of a <new1> person"
+SAMPLING = dict(steps=2, sampler_name="euler", scheduler="simple")
+
+
+class Family(dit.TinyFamily):
+    def __init__(self, name, comfy):
+        from harness.pva_assets import dit_pva_weights, loaded_pva
+        super().__init__(name)
+        self.comfy = comfy
+        self.pva = loaded_pva(dit_pva_weights(name, self.model))
+
+    def patched(self, model=None, pva=None, references=None, **over):
+        from harness.pva_assets import PVA_DEFAULTS, faces, tiny_clip_vision
+        from harness.pack_nodes import run_node
+        return run_node("ParallelVisualAttention", model=self.model if model is None else model,
+                        pva=self.pva if pva is None else pva,
+                        references=faces(2, seed=4, size=32) if references is None else references,
+                        clip_vision=tiny_clip_vision(), **{**PVA_DEFAULTS, **over})[0]
+
+    def sample(self, model, batch=2, cfg=None, positive=None, negative=None):
+        from harness.checkpoints import sample
+        return sample(model, positive or self.encode("photo of a person"), negative or self.encode(""),
+                      dit.empty_latent(batch), seed=3, cfg=self.cfg if cfg is None else cfg, **SAMPLING)
+
+
+@pytest.fixture(scope="module", params=["flux", "sd35"])
+def family(request, comfy):
+    yield Family(request.param, comfy)
+    dit.release(request.param)
+
+
+def test_parallel_queries_of_an_initial_file_are_the_blocks_own(family, monkeypatch):
+    """Initialised from the model, to_visual_q with its norm (and Flux's rotary positions) gives exactly the
+    queries the block hands to attention: the recorded inputs, the copied norms and the positions are the ones
+    the model used, in every double/single/joint block."""
+    from harness.pva_assets import dit_pva_weights, loaded_pva
+    joint = pack_module("attention.joint")
+    compared = []
+    original = joint.attention_with_extra_keys
+
+    def comparing(q, k, v, call, extras):
+        compared.append((call.block, float((extras[0].queries.float() - q.float()).abs().max()),
+                         float(q.float().abs().max())))
+        return original(q, k, v, call, extras)
+    monkeypatch.setattr(joint, "attention_with_extra_keys", comparing)
+    family.sample(family.patched(pva=loaded_pva(dit_pva_weights(family.name, family.model, perturbed=False))),
+                  batch=1, cfg=1.0)
+    blocks = {call_block for call_block, _, _ in compared}
+    expected = ({("double", i, 0) for i in range(2)} | {("single", i, 0) for i in range(2)} if family.name == "flux"
+                else {("joint", i, 0) for i in range(dit.SD35_DIT["depth"])})
+    assert blocks == expected
+    assert all(error <= 1e-5 * scale for _, error, scale in compared), compared
+
+
+def test_strength_zero_is_unpatched_sampling_and_the_identity_changes_every_image(family):
+    """Batch 2; Flux at CFG 1 (cond pass only), SD3.5 at CFG 1 and CFG 4 (cond and uncond passes)."""
+    for cfg in ((1.0,) if family.name == "flux" else (1.0, 4.0)):
+        base = family.sample(family.model, cfg=cfg)
+        assert torch.equal(family.sample(family.patched(strength=0.0), cfg=cfg), base)
+        on = family.sample(family.patched(), cfg=cfg)
+        assert relative_change(on[0], base[0]) > 1e-3 and relative_change(on[1], base[1]) > 1e-3
+    assert torch.equal(family.sample(family.model, cfg=cfg), base), "the input model must stay unpatched"
+
+
+def test_one_identity_per_image_and_the_uncond_rule(family):
+    from harness.pva_assets import faces
+    two = family.sample(family.patched(references=torch.cat([faces(2, seed=4, size=32), torch.zeros(2, 32, 32, 3)]),
+                                       images_per_identity=2))
+    first_twice = family.sample(family.patched(references=torch.cat([faces(2, seed=4, size=32)] * 2),
+                                               images_per_identity=2))
+    # image 0 sees the first identity in both; image 1 another one (the tiny token transformer's identities differ
+    # little: the change is small but never zero)
+    assert torch.equal(two[0], first_twice[0]) and relative_change(two[1], first_twice[1]) > 1e-7
+    if family.name == "sd35":  # CFG > 1: the uncond pass sees the identity only with uncond_identity
+        assert relative_change(family.sample(family.patched(uncond_identity=True)), family.sample(family.patched())) > 1e-4
+    with pytest.raises(ValueError, match="3 identities but the latent batch has 2 images"):
+        family.sample(family.patched(references=faces(3, seed=4, size=32), images_per_identity=1))
+
+
+def test_a_lora_and_a_controlnet_in_the_same_graph(family):
+    from harness.checkpoints import sample
+    lora = family.comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(family.model, dit.lora_path(family.name).name,
+                                                                        1.0)[0]
+    with_lora = family.sample(lora)
+    assert torch.equal(family.sample(family.patched(model=lora, strength=0.0)), with_lora)
+    assert relative_change(family.sample(family.patched(model=lora)), with_lora) > 1e-3
+    positive, negative = family.encode("photo of a person"), family.encode("")
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    apply = family.comfy.nodes.ControlNetApplyAdvanced().apply_controlnet
+    controlled = (apply(positive, negative, dit.flux_controlnet(), hint, 1.0, 0.0, 1.0) if family.name == "flux" else
+                  apply(positive, negative, dit.sd35_controlnet(), hint, 1.0, 0.0, 1.0, vae=dit.vae()))
+
+    def sampled(model):
+        return sample(model, *controlled, dit.empty_latent(2), seed=3, cfg=family.cfg, **SAMPLING)
+    plain = sampled(family.model)
+    assert torch.equal(sampled(family.patched(strength=0.0)), plain)
+    assert relative_change(sampled(family.patched()), plain) > 1e-3
+
+
+def test_files_of_another_family_are_refused(family, comfy):
+    from harness.pva_assets import dit_pva_weights, loaded_pva, pva_path
+    other = "sd35" if family.name == "flux" else "flux"
+    foreign = loaded_pva(dit_pva_weights(other, dit.sd35_model("large") if other == "sd35" else dit.flux_model("dev")))
+    names = {"flux": "Flux", "sd35": r"SD3/SD3\.5 \(MMDiT\)"}
+    with pytest.raises(ValueError, match=rf"ParallelVisualAttention: tiny dit pva was trained for {names[other]} "
+                                         rf"models, but this MODEL .* is a {names[family.name]} model"):
+        family.patched(pva=foreign)
+    from harness.pack_nodes import run_node
+    unet = run_node("PVALoader", pva_name=pva_path("clip_vision", "sd15").name)[0]
+    with pytest.raises(ValueError, match=r"trained for U-Net \(SD1\.5/SD2/SDXL\) models"):
+        family.patched(pva=unet)
+
+
+def test_the_identity_word_is_written_into_every_text_encoders_tokens(family):
+    """PVATextEncode puts the learned vector in place of the placeholder in T5's sequence (the DiT's context) and
+    in CLIP's (Flux: its pooled vector; SD3.5: also the context)."""
+    import copy
+    from harness.pack_nodes import run_node
+
+    def encoded(pva):
+        return run_node("PVATextEncode", clip=family.clip, pva=pva, text=PROMPT, identity_word="<new1>")[0]
+    first = encoded(family.pva)
+    changed = copy.deepcopy(family.pva.weights)
+    with torch.no_grad():
+        changed.identity_word["t5xxl"].add_(1.0)
+    second = encoded(pack_module("nodes.pva").LoadedPVA("changed", changed, family.pva.patcher))
+    assert relative_change(second[0][0], first[0][0]) > 1e-4, "the T5 sequence carries the identity word"
+    with pytest.raises(ValueError, match="PVATextEncode: .*'<new2>' does not occur in the prompt"):
+        run_node("PVATextEncode", clip=family.clip, pva=family.pva, text=PROMPT, identity_word="<new2>")

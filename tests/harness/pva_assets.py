@@ -119,3 +119,36 @@ def pva_model(model, pva, references, **overrides):
     """The MODEL patched by ParallelVisualAttention with PVA_DEFAULTS, overridden by ``overrides``."""
     return run_node("ParallelVisualAttention", model=model, pva=pva, references=references,
                     **{**PVA_DEFAULTS, **overrides})[0]
+
+
+#: widths of the identity word per text encoder of the tiny DiT families (Flux: CLIP-L and T5-XXL; SD3.5: CLIP-L,
+#: CLIP-G and T5-XXL)
+DIT_IDENTITY_WORD_WIDTHS = {"flux": {"l": 768, "t5xxl": 4096}, "sd35": {"l": 768, "g": 1280, "t5xxl": 4096}}
+
+
+def dit_pva_weights(family: str, model, perturbed: bool = True):
+    """PVA weights (CLIP vision encoder) for the tiny DiT ``model`` of ``family`` ("flux", "sd35"), initialised
+    from its blocks as the paper does, then (``perturbed``) changed a little so the parallel queries and keys
+    differ from the block's own."""
+    blocks = [b for b in pack_module("nodes.patching").transformer_blocks(model, families=pack_module(
+        "attention.blocks").ALL_FAMILIES) if b.has_cross_attention]
+    gen = torch.Generator().manual_seed(11)
+    word = {name: torch.randn(1, width, generator=gen) for name, width in DIT_IDENTITY_WORD_WIDTHS[family].items()}
+    weights = pack_module("attention.pva_weights").PVAWeights.initial(
+        pack_module("nodes.pva").parallel_projections(model, blocks), "clip_vision", CLIP_VISION_CONFIG["projection_dim"],
+        word, family=blocks[0].family, seed=12, layers=1, feedforward=64)
+    if perturbed:
+        with torch.no_grad():
+            for projection in weights.parallel.values():
+                for p in projection.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    weights.token_transformer.pos_enc.data.normal_(generator=gen)
+    return weights
+
+
+def loaded_pva(weights, name: str = "tiny dit pva"):
+    """A LoadedPVA (PVALoader's output) of in-memory ``weights``."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    return pack_module("nodes.pva").LoadedPVA(name, weights, comfy.model_patcher.ModelPatcher(
+        weights, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()))
