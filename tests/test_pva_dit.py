@@ -294,3 +294,103 @@ def test_the_identity_word_is_written_into_every_text_encoders_tokens(family):
     assert relative_change(second[0][0], first[0][0]) > 1e-4, "the T5 sequence carries the identity word"
     with pytest.raises(ValueError, match="PVATextEncode: .*'<new2>' does not occur in the prompt"):
         run_node("PVATextEncode", clip=family.clip, pva=family.pva, text=PROMPT, identity_word="<new2>")
+
+
+def test_identity_tune_lowers_the_loss_resumes_exactly_and_reloads(family, tmp_path):
+    """PVAIdentityTune on the DiT: the flow-matching loss of the model's own CONST sampling on a fixed probe goes
+    down, an interrupted run resumes bit for bit, and the saved file (its family recorded) reloads through
+    PVALoader to the same sampled output as the tuned weights."""
+    from harness.pack_nodes import run_node
+    from harness.pva_assets import faces, tiny_clip_vision
+    nodes_tune, glue = pack_module("nodes.pva_training"), pack_module("nodes.training_glue")
+    loop = pack_module("training.loop")
+    vae = dit.vae()
+    photos = faces(2, seed=6, size=64)
+
+    def run(steps, checkpoint=None, interrupt_at=None):
+        calls = {"n": 0}
+
+        def check():
+            calls["n"] += 1
+            if calls["n"] == interrupt_at:
+                raise KeyboardInterrupt
+        with glue.training_mode():
+            tune = nodes_tune.prepare_identity_tune(family.model, family.clip, vae, family.pva, glue.clone_tensors(photos),
+                                                    bins=2, seed=1, clip_vision=tiny_clip_vision())
+            assert tune.step.kind == "flow"
+
+            def probe():
+                with torch.no_grad():
+                    return sum(float(tune.step(loop.MicroStep(50 + i, i % 2, loop.micro_step_generator(99, 50 + i, 0))))
+                               for i in range(4)) / 4
+            before = probe()
+            optimizer = nodes_tune.identity_tune_optimizer(tune.params, 3e-3, 3e-2)
+            loop.train(tune.params, tune.step, optimizer, loop.LoopSettings(steps, 2, 1, 0, checkpoint, tune.fingerprint),
+                       check_interrupted=check)
+            after = probe()
+        return before, after, {k: v.detach().clone() for k, v in tune.params.items()}
+
+    before, after, straight = run(4)
+    assert after < before, f"loss on a fixed probe {before:.5f} -> {after:.5f}"
+    assert any(k.startswith("identity_word.t5xxl") for k in straight), "the word is tuned in T5 too"
+    checkpoint = tmp_path / "resume.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        run(4, checkpoint, interrupt_at=4)
+    _, _, resumed = run(4, checkpoint)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+    patched, tuned, name = run_node("PVAIdentityTune", model=family.model, clip=family.clip, vae=vae, pva=family.pva,
+                                    photos=photos, name=f"dit_tune_{family.name}", steps=1, learning_rate=1e-3,
+                                    word_learning_rate=1e-2, timestep_bins=1, seed=3, checkpoint_every=0,
+                                    clip_vision=tiny_clip_vision())
+    loaded = run_node("PVALoader", pva_name=name)[0]
+    assert loaded.weights.family == family.pva.weights.family
+    assert torch.equal(family.sample(family.patched(pva=loaded, references=photos)), family.sample(patched))
+
+
+def test_stage1_trainer_starts_from_the_dit_blocks(family):
+    """A fresh PVATrainer start copies every block's projections and norms and trains at the block width."""
+    from harness.pack_nodes import run_node
+    from harness.pva_assets import faces, tiny_clip_vision
+    training = pack_module("nodes.pva_training")
+    initial = training.PVAWeights.initial
+    import unittest.mock
+    with unittest.mock.patch.object(training.PVAWeights, "initial", classmethod(
+            lambda cls, *args, **kwargs: initial(*args, **{**kwargs, "layers": 1, "feedforward": 64}))):
+        trained, _name = run_node(
+            "PVATrainer", model=family.model, clip=family.clip, vae=dit.vae(), images=faces(4, seed=5, size=32),
+            images_per_identity=2, name=f"stage1_{family.name}", encoder="clip_vision", steps=1, learning_rate=1e-4,
+            transformer_learning_rate=1e-4, word_learning_rate=1e-3, timestep_bins=1, init_word="person", seed=0,
+            checkpoint_every=0, clip_vision=tiny_clip_vision())
+    assert set(trained.weights.parallel) == set(family.pva.weights.parallel)
+    assert trained.weights.family == family.pva.weights.family
+    assert trained.weights.context_dim == family.pva.weights.context_dim
+    assert set(trained.weights.identity_word) == set(family.pva.weights.identity_word)
+
+
+def test_four_inference_techniques_compose_in_one_flux_graph(comfy):
+    """SharedAttentionBatch + CalibratedCrossAttn + AdaptiveMaskGuidance + ParallelVisualAttention on one Flux
+    model: one joint call serves them all (StyleAligned owns the image queries' softmax, the calibration edits and
+    the word map read the cross view, which includes the identity keys, and the identity keys join the owner's
+    softmax). Every order of the nodes gives one result; PVA at strength 0 gives the other three alone bit for bit;
+    the identity changes every image."""
+    from harness.pack_nodes import run_node, shared_attention
+    from test_realcustom_dit import PROMPT as GUIDED_PROMPT
+    from test_realcustom_dit import Family as GuidedFamily
+    flux, guided = Family("flux", comfy), GuidedFamily("flux", comfy)
+
+    def calibrated(model):
+        return run_node("CalibratedCrossAttn", model=model, clip=flux.clip, prompt=GUIDED_PROMPT, modifiers="small, beach",
+                        class_words="toy, photo", strength=1.0, start_percent=0.0, end_percent=1.0)[0]
+
+    def sample(model):
+        return guided.sample(model)
+    others = sample(calibrated(shared_attention(guided.guided()[0])))
+    orders = [flux.patched(model=calibrated(shared_attention(guided.guided()[0]))),
+              guided.guided(model=calibrated(shared_attention(flux.patched())))[0],
+              shared_attention(calibrated(guided.guided(model=flux.patched())[0]))]
+    outputs = [sample(model) for model in orders]
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])
+    assert torch.equal(sample(flux.patched(model=calibrated(shared_attention(guided.guided()[0])), strength=0.0)), others)
+    assert relative_change(outputs[0][0], others[0]) > 1e-4 and relative_change(outputs[0][1], others[1]) > 1e-4
+    dit.release("flux")
