@@ -210,10 +210,13 @@ class ParallelVisualAttention(io.ComfyNode):
     parallel projections turn them into keys/values (with their own query projection) that join the
     text keys in ONE softmax. Use an inpainting model with InpaintModelConditioning or
     VAEEncodeForInpaint (paper: SD2-inpainting, CFG 1, DDIM), or plain text-to-image; write the identity
-    word with PVATextEncode ("photo of a <new1> person").
+    word with PVATextEncode ("photo of a <new1> person"). Families: SD1.5, SD2, SDXL, and (our extension)
+    Flux and SD3/SD3.5, where the identity keys join each block's joint softmax of the image queries (text
+    queries never see them) through projections copied from the block's image query and text key/value
+    projections with their per-head norms; the PVA file must be trained for the model's family.
 
     Inputs (safe ranges):
-    - pva: weights from PVALoader (trained for this model family).
+    - pva: weights from PVALoader (trained for this model family; files record their family).
     - references: 1–5 square, aligned face crops of the person (paper: CelebA-HQ alignment).
     - strength: multiplies the identity keys' attention mass (not in the paper); 1 = paper, 0 = off,
       0.5–1.5 sensible.

@@ -293,7 +293,9 @@ class PVATrainer(io.ComfyNode):
     up to 5 other photos of the same person in random order, a random prefix of them as references (p 0.2
     plus a flipped copy), and reuses the sample for ``timestep_bins`` micro-batches over the timestep
     slices. Frozen: U-Net, text encoder, identity encoder (the paper's stage 2 also trains ArcFace; not
-    offered). Writes ``models/pva/<name>.safetensors``; resumable from ``output/pva_checkpoints``.
+    offered). Writes ``models/pva/<name>.safetensors``; resumable from ``output/pva_checkpoints``. Families:
+    SD1.5, SD2, SDXL and Flux, SD3/SD3.5 (the flow-matching loss of the model's own sampling, the identity
+    word learned in every text encoder of the CLIP, T5 included; the file records the family).
 
     Inputs (safe ranges): images (photos grouped by person: consecutive ``images_per_identity`` images are
     one identity), masks (optional, one per image, 1 = inpaint), encoder (arcface = paper; clip_vision =
