@@ -55,8 +55,10 @@ What the dispatcher knows of each call, and from where:
 - the cond/uncond layout and the sigma, from transformer_options as on the U-Net.
 
 Another pack's override installed before ours is kept as ``inner`` and called for every call none of our
-processors takes part in; a processor that replaces attention or edits its softmax cannot compose with it
-and raises :class:`~.dispatcher.AttentionConflictError` naming both. An override installed after ours
+processors takes part in, and for the calls where ours only read the probabilities or add an output
+(RealCustom's word map and image branch: read from the cross view of the plain joint keys, added to its
+output's image rows); a processor that replaces attention, edits its softmax or adds keys to it cannot compose
+with it and raises :class:`~.dispatcher.AttentionConflictError` naming both. An override installed after ours
 replaces it; the node glue then refuses to sample (see ``nodes.patching``).
 """
 from __future__ import annotations
@@ -162,9 +164,12 @@ class JointAttentionDispatcher:
                 f"{owners[0].node_name} and {owners[1].node_name} both replace self-attention in block "
                 f"{block[0]}:{block[1]}; use one of them per model.")
         if self.inner is not None:
-            raise AttentionConflictError(
-                f"{taking_part} {'replaces' if owners else 'changes'} attention in block {block[0]}:{block[1]}, but "
-                f"{describe_foreign(self.inner)} already overrides DiT attention; apply only one of them to this model.")
+            changing = owners + [p for p in crossing if any(p.overrides(hook) for hook in _SOFTMAX_HOOKS)]
+            if changing:
+                raise AttentionConflictError(
+                    f"{changing[0].node_name} {'replaces' if owners else 'changes'} attention in block "
+                    f"{block[0]}:{block[1]}, but {describe_foreign(self.inner)} already overrides DiT attention; "
+                    "apply only one of them to this model.")
         if kwargs.get("mask") is not None:
             raise AttentionConflictError(
                 f"{taking_part} cannot change attention in a call with an attention mask (block "
@@ -173,6 +178,8 @@ class JointAttentionDispatcher:
         call.text_keys = slice(layout.register_tokens, text)
         context = (k[:, :text], v[:, :text]) if text else None
         grid = layout.image_tokens
+        if self.inner is not None:
+            return self._around_inner(func, args, kwargs, q, k, v, text, grid, call, viewing, adding)
         if any(p.needs_hidden_states for p in crossing):
             _serve_query_inputs(call, options, text, grid)
         extras = _extra_keys(q[:, text:text + grid], call, crossing)
@@ -215,6 +222,20 @@ class JointAttentionDispatcher:
             f"an attention call of a {block_type} block runs over {length} tokens, which is neither the "
             f"{layout.text_tokens} text + {layout.image_tokens} image tokens of this model call nor its image "
             "tokens alone; the personalization nodes cannot tell its text from its image tokens.")
+
+    def _around_inner(self, func, args, kwargs, q, k, v, text, grid, call, readers, adding):
+        """Another pack's override computes the call; our processors that only read the probabilities or add an
+        output compose with it: the reads from the cross view of the plain joint keys (what the U-Net dispatcher
+        does around a foreign replace), the parallel outputs added to the latent's image rows of its output."""
+        out = self.inner(func, *args, **kwargs)
+        heads_first = bool(kwargs.get("skip_output_reshape"))
+        merged = merge_heads(out) if heads_first else out
+        if readers:
+            _cross_view(q[:, text:text + grid], k, v, text, call, readers, False)
+        if adding:
+            image_out = _add_parallel_outputs(merged[:, text:], q[:, text:text + grid], call, adding)
+            merged = torch.cat([merged[:, :text], image_out.to(merged.dtype)], dim=1)
+        return split_heads(merged, call.heads) if heads_first else merged
 
     def _base(self, func, args, kwargs):
         if self.inner is not None:
@@ -277,6 +298,8 @@ def overwritten_joint_entries(transformer_options: dict):
 
 #: cross-attention hooks served on the cross view's logits (``parallel_output`` needs no logits)
 _CROSS_VIEW_HOOKS = ("edit_key_values", "edit_logits", "read_probs")
+#: cross-attention hooks that change the softmax another pack's override computes, so cannot compose with it
+_SOFTMAX_HOOKS = ("edit_key_values", "edit_logits", "extra_key_values")
 
 
 def _add_parallel_outputs(image_out, queries, call: AttentionCall, adding):

@@ -197,6 +197,38 @@ def test_map_read_and_branch_added_in_one_call():
     assert torch.equal(call_dispatcher("flux", q, k, v, other_block), call_dispatcher("flux", q, k, v, {}))
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_another_packs_override_computes_the_call_and_realcustom_reads_and_adds_around_it(family):
+    """Mask guidance only reads the probabilities and adds an output, so it composes with another pack's DiT
+    override: the override's output (here twice the plain joint attention) plus the gated branch on the latent's
+    image rows, and the word map read from the plain joint keys' softmax ("previous step": both in one call).
+    A softmax edit still cannot wrap the override (tested with CalibratedCrossAttn)."""
+    text, chunks = PROMPT_LENGTH, (1, 0)
+    q, k, v = qkv(4, text + IMAGE, seed=11)
+    mask = torch.rand(2, *GRID, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    block = ("double", 0) if family == "flux" else ("joint", 0)
+    weights, tokens = branch_weights((*block, 0)), image_tokens()
+    run = guidance_run(tokens, capturing=True, injecting=True, mask=mask)
+    chain = ProcessorChain().with_processor(WordMapReader()).with_processor(MaskedImageBranch(weights, STRENGTH))
+    options = {**joint_options(chain, chunks, text, block=block), RUN_KEY: run}
+
+    def doubled(func, *args, **kwargs):
+        return 2 * func(*args, **kwargs)
+    dispatcher = JointAttentionDispatcher(inner=doubled)
+    if family == "flux":
+        out = dispatcher(comfy_style_attention, q, k, v, HEADS, skip_reshape=True, transformer_options=options)
+    else:
+        out = flat(dispatcher(comfy_style_attention, flat(q), flat(k), v.transpose(1, 2), heads=HEADS,
+                              skip_output_reshape=True, transformer_options=options))
+    plain = slow_joint_attention(q, k, v, text, torch.zeros(4, HEADS, IMAGE, text))
+    branch = slow_branch(q, text, weights, tokens, mask, chunks, block="_".join(map(str, (*block, 0))))
+    torch.testing.assert_close(out, flat(2 * plain + branch), rtol=1e-5, atol=1e-5)
+    run.finish_text_only_pass()
+    maps = slow_word_maps(q, k, text, 0, [2, 3], 1)
+    torch.testing.assert_close(run.mask.double(), (maps / (maps.max(1, keepdim=True).values + 1e-6)).view(2, *GRID),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_branch_is_added_to_style_aligned_image_rows():
     """SharedAttentionBatch owns the joint call's image rows; the branch is added to its output."""
     text, chunks, settings = PROMPT_LENGTH, (1, 0), StyleAlignedSettings(score_shift=0.4)
