@@ -134,7 +134,7 @@ def _check_model_fits(pva: LoadedPVA, model, node: str = "ParallelVisualAttentio
                 raise PVAFormatError(
                     f"{node}: {pva.name} does not fit this model: block {block.label} needs {name} of shape "
                     f"{tuple(shape)} but the file's is {tuple(getattr(projection, name).weight.shape)} (another model "
-                    "size?).")
+                    "family or size?).")
     return blocks
 
 

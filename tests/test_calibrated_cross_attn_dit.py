@@ -318,8 +318,8 @@ def test_the_edit_is_the_cond_rows_only(family, monkeypatch):
     edited_rows = []
     original = joint._cross_view
 
-    def recording(queries, k, v, text, call, crossing, keep_plain):
-        context, logits, plain = original(queries, k, v, text, call, crossing, True)
+    def recording(queries, k, v, text, call, crossing, keep_plain, *extras):
+        context, logits, plain = original(queries, k, v, text, call, crossing, True, *extras)
         per_chunk = logits.shape[0] // len(call.cond_or_uncond)
         edited_rows.append(tuple(call.cond_or_uncond[row // per_chunk] for row in range(logits.shape[0])
                                  if not torch.equal(logits[row], plain[row])))
