@@ -6,7 +6,7 @@ detection and run by its own samplers and nodes.
 Reduced configs, and why each number
 ------------------------------------
 Flux (``comfy.ldm.flux.model.Flux`` inside ``comfy.model_base.Flux``, config ``comfy.supported_models.Flux``
-for dev, ``FluxSchnell`` for schnell), ``FLUX_DIT``:
+for dev, ``FluxSchnell`` for schnell, ``FluxInpaint`` for fill), ``FLUX_DIT``:
   hidden_size 256, num_heads 2: the head dim must stay 128 = sum(axes_dim [16, 56, 56]), the real RoPE split
     over the (index, row, column) position ids; 2 heads so that per-head code paths run.
   depth 2 double + 2 single blocks: two of each kind, so a block selection that names the first, the last
@@ -14,7 +14,9 @@ for dev, ``FluxSchnell`` for schnell), ``FLUX_DIT``:
   context_in_dim 4096, vec_in_dim 768: the real T5-XXL and CLIP-L pooled widths, so real text-encoder output
     fits; in/out channels 16, patch 2, mlp_ratio 4, qkv_bias, theta 10000: the real values.
   guidance_embed: dev has ``guidance_in`` (detected as Flux, guidance-distilled: FluxGuidance feeds it);
-    schnell has not (detected as FluxSchnell).
+    schnell has not (detected as FluxSchnell). fill: dev with in_channels 96 (FLUX.1 Fill: noisy latent 16 +
+    masked-image latent 16 + the 8x8 pixel mask folded into 64 channels; detected as FluxInpaint), for the
+    inpainting conditioning of PVA's trainers and InpaintModelConditioning.
   Why not through UNETLoader: ComfyUI's detection PINS num_heads = 24 for Flux (model_detection.py) and
     reads the width from ``img_in``, so any file narrower than 3072 (24 x 128) fails to build. A 3072-wide
     Flux has 404M parameters (1.5 GiB in fp32, the CPU inference dtype) even with one double block and no
@@ -85,7 +87,7 @@ from .memory import model_cache, trim_heap
 
 DIT_HARNESS_VERSION = "dit1"
 
-FLUX_VARIANTS = ("dev", "schnell")
+FLUX_VARIANTS = ("dev", "schnell", "fill")
 FLUX_DIT = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
                 hidden_size=256, mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2,
                 axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True)
@@ -165,7 +167,7 @@ def flux_config(variant: str = "dev") -> dict:
     """The reduced Flux unet_config of ``variant`` (see the module docstring)."""
     if variant not in FLUX_VARIANTS:
         raise ValueError(f"Flux variant {variant!r}: expected one of {FLUX_VARIANTS}")
-    return dict(FLUX_DIT, guidance_embed=variant == "dev")
+    return dict(FLUX_DIT, guidance_embed=variant != "schnell", in_channels=96 if variant == "fill" else 16)
 
 
 def _flux_heads(unet_config: dict) -> int:
@@ -200,7 +202,7 @@ def _build_flux(variant: str) -> dict:
 
 
 def flux_path(variant: str = "dev") -> Path:
-    """The tiny Flux ``variant`` ("dev" or "schnell") with the real key names (a diffusion-model file, fp16).
+    """The tiny Flux ``variant`` ("dev", "schnell" or "fill") with the real key names (a diffusion-model file, fp16).
     Kept out of models/diffusion_models: UNETLoader cannot build it (module docstring)."""
     flux_config(variant)
     return _cached("tiny_dit", _name(f"flux_{variant}"), lambda: _build_flux(variant))
@@ -230,7 +232,8 @@ def _model_patcher(config, sd: dict):
 @model_cache
 def flux_model(variant: str = "dev"):
     """ModelPatcher of the tiny Flux ``variant`` (comfy.model_base.Flux; dev: guidance-distilled, FLUX
-    model sampling; schnell: FLOW). Once per process until release("flux"): clone() before patching."""
+    model sampling; schnell: FLOW; fill: dev's layout with FLUX.1 Fill's inpainting input, 16 latent + 16
+    masked-image + 64 mask channels, detected as FluxInpaint). Once per process until release("flux"): clone() before patching."""
     boot_comfy(require_pack=False)
     sd = _load(flux_path(variant))
     return _model_patcher(_detected_flux_config(sd), sd)
