@@ -146,17 +146,15 @@ class JointAttentionDispatcher:
         call.text_keys = slice(layout.register_tokens, text)
         context = (k[:, :text], v[:, :text]) if text else None
         grid = layout.image_tokens
-        logits = None
+        latent_out = None
         if viewing:
-            context, logits, plain = _cross_view(q[:, text:text + grid], k, v, text, call, viewing, bool(owners))
+            context, latent_out, call.context_bias = _cross_view(q[:, text:text + grid], k, v, text, call, viewing,
+                                                                 owners[0] if owners else None, q.shape[1] - text)
         if owners:
             call.context = context
-            if logits is not None:
-                call.context_bias = _text_bias(logits, plain, text, q.shape[1] - text, owners[0], viewing)
             image_out = owners[0].self_attention(q[:, text:], k[:, text:], v[:, text:], call)
-        elif logits is not None:
-            values = torch.cat([context[1], v[:, text:]], dim=1)
-            image_out = merge_heads(logits.softmax(dim=-1).to(values.dtype) @ split_heads(values, heads))
+        elif latent_out is not None:
+            image_out = latent_out
             if q.shape[1] > text + grid:  # image tokens after the latent's (Flux Kontext's references): plain
                 image_out = torch.cat([image_out, call.attention(q[:, text + grid:], k, v)], dim=1)
         else:  # only parallel outputs: the image rows of the plain joint attention, through the fused function
@@ -254,37 +252,85 @@ def _add_parallel_outputs(image_out, queries, call: AttentionCall, adding):
     return torch.cat([latent_out, image_out[:, grid:]], dim=1) if image_out.shape[1] > grid else latent_out
 
 
-def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_plain: bool):
-    """The cross view of a joint call for the processors ``crossing``: the text keys/values after their
-    ``edit_key_values``, the logits ``(B, heads, N, L)`` (float32) of the latent's image queries against the
-    joint keys ``[text | image]`` after their ``edit_logits``, their ``read_probs`` served with the softmax of
-    those logits, and (``keep_plain``) the logits before the edits (processors return edited logits and leave
-    their argument as it is, so no copy is needed)."""
+#: bytes of the float32 logits of one row chunk of the cross view. Its logits of all the latent's image queries
+#: are (B, heads, N, L): at Flux's 1024 px (24 heads, 4096 image + 512 text keys) 1.8 GB per sample, and a call
+#: holds up to three tensors of that size at once (logits, edited logits, probabilities). Chunks of queries whose
+#: logits stay under this budget keep a call's transient memory under a few times it at any resolution, and still
+#: hold hundreds of query rows at that size, so the matrix products stay large.
+CROSS_VIEW_CHUNK_BYTES = 128 * 2 ** 20
+
+
+def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, owner, image_rows: int):
+    """The cross view of a joint call for the processors ``crossing``: ``edit_key_values`` on the text keys/values,
+    then the float32 logits ``(B, heads, N, L)`` of the latent's N image ``queries`` against the joint keys
+    ``[text | image]``, served in chunks of query rows (``call.query_rows``; :data:`CROSS_VIEW_CHUNK_BYTES`) to
+    ``survey_logits``, ``edit_logits`` and ``read_probs`` (the softmax of the edited logits), each chunk done before
+    the next is made. Returns the edited text ``(keys, values)``; the latent's image output rows ``(B, N, heads*d)``
+    (that softmax times ``[text | image]`` values), or None when a self-attention ``owner`` takes the call; and for
+    the owner the text bias of the edits (:func:`_text_bias`) over its ``image_rows`` queries, else None."""
     text_keys, text_values = k[:, :text], v[:, :text]
     for processor in crossing:
         if processor.overrides("edit_key_values"):
             text_keys, text_values = processor.edit_key_values(text_keys, text_values, call)
-    logits = attention_logits(queries, torch.cat([text_keys, k[:, text:]], dim=1), call.heads)
-    plain = logits
-    for processor in crossing:
-        if processor.overrides("edit_logits"):
-            logits = processor.edit_logits(logits, call)
+    keys = torch.cat([text_keys, k[:, text:]], dim=1)
+    editors = [p for p in crossing if p.overrides("edit_logits")]
     readers = [p for p in crossing if p.overrides("read_probs")]
-    if readers:
-        probs = logits.softmax(dim=-1)
+    rows = max(1, CROSS_VIEW_CHUNK_BYTES // (queries.shape[0] * call.heads * keys.shape[1] * 4))
+    chunks = [slice(start, min(start + rows, queries.shape[1])) for start in range(0, queries.shape[1], rows)]
+    if len(chunks) > 1:
+        _survey(queries, keys, call, editors, chunks)
+    values = None if owner else split_heads(torch.cat([text_values, v[:, text:]], dim=1), call.heads)
+    outputs, biases = [], []
+    for chunk in chunks:
+        call.query_rows = chunk if len(chunks) > 1 else None
+        plain = attention_logits(queries[:, chunk], keys, call.heads)
+        logits = plain
+        for processor in editors:  # processors return edited logits and leave their argument as it is
+            logits = processor.edit_logits(logits, call)
+        if owner:
+            biases.append(_text_bias(logits, plain, text, owner, editors))
+        probs = logits.softmax(dim=-1) if readers or not owner else None
+        del plain, logits  # freed before the next chunk's are made
         for processor in readers:
             processor.read_probs(probs, call)
-    return (text_keys, text_values), logits, (plain if keep_plain else None)
+        if not owner:
+            outputs.append(merge_heads(probs.to(values.dtype) @ values))
+        del probs
+    call.query_rows, call.surveys = None, {}
+    if not owner:
+        return (text_keys, text_values), torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], None
+    bias = torch.cat(biases, dim=2) if len(biases) > 1 else biases[0]
+    if image_rows > bias.shape[2]:  # zero for image rows after the latent's (Flux Kontext's references)
+        bias = torch.nn.functional.pad(bias, (0, 0, 0, image_rows - bias.shape[2]))
+    return (text_keys, text_values), None, bias
 
 
-def _text_bias(logits, plain, text: int, image_rows: int, owner, crossing):
-    """What the cross view's edits added to the ``plain`` logits, as a bias ``(B, heads, image rows, text)`` on the
-    text columns of a self-attention owner's softmax (zero for image rows after the latent's); edits of image
-    columns cannot move into another softmax over other image keys."""
+def _survey(queries, keys, call: AttentionCall, editors, chunks) -> None:
+    """``call.surveys`` of the ``editors`` that survey the logits before editing them: one pass over the ``chunks``
+    per such editor, its logits edited by the editors before it (whose surveys are then known)."""
+    for position, editor in enumerate(editors):
+        if not editor.overrides("survey_logits"):
+            continue
+        pieces = []
+        for chunk in chunks:
+            call.query_rows = chunk
+            logits = attention_logits(queries[:, chunk], keys, call.heads)
+            for earlier in editors[:position]:
+                logits = earlier.edit_logits(logits, call)
+            survey = editor.survey_logits(logits, call)
+            if survey is None:  # nothing to survey in this call
+                break
+            pieces.append(survey)
+        if pieces:
+            call.surveys[editor.name] = torch.cat(pieces, dim=1)
+
+
+def _text_bias(logits, plain, text: int, owner, editors):
+    """What the cross view's edits added to the ``plain`` logits of some query rows, as a bias ``(B, heads, rows,
+    text)`` on the text columns of a self-attention owner's softmax; edits of image columns cannot move into
+    another softmax over other image keys."""
     if not torch.equal(logits[..., text:], plain[..., text:]):
-        editor = next(p for p in crossing if p.overrides("edit_logits"))
         raise AttentionConflictError(
-            f"{editor.node_name} edits the image-key logits of a joint attention that {owner.node_name} replaces; "
+            f"{editors[0].node_name} edits the image-key logits of a joint attention that {owner.node_name} replaces; "
             "apply only one of them to these blocks.")
-    bias = logits[..., :text] - plain[..., :text]
-    return torch.nn.functional.pad(bias, (0, 0, 0, image_rows - bias.shape[2])) if image_rows > bias.shape[2] else bias
+    return logits[..., :text] - plain[..., :text]

@@ -311,20 +311,21 @@ def test_strength_zero_is_unpatched_sampling_and_strength_changes_it(family):
 
 
 def test_the_edit_is_the_cond_rows_only(family, monkeypatch):
-    """At CFG > 1 the uncond pass is left alone: its rows leave the dispatcher as the plain joint softmax."""
+    """At CFG > 1 the uncond pass is left alone: the logits of its rows go to the softmax as the cross view made
+    them."""
     if family.name == "flux":
         pytest.skip("Flux dev samples at CFG 1 (distilled guidance): no uncond pass")
-    joint = pack_module("attention.joint")
+    calibration_class = pack_module("attention.disendiff").CalibratedCrossAttention
     edited_rows = []
-    original = joint._cross_view
+    original = calibration_class.edit_logits
 
-    def recording(queries, k, v, text, call, crossing, keep_plain):
-        context, logits, plain = original(queries, k, v, text, call, crossing, True)
+    def recording(self, logits, call):
+        edited = original(self, logits, call)
         per_chunk = logits.shape[0] // len(call.cond_or_uncond)
         edited_rows.append(tuple(call.cond_or_uncond[row // per_chunk] for row in range(logits.shape[0])
-                                 if not torch.equal(logits[row], plain[row])))
-        return context, logits, plain if keep_plain else None
-    monkeypatch.setattr(joint, "_cross_view", recording)
+                                 if not torch.equal(edited[row], logits[row])))
+        return edited
+    monkeypatch.setattr(calibration_class, "edit_logits", recording)
     family.sample(family.calibrated())
     assert edited_rows and all(rows == (0, 0) for rows in edited_rows)
 
