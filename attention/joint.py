@@ -18,7 +18,13 @@ use, and hands each the view of the call it knows from the U-Net:
   latent's token grid, so a processor written for a U-Net attn2 (whose logits are its text keys, the same
   ``call.text_keys`` and ``call.query_grid``) runs here unchanged; what changes is only that its softmax also
   covers the image keys, which is what the DiT attends with. The image output is that softmax times
-  ``[text values | image values]``. Text queries, image tokens after the latent's (Flux Kontext's
+  ``[text values | image values]``. Those logits are made in chunks of query rows, each chunk edited, read
+  and turned into its output rows before the next is made (``call.query_rows`` names a chunk's rows;
+  :data:`CROSS_VIEW_CHUNK_BYTES`): all of them are 1.8 GB per sample at Flux's 1024 px, and a call held up to
+  three such tensors; in chunks one call's transient peak there fell from 5.5 GB to 0.5 GB (batch 1,
+  bench/cross_view_memory.py). Readers join their per-row reductions (``call.gather_rows``); an editor that
+  needs every row before editing any (DisenDiff's class maps) surveys all chunks first (``survey_logits``),
+  which costs one more pass of logits. Text queries, image tokens after the latent's (Flux Kontext's
   references) and image-only calls (no text keys) are computed as without the pack. Edits of the logits
   of the image keys are allowed only when no self-attention owner takes the call (below).
   ``parallel_output`` processors (RealCustom's image branch) get the latent's image queries ``(B, N, heads * d)``
@@ -28,10 +34,10 @@ use, and hands each the view of the call it knows from the U-Net:
   ``extra_key_values`` is not served on joint attention yet.
 - Both in one call (StyleAligned and DisenDiff's calibration on the same block): the cross view runs on
   the plain joint keys, and what its edits added to the text-key logits reaches the self-attention owner as
-  ``call.context_bias`` ``(B, heads, N, T)``, which it adds to its queries' logits of ``call.context`` (its
-  softmax also holds the reference's image keys, which the cross view's maps do not see). The order of the
-  nodes does not matter. An edit of image-key logits cannot move into the owner's softmax, whose image keys
-  differ, and raises :class:`~.dispatcher.AttentionConflictError`.
+  ``call.context_bias`` ``(B, heads, N, T)`` (joined from the chunks), which it adds to its queries' logits
+  of ``call.context`` (its softmax also holds the reference's image keys, which the cross view's maps do not
+  see). The order of the nodes does not matter. An edit of image-key logits cannot move into the owner's
+  softmax, whose image keys differ, and raises :class:`~.dispatcher.AttentionConflictError`.
 
 What the dispatcher knows of each call, and from where:
 
@@ -254,10 +260,11 @@ def _add_parallel_outputs(image_out, queries, call: AttentionCall, adding):
 
 #: bytes of the float32 logits of one row chunk of the cross view. Its logits of all the latent's image queries
 #: are (B, heads, N, L): at Flux's 1024 px (24 heads, 4096 image + 512 text keys) 1.8 GB per sample, and a call
-#: holds up to three tensors of that size at once (logits, edited logits, probabilities). Chunks of queries whose
-#: logits stay under this budget keep a call's transient memory under a few times it at any resolution, and still
-#: hold hundreds of query rows at that size, so the matrix products stay large.
-CROSS_VIEW_CHUNK_BYTES = 128 * 2 ** 20
+#: holds up to three tensors of that size at once (logits, edited logits, probabilities). Chunks whose logits
+#: stay under this budget hold a call's logit-sized transients to a few times it at any resolution and batch,
+#: next to the ~0.3 GB of joint q/k/v copies such a call makes anyway (bench/cross_view_memory.py: 128 MiB
+#: left a 0.7 GB peak); a chunk is still 150 query rows there, so its matrix products stay large.
+CROSS_VIEW_CHUNK_BYTES = 64 * 2 ** 20
 
 
 def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, owner, image_rows: int):
@@ -289,8 +296,9 @@ def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, owner, 
             logits = processor.edit_logits(logits, call)
         if owner:
             biases.append(_text_bias(logits, plain, text, owner, editors))
+        del plain  # freed before the softmax is made (unless no processor edited it)
         probs = logits.softmax(dim=-1) if readers or not owner else None
-        del plain, logits  # freed before the next chunk's are made
+        del logits
         for processor in readers:
             processor.read_probs(probs, call)
         if not owner:

@@ -7,9 +7,9 @@ Two cross-attention processors and the per-run state they share:
   columns read are the text context's (``call.text_keys``): all keys of a U-Net's attn2, the text keys of a
   DiT's joint attention, whose probabilities are those of its one softmax over text and image keys.
   Only these ``(B, 1, h, w)`` layer maps are kept (h·w numbers per image and layer), never a layer's
-  full probabilities; a DiT's cross view serves the probabilities in chunks of query rows, whose per-query scores
-  are joined into the layer's map after the last chunk. When the pass is over they are resized (bilinear) to the mask grid, the size of
-  the largest map (paper §3.3), and averaged: see :func:`mask_grid`.
+  full probabilities; a DiT's cross view serves the probabilities in chunks of query rows, whose per-query
+  scores are joined into the layer's map after the last chunk. When the pass is over the maps are resized
+  (bilinear) to the mask grid, the size of the largest map (paper §3.3), and averaged: see :func:`mask_grid`.
 - :class:`MaskedImageBranch` adds the visual cross-attention, the released code's
   ``AttnProcessor2_0_image_prompt``: ``softmax(Q K_iᵀ/√d) V_i`` with the layer's own query and new
   bias-free projections ``K_i = to_k_vision(tokens)``, ``V_i = to_v_vision(tokens)``, multiplied by
