@@ -20,9 +20,9 @@ use, and hands each the view of the call it knows from the U-Net:
   covers the image keys, which is what the DiT attends with. The image output is that softmax times
   ``[text values | image values]``. Those logits are made in chunks of query rows, each chunk edited, read
   and turned into its output rows before the next is made (``call.query_rows`` names a chunk's rows;
-  :data:`CROSS_VIEW_CHUNK_BYTES`): all of them are 1.8 GB per sample at Flux's 1024 px, and a call held up to
-  three such tensors; in chunks one call's transient peak there fell from 5.5 GB to 0.5 GB (batch 1,
-  bench/cross_view_memory.py). Readers join their per-row reductions (``call.gather_rows``); an editor that
+  :data:`CROSS_VIEW_CHUNK_BYTES`): all of them are 1.7 GiB per sample at Flux's 1024 px, and a call held up
+  to three such tensors; in chunks one call's transient peak there fell from 3.6-5.2 GiB to under 0.5 GiB
+  (batch 1, bench/cross_view_memory.py). Readers join their per-row reductions (``call.gather_rows``); an editor that
   needs every row before editing any (DisenDiff's class maps) surveys all chunks first (``survey_logits``),
   which costs one more pass of logits. Text queries, image tokens after the latent's (Flux Kontext's
   references) and image-only calls (no text keys) are computed as without the pack. Edits of the logits
@@ -259,11 +259,11 @@ def _add_parallel_outputs(image_out, queries, call: AttentionCall, adding):
 
 
 #: bytes of the float32 logits of one row chunk of the cross view. Its logits of all the latent's image queries
-#: are (B, heads, N, L): at Flux's 1024 px (24 heads, 4096 image + 512 text keys) 1.8 GB per sample, and a call
+#: are (B, heads, N, L): at Flux's 1024 px (24 heads, 4096 image + 512 text keys) 1.7 GiB per sample, and a call
 #: holds up to three tensors of that size at once (logits, edited logits, probabilities). Chunks whose logits
 #: stay under this budget hold a call's logit-sized transients to a few times it at any resolution and batch,
-#: next to the ~0.3 GB of joint q/k/v copies such a call makes anyway (bench/cross_view_memory.py: 128 MiB
-#: left a 0.7 GB peak); a chunk is still 150 query rows there, so its matrix products stay large.
+#: next to the ~0.3 GiB of joint q/k/v copies such a call makes anyway (bench/cross_view_memory.py); a chunk is
+#: still 150 query rows there, so its matrix products stay large.
 CROSS_VIEW_CHUNK_BYTES = 64 * 2 ** 20
 
 

@@ -15,9 +15,9 @@ on a GPU) and its time:
 - calibration + StyleAligned: the calibration's edits handed to SharedAttentionBatch's softmax as a text
   bias (the owner's own attention counts too).
 
-Each set runs with the chunk budget as shipped and with one chunk holding every row (what the view cost
-before it was chunked, up to the copies the old code made besides). Run on a checkout without
-``CROSS_VIEW_CHUNK_BYTES`` it measures that code as it is.
+Each set runs with the chunk budget as shipped and with one chunk holding every row, which costs what the
+unchunked view did with an editor alone (the code before the chunks also made the softmax twice when a reader
+took part). Copied into a checkout without ``CROSS_VIEW_CHUNK_BYTES`` it measures that code as it is (both rows).
 
 Usage: .venv/bin/python bench/cross_view_memory.py [--device cpu|cuda] [--threads N]
 """
