@@ -114,7 +114,8 @@ class CalibratedCrossAttention(AttentionProcessor):
 
     On a DiT the logits are the cross view of the joint attention (``attention.joint``): the latent's image
     queries against ``[text | image]`` keys with one softmax, so the maps are the probabilities on the
-    words' text columns within it, and only text columns are edited.
+    words' text columns within it, and only text columns are edited. The cross view serves the logits in chunks
+    of query rows; the class maps of the whole grid are then made from :meth:`survey_logits` of every chunk.
     ``strength`` 0 makes the processor inactive, so sampling is exactly the plain one.
     """
 
@@ -145,35 +146,57 @@ class CalibratedCrossAttention(AttentionProcessor):
                              f"tokens among {text_keys} keys; give the node the prompt of the positive conditioning.")
         return text_tokens // self.prompt_length
 
-    def edit_logits(self, logits, call):
-        cond_rows = cond_row_indices(call.cond_or_uncond, logits.shape[0])
-        if not cond_rows:
-            return logits
+    def concept_columns(self, call):
+        """(modifier columns, class word columns) per concept, the columns whose probabilities make the class maps,
+        and the columns edited, of the call's logits."""
         repeats = self.text_repeats(call)
         first = call.text_keys.start
         keys = [([first + p for p in repeated_positions(c.modifier, self.prompt_length, repeats)],
                  [first + p for p in repeated_positions(c.word, self.prompt_length, repeats)]) for c in self.concepts]
-        heads, queries = logits.shape[1:3]
+        read = sorted({k for _modifier, word in keys for k in word})
+        written = sorted({k for modifier, word in keys for k in modifier + word})
+        return keys, read, written
+
+    def survey_logits(self, logits, call):
+        """``(cond rows, query rows, read columns)``: the head mean of the softmax of the cond rows' logits on the
+        class words' columns, from which the class maps of the whole query grid are made; None without cond rows."""
+        cond_rows = cond_row_indices(call.cond_or_uncond, logits.shape[0])
+        if not cond_rows:
+            return None
+        _keys, read, _written = self.concept_columns(call)
+        heads = logits.shape[1]
+        rows = torch.tensor(cond_rows, device=logits.device)
+        # Only the class words' columns are kept: a DiT's joint logits hold thousands of image keys, so the softmax
+        # goes one head at a time.
+        return sum(logits[rows, head].softmax(-1)[..., read] for head in range(heads)) / heads
+
+    def edit_logits(self, logits, call):
+        cond_rows = cond_row_indices(call.cond_or_uncond, logits.shape[0])
+        if not cond_rows:
+            return logits
+        keys, read, written = self.concept_columns(call)
+        # the class maps need every query row: surveyed by the dispatcher when it serves the rows in chunks
+        word_probs = call.surveys.get(self.name)
+        if word_probs is None:
+            word_probs = self.survey_logits(logits, call)
+        queries = word_probs.shape[1]
         height, width = call.query_grid
         if height * width != queries:
             raise ValueError(f"{self.node_name}: cannot lay {queries} queries out on the layer's {height}x{width} grid")
-        # Only the concepts' columns are read and edited: a DiT's joint logits hold thousands of image keys, so
-        # the softmax goes one head at a time and nothing else of the logits' size is made but the edited copy.
-        read = sorted({k for _modifier, word in keys for k in word})
-        written = sorted({k for modifier, word in keys for k in modifier + word})
-        rows = torch.tensor(cond_rows, device=logits.device)
-        word_probs = sum(logits[rows, head].softmax(-1)[..., read] for head in range(heads)) / heads  # (b, Nq, read)
+        query_rows = slice(None) if call.query_rows is None else call.query_rows
         class_maps = [process_maps(word_probs[..., [read.index(k) for k in word]].mean(-1).view(-1, height, width),
-                                   suppress=True).flatten(1) for _modifier, word in keys]
-        edit = word_probs.new_zeros(len(cond_rows), queries, len(written))
+                                   suppress=True).flatten(1)[:, query_rows] for _modifier, word in keys]
+        edit = word_probs.new_zeros(len(cond_rows), logits.shape[2], len(written))
         for i, (modifier, word) in enumerate(keys):
             edit[..., [written.index(k) for k in modifier]] += (self.strength * (2 * class_maps[i] - 1))[..., None]
             for j, other in enumerate(class_maps):
                 if j != i:
                     penalty = (self.strength * (other - class_maps[i]).clamp_min(0))[..., None]
                     edit[..., [written.index(k) for k in modifier + word]] -= penalty
+        # Nothing else of the logits' size is made but the edited copy.
         edited = logits.clone()
         columns = torch.tensor(written, device=logits.device)
+        heads = logits.shape[1]
         for row, row_edit in zip(cond_rows, edit):
             edited[row].index_add_(-1, columns, row_edit.to(edited.dtype).expand(heads, -1, -1))
         return edited

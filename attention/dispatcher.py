@@ -26,14 +26,28 @@ Processor interface (override what a technique needs; the rest are no-ops):
     Edits of the ``(B, heads, Nq, Nk)`` logits before the softmax (DisenDiff calibration), returned as a new
     tensor; the argument stays as it is. The text
     context's tokens are the key columns ``call.text_keys``; the queries lie on ``call.query_grid``.
+``survey_logits(logits, call) -> Tensor | None``   (attn2, with ``edit_logits``)
+    What ``edit_logits`` must know of EVERY query row before it edits any (DisenDiff's class maps are
+    normalised and smoothed over the whole query grid), as ``(B', rows, ...)``: one entry per query row of
+    the given logits, or None when this call needs nothing (then it is not asked for the other rows).
 ``read_probs(probs, call) -> None``   (attn2)
     Reads the attention probabilities (RealCustom word mask, previews). Must keep only reduced
     maps, never the full tensor.
 
+Query rows: a dispatcher may serve ``edit_logits`` and ``read_probs`` the logits/probabilities of a chunk of
+the query rows at a time, in order: ``call.query_rows`` (a slice of the ``Nq`` queries on ``call.query_grid``)
+names them, None when all rows come at once. The U-Net dispatcher serves all rows at once; the DiT cross view
+serves chunks (:mod:`.joint`: its logits are several GB at 1024 px). A reader that needs the whole grid keeps
+a per-row reduction and joins the chunks with :meth:`AttentionCall.gather_rows`. An editor that needs the
+whole grid implements ``survey_logits``: a dispatcher serving chunks first passes over all chunks for it
+(each with the edits of the processors before it) and then serves ``edit_logits`` the joined rows as
+``call.surveys[processor.name]``; with all rows at once there is no entry and ``edit_logits`` surveys its own
+argument.
+
 On a DiT the cross-attention hooks get the *cross view* of the joint attention (see :mod:`.joint`):
 the image-token queries against the joint keys ``[text | image]``, one softmax over all of them, the
-text columns named by ``call.text_keys``; a processor that reads and edits columns ``call.text_keys``
-and lays queries out on ``call.query_grid`` runs on every family unchanged.
+text columns named by ``call.text_keys``; a processor that reads and edits columns ``call.text_keys``,
+lays queries out on ``call.query_grid`` and honours ``call.query_rows`` runs on every family unchanged.
 ``parallel_output(q, call) -> Tensor | None``   (attn2)
     An output added to the attention output, already gated (RealCustom image branch).
 
@@ -112,6 +126,9 @@ class AttentionProcessor:
 
     def edit_logits(self, logits, call: "AttentionCall"):
         return logits
+
+    def survey_logits(self, logits, call: "AttentionCall"):
+        return None
 
     def read_probs(self, probs, call: "AttentionCall") -> None:
         return None
@@ -209,6 +226,11 @@ class AttentionCall:
         #: key columns of the text context's tokens in the logits/probabilities a cross-attention processor
         #: gets (U-Net: all text keys, before any extra keys; DiT: the conditioning's tokens of the joint keys)
         self.text_keys: Optional[slice] = None
+        #: the query rows (of the ``Nq`` on ``query_grid``) whose logits/probabilities a cross-attention processor
+        #: gets in this hook call, when the dispatcher serves them in chunks (a DiT's cross view); None: all rows
+        self.query_rows: Optional[slice] = None
+        #: ``survey_logits`` of every query row, joined, by processor name (only while chunks are served)
+        self.surveys: dict[str, torch.Tensor] = {}
         #: (rows, columns) of the query tokens when the dispatcher knows them (DiT), else read from ComfyUI
         self._query_grid = query_grid
         #: the layer's input before ``to_q`` when the dispatcher has it (DiT), else read from ComfyUI's stash
@@ -216,6 +238,7 @@ class AttentionCall:
         #: ``(B, N, heads * d) -> same``: what the family does to its image queries after projecting and
         #: normalising them (Flux: rotary position embedding); None: nothing
         self._image_query_placement: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self._gathering: dict = {}
         self._attention = attention
         self._attn_precision = attn_precision
         self._sigma: Optional[float] = None
@@ -243,6 +266,20 @@ class AttentionCall:
             return self._query_grid
         height, width = self.options["activations_shape"][-2:]
         return int(height), int(width)
+
+    def gather_rows(self, key, rows: torch.Tensor) -> Optional[torch.Tensor]:
+        """For a processor that reduces each query row it gets (``call.query_rows``) to ``rows`` ``(B', len(query_rows),
+        ...)``: the rows of all chunks of this call joined in order ``(B', Nq, ...)`` once the chunk holding the last
+        query has come, else None (nothing to finish yet). ``key`` names the reduction (one per processor and
+        purpose). With all rows at once it is ``rows`` itself."""
+        if self.query_rows is None:
+            return rows
+        pieces = self._gathering.setdefault(key, [])
+        pieces.append(rows)
+        if self.query_rows.stop < self.query_grid[0] * self.query_grid[1]:
+            return None
+        del self._gathering[key]
+        return torch.cat(pieces, dim=1)
 
     @property
     def hidden_states(self) -> torch.Tensor:

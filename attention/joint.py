@@ -18,7 +18,13 @@ use, and hands each the view of the call it knows from the U-Net:
   latent's token grid, so a processor written for a U-Net attn2 (whose logits are its text keys, the same
   ``call.text_keys`` and ``call.query_grid``) runs here unchanged; what changes is only that its softmax also
   covers the image keys, which is what the DiT attends with. The image output is that softmax times
-  ``[text values | image values]``. Text queries, image tokens after the latent's (Flux Kontext's
+  ``[text values | image values]``. Those logits are made in chunks of query rows, each chunk edited, read
+  and turned into its output rows before the next is made (``call.query_rows`` names a chunk's rows;
+  :data:`CROSS_VIEW_CHUNK_BYTES`): all of them are 1.7 GiB per sample at Flux's 1024 px, and a call held up
+  to three such tensors; in chunks one call's transient peak there fell from 3.6-5.2 GiB to under 0.5 GiB
+  (batch 1, bench/cross_view_memory.py). Readers join their per-row reductions (``call.gather_rows``); an editor that
+  needs every row before editing any (DisenDiff's class maps) surveys all chunks first (``survey_logits``),
+  which costs one more pass of logits. Text queries, image tokens after the latent's (Flux Kontext's
   references) and image-only calls (no text keys) are computed as without the pack. Edits of the logits
   of the image keys are allowed only when no self-attention owner takes the call (below).
   ``parallel_output`` processors (RealCustom's image branch) get the latent's image queries ``(B, N, heads * d)``
@@ -35,10 +41,10 @@ use, and hands each the view of the call it knows from the U-Net:
   the model call by hooks the node glue installs (:class:`QueryInputs`).
 - Both in one call (StyleAligned and DisenDiff's calibration on the same block): the cross view runs on
   the plain joint keys, and what its edits added to the text-key logits reaches the self-attention owner as
-  ``call.context_bias`` ``(B, heads, N, T)``, which it adds to its queries' logits of ``call.context`` (its
-  softmax also holds the reference's image keys, which the cross view's maps do not see). The order of the
-  nodes does not matter. An edit of image-key logits cannot move into the owner's softmax, whose image keys
-  differ, and raises :class:`~.dispatcher.AttentionConflictError`.
+  ``call.context_bias`` ``(B, heads, N, T)`` (joined from the chunks), which it adds to its queries' logits
+  of ``call.context`` (its softmax also holds the reference's image keys, which the cross view's maps do not
+  see). The order of the nodes does not matter. An edit of image-key logits cannot move into the owner's
+  softmax, whose image keys differ, and raises :class:`~.dispatcher.AttentionConflictError`.
 
 What the dispatcher knows of each call, and from where:
 
@@ -183,20 +189,18 @@ class JointAttentionDispatcher:
         if any(p.needs_hidden_states for p in crossing):
             _serve_query_inputs(call, options, text, grid)
         extras = _extra_keys(q[:, text:text + grid], call, crossing)
-        logits = None
+        latent_out = None
         if viewing:
-            context, logits, plain = _cross_view(q[:, text:text + grid], k, v, text, call, viewing, bool(owners),
-                                                 extras)
+            context, latent_out, call.context_bias = _cross_view(q[:, text:text + grid], k, v, text, call, viewing,
+                                                                 owners[0] if owners else None, q.shape[1] - text,
+                                                                 extras)
         if owners:
             call.context = context
-            if logits is not None:
-                call.context_bias = _text_bias(logits, plain, text, q.shape[1] - text, owners[0], viewing)
             if extras:
                 _join_owner_context(call, q[:, text:text + grid], q.shape[1] - text, extras)
             image_out = owners[0].self_attention(q[:, text:], k[:, text:], v[:, text:], call)
-        elif logits is not None:
-            values = torch.cat([context[1], v[:, text:], *(extra.values.to(v.dtype) for extra in extras)], dim=1)
-            image_out = merge_heads(logits.softmax(dim=-1).to(values.dtype) @ split_heads(values, heads))
+        elif latent_out is not None:
+            image_out = latent_out
             if q.shape[1] > text + grid:  # image tokens after the latent's (Flux Kontext's references): plain
                 image_out = torch.cat([image_out, call.attention(q[:, text + grid:], k, v)], dim=1)
         elif extras:
@@ -231,7 +235,7 @@ class JointAttentionDispatcher:
         heads_first = bool(kwargs.get("skip_output_reshape"))
         merged = merge_heads(out) if heads_first else out
         if readers:
-            _cross_view(q[:, text:text + grid], k, v, text, call, readers, False)
+            _cross_view(q[:, text:text + grid], k, v, text, call, readers, None, q.shape[1] - text, output=False)
         if adding:
             image_out = _add_parallel_outputs(merged[:, text:], q[:, text:text + grid], call, adding)
             merged = torch.cat([merged[:, :text], image_out.to(merged.dtype)], dim=1)
@@ -314,29 +318,68 @@ def _add_parallel_outputs(image_out, queries, call: AttentionCall, adding):
     return torch.cat([latent_out, image_out[:, grid:]], dim=1) if image_out.shape[1] > grid else latent_out
 
 
-def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, keep_plain: bool, extras=()):
-    """The cross view of a joint call for the processors ``crossing``: the text keys/values after their
-    ``edit_key_values``, the logits ``(B, heads, N, L)`` (float32) of the latent's image queries against the
-    joint keys ``[text | image]`` and the ``extras`` keys after their ``edit_logits``, their ``read_probs``
-    served with the softmax of those logits, and (``keep_plain``) the logits before the edits (processors return
-    edited logits and leave their argument as it is, so no copy is needed)."""
+#: bytes of the float32 logits of one row chunk of the cross view. Its logits of all the latent's image queries
+#: are (B, heads, N, L): at Flux's 1024 px (24 heads, 4096 image + 512 text keys) 1.7 GiB per sample, and a call
+#: holds up to three tensors of that size at once (logits, edited logits, probabilities). Chunks whose logits
+#: stay under this budget hold a call's logit-sized transients to a few times it at any resolution and batch,
+#: next to the ~0.3 GiB of joint q/k/v copies such a call makes anyway (bench/cross_view_memory.py); a chunk is
+#: still 150 query rows there, so its matrix products stay large.
+CROSS_VIEW_CHUNK_BYTES = 64 * 2 ** 20
+
+
+def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, owner, image_rows: int, extras=(),
+                output: bool = True):
+    """The cross view of a joint call for the processors ``crossing``: ``edit_key_values`` on the text keys/values,
+    then the float32 logits ``(B, heads, N, L)`` of the latent's N image ``queries`` against the joint keys
+    ``[text | image]`` and the ``extras`` keys (their own logits, after the joint keys' columns), served in chunks
+    of query rows (``call.query_rows``; :data:`CROSS_VIEW_CHUNK_BYTES`) to ``survey_logits``, ``edit_logits`` and
+    ``read_probs`` (the softmax of the edited logits), each chunk done before the next is made. Returns the edited
+    text ``(keys, values)``; the latent's image output rows ``(B, N, heads*d)`` (that softmax times
+    ``[text | image | extras]`` values), or None when a self-attention ``owner`` takes the call or no ``output`` is
+    wanted (the reads only); and for the owner the text bias of the edits (:func:`_text_bias`) over its
+    ``image_rows`` queries, else None."""
     text_keys, text_values = k[:, :text], v[:, :text]
     for processor in crossing:
         if processor.overrides("edit_key_values"):
             text_keys, text_values = processor.edit_key_values(text_keys, text_values, call)
-    logits = attention_logits(queries, torch.cat([text_keys, k[:, text:]], dim=1), call.heads)
-    if extras:
-        logits = torch.cat([logits, *(joint_logits(queries, extra, call.heads) for extra in extras)], dim=-1)
-    plain = logits
-    for processor in crossing:
-        if processor.overrides("edit_logits"):
-            logits = processor.edit_logits(logits, call)
+    keys = torch.cat([text_keys, k[:, text:]], dim=1)
+    extra_logits = torch.cat([joint_logits(queries, extra, call.heads) for extra in extras], dim=-1) if extras else None
+    editors = [p for p in crossing if p.overrides("edit_logits")]
     readers = [p for p in crossing if p.overrides("read_probs")]
-    if readers:
-        probs = logits.softmax(dim=-1)
+    columns = keys.shape[1] + (0 if extra_logits is None else extra_logits.shape[-1])
+    rows = max(1, CROSS_VIEW_CHUNK_BYTES // (queries.shape[0] * call.heads * columns * 4))
+    chunks = [slice(start, min(start + rows, queries.shape[1])) for start in range(0, queries.shape[1], rows)]
+    if len(chunks) > 1:
+        _survey(queries, keys, extra_logits, call, editors, chunks)
+    output = output and owner is None
+    values = None if not output else split_heads(torch.cat([text_values, v[:, text:], *(extra.values.to(v.dtype)
+                                                                                   for extra in extras)], dim=1),
+                                            call.heads)
+    outputs, biases = [], []
+    for chunk in chunks:
+        call.query_rows = chunk if len(chunks) > 1 else None
+        plain = _chunk_logits(queries, keys, extra_logits, chunk, call.heads)
+        logits = plain
+        for processor in editors:  # processors return edited logits and leave their argument as it is
+            logits = processor.edit_logits(logits, call)
+        if owner:
+            biases.append(_text_bias(logits, plain, text, owner, editors))
+        del plain  # freed before the softmax is made (unless no processor edited it)
+        probs = logits.softmax(dim=-1) if readers or output else None
+        del logits
         for processor in readers:
             processor.read_probs(probs, call)
-    return (text_keys, text_values), logits, (plain if keep_plain else None)
+        if output:
+            outputs.append(merge_heads(probs.to(values.dtype) @ values))
+        del probs
+    call.query_rows, call.surveys = None, {}
+    if not owner:
+        latent_out = (torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]) if output else None
+        return (text_keys, text_values), latent_out, None
+    bias = torch.cat(biases, dim=2) if len(biases) > 1 else biases[0]
+    if image_rows > bias.shape[2]:  # zero for image rows after the latent's (Flux Kontext's references)
+        bias = torch.nn.functional.pad(bias, (0, 0, 0, image_rows - bias.shape[2]))
+    return (text_keys, text_values), None, bias
 
 
 def _serve_query_inputs(call: AttentionCall, options: dict, text: int, grid: int) -> None:
@@ -379,14 +422,38 @@ def _join_owner_context(call: AttentionCall, queries, image_rows: int, extras: l
     call.context_bias = torch.cat([text_bias.to(bias.dtype), bias], dim=-1)
 
 
-def _text_bias(logits, plain, text: int, image_rows: int, owner, crossing):
-    """What the cross view's edits added to the ``plain`` logits, as a bias ``(B, heads, image rows, text)`` on the
-    text columns of a self-attention owner's softmax (zero for image rows after the latent's); edits of image
-    columns cannot move into another softmax over other image keys."""
+def _chunk_logits(queries, keys, extra_logits, chunk: slice, heads: int):
+    """The cross view's float32 logits of the query rows ``chunk``: the joint keys', then the extra keys'."""
+    logits = attention_logits(queries[:, chunk], keys, heads)
+    return logits if extra_logits is None else torch.cat([logits, extra_logits[:, :, chunk]], dim=-1)
+
+
+def _survey(queries, keys, extra_logits, call: AttentionCall, editors, chunks) -> None:
+    """``call.surveys`` of the ``editors`` that survey the logits before editing them: one pass over the ``chunks``
+    per such editor, its logits edited by the editors before it (whose surveys are then known)."""
+    for position, editor in enumerate(editors):
+        if not editor.overrides("survey_logits"):
+            continue
+        pieces = []
+        for chunk in chunks:
+            call.query_rows = chunk
+            logits = _chunk_logits(queries, keys, extra_logits, chunk, call.heads)
+            for earlier in editors[:position]:
+                logits = earlier.edit_logits(logits, call)
+            survey = editor.survey_logits(logits, call)
+            if survey is None:  # nothing to survey in this call
+                break
+            pieces.append(survey)
+        if pieces:
+            call.surveys[editor.name] = torch.cat(pieces, dim=1)
+
+
+def _text_bias(logits, plain, text: int, owner, editors):
+    """What the cross view's edits added to the ``plain`` logits of some query rows, as a bias ``(B, heads, rows,
+    text)`` on the text columns of a self-attention owner's softmax; edits of image columns cannot move into
+    another softmax over other image keys."""
     if not torch.equal(logits[..., text:], plain[..., text:]):
-        editor = next(p for p in crossing if p.overrides("edit_logits"))
         raise AttentionConflictError(
-            f"{editor.node_name} edits the image-key logits of a joint attention that {owner.node_name} replaces; "
+            f"{editors[0].node_name} edits the image-key logits of a joint attention that {owner.node_name} replaces; "
             "apply only one of them to these blocks.")
-    bias = logits[..., :text] - plain[..., :text]
-    return torch.nn.functional.pad(bias, (0, 0, 0, image_rows - bias.shape[2])) if image_rows > bias.shape[2] else bias
+    return logits[..., :text] - plain[..., :text]

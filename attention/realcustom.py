@@ -7,8 +7,9 @@ Two cross-attention processors and the per-run state they share:
   columns read are the text context's (``call.text_keys``): all keys of a U-Net's attn2, the text keys of a
   DiT's joint attention, whose probabilities are those of its one softmax over text and image keys.
   Only these ``(B, 1, h, w)`` layer maps are kept (h·w numbers per image and layer), never a layer's
-  full probabilities. When the pass is over they are resized (bilinear) to the mask grid, the size of
-  the largest map (paper §3.3), and averaged: see :func:`mask_grid`.
+  full probabilities; a DiT's cross view serves the probabilities in chunks of query rows, whose per-query
+  scores are joined into the layer's map after the last chunk. When the pass is over the maps are resized
+  (bilinear) to the mask grid, the size of the largest map (paper §3.3), and averaged: see :func:`mask_grid`.
 - :class:`MaskedImageBranch` adds the visual cross-attention, the released code's
   ``AttnProcessor2_0_image_prompt``: ``softmax(Q K_iᵀ/√d) V_i`` with the layer's own query and new
   bias-free projections ``K_i = to_k_vision(tokens)``, ``V_i = to_v_vision(tokens)``, multiplied by
@@ -62,13 +63,20 @@ class MaskSettings:
             raise ValueError(f"mask scope must lie in (0, 1], got {self.scope}")
 
 
-def word_map(probs: torch.Tensor, indicator: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``(B, heads, h*w, T)`` probabilities → ``(B, 1, h, w)``: mean over heads, summed over the word's
-    tokens; ``indicator`` is ``(T,)`` for one prompt or ``(B, T)`` for a prompt (and word) per row."""
+def word_scores(probs: torch.Tensor, indicator: torch.Tensor) -> torch.Tensor:
+    """``(B, heads, N, T)`` probabilities → ``(B, N)``: mean over heads, summed over the word's tokens;
+    ``indicator`` is ``(T,)`` for one prompt or ``(B, T)`` for a prompt (and word) per row."""
     mean = probs.mean(dim=1)
     indicator = indicator.to(mean)
-    per_query = mean @ indicator if indicator.ndim == 1 else (mean @ indicator[..., None]).squeeze(-1)
-    return per_query.view(probs.shape[0], 1, height, width)
+    return mean @ indicator if indicator.ndim == 1 else (mean @ indicator[..., None]).squeeze(-1)
+
+
+def add_word_map(maps: "WordMapAccumulator", probs: torch.Tensor, indicator: torch.Tensor, call: AttentionCall) -> None:
+    """The word map of the text probabilities ``probs`` of the call's query rows (``call.query_rows``) into ``maps``,
+    once the chunk with the last row has come (see :meth:`AttentionCall.gather_rows`)."""
+    scores = call.gather_rows("realcustom_word_map", word_scores(probs, indicator))
+    if scores is not None:
+        maps.add(scores.view(scores.shape[0], 1, *call.query_grid))
 
 
 def mask_grid(map_sizes) -> tuple[int, int]:
@@ -278,8 +286,7 @@ class MaskGuidanceRun:
         if rows is None:
             return
         text = probs[rows][..., call.text_keys]
-        indicator = self.token_indicator(text.shape[-1]).to(probs.device)
-        self._pending.add(word_map(text, indicator, *call.query_grid))
+        add_word_map(self._pending, text, self.token_indicator(text.shape[-1]).to(probs.device), call)
 
 
 def cond_rows(cond_or_uncond, batch: int) -> slice | None:
@@ -373,7 +380,7 @@ class WordMapCapture:
         self._maps = WordMapAccumulator(settings)
 
     def capture(self, probs: torch.Tensor, call: AttentionCall) -> None:
-        self._maps.add(word_map(probs[..., call.text_keys], self.indicators.to(probs.device), *call.query_grid))
+        add_word_map(self._maps, probs[..., call.text_keys], self.indicators.to(probs.device), call)
 
     def mask(self) -> torch.Tensor:
         """``(B, H', W')`` masks of the captured pass."""

@@ -51,8 +51,9 @@ class MapRecorder(AttentionProcessor):
         rows = cond_row_indices(call.cond_or_uncond, probs.shape[0])
         if rows:
             selected = probs if len(rows) == probs.shape[0] else probs[rows]  # no copy when all rows are cond
-            maps = selected[..., call.text_keys].mean(1)  # (b, queries, T)
-            self.maps.append(maps.transpose(1, 2).reshape(*maps.shape[::2], *call.query_grid))
+            maps = call.gather_rows("token_maps", selected[..., call.text_keys].mean(1))  # (b, queries, T)
+            if maps is not None:  # the chunk with the last query row (see AttentionCall.gather_rows)
+                self.maps.append(maps.transpose(1, 2).reshape(*maps.shape[::2], *call.query_grid))
 
     def layer_mean(self) -> torch.Tensor:
         """``(b, T, h, w)``: the recorded maps averaged over the layer calls."""

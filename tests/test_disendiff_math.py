@@ -192,8 +192,10 @@ def test_map_recorder_keeps_head_mean_maps_of_cond_rows_with_their_graph():
     probs = torch.rand(4, 2, 6, 3, requires_grad=True)  # (batch, heads, 2x3 queries, tokens)
 
     def call(block, cond_or_uncond):
-        return SimpleNamespace(block=block, cond_or_uncond=cond_or_uncond, options={}, text_keys=slice(0, 3),
-                               query_grid=(2, 3))
+        made = AttentionCall({"cond_or_uncond": list(cond_or_uncond)}, None, batch=4, heads=2, dim_head=4, block=block,
+                             query_grid=(2, 3))
+        made.text_keys = slice(0, 3)
+        return made
     assert recorder.active(call(("input", 7, 0), ())) and not recorder.active(call(("input", 1, 0), ()))
     recorder.read_probs(probs, call(("input", 7, 0), ()))
     recorder.read_probs(probs * 3, call(("input", 7, 0), ()))
@@ -208,6 +210,24 @@ def test_map_recorder_keeps_head_mean_maps_of_cond_rows_with_their_graph():
     recorder.read_probs(probs.detach(), call(("input", 7, 0), (1, 1)))
     with pytest.raises(RuntimeError, match="no cross-attention maps"):
         recorder.layer_mean()
+
+
+def test_map_recorder_joins_the_query_rows_of_a_call_served_in_chunks():
+    """A DiT's cross view serves the probabilities a few query rows at a time (call.query_rows): the map is
+    recorded once, from the chunk with the last row, equal to the map of all rows at once."""
+    recorder = token_maps.MapRecorder(frozenset({("input", 7, 0)}))
+    probs = torch.rand(4, 2, 6, 3, generator=torch.Generator().manual_seed(2))
+    call = AttentionCall({"cond_or_uncond": [1, 0]}, None, batch=4, heads=2, dim_head=4, block=("input", 7, 0),
+                         query_grid=(2, 3))
+    call.text_keys = slice(0, 3)
+    recorder.read_probs(probs, call)
+    whole = recorder.layer_mean()
+    recorder.maps.clear()
+    for rows in (slice(0, 4), slice(4, 5), slice(5, 6)):
+        call.query_rows = rows
+        recorder.read_probs(probs[:, :, rows], call)
+        assert len(recorder.maps) == (1 if rows.stop == 6 else 0)
+    assert torch.equal(recorder.layer_mean(), whole)
 
 
 def test_sot_detach_stops_gradient_of_row_zero_only():

@@ -25,9 +25,9 @@ from personalization_nodes.attention.realcustom import (COND, RUN_KEY, ImageBran
                                                         MaskedImageBranch, MaskGuidanceRun, MaskSettings,
                                                         WordMapReader)
 from personalization_nodes.attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
-from test_calibrated_cross_attn_dit import (GRID, HEADS, IMAGE, PROMPT_LENGTH, comfy_style_attention, flat,
-                                            joint_options, qkv, slow_joint_attention, slow_softmax,
-                                            slow_style_aligned_with_edits)
+from test_calibrated_cross_attn_dit import (GRID, HEADS, IMAGE, PROMPT_LENGTH, ROWS_PER_CHUNK, comfy_style_attention,
+                                            flat, joint_options, qkv, serve_rows_in_chunks, slow_joint_attention,
+                                            slow_softmax, slow_style_aligned_with_edits)
 
 WORD = (2, 4)  # the word's tokens in the 6-token prompt
 REFERENCE_TOKENS, TOKEN_DIM = 5, 6
@@ -116,11 +116,14 @@ LAYOUTS = pytest.mark.parametrize("cond_or_uncond,repeats,registers", [((1, 0), 
 
 @LAYOUTS
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_word_map_is_read_on_the_text_columns_of_the_joint_softmax(family, cond_or_uncond, repeats, registers):
-    """The text-only pass: the reader takes the cond rows' probabilities; the output is the plain joint
-    attention (explicit softmax over all joint keys)."""
+@ROWS_PER_CHUNK
+def test_word_map_is_read_on_the_text_columns_of_the_joint_softmax(family, cond_or_uncond, repeats, registers,
+                                                                    rows_per_chunk, monkeypatch):
+    """The text-only pass: the reader takes the cond rows' probabilities, one map of the whole grid however many
+    query rows they come in; the output is the plain joint attention (explicit softmax over all joint keys)."""
     text = registers + PROMPT_LENGTH * repeats
     batch = 2 * len(cond_or_uncond)
+    serve_rows_in_chunks(monkeypatch, rows_per_chunk, batch, text + IMAGE)
     q, k, v = qkv(batch, text + IMAGE, seed=repeats + registers)
     run = guidance_run(image_tokens(), capturing=True, injecting=False)
     chain = ProcessorChain().with_processor(WordMapReader()).with_processor(MaskedImageBranch(branch_weights()))
@@ -175,10 +178,12 @@ def test_scoring_reads_the_flow_latent_in_vp_form_at_the_same_signal_to_noise_ra
                                rtol=1e-5, atol=1e-6)
 
 
-def test_map_read_and_branch_added_in_one_call():
+@ROWS_PER_CHUNK
+def test_map_read_and_branch_added_in_one_call(rows_per_chunk, monkeypatch):
     """"previous step": the guided pass both reads the map (of the joint softmax without the branch, which is
     an output added after it) and adds the branch; a block the adapter has no projections for is left alone."""
     text, chunks = PROMPT_LENGTH, (1, 0)
+    serve_rows_in_chunks(monkeypatch, rows_per_chunk, 4, text + IMAGE)
     q, k, v = qkv(4, text + IMAGE, seed=9)
     mask = torch.rand(2, *GRID, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     weights, tokens = branch_weights(), image_tokens()
@@ -326,6 +331,31 @@ def test_strength_zero_is_unpatched_sampling_and_the_branch_changes_it(family):
         preview_mask, preview = run_node("RealCustomMaskPreview", masks=masks, samples={"samples": on})
         assert preview_mask.shape == (2 * SAMPLING["steps"], 64, 64) and preview.shape == (2 * SAMPLING["steps"], 64, 64, 3)
     assert torch.equal(family.sample(family.model, cfg=cfg), base), "the input model must stay unpatched"
+
+
+def test_query_rows_served_one_at_a_time_sample_as_all_at_once(family, monkeypatch):
+    """The cross view serving its probabilities one query row at a time (chunk budget 1 byte) gives the masks and
+    samples of all rows at once, up to float rounding: each layer's word map is joined from its rows before it
+    counts, whichever pass reads it."""
+    def outputs(source):
+        patched, masks = family.guided(map_source=source)
+        return family.sample(patched), torch.stack(masks.steps)
+    sources = ("text-only pass", "previous step")
+    whole = [outputs(source) for source in sources]
+    reader_class = pack_module("attention.realcustom").WordMapReader
+    served_rows = []
+    original = reader_class.read_probs
+
+    def recording(self, probs, call):
+        served_rows.append(call.query_rows)
+        return original(self, probs, call)
+    monkeypatch.setattr(reader_class, "read_probs", recording)
+    monkeypatch.setattr(pack_module("attention.joint"), "CROSS_VIEW_CHUNK_BYTES", 1)
+    chunked = [outputs(source) for source in sources]
+    assert served_rows and all(rows.stop - rows.start == 1 for rows in served_rows)
+    for one_row, all_rows in zip(chunked, whole):  # measured: samples (magnitude 5 to 14) at most 5.3e-6 apart,
+        for a, b in zip(one_row, all_rows):      # masks (at most 1) 5.4e-7
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_map_sources_share_the_first_mask_and_the_frozen_mask_is_reused(family):

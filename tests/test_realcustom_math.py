@@ -21,7 +21,7 @@ from personalization_nodes.attention.realcustom import (
     cascaded_cond,
     keep_top,
     step_index,
-    word_map,
+    word_scores,
 )
 from personalization_nodes.attention.sdpa import sdpa_attention
 
@@ -63,6 +63,11 @@ def reference_mask(prob_list, indicator, size, strategy, scope, binary, selectio
     if binary:
         avg = avg.scatter(2, order[:, :, :keep], 1.0)
     return avg.view(avg.shape[0], *size)
+
+
+def word_map(probs, indicator, h, w):
+    """The ``(B, 1, h, w)`` map of a layer's probabilities on its query grid."""
+    return word_scores(probs, indicator).view(probs.shape[0], 1, h, w)
 
 
 def random_probs(batch, h, w, seed):
