@@ -439,3 +439,32 @@ def test_flux_fill_inpainting_with_its_inpainting_conditioning(comfy):
         loss = tune.step(loop.MicroStep(0, 0, loop.micro_step_generator(0, 0, 0)))
         assert torch.isfinite(loss) and loss.requires_grad
     dit.release("flux")
+
+
+def test_identity_keys_join_every_chunk_of_the_cross_view(monkeypatch):
+    """With CalibratedCrossAttn on the same block the cross view serves the logits, identity columns included, in
+    chunks of query rows: 1-row chunks give what one chunk of all rows gives; both edits take effect."""
+    from personalization_nodes.attention.disendiff import CONTEXT_TOKENS_KEY
+    from test_calibrated_cross_attn_dit import calibration
+    joint = pack_module("attention.joint")
+    gen = torch.Generator().manual_seed(3)
+    length = 6 + IMAGE  # the calibration's 6-token prompt
+    q, k, v = (2 * torch.randn(4, HEADS, length, DIM, generator=gen, dtype=torch.float64) for _ in range(3))
+    hidden = torch.randn(4, IMAGE, HIDDEN, generator=gen, dtype=torch.float64)
+    pva = ParallelVisualAttentionProcessor(torch.nn.ModuleDict({"double_0_0": projection()}),
+                                           torch.randn(1, IDENTITY_TOKENS, HIDDEN, generator=gen, dtype=torch.float64),
+                                           strength=STRENGTH)
+
+    def run(chain):
+        inputs = QueryInputs()
+        inputs.image_tokens, inputs.positions = hidden, rotations(4, length)
+        options = {CHAIN_KEY: chain, LAYOUT_KEY: JointLayout(6, GRID), QUERY_INPUTS_KEY: inputs, CONTEXT_TOKENS_KEY: 6,
+                   "cond_or_uncond": [1, 0], "block_type": "double", "block_index": 0}
+        return JointAttentionDispatcher()(comfy_style_attention, q, k, v, HEADS, skip_reshape=True,
+                                          transformer_options=options)
+    both = ProcessorChain().with_processor(calibration()).with_processor(pva)
+    whole = run(both)
+    monkeypatch.setattr(joint, "CROSS_VIEW_CHUNK_BYTES", 1)
+    torch.testing.assert_close(run(both), whole, rtol=1e-12, atol=1e-12)
+    assert relative_change(whole, run(ProcessorChain().with_processor(calibration()))) > 1e-3
+    assert relative_change(whole, run(ProcessorChain().with_processor(pva))) > 1e-3
