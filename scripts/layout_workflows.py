@@ -166,6 +166,23 @@ COLUMNS: dict[str, list[list[list[tuple[str, list[int]]]]]] = {
         [("Sample", [17, 18, 19]), ("Mask of every step", [21])],
         [("Images", [20, 22])],
     ]],
+    "17 PVA - Flux, identity-preserving face inpainting": [[
+        [("Models", [1, 2, 3, 4]), ("Photo to fix", [5])],
+        [("Reference faces", [6, 7, 8])],
+        [("PVA", [9]), ("Prompts", [10, 11, 12])],
+        [("Inpaint", [13, 14, 15])],
+        [("Images", [16])],
+    ]],
+    "18 Composition - Flux, four techniques, a LoRA and a ControlNet in one graph": [[
+        [("Models", [1, 2, 3]), ("Style LoRA", [4])],
+        [("Prompt (shared)", [5]), ("StyleAligned", [6])],
+        [("RealCustom subject", [7, 8, 9, 10])],
+        [("RealCustom guidance", [11]), ("DisenDiff Calibration", [12])],
+        [("PVA", [13, 14, 15])],
+        [("Prompts", [16, 17, 18]), ("Canny ControlNet", [19, 20])],
+        [("Apply ControlNet", [21]), ("Sample", [22, 23, 24]), ("Mask of every step", [26])],
+        [("Images", [25, 27])],
+    ]],
 }
 
 

@@ -31,6 +31,9 @@ EXPECTED_IMAGES = {
     "15 StyleAligned - SD3.5, the style of your own image": 3,
     # as 09: the image, what 'toy' covers on each training image, the word mask of every step
     "16 RealCustom - Flux, train an image branch, then sample": 1 + 2 + STEPS,
+    "17 PVA - Flux, identity-preserving face inpainting": 1,
+    # as 13's first pass: 2 images, the 'toy' mask of each image at every step
+    "18 Composition - Flux, four techniques, a LoRA and a ControlNet in one graph": 2 + 2 * STEPS,
 }
 # Loader type -> (the models folder of the files it loads, the inputs that name them).
 LOADER_FILES = {"CheckpointLoaderSimple": ("checkpoints", ["ckpt_name"]),
@@ -41,6 +44,8 @@ LOADER_FILES = {"CheckpointLoaderSimple": ("checkpoints", ["ckpt_name"]),
                 "LoraLoaderModelOnly": ("loras", ["lora_name"]), "CLIPVisionLoader": ("clip_vision", ["clip_name"]),
                 "PVALoader": ("pva", ["pva_name"]), "RealCustomLoader": ("realcustom", ["adapter_name"])}
 BASE_MODEL_LOADERS = ("CheckpointLoaderSimple", "UNETLoader")
+# Loaders of the files the pack's trainers write (the read-me note names the trainer or workflow): no download.
+TRAINED_FILE_LOADERS = ("PVALoader", "RealCustomLoader")
 
 
 def test_every_workflow_is_covered():
@@ -68,7 +73,8 @@ def test_workflow_executes(comfy, path):
 def test_declared_models_are_files_the_graph_loads(comfy, path):
     """The `models` list feeds the frontend's missing-models dialog: each entry is a file one of the graph's
     loaders names, in that loader's folder, downloadable from a source the dialog accepts; the base model and
-    every file of a DiT graph (its diffusion model, text encoders, VAE) are declared."""
+    every file of a DiT graph (its diffusion model, text encoders, VAE, LoRA, ControlNet) are declared, except
+    the files the pack's trainers write."""
     workflow = load_ui_workflow(path)
     api = ui_to_api(workflow)
     loaders = [node for node in api.values() if node["class_type"] in LOADER_FILES]
@@ -85,7 +91,9 @@ def test_declared_models_are_files_the_graph_loads(comfy, path):
     folder, (name, *_) = LOADER_FILES[base["class_type"]]
     assert (folder, base["inputs"][name]) in declared_files, "the base model"
     if dit.family_of(api):
-        assert loaded <= declared_files, "every file a Flux / SD3.5 graph loads is a download"
+        downloads = {(LOADER_FILES[node["class_type"]][0], node["inputs"][name]) for node in loaders
+                     if node["class_type"] not in TRAINED_FILE_LOADERS for name in LOADER_FILES[node["class_type"]][1]}
+        assert downloads <= declared_files, "every file a Flux / SD3.5 graph loads is a download"
 
 
 def _demo_assets():

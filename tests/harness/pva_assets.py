@@ -8,9 +8,9 @@
 - ``arcface_path()``: a shallow InsightFace iresnet (layers 1/1/1/1, the real stem, widths and 512-d
   head) saved under the real backbone's file name in ``models/pva``.
 - ``pva_path(encoder, family)``: PVA weights for the tiny SD1.5 U-Net (4- and 9-channel variants share their
-  transformer blocks) or the reduced SD2 / SDXL U-Nets of ``checkpoints.model_patcher``, with that family's
-  cross-attention layout and identity-word encoders, initialised as the paper does, then perturbed so
-  identity changes the output.
+  transformer blocks), the reduced SD2 / SDXL U-Nets of ``checkpoints.model_patcher`` or the tiny Flux dev /
+  SD3.5 Large of ``dit`` (``dit_pva_weights``), with that family's cross-attention (joint-attention) layout
+  and identity-word encoders, initialised as the paper does, then perturbed so identity changes the output.
 - ``faces``, ``pva_model``: random reference "faces" and ParallelVisualAttention with the widget defaults.
 
 Files are cached like ``checkpoints`` (HARNESS_VERSION in the name, atomic writes).
@@ -21,7 +21,7 @@ import json
 
 import torch
 
-from . import checkpoints
+from . import checkpoints, dit
 from .checkpoints import HARNESS_VERSION, _cached, _fp16, randomize_
 from .comfy_env import boot_comfy, cache_dir, models_dir, pack_module
 from .memory import model_cache
@@ -39,6 +39,8 @@ CLIP_VISION_CONFIG = {
     "model_type": "clip_vision_model", "num_attention_heads": 4, "num_channels": 3, "num_hidden_layers": 2,
     "patch_size": 8, "projection_dim": 32, "torch_dtype": "float32",
 }
+#: feature width of each identity encoder: ArcFace's 512-d embedding, the tiny CLIP vision model's projection
+ENCODER_FEATURE_DIMS = {"arcface": 512, "clip_vision": CLIP_VISION_CONFIG["projection_dim"]}
 
 
 def _build_sd15_inpaint() -> dict:
@@ -99,13 +101,17 @@ def _build_pva(encoder: str, feature_dim: int, family: str):
 
 
 def pva_path(encoder: str = "arcface", family: str = "sd15"):
-    """Tiny PVA weights in models/pva for the tiny U-Net of ``family`` ("sd15", "sd2", "sdxl"; encoder
-    "arcface" or "clip_vision")."""
-    feature_dim = 512 if encoder == "arcface" else CLIP_VISION_CONFIG["projection_dim"]
-    name = f"tiny_pva_{family}_{encoder}_{HARNESS_VERSION}.safetensors"
-    path = models_dir() / "pva" / name
+    """Tiny PVA weights in models/pva for the tiny U-Net of ``family`` ("sd15", "sd2", "sdxl") or the tiny
+    Flux dev / SD3.5 Large of harness.dit ("flux", "sd35"); encoder "arcface" or "clip_vision"."""
+    version = dit.DIT_HARNESS_VERSION if family in DIT_IDENTITY_WORD_WIDTHS else HARNESS_VERSION
+    path = models_dir() / "pva" / f"tiny_pva_{family}_{encoder}_{version}.safetensors"
     if not path.exists():
-        pack_module("attention.pva_weights").save_pva(path, _build_pva(encoder, feature_dim, family))
+        if family in DIT_IDENTITY_WORD_WIDTHS:
+            model = dit.flux_model("dev") if family == "flux" else dit.sd35_model("large")
+            weights = dit_pva_weights(family, model, encoder=encoder)
+        else:
+            weights = _build_pva(encoder, ENCODER_FEATURE_DIMS[encoder], family)
+        pack_module("attention.pva_weights").save_pva(path, weights)
         boot_comfy().folder_paths.filename_list_cache.clear()
     return path
 
@@ -126,16 +132,16 @@ def pva_model(model, pva, references, **overrides):
 DIT_IDENTITY_WORD_WIDTHS = {"flux": {"l": 768, "t5xxl": 4096}, "sd35": {"l": 768, "g": 1280, "t5xxl": 4096}}
 
 
-def dit_pva_weights(family: str, model, perturbed: bool = True):
-    """PVA weights (CLIP vision encoder) for the tiny DiT ``model`` of ``family`` ("flux", "sd35"), initialised
-    from its blocks as the paper does, then (``perturbed``) changed a little so the parallel queries and keys
-    differ from the block's own."""
+def dit_pva_weights(family: str, model, perturbed: bool = True, encoder: str = "clip_vision"):
+    """PVA weights (``encoder``: "clip_vision", the tiny CLIP vision model's features, or "arcface") for the tiny
+    DiT ``model`` of ``family`` ("flux", "sd35"), initialised from its blocks as the paper does, then
+    (``perturbed``) changed a little so the parallel queries and keys differ from the block's own."""
     blocks = [b for b in pack_module("nodes.patching").transformer_blocks(model, families=pack_module(
         "attention.blocks").ALL_FAMILIES) if b.has_cross_attention]
     gen = torch.Generator().manual_seed(11)
     word = {name: torch.randn(1, width, generator=gen) for name, width in DIT_IDENTITY_WORD_WIDTHS[family].items()}
     weights = pack_module("attention.pva_weights").PVAWeights.initial(
-        pack_module("nodes.pva").parallel_projections(model, blocks), "clip_vision", CLIP_VISION_CONFIG["projection_dim"],
+        pack_module("nodes.pva").parallel_projections(model, blocks), encoder, ENCODER_FEATURE_DIMS[encoder],
         word, family=blocks[0].family, seed=12, layers=1, feedforward=64)
     if perturbed:
         with torch.no_grad():

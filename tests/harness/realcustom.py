@@ -131,3 +131,16 @@ def sd15_workflow_adapter_path():
         blocks = pack_module("nodes.patching").transformer_blocks(load_sd15()[0])
         adapter_path(path.name, blocks, vision_dim=1024, token_dim=768)
     return path
+
+
+def flux_workflow_adapter_path():
+    """Adapter for the tiny Flux dev of harness.dit reading the ViT-L file's 1024-d features, its file tagged
+    "flux" as the trainer tags it (workflow tests)."""
+    from . import dit
+    from .comfy_env import pack_module
+    path = models_dir() / "realcustom" / f"tiny_realcustom_flux_vitl_{dit.DIT_HARNESS_VERSION}.safetensors"
+    if not path.exists():
+        blocks = pack_module("nodes.patching").transformer_blocks(
+            dit.flux_model("dev"), families=pack_module("attention.blocks").ALL_FAMILIES)
+        adapter_path(path.name, blocks, vision_dim=1024, token_dim=64, family="flux", latent_channels=16)
+    return path

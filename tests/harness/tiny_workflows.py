@@ -22,10 +22,11 @@ TINY_MODELS = {
 }
 
 
-def tiny_inputs(kind: str, inputs: dict, size: int, steps: int, train_steps: int) -> dict:
+def tiny_inputs(kind: str, inputs: dict, size: int, steps: int, train_steps: int, family: str | None = None) -> dict:
     """The inputs of a node of type `kind` (its current `inputs` by name) to change so that it runs on the
     tiny models at `size` px, `steps` sampling steps and `train_steps` training steps; files it names but
-    no earlier run made (a trainer's exported embeddings) are written as random stand-ins."""
+    no earlier run made (a trainer's exported embeddings, PVA and RealCustom files) are written as random
+    stand-ins, for the tiny model of `family` (harness.dit.family_of; None: the U-Nets)."""
     if kind == "CheckpointLoaderSimple" and "inpainting" in inputs["ckpt_name"]:
         return {"ckpt_name": pva_assets.sd15_inpaint_checkpoint_path().name}
     if kind in TINY_MODELS:
@@ -39,7 +40,7 @@ def tiny_inputs(kind: str, inputs: dict, size: int, steps: int, train_steps: int
         return {"offset": 1}
     if kind == "PVALoader":
         pva_assets.arcface_path()
-        return {"pva_name": pva_assets.pva_path("arcface").name}
+        return {"pva_name": pva_assets.pva_path("arcface", family or "sd15").name}
     if kind in ("DisenDiffTrainer", "RealCustomTrainer"):
         return {"steps": train_steps, "resolution": size, "batch_size": 1, "grad_accumulation": 1}
     if kind == "DecoupledTokenTrainer":
@@ -51,14 +52,21 @@ def tiny_inputs(kind: str, inputs: dict, size: int, steps: int, train_steps: int
     elif kind == "CLIPVisionLoader":
         return {"clip_name": realcustom_assets.vitl_clip_vision_path().name}
     elif kind == "RealCustomLoader":
-        return {"adapter_name": realcustom_assets.sd15_workflow_adapter_path().name}
+        adapter = realcustom_assets.flux_workflow_adapter_path if family == "flux" else \
+            realcustom_assets.sd15_workflow_adapter_path
+        return {"adapter_name": adapter().name}
     return {}
 
 
 def write_input_image(name: str, input_dir: Path, size: int) -> None:
-    """A random picture as input/<name> (what a LoadImage of the example names)."""
+    """A random picture as input/<name> (what a LoadImage of the example names), transparent in its central
+    square: LoadImage's MASK (1 - alpha) is that square, the region an inpainting graph repaints (an opaque
+    picture's mask is empty, and its inpainting would keep every pixel)."""
     rng = np.random.default_rng(len(name))
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(input_dir / name)
+    pixels = rng.integers(0, 255, (size, size, 4), dtype=np.uint8)
+    pixels[..., 3] = 255
+    pixels[size // 4: 3 * size // 4, size // 4: 3 * size // 4, 3] = 0
+    Image.fromarray(pixels, "RGBA").save(input_dir / name)
 
 
 def shrink_for_tiny_models(api: dict, input_dir: Path, size: int = SIZE, steps: int = STEPS) -> dict:
@@ -72,7 +80,7 @@ def shrink_for_tiny_models(api: dict, input_dir: Path, size: int = SIZE, steps: 
         kind, inputs = node["class_type"], node["inputs"]
         if family and kind in TINY_MODELS:
             continue  # use_tiny_dit_models chose the family's files
-        inputs.update(tiny_inputs(kind, inputs, size, steps, train_steps=1))
+        inputs.update(tiny_inputs(kind, inputs, size, steps, train_steps=1, family=family))
         # free vectors: a ViT-L mapper input is too slow on CPU (node tests cover mappers)
         if kind == "DecoupledTokenTrainer":
             inputs["attribute_source"] = "free vectors"
