@@ -462,7 +462,7 @@ def attention_with_extra_keys(q, k, v, call: AttentionCall, own_queries: list[Jo
 def attention_logits(q, k, heads) -> torch.Tensor:
     """``(B, heads, Nq, Nk)`` float32 logits with the standard ``1/sqrt(d)`` scale."""
     qh, kh = split_heads(q.float(), heads), split_heads(k.float(), heads)
-    return (qh @ kh.transpose(-1, -2)) * qh.shape[-1] ** -0.5
+    return (qh * qh.shape[-1] ** -0.5) @ kh.transpose(-1, -2)  # scaling the queries costs less than the logits
 
 
 def row_index(rows: list[int], device):
