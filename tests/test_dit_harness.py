@@ -351,6 +351,26 @@ def _prompt(nodes: dict) -> dict:
     return {node_id: {"class_type": kind, "inputs": inputs} for node_id, (kind, inputs) in nodes.items()}
 
 
+@pytest.mark.parametrize("family, loader, file_name, variant", [
+    ("flux", "UNETLoader", "flux1-dev.safetensors", "dev"),
+    ("flux", "UNETLoader", "flux1-fill-dev.safetensors", "fill"),
+    ("flux", "UNETLoader", "flux1-schnell.safetensors", "schnell"),
+    ("sd35", "UNETLoader", "sd3.5_medium.safetensors", "medium"),
+    ("sd35", "CheckpointLoaderSimple", "sd3.5_large.safetensors", "large"),
+])
+def test_a_graph_gets_the_tiny_variant_its_model_file_names(stock_comfy, family, loader, file_name, variant):
+    """A graph loading FLUX.1 Fill gets the tiny Fill (its inpainting channels), schnell the tiny schnell, and so on:
+    the variant is read from the loaded file's name as the publishers spell it."""
+    name_input = "unet_name" if loader == "UNETLoader" else "ckpt_name"
+    api = _prompt({"1": (loader, {name_input: file_name})})
+    dit.use_tiny_dit_models(api, family)
+    if family == "flux":
+        assert api["1"] == {"class_type": "TinyFluxModelLoader", "inputs": {"variant": variant}}
+    else:
+        tiny = dit.sd35_path(variant) if loader == "UNETLoader" else dit.sd35_checkpoint_path(variant)
+        assert api["1"]["inputs"][name_input] == tiny.name
+
+
 def test_flux_workflow_runs_with_stand_ins_for_the_loaders_stock_comfyui_cannot_build(stock_comfy):
     """A Flux graph as users wire it (UNETLoader, DualCLIPLoader, LoRA, ControlNet, FluxGuidance, KSampler
     at CFG 1, VAE decode), executed by ComfyUI's own validator and executor on the tiny models."""
@@ -410,7 +430,7 @@ def test_sd35_workflow_runs_through_stock_unet_and_controlnet_loaders(stock_comf
         "11": ("VAEDecode", {"samples": ["10", 0], "vae": ["6", 0]}),
         "12": ("PreviewImage", {"images": ["11", 0]}),
     })
-    dit.use_tiny_dit_models(api, "sd35", "medium")
+    dit.use_tiny_dit_models(api, "sd35")  # sd3.5_medium: the tiny Medium
     assert api["1"]["class_type"] == "UNETLoader" and api["5"]["class_type"] == "ControlNetLoader"
     try:
         with dit.stand_in_nodes():

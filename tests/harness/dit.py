@@ -1,4 +1,4 @@
-"""Tiny random-weight DiT families for tests: Flux (dev and schnell layouts) and SD3.5 (Large and Medium
+"""Tiny random-weight DiT families for tests: Flux (dev, schnell and Fill layouts) and SD3.5 (Large and Medium
 layouts), their text encoders (CLIP-L, CLIP-G, T5-XXL), the 16-channel VAE, a LoRA and a ControlNet of each
 family, all built with ComfyUI's own classes, with the real key names, recognised by ComfyUI's own model
 detection and run by its own samplers and nodes.
@@ -63,7 +63,8 @@ T5 has no 1/sqrt(d) and its q, k come from RMS-normalised tokens through 4096-wi
 
 Workflows: use_tiny_dit_models() points an API prompt's loaders at these models, through stock loaders
 where they can load them and test-only stand-in nodes (stand_in_nodes()) where they cannot; family_of() tells
-a prompt's family from its text-encoder loaders. SD3.5 is also written as a checkpoint with the VAE inside
+a prompt's family from its text-encoder loaders, variant_of() the variant from a model file's name
+(flux1-fill-dev.safetensors: the tiny Fill). SD3.5 is also written as a checkpoint with the VAE inside
 (sd35_checkpoint_path), the layout of Stability's sd3.5_large.safetensors that ComfyUI's SD3.5 examples load
 with CheckpointLoaderSimple.
 
@@ -607,21 +608,30 @@ def family_of(api_prompt: dict) -> str | None:
     return families.pop() if families else None
 
 
+def variant_of(family: str, file_name: str) -> str:
+    """The tiny variant of ``family`` standing in for the diffusion-model file ``file_name``: the one its name
+    spells as the publishers name the files (flux1-fill-dev: "fill", flux1-schnell, sd3.5_medium), else the
+    family's first (dev / large)."""
+    default, *others = FLUX_VARIANTS if family == "flux" else tuple(SD35_VARIANTS)
+    return next((variant for variant in others if variant in file_name.lower()), default)
+
+
 def use_tiny_dit_models(api_prompt: dict, family: str, variant: str | None = None) -> dict:
     """Point an API prompt of ``family`` ("flux" or "sd35") at the tiny models, in place: stock loaders where
     they can load them (SD3.5 UNETLoader and CheckpointLoaderSimple, VAELoader, LoRA loaders, the SD3.5
     ControlNetLoader), stand-in nodes where they cannot (Flux UNETLoader and ControlNetLoader, every DiT
-    text-encoder loader); ``variant`` is the model variant (default: dev / large). Execute it inside
-    ``with stand_in_nodes():``."""
-    variant = variant or ("dev" if family == "flux" else "large")
+    text-encoder loader); ``variant`` is the model variant (default: the one each loader's file name spells,
+    variant_of). Execute it inside ``with stand_in_nodes():``."""
     for node in api_prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "UNETLoader" and family == "flux":
-            node.update(class_type="TinyFluxModelLoader", inputs={"variant": variant})
+            node.update(class_type="TinyFluxModelLoader",
+                        inputs={"variant": variant or variant_of(family, inputs["unet_name"])})
         elif kind == "UNETLoader":
-            inputs.update(unet_name=sd35_path(variant).name, weight_dtype="default")
+            inputs.update(unet_name=sd35_path(variant or variant_of(family, inputs["unet_name"])).name,
+                          weight_dtype="default")
         elif kind == "CheckpointLoaderSimple" and family == "sd35":
-            inputs["ckpt_name"] = sd35_checkpoint_path(variant).name
+            inputs["ckpt_name"] = sd35_checkpoint_path(variant or variant_of(family, inputs["ckpt_name"])).name
         elif kind in ("DualCLIPLoader", "TripleCLIPLoader", "CLIPLoader"):
             node.update(class_type="TinyDiTTextEncoders", inputs={"family": family})
         elif kind == "VAELoader":

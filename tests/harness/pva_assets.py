@@ -102,7 +102,9 @@ def _build_pva(encoder: str, feature_dim: int, family: str):
 
 def pva_path(encoder: str = "arcface", family: str = "sd15"):
     """Tiny PVA weights in models/pva for the tiny U-Net of ``family`` ("sd15", "sd2", "sdxl") or the tiny
-    Flux dev / SD3.5 Large of harness.dit ("flux", "sd35"); encoder "arcface" or "clip_vision"."""
+    Flux dev / SD3.5 Large of harness.dit ("flux", "sd35"); encoder "arcface" or "clip_vision". The Flux file
+    also fits the tiny FLUX.1 Fill: PVA's parallel projections are per block, and Fill's blocks are dev's
+    (only its input layer is wider)."""
     version = dit.DIT_HARNESS_VERSION if family in DIT_IDENTITY_WORD_WIDTHS else HARNESS_VERSION
     path = models_dir() / "pva" / f"tiny_pva_{family}_{encoder}_{version}.safetensors"
     if not path.exists():
