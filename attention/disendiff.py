@@ -124,6 +124,7 @@ class CalibratedCrossAttention(AttentionProcessor):
     sigma_start: float
     sigma_end: float
     prompt_length: int
+    views_uncond_rows = False  # cond rows only
     name = "disendiff_calibration"
     node_name = "CalibratedCrossAttn"
     patch_point = CROSS_ATTENTION

@@ -77,6 +77,7 @@ Other packs' attention patches:
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -111,6 +112,10 @@ class AttentionProcessor:
     patch_point: str = SELF_ATTENTION
     #: whether the processor reads ``call.hidden_states`` (the layer's input before ``to_q``).
     needs_hidden_states: bool = False
+    #: whether its logit/probability hooks need the rows of uncond chunks; processors that read or edit only the
+    #: cond rows say False, and a DiT's cross view then serves them the cond rows alone (``call`` describing those)
+    #: while the other rows take the fused path
+    views_uncond_rows: bool = True
 
     def active(self, call: "AttentionCall") -> bool:
         return True
@@ -166,6 +171,16 @@ class JointKeys:
     def shares_queries(self) -> bool:
         """True when these keys are plain extra keys of the layer's own softmax (concatenated to the text keys)."""
         return self.queries is None and self.rows is None and self.logit_bias == 0.0
+
+    def of_rows(self, index) -> "JointKeys":
+        """These keys for the batch rows ``index`` (a slice or index tensor), each row still seeing them or not."""
+        queries = self.queries
+        if queries is not None:
+            queries = queries.take_rows(index) if isinstance(queries, ProjectedQueries) else queries[index]
+        rows = self.rows
+        if rows is not None:
+            rows = rows[index if isinstance(index, slice) else index.to(rows.device)]
+        return JointKeys(self.keys[index], self.values[index], queries, rows, self.logit_bias)
 
     def take_rows(self, index) -> "JointKeys":
         """These keys for the batch rows ``index`` (a slice or index tensor), all of which see them."""
@@ -250,6 +265,14 @@ class AttentionCall:
         key = (block[0], block[1], extra_options.get("block_index", 0)) if block else None
         return cls(extra_options, attention, batch, extra_options["n_heads"], extra_options["dim_head"], key,
                    attn_precision=extra_options.get("attn_precision"))
+
+    def of_cond_rows(self) -> "AttentionCall":
+        """This call as its cond chunks alone see it (for hooks served only the cond rows)."""
+        view = copy.copy(self)
+        view.cond_or_uncond = tuple(c for c in self.cond_or_uncond if c == 0)
+        view.n_chunks = len(view.cond_or_uncond)
+        view.surveys, view._gathering = {}, {}
+        return view
 
     @property
     def sigma(self) -> Optional[float]:

@@ -76,7 +76,8 @@ import torch
 
 from .dispatcher import (CHAIN_KEY, CROSS_ATTENTION, SELF_ATTENTION, AttentionCall, AttentionConflictError,
                          JointKeys, ProcessorChain, attention_logits, attention_with_extra_keys, describe_foreign,
-                         joint_logits)
+                         joint_logits, row_index)
+from .layout import cond_row_indices
 from .sdpa import merge_heads, split_heads
 
 #: transformer_options key of the attention override ComfyUI's wrap_attn calls
@@ -189,11 +190,17 @@ class JointAttentionDispatcher:
         if any(p.needs_hidden_states for p in crossing):
             _serve_query_inputs(call, options, text, grid)
         extras = _extra_keys(q[:, text:text + grid], call, crossing)
+        viewed = _viewed_rows(call, viewing, q.shape[0]) if viewing else None
         latent_out = None
-        if viewing:
+        if viewed == []:  # an uncond pass, and the processors view cond rows only
+            viewing = []
+        if viewing and viewed is None:
             context, latent_out, call.context_bias = _cross_view(q[:, text:text + grid], k, v, text, call, viewing,
                                                                  owners[0] if owners else None, q.shape[1] - text,
                                                                  extras)
+        elif viewing:
+            latent_out, call.context_bias = _cross_view_of_cond_rows(q, k, v, text, grid, call, viewing,
+                                                                     owners[0] if owners else None, extras, viewed)
         if owners:
             call.context = context
             if extras:
@@ -380,6 +387,37 @@ def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, owner, 
     if image_rows > bias.shape[2]:  # zero for image rows after the latent's (Flux Kontext's references)
         bias = torch.nn.functional.pad(bias, (0, 0, 0, image_rows - bias.shape[2]))
     return (text_keys, text_values), None, bias
+
+
+def _viewed_rows(call: AttentionCall, viewing, batch: int) -> Optional[list[int]]:
+    """The rows of the cond chunks when every viewing processor reads and edits only those (and none edits the
+    keys every row attends to), else None: all rows."""
+    if any(p.views_uncond_rows or p.overrides("edit_key_values") for p in viewing):
+        return None
+    rows = cond_row_indices(call.cond_or_uncond, batch)
+    return None if len(rows) == batch else rows
+
+
+def _cross_view_of_cond_rows(q, k, v, text: int, grid: int, call: AttentionCall, viewing, owner, extras, rows):
+    """The cross view served to processors that view the cond ``rows`` only (:func:`_viewed_rows`): those rows'
+    latent image output (None for an ``owner``) from the cross view of a call describing them, the other rows'
+    through the fused function (with the ``extras`` keys they see); for an owner the text bias, zero on the other
+    rows."""
+    batch = q.shape[0]
+    viewed, others = (row_index(r, q.device) for r in (rows, [r for r in range(batch) if r not in rows]))
+    queries = q[:, text:text + grid]
+    _, viewed_out, viewed_bias = _cross_view(queries[viewed], k[viewed], v[viewed], text, call.of_cond_rows(),
+                                             viewing, owner, q.shape[1] - text, [e.of_rows(viewed) for e in extras])
+    if owner:
+        bias = viewed_bias.new_zeros(batch, *viewed_bias.shape[1:])
+        bias[viewed] = viewed_bias
+        return None, bias
+    other_extras = [e.of_rows(others) for e in extras]
+    other_out = (attention_with_extra_keys(queries[others], k[others], v[others], call, other_extras) if extras
+                 else call.attention(queries[others], k[others], v[others]))
+    out = viewed_out.new_empty(batch, *viewed_out.shape[1:])
+    out[viewed], out[others] = viewed_out, other_out.to(out.dtype)
+    return out, None
 
 
 def _serve_query_inputs(call: AttentionCall, options: dict, text: int, grid: int) -> None:

@@ -303,6 +303,7 @@ def cond_rows(cond_or_uncond, batch: int) -> slice | None:
 class WordMapReader(AttentionProcessor):
     """Reads the target word's text cross-attention map while the run is capturing."""
 
+    views_uncond_rows = False  # cond rows only
     name = "realcustom_word_map"
     node_name = "AdaptiveMaskGuidance"
     patch_point = CROSS_ATTENTION

@@ -41,6 +41,7 @@ class MapRecorder(AttentionProcessor):
     blocks: frozenset
     node_name: str = "personalization node"
     maps: list = field(default_factory=list)
+    views_uncond_rows = False  # cond rows only
     name = "token_maps"
     patch_point = CROSS_ATTENTION
 

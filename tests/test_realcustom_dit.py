@@ -202,6 +202,34 @@ def test_map_read_and_branch_added_in_one_call(rows_per_chunk, monkeypatch):
     assert torch.equal(call_dispatcher("flux", q, k, v, other_block), call_dispatcher("flux", q, k, v, {}))
 
 
+def test_at_cfg_the_cross_view_is_made_for_the_cond_rows_only(monkeypatch):
+    """The word-map reader views cond rows only: at CFG the logits are made for the cond chunk's rows, the uncond
+    rows take the fused path; the output and the map are those of the written-out joint softmax."""
+    from personalization_nodes.attention import joint
+    text, chunks = PROMPT_LENGTH, (1, 0)
+    q, k, v = qkv(4, text + IMAGE, seed=13)
+    mask = torch.rand(2, *GRID, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    weights, tokens = branch_weights(), image_tokens()
+    run = guidance_run(tokens, capturing=True, injecting=True, mask=mask)
+    chain = ProcessorChain().with_processor(WordMapReader()).with_processor(MaskedImageBranch(weights, STRENGTH))
+    viewed_batches = []
+    original = joint._cross_view
+
+    def recording(queries, *args, **kwargs):
+        viewed_batches.append(queries.shape[0])
+        return original(queries, *args, **kwargs)
+    monkeypatch.setattr(joint, "_cross_view", recording)
+    out = call_dispatcher("flux", q, k, v, {**joint_options(chain, chunks, text), RUN_KEY: run})
+    assert viewed_batches == [2]
+    plain = slow_joint_attention(q, k, v, text, torch.zeros(4, HEADS, IMAGE, text))
+    torch.testing.assert_close(out, flat(plain + slow_branch(q, text, weights, tokens, mask, chunks)),
+                               rtol=1e-5, atol=1e-5)
+    run.finish_text_only_pass()
+    maps = slow_word_maps(q, k, text, 0, [2, 3], 1)
+    torch.testing.assert_close(run.mask.double(), (maps / (maps.max(1, keepdim=True).values + 1e-6)).view(2, *GRID),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_another_packs_override_computes_the_call_and_realcustom_reads_and_adds_around_it(family):
     """Mask guidance only reads the probabilities and adds an output, so it composes with another pack's DiT
