@@ -24,7 +24,7 @@ what the user pays in this call. Calls are timed in turns, best of ``--repeats``
 CPU time: run with OMP_NUM_THREADS=1 on a shared machine). ``--heads`` runs a fraction of the 24 heads (same
 head width and token counts; the projections keep Flux's 3072 hidden width). On one core of a 2-core AMD EPYC
 VM a full-size plain call takes 4.5 s of CPU time (ComfyUI picks its sub-quadratic attention there), the default
-run 3 minutes and 5.4 GB of resident memory at its peak (the guided call's logits: 1.8 GB per image).
+run 3 minutes (the guided call's logits, 1.8 GB per image, are made in 64 MiB row chunks: attention.joint).
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python bench/flux_joint_attention.py [--repeats N] [--heads H] [--cfg]
 """
