@@ -28,6 +28,7 @@ from personalization_nodes.attention.joint import (LAYOUT_KEY, QUERY_INPUTS_KEY,
                                                    JointLayout, QueryInputs)
 from personalization_nodes.attention.pva import JointParallelProjection, ParallelVisualAttentionProcessor
 from test_calibrated_cross_attn_dit import flat, slow_softmax
+from test_realcustom_dit import call_dispatcher
 
 HEADS, DIM, HIDDEN = 2, 8, 12
 GRID = (2, 3)
@@ -126,20 +127,9 @@ def test_joint_call_matches_the_written_out_parallel_attention(family, uncond_id
     tokens_per_row = identities.repeat(2, 1, 1)
     expected = slow_pva_joint_attention(q, k, v, hidden, tokens_per_row, proj, positions,
                                         {0, 1, 2, 3} if uncond_identity else {2, 3}, STRENGTH)
-    if family == "flux":
-        out = JointAttentionDispatcher()(comfy_style_attention, q, k, v, HEADS, skip_reshape=True,
-                                         transformer_options=options)
-        plain = comfy_style_attention(q, k, v, HEADS, skip_reshape=True)
-        expected = flat(expected)
-    else:
-        out = JointAttentionDispatcher()(comfy_style_attention, flat(q), flat(k), v.transpose(1, 2), heads=HEADS,
-                                         skip_output_reshape=True, transformer_options=options)
-        plain = comfy_style_attention(flat(q), flat(k), flat(v), HEADS, skip_output_reshape=True)
-    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
-    rows = slice(None, None) if family == "flux" else slice(None)
-    changed = (out - plain).abs().flatten(2).amax(-1)[rows]  # (B, L)
-    if family == "sd3":
-        changed = (out - plain).abs().amax(dim=(1, 3))
+    out = call_dispatcher(family, q, k, v, options)
+    torch.testing.assert_close(out, flat(expected), rtol=1e-9, atol=1e-9)
+    changed = (out - call_dispatcher(family, q, k, v, {})).abs().amax(-1)  # (B, L)
     assert changed[2:, TEXT:].min() > 1e-3
     assert (changed[:2, TEXT:].min() > 1e-3) == uncond_identity
 
