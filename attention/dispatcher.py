@@ -167,6 +167,11 @@ class JointKeys:
     rows: Optional[torch.Tensor] = None  # (B,) bool
     logit_bias: float = 0.0
 
+    @classmethod
+    def of(cls, extra) -> "JointKeys":
+        """What ``extra_key_values`` returned: a JointKeys, or plain ``(keys, values)``."""
+        return extra if isinstance(extra, JointKeys) else cls(*extra)
+
     @property
     def shares_queries(self) -> bool:
         """True when these keys are plain extra keys of the layer's own softmax (concatenated to the text keys)."""
@@ -404,7 +409,7 @@ class AttentionDispatcher:
             extra = processor.extra_key_values(q, call)
             if extra is None:
                 continue
-            extra = extra if isinstance(extra, JointKeys) else JointKeys(*extra)
+            extra = JointKeys.of(extra)
             if extra.shares_queries:
                 k = torch.cat([k, extra.keys.to(k.dtype)], dim=1)
                 v = torch.cat([v, extra.values.to(v.dtype)], dim=1)

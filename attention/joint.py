@@ -206,13 +206,11 @@ class JointAttentionDispatcher:
             if extras:
                 _join_owner_context(call, q[:, text:text + grid], q.shape[1] - text, extras)
             image_out = owners[0].self_attention(q[:, text:], k[:, text:], v[:, text:], call)
-        elif latent_out is not None:
+        elif latent_out is not None or extras:
+            if latent_out is None:
+                latent_out = attention_with_extra_keys(q[:, text:text + grid], k, v, call, extras)
             image_out = latent_out
             if q.shape[1] > text + grid:  # image tokens after the latent's (Flux Kontext's references): plain
-                image_out = torch.cat([image_out, call.attention(q[:, text + grid:], k, v)], dim=1)
-        elif extras:
-            image_out = attention_with_extra_keys(q[:, text:text + grid], k, v, call, extras)
-            if q.shape[1] > text + grid:
                 image_out = torch.cat([image_out, call.attention(q[:, text + grid:], k, v)], dim=1)
         else:  # only parallel outputs: the image rows of the plain joint attention, through the fused function
             image_out = call.attention(q[:, text:], k, v)
@@ -440,7 +438,7 @@ def _extra_keys(queries, call: AttentionCall, crossing) -> list[JointKeys]:
         if processor.overrides("extra_key_values"):
             extra = processor.extra_key_values(queries, call)
             if extra is not None:
-                extras.append(extra if isinstance(extra, JointKeys) else JointKeys(*extra))
+                extras.append(JointKeys.of(extra))
     return extras
 
 

@@ -2,7 +2,6 @@
 paper's 40-step per-identity tune, both on the shared training core."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -106,15 +105,9 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
         raise ValueError(f"{who}: {pva.name} has no identity word for the text encoders {missing}.")
     encoder = glue.TrainableTextEncoder(clip)
 
-    joint = blocks[0].family.joint
-
-    def saving_copies():  # the DiTs' T5 and Flux's blocks add in place to tensors autograd saved
-        return glue.saved_tensor_copies() if joint else contextlib.nullcontext()
-
     def context():
         vectors = {encoder_attribute(clip, k): weights.identity_word[k].to(torch.float32).cpu() for k in prompt.tokens}
-        with saving_copies():
-            cond, pooled = encoder.encode(prompt.substitute({WORD_PLACEHOLDER: vectors}))
+        cond, pooled = encoder.encode(prompt.substitute({WORD_PLACEHOLDER: vectors}))
         return cond.to(device), pooled
 
     trainable = glue.trainable_unet(model, {})
@@ -125,7 +118,7 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
     def denoise(x_t, sigma, text, tokens, c_concat):
         options[CHAIN_KEY] = options[CHAIN_KEY].with_processor(dataclasses.replace(processor, identity_tokens=tokens))
         cond, pooled = text
-        with saving_copies():
+        with glue.saved_tensor_copies(blocks[0].family.joint):
             return glue.denoise(trainable, x_t, sigma, cond, c_concat=c_concat,
                                 **glue.pooled_conditioning(model, pooled, images.shape[1]))  # SDXL's ADM input
 

@@ -1,7 +1,6 @@
 """RealCustomTrainer: trains this pack's RealCustom image branch in the graph (DESIGN.md §4)."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import comfy.model_base
@@ -120,7 +119,7 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
 
     def denoise(x_t, sigma, context, pooled, run):
         trainable.model_options["transformer_options"][RUN_KEY] = run  # a private clone of this run
-        with glue.saved_tensor_copies() if family.joint else contextlib.nullcontext():
+        with glue.saved_tensor_copies(family.joint):
             return glue.denoise(trainable, x_t, sigma, context, **glue.pooled_conditioning(model, pooled, resolution))
 
     step = RealCustomStep(data, adapter.projector, denoise, glue.discrete_sigmas(model), glue.prediction_kind(model, flow=True),

@@ -28,6 +28,7 @@ import comfy.model_management
 import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sd1_clip
+import comfy.text_encoders.t5
 import comfy.utils
 import torch
 from comfy.weight_adapter.base import WeightAdapterTrainBase
@@ -118,11 +119,15 @@ def _copy_inference_parameters(patched, name: str, module: torch.nn.Module) -> N
 
 
 @contextmanager
-def saved_tensor_copies():
-    """Autograd keeps its own copies of the tensors it saves for backward. ComfyUI's Flux blocks add to their
-    residual stream in place after normalising it (``x += ...``), so a gradient that flows back through them
-    (from a trained branch in an earlier block) would find a saved tensor changed and autograd would refuse;
-    the copies cost one more copy of the saved activations."""
+def saved_tensor_copies(enabled: bool = True):
+    """Autograd keeps its own copies of the tensors it saves for backward (when ``enabled``). ComfyUI's Flux
+    blocks add to their residual stream in place after normalising it (``x += ...``), and its T5 layers add their
+    residuals in place, so a gradient that flows back through them (from a trained branch in an earlier block,
+    to a learned token) would find a saved tensor changed and autograd would refuse; the copies cost one more
+    copy of the saved activations."""
+    if not enabled:
+        yield
+        return
     with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
         yield
 
@@ -268,13 +273,16 @@ class TrainableTextEncoder:
         for layer in self.model.modules():
             if isinstance(layer, comfy.clip_model.CLIPLayer):
                 layer.forward = types.MethodType(_residual_layer_forward, layer)
+        #: T5 (Flux's and SD3's text encoder) adds its residuals in place too, in layers too involved to rewrite
+        self._adds_in_place = any(isinstance(layer, comfy.text_encoders.t5.T5) for layer in self.model.modules())
         self.layer_idx = clip.layer_idx
 
     def encode(self, tokens: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         self.model.reset_clip_options()
         if self.layer_idx is not None:
             self.model.set_clip_options({"layer": self.layer_idx})
-        cond, pooled = self.model.encode_token_weights(tokens)[:2]
+        with saved_tensor_copies(self._adds_in_place):
+            cond, pooled = self.model.encode_token_weights(tokens)[:2]
         return cond, pooled
 
 
