@@ -167,10 +167,25 @@ ROWS_PER_CHUNK = pytest.mark.parametrize("rows_per_chunk", [None, 5, 1], ids=["a
 
 
 def serve_rows_in_chunks(monkeypatch, rows_per_chunk, batch, keys, module=joint):
-    """Make the cross view of a call of ``batch`` samples over ``keys`` joint keys serve ``rows_per_chunk`` query
-    rows at a time (its chunk budget set to their float32 logits), or all rows (None: the budget as it is)."""
+    """Make a cross view of ``batch`` samples over ``keys`` joint keys serve ``rows_per_chunk`` query rows at a
+    time (its chunk budget set to their float32 logits), or all rows (None: the budget as it is). The view holds
+    only the cond chunks' samples when its processors view nothing else (all of this file's and RealCustom's)."""
     if rows_per_chunk is not None:
         monkeypatch.setattr(module, "CROSS_VIEW_CHUNK_BYTES", rows_per_chunk * batch * HEADS * keys * 4)
+
+
+def serve_sampled_rows_one_at_a_time(monkeypatch, processor_class, hook: str) -> list:
+    """Make the cross view of the pack ComfyUI loaded (what sampling runs) serve one query row at a time; the list
+    it returns gathers ``call.query_rows`` of every call of ``processor_class``'s ``hook``."""
+    served_rows = []
+    original = getattr(processor_class, hook)
+
+    def recording(self, tensor, call):
+        served_rows.append(call.query_rows)
+        return original(self, tensor, call)
+    monkeypatch.setattr(processor_class, hook, recording)
+    monkeypatch.setattr(pack_module("attention.joint"), "CROSS_VIEW_CHUNK_BYTES", 1)
+    return served_rows
 
 
 def flat(t):
@@ -188,7 +203,7 @@ def test_joint_call_matches_the_written_out_calibration(family, cond_or_uncond, 
     (B, heads, L, d) back. The class maps span the whole grid however many query rows the logits come in."""
     text = registers + PROMPT_LENGTH * repeats
     batch = 2 * len(cond_or_uncond)
-    serve_rows_in_chunks(monkeypatch, rows_per_chunk, batch, text + IMAGE)
+    serve_rows_in_chunks(monkeypatch, rows_per_chunk, 2 * cond_or_uncond.count(0), text + IMAGE)
     q, k, v = qkv(batch, text + IMAGE, seed=repeats + registers)
     chain = ProcessorChain().with_processor(calibration())
     block = ("double", 0) if family == "flux" else ("joint", 0)
@@ -226,7 +241,7 @@ def test_shared_joint_call_with_style_aligned_matches_the_written_out_compositio
     calibration's edits of the image queries' own text logits (computed on the plain joint keys) join
     StyleAligned's softmax over [text | own image | reference image]; the order of the nodes does not matter."""
     text, settings = PROMPT_LENGTH, StyleAlignedSettings(score_shift=0.4)
-    serve_rows_in_chunks(monkeypatch, rows_per_chunk, 4, text + IMAGE)
+    serve_rows_in_chunks(monkeypatch, rows_per_chunk, 2, text + IMAGE)  # the cond chunk's 2 samples
     q, k, v = qkv(4, text + IMAGE, seed=7)
     shared = SharedAttentionProcessor(settings=settings, blocks=frozenset({("double", 0, 0)}))
     edits = slow_calibration_edits(q, k, text, 0, [2, 3], 1)
@@ -328,16 +343,17 @@ def test_strength_zero_is_unpatched_sampling_and_strength_changes_it(family):
 
 
 def test_the_edit_is_the_cond_rows_only(family, monkeypatch):
-    """At CFG > 1 the uncond pass is left alone: the logits of its rows go to the softmax as the cross view made
-    them."""
+    """At CFG > 1 the uncond rows are left alone: the cross view serves the calibration the cond rows only (a call
+    describing those), and it edits every one of them."""
     if family.name == "flux":
         pytest.skip("Flux dev samples at CFG 1 (distilled guidance): no uncond pass")
     calibration_class = pack_module("attention.disendiff").CalibratedCrossAttention
-    edited_rows = []
+    edited_rows, served_layouts = [], set()
     original = calibration_class.edit_logits
 
     def recording(self, logits, call):
         edited = original(self, logits, call)
+        served_layouts.add(tuple(call.cond_or_uncond))
         per_chunk = logits.shape[0] // len(call.cond_or_uncond)
         edited_rows.append(tuple(call.cond_or_uncond[row // per_chunk] for row in range(logits.shape[0])
                                  if not torch.equal(edited[row], logits[row])))
@@ -345,6 +361,7 @@ def test_the_edit_is_the_cond_rows_only(family, monkeypatch):
     monkeypatch.setattr(calibration_class, "edit_logits", recording)
     family.sample(family.calibrated())
     assert edited_rows and all(rows == (0, 0) for rows in edited_rows)
+    assert served_layouts == {(0,)}, "the sampled batch holds cond and uncond rows; the edit gets the cond rows only"
 
 
 def test_query_rows_served_one_at_a_time_sample_as_all_at_once(family, monkeypatch):
@@ -360,15 +377,8 @@ def test_query_rows_served_one_at_a_time_sample_as_all_at_once(family, monkeypat
                         noise_level=0.5, seed=0)[1]
         return [family.sample(model) for model in models] + [maps]
     whole = outputs()
-    calibration_class = pack_module("attention.disendiff").CalibratedCrossAttention
-    served_rows = []
-    original = calibration_class.edit_logits
-
-    def recording(self, logits, call):
-        served_rows.append(call.query_rows)
-        return original(self, logits, call)
-    monkeypatch.setattr(calibration_class, "edit_logits", recording)
-    monkeypatch.setattr(pack_module("attention.joint"), "CROSS_VIEW_CHUNK_BYTES", 1)
+    served_rows = serve_sampled_rows_one_at_a_time(
+        monkeypatch, pack_module("attention.disendiff").CalibratedCrossAttention, "edit_logits")
     chunked = outputs()
     assert served_rows and all(rows.stop - rows.start == 1 for rows in served_rows)
     for one_row, all_rows in zip(chunked, whole):  # measured: at most 5.5e-6 on samples of magnitude 5 to 13

@@ -297,32 +297,22 @@ def test_trainers_lower_the_loss_resume_exactly_and_reload(family, stage1, tmp_p
     weights."""
     from harness.pack_nodes import run_node
     from harness.pva_assets import faces, tiny_clip_vision
+    from harness.training_probes import interrupting_at, probe_loss
     nodes_tune, glue = pack_module("nodes.pva_training"), pack_module("nodes.training_glue")
     loop = pack_module("training.loop")
     vae = dit.vae()
     photos = faces(2, seed=6, size=64)
 
     def run(steps, checkpoint=None, interrupt_at=None):
-        calls = {"n": 0}
-
-        def check():
-            calls["n"] += 1
-            if calls["n"] == interrupt_at:
-                raise KeyboardInterrupt
         with glue.training_mode():
             tune = nodes_tune.prepare_training(family.model, family.clip, vae, family.pva, glue.clone_tensors(photos),
                                                ((0, 1),), stage1, 2, 1, tiny_clip_vision())
             assert tune.step.kind == "flow"
-
-            def probe():
-                with torch.no_grad():
-                    return sum(float(tune.step(loop.MicroStep(50 + i, i % 2, loop.micro_step_generator(99, 50 + i, 0))))
-                               for i in range(4)) / 4
-            before = probe()
+            before = probe_loss(tune.step, 50, 4, seed=99, micros=2)
             optimizer = nodes_tune.identity_tune_optimizer(tune.params, 3e-3, 3e-2, 1e-3 if stage1 else 0.0)
             loop.train(tune.params, tune.step, optimizer, loop.LoopSettings(steps, 2, 1, 0, checkpoint, tune.fingerprint),
-                       check_interrupted=check)
-            after = probe()
+                       check_interrupted=interrupting_at(interrupt_at))
+            after = probe_loss(tune.step, 50, 4, seed=99, micros=2)
         return before, after, {k: v.detach().clone() for k, v in tune.params.items()}
 
     before, after, straight = run(4)

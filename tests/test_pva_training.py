@@ -84,27 +84,20 @@ def test_identity_tune_changes_only_the_projections_and_the_word(comfy, inpainti
 
 
 def test_tune_lowers_the_loss_and_resumes_exactly(comfy, inpainting, pva, tmp_path):
+    from harness.training_probes import interrupting_at, probe_loss
     nodes_tune = pack_module("nodes.pva_training")
     glue = pack_module("nodes.training_glue")
     loop = pack_module("training.loop")
     model, clip, vae = inpainting
 
     def run(steps, checkpoint=None, interrupt_at=None):
-        calls = {"n": 0}
-
-        def check():
-            calls["n"] += 1
-            if calls["n"] == interrupt_at:
-                raise KeyboardInterrupt
         with glue.training_mode():
             tune = nodes_tune.prepare_identity_tune(model, clip, vae, pva, glue.clone_tensors(photos(2)), bins=2, seed=1)
-            with torch.no_grad():
-                before = tune.step(loop.MicroStep(0, 0, loop.micro_step_generator(99, 0, 0))).item()
+            before = probe_loss(tune.step, 0, 1, seed=99)
             optimizer = nodes_tune.identity_tune_optimizer(tune.params, 3e-3, 3e-2)
             loop.train(tune.params, tune.step, optimizer, loop.LoopSettings(steps, 2, 1, 0, checkpoint, tune.fingerprint),
-                       check_interrupted=check)
-            with torch.no_grad():
-                after = tune.step(loop.MicroStep(0, 0, loop.micro_step_generator(99, 0, 0))).item()
+                       check_interrupted=interrupting_at(interrupt_at))
+            after = probe_loss(tune.step, 0, 1, seed=99)
         return before, after, {k: v.detach().clone() for k, v in tune.params.items()}
 
     before, after, straight = run(3)

@@ -20,14 +20,16 @@ import torch
 from harness import dit
 from harness.tensors import relative_change
 from personalization_nodes.attention.dispatcher import ProcessorChain
+from personalization_nodes.attention import joint
 from personalization_nodes.attention.joint import JointAttentionDispatcher
 from personalization_nodes.attention.realcustom import (COND, RUN_KEY, ImageBranchWeights, ImageTokens,
                                                         MaskedImageBranch, MaskGuidanceRun, MaskSettings,
                                                         WordMapReader)
 from personalization_nodes.attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
 from test_calibrated_cross_attn_dit import (GRID, HEADS, IMAGE, PROMPT_LENGTH, ROWS_PER_CHUNK, comfy_style_attention,
-                                            flat, joint_options, qkv, serve_rows_in_chunks, slow_joint_attention,
-                                            slow_softmax, slow_style_aligned_with_edits)
+                                            flat, joint_options, qkv, serve_rows_in_chunks,
+                                            serve_sampled_rows_one_at_a_time, slow_joint_attention, slow_softmax,
+                                            slow_style_aligned_with_edits)
 
 WORD = (2, 4)  # the word's tokens in the 6-token prompt
 REFERENCE_TOKENS, TOKEN_DIM = 5, 6
@@ -123,7 +125,7 @@ def test_word_map_is_read_on_the_text_columns_of_the_joint_softmax(family, cond_
     query rows they come in; the output is the plain joint attention (explicit softmax over all joint keys)."""
     text = registers + PROMPT_LENGTH * repeats
     batch = 2 * len(cond_or_uncond)
-    serve_rows_in_chunks(monkeypatch, rows_per_chunk, batch, text + IMAGE)
+    serve_rows_in_chunks(monkeypatch, rows_per_chunk, 2 * cond_or_uncond.count(COND), text + IMAGE)
     q, k, v = qkv(batch, text + IMAGE, seed=repeats + registers)
     run = guidance_run(image_tokens(), capturing=True, injecting=False)
     chain = ProcessorChain().with_processor(WordMapReader()).with_processor(MaskedImageBranch(branch_weights()))
@@ -181,43 +183,22 @@ def test_scoring_reads_the_flow_latent_in_vp_form_at_the_same_signal_to_noise_ra
 @ROWS_PER_CHUNK
 def test_map_read_and_branch_added_in_one_call(rows_per_chunk, monkeypatch):
     """"previous step": the guided pass both reads the map (of the joint softmax without the branch, which is
-    an output added after it) and adds the branch; a block the adapter has no projections for is left alone."""
+    an output added after it) and adds the branch; a block the adapter has no projections for is left alone. The
+    reader views cond rows only: at CFG the logits are made for the cond chunk's rows, the uncond rows take the
+    fused path."""
     text, chunks = PROMPT_LENGTH, (1, 0)
-    serve_rows_in_chunks(monkeypatch, rows_per_chunk, 4, text + IMAGE)
+    serve_rows_in_chunks(monkeypatch, rows_per_chunk, 2, text + IMAGE)  # the cond chunk's 2 samples
     q, k, v = qkv(4, text + IMAGE, seed=9)
     mask = torch.rand(2, *GRID, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     weights, tokens = branch_weights(), image_tokens()
     run = guidance_run(tokens, capturing=True, injecting=True, mask=mask)
     chain = ProcessorChain().with_processor(WordMapReader()).with_processor(MaskedImageBranch(weights, STRENGTH))
-    out = call_dispatcher("flux", q, k, v, {**joint_options(chain, chunks, text), RUN_KEY: run})
-    plain = slow_joint_attention(q, k, v, text, torch.zeros(4, HEADS, IMAGE, text))
-    torch.testing.assert_close(out, flat(plain + slow_branch(q, text, weights, tokens, mask, chunks)),
-                               rtol=1e-5, atol=1e-5)
-    run.finish_text_only_pass()
-    maps = slow_word_maps(q, k, text, 0, [2, 3], 1)
-    torch.testing.assert_close(run.mask.double(), (maps / (maps.max(1, keepdim=True).values + 1e-6)).view(2, *GRID),
-                               rtol=1e-5, atol=1e-6)
-    run = guidance_run(tokens, capturing=False, injecting=True, mask=mask)
-    other_block = {**joint_options(chain, chunks, text, block=("single", 0)), RUN_KEY: run}
-    assert torch.equal(call_dispatcher("flux", q, k, v, other_block), call_dispatcher("flux", q, k, v, {}))
-
-
-def test_at_cfg_the_cross_view_is_made_for_the_cond_rows_only(monkeypatch):
-    """The word-map reader views cond rows only: at CFG the logits are made for the cond chunk's rows, the uncond
-    rows take the fused path; the output and the map are those of the written-out joint softmax."""
-    from personalization_nodes.attention import joint
-    text, chunks = PROMPT_LENGTH, (1, 0)
-    q, k, v = qkv(4, text + IMAGE, seed=13)
-    mask = torch.rand(2, *GRID, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    weights, tokens = branch_weights(), image_tokens()
-    run = guidance_run(tokens, capturing=True, injecting=True, mask=mask)
-    chain = ProcessorChain().with_processor(WordMapReader()).with_processor(MaskedImageBranch(weights, STRENGTH))
     viewed_batches = []
-    original = joint._cross_view
+    cross_view = joint._cross_view
 
     def recording(queries, *args, **kwargs):
         viewed_batches.append(queries.shape[0])
-        return original(queries, *args, **kwargs)
+        return cross_view(queries, *args, **kwargs)
     monkeypatch.setattr(joint, "_cross_view", recording)
     out = call_dispatcher("flux", q, k, v, {**joint_options(chain, chunks, text), RUN_KEY: run})
     assert viewed_batches == [2]
@@ -228,6 +209,9 @@ def test_at_cfg_the_cross_view_is_made_for_the_cond_rows_only(monkeypatch):
     maps = slow_word_maps(q, k, text, 0, [2, 3], 1)
     torch.testing.assert_close(run.mask.double(), (maps / (maps.max(1, keepdim=True).values + 1e-6)).view(2, *GRID),
                                rtol=1e-5, atol=1e-6)
+    run = guidance_run(tokens, capturing=False, injecting=True, mask=mask)
+    other_block = {**joint_options(chain, chunks, text, block=("single", 0)), RUN_KEY: run}
+    assert torch.equal(call_dispatcher("flux", q, k, v, other_block), call_dispatcher("flux", q, k, v, {}))
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
@@ -370,15 +354,8 @@ def test_query_rows_served_one_at_a_time_sample_as_all_at_once(family, monkeypat
         return family.sample(patched), torch.stack(masks.steps)
     sources = ("text-only pass", "previous step")
     whole = [outputs(source) for source in sources]
-    reader_class = pack_module("attention.realcustom").WordMapReader
-    served_rows = []
-    original = reader_class.read_probs
-
-    def recording(self, probs, call):
-        served_rows.append(call.query_rows)
-        return original(self, probs, call)
-    monkeypatch.setattr(reader_class, "read_probs", recording)
-    monkeypatch.setattr(pack_module("attention.joint"), "CROSS_VIEW_CHUNK_BYTES", 1)
+    served_rows = serve_sampled_rows_one_at_a_time(monkeypatch, pack_module("attention.realcustom").WordMapReader,
+                                                   "read_probs")
     chunked = [outputs(source) for source in sources]
     assert served_rows and all(rows.stop - rows.start == 1 for rows in served_rows)
     for one_row, all_rows in zip(chunked, whole):  # measured: samples (magnitude 5 to 14) at most 5.3e-6 apart,

@@ -30,6 +30,7 @@ def train_node(sd15, name, steps=3, **overrides):
                          ids=["released", "paper scoring", "word-mask training"])
 def test_loss_decreases_on_the_same_noise_and_timesteps(comfy, sd15, adaptive_scoring, word_mask):
     from harness.realcustom import tiny_clip_vision
+    from harness.training_probes import probe_loss
     glue = pack_module("nodes.training_glue")
     trainer = pack_module("nodes.realcustom_trainer")
     loop = pack_module("training.loop")
@@ -39,14 +40,10 @@ def test_loss_decreases_on_the_same_noise_and_timesteps(comfy, sd15, adaptive_sc
                                                  32, False, 2, 0, adaptive_scoring, ["toy", "toy"], word_mask)
         assert (adapter.scoring is not None) == adaptive_scoring
 
-        def held_out_loss():  # fixed micro-steps the training never draws (steps 10_000+)
-            with torch.no_grad():
-                return sum(float(step(loop.MicroStep(10_000 + i, 0, loop.micro_step_generator(7, 10_000 + i, 0))))
-                           for i in range(3)) / 3
-        before = held_out_loss()
+        before = probe_loss(step, 10_000, 3, seed=7)  # fixed micro-steps the training never draws (steps 10_000+)
         loop.train(dict(adapter.named_parameters()), step, lambda p: torch.optim.AdamW(p, lr=1e-2),
                    loop.LoopSettings(steps=24, seed=0))
-        after = held_out_loss()
+        after = probe_loss(step, 10_000, 3, seed=7)
     assert after < 0.9 * before, (before, after)
 
 

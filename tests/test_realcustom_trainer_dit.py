@@ -60,6 +60,7 @@ def test_flow_loss_is_the_velocity_mse_of_comfys_const_sampling(comfy):
                          ids=["released", "paper scoring"])
 def test_loss_decreases_on_the_same_noise_and_timesteps(family, adaptive_scoring, word_mask):
     from harness.realcustom import tiny_clip_vision
+    from harness.training_probes import probe_loss
     glue = pack_module("nodes.training_glue")
     trainer = pack_module("nodes.realcustom_trainer")
     loop = pack_module("training.loop")
@@ -70,14 +71,10 @@ def test_loss_decreases_on_the_same_noise_and_timesteps(family, adaptive_scoring
         assert step.prediction == "flow" and adapter.family.file_tag == ("flux" if family.name == "flux" else "sd3")
         assert (adapter.scoring is not None) == adaptive_scoring
 
-        def held_out_loss():  # fixed micro-steps the training never draws (steps 10_000+)
-            with torch.no_grad():
-                return sum(float(step(loop.MicroStep(10_000 + i, 0, loop.micro_step_generator(7, 10_000 + i, 0))))
-                           for i in range(3)) / 3
-        before = held_out_loss()
+        before = probe_loss(step, 10_000, 3, seed=7)  # fixed micro-steps the training never draws (steps 10_000+)
         loop.train(dict(adapter.named_parameters()), step, lambda p: torch.optim.AdamW(p, lr=3e-3),
                    loop.LoopSettings(steps=16, seed=0))
-        after = held_out_loss()
+        after = probe_loss(step, 10_000, 3, seed=7)
     assert after < 0.9 * before, (before, after)
 
 
