@@ -79,11 +79,7 @@ def find_phrase_tokens(clip, prompt: str, phrase: str, node_name: str = "") -> P
     Raises PhraseNotInPromptError naming the phrase and showing the prompt (and what the encoder read)
     when it is absent, and ValueError for an empty phrase, a missing CLIP or encoders that disagree.
     """
-    who = f"{node_name}: " if node_name else ""
-    if clip is None:
-        raise ValueError(f"{who}the clip input is empty; connect the text encoder that encodes the prompt.")
-    if not phrase.strip():
-        raise ValueError(f"{who}name the word of the prompt to use (it is empty).")
+    who = _require_phrase(clip, phrase, node_name)
     prompt_tokens = clip.tokenize(prompt, return_word_ids=True)
     phrase_tokens = clip.tokenize(phrase.strip(), return_word_ids=True)
     occurrences, offset = [], 0
@@ -103,11 +99,21 @@ def find_phrase_tokens(clip, prompt: str, phrase: str, node_name: str = "") -> P
 def occurrences_per_encoder(clip, prompt: str, phrase: str, node_name: str = "") -> dict[str, list[tuple[int, ...]]]:
     """Positions of every occurrence of ``phrase`` in each text encoder's own tokens of ``prompt`` (the token
     lists ``clip.tokenize`` gives, each encoder with its own tokenizer: CLIP and T5 place words differently)."""
-    who = f"{node_name}: " if node_name else ""
+    who = _require_phrase(clip, phrase, node_name)
     prompt_tokens = clip.tokenize(prompt, return_word_ids=True)
     phrase_tokens = clip.tokenize(phrase.strip(), return_word_ids=True)
     return {encoder: _occurrences(clip, encoder, prompt, phrase, chunks, phrase_tokens[encoder], who)
             for encoder, chunks in prompt_tokens.items()}
+
+
+def _require_phrase(clip, phrase: str, node_name: str) -> str:
+    """The error prefix naming ``node_name``, after checking there is a CLIP and a phrase to look for."""
+    who = f"{node_name}: " if node_name else ""
+    if clip is None:
+        raise ValueError(f"{who}the clip input is empty; connect the text encoder that encodes the prompt.")
+    if not phrase.strip():
+        raise ValueError(f"{who}name the word of the prompt to use (it is empty).")
+    return who
 
 
 def encoder_attribute(clip, key: str) -> str:

@@ -126,10 +126,10 @@ def _check_model_fits(pva: LoadedPVA, model, node: str = "ParallelVisualAttentio
             f"{node}: {pva.name} was trained for a model with the cross-attention blocks "
             f"{sorted(pva.weights.parallel)}, but this model has {sorted(names)}; use a PVA file trained on this "
             "model family.")
-    expected = _parallel_shapes(model, blocks)
+    diffusion_model = model.get_model_object("diffusion_model")
     for block in blocks:
         projection = pva.weights.parallel[block_name(block.key)]
-        for name, shape in expected[block.key].items():
+        for name, shape in _needed_shapes(diffusion_model, block).items():
             if getattr(projection, name).weight.shape != shape:
                 raise PVAFormatError(
                     f"{node}: {pva.name} does not fit this model: block {block.label} needs {name} of shape "
@@ -138,20 +138,14 @@ def _check_model_fits(pva: LoadedPVA, model, node: str = "ParallelVisualAttentio
     return blocks
 
 
-def _parallel_shapes(model, blocks: list[TransformerBlock]) -> dict:
-    """``{block key: {to_visual_q/k/v: weight shape}}`` of the parallel projections the model's blocks need."""
-    diffusion_model = model.get_model_object("diffusion_model")
-    shapes = {}
-    for block in blocks:
-        if block.projections is None:
-            attn2 = diffusion_model.get_submodule(block.module_path).attn2
-            shapes[block.key] = {"to_visual_q": attn2.to_q.weight.shape, "to_visual_k": attn2.to_k.weight.shape,
-                                 "to_visual_v": attn2.to_v.weight.shape}
-        else:
-            hidden = diffusion_model.get_submodule(block.projections.image_qkv).weight.shape[1]
-            shape = torch.Size((block.channels, hidden))
-            shapes[block.key] = dict.fromkeys(("to_visual_q", "to_visual_k", "to_visual_v"), shape)
-    return shapes
+def _needed_shapes(diffusion_model, block: TransformerBlock) -> dict[str, torch.Size]:
+    """The weight shape of each parallel projection (to_visual_q/k/v) of ``block``."""
+    if block.projections is None:
+        attn2 = diffusion_model.get_submodule(block.module_path).attn2
+        return {"to_visual_q": attn2.to_q.weight.shape, "to_visual_k": attn2.to_k.weight.shape,
+                "to_visual_v": attn2.to_v.weight.shape}
+    hidden = diffusion_model.get_submodule(block.projections.image_qkv).weight.shape[1]
+    return dict.fromkeys(("to_visual_q", "to_visual_k", "to_visual_v"), torch.Size((block.channels, hidden)))
 
 
 def reference_features(pva: LoadedPVA, references: torch.Tensor, clip_vision=None) -> torch.Tensor:
@@ -319,8 +313,6 @@ class PVATextEncode(io.ComfyNode):
     @classmethod
     @names_node
     def execute(cls, clip, pva, text, identity_word) -> io.NodeOutput:
-        if not identity_word.strip():
-            raise ValueError("PVATextEncode: name the identity word of the text (it is empty).")
         found = occurrences_per_encoder(clip, text, identity_word, node_name="PVATextEncode")
         tokens = clip.tokenize(text)
         missing = sorted(set(tokens) - set(pva.weights.identity_word))
