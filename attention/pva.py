@@ -46,6 +46,14 @@ def block_name(key: BlockKey) -> str:
     return "_".join(str(part) for part in key)
 
 
+def _copy_outputs(layer: nn.Linear, source: nn.Linear, rows: slice) -> None:
+    """``layer`` := the outputs ``rows`` of ``source`` (weight and bias), in float32."""
+    with torch.no_grad():
+        layer.weight.copy_(source.weight[rows].float())
+        if layer.bias is not None:
+            layer.bias.copy_(source.bias[rows].float())
+
+
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The layer on ``x``'s device and dtype (the weights live in their own ModelPatcher, in fp32)."""
     return F.linear(x, layer.weight.to(x), None if layer.bias is None else layer.bias.to(x))
@@ -65,12 +73,9 @@ class ParallelProjection(nn.Module):
         """The paper's initialisation: exact copies of the layer's to_q, to_k, to_v."""
         projection = cls(attn2.to_q.in_features, attn2.to_k.in_features, attn2.to_q.out_features,
                          bias=attn2.to_q.bias is not None)
-        with torch.no_grad():
-            for mine, theirs in ((projection.to_visual_q, attn2.to_q), (projection.to_visual_k, attn2.to_k),
-                                 (projection.to_visual_v, attn2.to_v)):
-                mine.weight.copy_(theirs.weight.float())
-                if mine.bias is not None:
-                    mine.bias.copy_(theirs.bias.float())
+        for mine, theirs in ((projection.to_visual_q, attn2.to_q), (projection.to_visual_k, attn2.to_k),
+                             (projection.to_visual_v, attn2.to_v)):
+            _copy_outputs(mine, theirs, slice(None))
         return projection
 
     @property
@@ -110,13 +115,10 @@ class JointParallelProjection(nn.Module):
         text stream's ``text_qkv`` (its keys and values), the norms copied."""
         projection = cls(image_qkv.in_features, inner, image_qkv.bias is not None, HeadNorm.copy_of(query_norm),
                          HeadNorm.copy_of(key_norm))
-        with torch.no_grad():
-            for mine, source, rows in ((projection.to_visual_q, image_qkv, slice(0, inner)),
-                                       (projection.to_visual_k, text_qkv, slice(inner, 2 * inner)),
-                                       (projection.to_visual_v, text_qkv, slice(2 * inner, 3 * inner))):
-                mine.weight.copy_(source.weight[rows].float())
-                if mine.bias is not None:
-                    mine.bias.copy_(source.bias[rows].float())
+        for mine, source, rows in ((projection.to_visual_q, image_qkv, slice(0, inner)),
+                                   (projection.to_visual_k, text_qkv, slice(inner, 2 * inner)),
+                                   (projection.to_visual_v, text_qkv, slice(2 * inner, 3 * inner))):
+            _copy_outputs(mine, source, rows)
         return projection
 
     @property
