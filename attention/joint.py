@@ -24,7 +24,10 @@ use, and hands each the view of the call it knows from the U-Net:
   to three such tensors; in chunks one call's transient peak there fell from 3.6-5.2 GiB to under 0.5 GiB
   (batch 1, bench/cross_view_memory.py). Readers join their per-row reductions (``call.gather_rows``); an editor that
   needs every row before editing any (DisenDiff's class maps) surveys all chunks first (``survey_logits``),
-  which costs one more pass of logits. Text queries, image tokens after the latent's (Flux Kontext's
+  which costs one more pass of logits. When every such processor views cond rows only
+  (``views_uncond_rows`` False: the word map, the calibration, the map preview), the view holds the cond chunks'
+  samples alone (``call.of_cond_rows()``) and the other rows take the fused path. Text queries, image tokens
+  after the latent's (Flux Kontext's
   references) and image-only calls (no text keys) are computed as without the pack. Edits of the logits
   of the image keys are allowed only when no self-attention owner takes the call (below).
   ``parallel_output`` processors (RealCustom's image branch) get the latent's image queries ``(B, N, heads * d)``
