@@ -84,9 +84,9 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .blocks import BlockKey
-from .joint_softmax import ProjectedQueries, extra_key_logits, fused_joint_attention
+from .joint_softmax import ProjectedQueries, extra_key_logits, fused_joint_attention, merged_joint_attention
 from .layout import chunk_count
-from .sdpa import merge_heads, split_heads
+from .sdpa import merge_heads, sdpa_with_logsumexp, split_heads
 
 CHAIN_KEY = "personalization"
 #: extra_options key under which stash_hidden_states leaves the attn2 query input of the block.
@@ -95,6 +95,10 @@ SELF_ATTENTION = "attn1"
 CROSS_ATTENTION = "attn2"
 
 AttentionFn = Callable[..., torch.Tensor]
+#: ``(attention function, options of the call) -> bool``: whether that function, called with those options,
+#: computes exactly the plain softmax attention (so torch's kernel returning the log-sum-exp may stand in for it).
+#: The node glue knows which of ComfyUI's functions do; without one, no function is taken for exact.
+ExactAttentionCheck = Callable[[AttentionFn, dict], bool]
 
 
 class AttentionConflictError(RuntimeError):
@@ -116,6 +120,10 @@ class AttentionProcessor:
     #: cond rows say False, and a DiT's cross view then serves them the cond rows alone (``call`` describing those)
     #: while the other rows take the fused path
     views_uncond_rows: bool = True
+    #: whether ``read_probs`` reads the text keys' columns only (``call.text_keys``); a DiT then serves such a reader
+    #: (when it edits nothing) only the first columns of the joint keys, up to the text's, computed from the fused
+    #: kernel's log-sum-exp of each query's joint softmax where that kernel serves (``attention_with_logsumexp``)
+    reads_text_columns_only: bool = False
 
     def active(self, call: "AttentionCall") -> bool:
         return True
@@ -232,7 +240,8 @@ class AttentionCall:
 
     def __init__(self, options: dict, attention: AttentionFn, batch: int, heads: int, dim_head: int,
                  block: Optional[BlockKey], context: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                 attn_precision=None, query_grid: Optional[tuple[int, int]] = None):
+                 attn_precision=None, query_grid: Optional[tuple[int, int]] = None,
+                 is_exact_attention: Optional[ExactAttentionCheck] = None):
         self.options = options
         self.heads, self.dim_head, self.block = heads, dim_head, block
         self.cond_or_uncond: tuple[int, ...] = tuple(options.get("cond_or_uncond") or ())
@@ -260,16 +269,18 @@ class AttentionCall:
         self._image_query_placement: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self._gathering: dict = {}
         self._attention = attention
+        self._is_exact_attention = is_exact_attention
         self._attn_precision = attn_precision
         self._sigma: Optional[float] = None
 
     @classmethod
-    def of_unet_block(cls, extra_options: dict, attention: AttentionFn, batch: int) -> "AttentionCall":
+    def of_unet_block(cls, extra_options: dict, attention: AttentionFn, batch: int,
+                      is_exact_attention: Optional[ExactAttentionCheck] = None) -> "AttentionCall":
         """The call of an attn1/attn2 replace, from the ``extra_options`` ComfyUI gives it."""
         block = extra_options.get("block")
         key = (block[0], block[1], extra_options.get("block_index", 0)) if block else None
         return cls(extra_options, attention, batch, extra_options["n_heads"], extra_options["dim_head"], key,
-                   attn_precision=extra_options.get("attn_precision"))
+                   attn_precision=extra_options.get("attn_precision"), is_exact_attention=is_exact_attention)
 
     def of_cond_rows(self) -> "AttentionCall":
         """This call as its cond chunks alone see it (for hooks served only the cond rows)."""
@@ -331,6 +342,14 @@ class AttentionCall:
         return self._attention(q, k, v, self.heads, mask=mask, attn_precision=self._attn_precision,
                                transformer_options=self.options)
 
+    def attention_with_logsumexp(self, q, k, v) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`attention` and each query's log-sum-exp ``(B, heads, Nq)`` from torch's fused kernel
+        (:func:`.sdpa.sdpa_with_logsumexp`), where the node glue found that this call's attention computes the
+        same exact softmax; None where it does not, or where that kernel cannot serve."""
+        if self._is_exact_attention is None or not self._is_exact_attention(self._attention, self.options):
+            return None
+        return sdpa_with_logsumexp(q, k, v, self.heads)
+
 
 def sigma_in_range(sigma: Optional[float], sigma_start: float, sigma_end: float) -> bool:
     """Step gating shared by the techniques: active while ``sigma_end <= sigma <= sigma_start``."""
@@ -346,9 +365,10 @@ class AttentionDispatcher:
     """The single replace installed at one patch point of one block."""
 
     def __init__(self, patch_point: str, attention_fn: AttentionFn, inner: Optional[Callable] = None,
-                 added: tuple[tuple[Callable, dict], ...] = ()):
+                 added: tuple[tuple[Callable, dict], ...] = (), is_exact_attention: Optional[ExactAttentionCheck] = None):
         self.patch_point = patch_point
         self.attention_fn = attention_fn
+        self.is_exact_attention = is_exact_attention
         self.inner = inner
         self.added = list(added)
 
@@ -358,7 +378,7 @@ class AttentionDispatcher:
 
     def __call__(self, q, k, v, extra_options):
         chain: Optional[ProcessorChain] = extra_options.get(CHAIN_KEY)
-        call = AttentionCall.of_unet_block(extra_options, self.attention_fn, q.shape[0])
+        call = AttentionCall.of_unet_block(extra_options, self.attention_fn, q.shape[0], self.is_exact_attention)
         processors = [p for p in chain.at(self.patch_point) if p.active(call)] if chain else []
         if not processors:
             out = self._base(q, k, v, call)
@@ -459,10 +479,14 @@ class AttentionDispatcher:
         return self.inner.models() if hasattr(self.inner, "models") else []
 
 
-def attention_with_extra_keys(q, k, v, call: AttentionCall, own_queries: list[JointKeys]) -> torch.Tensor:
+def attention_with_extra_keys(q, k, v, call: AttentionCall, own_queries: list[JointKeys], with_logsumexp: bool = False):
     """``q`` against the keys ``k`` and the extra keys of ``own_queries`` (with their own queries, bias or rows) in
     one softmax, through fused attention: one call per group of batch rows that see the same extra keys; rows
-    that see none get exactly the plain attention."""
+    that see none get exactly the plain attention. The extra keys join the plain call's output by its
+    log-sum-exp where the call has it, else they widen its heads (:mod:`.joint_softmax`).
+
+    ``with_logsumexp``: ``(output, log-sum-exp)``, each query's log-sum-exp over every key it saw ``(B, heads,
+    Nq)`` float32, or None where no kernel returning it serves the call."""
     batch = q.shape[0]
     seen_by = [[True] * batch if extra.rows is None else extra.rows.tolist() for extra in own_queries]
     groups: dict[tuple[bool, ...], list[int]] = {}
@@ -473,18 +497,29 @@ def attention_with_extra_keys(q, k, v, call: AttentionCall, own_queries: list[Jo
         index = row_index(rows, q.device)
         q_rows, k_rows, v_rows = q[index], k[index], v[index]
         extras = [extra.take_rows(index) for extra, seen in zip(own_queries, sees) if seen]
+        plain = call.attention_with_logsumexp(q_rows, k_rows, v_rows) if extras or with_logsumexp else None
+        if with_logsumexp and plain is None:
+            return None
         if not extras:
-            pieces.append(call.attention(q_rows, k_rows, v_rows))
+            pieces.append(plain if with_logsumexp else call.attention(q_rows, k_rows, v_rows))
             continue
         logits = torch.cat([extra_key_logits(q_rows if extra.queries is None else extra.queries, extra.keys,
-                                             call.heads, extra.logit_bias) for extra in extras], dim=-1)
+                                             call.heads, extra.logit_bias) for extra in extras], dim=-2)
         values = torch.cat([extra.values for extra in extras], dim=1)
-        pieces.append(fused_joint_attention(q_rows, k_rows, v_rows, logits, values, call.heads, call.attention))
-    out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if plain is not None:
+            merged = merged_joint_attention(*plain, logits, values, call.heads)
+            pieces.append(merged if with_logsumexp else merged[0])
+        else:
+            pieces.append(fused_joint_attention(q_rows, k_rows, v_rows, logits, values, call.heads, call.attention))
     order = [row for rows in groups.values() for row in rows]
-    if order != list(range(batch)):
-        out = out.index_select(0, torch.tensor(order, device=out.device).argsort())
-    return out
+    restore = None if order == list(range(batch)) else torch.tensor(order, device=q.device).argsort()
+
+    def joined(parts):
+        whole = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return whole if restore is None else whole.index_select(0, restore.to(whole.device))
+    if with_logsumexp:
+        return joined([out for out, _ in pieces]), joined([logsumexp for _, logsumexp in pieces])
+    return joined(pieces)
 
 
 def attention_logits(q, k, heads) -> torch.Tensor:
@@ -504,7 +539,7 @@ def joint_logits(q, extra: JointKeys, heads) -> torch.Tensor:
     """``(B, heads, Nq, M)`` float32 logits of ``extra``'s keys against its own queries (or ``q``), biased,
     masked outside its rows."""
     logits = extra_key_logits(q if extra.queries is None else extra.queries, extra.keys.float(), heads,
-                              extra.logit_bias).transpose(1, 2)
+                              extra.logit_bias).transpose(-1, -2)
     if extra.rows is not None:
         logits = logits.masked_fill(~extra.rows.to(logits.device).view(-1, 1, 1, 1), float("-inf"))
     return logits
@@ -514,15 +549,16 @@ def attention_probs(q, k, heads) -> torch.Tensor:
     return attention_logits(q, k, heads).softmax(dim=-1)
 
 
-def install_dispatcher(existing: Optional[Callable], patch_point: str, attention_fn: AttentionFn) -> AttentionDispatcher:
+def install_dispatcher(existing: Optional[Callable], patch_point: str, attention_fn: AttentionFn,
+                       is_exact_attention: Optional[ExactAttentionCheck] = None) -> AttentionDispatcher:
     """The dispatcher for a block: ours if already there, else a new one that adopts the callbacks of an
     additive-protocol replace or wraps any other foreign replace."""
     if isinstance(existing, AttentionDispatcher):
         return existing
     callbacks = additive_callbacks(existing)
     if callbacks is not None:
-        return AttentionDispatcher(patch_point, attention_fn, added=callbacks)
-    return AttentionDispatcher(patch_point, attention_fn, inner=existing)
+        return AttentionDispatcher(patch_point, attention_fn, added=callbacks, is_exact_attention=is_exact_attention)
+    return AttentionDispatcher(patch_point, attention_fn, inner=existing, is_exact_attention=is_exact_attention)
 
 
 def additive_callbacks(replace) -> Optional[tuple[tuple[Callable, dict], ...]]:

@@ -26,8 +26,12 @@ use, and hands each the view of the call it knows from the U-Net:
   needs every row before editing any (DisenDiff's class maps) surveys all chunks first (``survey_logits``),
   which costs one more pass of logits. When every such processor views cond rows only
   (``views_uncond_rows`` False: the word map, the calibration, the map preview), the view holds the cond chunks'
-  samples alone (``call.of_cond_rows()``) and the other rows take the fused path. Text queries, image tokens
-  after the latent's (Flux Kontext's
+  samples alone (``call.of_cond_rows()``) and the other rows take the fused path. When every such processor
+  only reads the text columns (``reads_text_columns_only``: the word map, the map preview) and a kernel returning
+  each query's log-sum-exp ``L`` serves the call (``AttentionCall.attention_with_logsumexp``), the *text view*
+  stands in: the image rows come from the fused kernel, and the readers get the probabilities of the first
+  ``text`` joint keys alone, ``exp(q·k_textᵀ/√d - L)`` (equal to the cross view's columns; at Flux's size a
+  twentieth of the logits), in the same row chunks. Text queries, image tokens after the latent's (Flux Kontext's
   references) and image-only calls (no text keys) are computed as without the pack. Edits of the logits
   of the image keys are allowed only when no self-attention owner takes the call (below).
   ``parallel_output`` processors (RealCustom's image branch) get the latent's image queries ``(B, N, heads * d)``
@@ -35,10 +39,10 @@ use, and hands each the view of the call it knows from the U-Net:
   the image output, whoever computes it (the plain joint attention through the fused function when no
   processor needs logits, the cross view's softmax, or a self-attention owner); text rows never get it.
   ``extra_key_values`` processors (PVA's identity tokens) get the latent's image queries and their keys join
-  the softmax of those queries only, whoever computes it (fused attention over widened heads, see
-  :mod:`.joint_softmax`; the cross view's logits, as extra columns after the joint keys; a self-attention
-  owner's softmax, as keys after ``call.context`` with their logits' difference from the owner's queries in
-  ``call.context_bias``). A processor with its own projections (``needs_hidden_states``) gets
+  the softmax of those queries only, whoever computes it (fused attention, with the extra keys merged in by the
+  plain kernel's log-sum-exp or widening its heads, see :mod:`.joint_softmax`; the cross view's logits, as extra
+  columns after the joint keys, or the text view's log-sum-exp; a self-attention owner's softmax, as keys after
+  ``call.context`` with their logits' difference from the owner's queries in ``call.context_bias``). A processor with its own projections (``needs_hidden_states``) gets
   ``call.hidden_states``, the input of the block's image query projection for the latent's tokens, and
   ``call.place_image_queries`` (Flux: the rotary position embedding of those tokens), both recorded during
   the model call by hooks the node glue installs (:class:`QueryInputs`).
@@ -78,8 +82,8 @@ from typing import Callable, Optional
 import torch
 
 from .dispatcher import (CHAIN_KEY, CROSS_ATTENTION, SELF_ATTENTION, AttentionCall, AttentionConflictError,
-                         JointKeys, ProcessorChain, attention_logits, attention_with_extra_keys, describe_foreign,
-                         joint_logits, row_index)
+                         ExactAttentionCheck, JointKeys, ProcessorChain, attention_logits, attention_with_extra_keys,
+                         describe_foreign, joint_logits, row_index)
 from .layout import cond_row_indices
 from .sdpa import merge_heads, split_heads
 
@@ -144,8 +148,9 @@ def _queries_keys_values(args, kwargs):
 class JointAttentionDispatcher:
     """The attention override of one DiT clone (see the module docstring)."""
 
-    def __init__(self, inner: Optional[Callable] = None):
+    def __init__(self, inner: Optional[Callable] = None, is_exact_attention: Optional[ExactAttentionCheck] = None):
         self.inner = inner
+        self.is_exact_attention = is_exact_attention
 
     def __call__(self, func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
@@ -160,7 +165,8 @@ class JointAttentionDispatcher:
         text = self._text_tokens(length, layout, block_type)
         block = (block_type, int(options.get("block_index", 0)), 0)
         call = AttentionCall(options, func, q.shape[0], heads, (q.shape[-1] if batched_heads else q.shape[-1] // heads),
-                             block, attn_precision=kwargs.get("attn_precision"), query_grid=layout.image_grid)
+                             block, attn_precision=kwargs.get("attn_precision"), query_grid=layout.image_grid,
+                             is_exact_attention=self.is_exact_attention)
         owners = [p for p in chain.at(SELF_ATTENTION) if p.active(call)]
         # an image-only attention has no text keys: nothing of a cross view
         crossing = [p for p in chain.at(CROSS_ATTENTION) if p.active(call)] if text else []
@@ -197,6 +203,10 @@ class JointAttentionDispatcher:
         latent_out = None
         if viewed == []:  # an uncond pass, and the processors view cond rows only
             viewing = []
+        if viewing and not owners and all(_reads_text_columns_only(p) for p in viewing):
+            latent_out = _text_view(q[:, text:text + grid], k, v, text, call, viewing, extras, viewed)
+            if latent_out is not None:
+                viewing = []
         if viewing and viewed is None:
             context, latent_out, call.context_bias = _cross_view(q[:, text:text + grid], k, v, text, call, viewing,
                                                                  owners[0] if owners else None, q.shape[1] - text,
@@ -255,11 +265,12 @@ class JointAttentionDispatcher:
         return func(*args, **kwargs)
 
 
-def install_joint_dispatcher(existing: Optional[Callable]) -> JointAttentionDispatcher:
+def install_joint_dispatcher(existing: Optional[Callable],
+                             is_exact_attention: Optional[ExactAttentionCheck] = None) -> JointAttentionDispatcher:
     """Ours if already installed, else a new one wrapping another pack's override (or none)."""
     if isinstance(existing, JointAttentionDispatcher):
         return existing
-    return JointAttentionDispatcher(inner=existing)
+    return JointAttentionDispatcher(inner=existing, is_exact_attention=is_exact_attention)
 
 
 def joint_layout(latent_shape, context_tokens: int, patch_size: int, register_tokens: int = 0) -> JointLayout:
@@ -388,6 +399,39 @@ def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, owner, 
     if image_rows > bias.shape[2]:  # zero for image rows after the latent's (Flux Kontext's references)
         bias = torch.nn.functional.pad(bias, (0, 0, 0, image_rows - bias.shape[2]))
     return (text_keys, text_values), None, bias
+
+
+def _reads_text_columns_only(processor) -> bool:
+    return processor.reads_text_columns_only and not any(
+        processor.overrides(hook) for hook in ("edit_key_values", "edit_logits", "survey_logits"))
+
+
+def _text_view(queries, k, v, text: int, call: AttentionCall, readers, extras, rows) -> Optional[torch.Tensor]:
+    """The latent's image output rows, and to ``readers`` that read the text columns only the probabilities of the
+    first ``text`` joint keys for the query ``rows`` (None: all), from the fused kernel's log-sum-exp ``L`` of each
+    query's joint softmax (extra keys included): ``exp(q·k_textᵀ/√d - L)``, exactly the cross view's columns at a
+    twentieth of its cost at Flux's size, in row chunks as the cross view. None where no such kernel serves (the
+    cross view serves them then)."""
+    served = attention_with_extra_keys(queries, k, v, call, extras, with_logsumexp=True)
+    if served is None:
+        return None
+    out, logsumexp = served
+    view = call if rows is None else call.of_cond_rows()
+    if rows is not None:
+        index = row_index(rows, queries.device)
+        queries, k, logsumexp = queries[index], k[index], logsumexp[index]
+    text_keys = k[:, :text]
+    chunk_rows = max(1, CROSS_VIEW_CHUNK_BYTES // (queries.shape[0] * call.heads * text * 4))
+    chunks = [slice(start, min(start + chunk_rows, queries.shape[1]))
+              for start in range(0, queries.shape[1], chunk_rows)]
+    for chunk in chunks:
+        view.query_rows = chunk if len(chunks) > 1 else None
+        probs = attention_logits(queries[:, chunk], text_keys, call.heads).sub_(logsumexp[:, :, chunk, None]).exp_()
+        for reader in readers:
+            reader.read_probs(probs, view)
+        del probs
+    view.query_rows, view.surveys = None, {}
+    return out
 
 
 def _viewed_rows(call: AttentionCall, viewing, batch: int) -> Optional[list[int]]:

@@ -185,7 +185,7 @@ class ParallelVisualAttentionProcessor(AttentionProcessor):
         if rows is not None and not bool(rows.any()):
             return None  # e.g. an uncond-only pass: plain cross-attention, through the fused path
         projection = self.projections[block_name(call.block)]
-        tokens = tokens_per_row(self.identity_tokens, call.n_chunks, q.shape[0]).to(call.hidden_states)
-        keys, values = projection.keys_values(tokens)
+        keys, values = (tokens_per_row(t, call.n_chunks, q.shape[0])  # each identity projected once
+                        for t in projection.keys_values(self.identity_tokens.to(call.hidden_states)))
         return JointKeys(keys, values, queries=projection.queries(call), rows=rows,
                          logit_bias=math.log(self.strength))

@@ -304,6 +304,7 @@ class WordMapReader(AttentionProcessor):
     """Reads the target word's text cross-attention map while the run is capturing."""
 
     views_uncond_rows = False  # cond rows only
+    reads_text_columns_only = True
     name = "realcustom_word_map"
     node_name = "AdaptiveMaskGuidance"
     patch_point = CROSS_ATTENTION

@@ -42,6 +42,7 @@ class MapRecorder(AttentionProcessor):
     node_name: str = "personalization node"
     maps: list = field(default_factory=list)
     views_uncond_rows = False  # cond rows only
+    reads_text_columns_only = True
     name = "token_maps"
     patch_point = CROSS_ATTENTION
 

@@ -5,8 +5,9 @@ One joint-attention call of a Flux double block at 1024 px: 24 heads x 128, 512 
 q/k/v as Flux hands them ((B, heads, L, d), RoPE applied), batch 1 (Flux dev samples at CFG 1; ``--cfg`` adds an
 uncond row). Flux runs 19 double + 38 single blocks, each with a joint attention over the same 4608 tokens, so
 one call is 1/57 of a forward's joint attention. Every configuration goes through the pack's
-JointAttentionDispatcher with ComfyUI's own attention function (the one ``wrap_attn`` hands an override), with
-the real processors:
+JointAttentionDispatcher (with the node glue's check of ComfyUI's exact attention functions) and ComfyUI's PyTorch
+attention function (SDPA: the default on NVIDIA GPUs, ``--use-pytorch-cross-attention`` elsewhere; unwrapped, as
+``wrap_attn`` hands it an override), with the real processors:
 
 - plain: ComfyUI's attention function on the call as Flux makes it (no override);
 - ungated: AdaptiveMaskGuidance's image branch (WordMapReader + MaskedImageBranch, 257 reference tokens of
@@ -14,8 +15,9 @@ the real processors:
   joint attention through the fused function plus the branch (``parallel_output``);
 - guided: the same branch gated by a mask while the word map is read in the same pass (the "previous step"
   source): the cross view's logits of the image queries against all joint keys, their softmax, the map;
-- pva softmax: PVA's 10 identity keys in the joint softmax of the image queries (one fused call over widened
-  heads), with the parallel queries and identity keys the processor projected in its first call served again;
+- pva softmax: PVA's 10 identity keys in the joint softmax of the image queries (the plain call's kernel returning
+  its log-sum-exp, the identity keys merged in; where no such kernel serves, one fused call over widened heads),
+  with the parallel queries and identity keys the processor projected in its first call served again;
 - pva: ParallelVisualAttentionProcessor with the block's JointParallelProjection (hidden 3072, per-head RMS
   norms), its parallel query projection of the 4096 image tokens, norm and rotation included in every call.
 
@@ -23,8 +25,7 @@ Ratios: (1) guided / ungated, target <= 1.10; (2) pva softmax / plain, target <=
 what the user pays in this call. Calls are timed in turns, best of ``--repeats`` (on the CPU by this process's
 CPU time: run with OMP_NUM_THREADS=1 on a shared machine). ``--heads`` runs a fraction of the 24 heads (same
 head width and token counts; the projections keep Flux's 3072 hidden width). On one core of a 2-core AMD EPYC
-VM a full-size plain call takes 4.5 s of CPU time (ComfyUI picks its sub-quadratic attention there), the default
-run 3 minutes (the guided call's logits, 1.8 GB per image, are made in 64 MiB row chunks: attention.joint).
+VM a full-size plain call takes about 2.3 s of CPU time, the default run 2 minutes (the guided call's logits, 1.8 GB per image, are made in 64 MiB row chunks: attention.joint).
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python bench/flux_joint_attention.py [--repeats N] [--heads H] [--cfg]
 """
@@ -64,9 +65,10 @@ ALL_BLOCKS = 19 + 38  # Flux's double + single blocks, each with one such joint 
 
 
 def joint_calls(size: JointCallSize, cond_or_uncond: tuple[int, ...], device: str,
-                guided_mask: float | None = None) -> dict[str, Callable]:
+                guided_mask: float | None = None, attention_name: str = "pytorch") -> dict[str, Callable]:
     """The configurations (module docstring) as calls returning their (B, L, heads * d) output; the guided mask
-    is random, or ``guided_mask`` everywhere."""
+    is random, or ``guided_mask`` everywhere; ``attention_name``: ComfyUI's attention function the calls use,
+    "pytorch" or "comfyui" (the one ComfyUI picked on this machine)."""
     import comfy.ldm.modules.attention as comfy_attention
     from harness.comfy_env import pack_module
 
@@ -84,9 +86,10 @@ def joint_calls(size: JointCallSize, cond_or_uncond: tuple[int, ...], device: st
 
     q, k, v = (randn(batch, size.heads, length, size.head_dim) for _ in range(3))
     block = ("double", 0, 0)
-    # ComfyUI's own attention function, unwrapped as wrap_attn hands it to an override
-    attention = comfy_attention.optimized_attention.__wrapped__
-    override = joint.JointAttentionDispatcher()
+    # unwrapped, as wrap_attn hands it to an override
+    attention = (comfy_attention.attention_pytorch if attention_name == "pytorch"
+                 else comfy_attention.optimized_attention).__wrapped__
+    override = joint.JointAttentionDispatcher(is_exact_attention=pack_module("nodes.comfy_features").computes_exact_attention)
 
     def options(*processors, **extra):
         chain = dispatcher.ProcessorChain()
@@ -157,14 +160,15 @@ def measure(calls: dict[str, Callable], repeats: int, device: str) -> dict[str, 
         return best_of_interleaved(calls, repeats, work_clock(device))
 
 
-def report(times: dict[str, float], size: JointCallSize, cond_or_uncond: tuple[int, ...], device: str) -> list[str]:
+def report(times: dict[str, float], size: JointCallSize, cond_or_uncond: tuple[int, ...], device: str,
+           attention_name: str) -> list[str]:
     clock = "process CPU time" if device == "cpu" else "wall time"
     rows = "cond + uncond, batch 2" if len(cond_or_uncond) > 1 else "cond only, batch 1"
     seconds = ", ".join(f"{name} {t:.2f} s" for name, t in times.items())
     return [
         f"Flux double-block joint attention, {size.heads} of 24 heads x {size.head_dim}, {size.text} text + "
-        f"{size.image} image tokens, {rows} (1/{ALL_BLOCKS} of a forward's joint attention); best of the calls "
-        f"in turns, {clock}: {seconds}",
+        f"{size.image} image tokens, {rows} (1/{ALL_BLOCKS} of a forward's joint attention), ComfyUI's "
+        f"{attention_name_of(attention_name)}; best of the calls in turns, {clock}: {seconds}",
         f"(1) AdaptiveMaskGuidance guided (map read in the same pass) / ungated branch: "
         f"{times['guided'] / times['ungated']:.3f} (target <= 1.10)",
         f"(2) ParallelVisualAttention joint softmax / plain joint attention: "
@@ -174,19 +178,27 @@ def report(times: dict[str, float], size: JointCallSize, cond_or_uncond: tuple[i
     ]
 
 
+def attention_name_of(attention_name: str) -> str:
+    import comfy.ldm.modules.attention as comfy_attention
+    function = comfy_attention.attention_pytorch if attention_name == "pytorch" else comfy_attention.optimized_attention
+    return f"{function.__wrapped__.__name__}"
+
+
 def main() -> None:
     from harness.comfy_env import boot_comfy
 
     def add_options(parser):
         parser.add_argument("--heads", type=int, default=24, help="heads of the 24 to run (same head width)")
         parser.add_argument("--cfg", action="store_true", help="cond + uncond rows (batch 2) instead of cond only")
+        parser.add_argument("--attention", choices=("pytorch", "comfyui"), default="pytorch",
+                            help="ComfyUI's PyTorch attention (SDPA), or the function ComfyUI picked on this machine")
 
     args, device = parse_bench_args(__doc__, add_options)
     boot_comfy(cpu=device == "cpu")
     size = JointCallSize(heads=args.heads)
     cond_or_uncond = (1, 0) if args.cfg else (0,)
-    for line in report(measure(joint_calls(size, cond_or_uncond, device), args.repeats, device), size,
-                       cond_or_uncond, device):
+    calls = joint_calls(size, cond_or_uncond, device, attention_name=args.attention)
+    for line in report(measure(calls, args.repeats, device), size, cond_or_uncond, device, args.attention):
         print(line)
 
 

@@ -32,7 +32,6 @@ def joint_softmax_vs_plain(repeats: int, device: str) -> tuple[float, float]:
     boot_comfy()
     dispatcher = pack_module("attention.dispatcher")
     pva = pack_module("attention.pva")
-    sdpa = pack_module("attention.sdpa")
     heads, dim_head, queries, batch, context = 5, 64, 4096, 2, 1024
     channels = heads * dim_head
     torch.manual_seed(0)
@@ -45,10 +44,10 @@ def joint_softmax_vs_plain(repeats: int, device: str) -> tuple[float, float]:
     options = {"n_heads": heads, "dim_head": dim_head, "block": ("input", 1), "block_index": 0,
                "cond_or_uncond": [0], dispatcher.CHAIN_KEY: dispatcher.ProcessorChain().with_processor(processor)}
 
-    def attention(q_, k_, v_, heads_, mask=None, **_):
-        return sdpa.sdpa_attention(q_, k_, v_, heads_, mask=mask)
-
-    layer = dispatcher.AttentionDispatcher(dispatcher.CROSS_ATTENTION, attention)
+    import comfy.ldm.modules.attention as comfy_attention
+    attention = comfy_attention.attention_pytorch  # the default on NVIDIA GPUs, --use-pytorch-cross-attention elsewhere
+    layer = dispatcher.AttentionDispatcher(dispatcher.CROSS_ATTENTION, attention,
+                                           is_exact_attention=pack_module("nodes.comfy_features").computes_exact_attention)
 
     def ours():
         call_options = dict(options)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import comfy.ldm.modules.attention as comfy_attention
 
+from ..attention.joint import OVERRIDE_KEY
+
 #: The ComfyUI release that introduced the attention override: every attention function is wrapped by
 #: ``comfy.ldm.modules.attention.wrap_attn``, which hands the call to
 #: ``transformer_options["optimized_attention_override"]`` when a model sets one (0.3.59 does not have it).
@@ -48,3 +50,28 @@ def comfy_attention_function():
     if has_attention_override():
         return comfy_attention.optimized_attention
     return _attention_before_override
+
+
+def _unwrapped(attention_fn):
+    return getattr(attention_fn, "__wrapped__", attention_fn)
+
+
+#: ComfyUI's own attention functions that compute the softmax attention exactly, in pure torch (SDPA, the
+#: sub-quadratic and split chunkings, the basic one): torch's kernel differs from them only by rounding.
+#: xformers, flash-attn and SageAttention (quantised) are left to do their own work, as any other pack's function.
+_EXACT_ATTENTION = frozenset(_unwrapped(fn) for fn in (
+    getattr(comfy_attention, name, None)
+    for name in ("attention_pytorch", "attention_sub_quad", "attention_split", "attention_basic")) if fn is not None)
+
+
+def computes_exact_attention(attention_fn, options: dict) -> bool:
+    """Whether ``attention_fn`` (what a dispatcher calls as ComfyUI's attention), called with ``options``, is one
+    of ComfyUI's exact attention functions and is not handed on to an attention override: torch's fused kernel
+    that also returns the log-sum-exp may then stand in for it (``AttentionCall.attention_with_logsumexp``)."""
+    if attention_fn is _attention_before_override:
+        attention_fn = comfy_attention.optimized_attention
+    own = _unwrapped(attention_fn)
+    if own not in _EXACT_ATTENTION:
+        return False
+    handed_on = own is not attention_fn and OVERRIDE_KEY in options  # ComfyUI's wrap_attn would call the override
+    return not handed_on

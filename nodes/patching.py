@@ -17,7 +17,7 @@ from ..attention.dispatcher import (CHAIN_KEY, AttentionConflictError, Attention
 from ..attention.joint import (JOINT_ATTENTION, LAYOUT_KEY, OVERRIDE_KEY, QUERY_INPUTS_KEY, QueryInputs,
                                install_block_marker, install_joint_dispatcher, joint_layout,
                                overwritten_joint_entries)
-from .comfy_features import comfy_attention_function, require_attention_override
+from .comfy_features import comfy_attention_function, computes_exact_attention, require_attention_override
 
 WRAPPER_KEY = "personalization"
 DISPATCH_CHECK_KEY = WRAPPER_KEY + ".dispatch_check"
@@ -83,7 +83,7 @@ def _serve_unet_blocks(patched, processor: AttentionProcessor, blocks: list[Tran
     for block in blocks:
         name, block_id, index = block.key
         existing = replaces.get(block.key, replaces.get((name, block_id)))
-        dispatcher = install_dispatcher(existing, point, comfy_attention_function())
+        dispatcher = install_dispatcher(existing, point, comfy_attention_function(), computes_exact_attention)
         patched.set_model_patch_replace(dispatcher, point, name, block_id, index)
         served.append((point, block.key))
         if block.alone_in_block:
@@ -101,7 +101,7 @@ def _serve_joint_attention(patched, processor: AttentionProcessor, blocks: list[
     families whose forward does not name the running block) a block marker per block."""
     require_attention_override(processor.node_name)
     options = patched.model_options["transformer_options"]
-    options[OVERRIDE_KEY] = install_joint_dispatcher(options.get(OVERRIDE_KEY))
+    options[OVERRIDE_KEY] = install_joint_dispatcher(options.get(OVERRIDE_KEY), computes_exact_attention)
     served = [(JOINT_ATTENTION, (OVERRIDE_KEY,))]
     if not blocks[0].family.comfy_marks_blocks:
         markers = options.get("patches_replace", {}).get("dit", {})

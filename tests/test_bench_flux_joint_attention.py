@@ -45,12 +45,14 @@ def test_configurations_compute_what_their_ratios_compare(comfy, monkeypatch, co
     assert (guided - ungated).abs().max() > 1e-3  # the mask gates the branch
 
 
-def test_report_prints_every_ratio(comfy, capsys):
-    calls = bench.joint_calls(TINY, (0,), "cpu")
-    lines = bench.report(bench.measure(calls, 1, "cpu"), TINY, (0,), "cpu")
+@pytest.mark.parametrize("attention_name", ["pytorch", "comfyui"])
+def test_report_prints_every_ratio(comfy, capsys, attention_name):
+    calls = bench.joint_calls(TINY, (0,), "cpu", attention_name=attention_name)
+    lines = bench.report(bench.measure(calls, 1, "cpu"), TINY, (0,), "cpu", attention_name)
     print("\n".join(lines))
     out = capsys.readouterr().out
     for label in ("(1) AdaptiveMaskGuidance guided", "(2) ParallelVisualAttention joint softmax",
                   "(3) ParallelVisualAttention with its parallel query projection"):
         assert label in out
     assert "2 of 24 heads x 8, 6 text + 12 image tokens, cond only, batch 1 (1/57" in out
+    assert ("ComfyUI's attention_pytorch" in out) == (attention_name == "pytorch")

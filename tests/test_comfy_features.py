@@ -67,3 +67,24 @@ def test_dispatcher_attention_call_takes_transformer_options_on_every_comfyui(co
     expected = comfy_attention.optimized_attention(q, k, v, 4)
     out = attention(q, k, v, 4, mask=None, attn_precision=None, transformer_options={"n_heads": 4})
     torch.testing.assert_close(out, expected)
+
+
+def test_exact_attention_is_comfyuis_own_softmax_attention_not_handed_to_an_override(comfy):
+    """torch's kernel returning the log-sum-exp stands in only for ComfyUI's exact attention functions as the
+    dispatchers call them: its optimized attention where no override takes the call (on the CPU: sub-quadratic
+    or PyTorch), the unwrapped function an override is given; never another pack's function or a quantised one."""
+    import comfy.ldm.modules.attention as comfy_attention
+    features = pack_module("nodes.comfy_features")
+    glue_attention = features.comfy_attention_function()
+    assert features.computes_exact_attention(glue_attention, {})
+    if features.has_attention_override():
+        assert not features.computes_exact_attention(glue_attention, {"optimized_attention_override": print})
+        for name in ("attention_pytorch", "attention_sub_quad", "attention_split", "attention_basic"):
+            assert features.computes_exact_attention(getattr(comfy_attention, name).__wrapped__,
+                                                     {"optimized_attention_override": print}), name
+    for name in ("attention_sage", "attention_xformers", "attention_flash"):
+        function = getattr(comfy_attention, name, None)
+        if function is not None:
+            assert not features.computes_exact_attention(function, {}), name
+            assert not features.computes_exact_attention(getattr(function, "__wrapped__", function), {}), name
+    assert not features.computes_exact_attention(lambda q, k, v, heads, **_: q, {})

@@ -8,7 +8,7 @@ from personalization_nodes.attention.dispatcher import (
     CHAIN_KEY, CROSS_ATTENTION, SELF_ATTENTION, AttentionConflictError, AttentionDispatcher, AttentionProcessor,
     JointKeys, ProcessorChain, install_dispatcher, overwritten_dispatchers)
 from personalization_nodes.attention.joint_softmax import ProjectedQueries
-from personalization_nodes.attention.sdpa import sdpa_attention
+from personalization_nodes.attention.sdpa import sdpa_attention, sdpa_with_logsumexp
 
 from harness.additive_replace import AdditiveAttn2Replace
 
@@ -129,11 +129,12 @@ class OwnQueryKeys(AttentionProcessor):
                          self.logit_bias)
 
 
-def own_query_processor(projected=True, rows=None, logit_bias=0.0, extra=3, inputs_dim=5):
+def own_query_processor(projected=True, rows=None, logit_bias=0.0, extra=3, inputs_dim=5, dtype=torch.float32):
     gen = torch.Generator().manual_seed(1)
-    return OwnQueryKeys(torch.randn(4, extra, C, generator=gen), torch.randn(4, extra, C, generator=gen),
-                        torch.randn(C, inputs_dim, generator=gen), torch.randn(C, generator=gen),
-                        torch.randn(4, 6, inputs_dim, generator=gen), projected, rows, logit_bias)
+    return OwnQueryKeys(*(t.to(dtype) for t in (
+        torch.randn(4, extra, C, generator=gen), torch.randn(4, extra, C, generator=gen),
+        torch.randn(C, inputs_dim, generator=gen), torch.randn(C, generator=gen),
+        torch.randn(4, 6, inputs_dim, generator=gen))), projected, rows, logit_bias)
 
 
 def explicit_joint_attention(q, k, v, p):
@@ -152,14 +153,78 @@ def explicit_joint_attention(q, k, v, p):
     return out
 
 
+def always_exact(attention_fn, options):
+    return True
+
+
+#: the two exact formulations of a joint softmax: without an exact-attention check the extra keys widen the heads
+#: of one call of the attention function; with one they join the plain call's output by its log-sum-exp
+FORMULATIONS = {"widened heads": None, "merged by log-sum-exp": always_exact}
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
 @pytest.mark.parametrize("projected", [True, False])
 @pytest.mark.parametrize("rows", [None, [True, False, True, False], [False, False, True, True], [False] * 4])
 @pytest.mark.parametrize("logit_bias", [0.0, -0.9])
-def test_keys_with_own_queries_equal_explicit_per_head_softmax(qkv, projected, rows, logit_bias):
+def test_keys_with_own_queries_equal_explicit_per_head_softmax(qkv, formulation, projected, rows, logit_bias):
     q, k, v = qkv
     processor = own_query_processor(projected, None if rows is None else torch.tensor(rows), logit_bias)
-    out = AttentionDispatcher(CROSS_ATTENTION, plain)(q, k, v, options(ProcessorChain().with_processor(processor)))
+    dispatcher = AttentionDispatcher(CROSS_ATTENTION, plain, is_exact_attention=FORMULATIONS[formulation])
+    out = dispatcher(q, k, v, options(ProcessorChain().with_processor(processor)))
     assert (out - explicit_joint_attention(q, k, v, processor)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+@pytest.mark.parametrize("logit_bias", [80.0, -80.0])
+def test_keys_with_own_queries_stay_exact_at_logits_past_float32_exponent_range(qkv, formulation, logit_bias):
+    """e^90 overflows float32: both formulations must shift by the largest logit, as a softmax does."""
+    q, k, v = qkv
+    q = q * 30  # text logits in the tens to hundreds
+    processor = own_query_processor(logit_bias=logit_bias)
+    dispatcher = AttentionDispatcher(CROSS_ATTENTION, plain, is_exact_attention=FORMULATIONS[formulation])
+    out = dispatcher(q, k, v, options(ProcessorChain().with_processor(processor)))
+    expected = explicit_joint_attention(q.double(), k.double(), v.double(), own_query_processor(logit_bias=logit_bias,
+                                                                                                 dtype=torch.double))
+    assert torch.isfinite(out).all()
+    assert (out.double() - expected).abs().max() <= 1e-4
+
+
+def test_merged_formulation_calls_no_widened_attention_and_keeps_widening_where_gradients_flow(qkv):
+    """The merged formulation is exact only in value: torch does not differentiate the kernel's log-sum-exp, so
+    with a gradient to compute the dispatcher widens the heads of one attention call instead."""
+    q, k, v = qkv
+    widths = []
+
+    def recording(q_, k_, v_, heads, **kwargs):
+        widths.append(q_.shape[-1] // heads)
+        return plain(q_, k_, v_, heads, **kwargs)
+
+    processor = own_query_processor(rows=torch.tensor([False, True, False, True]))
+    dispatcher = AttentionDispatcher(CROSS_ATTENTION, recording, is_exact_attention=always_exact)
+    with torch.no_grad():
+        dispatcher(q, k, v, options(ProcessorChain().with_processor(processor)))
+    assert widths == [DIM_HEAD]  # only the rows without the extra keys: plainly
+
+    widths.clear()
+    q_grad = q.clone().requires_grad_()
+    out = dispatcher(q_grad, k, v, options(ProcessorChain().with_processor(processor)))
+    assert sorted(widths) == [DIM_HEAD, 8]  # 4 + 3 extra logits rounded up to a multiple of 8
+    q_ref = q.clone().requires_grad_()
+    weights = torch.randn_like(q)
+    (out * weights).sum().backward()
+    (explicit_joint_attention(q_ref, k, v, processor) * weights).sum().backward()
+    assert (q_grad.grad - q_ref.grad).abs().max() <= 1e-5
+
+
+def test_sdpa_with_logsumexp_returns_the_attention_and_each_querys_log_normaliser(qkv):
+    q, k, v = qkv
+    with torch.no_grad():
+        out, logsumexp = sdpa_with_logsumexp(q, k, v, HEADS)
+    expected, _ = explicit_attention(q, k, v)
+    qh, kh = (t.view(t.shape[0], t.shape[1], HEADS, DIM_HEAD).transpose(1, 2) for t in (q, k))
+    assert (out - expected).abs().max() <= 1e-6
+    assert (logsumexp - (qh @ kh.transpose(-1, -2) / DIM_HEAD ** 0.5).logsumexp(-1)).abs().max() <= 1e-5
+    assert sdpa_with_logsumexp(q.clone().requires_grad_(), k, v, HEADS) is None
 
 
 def test_keys_with_own_queries_take_one_fused_call_per_row_group(qkv):

@@ -14,6 +14,7 @@ files of another family refused, PVATextEncode's identity word in the T5 (and CL
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import torch
 from harness import dit
 from harness.comfy_env import pack_module
 from harness.dit import comfy_style_attention
-from harness.tensors import relative_change
+from harness.tensors import close, relative_change
 from personalization_nodes.attention.dispatcher import CHAIN_KEY, ProcessorChain
 from personalization_nodes.attention.head_norm import HeadNorm
 from personalization_nodes.attention.joint import (LAYOUT_KEY, QUERY_INPUTS_KEY, JointAttentionDispatcher,
@@ -68,9 +69,10 @@ def slow_rotate(vector, matrices):
     return torch.stack(out)
 
 
-def slow_pva_joint_attention(q, k, v, hidden, tokens, proj, positions, rows_with_identity, strength):
+def slow_pva_joint_attention(q, k, v, hidden, tokens, proj, positions, rows_with_identity, strength, text_probs=None):
     """(B, heads, L, d): every row of the joint attention; the latent's image rows of samples in
-    ``rows_with_identity`` also attend to the identity keys, one head and query at a time."""
+    ``rows_with_identity`` also attend to the identity keys, one head and query at a time. ``text_probs``, a
+    (B, heads, IMAGE, TEXT) tensor, receives the image rows' probabilities of the text keys."""
     batch, heads, length, dim = q.shape
     out = torch.zeros_like(q)
     wq, bq = proj.to_visual_q.weight, proj.to_visual_q.bias
@@ -95,7 +97,10 @@ def slow_pva_joint_attention(q, k, v, hidden, tokens, proj, positions, rows_with
                         query = slow_rotate(query, positions[b, 0, row])
                     logits += [float(query @ key) / math.sqrt(dim) + math.log(strength) for key in id_keys]
                     values += id_values
-                out[b, h, row] = sum(p * value for p, value in zip(slow_softmax(logits), values))
+                probs = slow_softmax(logits)
+                out[b, h, row] = sum(p * value for p, value in zip(probs, values))
+                if text_probs is not None and TEXT <= row < TEXT + IMAGE:
+                    text_probs[b, h, row - TEXT] = torch.tensor(probs[:TEXT], dtype=text_probs.dtype)
     return out
 
 
@@ -107,31 +112,64 @@ def pva_options(processor, cond_or_uncond, hidden, positions, block=("double", 0
             "block_index": block[1]}
 
 
+def written_out_case(family, seed, **settings) -> SimpleNamespace:
+    """A CFG batch (uncond then cond) of float64 q/k/v as the family hands them, the latent's hidden states, two
+    identities (one per image of a chunk) and the options serving them to PVA's processor in the family's block."""
+    batch, length = 4, TEXT + IMAGE
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (2 * torch.randn(batch, HEADS, length, DIM, generator=gen, dtype=torch.float64) for _ in range(3))
+    hidden = torch.randn(batch, IMAGE, HIDDEN, generator=gen, dtype=torch.float64)
+    identities = torch.randn(2, IDENTITY_TOKENS, HIDDEN, generator=gen, dtype=torch.float64)
+    proj = projection(norms=family == "flux")
+    block = ("double", 0) if family == "flux" else ("joint", 0)
+    processor = ParallelVisualAttentionProcessor(torch.nn.ModuleDict({"_".join(map(str, (*block, 0))): proj}),
+                                                 identities, strength=STRENGTH, **settings)
+    positions = rotations(batch, length) if family == "flux" else None
+    return SimpleNamespace(q=q, k=k, v=v, hidden=hidden, tokens_per_row=identities.repeat(2, 1, 1), proj=proj,
+                           positions=positions, block=(*block, 0),
+                           options=pva_options(processor, (1, 0), hidden, positions, block))
+
+
 @pytest.mark.parametrize("uncond_identity", [False, True])
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_joint_call_matches_the_written_out_parallel_attention(family, uncond_identity):
     """Flux: (B, heads, L, d) with skip_reshape, RMS-normed and rotated parallel queries; SD3 (no qk norm, as
     SD3.0): (B, L, heads*d) q/k, (B, L, heads, d) v, (B, heads, L, d) back. CFG batch uncond then cond, one
     identity per image of the chunk."""
-    batch, length = 4, TEXT + IMAGE
-    gen = torch.Generator().manual_seed(1)
-    q, k, v = (2 * torch.randn(batch, HEADS, length, DIM, generator=gen, dtype=torch.float64) for _ in range(3))
-    hidden = torch.randn(batch, IMAGE, HIDDEN, generator=gen, dtype=torch.float64)
-    identities = torch.randn(2, IDENTITY_TOKENS, HIDDEN, generator=gen, dtype=torch.float64)
-    proj = projection(norms=family == "flux")
-    processor = ParallelVisualAttentionProcessor(torch.nn.ModuleDict({"double_0_0" if family == "flux" else "joint_0_0": proj}),
-                                                 identities, strength=STRENGTH, uncond_identity=uncond_identity)
-    positions = rotations(batch, length) if family == "flux" else None
-    block = ("double", 0) if family == "flux" else ("joint", 0)
-    options = pva_options(processor, (1, 0), hidden, positions, block)
-    tokens_per_row = identities.repeat(2, 1, 1)
-    expected = slow_pva_joint_attention(q, k, v, hidden, tokens_per_row, proj, positions,
+    case = written_out_case(family, 1, uncond_identity=uncond_identity)
+    q, k, v = case.q, case.k, case.v
+    expected = slow_pva_joint_attention(q, k, v, case.hidden, case.tokens_per_row, case.proj, case.positions,
                                         {0, 1, 2, 3} if uncond_identity else {2, 3}, STRENGTH)
-    out = call_dispatcher(family, q, k, v, options)
+    out = call_dispatcher(family, q, k, v, case.options)
     torch.testing.assert_close(out, flat(expected), rtol=1e-9, atol=1e-9)
     changed = (out - call_dispatcher(family, q, k, v, {})).abs().amax(-1)  # (B, L)
     assert changed[2:, TEXT:].min() > 1e-3
     assert (changed[:2, TEXT:].min() > 1e-3) == uncond_identity
+
+
+@pytest.mark.parametrize("text_view", [False, True], ids=["cross view", "text view"])
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_maps_read_with_identity_keys_are_normalised_over_them_too(family, text_view, monkeypatch):
+    """A map reader of the text columns next to PVA on the same block: its probabilities are the joint softmax's
+    over text, image and identity keys, whether the cross view makes all logits or the text view only the text
+    columns with the kernel's log-sum-exp (identity keys merged into it)."""
+    from personalization_nodes.attention.token_maps import MapRecorder
+    case = written_out_case(family, 2)
+    recorder = MapRecorder(frozenset({case.block}))
+    case.options[CHAIN_KEY] = case.options[CHAIN_KEY].with_processor(recorder)
+    text_probs = torch.zeros(4, HEADS, IMAGE, TEXT, dtype=torch.float64)
+    expected = slow_pva_joint_attention(case.q, case.k, case.v, case.hidden, case.tokens_per_row, case.proj,
+                                        case.positions, {2, 3}, STRENGTH, text_probs)
+    columns = []
+    original_read = MapRecorder.read_probs
+    monkeypatch.setattr(MapRecorder, "read_probs",
+                        lambda self, probs, call: columns.append(probs.shape[-1]) or original_read(self, probs, call))
+    out = call_dispatcher(family, case.q, case.k, case.v, case.options, exact_attention=text_view)
+    assert columns == [TEXT if text_view else TEXT + IMAGE + IDENTITY_TOKENS]
+    torch.testing.assert_close(out, flat(expected), rtol=1e-5, atol=1e-6)  # both views' logits are float32
+    (maps,) = recorder.maps  # the cond rows' head mean, (b, T, rows, columns)
+    torch.testing.assert_close(maps.double(), text_probs[2:].mean(1).transpose(1, 2).reshape(2, TEXT, *GRID),
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_text_rows_and_rows_without_the_identity_are_the_plain_call_bit_for_bit():
@@ -217,6 +255,21 @@ def test_strength_zero_is_unpatched_sampling_and_the_identity_changes_every_imag
         on = family.sample(family.patched(), cfg=cfg)
         assert relative_change(on[0], base[0]) > 1e-3 and relative_change(on[1], base[1]) > 1e-3
     assert torch.equal(family.sample(family.model, cfg=cfg), base), "the input model must stay unpatched"
+
+
+def test_the_two_exact_joint_softmaxes_sample_alike(family, monkeypatch):
+    """The identity keys joined to the plain joint attention by its log-sum-exp (ComfyUI's exact CPU attention)
+    or by widening the heads of ComfyUI's own call (what other attention functions get) sample the same."""
+    merges = []
+    merged = pack_module("attention.dispatcher").merged_joint_attention
+    monkeypatch.setattr(pack_module("attention.dispatcher"), "merged_joint_attention",
+                        lambda *args: merges.append(1) or merged(*args))
+    by_logsumexp = family.sample(family.patched())
+    assert merges, "ComfyUI's CPU attention takes the log-sum-exp merge"
+    merges.clear()
+    monkeypatch.setattr(pack_module("nodes.patching"), "computes_exact_attention", lambda attention, options: False)
+    widened = family.sample(family.patched())
+    assert not merges and close(widened, by_logsumexp, 1e-4)
 
 
 def test_one_identity_per_image_and_the_uncond_rule(family):

@@ -43,7 +43,7 @@ def layer():
     return attn2, projection
 
 
-def run_dispatcher(attn2, projection, x, text, tokens, cond_or_uncond, **settings):
+def run_dispatcher(attn2, projection, x, text, tokens, cond_or_uncond, is_exact_attention=None, **settings):
     processor = ParallelVisualAttentionProcessor(nn.ModuleDict({block_name(BLOCK): projection}), tokens, **settings)
     options = {"n_heads": HEADS, "dim_head": DIM_HEAD, "block": BLOCK[:2], "block_index": BLOCK[2],
                "cond_or_uncond": list(cond_or_uncond), "sigmas": torch.tensor([3.0]),
@@ -51,7 +51,7 @@ def run_dispatcher(attn2, projection, x, text, tokens, cond_or_uncond, **setting
     n, context, value = stash_hidden_states(x, text, text, options)  # what ComfyUI's attn2_patch call does
     with torch.no_grad():
         q, k, v = attn2.to_q(n), attn2.to_k(context), attn2.to_v(value)
-        return AttentionDispatcher(CROSS_ATTENTION, plain)(q, k, v, options)
+        return AttentionDispatcher(CROSS_ATTENTION, plain, is_exact_attention=is_exact_attention)(q, k, v, options)
 
 
 def reference(attn2, projection, x, text, row_tokens, sees_identity, strength=1.0):
@@ -78,14 +78,16 @@ def reference(attn2, projection, x, text, row_tokens, sees_identity, strength=1.
 @pytest.mark.parametrize("cond_or_uncond", [(0,), (1, 0), (0, 1), (1,)])
 @pytest.mark.parametrize("uncond_identity", [False, True])
 @pytest.mark.parametrize("strength", [1.0, 0.4])
-def test_joint_softmax_equals_explicit_concatenation(layer, cond_or_uncond, uncond_identity, strength):
+@pytest.mark.parametrize("exact_attention", [False, True], ids=["widened heads", "merged by log-sum-exp"])
+def test_joint_softmax_equals_explicit_concatenation(layer, cond_or_uncond, uncond_identity, strength, exact_attention):
     attn2, projection = layer
     per_chunk = 2
     batch = per_chunk * len(cond_or_uncond)
     x, text = torch.randn(batch, 9, QUERY_DIM), torch.randn(batch, 5, CONTEXT_DIM)
     tokens = torch.randn(1, 3, CONTEXT_DIM)
     out = run_dispatcher(attn2, projection, x, text, tokens, cond_or_uncond, strength=strength,
-                         uncond_identity=uncond_identity)
+                         uncond_identity=uncond_identity,
+                         is_exact_attention=(lambda fn, options: True) if exact_attention else None)
     sees = [uncond_identity or c == 0 for c in cond_or_uncond for _ in range(per_chunk)]
     expected = reference(attn2, projection, x, text, tokens.expand(batch, -1, -1), sees, strength)
     assert (out - expected).abs().max() <= 1e-5

@@ -67,6 +67,26 @@ def test_cfg_on_off_and_uncond_identity(comfy, arcface_pva, sd15):
     assert not torch.allclose(with_identity, out, atol=1e-4), "the negative pass sees the identity or not"
 
 
+def test_the_two_exact_joint_softmaxes_sample_alike(comfy, arcface_pva, sd15, monkeypatch):
+    """On the CPU ComfyUI's attention is exact, so the identity keys join each layer's plain attention by its
+    log-sum-exp; widening the heads of ComfyUI's own attention call instead (what other attention functions get)
+    samples the same, up to float32 rounding."""
+    from harness.comfy_env import pack_module
+    model, clip, _vae = sd15
+    positive, negative = encode_prompt(clip, "photo of a person"), encode_prompt(clip, "blurry")
+    dispatcher, patching = pack_module("attention.dispatcher"), pack_module("nodes.patching")
+    merges = []
+    merged = dispatcher.merged_joint_attention
+    monkeypatch.setattr(dispatcher, "merged_joint_attention", lambda *args: merges.append(1) or merged(*args))
+    by_logsumexp = sample(pva_model(model, arcface_pva, faces(1)), positive, negative, empty_latent(1), seed=4,
+                          steps=STEPS)
+    assert merges, "ComfyUI's CPU attention takes the log-sum-exp merge"
+    merges.clear()
+    monkeypatch.setattr(patching, "computes_exact_attention", lambda attention, options: False)
+    widened = sample(pva_model(model, arcface_pva, faces(1)), positive, negative, empty_latent(1), seed=4, steps=STEPS)
+    assert not merges and close(widened, by_logsumexp, 1e-4)
+
+
 def test_strength_zero_and_empty_step_range_equal_plain_sampling(comfy, arcface_pva, sd15):
     model, clip, _vae = sd15
     positive, negative = encode_prompt(clip, "photo of a person"), encode_prompt(clip, "blurry")

@@ -101,15 +101,21 @@ def slow_branch(q, text, weights, tokens, mask, chunks, block="double_0_0"):
     return out
 
 
-def call_dispatcher(family, q, k, v, options):
+def call_dispatcher(family, q, k, v, options, exact_attention=False):
     """Flux hands (B, heads, L, d) with skip_reshape; SD3 (B, L, heads*d) q/k, (B, L, heads, d) v and asks for
-    (B, heads, L, d) back. The output as (B, L, heads*d)."""
+    (B, heads, L, d) back. The output as (B, L, heads*d). ``exact_attention``: the dispatcher takes the attention
+    function for exact (as the node glue does ComfyUI's own), so a kernel returning the log-sum-exp may stand in."""
+    dispatcher = JointAttentionDispatcher(is_exact_attention=(lambda fn, opts: True) if exact_attention else None)
     if family == "flux":
-        return JointAttentionDispatcher()(comfy_style_attention, q, k, v, HEADS, skip_reshape=True,
-                                          transformer_options=options)
-    out = JointAttentionDispatcher()(comfy_style_attention, flat(q), flat(k), v.transpose(1, 2), heads=HEADS,
-                                     skip_output_reshape=True, transformer_options=options)
+        return dispatcher(comfy_style_attention, q, k, v, HEADS, skip_reshape=True, transformer_options=options)
+    out = dispatcher(comfy_style_attention, flat(q), flat(k), v.transpose(1, 2), heads=HEADS, skip_output_reshape=True,
+                     transformer_options=options)
     return flat(out)
+
+
+#: how the word map's probabilities are served: the cross view's logits of all joint keys, or (where a kernel
+#: returning the log-sum-exp serves) the text columns alone
+VIEWS = pytest.mark.parametrize("text_view", [False, True], ids=["cross view", "text view"])
 
 
 LAYOUTS = pytest.mark.parametrize("cond_or_uncond,repeats,registers", [((1, 0), 1, 0), ((0,), 2, 0), ((0, 1), 1, 2)],
@@ -119,19 +125,26 @@ LAYOUTS = pytest.mark.parametrize("cond_or_uncond,repeats,registers", [((1, 0), 
 @LAYOUTS
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 @ROWS_PER_CHUNK
+@VIEWS
 def test_word_map_is_read_on_the_text_columns_of_the_joint_softmax(family, cond_or_uncond, repeats, registers,
-                                                                    rows_per_chunk, monkeypatch):
+                                                                    rows_per_chunk, text_view, monkeypatch):
     """The text-only pass: the reader takes the cond rows' probabilities, one map of the whole grid however many
     query rows they come in; the output is the plain joint attention (explicit softmax over all joint keys)."""
     text = registers + PROMPT_LENGTH * repeats
     batch = 2 * len(cond_or_uncond)
-    serve_rows_in_chunks(monkeypatch, rows_per_chunk, 2 * cond_or_uncond.count(COND), text + IMAGE)
+    serve_rows_in_chunks(monkeypatch, rows_per_chunk, 2 * cond_or_uncond.count(COND), text if text_view else text + IMAGE)
     q, k, v = qkv(batch, text + IMAGE, seed=repeats + registers)
     run = guidance_run(image_tokens(), capturing=True, injecting=False)
     chain = ProcessorChain().with_processor(WordMapReader()).with_processor(MaskedImageBranch(branch_weights()))
     block = ("double", 0) if family == "flux" else ("joint", 0)
     options = {**joint_options(chain, cond_or_uncond, text, registers, block=block), RUN_KEY: run}
-    out = call_dispatcher(family, q, k, v, options)
+    served = []  # (query rows, key columns) of each read
+    original_read = WordMapReader.read_probs
+    monkeypatch.setattr(WordMapReader, "read_probs",
+                        lambda self, probs, call: served.append(probs.shape[2:]) or original_read(self, probs, call))
+    out = call_dispatcher(family, q, k, v, options, exact_attention=text_view)
+    assert {columns for _, columns in served} == {text if text_view else text + IMAGE}
+    assert {rows for rows, _ in served[:-1]} <= {rows_per_chunk or IMAGE} and sum(r for r, _ in served) == IMAGE
     torch.testing.assert_close(out, flat(slow_joint_attention(q, k, v, text, torch.zeros(batch, HEADS, IMAGE, text))),
                                rtol=1e-5, atol=1e-5)
     run.finish_text_only_pass()
