@@ -195,6 +195,13 @@ class JointKeys:
             rows = rows[index if isinstance(index, slice) else index.to(rows.device)]
         return JointKeys(self.keys[index], self.values[index], queries, rows, self.logit_bias)
 
+    def records_gradients(self) -> bool:
+        """Whether autograd records the computation of these keys' logits and values (training)."""
+        queries = self.queries
+        own = (queries.inputs, queries.weight, queries.bias) if isinstance(queries, ProjectedQueries) else (queries,)
+        return torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (self.keys, self.values, *own))
+
     def take_rows(self, index) -> "JointKeys":
         """These keys for the batch rows ``index`` (a slice or index tensor), all of which see them."""
         queries = self.queries
@@ -488,6 +495,8 @@ def attention_with_extra_keys(q, k, v, call: AttentionCall, own_queries: list[Jo
     ``with_logsumexp``: ``(output, log-sum-exp)``, each query's log-sum-exp over every key it saw ``(B, heads,
     Nq)`` float32, or None where no kernel returning it serves the call."""
     batch = q.shape[0]
+    # torch does not differentiate the kernel's log-sum-exp (sdpa_with_logsumexp refuses q/k/v that need it)
+    by_logsumexp = not any(extra.records_gradients() for extra in own_queries)
     seen_by = [[True] * batch if extra.rows is None else extra.rows.tolist() for extra in own_queries]
     groups: dict[tuple[bool, ...], list[int]] = {}
     for row in range(batch):
@@ -497,7 +506,8 @@ def attention_with_extra_keys(q, k, v, call: AttentionCall, own_queries: list[Jo
         index = row_index(rows, q.device)
         q_rows, k_rows, v_rows = q[index], k[index], v[index]
         extras = [extra.take_rows(index) for extra, seen in zip(own_queries, sees) if seen]
-        plain = call.attention_with_logsumexp(q_rows, k_rows, v_rows) if extras or with_logsumexp else None
+        wanted = by_logsumexp and (extras or with_logsumexp)
+        plain = call.attention_with_logsumexp(q_rows, k_rows, v_rows) if wanted else None
         if with_logsumexp and plain is None:
             return None
         if not extras:

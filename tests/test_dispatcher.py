@@ -215,6 +215,17 @@ def test_merged_formulation_calls_no_widened_attention_and_keeps_widening_where_
     (explicit_joint_attention(q_ref, k, v, processor) * weights).sum().backward()
     assert (q_grad.grad - q_ref.grad).abs().max() <= 1e-5
 
+    widths.clear()  # only the extra keys are trained (PVA's projections before any trainable layer)
+    trained = own_query_processor(rows=torch.tensor([False, True, False, True]))
+    trained.keys.requires_grad_()
+    out = dispatcher(q, k, v, options(ProcessorChain().with_processor(trained)))
+    assert sorted(widths) == [DIM_HEAD, 8]
+    (out * weights).sum().backward()
+    reference = own_query_processor(rows=torch.tensor([False, True, False, True]))
+    reference.keys.requires_grad_()
+    (explicit_joint_attention(q, k, v, reference) * weights).sum().backward()
+    assert (trained.keys.grad - reference.keys.grad).abs().max() <= 1e-5
+
 
 def test_sdpa_with_logsumexp_returns_the_attention_and_each_querys_log_normaliser(qkv):
     q, k, v = qkv
