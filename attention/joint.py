@@ -42,8 +42,8 @@ use, and hands each the view of the call it knows from the U-Net:
   the softmax of those queries only, whoever computes it (fused attention, with the extra keys merged in by the
   plain kernel's log-sum-exp or widening its heads, see :mod:`.joint_softmax`; the cross view's logits, as extra
   columns after the joint keys, or the text view's log-sum-exp; a self-attention owner's softmax, as keys after
-  ``call.context`` with their logits' difference from the owner's queries in ``call.context_bias``). A processor with its own projections (``needs_hidden_states``) gets
-  ``call.hidden_states``, the input of the block's image query projection for the latent's tokens, and
+  ``call.context`` with their logits' difference from the owner's queries in ``call.context_bias``). A processor
+  with its own projections (``needs_hidden_states``) gets ``call.hidden_states``, the input of the block's image query projection for the latent's tokens, and
   ``call.place_image_queries`` (Flux: the rotary position embedding of those tokens), both recorded during
   the model call by hooks the node glue installs (:class:`QueryInputs`).
 - Both in one call (StyleAligned and DisenDiff's calibration on the same block): the cross view runs on
@@ -346,6 +346,12 @@ def _add_parallel_outputs(image_out, queries, call: AttentionCall, adding):
 CROSS_VIEW_CHUNK_BYTES = 64 * 2 ** 20
 
 
+def _row_chunks(rows: int, bytes_per_row: int) -> list[slice]:
+    """Query rows in chunks whose float32 logits stay under :data:`CROSS_VIEW_CHUNK_BYTES` (at least one row)."""
+    size = max(1, CROSS_VIEW_CHUNK_BYTES // bytes_per_row)
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
 def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, owner, image_rows: int, extras=(),
                 output: bool = True):
     """The cross view of a joint call for the processors ``crossing``: ``edit_key_values`` on the text keys/values,
@@ -366,8 +372,7 @@ def _cross_view(queries, k, v, text: int, call: AttentionCall, crossing, owner, 
     editors = [p for p in crossing if p.overrides("edit_logits")]
     readers = [p for p in crossing if p.overrides("read_probs")]
     columns = keys.shape[1] + (0 if extra_logits is None else extra_logits.shape[-1])
-    rows = max(1, CROSS_VIEW_CHUNK_BYTES // (queries.shape[0] * call.heads * columns * 4))
-    chunks = [slice(start, min(start + rows, queries.shape[1])) for start in range(0, queries.shape[1], rows)]
+    chunks = _row_chunks(queries.shape[1], queries.shape[0] * call.heads * columns * 4)
     if len(chunks) > 1:
         _survey(queries, keys, extra_logits, call, editors, chunks)
     output = output and owner is None
@@ -421,9 +426,7 @@ def _text_view(queries, k, v, text: int, call: AttentionCall, readers, extras, r
         index = row_index(rows, queries.device)
         queries, k, logsumexp = queries[index], k[index], logsumexp[index]
     text_keys = k[:, :text]
-    chunk_rows = max(1, CROSS_VIEW_CHUNK_BYTES // (queries.shape[0] * call.heads * text * 4))
-    chunks = [slice(start, min(start + chunk_rows, queries.shape[1]))
-              for start in range(0, queries.shape[1], chunk_rows)]
+    chunks = _row_chunks(queries.shape[1], queries.shape[0] * call.heads * text * 4)
     for chunk in chunks:
         view.query_rows = chunk if len(chunks) > 1 else None
         probs = attention_logits(queries[:, chunk], text_keys, call.heads).sub_(logsumexp[:, :, chunk, None]).exp_()

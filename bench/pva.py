@@ -4,9 +4,10 @@
     harness (real ComfyUI, CPU unless a GPU is there), CFG 1 (paper's inpainting) and CFG 6;
 (b) one cross-attention call at real SD2 size (320 channels = 5 heads x 64, 4096 queries, 77 text + 10
     identity tokens, batch 2, both rows cond): our joint softmax through the dispatcher (parallel query
-    projection and identity key/value projections included) / the unpatched layer's fused attention over
-    the 77 text keys, called in turns (on the CPU timed by this process's CPU time, so run it with
-    OMP_NUM_THREADS=1 on a shared machine); target <= 1.5;
+    projection and identity key/value projections included; the node glue's check of ComfyUI's exact attention,
+    so the identity keys merge in by the fused kernel's log-sum-exp where it serves) / the unpatched layer's
+    fused attention over the 77 text keys, both with ComfyUI's PyTorch attention (SDPA), called in turns (on the
+    CPU timed by this process's CPU time, so run it with OMP_NUM_THREADS=1 on a shared machine); target <= 1.5;
 (c) identity-tune optimizer steps per second on the tiny model.
 
 Usage: .venv/bin/python bench/pva.py [--skip-sampling] [--repeats N]
