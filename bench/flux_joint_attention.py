@@ -69,7 +69,6 @@ def joint_calls(size: JointCallSize, cond_or_uncond: tuple[int, ...], device: st
     """The configurations (module docstring) as calls returning their (B, L, heads * d) output; the guided mask
     is random, or ``guided_mask`` everywhere; ``attention_name``: ComfyUI's attention function the calls use,
     "pytorch" or "comfyui" (the one ComfyUI picked on this machine)."""
-    import comfy.ldm.modules.attention as comfy_attention
     from harness.comfy_env import pack_module
 
     dispatcher, joint, realcustom, pva, head_norm = (
@@ -86,9 +85,7 @@ def joint_calls(size: JointCallSize, cond_or_uncond: tuple[int, ...], device: st
 
     q, k, v = (randn(batch, size.heads, length, size.head_dim) for _ in range(3))
     block = ("double", 0, 0)
-    # unwrapped, as wrap_attn hands it to an override
-    attention = (comfy_attention.attention_pytorch if attention_name == "pytorch"
-                 else comfy_attention.optimized_attention).__wrapped__
+    attention = comfy_attention_function(attention_name)
     override = joint.JointAttentionDispatcher(is_exact_attention=pack_module("nodes.comfy_features").computes_exact_attention)
 
     def options(*processors, **extra):
@@ -168,7 +165,7 @@ def report(times: dict[str, float], size: JointCallSize, cond_or_uncond: tuple[i
     return [
         f"Flux double-block joint attention, {size.heads} of 24 heads x {size.head_dim}, {size.text} text + "
         f"{size.image} image tokens, {rows} (1/{ALL_BLOCKS} of a forward's joint attention), ComfyUI's "
-        f"{attention_name_of(attention_name)}; best of the calls in turns, {clock}: {seconds}",
+        f"{comfy_attention_function(attention_name).__name__}; best of the calls in turns, {clock}: {seconds}",
         f"(1) AdaptiveMaskGuidance guided (map read in the same pass) / ungated branch: "
         f"{times['guided'] / times['ungated']:.3f} (target <= 1.10)",
         f"(2) ParallelVisualAttention joint softmax / plain joint attention: "
@@ -178,10 +175,12 @@ def report(times: dict[str, float], size: JointCallSize, cond_or_uncond: tuple[i
     ]
 
 
-def attention_name_of(attention_name: str) -> str:
+def comfy_attention_function(attention_name: str) -> Callable:
+    """ComfyUI's PyTorch attention ("pytorch") or the one it picked on this machine ("comfyui"), unwrapped as
+    wrap_attn hands it to an override."""
     import comfy.ldm.modules.attention as comfy_attention
     function = comfy_attention.attention_pytorch if attention_name == "pytorch" else comfy_attention.optimized_attention
-    return f"{function.__wrapped__.__name__}"
+    return function.__wrapped__
 
 
 def main() -> None:

@@ -306,10 +306,12 @@ def test_conflict_rules_of_the_cross_view():
 
 PROMPT = "photo of a small cat and a big dog"
 NODE_INPUTS = dict(prompt=PROMPT, modifiers="small, big", class_words="cat, dog", start_percent=0.0, end_percent=1.0)
-SAMPLING = dict(steps=2, sampler_name="euler", scheduler="simple")
+SAMPLING = dit.NODE_SAMPLING
 
 
 class Family(dit.TinyFamily):
+    prompt = PROMPT
+
     def __init__(self, name, comfy):
         super().__init__(name)
         self.comfy = comfy
@@ -319,12 +321,6 @@ class Family(dit.TinyFamily):
         return run_node("CalibratedCrossAttn", model=self.model if model is None else model, clip=self.clip,
                         strength=strength, **{**NODE_INPUTS, **over})[0]
 
-    def sample(self, model, batch=2, cfg=None, positive=None):
-        from harness import dit
-        from harness.checkpoints import sample
-        return sample(model, positive or self.encode(PROMPT), self.encode(""), dit.empty_latent(batch), seed=3,
-                      cfg=self.cfg if cfg is None else cfg, **SAMPLING)
-
 
 @pytest.fixture(scope="module", params=["flux", "sd35"])
 def family(request, comfy):
@@ -333,13 +329,7 @@ def family(request, comfy):
 
 
 def test_strength_zero_is_unpatched_sampling_and_strength_changes_it(family):
-    """Batch 2; Flux at CFG 1 (cond pass only), SD3.5 at CFG 1 and CFG 4 (cond and uncond passes)."""
-    for cfg in ((1.0,) if family.name == "flux" else (1.0, 4.0)):
-        base = family.sample(family.model, cfg=cfg)
-        assert torch.equal(family.sample(family.calibrated(strength=0.0), cfg=cfg), base)
-        on = family.sample(family.calibrated(), cfg=cfg)
-        assert relative_change(on[0], base[0]) > 1e-3 and relative_change(on[1], base[1]) > 1e-3
-    assert torch.equal(family.sample(family.model, cfg=cfg), base), "the input model must stay unpatched"
+    dit.check_strength_zero_is_unpatched(family, family.calibrated)
 
 
 def test_the_edit_is_the_cond_rows_only(family, monkeypatch):

@@ -194,10 +194,12 @@ def test_text_rows_and_rows_without_the_identity_are_the_plain_call_bit_for_bit(
 # ---------------------------------------------------------------- in the real ComfyUI, tiny Flux dev and SD3.5 Large
 
 PROMPT = "photo of a <new1> person"
-SAMPLING = dict(steps=2, sampler_name="euler", scheduler="simple")
+SAMPLING = dit.NODE_SAMPLING
 
 
 class Family(dit.TinyFamily):
+    prompt = "photo of a person"
+
     def __init__(self, name, comfy):
         from harness.pva_assets import dit_pva_weights, loaded_pva
         super().__init__(name)
@@ -211,11 +213,6 @@ class Family(dit.TinyFamily):
                         pva=self.pva if pva is None else pva,
                         references=faces(2, seed=4, size=32) if references is None else references,
                         clip_vision=tiny_clip_vision(), **{**PVA_DEFAULTS, **over})[0]
-
-    def sample(self, model, batch=2, cfg=None, positive=None, negative=None):
-        from harness.checkpoints import sample
-        return sample(model, positive or self.encode("photo of a person"), negative or self.encode(""),
-                      dit.empty_latent(batch), seed=3, cfg=self.cfg if cfg is None else cfg, **SAMPLING)
 
 
 @pytest.fixture(scope="module", params=["flux", "sd35"])
@@ -248,13 +245,7 @@ def test_parallel_queries_of_an_initial_file_are_the_blocks_own(family, monkeypa
 
 
 def test_strength_zero_is_unpatched_sampling_and_the_identity_changes_every_image(family):
-    """Batch 2; Flux at CFG 1 (cond pass only), SD3.5 at CFG 1 and CFG 4 (cond and uncond passes)."""
-    for cfg in ((1.0,) if family.name == "flux" else (1.0, 4.0)):
-        base = family.sample(family.model, cfg=cfg)
-        assert torch.equal(family.sample(family.patched(strength=0.0), cfg=cfg), base)
-        on = family.sample(family.patched(), cfg=cfg)
-        assert relative_change(on[0], base[0]) > 1e-3 and relative_change(on[1], base[1]) > 1e-3
-    assert torch.equal(family.sample(family.model, cfg=cfg), base), "the input model must stay unpatched"
+    dit.check_strength_zero_is_unpatched(family, family.patched)
 
 
 def test_the_two_exact_joint_softmaxes_sample_alike(family, monkeypatch):

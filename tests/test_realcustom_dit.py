@@ -279,7 +279,7 @@ def test_branch_is_added_to_style_aligned_image_rows():
 PROMPT = "photo of a small toy on the beach"
 GUIDANCE_DEFAULTS = dict(prompt=PROMPT, word="toy", mask_strategy="max_norm", mask_scope=0.25, binary_mask=False,
                          update_fraction=1.0, map_source="text-only pass", uncond_image="black image", strength=1.0)
-SAMPLING = dict(steps=2, sampler_name="euler", scheduler="simple")
+SAMPLING = dit.NODE_SAMPLING
 ADAPTER_TOKEN_DIM = 64
 CONTEXT_WIDTH = 4096  # T5-XXL's, the text context of Flux and SD3
 #: 64 px images: 8 x 8 latents, 4 x 4 image tokens (patch 2), the mask grid
@@ -287,6 +287,8 @@ MASK_GRID = (4, 4)
 
 
 class Family(dit.TinyFamily):
+    prompt = PROMPT
+
     def __init__(self, name, comfy):
         super().__init__(name)
         self.comfy = comfy
@@ -318,11 +320,6 @@ class Family(dit.TinyFamily):
         return run_node("AdaptiveMaskGuidance", model=self.model if model is None else model, clip=self.clip,
                         reference=self.reference if reference is None else reference, **{**GUIDANCE_DEFAULTS, **over})
 
-    def sample(self, model, batch=2, cfg=None, positive=None, steps=None):
-        from harness import dit
-        from harness.checkpoints import sample
-        return sample(model, positive or self.encode(PROMPT), self.encode(""), dit.empty_latent(batch), seed=3,
-                      cfg=self.cfg if cfg is None else cfg, **{**SAMPLING, **({"steps": steps} if steps else {})})
 
 
 def pack_module(name):

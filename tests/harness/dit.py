@@ -427,9 +427,16 @@ def encode_as_users_wire_it(family: str, clip, text: str) -> list:
     return conditioning
 
 
+#: the sampler of the DiT node tests: two euler steps
+NODE_SAMPLING = dict(steps=2, sampler_name="euler", scheduler="simple")
+
+
 class TinyFamily:
     """A family's tiny model as the DiT node tests use it: Flux dev (guidance-distilled: sampled at CFG 1, prompts
     with FluxGuidance) or SD3.5 Large (CFG 4), with its text encoders."""
+
+    #: the positive prompt :meth:`sample` encodes when given no conditioning
+    prompt = ""
 
     def __init__(self, name: str):
         self.name = name
@@ -439,6 +446,25 @@ class TinyFamily:
 
     def encode(self, text: str) -> list:
         return encode_as_users_wire_it(self.name, self.clip, text)
+
+    def sample(self, model, batch: int = 2, cfg: float | None = None, positive=None, negative=None) -> torch.Tensor:
+        """``batch`` latents of ``model`` (seed 3, :data:`NODE_SAMPLING`) at the family's CFG unless ``cfg``."""
+        from .checkpoints import sample
+        return sample(model, positive or self.encode(self.prompt), negative or self.encode(""), empty_latent(batch),
+                      seed=3, cfg=self.cfg if cfg is None else cfg, **NODE_SAMPLING)
+
+
+def check_strength_zero_is_unpatched(family: TinyFamily, patched) -> None:
+    """Batch 2; Flux at CFG 1 (cond pass only), SD3.5 at CFG 1 and CFG 4 (cond and uncond passes):
+    ``patched(strength=0.0)`` samples bit for bit what the model does, ``patched()`` changes every image, and the
+    input model stays unpatched."""
+    from .tensors import relative_change
+    for cfg in ((1.0,) if family.name == "flux" else (1.0, 4.0)):
+        base = family.sample(family.model, cfg=cfg)
+        assert torch.equal(family.sample(patched(strength=0.0), cfg=cfg), base)
+        on = family.sample(patched(), cfg=cfg)
+        assert relative_change(on[0], base[0]) > 1e-3 and relative_change(on[1], base[1]) > 1e-3
+    assert torch.equal(family.sample(family.model, cfg=cfg), base), "the input model must stay unpatched"
 
 
 def conditioning(family: str = "flux", batch: int = 1, seed: int = 0, tokens: int | None = None,
