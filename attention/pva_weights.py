@@ -135,12 +135,12 @@ def _projection_from_state(sd: dict[str, torch.Tensor], family: Family) -> nn.Mo
     return projection
 
 
-def save_pva(path: str | Path, weights: PVAWeights) -> None:
-    """Write ``weights`` as a PVA safetensors file, atomically."""
+def save_pva(path: str | Path, weights: PVAWeights, extra_metadata: Optional[dict[str, str]] = None) -> None:
+    """Write ``weights`` as a PVA safetensors file, atomically (with ``extra_metadata``, e.g. the training run)."""
     from ..training.checkpoint import save_atomic  # the pack's one atomic safetensors writer
 
     tensors, metadata = weights.state_and_metadata()
-    save_atomic(path, tensors, metadata)
+    save_atomic(path, tensors, {**metadata, **(extra_metadata or {})})
 
 
 def load_pva(path: str | Path) -> PVAWeights:

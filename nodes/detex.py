@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import folder_paths
 import torch
@@ -27,10 +26,10 @@ from ..training.detex_mappers import (
 from ..training.detex_masks import DEFAULT_SMOOTHING, DEFAULT_THRESHOLD, border_key_masks
 from ..training.detex_prompts import CLASS, DEFAULT_TEMPLATE, PromptTemplate
 from ..training.disendiff import init_token_ids
-from ..training.checkpoint import check_resumable
 from ..training.exporters import save_embedding, save_lora
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
+from ..training.runs import RUN_ID_KEY, ExportedFile, without_steps
 from . import training_glue as glue
 from .comfy_io import io
 from .model_folders import register_model_folder
@@ -50,12 +49,19 @@ log = logging.getLogger(__name__)
 register_model_folder(MAPPER_FOLDER)
 
 
+#: what the trainer appends to the output name for each file it writes
+SUBJECT_SUFFIX = "_V"
+ATTRIBUTE_SUFFIXES = {"pose": "_pose_{index}", "background": "_bg_{index}"}
+KV_SUFFIX = "_detex_kv"
+MAPPERS_SUFFIX = "_detex_mappers"
+
+
 def subject_name(name: str) -> str:
-    return f"{name}_V"
+    return name + SUBJECT_SUFFIX
 
 
 def attribute_name(name: str, attribute: str, index: int) -> str:
-    return f"{name}_{'pose' if attribute == 'pose' else 'bg'}_{index}"
+    return name + ATTRIBUTE_SUFFIXES[attribute].format(index=index)
 
 
 def _check_sd1(model, clip) -> None:
@@ -68,7 +74,7 @@ def _check_sd1(model, clip) -> None:
 
 
 def mapper_file_name(name: str) -> str:
-    return f"{name}_detex_mappers"
+    return name + MAPPERS_SUFFIX
 
 
 def _token_embedding_table(clip) -> torch.Tensor:
@@ -218,7 +224,7 @@ class DecoupledTokenTrainer(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Training resolution (square crop)."),
                 io.Int.Input("mask_dilation", default=0, min=-64, max=64, tooltip="Grow (+) or shrink (−) the masks by pixels."),
                 io.Int.Input("checkpoint_every", default=50, min=0, max=10000,
-                             tooltip="Write a resumable checkpoint every N steps (0 = only at the end or on interrupt)."),
+                             tooltip=glue.CHECKPOINT_EVERY_TOOLTIP),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="CLIP ViT-L/14 vision encoder for the attribute mappers (not needed for free vectors)."),
                 io.Image.Input("regularization_images", optional=True,
@@ -250,8 +256,6 @@ class DecoupledTokenTrainer(io.ComfyNode):
         if regularization_images is not None:
             require_images("DecoupledTokenTrainer", "regularization images", regularization_images)
         name = sanitize_name(name)
-        checkpoint = output_path(Path(folder_paths.get_output_directory()) / CHECKPOINT_FOLDER, name)
-        check_resumable(checkpoint)
         class_word = class_word.strip()
         if not class_word or "embedding:" in class_word or any(c in class_word for c in "{}[]"):
             raise ValueError("DecoupledTokenTrainer: class_word must be a plain noun such as 'dog'.")
@@ -271,20 +275,22 @@ class DecoupledTokenTrainer(io.ComfyNode):
         with glue.training_mode():
             subject = prepare_subject(images.clone(), masks.clone(), resolution, mask_dilation)
             reg_caption = (regularization_prompt or "").strip() or DEFAULT_REGULARISATION_PROMPT
-            run_id = fingerprint(method="detex", images=subject.images, masks=subject.masks, class_word=class_word,
-                                 template=template, attribute_source=attribute_source, settings=vars(settings),
-                                 seed=seed, augmented_views=augmented_views, model=type(model.model).__name__,
-                                 base_words=_token_embedding_table(clip)[:8].float(),
-                                 regularization_images=regularization_images, regularization_caption=reg_caption)
             trained = DetexTraining(model, clip, vae, clip_vision, subject, parsed, class_word, attribute_source,
                                     settings, seed, augmented_views, regularization_images, reg_caption)
-            loop_settings = LoopSettings(
-                steps=steps, grad_accumulation=grad_accumulation, seed=seed, checkpoint_every=checkpoint_every,
-                checkpoint_path=checkpoint,
-                fingerprint=run_id)
+            run_id = fingerprint(method="detex", images=subject.images, masks=subject.masks, class_word=class_word,
+                                 template=template, attribute_source=attribute_source, settings=without_steps(settings),
+                                 seed=seed, augmented_views=augmented_views, model=type(model.model).__name__,
+                                 weights=glue.weights_sample(trained.trainable.model.diffusion_model),
+                                 text_encoder=glue.weights_sample(trained.encoder.model),
+                                 vae=glue.weights_sample(vae.first_stage_model),
+                                 image_encoder=None if clip_vision is None else glue.weights_sample(clip_vision.model),
+                                 regularization_images=regularization_images, regularization_caption=reg_caption)
+            loop_settings = LoopSettings(steps=steps, grad_accumulation=grad_accumulation, seed=seed,
+                                         checkpoint_every=checkpoint_every,
+                                         checkpoints=glue.run_checkpoints(CHECKPOINT_FOLDER, name, run_id))
             result = train(trained.parameters(), trained.step, optimizer_factory(settings, trained.mapper_parameters()),
-                           loop_settings, glue.progress_reporter(steps), glue.check_interrupted)
-            vectors = trained.export(name, class_word, template, steps, resolution)
+                           loop_settings, glue.progress_reporter("DecoupledTokenTrainer", steps), glue.check_interrupted)
+            vectors = trained.export(name, class_word, template, steps, resolution, run_id)
         patched_clip = glue.clip_with_embeddings(clip, {n: {"clip_l": v} for n, v in vectors.items()})
         patched_model = glue.with_weight_deltas(model, trained.kv_deltas())
         return io.NodeOutput(patched_model, patched_clip, name, {"loss": list(result.losses)})
@@ -318,14 +324,14 @@ class DetexTraining:
         self.subject_word = torch.nn.Parameter(initial_subject[None])
         self.deltas = {key: glue.WeightDelta(model.get_model_object(key[:-len(".weight")]).weight.shape)
                        for key in _kv_weight_keys(model)}
-        unet = glue.trainable_unet(model, self.deltas)
+        self.trainable = unet = glue.trainable_unet(model, self.deltas)
         blocks = transformer_blocks(unet)
         add_attention_processor(unet, StartTokenDetach("DecoupledTokenTrainer"), blocks)
         recorder = None
         if settings.attention_loss_weight:
             recorder = MapRecorder(map_block_keys(blocks), node_name="DecoupledTokenTrainer")
             add_attention_processor(unet, recorder, [b for b in blocks if b.key in recorder.blocks])
-        encoder = glue.TrainableTextEncoder(clip)
+        self.encoder = encoder = glue.TrainableTextEncoder(clip)
         prompts: dict[str, glue.PlaceholderPrompt] = {}
 
         def encode_text(text, vectors):
@@ -362,22 +368,27 @@ class DetexTraining:
     def kv_deltas(self) -> dict[str, torch.Tensor]:
         return {k: d.diff.detach() for k, d in self.deltas.items()}
 
-    def export(self, name: str, class_word: str, template: str, steps: int, resolution: int) -> dict[str, torch.Tensor]:
-        """Write the stock files (and the mappers); return ``{embedding name: [1, 768]}`` of every saved word."""
+    def export(self, name: str, class_word: str, template: str, steps: int, resolution: int,
+               run_id: str) -> dict[str, torch.Tensor]:
+        """Write the stock files (and the mappers); return ``{embedding name: [1, 768]}`` of every saved word.
+        An earlier run's files of the same name are kept under a numbered name (``training.runs``)."""
         vectors = {subject_name(name): self.subject_word.detach().float().cpu()}
         for attribute in ATTRIBUTES:
             for index, row in enumerate(self.attributes.per_image(attribute)):
                 vectors[attribute_name(name, attribute, index)] = row[None]
         meta = {"method": "detex", "class_word": class_word, "template": template, "steps": str(steps),
-                "images": str(self.subject.count)}
+                "images": str(self.subject.count), RUN_ID_KEY: run_id}
         embeddings = folder_paths.get_folder_paths("embeddings")[0]
+        loras = folder_paths.get_folder_paths("loras")[0]
+        mappers = folder_paths.get_folder_paths(MAPPER_FOLDER)[0]
+        glue.exports_of_run("DecoupledTokenTrainer", name, [
+            ExportedFile(embeddings, SUBJECT_SUFFIX), *(ExportedFile(embeddings, s) for s in ATTRIBUTE_SUFFIXES.values()),
+            ExportedFile(loras, KV_SUFFIX), ExportedFile(mappers, MAPPERS_SUFFIX)], run_id)
         for word, vector in vectors.items():
             save_embedding(output_path(embeddings, word), vector, metadata={**meta, "token": word})
-        save_lora(output_path(folder_paths.get_folder_paths("loras")[0], f"{name}_detex_kv"), self.kv_deltas(),
-                  metadata={**meta, "tokens": subject_name(name)})
+        save_lora(output_path(loras, name + KV_SUFFIX), self.kv_deltas(), metadata={**meta, "tokens": subject_name(name)})
         if self.attributes.source == MAPPERS:
-            save_mappers(output_path(folder_paths.get_folder_paths(MAPPER_FOLDER)[0], mapper_file_name(name)),
-                         self.attributes, resolution, meta)
+            save_mappers(output_path(mappers, mapper_file_name(name)), self.attributes, resolution, meta)
         folder_paths.filename_list_cache.clear()  # so stock loaders list the new files at once
         return vectors
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
+import comfy.utils
 import torch.nn.functional as F
 import folder_paths
 import torch
@@ -27,10 +28,10 @@ from ..attention.prompt_context import prompt_repeats
 from ..attention.token_maps import MapRecorder, map_block_keys
 from ..training import disendiff as recipe
 from ..training.augmentation import center_square, encode_both_ways
-from ..training.checkpoint import check_resumable
 from ..training.exporters import low_rank_deltas, save_embedding, save_lora
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
+from ..training.runs import RUN_ID_KEY, ExportedFile, without_steps
 from . import training_glue as glue
 from .comfy_io import io
 from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
@@ -134,7 +135,7 @@ class DisenDiffTrainer(io.ComfyNode):
                 io.Int.Input("seed", default=1, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="Seed of noise, timesteps and augmentation (paper: 1)."),
                 io.Int.Input("checkpoint_every", default=50, min=0, max=10000,
-                             tooltip="Save a resumable checkpoint every N steps (0: only at the end / on cancel)."),
+                             tooltip=glue.CHECKPOINT_EVERY_TOOLTIP),
                 io.Boolean.Input("augment", default=True, tooltip="Paper's scale augmentation with 'far away'/'close up' captions."),
                 io.Image.Input("reg_images", optional=True, tooltip="Regularisation images of the classes (paper: 200)."),
                 io.String.Input("reg_captions", optional=True, multiline=True, default="",
@@ -162,26 +163,28 @@ class DisenDiffTrainer(io.ComfyNode):
         if reg_images is not None:
             require_images("DisenDiffTrainer", "regularisation images", reg_images)
         stem = sanitize_name(name)
-        checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
-        check_resumable(checkpoint)
         settings = recipe.DisenDiffSettings(steps, learning_rate, batch_size, grad_accumulation, augment=augment)
         with glue.training_mode():
             run = prepare_training(model, clip, vae, image, words, stem, settings, seed, resolution,
                                    reg_images, reg_captions)
             train(run.params, run.step, lambda tensors: torch.optim.AdamW(tensors, lr=learning_rate, weight_decay=0.01),
-                  LoopSettings(steps, grad_accumulation, seed, checkpoint_every, checkpoint, run.fingerprint),
-                  on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
+                  LoopSettings(steps, grad_accumulation, seed, checkpoint_every,
+                               glue.run_checkpoints(CHECKPOINT_FOLDER, stem, run.fingerprint)),
+                  on_progress=glue.progress_reporter("DisenDiffTrainer", steps), check_interrupted=glue.check_interrupted)
         names, vectors, deltas = run.names, run.vectors, run.deltas
 
         trained_vectors = {n: {enc: v.detach().cpu() for enc, v in per_encoder.items()}
                            for n, per_encoder in vectors.items()}
         diffs = {k: d.diff.detach().cpu() for k, d in deltas.items()}
         metadata = {"method": "disendiff", "class_words": ",".join(words), "tokens": ",".join(names),
-                    "steps": str(steps), "learning_rate": str(learning_rate)}
+                    "steps": str(steps), "learning_rate": str(learning_rate), RUN_ID_KEY: run.fingerprint}
+        embeddings, loras = folder_paths.get_folder_paths("embeddings")[0], folder_paths.get_folder_paths("loras")[0]
+        glue.exports_of_run("DisenDiffTrainer", stem, [ExportedFile(embeddings, "_new{index}"),
+                                                      ExportedFile(loras, LORA_SUFFIX)], run.fingerprint)
         for n in names:
-            save_embedding(output_path(folder_paths.get_folder_paths("embeddings")[0], n),
+            save_embedding(output_path(embeddings, n),
                            trained_vectors[n]["clip_l"], trained_vectors[n].get("clip_g"), metadata=metadata)
-        lora_file = output_path(folder_paths.get_folder_paths("loras")[0], stem + LORA_SUFFIX)
+        lora_file = output_path(loras, stem + LORA_SUFFIX)
         save_lora(lora_file, diffs, rank=lora_rank, metadata=metadata)
         if lora_rank:  # the MODEL output must match what the file gives stock loaders
             diffs = low_rank_deltas(diffs, lora_rank)
@@ -252,10 +255,11 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
     params = {f"token.{n}.{enc}": v for n, per_encoder in vectors.items() for enc, v in per_encoder.items()}
     params.update({f"delta.{k}": d.diff for k, d in deltas.items()})
     reg_latents = torch.stack([r.latent for r in regs]) if regs else torch.zeros(0)
-    run = fingerprint(method="disendiff", image=target, words=words, settings=repr(settings), seed=seed,
+    run = fingerprint(method="disendiff", image=target, words=words, settings=without_steps(settings), seed=seed,
                       resolution=resolution, regs=reg_latents,
                       vectors=torch.cat([torch.cat(list(per_encoder.values()), 1) for per_encoder in vectors.values()]),
-                      model=type(model.model).__name__)
+                      model=type(model.model).__name__, weights=glue.weights_sample(trainable.model.diffusion_model),
+                      text_encoder=glue.weights_sample(encoder.model), vae=glue.weights_sample(vae.first_stage_model))
     return PreparedRun(names, vectors, deltas, trainable, step, params, run)
 
 
@@ -317,7 +321,7 @@ class DisenDiffRegularization(io.ComfyNode):
         positive = [clip.encode_from_tokens_scheduled(clip.tokenize(class_prompt))[0]]
         negative = [clip.encode_from_tokens_scheduled(clip.tokenize(""))[0]]
         channels = model.get_model_object("latent_format").latent_channels
-        bar = glue.progress_reporter(count)
+        bar = comfy.utils.ProgressBar(count)
         images = []
         for i in range(count):
             glue.check_interrupted()
@@ -326,7 +330,7 @@ class DisenDiffRegularization(io.ComfyNode):
             samples = comfy.sample.sample(model, noise, steps, cfg, "euler_ancestral", "normal", positive, negative,
                                           latent, disable_pbar=True, seed=seed + i)
             images.append(vae.decode(samples))
-            bar(i + 1, count, None)
+            bar.update_absolute(i + 1, count)
         return io.NodeOutput(torch.cat(images), class_prompt)
 
 

@@ -15,9 +15,9 @@ from ..attention.blocks import ALL_FAMILIES
 from ..attention.dispatcher import CHAIN_KEY
 from ..attention.pva import ParallelVisualAttentionProcessor
 from ..attention.pva_weights import save_pva
-from ..training.checkpoint import check_resumable
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
+from ..training.runs import RUN_ID_KEY, ExportedFile
 from ..attention.pva_weights import PVAWeights
 from ..training.pva import IdentityPhotos, PVAStep, face_box_mask, rotating_references, stage1_references
 from . import training_glue as glue
@@ -136,10 +136,12 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
 
     step = PVAStep(photos, groups, stage1_references if stage1 else rotating_references, identity_tokens, context,
                    concat, denoise, glue.discrete_sigmas(model).to(device), glue.prediction_kind(model, flow=True), bins, seed)
-    run = fingerprint(method="pva_stage1" if stage1 else "pva_identity_tune", pva=pva.name, images=images.float(),
+    run = fingerprint(method="pva_stage1" if stage1 else "pva_identity_tune", images=images.float(),
                       groups=groups, bins=bins, seed=seed, masks=masks if masks is not None else "face box",
-                      start=torch.cat([p.detach().float().flatten().cpu() for p in trainable_params.values()]),
-                      model=type(model.model).__name__)
+                      start=glue.weights_sample(weights), model=type(model.model).__name__,
+                      weights=glue.weights_sample(model.model.diffusion_model),
+                      text_encoder=glue.weights_sample(encoder.model), vae=glue.weights_sample(vae.first_stage_model),
+                      image_encoder=None if clip_vision is None else glue.weights_sample(clip_vision.model))
     return PreparedTune(tuned, trainable_params, step, run)
 
 
@@ -165,10 +167,22 @@ def identity_tune_optimizer(params: dict[str, torch.Tensor], learning_rate: floa
     return make
 
 
-def _save(stem: str, tune: PreparedTune) -> LoadedPVA:
+def _train(node: str, tune: PreparedTune, stem: str, steps: int, bins: int, seed: int, checkpoint_every: int,
+           **learning_rates) -> str:
+    """Run the loop on a prepared run; returns the run id (the data's fingerprint and the learning rates)."""
+    run_id = fingerprint(data=tune.fingerprint, **learning_rates)
+    train(tune.params, tune.step, identity_tune_optimizer(tune.params, **learning_rates),
+          LoopSettings(steps, bins, seed, checkpoint_every, glue.run_checkpoints(CHECKPOINT_FOLDER, stem, run_id)),
+          on_progress=glue.progress_reporter(node, steps), check_interrupted=glue.check_interrupted)
+    return run_id
+
+
+def _save(node: str, stem: str, tune: PreparedTune, run_id: str) -> LoadedPVA:
     weights = tune.pva.weights.requires_grad_(False).train(False)
-    path = output_path(folder_paths.get_folder_paths(PVA_FOLDER)[0], stem)
-    save_pva(path, weights)
+    folder = folder_paths.get_folder_paths(PVA_FOLDER)[0]
+    glue.exports_of_run(node, stem, [ExportedFile(folder)], run_id)
+    path = output_path(folder, stem)
+    save_pva(path, weights, {RUN_ID_KEY: run_id})
     folder_paths.filename_list_cache.clear()
     return LoadedPVA(path.name, weights, tune.pva.patcher)
 
@@ -210,7 +224,7 @@ class PVAIdentityTune(io.ComfyNode):
                              tooltip="Micro-batches per step, each from its own slice of timesteps (paper: 2)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of noise, timesteps and flips."),
                 io.Int.Input("checkpoint_every", default=0, min=0, max=10000,
-                             tooltip="Save a resumable checkpoint every N steps (0: at the end and on cancel)."),
+                             tooltip=glue.CHECKPOINT_EVERY_TOOLTIP),
                 io.ClipVision.Input("clip_vision", optional=True, tooltip="Only for PVA files trained on CLIP vision features."),
             ],
             outputs=[
@@ -228,14 +242,11 @@ class PVAIdentityTune(io.ComfyNode):
         require_matching_clip("PVAIdentityTune", model, clip)
         require_finite("PVAIdentityTune", "photos", photos)
         stem = sanitize_name(name)
-        checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
-        check_resumable(checkpoint)
         with glue.training_mode():
             tune = prepare_identity_tune(model, clip, vae, pva, glue.clone_tensors(photos), timestep_bins, seed, clip_vision)
-            train(tune.params, tune.step, identity_tune_optimizer(tune.params, learning_rate, word_learning_rate),
-                  LoopSettings(steps, timestep_bins, seed, checkpoint_every, checkpoint, tune.fingerprint),
-                  on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
-        tuned = _save(stem, tune)
+            run_id = _train("PVAIdentityTune", tune, stem, steps, timestep_bins, seed, checkpoint_every,
+                            learning_rate=learning_rate, word_learning_rate=word_learning_rate)
+        tuned = _save("PVAIdentityTune", stem, tune, run_id)
         patched = ParallelVisualAttention.execute(model, tuned, photos, 1.0, False, 0, 0.0, 1.0, clip_vision).result[0]
         return io.NodeOutput(patched, tuned, tuned.name)
 
@@ -327,7 +338,7 @@ class PVATrainer(io.ComfyNode):
                                 tooltip="Empty: the official start (the end-of-text embedding); or a word whose embedding starts the identity word."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of initialisation, noise, timesteps, references."),
                 io.Int.Input("checkpoint_every", default=500, min=0, max=1000000,
-                             tooltip="Save a resumable checkpoint every N steps (0: at the end and on cancel)."),
+                             tooltip=glue.CHECKPOINT_EVERY_TOOLTIP),
                 io.Mask.Input("masks", optional=True, tooltip="One inpainting mask per image (1 = fill); default the whole-face box."),
                 PVAType.Input("pva", optional=True, tooltip="Continue from these PVA weights instead of a fresh start."),
                 io.ClipVision.Input("clip_vision", optional=True, tooltip="The CLIP vision model, for encoder clip_vision."),
@@ -354,17 +365,14 @@ class PVATrainer(io.ComfyNode):
             raise ValueError(f"PVATrainer: {count} images cannot be grouped into identities of {images_per_identity} "
                              "images; give images_per_identity photos of every person, person after person.")
         groups = tuple(tuple(range(g, g + images_per_identity)) for g in range(0, count, images_per_identity))
-        checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
-        check_resumable(checkpoint)
         with glue.training_mode():
             start = pva if pva is not None else initial_pva(model, clip, encoder, init_word, seed, clip_vision, images)
             run = prepare_training(model, clip, vae, start, glue.clone_tensors(images), groups, True, timestep_bins, seed,
                                    clip_vision, None if masks is None else glue.clone_tensors(masks))
-            train(run.params, run.step,
-                  identity_tune_optimizer(run.params, learning_rate, word_learning_rate, transformer_learning_rate),
-                  LoopSettings(steps, timestep_bins, seed, checkpoint_every, checkpoint, run.fingerprint),
-                  on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
-        trained = _save(stem, run)
+            run_id = _train("PVATrainer", run, stem, steps, timestep_bins, seed, checkpoint_every,
+                            learning_rate=learning_rate, word_learning_rate=word_learning_rate,
+                            transformer_learning_rate=transformer_learning_rate)
+        trained = _save("PVATrainer", stem, run, run_id)
         return io.NodeOutput(trained, trained.name)
 
 

@@ -20,10 +20,11 @@ from ..attention.realcustom_weights import (
     adapter_from_state_dict,
     new_clip_vision_adapter,
 )
-from ..training.checkpoint import check_resumable, save_atomic
+from ..training.checkpoint import save_atomic
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
 from ..training.realcustom import RealCustomStep, TrainingData, word_scope_preview
+from ..training.runs import RUN_ID_KEY, ExportedFile
 from . import training_glue as glue
 from .comfy_io import io
 from .validation import names_node, require_images, require_matching_clip
@@ -196,7 +197,7 @@ class RealCustomTrainer(io.ComfyNode):
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64, tooltip="Square training resolution (512 for SD1.5, 1024 for SDXL)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of sampling order, noise and timesteps."),
                 io.Int.Input("checkpoint_every", default=100, min=0, max=100000,
-                             tooltip="Save a resumable checkpoint every N steps (0: only at the end / on cancel)."),
+                             tooltip=glue.CHECKPOINT_EVERY_TOOLTIP),
                 io.Boolean.Input("crop", default=False, tooltip="Center-crop images for the image encoder instead of squashing (match at inference)."),
                 io.Boolean.Input("adaptive_scoring", default=True, optional=True,
                                  tooltip="Also train the paper's adaptive scoring of the image tokens (the released model has none)."),
@@ -228,24 +229,29 @@ class RealCustomTrainer(io.ComfyNode):
         stem = sanitize_name(name)
         texts = _captions(captions, images.shape[0])
         words = _target_words(target_words, texts)
-        checkpoint = output_path(f"{folder_paths.get_output_directory()}/{CHECKPOINT_FOLDER}", stem)
-        check_resumable(checkpoint)
         with glue.training_mode():
             adapter, step = prepare_training(model, clip, vae, clip_vision, images, texts, resolution, crop, batch_size,
                                              seed, adaptive_scoring, words, word_mask_training)
-            run_id = fingerprint(images=images, captions=texts, steps=steps, learning_rate=learning_rate,
-                                 batch_size=batch_size, resolution=resolution, seed=seed, crop=crop,
-                                 vision_dim=adapter.vision_dim, adaptive_scoring=adaptive_scoring,
+            run_id = fingerprint(images=images, captions=texts, learning_rate=learning_rate,
+                                 batch_size=batch_size, grad_accumulation=grad_accumulation, resolution=resolution,
+                                 seed=seed, crop=crop, vision_dim=adapter.vision_dim, adaptive_scoring=adaptive_scoring,
+                                 weights=glue.weights_sample(model.model.diffusion_model),
+                                 text_encoder=glue.weights_sample(clip.cond_stage_model),
+                                 vae=glue.weights_sample(vae.first_stage_model),
+                                 image_encoder=glue.weights_sample(clip_vision.model),
                                  # the words change the training only when they gate it
                                  **({"word_masks_of": words} if word_mask_training else {}))
             train(dict(adapter.named_parameters()), step, lambda params: torch.optim.AdamW(params, lr=learning_rate),
-                  LoopSettings(steps, grad_accumulation, seed, checkpoint_every, checkpoint, run_id),
-                  on_progress=glue.progress_reporter(steps), check_interrupted=glue.check_interrupted)
+                  LoopSettings(steps, grad_accumulation, seed, checkpoint_every,
+                               glue.run_checkpoints(CHECKPOINT_FOLDER, stem, run_id)),
+                  on_progress=glue.progress_reporter("RealCustomTrainer", steps), check_interrupted=glue.check_interrupted)
             word_masks, word_preview = _word_previews(step, images, resolution, seed)
         state_dict = {k: v.detach().cpu() for k, v in adapter.state_dict().items()}
-        path = output_path(folder_paths.get_folder_paths(ADAPTER_FOLDER)[0], stem)
+        folder = folder_paths.get_folder_paths(ADAPTER_FOLDER)[0]
+        glue.exports_of_run("RealCustomTrainer", stem, [ExportedFile(folder)], run_id)
+        path = output_path(folder, stem)
         save_atomic(path, state_dict, metadata={FORMAT_KEY: CLIP_VISION_FORMAT, FAMILY_KEY: adapter.family.file_tag,
-                                                "method": "realcustom",
+                                                "method": "realcustom", RUN_ID_KEY: run_id,
                                                 "steps": str(steps), "learning_rate": str(learning_rate)})
         folder_paths.filename_list_cache.clear()
         trained = adapter_from_state_dict(state_dict, CLIP_VISION_FORMAT, adapter.family)

@@ -14,13 +14,20 @@ The pure-torch loop lives in ``training/``; this module adapts ComfyUI objects t
 - :class:`PlaceholderPrompt` + :class:`TrainableTextEncoder`: prompts holding ``embedding:<name>``
   for vectors under training, encoded with gradients to the vectors; :func:`clip_with_embeddings`
   gives a CLIP that resolves those names to the trained vectors (no file needed).
-- :func:`progress_reporter`, :data:`check_interrupted`: the loop's callbacks.
+- :func:`progress_reporter`, :data:`check_interrupted`: the loop's callbacks (the progress bar, and a line in
+  the server console every few steps).
+- :func:`run_checkpoints`, :func:`weights_sample`, :func:`exports_of_run`: where a run's checkpoints go, what
+  tells one model's weights from another's in a run id, and keeping an earlier run's exported files
+  (``training/runs.py`` has the rules).
 """
 from __future__ import annotations
 
 import copy
+import logging
+import time
 import types
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import comfy.clip_model
@@ -30,11 +37,18 @@ import comfy.patcher_extension
 import comfy.sd1_clip
 import comfy.text_encoders.t5
 import comfy.utils
+import folder_paths
 import torch
 from comfy.weight_adapter.base import WeightAdapterTrainBase
 
 from ..training.losses import EPSILON, FLOW, V_PREDICTION
+from ..training.naming import output_path
+from ..training.runs import ExportedFile, RunCheckpoints, keep_earlier_exports
 from .patching import unpatched_modules
+
+log = logging.getLogger("personalization")
+#: a console line at least every this many seconds of training (and at the start and the end)
+CONSOLE_INTERVAL_S = 30.0
 
 check_interrupted: Callable[[], None] = comfy.model_management.throw_exception_if_processing_interrupted
 
@@ -58,10 +72,49 @@ def clone_tensors(value):
     return value
 
 
-def progress_reporter(total: int) -> Callable[[int, int, Optional[float]], None]:
-    """The loop's ``on_progress`` driving ComfyUI's progress bar."""
+def progress_reporter(node: str, total: int) -> Callable[[int, int, Optional[float]], None]:
+    """The loop's ``on_progress``: ComfyUI's progress bar (whose server hook raises on Cancel: the loop saves
+    first), and a console line with the step, the loss and the seconds per step every tenth of the run or
+    every :data:`CONSOLE_INTERVAL_S`, whichever comes first."""
     bar = comfy.utils.ProgressBar(total)
-    return lambda done, _total, _loss: bar.update_absolute(done, total)
+    every = max(1, total // 10)
+    state = {"start": 0.0, "first": 0, "last_line": 0.0}
+
+    def report(done: int, _total: int, loss: Optional[float]) -> None:
+        now = time.monotonic()
+        if loss is None:
+            state.update(start=now, first=done, last_line=now)
+            log.info("%s: %s", node, f"resuming at step {done} of {total}" if done else f"training {total} steps")
+        elif done == total or done % every == 0 or now - state["last_line"] >= CONSOLE_INTERVAL_S:
+            per_step = (now - state["start"]) / max(1, done - state["first"])
+            log.info("%s: step %d/%d, loss %.5f, %.2f s/step", node, done, total, loss, per_step)
+            state["last_line"] = now
+        bar.update_absolute(done, total)
+    return report
+
+
+#: the one wording of every trainer's checkpoint_every input
+CHECKPOINT_EVERY_TOOLTIP = ("Also save a resumable checkpoint every N steps. 0: only at the end and on Cancel (a "
+                            "checkpoint is always kept; more steps later continue from it).")
+
+
+def run_checkpoints(folder: str, name: str, run_id: str) -> RunCheckpoints:
+    """The checkpoints of run ``run_id`` of output ``name``: ``output/<folder>/<name>/``."""
+    return RunCheckpoints(output_path(Path(folder_paths.get_output_directory()) / folder, name, suffix=""), run_id)
+
+
+def exports_of_run(node: str, name: str, files: list[ExportedFile], run_id: str) -> None:
+    """Before a run writes its files: an earlier run's files of the same name move to a numbered name."""
+    kept = keep_earlier_exports(name, files, run_id)
+    if kept is not None:
+        log.info("%s: the files of an earlier training run named %r are kept as %r", node, name, kept)
+
+
+def weights_sample(module: torch.nn.Module, values: int = 256) -> torch.Tensor:
+    """Evenly spaced values of every weight of ``module`` as loaded (LoRA patches merged), for a run id: two
+    models of one architecture (another checkpoint, another LoRA on it) differ in them."""
+    return torch.cat([w.detach().flatten()[::max(1, w.numel() // values)][:values].float().cpu()
+                      for w in module.state_dict().values() if w.is_floating_point() and w.numel() > 0])
 
 
 class WeightDelta(WeightAdapterTrainBase):

@@ -149,10 +149,9 @@ class Sandbox:
         self.leftovers.append(path)
         return path
 
-    def checkpoint_file(self, node: str, stem: str) -> Path:
-        path = self.output / CHECKPOINT_FOLDERS[node] / f"{stem}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+    def checkpoint_files(self, node: str, stem: str) -> list[Path]:
+        """The resume checkpoints a trainer wrote for output ``stem`` (``output/<technique>_checkpoints/<stem>/``)."""
+        return sorted((self.output / CHECKPOINT_FOLDERS[node] / stem).glob("*.safetensors"))
 
     def _state(self) -> dict[Path, tuple[int, int]]:
         state = {}
@@ -335,9 +334,15 @@ def after(damage: Callable, inputs: Callable) -> Callable:
 
 
 def resuming_from(node: str, stem: str, damage: Callable[[Kit, Path], str], inputs: Callable) -> Callable:
-    """Inputs whose run would resume from a damaged checkpoint that ``damage(kit, path)`` writes where the trainer
-    looks for one (``output/<technique>_checkpoints/<name>.safetensors``)."""
-    return after(lambda kit, box: damage(kit, box.checkpoint_file(node, stem)), inputs)
+    """Inputs of a second run (2 steps) that resumes from the checkpoint a first run (1 step, same inputs) wrote,
+    once ``damage(kit, path)`` has damaged that checkpoint in place."""
+    def build(kit, box):
+        run_node(node, **inputs(kit, box))
+        written = box.checkpoint_files(node, stem)
+        assert len(written) == 1, written
+        damage(kit, written[0])
+        return {**inputs(kit, box), "steps": 2}
+    return build
 
 
 STYLE_ALIGNED = [

@@ -343,7 +343,7 @@ def test_trainers_lower_the_loss_resume_exactly_and_reload(family, stage1, tmp_p
     from harness.pva_assets import faces, tiny_clip_vision
     from harness.training_probes import interrupting_at, probe_loss
     nodes_tune, glue = pack_module("nodes.pva_training"), pack_module("nodes.training_glue")
-    loop = pack_module("training.loop")
+    loop, runs = pack_module("training.loop"), pack_module("training.runs")
     vae = dit.vae()
     photos = faces(2, seed=6, size=64)
 
@@ -354,7 +354,8 @@ def test_trainers_lower_the_loss_resume_exactly_and_reload(family, stage1, tmp_p
             assert tune.step.kind == "flow"
             before = probe_loss(tune.step, 50, 4, seed=99, micros=2)
             optimizer = nodes_tune.identity_tune_optimizer(tune.params, 3e-3, 3e-2, 1e-3 if stage1 else 0.0)
-            loop.train(tune.params, tune.step, optimizer, loop.LoopSettings(steps, 2, 1, 0, checkpoint, tune.fingerprint),
+            checkpoints = checkpoint and runs.RunCheckpoints(checkpoint, tune.fingerprint)
+            loop.train(tune.params, tune.step, optimizer, loop.LoopSettings(steps, 2, 1, 0, checkpoints),
                        check_interrupted=interrupting_at(interrupt_at))
             after = probe_loss(tune.step, 50, 4, seed=99, micros=2)
         return before, after, {k: v.detach().clone() for k, v in tune.params.items()}
@@ -363,7 +364,7 @@ def test_trainers_lower_the_loss_resume_exactly_and_reload(family, stage1, tmp_p
     assert after < before, f"loss on a fixed probe {before:.5f} -> {after:.5f}"
     assert any(k.startswith("identity_word.t5xxl") for k in straight), "the word is tuned in T5 too"
     assert any(k.startswith("token_transformer.") for k in straight) == stage1
-    checkpoint = tmp_path / "resume.safetensors"
+    checkpoint = tmp_path / "checkpoints"
     with pytest.raises(KeyboardInterrupt):
         run(4, checkpoint, interrupt_at=4)
     _, _, resumed = run(4, checkpoint)

@@ -87,7 +87,7 @@ def test_tune_lowers_the_loss_and_resumes_exactly(comfy, inpainting, pva, tmp_pa
     from harness.training_probes import interrupting_at, probe_loss
     nodes_tune = pack_module("nodes.pva_training")
     glue = pack_module("nodes.training_glue")
-    loop = pack_module("training.loop")
+    loop, runs = pack_module("training.loop"), pack_module("training.runs")
     model, clip, vae = inpainting
 
     def run(steps, checkpoint=None, interrupt_at=None):
@@ -95,17 +95,18 @@ def test_tune_lowers_the_loss_and_resumes_exactly(comfy, inpainting, pva, tmp_pa
             tune = nodes_tune.prepare_identity_tune(model, clip, vae, pva, glue.clone_tensors(photos(2)), bins=2, seed=1)
             before = probe_loss(tune.step, 0, 1, seed=99)
             optimizer = nodes_tune.identity_tune_optimizer(tune.params, 3e-3, 3e-2)
-            loop.train(tune.params, tune.step, optimizer, loop.LoopSettings(steps, 2, 1, 0, checkpoint, tune.fingerprint),
+            checkpoints = checkpoint and runs.RunCheckpoints(checkpoint, tune.fingerprint)
+            loop.train(tune.params, tune.step, optimizer, loop.LoopSettings(steps, 2, 1, 0, checkpoints),
                        check_interrupted=interrupting_at(interrupt_at))
             after = probe_loss(tune.step, 0, 1, seed=99)
         return before, after, {k: v.detach().clone() for k, v in tune.params.items()}
 
     before, after, straight = run(3)
     assert after < before, f"loss on a fixed probe {before:.5f} -> {after:.5f}"
-    checkpoint = tmp_path / "resume.safetensors"
+    checkpoint = tmp_path / "checkpoints"
     with pytest.raises(KeyboardInterrupt):
         run(3, checkpoint, interrupt_at=4)  # stops inside step 1 (2 micro-batches per step)
-    assert checkpoint.exists()
+    assert any(checkpoint.iterdir())
     _, _, resumed = run(3, checkpoint)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 

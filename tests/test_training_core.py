@@ -8,8 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from personalization_nodes.training import exporters, losses, naming
-from personalization_nodes.training.checkpoint import CheckpointMismatchError
+from personalization_nodes.training.checkpoint import CheckpointMismatchError, save_atomic
 from personalization_nodes.training.loop import LoopSettings, fingerprint, train
+from personalization_nodes.training.runs import (RUN_ID_KEY, ExportedFile, RunCheckpoints, keep_earlier_exports,
+                                                  run_of)
 
 
 def _toy_problem():
@@ -35,13 +37,32 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path):
-    make_params, step_fn_for, adamw = _toy_problem()
-    settings = LoopSettings(steps=9, grad_accumulation=2, seed=3, checkpoint_every=4,
-                            checkpoint_path=tmp_path / "run.safetensors", fingerprint="toy")
-    straight = make_params()
-    reference = train(straight, step_fn_for(straight), adamw, LoopSettings(steps=9, grad_accumulation=2, seed=3))
+def _checkpoints(tmp_path, run_id="toy"):
+    return RunCheckpoints(tmp_path / "checkpoints", run_id)
 
+
+def _straight(steps, **settings):
+    """Weights and losses of an uninterrupted run without checkpoints."""
+    make_params, step_fn_for, adamw = _toy_problem()
+    params = make_params()
+    result = train(params, step_fn_for(params), adamw, LoopSettings(steps=steps, **settings))
+    return params, result
+
+
+def _run(steps, checkpoints, on_progress=None, check_interrupted=None, **settings):
+    make_params, step_fn_for, adamw = _toy_problem()
+    params = make_params()
+    result = train(params, step_fn_for(params), adamw, LoopSettings(steps=steps, checkpoints=checkpoints, **settings),
+                   on_progress=on_progress, check_interrupted=check_interrupted)
+    return params, result
+
+
+def _same(a, b):
+    return all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path):
+    straight, reference = _straight(9, grad_accumulation=2, seed=3)
     calls = []
 
     def interrupt_at_sixth_step():
@@ -49,41 +70,142 @@ def test_interrupt_and_resume_equals_uninterrupted_run(tmp_path):
         if len(calls) == 6 * 2 + 1:  # first micro-batch of step index 6
             raise Interrupt
 
-    first = make_params()
     with pytest.raises(Interrupt):
-        train(first, step_fn_for(first), adamw, settings, check_interrupted=interrupt_at_sixth_step)
-    assert not list(tmp_path.glob(".*.tmp")), "temp files must not survive"
-
-    resumed = make_params()
+        _run(9, _checkpoints(tmp_path), check_interrupted=interrupt_at_sixth_step, grad_accumulation=2, seed=3,
+             checkpoint_every=4)
+    assert not list(tmp_path.glob("**/.*.tmp")), "temp files must not survive"
     progress = []
-    result = train(resumed, step_fn_for(resumed), adamw, settings,
-                   on_progress=lambda done, total, loss: progress.append((done, total)))
+    resumed, result = _run(9, _checkpoints(tmp_path), on_progress=lambda done, total, loss: progress.append((done, total)),
+                           grad_accumulation=2, seed=3, checkpoint_every=4)
     assert result.resumed_from == 6
     assert progress[0] == (6, 9) and progress[-1] == (9, 9)
-    for name in straight:
-        assert torch.equal(resumed[name], straight[name]), name
+    assert _same(resumed, straight)
     assert result.losses == pytest.approx(reference.losses, abs=0, rel=1e-12)
     assert reference.losses[-1] < reference.losses[0]
 
 
-def test_finished_checkpoint_is_not_trained_again(tmp_path):
-    make_params, step_fn_for, adamw = _toy_problem()
-    settings = LoopSettings(steps=3, checkpoint_path=tmp_path / "c.safetensors", fingerprint="a")
-    done = make_params()
-    train(done, step_fn_for(done), adamw, settings)
-    again = make_params()
-    result = train(again, step_fn_for(again), adamw, settings)
-    assert result.resumed_from == 3 and len(result.losses) == 3
-    assert torch.equal(again["weight"], done["weight"])
+class ServerCancel(Exception):
+    """What ComfyUI's server progress hook raises on Cancel (comfy.model_management.InterruptProcessingException)."""
 
 
-def test_checkpoint_of_another_run_is_refused(tmp_path):
+@pytest.mark.parametrize("checkpoint_every", [0, 10])
+def test_a_cancel_raised_by_the_progress_hook_keeps_the_last_finished_step(tmp_path, checkpoint_every):
+    """ComfyUI's server raises on Cancel inside the progress bar's hook, i.e. from ``on_progress`` after a step,
+    not from ``check_interrupted``: that step must be kept, whatever checkpoint_every is (0: only at the end)."""
+    straight, _ = _straight(30)
+
+    def cancel_after_step_13(done, total, loss):
+        if done == 13:
+            raise ServerCancel
+
+    with pytest.raises(ServerCancel):
+        _run(30, _checkpoints(tmp_path), on_progress=cancel_after_step_13, checkpoint_every=checkpoint_every)
+    resumed, result = _run(30, _checkpoints(tmp_path), checkpoint_every=checkpoint_every)
+    assert result.resumed_from == 13
+    assert _same(resumed, straight)
+
+
+def test_an_error_inside_a_step_keeps_the_finished_steps(tmp_path):
     make_params, step_fn_for, adamw = _toy_problem()
-    path = tmp_path / "c.safetensors"
     params = make_params()
-    train(params, step_fn_for(params), adamw, LoopSettings(steps=2, checkpoint_path=path, fingerprint="a"))
+    inner = step_fn_for(params)
+
+    def fails_at_step_4(micro):
+        if micro.step == 4:
+            raise KeyboardInterrupt
+        return inner(micro)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(params, fails_at_step_4, adamw, LoopSettings(steps=8, checkpoints=_checkpoints(tmp_path)))
+    _, result = _run(8, _checkpoints(tmp_path))
+    assert result.resumed_from == 4
+
+
+def test_a_diverged_state_is_not_checkpointed(tmp_path):
+    def step_fn(micro):
+        return (w * torch.inf).sum() if micro.step == 2 else (w ** 2).sum()
+
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(FloatingPointError):
+        train({"w": w}, step_fn, lambda t: torch.optim.SGD(t, lr=0.1), LoopSettings(steps=5, checkpoints=_checkpoints(tmp_path)))
+    assert _checkpoints(tmp_path).resume_point(5).name.endswith("step-2.safetensors"), "the finite state before it"
+
+
+def test_finished_run_is_not_trained_again(tmp_path):
+    done, _ = _run(3, _checkpoints(tmp_path))
+    again, result = _run(3, _checkpoints(tmp_path))
+    assert result.resumed_from == 3 and len(result.losses) == 3
+    assert _same(again, done)
+
+
+def test_more_steps_continue_the_run_and_fewer_steps_replay_it(tmp_path):
+    """The edit-and-run loop: 8 steps, then 12 (continues from 8), then 8 again (replayed from scratch, the 12-step
+    checkpoint kept), then 12 again (found finished): every result equals the straight run of that length."""
+    eight, twelve = _straight(8)[0], _straight(12)[0]
+    assert _same(_run(8, _checkpoints(tmp_path))[0], eight)
+    params, result = _run(12, _checkpoints(tmp_path))
+    assert result.resumed_from == 8 and _same(params, twelve)
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["run-toy.step-12.safetensors"]
+    params, result = _run(8, _checkpoints(tmp_path))
+    assert result.resumed_from == 0 and _same(params, eight)
+    params, result = _run(12, _checkpoints(tmp_path))
+    assert result.resumed_from == 12 and _same(params, twelve)
+    params, result = _run(10, _checkpoints(tmp_path))
+    assert result.resumed_from == 8 and _same(params, _straight(10)[0])
+
+
+def test_each_run_has_its_own_checkpoints(tmp_path):
+    _run(3, _checkpoints(tmp_path, "aaaa"))
+    _, other = _run(2, _checkpoints(tmp_path, "bbbb"))
+    assert other.resumed_from == 0
+    _, first = _run(3, _checkpoints(tmp_path, "aaaa"))
+    assert first.resumed_from == 3
+
+
+def test_a_renamed_checkpoint_of_another_run_is_refused(tmp_path):
+    _run(2, _checkpoints(tmp_path, "aaaa"))
+    folder = tmp_path / "checkpoints"
+    (folder / "run-aaaa.step-2.safetensors").rename(folder / "run-bbbb.step-2.safetensors")
     with pytest.raises(CheckpointMismatchError, match="different inputs"):
-        train(params, step_fn_for(params), adamw, LoopSettings(steps=2, checkpoint_path=path, fingerprint="b"))
+        _run(2, _checkpoints(tmp_path, "bbbb"))
+
+
+# --- exported files of earlier runs ---------------------------------------------------------------
+
+def _export(folder, name, run_id, suffixes=("_new1", "_kv")):
+    for suffix in suffixes:
+        save_atomic(folder / f"{name}{suffix}.safetensors", {"x": torch.zeros(1)}, {RUN_ID_KEY: run_id})
+
+
+def _run_ids(folder):
+    return {path.stem: run_of(path) for path in folder.iterdir()}
+
+
+def test_another_runs_exports_are_kept_under_the_next_number(tmp_path):
+    kinds = [ExportedFile(tmp_path, "_new{index}"), ExportedFile(tmp_path, "_kv")]
+    _export(tmp_path, "pair", "A", ("_new1", "_new2", "_new3", "_kv"))
+    assert keep_earlier_exports("pair", kinds, "A") is None, "a run updates its own files"
+    assert keep_earlier_exports("pair", kinds, "B") == "pair_00001"
+    assert _run_ids(tmp_path) == {"pair_00001_new1": "A", "pair_00001_new2": "A", "pair_00001_new3": "A",
+                                  "pair_00001_kv": "A"}
+    _export(tmp_path, "pair", "B", ("_new1", "_kv"))
+    (tmp_path / "unrelated_new1.safetensors").write_bytes(b"not ours")
+    assert keep_earlier_exports("pair", kinds, "C") == "pair_00002"
+    assert _run_ids(tmp_path)["pair_00002_new1"] == "B" and "pair_new1" not in _run_ids(tmp_path)
+    assert _run_ids(tmp_path)["unrelated_new1"] is None, "another name's files stay"
+
+
+def test_files_of_no_run_are_kept_too(tmp_path):
+    """A file under the name that records no run (an older version's, another tool's, damaged) is never
+    overwritten."""
+    (tmp_path / "subject_kv.safetensors").write_bytes(b"someone's file")
+    assert keep_earlier_exports("subject", [ExportedFile(tmp_path, "_kv")], "A") == "subject_00001"
+    assert (tmp_path / "subject_00001_kv.safetensors").read_bytes() == b"someone's file"
+
+
+def test_fingerprint_refuses_values_without_a_stable_form():
+    with pytest.raises(TypeError):
+        fingerprint(model=object())
 
 
 def test_gradient_accumulation_averages_micro_batches():

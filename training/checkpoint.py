@@ -66,16 +66,7 @@ def _open(path: str | Path):
 
 def _check_format(path, metadata: dict) -> None:
     if metadata.get("format") != FORMAT:
-        raise CheckpointMismatchError(f"{path} is not a training checkpoint of this pack; use another output name, "
-                                      "or delete the file to start over")
-
-
-def check_resumable(path: str | Path) -> None:
-    """Fail fast, before a run prepares its data: a file at ``path`` must be a readable checkpoint of this pack
-    (whether its settings match is decided by :func:`load_checkpoint`)."""
-    if Path(path).exists():
-        with _open(path) as f:
-            _check_format(path, f.metadata() or {})
+        raise CheckpointMismatchError(f"{path} is not a training checkpoint of this pack; delete the file to start over")
 
 
 def load_checkpoint(path: str | Path, expected_fingerprint: Optional[str] = None) -> TrainingState:
@@ -85,8 +76,8 @@ def load_checkpoint(path: str | Path, expected_fingerprint: Optional[str] = None
         _check_format(path, metadata)
         if expected_fingerprint is not None and metadata["fingerprint"] != expected_fingerprint:
             raise CheckpointMismatchError(
-                f"{path} was written by a training run with different inputs or settings; "
-                "use another output name, or delete the file to start over")
+                f"{path} was written by a training run with different inputs or settings (a renamed file?); "
+                "delete it to start over")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
     if bad:

@@ -26,19 +26,10 @@ def shared_attention(model, **overrides):
 
 @contextlib.contextmanager
 def user_cancels_at_step(step: int = 1):
-    """As if the user pressed Cancel when the progress bar reached ``step``: ComfyUI's own interrupt flag,
-    which the trainers check every step; the block must end in ComfyUI's InterruptProcessingException."""
+    """As if the user pressed Cancel in the server when the progress bar reached ``step``: ComfyUI's own server
+    progress hook (harness.server_hook) raises there; the block must end in ComfyUI's InterruptProcessingException."""
     import comfy.model_management
-    import comfy.utils
+    from .server_hook import server_progress_hook
 
-    def press_cancel(value, total, preview=None, node_id=None):
-        if value == step:
-            comfy.model_management.interrupt_current_processing(True)
-
-    comfy.utils.set_progress_bar_global_hook(press_cancel)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            yield
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    with server_progress_hook(cancel_at=step), pytest.raises(comfy.model_management.InterruptProcessingException):
+        yield
