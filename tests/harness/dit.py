@@ -60,6 +60,9 @@ the fan-in scale each map keeps its input's scale, the gates are O(1) and that c
 degenerate: Flux and SD3.5 RMS-normalise q and k per head (scale 1), so q.k / sqrt(head dim) has a
 standard deviation near 1 whatever the std (measured ~1.0; the probabilities are ~0.4 nats from uniform);
 T5 has no 1/sqrt(d) and its q, k come from RMS-normalised tokens through 4096-wide projections.
+Buffers: the only one in these files, the MMDiT's ``pos_embed``, which ComfyUI allocates uninitialised for the
+checkpoint to fill, holds a fixed 2-D sin-cos table like the real model's (sd3_pos_embed); tests/test_harness_files.py
+builds every DiT file in NaN-poisoned memory to catch any tensor a builder leaves uninitialised.
 
 Workflows: use_tiny_dit_models() points an API prompt's loaders at these models, through stock loaders
 where they can load them and test-only stand-in nodes (stand_in_nodes()) where they cannot; family_of() tells
@@ -71,7 +74,9 @@ with CheckpointLoaderSimple.
 Memory: every loader is a harness.memory.model_cache (once per process, clone() before patching) that
 ``release()`` empties for some families and conftest empties for all after every test module; the module holds
 no other reference, so a released family is freed when the tests drop theirs.
-Files are cached like harness.checkpoints (atomic writes, ``DIT_HARNESS_VERSION`` in the names).
+Files are cached like harness.checkpoints (atomic writes, finite values checked before writing,
+``DIT_HARNESS_VERSION`` in the names: dit2 since ``pos_embed`` is initialised; dit1 SD3.5 files hold whatever
+memory held, inf/NaN on some machines).
 """
 from __future__ import annotations
 
@@ -86,7 +91,7 @@ from .checkpoints import _cached
 from .comfy_env import boot_comfy
 from .memory import model_cache, trim_heap
 
-DIT_HARNESS_VERSION = "dit1"
+DIT_HARNESS_VERSION = "dit2"
 
 FLUX_VARIANTS = ("dev", "schnell", "fill")
 FLUX_DIT = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
@@ -295,13 +300,23 @@ def _build_sd35(variant: str) -> dict:
 
     config = sd35_config(variant)
     net = OpenAISignatureMMDITWrapper(**config, operations=comfy.ops.disable_weight_init)
-    sd = _fp16(randomize_(net, seed=30 + list(SD35_VARIANTS).index(variant), std=None).state_dict())
+    randomize_(net, seed=30 + list(SD35_VARIANTS).index(variant), std=None)
+    net.pos_embed.copy_(sd3_pos_embed(net.hidden_size, config["pos_embed_max_size"]))
+    sd = _fp16(net.state_dict())
     detected = comfy.model_detection.model_config_from_unet(sd, "")
     wrong = {k: (v, detected.unet_config.get(k)) for k, v in config.items()
              if detected is not None and detected.unet_config.get(k) != v}
     if type(detected) is not comfy.supported_models.SD3 or wrong:
         raise RuntimeError(f"tiny SD3.5 {variant} detected as {type(detected).__name__}, read back as {wrong}")
     return sd
+
+
+def sd3_pos_embed(width: int, grid: int) -> torch.Tensor:
+    """[1, grid * grid, width]: a fixed 2-D sin-cos table of patch positions, what SD3's MMDiT holds in
+    ``pos_embed`` (ComfyUI's get_2d_sincos_pos_embed, row-major over the grid x grid patches, as MMDiT crops it).
+    ComfyUI registers that buffer uninitialised (torch.empty) for the checkpoint to fill."""
+    from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+    return torch.from_numpy(get_2d_sincos_pos_embed(width, grid)).float().unsqueeze(0)
 
 
 def sd35_path(variant: str = "large") -> Path:

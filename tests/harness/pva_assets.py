@@ -13,7 +13,7 @@
   and identity-word encoders, initialised as the paper does, then perturbed so identity changes the output.
 - ``faces``, ``pva_model``: random reference "faces" and ParallelVisualAttention with the widget defaults.
 
-Files are cached like ``checkpoints`` (HARNESS_VERSION in the name, atomic writes).
+Files are cached like ``checkpoints`` (HARNESS_VERSION in the name, atomic writes, checked finite).
 """
 from __future__ import annotations
 
@@ -113,6 +113,7 @@ def pva_path(encoder: str = "arcface", family: str = "sd15"):
             weights = dit_pva_weights(family, model, encoder=encoder)
         else:
             weights = _build_pva(encoder, ENCODER_FEATURE_DIMS[encoder], family)
+        checkpoints.require_finite(weights.state_dict(), path.name)
         pack_module("attention.pva_weights").save_pva(path, weights)
         boot_comfy().folder_paths.filename_list_cache.clear()
     return path

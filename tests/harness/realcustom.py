@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .checkpoints import _cached, randomize_
+from .checkpoints import _cached, randomize_, require_finite
 from .comfy_env import boot_comfy, cache_dir, models_dir
 from .memory import model_cache
 
@@ -103,6 +103,7 @@ def write_adapter(path, state_dict: dict, format_name: str | None, family: str |
     """Save an adapter file atomically, with the format (None: like the released checkpoint) and the model
     family's file tag (None: none recorded, as U-Net files before the DiT families) in metadata."""
     import comfy.utils
+    require_finite(state_dict, path.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     metadata = {**({"format": format_name} if format_name else {}), **({"family": family} if family else {})} or None
     comfy.utils.save_torch_file({k: v.clone() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
