@@ -7,8 +7,13 @@ from .pva_training import PVA_TRAINING_NODES
 from .realcustom import REALCUSTOM_NODES
 from .realcustom_trainer import REALCUSTOM_TRAINER_NODES
 from .style_aligned import STYLE_ALIGNED_NODES
+from .validation import guard_nodes
+
+#: every node the pack registers, each guarded once (nodes/validation.py guard_nodes)
+NODES = guard_nodes([*STYLE_ALIGNED_NODES, *REALCUSTOM_NODES, *REALCUSTOM_TRAINER_NODES, *PVA_NODES, *PVA_TRAINING_NODES,
+                     *DISENDIFF_NODES, *DETEX_NODES])
 
 
 class PersonalizationExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*STYLE_ALIGNED_NODES, *REALCUSTOM_NODES, *REALCUSTOM_TRAINER_NODES, *PVA_NODES, *PVA_TRAINING_NODES, *DISENDIFF_NODES, *DETEX_NODES]
+        return list(NODES)

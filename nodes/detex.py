@@ -34,7 +34,7 @@ from . import training_glue as glue
 from .comfy_io import io
 from .model_folders import register_model_folder
 from .patching import add_attention_processor, transformer_blocks
-from .validation import names_node, require_finite, require_images, resolve_embedding
+from .validation import require_finite, require_images, resolve_embedding
 
 CATEGORY = "personalization/detex"
 CHECKPOINT_FOLDER = "detex_checkpoints"
@@ -138,7 +138,6 @@ class DecoupledTokenMask(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, images, threshold, smoothing, dilation) -> io.NodeOutput:
         require_images("DecoupledTokenMask", "images", images)
         masks = dilate(border_key_masks(images, threshold, smoothing), dilation)
@@ -245,7 +244,6 @@ class DecoupledTokenTrainer(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, model, clip, vae, images, masks, class_word, name, steps, learning_rate, mapper_learning_rate,
                 batch_size, grad_accumulation, seed, template, attribute_source, subject_branch_probability,
                 mask_normalization, augmented_views, resolution, mask_dilation, checkpoint_every,
@@ -433,7 +431,6 @@ class DecoupledTokenPrompt(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, clip, name, prompt, image_index, keep_pose, keep_background, attributes_name="") -> io.NodeOutput:
         if clip is None:
             raise ValueError("DecoupledTokenPrompt: the clip input is empty; connect the trainer's CLIP or the checkpoint's.")
@@ -502,7 +499,6 @@ class DecoupledTokenAttributes(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, clip, mappers, clip_vision, image, name, mask=None) -> io.NodeOutput:
         name = sanitize_name(name)
         loaded, metadata = load_mappers(folder_paths.get_full_path_or_raise(MAPPER_FOLDER, mappers))

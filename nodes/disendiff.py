@@ -35,7 +35,7 @@ from ..training.runs import RUN_ID_KEY, ExportedFile, without_steps
 from . import training_glue as glue
 from .comfy_io import io
 from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
-from .validation import names_node, require_images, resolve_embedding
+from .validation import require_images, resolve_embedding
 
 CATEGORY = "personalization/disendiff"
 LORA_SUFFIX = "_disendiff_kv"
@@ -153,7 +153,6 @@ class DisenDiffTrainer(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, model, clip, vae, image, class_words, name, steps, learning_rate, batch_size,
                 grad_accumulation, resolution, seed, checkpoint_every, augment, reg_images=None,
                 reg_captions="", lora_rank=0) -> io.NodeOutput:
@@ -379,7 +378,6 @@ class CalibratedCrossAttn(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, model, clip, prompt, modifiers, class_words, strength, start_percent, end_percent) -> io.NodeOutput:
         mods = [m.strip() for m in modifiers.split(",") if m.strip()]
         words = [w.strip() for w in class_words.split(",") if w.strip()]

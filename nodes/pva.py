@@ -23,7 +23,7 @@ from ..attention.pva_identity import IResNet, arcface_crop
 from ..attention.pva_weights import PVAFormatError, PVAWeights
 from .comfy_io import io
 from .model_folders import register_model_folder
-from .validation import names_node, read_safetensors, require_finite
+from .validation import read_safetensors, require_finite
 from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
 from .prompt_tokens import encoder_attribute, occurrences_per_encoder
 
@@ -81,7 +81,6 @@ class PVALoader(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, pva_name) -> io.NodeOutput:
         path = folder_paths.get_full_path(PVA_FOLDER, pva_name)
         if path is None:
@@ -248,7 +247,6 @@ class ParallelVisualAttention(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, model, pva, references, strength, uncond_identity, images_per_identity, start_percent,
                 end_percent, clip_vision=None) -> io.NodeOutput:
         blocks = _check_model_fits(pva, model)
@@ -311,7 +309,6 @@ class PVATextEncode(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, clip, pva, text, identity_word) -> io.NodeOutput:
         found = occurrences_per_encoder(clip, text, identity_word, node_name="PVATextEncode")
         tokens = clip.tokenize(text)

@@ -22,7 +22,7 @@ from ..attention.pva_weights import PVAWeights
 from ..training.pva import IdentityPhotos, PVAStep, face_box_mask, rotating_references, stage1_references
 from . import training_glue as glue
 from .comfy_io import io
-from .validation import names_node, require_finite, require_images, require_masks_for, require_matching_clip
+from .validation import require_finite, require_images, require_masks_for, require_matching_clip
 from .patching import add_attention_processor, transformer_blocks
 from .prompt_tokens import encoder_attribute
 from .pva import (CATEGORY, PVA_FOLDER, LoadedPVA, ParallelVisualAttention, PVAType, _arcface_backbone,
@@ -236,7 +236,6 @@ class PVAIdentityTune(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, model, clip, vae, pva, photos, name, steps, learning_rate, word_learning_rate, timestep_bins,
                 seed, checkpoint_every, clip_vision=None) -> io.NodeOutput:
         require_matching_clip("PVAIdentityTune", model, clip)
@@ -351,7 +350,6 @@ class PVATrainer(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, model, clip, vae, images, images_per_identity, name, encoder, steps, learning_rate,
                 transformer_learning_rate, word_learning_rate, timestep_bins, init_word, seed, checkpoint_every,
                 masks=None, pva=None, clip_vision=None) -> io.NodeOutput:

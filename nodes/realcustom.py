@@ -50,7 +50,7 @@ from ..attention.realcustom_weights import (
 )
 from .comfy_io import io
 from .model_folders import register_model_folder
-from .validation import names_node, read_safetensors, require_finite
+from .validation import read_safetensors, require_finite
 from .patching import WRAPPER_KEY, add_attention_processor, transformer_blocks
 from .prompt_tokens import find_phrase_tokens
 
@@ -134,7 +134,6 @@ class RealCustomLoader(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, adapter_name) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter_name)
         state_dict, metadata = read_safetensors("RealCustomLoader", path, "RealCustom adapter")
@@ -176,7 +175,6 @@ class RealCustomDINOv2Loader(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, dinov2_name) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("clip_vision", dinov2_name)
         state_dict, _ = read_safetensors("RealCustomDINOv2Loader", path, "DINOv2 file")
@@ -259,7 +257,6 @@ class RealCustomEncodeReference(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, adapter: LoadedAdapter, clip_vision, image, crop, dinov2: LoadedDino | None = None) -> io.NodeOutput:
         if image.shape[0] != 1:
             raise ValueError(f"RealCustomEncodeReference: give one reference image, got a batch of {image.shape[0]} "
@@ -552,7 +549,6 @@ class AdaptiveMaskGuidance(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, model, reference: EncodedReference, clip, prompt, word, mask_strategy, mask_scope, binary_mask,
                 update_fraction, map_source, uncond_image, strength, scope_selection=SCOPE_SELECTIONS[0],
                 guidance=GUIDANCE_MODES[0], image_guidance=12.5) -> io.NodeOutput:
@@ -618,7 +614,6 @@ class RealCustomMaskPreview(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, masks: MaskRecord, samples) -> io.NodeOutput:
         latent = samples["samples"]
         if not masks.steps:

@@ -27,7 +27,7 @@ from ..training.realcustom import RealCustomStep, TrainingData, word_scope_previ
 from ..training.runs import RUN_ID_KEY, ExportedFile
 from . import training_glue as glue
 from .comfy_io import io
-from .validation import names_node, require_images, require_matching_clip
+from .validation import require_images, require_matching_clip
 from .patching import add_attention_processor, transformer_blocks
 from .prompt_tokens import PhraseNotInPromptError, find_phrase_tokens
 from .realcustom import ADAPTER_FOLDER, CATEGORY, AdapterType, LoadedAdapter
@@ -216,7 +216,6 @@ class RealCustomTrainer(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, model, clip, vae, clip_vision, images, captions, name, steps, learning_rate, batch_size,
                 grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True, target_words="",
                 word_mask_training=False) -> io.NodeOutput:

@@ -24,7 +24,7 @@ from ..attention.layout import chunk_count
 from ..attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
 from ..attention.style_reference import DEFAULT_REFERENCE_OFFSET, StyleReference, invert_eps, invert_flow
 from .comfy_io import io
-from .validation import names_node, require_finite
+from .validation import require_finite
 from .patching import (
     WRAPPER_KEY,
     add_attention_processor,
@@ -145,7 +145,6 @@ class SharedAttentionBatch(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, model, adain_queries, adain_keys, adain_values, shared_score_shift, shared_score_scale,
                 share_group_norm, full_attention_share, blocks, skip_fraction, start_percent, end_percent,
                 controlnet_on_reference) -> io.NodeOutput:
@@ -209,7 +208,6 @@ class SharedAttentionPromptBatch(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, clip, prompts, style) -> io.NodeOutput:
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         if not lines:
@@ -265,7 +263,6 @@ class SharedAttentionInvertReference(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, model, positive, negative, latent, steps, scheduler, cfg) -> io.NodeOutput:
         samples = latent["samples"]
         if samples.shape[0] != 1:
@@ -352,7 +349,6 @@ class SharedAttentionApplyReference(io.ComfyNode):
         )
 
     @classmethod
-    @names_node
     def execute(cls, model, reference: StyleReference, offset) -> io.NodeOutput:
         if offset > reference.steps:
             raise ValueError(f"SharedAttentionApplyReference: offset {offset} exceeds the {reference.steps} inverted steps.")

@@ -1,9 +1,12 @@
 """Input checks shared by the pack's nodes: a bad input ends in a clear error that names the node and the
 problem, before any slow work (encoding, training) starts.
 
-- :func:`names_node`: decorator for ``execute``; a ValueError/FileNotFoundError raised inside it (by the node
-  or by the helpers it calls: output names, checkpoints, token search) gets the node id in front of its
-  message when the message does not already name it.
+- :func:`guard_nodes`: applied once to every node class the pack registers (nodes/__init__.py), so no node can
+  miss it. Before the node runs, a FLOAT input that is NaN or ±inf is refused (JSON NaN passes ComfyUI's min/max
+  check, every comparison with NaN being False). A ValueError/FileNotFoundError raised inside (by the node or by
+  the helpers it calls: output names, checkpoints, token search) gets the node id in front of its message when
+  the message does not already name it, and reaches ComfyUI as the builtin type (ComfyUI reports a class of this
+  pack by its module path, which holds the install folder).
 - :func:`require_images`: a non-empty batch of finite values (NaN/inf refused: a trainer would spend minutes
   on a loss of NaN, a sampler would spread NaN over every image).
 - :func:`require_finite`: finite values only.
@@ -14,33 +17,73 @@ problem, before any slow work (encoding, training) starts.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
+import inspect
+import math
+import numbers
+import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors import safe_open
 
-_NAMED_ERRORS = (ValueError, FileNotFoundError)
+from .comfy_io import io
+
+#: the id of the pack node running now. A node that another node calls (PVAIdentityTune runs
+#: ParallelVisualAttention.execute) runs unguarded: its errors are named once, after the node the user placed.
+_RUNNING_NODE: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("personalization_node", default=None)
 
 
-def names_node(execute):
-    """Wrap a node's ``execute(cls, ...)`` (below ``@classmethod``) so its input errors name the node."""
+def guard_nodes(classes: list[type[io.ComfyNode]]) -> list[type[io.ComfyNode]]:
+    """Wrap the ``execute`` of each class in place (see the module docstring); returns ``classes``.
+
+    Named by the schema's node id: ComfyUI executes a copy of the class named ``<class>Clone``, and calls
+    ``execute.__func__`` of the registered class on it, so ``execute`` stays a classmethod."""
+    for cls in classes:
+        schema = cls.GET_SCHEMA()
+        execute = cls.execute.__func__
+        if inspect.iscoroutinefunction(execute):
+            raise TypeError(f"{schema.node_id}: guard_nodes wraps synchronous execute methods only")
+        floats = {i.id: i for i in schema.inputs if isinstance(i, io.Float.Input)}
+        cls.execute = classmethod(_guarded(execute, schema.node_id, floats))
+    return classes
+
+
+def _guarded(execute, node: str, floats: dict[str, io.Float.Input]):
+    positional = list(inspect.signature(execute).parameters)[1:]  # after cls
+    node_named = re.compile(rf"\b{re.escape(node)}\b")
+
     @functools.wraps(execute)
-    def wrapper(cls, *args, **kwargs):
+    def guarded(cls, *args, **kwargs):
+        if _RUNNING_NODE.get() is not None:
+            return execute(cls, *args, **kwargs)
+        values = {**dict(zip(positional, args)), **kwargs}
+        for name, spec in floats.items():
+            _require_finite_number(node, name, spec, values.get(name))
+        running = _RUNNING_NODE.set(node)
         try:
             return execute(cls, *args, **kwargs)
-        except _NAMED_ERRORS as error:
-            node = cls.__name__
+        except (ValueError, FileNotFoundError) as error:
+            builtin = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
             message = str(error)
-            if node in message:
+            if node_named.search(message) is None:
+                message = f"{node}: {message}"
+            elif type(error) is builtin:
                 raise
-            try:
-                named = type(error)(f"{node}: {message}")
-            except Exception:  # an exception type with another constructor: keep its meaning, plain ValueError
-                named = ValueError(f"{node}: {message}")
-            raise named from error
-    return wrapper
+            raise builtin(message) from error
+        finally:
+            _RUNNING_NODE.reset(running)
+    return guarded
+
+
+def _require_finite_number(node: str, name: str, spec: io.Float.Input, value) -> None:
+    """A FLOAT input's value (a float from a widget, any real number from a link) must be finite."""
+    if isinstance(value, numbers.Real) and not math.isfinite(value):
+        shown = "NaN" if math.isnan(value) else str(value)
+        allowed = f" from {spec.min} to {spec.max}" if spec.min is not None and spec.max is not None else ""
+        raise ValueError(f"{node}: input '{name}' is {shown}; set a finite number{allowed}.")
 
 
 def require_finite(node: str, what: str, tensor: Optional[torch.Tensor]) -> None:

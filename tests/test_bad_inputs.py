@@ -11,10 +11,16 @@ extra_model_paths.yaml would) and a private output folder, so damaged files stay
 (except embeddings: a stock CLIP only searches the folders it was loaded with, so those get per-process names there
 and are removed after the test) and the whole temp tree can be compared before and after. Single cases already covered elsewhere (tests/test_*_nodes.py)
 are not repeated here.
+
+What the user reads is checked through ComfyUI's own executor too (the section "through the executor"): the error
+names the node as the user sees it (never the executor's ``<class>Clone``) with a builtin exception type, and a NaN
+typed into a FLOAT widget, which passes ComfyUI's min/max check, is refused before the node runs.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +36,7 @@ from harness.comfy_env import boot_comfy, pack_module
 from harness.memory import model_cache
 from harness.pack_nodes import SHARED_ATTENTION_DEFAULTS, run_node
 from harness.text_encoders import sdxl_tokenizer_clip
+from harness.workflows import WorkflowExecutionError, execute_workflow, new_executor
 from personalization_nodes.training import naming
 
 NAN = float("nan")
@@ -606,3 +613,114 @@ def test_a_long_output_name_keeps_every_file_suffix(tmp_path):
     stem = naming.sanitize_name("a very long concept name " * 20)
     files = {naming.output_path(tmp_path, f"{stem}{suffix}") for suffix in ("_new1", "_new2", "_disendiff_kv", "_pose_9")}
     assert len(files) == 4 and all(path.parent == tmp_path.resolve() for path in files)
+
+
+# ---- through the executor: the node as the user sees it, builtin exception types, NaN widgets ----------------------
+
+#: where the executor graphs below take a pack node's non-widget inputs from, by type
+UPSTREAM = {"MODEL": ["ckpt", 0], "CLIP": ["ckpt", 1], "VAE": ["ckpt", 2], "CONDITIONING": ["text", 0],
+            "LATENT": ["latent", 0], "IMAGE": ["image", 0], "PVA": ["pva", 0]}
+
+
+def executor_graph(node: str, **widgets) -> dict:
+    """An API prompt running ``node`` on the tiny SD1.5: its required inputs linked to stock nodes (a PVA to
+    PVALoader of the tiny PVA file), its widgets at their defaults unless ``widgets`` sets them, its first output
+    shown by PreviewAny so that it runs (a trainer is an output node itself)."""
+    from harness.checkpoints import sd15_checkpoint_path
+    schema = boot_comfy().nodes.NODE_CLASS_MAPPINGS[node].GET_SCHEMA()
+    required = {i.id: UPSTREAM.get(str(i.get_io_type()), getattr(i, "default", None))
+                for i in schema.inputs if not i.optional}
+    api = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15_checkpoint_path().name}},
+        "text": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a photo of a cat"}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "image": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "node": {"class_type": node, "inputs": {**required, **widgets}},
+    }
+    if required.get("pva") == UPSTREAM["PVA"]:
+        from harness.pva_assets import arcface_path, pva_path
+        arcface_path()
+        api["pva"] = {"class_type": "PVALoader", "inputs": {"pva_name": pva_path("arcface").name}}
+    if not schema.is_output_node:
+        api["show"] = {"class_type": "PreviewAny", "inputs": {"source": ["node", 0]}}
+    return api
+
+
+@pytest.fixture(scope="module")
+def executor(comfy):
+    """One executor for the module, as the server keeps one: its cache loads the checkpoint once."""
+    return new_executor()
+
+
+def executor_error(api: dict, executor) -> dict:
+    """ComfyUI's error report (what the frontend shows) of a prompt that must fail while executing."""
+    with pytest.raises(WorkflowExecutionError) as raised:
+        execute_workflow(api, executor=executor)
+    return raised.value.report
+
+
+def not_a_pva_file(kit, box) -> str:
+    """A readable safetensors file in models/pva that holds no PVA weights (the PVA reader's own error class)."""
+    save_file({"weight": torch.zeros(2, 2)}, str(box.model_file("pva", "other.safetensors")))
+    return "other.safetensors"
+
+
+@pytest.mark.parametrize("node, widgets, exception_type, problem", [
+    pytest.param("PVALoader", lambda k, b: {"pva_name": not_a_pva_file(k, b)}, "ValueError", r"not a PVA weights file",
+                 id="PVALoader given another safetensors file"),
+    pytest.param("PVALoader", lambda k, b: {"pva_name": text_file(b.model_file("pva", "text.safetensors"))},
+                 "ValueError", r"text\.safetensors.*not a readable safetensors", id="PVALoader given a text file"),
+    pytest.param("DisenDiffTrainer", lambda k, b: {"class_words": "cat", "steps": 1, "resolution": 64},
+                 "ValueError", r"2 or more class words", id="DisenDiffTrainer given one class word"),
+    pytest.param("CalibratedCrossAttn", lambda k, b: {"prompt": "photo of a embedding:nowhere_new1 cat and a big dog",
+                                                      "modifiers": "embedding:nowhere_new1, big", "class_words": "cat, dog"},
+                 "FileNotFoundError", r"embedding:nowhere_new1.*not found", id="CalibratedCrossAttn given a missing embedding"),
+])
+def test_executor_error_names_the_node_once_with_a_builtin_type(node, widgets, exception_type, problem, kit, sandbox,
+                                                                 executor):
+    report = executor_error(executor_graph(node, **widgets(kit, sandbox)), executor)
+    message = report["exception_message"]
+    assert "Clone" not in message and len(re.findall(rf"\b{node}\b", message)) == 1, message
+    assert re.search(problem, message, re.S), message
+    assert report["exception_type"] == exception_type, "a builtin name, not the pack's module path"
+
+
+@pytest.mark.parametrize("node, name, widgets", [
+    pytest.param("SharedAttentionBatch", "shared_score_shift", {}, id="SharedAttentionBatch shift (black images)"),
+    pytest.param("SharedAttentionBatch", "start_percent", {}, id="SharedAttentionBatch start_percent"),
+    pytest.param("CalibratedCrossAttn", "strength", {"prompt": "photo of a small cat and a big dog",
+                                                     "modifiers": "small, big", "class_words": "cat, dog"},
+                 id="CalibratedCrossAttn strength (black images)"),
+    pytest.param("ParallelVisualAttention", "strength", {}, id="ParallelVisualAttention strength (silent)"),
+    pytest.param("SharedAttentionInvertReference", "cfg", {"steps": 1},
+                 id="SharedAttentionInvertReference cfg (caught by the next node)"),
+])
+def test_executor_refuses_a_nan_widget(node, name, widgets, executor):
+    # JSON NaN passes ComfyUI's min/max check (every comparison with NaN is False)
+    report = executor_error(executor_graph(node, **widgets, **{name: NAN}), executor)
+    assert report["node_type"] == node and report["exception_type"] == "ValueError"
+    assert re.match(rf"{node}: input '{name}' is NaN", report["exception_message"]), report["exception_message"]
+
+
+@pytest.mark.parametrize("value", [NAN, float("inf"), float("-inf")], ids=["NaN", "inf", "-inf"])
+def test_every_float_input_of_every_node_refuses_a_non_finite_value(value, comfy):
+    """Each registered node called as ComfyUI's executor calls a V3 node (the registered class's method, run on a
+    clone of the class), one FLOAT input non-finite and every other input None: the refusal comes before the node
+    touches any input."""
+    shown = "NaN" if math.isnan(value) else str(value)
+    checked, wrong = set(), []
+    for cls in asyncio.run(pack_module("nodes").PersonalizationExtension().get_node_list()):
+        schema = cls.GET_SCHEMA()
+        for name in [i.id for i in schema.inputs if str(i.get_io_type()) == "FLOAT"]:
+            try:
+                getattr(cls, cls.FUNCTION).__func__(cls.PREPARE_CLASS_CLONE({}),
+                                                    **{**{i.id: None for i in schema.inputs}, name: value})
+                outcome = "no error"
+            except Exception as error:  # noqa: BLE001 - any other outcome is reported below
+                outcome = f"{type(error).__name__}: {error}"
+            if not outcome.startswith(f"ValueError: {schema.node_id}: input '{name}' is {shown};"):
+                wrong.append(f"{schema.node_id}.{name}: {outcome[:200]}")
+            checked.add(f"{schema.node_id}.{name}")
+    assert not wrong, "\n".join(wrong)
+    assert {"SharedAttentionBatch.shared_score_shift", "CalibratedCrossAttn.strength", "ParallelVisualAttention.strength",
+            "SharedAttentionInvertReference.cfg", "PVATrainer.learning_rate"} <= checked

@@ -40,7 +40,12 @@ class WorkflowValidationError(RuntimeError):
 
 
 class WorkflowExecutionError(RuntimeError):
-    pass
+    """ComfyUI's execution_error (or execution_interrupted) report; ``report`` holds its fields as the server
+    sends them to the frontend (node_id, node_type, exception_type, exception_message, traceback, ...)."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
 
 
 def _widget_inputs(class_type: str, node_id) -> list[tuple[str, bool, int, object]]:
@@ -218,7 +223,7 @@ def execute_workflow(api_prompt: dict, extra_data: dict | None = None, executor=
             raise WorkflowExecutionError(
                 f"{event} in node {data.get('node_id')} ({data.get('node_type')}): "
                 f"{data.get('exception_type')}: {data.get('exception_message')}\n"
-                + "".join(data.get("traceback") or []))
+                + "".join(data.get("traceback") or []), data)
     ui = executor.history_result["outputs"]
     results = {}
     for node_id in api_prompt:
