@@ -182,7 +182,9 @@ class DecoupledTokenTrainer(io.ComfyNode):
     - attention_regularizer (off): Break-A-Scene's attention loss (λ 0.01, map layers = 16×16 at 512 px):
       the max-normalised map of [V] pulled towards the subject mask, that of [B_i] towards the background.
       [R], not confirmed for DETEX; costs explicit attention probabilities in the map layers.
-    Re-running with the same inputs resumes from the checkpoint in output/detex_checkpoints.
+    Run again: more steps continue the run from its checkpoint (output/detex_checkpoints/<name>/), the same
+    settings find it finished; any other change starts a new run and keeps the earlier run's files under the
+    next numbered name (<name>_00001_V, ...).
     """
 
     @classmethod

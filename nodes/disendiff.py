@@ -104,8 +104,9 @@ class DisenDiffTrainer(io.ComfyNode):
     the exact K/V change; 1–128: a truncated-SVD LoRA, Custom Diffusion's compression, smaller and
     approximate). Writes ``models/embeddings/<name>_newI.safetensors`` (use ``embedding:<name>_newI``;
     SDXL files hold both ``clip_l`` and ``clip_g``), ``models/loras/<name>_disendiff_kv.safetensors``
-    (LoraLoaderModelOnly, strength 1) and a resumable checkpoint under ``output/disendiff_checkpoints``;
-    re-running with the same inputs resumes. SD1.x as the paper; SDXL learns each token in both text
+    (LoraLoaderModelOnly, strength 1) and a resumable checkpoint under ``output/disendiff_checkpoints/<name>``.
+    Run again: more steps continue the run, the same settings find it finished, any other change starts a new
+    run and keeps the earlier run's files as ``<name>_00001_new1`` and so on. SD1.x as the paper; SDXL learns each token in both text
     encoders (CLIP-G starts from the same word) and feeds the pooled CLIP-G output to the U-Net.
     """
 

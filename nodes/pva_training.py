@@ -15,6 +15,7 @@ from ..attention.blocks import ALL_FAMILIES
 from ..attention.dispatcher import CHAIN_KEY
 from ..attention.pva import ParallelVisualAttentionProcessor
 from ..attention.pva_weights import save_pva
+from ..training.augmentation import center_square
 from ..training.loop import LoopSettings, fingerprint, train
 from ..training.naming import output_path, sanitize_name
 from ..training.runs import RUN_ID_KEY, ExportedFile
@@ -22,19 +23,28 @@ from ..attention.pva_weights import PVAWeights
 from ..training.pva import IdentityPhotos, PVAStep, face_box_mask, rotating_references, stage1_references
 from . import training_glue as glue
 from .comfy_io import io
-from .validation import require_finite, require_images, require_masks_for, require_matching_clip
+from .validation import require_images, require_masks_for, require_matching_clip
 from .patching import add_attention_processor, transformer_blocks
 from .prompt_tokens import encoder_attribute
 from .pva import (CATEGORY, PVA_FOLDER, LoadedPVA, ParallelVisualAttention, PVAType, _arcface_backbone,
                   _check_model_fits, parallel_projections, reference_features, token_embeddings)
 
 CHECKPOINT_FOLDER = "pva_checkpoints"
+#: the paper's training size (its SD2 inpainting model's native 512 px)
+DEFAULT_RESOLUTION = 512
 #: the identity word while training: an ``embedding:`` name resolved to the vector under training.
 WORD_PLACEHOLDER = "pva_identity_word"
 #: the official stage-1 config's ``init_token``. It is no token of CLIP's vocabulary, so the official lookup
 #: (``convert_tokens_to_ids``) returns the unknown token, which in CLIP is <|endoftext|>: the official identity
 #: word starts as the end-of-text embedding. An empty ``init_word`` starts from the same row.
 OFFICIAL_INIT_TOKEN = "ktn+pll+ucd"
+
+
+def resolution_input():
+    """The square size photos are scaled to: at their own size, two 768 px photos made one tune step take
+    minutes on a CPU and several GB more."""
+    return io.Int.Input("resolution", default=DEFAULT_RESOLUTION, min=64, max=2048, step=64, optional=True,
+                        tooltip="Photos are centre-cropped and scaled to this square (paper: 512; 1024 for SDXL/Flux).")
 
 
 def _patcher(weights) -> comfy.model_patcher.ModelPatcher:
@@ -198,7 +208,9 @@ class PVAIdentityTune(io.ComfyNode):
     Inputs (safe ranges): photos (1–5 square aligned face crops), steps (paper 40; 20–100), learning_rate
     (paper 2e-5 = 1e-5 × batch 2), word_learning_rate (paper 1e-3; 0 freezes the word as the paper's
     FT100), timestep_bins (paper 2: micro-batches per step, one timestep slice each), seed, name,
-    checkpoint_every (0 = only at the end / on cancel; re-running with the same inputs resumes).
+    checkpoint_every (0 = only at the end and on Cancel), resolution (the photos are centre-cropped and scaled
+    to this square; paper 512, 1024 for SDXL/Flux). Run again: more steps continue the run, other changes
+    start a new one and keep the earlier file as ``<name>_00001`` (and so on).
     """
 
     @classmethod
@@ -226,6 +238,7 @@ class PVAIdentityTune(io.ComfyNode):
                 io.Int.Input("checkpoint_every", default=0, min=0, max=10000,
                              tooltip=glue.CHECKPOINT_EVERY_TOOLTIP),
                 io.ClipVision.Input("clip_vision", optional=True, tooltip="Only for PVA files trained on CLIP vision features."),
+                resolution_input(),
             ],
             outputs=[
                 io.Model.Output(tooltip="The model patched with the tuned PVA and the photos as references."),
@@ -237,9 +250,10 @@ class PVAIdentityTune(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, pva, photos, name, steps, learning_rate, word_learning_rate, timestep_bins,
-                seed, checkpoint_every, clip_vision=None) -> io.NodeOutput:
+                seed, checkpoint_every, clip_vision=None, resolution=DEFAULT_RESOLUTION) -> io.NodeOutput:
         require_matching_clip("PVAIdentityTune", model, clip)
-        require_finite("PVAIdentityTune", "photos", photos)
+        require_images("PVAIdentityTune", "photos", photos)
+        photos = center_square(photos, resolution, "bilinear")
         stem = sanitize_name(name)
         with glue.training_mode():
             tune = prepare_identity_tune(model, clip, vae, pva, glue.clone_tensors(photos), timestep_bins, seed, clip_vision)
@@ -296,7 +310,7 @@ class PVATrainer(io.ComfyNode):
     up to 5 other photos of the same person in random order, a random prefix of them as references (p 0.2
     plus a flipped copy), and reuses the sample for ``timestep_bins`` micro-batches over the timestep
     slices. Frozen: U-Net, text encoder, identity encoder (the paper's stage 2 also trains ArcFace; not
-    offered). Writes ``models/pva/<name>.safetensors``; resumable from ``output/pva_checkpoints``. Families:
+    offered). Writes ``models/pva/<name>.safetensors``; resumable from ``output/pva_checkpoints/<name>``. Families:
     SD1.5, SD2, SDXL and Flux, SD3/SD3.5 (the flow-matching loss of the model's own sampling, the identity
     word learned in every text encoder of the CLIP, T5 included; the file records the family).
 
@@ -306,7 +320,9 @@ class PVATrainer(io.ComfyNode):
     word 1e-3), timestep_bins (paper 4), init_word (empty = the official start: its init_token
     "ktn+pll+ucd" is not in CLIP's vocabulary, so the identity word starts as the end-of-text embedding;
     or a word, e.g. "person", whose embedding starts it), pva (optional: continue from these weights
-    instead of a fresh start).
+    instead of a fresh start), resolution (photos and masks centre-cropped and scaled to this square; paper
+    512). Run again: more steps continue the run, other changes start a new one and keep the earlier file as
+    ``<name>_00001`` (and so on).
     """
 
     @classmethod
@@ -341,6 +357,7 @@ class PVATrainer(io.ComfyNode):
                 io.Mask.Input("masks", optional=True, tooltip="One inpainting mask per image (1 = fill); default the whole-face box."),
                 PVAType.Input("pva", optional=True, tooltip="Continue from these PVA weights instead of a fresh start."),
                 io.ClipVision.Input("clip_vision", optional=True, tooltip="The CLIP vision model, for encoder clip_vision."),
+                resolution_input(),
             ],
             outputs=[
                 PVAType.Output(display_name="pva", tooltip="The trained PVA weights (also saved to models/pva)."),
@@ -352,11 +369,14 @@ class PVATrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, images_per_identity, name, encoder, steps, learning_rate,
                 transformer_learning_rate, word_learning_rate, timestep_bins, init_word, seed, checkpoint_every,
-                masks=None, pva=None, clip_vision=None) -> io.NodeOutput:
+                masks=None, pva=None, clip_vision=None, resolution=DEFAULT_RESOLUTION) -> io.NodeOutput:
         transformer_blocks(model, "PVATrainer", ALL_FAMILIES)
         require_matching_clip("PVATrainer", model, clip)
         require_images("PVATrainer", "images", images)
         require_masks_for("PVATrainer", masks, images)
+        images = center_square(images, resolution, "bilinear")
+        if masks is not None:
+            masks = center_square(masks[..., None], resolution, "nearest")[..., 0]
         stem = sanitize_name(name)
         count = images.shape[0]
         if count % images_per_identity != 0:

@@ -160,8 +160,8 @@ class RealCustomTrainer(io.ComfyNode):
     Inputs: model/clip/vae/clip_vision (the encoder you will use at inference), images + captions (one per
     line, or one for all), name (output file models/realcustom/<name>.safetensors), steps, learning_rate
     (paper 1e-5; 1e-4 for small sets), batch_size × grad_accumulation, resolution (512 for SD1.5, 1024 for SDXL), seed,
-    checkpoint_every (resumable checkpoint in output/realcustom_checkpoints; re-running with the same
-    inputs resumes), crop (how images reach the image encoder; inference must match), adaptive_scoring.
+    checkpoint_every (resumable checkpoints in output/realcustom_checkpoints/<name>; run again with more steps
+    to continue, any other change starts a new run and keeps the earlier file as <name>_00001), crop (how images reach the image encoder; inference must match), adaptive_scoring.
     - target_words: the real word of each caption that AdaptiveMaskGuidance will narrow ("toy"; one per
       line, or one for all; must occur in its caption). The paper's training (eq. 4) has no mask, so by
       default the words are checked and previewed: word_masks / word_preview show what each word covers on
