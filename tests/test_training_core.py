@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from personalization_nodes.training import exporters, losses, naming
-from personalization_nodes.training.checkpoint import CheckpointMismatchError
+from personalization_nodes.training.checkpoint import CheckpointMismatchError, save_atomic
 from personalization_nodes.training.loop import LoopSettings, fingerprint, train
 
 
@@ -185,6 +187,22 @@ def test_output_names_never_leave_the_folder(tmp_path, name, stem):
 def test_unusable_names_are_errors(tmp_path, name):
     with pytest.raises(ValueError, match="no usable characters"):
         naming.output_path(tmp_path, name)
+
+
+# --- file modes -----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_files_get_the_mode_of_a_plain_write(tmp_path, umask):
+    # others on a shared machine (a ComfyUI server running as another user) must be able to read the files
+    previous = os.umask(umask)
+    try:
+        save_atomic(tmp_path / "saved.safetensors", {"a": torch.zeros(2)})
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "saved.safetensors").stat().st_mode)
+    assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "plain").stat().st_mode), oct(mode)
 
 
 # --- exporters ------------------------------------------------------------------------------------
