@@ -35,7 +35,8 @@ from . import training_glue as glue
 from .comfy_io import io
 from .model_folders import register_model_folder
 from .patching import add_attention_processor, transformer_blocks
-from .validation import names_node, require_finite, require_images, resolve_embedding
+from .validation import (checked_clip, names_node, require_finite, require_images, require_vectors_fit,
+                         resolve_embedding)
 
 CATEGORY = "personalization/detex"
 CHECKPOINT_FOLDER = "detex_checkpoints"
@@ -426,6 +427,7 @@ class DecoupledTokenPrompt(io.ComfyNode):
     def execute(cls, clip, name, prompt, image_index, keep_pose, keep_background, attributes_name="") -> io.NodeOutput:
         if clip is None:
             raise ValueError("DecoupledTokenPrompt: the clip input is empty; connect the trainer's CLIP or the checkpoint's.")
+        clip = checked_clip("DecoupledTokenPrompt", clip)
         name = sanitize_name(name)
         source = sanitize_name(attributes_name) if (attributes_name or "").strip() else name
         template = PromptTemplate.parse(prompt, require_attributes=False)
@@ -495,6 +497,8 @@ class DecoupledTokenAttributes(io.ComfyNode):
     def execute(cls, clip, mappers, clip_vision, image, name, mask=None) -> io.NodeOutput:
         name = sanitize_name(name)
         loaded, metadata = load_mappers(folder_paths.get_full_path_or_raise(MAPPER_FOLDER, mappers))
+        require_vectors_fit("DecoupledTokenAttributes", clip,
+                            {"clip_l": loaded["pose"].cls_branch[-1].bias}, "the mappers' words")
         masks = border_key_masks(image) if mask is None else mask
         subject = prepare_subject(image.clone(), masks.clone(), int(metadata["resolution"]),
                                   min_images=1, max_images=image.shape[0])

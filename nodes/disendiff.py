@@ -34,7 +34,7 @@ from ..training.naming import output_path, sanitize_name
 from . import training_glue as glue
 from .comfy_io import io
 from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
-from .validation import names_node, require_images, resolve_embedding
+from .validation import checked_clip, names_node, require_images, resolve_embedding
 
 CATEGORY = "personalization/disendiff"
 LORA_SUFFIX = "_disendiff_kv"
@@ -123,7 +123,7 @@ class DisenDiffTrainer(io.ComfyNode):
                 io.String.Input("class_words", default="man, woman",
                                 tooltip="Two or more class words present in the image, comma separated, in prompt order."),
                 io.String.Input("name", default="disendiff_pair",
-                                tooltip="Output name: files <name>_new1.., <name>_disendiff_kv; letters, digits, - _ ."),
+                                tooltip="Output name: files <name>_new1.., <name>_disendiff_kv; letters, digits (any script), - _ . only"),
                 io.Int.Input("steps", default=250, min=1, max=10000, tooltip="Optimizer steps (paper: 250)."),
                 io.Float.Input("learning_rate", default=8e-5, min=1e-7, max=1e-2, step=1e-6,
                                tooltip="AdamW learning rate, weight decay 0.01 (paper: 8e-5)."),
@@ -377,6 +377,7 @@ class CalibratedCrossAttn(io.ComfyNode):
     @classmethod
     @names_node
     def execute(cls, model, clip, prompt, modifiers, class_words, strength, start_percent, end_percent) -> io.NodeOutput:
+        clip = checked_clip("CalibratedCrossAttn", clip)
         mods = [m.strip() for m in modifiers.split(",") if m.strip()]
         words = [w.strip() for w in class_words.split(",") if w.strip()]
         if len(mods) != len(words) or len(words) < 2:

@@ -187,7 +187,7 @@ class RealCustomTrainer(io.ComfyNode):
                 io.Image.Input("images", tooltip="Training images; each is its own reference."),
                 io.String.Input("captions", multiline=True, default="a photo of a toy",
                                 tooltip="One caption per image, one per line (or one line for all)."),
-                io.String.Input("name", default="realcustom_sd15", tooltip="Output file name in models/realcustom; letters, digits, - _ ."),
+                io.String.Input("name", default="realcustom_sd15", tooltip="Output file name in models/realcustom; letters, digits (any script), - _ . only"),
                 io.Int.Input("steps", default=1000, min=1, max=1000000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-2, step=1e-6,
                                tooltip="AdamW learning rate (paper: 1e-5 on a large dataset)."),

@@ -35,6 +35,7 @@ from comfy.weight_adapter.base import WeightAdapterTrainBase
 
 from ..training.losses import EPSILON, FLOW, V_PREDICTION
 from .patching import unpatched_modules
+from .validation import checked_clip
 
 check_interrupted: Callable[[], None] = comfy.model_management.throw_exception_if_processing_interrupted
 
@@ -200,15 +201,22 @@ def sub_tokenizers(tokenizer):
     return [(k, v) for k, v in vars(tokenizer).items() if isinstance(v, comfy.sd1_clip.SDTokenizer)]
 
 
+def patched_tokenizer(tokenizer, patch):
+    """A shallow copy of ``tokenizer`` whose sub-tokenizers are ``patch(copy, original)``: ``copy`` is a shallow
+    copy of the sub-tokenizer ``original``, the caller's to change."""
+    result = copy.copy(tokenizer)
+    for attr, sub in sub_tokenizers(tokenizer):
+        setattr(result, attr, patch(copy.copy(sub), sub))
+    return result
+
+
 def _tokenizer_with_lookup(tokenizer, lookup):
     """A shallow copy of ``tokenizer`` whose ``embedding:<name>`` resolution asks
     ``lookup(sub_tokenizer, name) -> tensor | None`` before the embeddings folder."""
-    result = copy.copy(tokenizer)
-    for attr, sub in sub_tokenizers(tokenizer):
-        patched = copy.copy(sub)
+    def patch(patched, sub):
         fallback = sub._try_get_embedding
 
-        def try_get_embedding(embedding_name, sub=sub, fallback=fallback):
+        def try_get_embedding(embedding_name):
             name, _, leftover = embedding_name.strip().partition(" ")
             found = lookup(sub, name)
             return (found, leftover.strip()) if found is not None else fallback(embedding_name)
@@ -216,8 +224,8 @@ def _tokenizer_with_lookup(tokenizer, lookup):
         patched._try_get_embedding = try_get_embedding
         if patched.embedding_directory is None:  # the tokenizer only resolves embeddings when it has one
             patched.embedding_directory = []
-        setattr(result, attr, patched)
-    return result
+        return patched
+    return patched_tokenizer(tokenizer, patch)
 
 
 class PlaceholderPrompt:
@@ -241,7 +249,8 @@ class PlaceholderPrompt:
                 self._slots[marker[row].data_ptr()] = (name, sub.embedding_key, row)
             return marker
 
-        self.tokens = _tokenizer_with_lookup(clip.tokenizer, lookup).tokenize_with_weights(text)
+        # the prompt's other embedding: words are checked as node prompts are (names_node adds the node's name)
+        self.tokens = _tokenizer_with_lookup(checked_clip("", clip).tokenizer, lookup).tokenize_with_weights(text)
         found = {name for name, _, _ in self._slots.values()}
         if found != set(rows):
             raise ValueError(f"the prompt {text!r} must contain " +

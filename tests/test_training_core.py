@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 
 import pytest
@@ -176,17 +177,48 @@ def test_timesteps_are_uniform_and_seeded():
 
 # --- naming ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,stem", [("my concept", "my_concept"), ("../../etc/passwd", "etc_passwd"),
-                                       ("/abs/path", "abs_path"), ("..hidden", "hidden"), ("a\\b:c", "a_b_c")])
-def test_output_names_never_leave_the_folder(tmp_path, name, stem):
+@pytest.mark.parametrize("name", ["my_concept", "dog-2.v1", "évil名", "Ωmega_3", "٣_cats"])
+def test_names_of_letters_digits_dash_underscore_and_dot_are_kept(tmp_path, name):
     path = naming.output_path(tmp_path, name)
-    assert path.parent == tmp_path.resolve() and path.name == f"{stem}.safetensors"
+    assert path.parent == tmp_path.resolve() and path.name == f"{name}.safetensors"
 
 
-@pytest.mark.parametrize("name", ["", "..", "///", " . "])
-def test_unusable_names_are_errors(tmp_path, name):
-    with pytest.raises(ValueError, match="no usable characters"):
+@pytest.mark.parametrize("name,suggestion", [
+    ("evil/dd1", "evil_dd1"), ("../../etc/passwd", "etc_passwd"), ("/abs/path", "abs_path"), ("my concept", "my_concept"),
+    ("a\\b:c", "a_b_c"), ("..hidden", "hidden"), ("a..b", "a.b"), ("trailing.", "trailing"), ("évil名!", "évil名"),
+    ("e\u0301vil", "évil")])  # the last: é written as e + combining accent, a different file name from é
+def test_other_names_are_refused_with_a_usable_suggestion(tmp_path, name, suggestion):
+    with pytest.raises(ValueError, match="letters and digits") as raised:
         naming.output_path(tmp_path, name)
+    assert f"try {suggestion!r}" in str(raised.value)
+    assert naming.sanitize_name(suggestion) == suggestion
+
+
+def test_names_that_cleaning_would_merge_stay_distinct():
+    # evil/dd1 and evil_dd1 were both written as evil_dd1, and évil名 as vil: one run overwrote another's files
+    assert naming.sanitize_name("evil_dd1") == "evil_dd1" and naming.sanitize_name("évil名") == "évil名"
+    for name in ("evil/dd1", "evil dd1", "évil名?"):
+        with pytest.raises(ValueError, match="may hold only"):
+            naming.sanitize_name(name)
+
+
+@pytest.mark.parametrize("name", ["", "   ", ".", "..", "///"])
+def test_unusable_names_are_errors(tmp_path, name):
+    with pytest.raises(ValueError, match=f"output name {name!r}"):
+        naming.output_path(tmp_path, name)
+
+
+def test_surrounding_spaces_are_not_part_of_a_name():
+    assert naming.sanitize_name("  dog \n") == "dog"
+
+
+def test_an_over_long_name_is_refused_not_cut():
+    fits = "名" * (naming.MAX_NAME_BYTES // 3)  # 3 bytes each in UTF-8, as file systems count
+    assert naming.sanitize_name(fits) == fits
+    with pytest.raises(ValueError, match=f"{naming.MAX_NAME_BYTES} bytes") as raised:
+        naming.sanitize_name(fits + "ab")
+    suggestion = re.search(r"try '(.*)'\.$", str(raised.value)).group(1)
+    assert naming.sanitize_name(suggestion) == suggestion
 
 
 # --- file modes -----------------------------------------------------------------------------------
