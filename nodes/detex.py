@@ -28,13 +28,14 @@ from ..training.detex_prompts import CLASS, DEFAULT_TEMPLATE, PromptTemplate
 from ..training.disendiff import init_token_ids
 from ..training.exporters import save_embedding, save_lora
 from ..training.loop import LoopSettings, fingerprint, train
-from ..training.naming import output_path, sanitize_name
+from ..training.naming import output_path, checked_name
 from ..training.runs import RUN_ID_KEY, ExportedFile, without_steps
 from . import training_glue as glue
 from .comfy_io import io
 from .model_folders import register_model_folder
 from .patching import add_attention_processor, transformer_blocks
-from .validation import require_finite, require_images, resolve_embedding
+from .validation import (checked_clip, require_finite, require_images, require_vectors_fit,
+                         resolve_embedding)
 
 CATEGORY = "personalization/detex"
 CHECKPOINT_FOLDER = "detex_checkpoints"
@@ -255,7 +256,7 @@ class DecoupledTokenTrainer(io.ComfyNode):
         require_finite("DecoupledTokenTrainer", "images", images)
         if regularization_images is not None:
             require_images("DecoupledTokenTrainer", "regularization images", regularization_images)
-        name = sanitize_name(name)
+        name = checked_name(name)
         class_word = class_word.strip()
         if not class_word or "embedding:" in class_word or any(c in class_word for c in "{}[]"):
             raise ValueError("DecoupledTokenTrainer: class_word must be a plain noun such as 'dog'.")
@@ -436,8 +437,9 @@ class DecoupledTokenPrompt(io.ComfyNode):
     def execute(cls, clip, name, prompt, image_index, keep_pose, keep_background, attributes_name="") -> io.NodeOutput:
         if clip is None:
             raise ValueError("DecoupledTokenPrompt: the clip input is empty; connect the trainer's CLIP or the checkpoint's.")
-        name = sanitize_name(name)
-        source = sanitize_name(attributes_name) if (attributes_name or "").strip() else name
+        clip = checked_clip("DecoupledTokenPrompt", clip)
+        name = checked_name(name)
+        source = checked_name(attributes_name) if (attributes_name or "").strip() else name
         template = PromptTemplate.parse(prompt, require_attributes=False)
         if CLASS in prompt:
             raise ValueError("DecoupledTokenPrompt: write the class word itself in the prompt instead of {class}.")
@@ -502,8 +504,10 @@ class DecoupledTokenAttributes(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, mappers, clip_vision, image, name, mask=None) -> io.NodeOutput:
-        name = sanitize_name(name)
+        name = checked_name(name)
         loaded, metadata = load_mappers(folder_paths.get_full_path_or_raise(MAPPER_FOLDER, mappers))
+        require_vectors_fit("DecoupledTokenAttributes", clip,
+                            {"clip_l": loaded["pose"].cls_branch[-1].bias}, "the mappers' words")
         masks = border_key_masks(image) if mask is None else mask
         subject = prepare_subject(image.clone(), masks.clone(), int(metadata["resolution"]),
                                   min_images=1, max_images=image.shape[0])

@@ -30,12 +30,12 @@ from ..training import disendiff as recipe
 from ..training.augmentation import center_square, encode_both_ways
 from ..training.exporters import low_rank_deltas, save_embedding, save_lora
 from ..training.loop import LoopSettings, fingerprint, train
-from ..training.naming import output_path, sanitize_name
+from ..training.naming import output_path, checked_name
 from ..training.runs import RUN_ID_KEY, ExportedFile, without_steps
 from . import training_glue as glue
 from .comfy_io import io
 from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
-from .validation import require_images, resolve_embedding
+from .validation import checked_clip, require_images, resolve_embedding
 
 CATEGORY = "personalization/disendiff"
 LORA_SUFFIX = "_disendiff_kv"
@@ -125,7 +125,7 @@ class DisenDiffTrainer(io.ComfyNode):
                 io.String.Input("class_words", default="man, woman",
                                 tooltip="Two or more class words present in the image, comma separated, in prompt order."),
                 io.String.Input("name", default="disendiff_pair",
-                                tooltip="Output name: files <name>_new1.., <name>_disendiff_kv; letters, digits, - _ ."),
+                                tooltip="Output name: files <name>_new1.., <name>_disendiff_kv; letters, digits (any script), - _ . only"),
                 io.Int.Input("steps", default=250, min=1, max=10000, tooltip="Optimizer steps (paper: 250)."),
                 io.Float.Input("learning_rate", default=8e-5, min=1e-7, max=1e-2, step=1e-6,
                                tooltip="AdamW learning rate, weight decay 0.01 (paper: 8e-5)."),
@@ -162,7 +162,7 @@ class DisenDiffTrainer(io.ComfyNode):
         require_images("DisenDiffTrainer", "image", image)
         if reg_images is not None:
             require_images("DisenDiffTrainer", "regularisation images", reg_images)
-        stem = sanitize_name(name)
+        stem = checked_name(name)
         settings = recipe.DisenDiffSettings(steps, learning_rate, batch_size, grad_accumulation, augment=augment)
         with glue.training_mode():
             run = prepare_training(model, clip, vae, image, words, stem, settings, seed, resolution,
@@ -380,6 +380,7 @@ class CalibratedCrossAttn(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, prompt, modifiers, class_words, strength, start_percent, end_percent) -> io.NodeOutput:
+        clip = checked_clip("CalibratedCrossAttn", clip)
         mods = [m.strip() for m in modifiers.split(",") if m.strip()]
         words = [w.strip() for w in class_words.split(",") if w.strip()]
         if len(mods) != len(words) or len(words) < 2:

@@ -16,7 +16,9 @@ the token axis in *stretches* (:func:`context_stretches`): Flux's conditioning i
 side by side (77 per chunk, zero-padded to 4096 channels) followed by T5-XXL's sequence (77 or more), so a
 word has positions in both stretches. A phrase must occur in every stretch; T5, unlike CLIP, is
 case-sensitive. Matching is by token ids (see
-``attention.token_spans``): case and prompt weights do not matter, word forms do ("dogs" ≠ "dog").
+``attention.token_spans``): case and prompt weights do not matter, word forms do ("dogs" ≠ "dog"). The prompt's
+``embedding:`` words are checked as ``validation.checked_clip`` checks them (else positions would count a word
+ComfyUI then drops).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import comfy.text_encoders.sd3_clip
 import torch
 
 from ..attention.token_spans import context_length, phrase_occurrences, word_token_ids
+from .validation import checked_clip
 
 
 class PhraseNotInPromptError(ValueError):
@@ -80,6 +83,7 @@ def find_phrase_tokens(clip, prompt: str, phrase: str, node_name: str = "") -> P
     when it is absent, and ValueError for an empty phrase, a missing CLIP or encoders that disagree.
     """
     who = _require_phrase(clip, phrase, node_name)
+    clip = checked_clip(node_name, clip)
     prompt_tokens = clip.tokenize(prompt, return_word_ids=True)
     phrase_tokens = clip.tokenize(phrase.strip(), return_word_ids=True)
     occurrences, offset = [], 0
@@ -100,6 +104,7 @@ def occurrences_per_encoder(clip, prompt: str, phrase: str, node_name: str = "")
     """Positions of every occurrence of ``phrase`` in each text encoder's own tokens of ``prompt`` (the token
     lists ``clip.tokenize`` gives, each encoder with its own tokenizer: CLIP and T5 place words differently)."""
     who = _require_phrase(clip, phrase, node_name)
+    clip = checked_clip(node_name, clip)
     prompt_tokens = clip.tokenize(prompt, return_word_ids=True)
     phrase_tokens = clip.tokenize(phrase.strip(), return_word_ids=True)
     return {encoder: _occurrences(clip, encoder, prompt, phrase, chunks, phrase_tokens[encoder], who)

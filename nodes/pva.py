@@ -23,7 +23,7 @@ from ..attention.pva_identity import IResNet, arcface_crop
 from ..attention.pva_weights import PVAFormatError, PVAWeights
 from .comfy_io import io
 from .model_folders import register_model_folder
-from .validation import read_safetensors, require_finite
+from .validation import checked_clip, read_safetensors, require_finite
 from .patching import WRAPPER_KEY, add_attention_processor, sigma_range, transformer_blocks
 from .prompt_tokens import encoder_attribute, occurrences_per_encoder
 
@@ -310,6 +310,7 @@ class PVATextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, pva, text, identity_word) -> io.NodeOutput:
+        clip = checked_clip("PVATextEncode", clip)
         found = occurrences_per_encoder(clip, text, identity_word, node_name="PVATextEncode")
         tokens = clip.tokenize(text)
         missing = sorted(set(tokens) - set(pva.weights.identity_word))

@@ -17,7 +17,7 @@ from ..attention.pva import ParallelVisualAttentionProcessor
 from ..attention.pva_weights import save_pva
 from ..training.augmentation import center_square
 from ..training.loop import LoopSettings, fingerprint, train
-from ..training.naming import output_path, sanitize_name
+from ..training.naming import output_path, checked_name
 from ..training.runs import RUN_ID_KEY, ExportedFile
 from ..attention.pva_weights import PVAWeights
 from ..training.pva import IdentityPhotos, PVAStep, face_box_mask, rotating_references, stage1_references
@@ -226,7 +226,7 @@ class PVAIdentityTune(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="VAE that encodes the photos."),
                 PVAType.Input("pva", tooltip="Pre-trained PVA weights (PVALoader); they are copied, not changed."),
                 io.Image.Input("photos", tooltip="1-5 square, aligned face crops of the person (paper: ~5)."),
-                io.String.Input("name", default="pva_person", tooltip="Output file models/pva/<name>.safetensors; letters, digits, - _ ."),
+                io.String.Input("name", default="pva_person", tooltip="Output file models/pva/<name>.safetensors; letters, digits (any script), - _ . only"),
                 io.Int.Input("steps", default=40, min=1, max=10000, tooltip="Optimizer steps (paper: 40)."),
                 io.Float.Input("learning_rate", default=2e-5, min=0.0, max=1e-2, step=1e-6,
                                tooltip="AdamW lr of the parallel projections (paper: 2e-5)."),
@@ -254,7 +254,7 @@ class PVAIdentityTune(io.ComfyNode):
         require_matching_clip("PVAIdentityTune", model, clip)
         require_images("PVAIdentityTune", "photos", photos)
         photos = center_square(photos, resolution, "bilinear")
-        stem = sanitize_name(name)
+        stem = checked_name(name)
         with glue.training_mode():
             tune = prepare_identity_tune(model, clip, vae, pva, glue.clone_tensors(photos), timestep_bins, seed, clip_vision)
             run_id = _train("PVAIdentityTune", tune, stem, steps, timestep_bins, seed, checkpoint_every,
@@ -338,7 +338,7 @@ class PVATrainer(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="VAE that encodes the photos."),
                 io.Image.Input("images", tooltip="Square aligned face photos, grouped by person (consecutive images_per_identity per person)."),
                 io.Int.Input("images_per_identity", default=5, min=1, max=64, tooltip="How many consecutive images show the same person."),
-                io.String.Input("name", default="pva_stage1", tooltip="Output file models/pva/<name>.safetensors; letters, digits, - _ ."),
+                io.String.Input("name", default="pva_stage1", tooltip="Output file models/pva/<name>.safetensors; letters, digits (any script), - _ . only"),
                 io.Combo.Input("encoder", options=["arcface", "clip_vision"], default="arcface",
                                tooltip="Identity features: ArcFace r50 (paper; needs models/pva/ms1mv3_arcface_r50.safetensors) or a CLIP vision model."),
                 io.Int.Input("steps", default=2000, min=1, max=1000000, tooltip="Optimizer steps (paper: up to 50000)."),
@@ -377,7 +377,7 @@ class PVATrainer(io.ComfyNode):
         images = center_square(images, resolution, "bilinear")
         if masks is not None:
             masks = center_square(masks[..., None], resolution, "nearest")[..., 0]
-        stem = sanitize_name(name)
+        stem = checked_name(name)
         count = images.shape[0]
         if count % images_per_identity != 0:
             raise ValueError(f"PVATrainer: {count} images cannot be grouped into identities of {images_per_identity} "

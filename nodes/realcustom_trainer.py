@@ -22,7 +22,7 @@ from ..attention.realcustom_weights import (
 )
 from ..training.checkpoint import save_atomic
 from ..training.loop import LoopSettings, fingerprint, train
-from ..training.naming import output_path, sanitize_name
+from ..training.naming import output_path, checked_name
 from ..training.realcustom import RealCustomStep, TrainingData, word_scope_preview
 from ..training.runs import RUN_ID_KEY, ExportedFile
 from . import training_glue as glue
@@ -188,7 +188,7 @@ class RealCustomTrainer(io.ComfyNode):
                 io.Image.Input("images", tooltip="Training images; each is its own reference."),
                 io.String.Input("captions", multiline=True, default="a photo of a toy",
                                 tooltip="One caption per image, one per line (or one line for all)."),
-                io.String.Input("name", default="realcustom_sd15", tooltip="Output file name in models/realcustom; letters, digits, - _ ."),
+                io.String.Input("name", default="realcustom_sd15", tooltip="Output file name in models/realcustom; letters, digits (any script), - _ . only"),
                 io.Int.Input("steps", default=1000, min=1, max=1000000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-2, step=1e-6,
                                tooltip="AdamW learning rate (paper: 1e-5 on a large dataset)."),
@@ -225,7 +225,7 @@ class RealCustomTrainer(io.ComfyNode):
                              f"({type(model.model).__name__}) reads another extra conditioning.")
         require_matching_clip("RealCustomTrainer", model, clip)
         require_images("RealCustomTrainer", "training images", images)
-        stem = sanitize_name(name)
+        stem = checked_name(name)
         texts = _captions(captions, images.shape[0])
         words = _target_words(target_words, texts)
         with glue.training_mode():

@@ -24,7 +24,7 @@ from ..attention.layout import chunk_count
 from ..attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
 from ..attention.style_reference import DEFAULT_REFERENCE_OFFSET, StyleReference, invert_eps, invert_flow
 from .comfy_io import io
-from .validation import require_finite
+from .validation import checked_clip, require_finite
 from .patching import (
     WRAPPER_KEY,
     add_attention_processor,
@@ -214,6 +214,7 @@ class SharedAttentionPromptBatch(io.ComfyNode):
             raise ValueError("SharedAttentionPromptBatch: write at least one prompt (one per line).")
         if clip is None:
             raise ValueError("SharedAttentionPromptBatch: the clip input is empty; the checkpoint has no text encoder.")
+        clip = checked_clip("SharedAttentionPromptBatch", clip)
         encoded = []
         for line in lines:
             text = f"{line}, {style.strip()}" if style.strip() else line

@@ -45,6 +45,7 @@ from ..training.losses import EPSILON, FLOW, V_PREDICTION
 from ..training.naming import output_path
 from ..training.runs import ExportedFile, RunCheckpoints, keep_earlier_exports
 from .patching import unpatched_modules
+from .validation import checked_clip
 
 log = logging.getLogger("personalization")
 #: a console line at least every this many seconds of training (and at the start and the end)
@@ -253,15 +254,22 @@ def sub_tokenizers(tokenizer):
     return [(k, v) for k, v in vars(tokenizer).items() if isinstance(v, comfy.sd1_clip.SDTokenizer)]
 
 
+def patched_tokenizer(tokenizer, patch):
+    """A shallow copy of ``tokenizer`` whose sub-tokenizers are ``patch(copy, original)``: ``copy`` is a shallow
+    copy of the sub-tokenizer ``original``, the caller's to change."""
+    result = copy.copy(tokenizer)
+    for attr, sub in sub_tokenizers(tokenizer):
+        setattr(result, attr, patch(copy.copy(sub), sub))
+    return result
+
+
 def _tokenizer_with_lookup(tokenizer, lookup):
     """A shallow copy of ``tokenizer`` whose ``embedding:<name>`` resolution asks
     ``lookup(sub_tokenizer, name) -> tensor | None`` before the embeddings folder."""
-    result = copy.copy(tokenizer)
-    for attr, sub in sub_tokenizers(tokenizer):
-        patched = copy.copy(sub)
+    def patch(patched, sub):
         fallback = sub._try_get_embedding
 
-        def try_get_embedding(embedding_name, sub=sub, fallback=fallback):
+        def try_get_embedding(embedding_name):
             name, _, leftover = embedding_name.strip().partition(" ")
             found = lookup(sub, name)
             return (found, leftover.strip()) if found is not None else fallback(embedding_name)
@@ -269,8 +277,8 @@ def _tokenizer_with_lookup(tokenizer, lookup):
         patched._try_get_embedding = try_get_embedding
         if patched.embedding_directory is None:  # the tokenizer only resolves embeddings when it has one
             patched.embedding_directory = []
-        setattr(result, attr, patched)
-    return result
+        return patched
+    return patched_tokenizer(tokenizer, patch)
 
 
 class PlaceholderPrompt:
@@ -294,7 +302,8 @@ class PlaceholderPrompt:
                 self._slots[marker[row].data_ptr()] = (name, sub.embedding_key, row)
             return marker
 
-        self.tokens = _tokenizer_with_lookup(clip.tokenizer, lookup).tokenize_with_weights(text)
+        # the prompt's other embedding: words are checked as node prompts are (the node guard adds the node's name)
+        self.tokens = _tokenizer_with_lookup(checked_clip("", clip).tokenizer, lookup).tokenize_with_weights(text)
         found = {name for name, _, _ in self._slots.values()}
         if found != set(rows):
             raise ValueError(f"the prompt {text!r} must contain " +

@@ -3,8 +3,8 @@ registered node in the real ComfyUI, and must end in a clear error that names th
 bare KeyError/IndexError/RuntimeError from torch, never a silent no-op) and write nothing at all.
 
 Categories, per technique where they apply: wrong model family, mismatched batch/latent sizes, missing words,
-NaN/inf inputs, empty datasets, corrupt or non-safetensors files, and output names with ``../``, absolute paths or
-nothing usable (those must never write outside the models/output folders).
+NaN/inf inputs, empty datasets, corrupt, pickled, integer or wrong-width files (embeddings included), and output names
+that are not plain names (``../``, absolute paths, spaces, nothing usable): refused, never cleaned into another name.
 
 Every case runs in a sandbox: private model folders registered with ComfyUI's own ``add_model_folder_path`` (as
 extra_model_paths.yaml would) and a private output folder, so damaged files stay out of the shared test cache
@@ -31,25 +31,23 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness.checkpoints import empty_latent, sample
+from harness.checkpoints import empty_latent, encode_prompt, sample
 from harness.comfy_env import boot_comfy, pack_module
 from harness.memory import model_cache
 from harness.pack_nodes import SHARED_ATTENTION_DEFAULTS, run_node
 from harness.text_encoders import sdxl_tokenizer_clip
 from harness.workflows import WorkflowExecutionError, execute_workflow, new_executor
-from personalization_nodes.training import naming
+from personalization_nodes.training import exporters, naming
 
 NAN = float("nan")
 #: embedding names of this process (the files go to the shared embeddings folder, see Sandbox.embedding_file)
-BROKEN, POISONED = f"bad_input_{os.getpid()}_broken", f"bad_input_{os.getpid()}_poisoned"
+BROKEN, POISONED, NARROW, INTEGER, PICKLED, SD15 = (f"bad_input_{os.getpid()}_{kind}" for kind in
+                                                    ("broken", "poisoned", "narrow", "integer", "pickled", "sd15"))
 ARCFACE_FILE = "ms1mv3_arcface_r50.safetensors"
 MODEL_FOLDERS = ("realcustom", "pva", "embeddings", "loras")
 CHECKPOINT_FOLDERS = {"RealCustomTrainer": "realcustom_checkpoints", "PVATrainer": "pva_checkpoints",
                       "PVAIdentityTune": "pva_checkpoints", "DisenDiffTrainer": "disendiff_checkpoints",
                       "DecoupledTokenTrainer": "detex_checkpoints"}
-#: where each trainer's files go (model folder kinds)
-WRITES = {"RealCustomTrainer": ("realcustom",), "PVATrainer": ("pva",), "PVAIdentityTune": ("pva",),
-          "DisenDiffTrainer": ("embeddings", "loras"), "DecoupledTokenTrainer": ("embeddings", "loras")}
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------
@@ -133,6 +131,51 @@ def nan_embedding(target: Path) -> str:
     return target.name
 
 
+def sd15_embedding(target: Path) -> str:
+    """A sound SD1.x embedding file: one CLIP-L vector, nothing for SDXL's CLIP-G."""
+    save_file({"clip_l": torch.randn(1, 768)}, str(target))
+    return target.name
+
+
+def narrow_embedding(target: Path) -> str:
+    """A 512-wide embedding in the clip_l slot (CLIP-L reads 768): ComfyUI drops such a word from the prompt."""
+    save_file({"clip_l": torch.randn(1, 512)}, str(target))
+    return target.name
+
+
+def integer_embedding(target: Path) -> str:
+    """An embedding of int8 values (a quantized or damaged file)."""
+    save_file({"clip_l": torch.ones(1, 768, dtype=torch.int8)}, str(target))
+    return target.name
+
+
+class LeavesMarker:
+    """Unpickling this object (with the full pickle, which runs code) creates the file ``path``."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "a")
+
+
+def pickled_embedding(target: Path, marker: Path) -> str:
+    """A torch pickle .pt embedding whose unpickling would create ``marker``. ComfyUI's weights-only load refuses
+    it, and its loader then ends in an UnboundLocalError."""
+    torch.save({"clip_l": LeavesMarker(marker)}, target)
+    return target.name
+
+
+def int8_copy(source: Path, target: Path) -> str:
+    """``source`` with every floating-point weight stored as int8 (a quantized file without its scales)."""
+    from safetensors import safe_open
+    with safe_open(str(source), "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: (t * 100).to(torch.int8) if t.is_floating_point() else t for k, t in load_file(str(source)).items()}
+    save_file(tensors, str(target), metadata=metadata)
+    return target.name
+
+
 # ---- the sandbox --------------------------------------------------------------------------------------------------
 
 class Sandbox:
@@ -149,10 +192,10 @@ class Sandbox:
     def model_file(self, kind: str, name: str) -> Path:
         return self.models[kind] / name
 
-    def embedding_file(self, clip, stem: str) -> Path:
+    def embedding_file(self, clip, stem: str, suffix: str = ".safetensors") -> Path:
         """Where ``clip`` looks for ``embedding:<stem>``: a stock CLIP copies the embeddings folder list when it
         loads, so that is the shared test cache, not the sandbox; the file is removed when the test ends."""
-        path = Path(clip.tokenizer.clip_l.embedding_directory[0]) / f"{stem}.safetensors"
+        path = Path(clip.tokenizer.clip_l.embedding_directory[0]) / f"{stem}{suffix}"
         self.leftovers.append(path)
         return path
 
@@ -204,6 +247,11 @@ class Kit:
 
     def __init__(self, comfy, sd15, sdxl_model):
         self.comfy, self.sd15, self.sdxl = comfy, sd15, sdxl_model
+
+    @property
+    def sdxl_clip(self):
+        """SDXL's tokenizers (CLIP-L 768 + CLIP-G 1280), reading the embeddings folders of the SD1.5 CLIP."""
+        return sdxl_tokenizer_clip(tuple(self.sd15[1].tokenizer.clip_l.embedding_directory))
 
     @functools.cached_property
     def pva_file(self) -> Path:
@@ -372,6 +420,10 @@ STYLE_ALIGNED = [
     Case("SharedAttentionApplyReference refuses an inverted reference holding NaN", "SharedAttentionApplyReference",
          lambda k, b: {"model": k.sd15[0], "reference": k.style_reference(poisoned(torch.zeros(3, 4, 8, 8))),
                        "offset": 0}, r"NaN"),
+    Case("SharedAttentionPromptBatch refuses a prompt embedding of the wrong width", "SharedAttentionPromptBatch",
+         after(lambda k, b: narrow_embedding(b.embedding_file(k.sd15[1], NARROW)),
+               lambda k, b: {"clip": k.sd15[1], "prompts": f"a toy train\na toy embedding:{NARROW} car", "style": ""}),
+         r"narrow\.safetensors.*512-wide.*clip_l.*768"),
 ]
 
 REALCUSTOM = [
@@ -400,6 +452,10 @@ REALCUSTOM = [
          lambda k, b: k.mask_guidance(word="  "), r"word.*empty"),
     Case("AdaptiveMaskGuidance refuses an embedding as the word", "AdaptiveMaskGuidance",
          lambda k, b: k.mask_guidance(word="embedding:toy", prompt="a photo of a embedding:toy"), r"plain text"),
+    Case("AdaptiveMaskGuidance refuses a prompt embedding of the wrong width", "AdaptiveMaskGuidance",
+         after(lambda k, b: narrow_embedding(b.embedding_file(k.sd15[1], NARROW)),
+               lambda k, b: k.mask_guidance(prompt=f"a photo of a embedding:{NARROW} toy on the beach")),
+         r"narrow\.safetensors.*512-wide.*768"),
     Case("AdaptiveMaskGuidance refuses a U-Net adapter on a Flux model", "AdaptiveMaskGuidance",
          lambda k, b: k.mask_guidance(model=flux_model()),
          r"AdaptiveMaskGuidance: adapter .* was made for U-Net \(SD1\.5/SD2/SDXL\) models, but this MODEL \(Flux\) "
@@ -419,9 +475,9 @@ REALCUSTOM = [
     Case("RealCustomTrainer refuses an SDXL text encoder for an SD1.5 model", "RealCustomTrainer",
          lambda k, b: k.realcustom_trainer(clip=sdxl_tokenizer_clip()), r"768-wide text.*CLIP gives 2048"),
     Case("RealCustomTrainer refuses an empty output name", "RealCustomTrainer",
-         lambda k, b: k.realcustom_trainer(name=" "), r"no usable characters"),
+         lambda k, b: k.realcustom_trainer(name=" "), r"output name ' ' is empty"),
     Case("RealCustomTrainer refuses the output name ..", "RealCustomTrainer",
-         lambda k, b: k.realcustom_trainer(name=".."), r"no usable characters"),
+         lambda k, b: k.realcustom_trainer(name=".."), r"output name '\.\.' starts or ends with '\.'"),
     Case("RealCustomTrainer refuses a target word missing from its caption", "RealCustomTrainer",
          lambda k, b: k.realcustom_trainer(captions="a photo of a toy\na photo of a cup", target_words="toy"),
          r"caption 2:.*'toy' does not occur"),
@@ -448,6 +504,9 @@ PVA = [
          r"text\.safetensors.*not a readable safetensors"),
     Case("PVALoader refuses a weights file holding NaN", "PVALoader",
          lambda k, b: {"pva_name": nan_copy(k.pva_file, b.model_file("pva", "nan.safetensors"))}, r"nan\.safetensors.*NaN"),
+    Case("PVALoader refuses int8 weights", "PVALoader",
+         lambda k, b: {"pva_name": int8_copy(k.pva_file, b.model_file("pva", "quantized.safetensors"))},
+         r"quantized\.safetensors.*int8.*floating-point"),
     Case("PVALoader refuses a damaged ArcFace backbone", "PVALoader",
          after(lambda k, b: text_file(b.model_file("pva", ARCFACE_FILE)), lambda k, b: {"pva_name": k.pva_file.name}),
          r"ms1mv3_arcface_r50\.safetensors.*not a readable safetensors"),
@@ -460,6 +519,11 @@ PVA = [
     Case("PVATextEncode refuses an empty identity word", "PVATextEncode",
          lambda k, b: {"clip": k.sd15[1], "pva": k.pva, "text": "photo of a <new1> person", "identity_word": ""},
          r"word.*empty"),
+    Case("PVATextEncode refuses a pickled embedding in its text without unpickling it", "PVATextEncode",
+         after(lambda k, b: pickled_embedding(b.embedding_file(k.sd15[1], PICKLED, ".pt"), b.root / "unpickled"),
+               lambda k, b: {"clip": k.sd15[1], "pva": k.pva, "text": f"photo of a <new1> person, embedding:{PICKLED}",
+                             "identity_word": "<new1>"}),
+         r"pickled\.pt.*only \.safetensors"),
     Case("PVATextEncode refuses an SDXL text encoder for SD1.5 weights", "PVATextEncode",
          lambda k, b: {"clip": sdxl_tokenizer_clip(), "pva": k.pva,
                        "text": "photo of a <new1> person", "identity_word": "<new1>"}, r"this CLIP also uses \['g'\]"),
@@ -483,7 +547,7 @@ PVA = [
     Case("PVATrainer refuses an init word without a token", "PVATrainer",
          lambda k, b: k.pva_trainer(init_word="embedding:no_such_embedding", pva=None), r"init_word.*has no token"),
     Case("PVATrainer refuses an empty output name", "PVATrainer",
-         lambda k, b: k.pva_trainer(name=""), r"no usable characters"),
+         lambda k, b: k.pva_trainer(name=""), r"output name '' is empty"),
     Case("PVATrainer refuses a truncated resume checkpoint", "PVATrainer",
          resuming_from("PVATrainer", "bad_input_pva", lambda k, p: truncated_copy(k.pva_file, p),
                        lambda k, b: k.pva_trainer()), r"checkpoint.*not a readable safetensors"),
@@ -493,8 +557,8 @@ PVA = [
          lambda k, b: k.identity_tune(model=k.sdxl), r"2048-wide text.*CLIP gives 768"),
     Case("PVAIdentityTune refuses photos holding NaN", "PVAIdentityTune",
          lambda k, b: k.identity_tune(photos=poisoned(photos(2))), r"NaN.*photos"),
-    Case("PVAIdentityTune refuses an empty output name", "PVAIdentityTune",
-         lambda k, b: k.identity_tune(name="/"), r"no usable characters"),
+    Case("PVAIdentityTune refuses the output name /", "PVAIdentityTune",
+         lambda k, b: k.identity_tune(name="/"), r"output name '/' holds '/'"),
     Case("PVAIdentityTune refuses a text file as resume checkpoint", "PVAIdentityTune",
          resuming_from("PVAIdentityTune", "bad_input_tune", lambda k, p: text_file(p), lambda k, b: k.identity_tune()),
          r"checkpoint.*not a readable safetensors"),
@@ -513,7 +577,7 @@ DISENDIFF = [
     Case("DisenDiffTrainer refuses an empty regularisation batch", "DisenDiffTrainer",
          lambda k, b: k.disendiff_trainer(reg_images=photos(0), reg_captions="a cat and a dog"), r"regularisation"),
     Case("DisenDiffTrainer refuses an empty output name", "DisenDiffTrainer",
-         lambda k, b: k.disendiff_trainer(name="  "), r"no usable characters"),
+         lambda k, b: k.disendiff_trainer(name="  "), r"output name '  ' is empty"),
     Case("DisenDiffTrainer refuses a text file as resume checkpoint", "DisenDiffTrainer",
          resuming_from("DisenDiffTrainer", "bad_input_dd", lambda k, p: text_file(p), lambda k, b: k.disendiff_trainer()),
          r"checkpoint.*not a readable safetensors"),
@@ -530,6 +594,14 @@ DISENDIFF = [
          after(lambda k, b: nan_embedding(b.embedding_file(k.sd15[1], POISONED)),
                lambda k, b: k.calibrated(prompt=f"photo of a embedding:{POISONED} cat and a big dog",
                                          modifiers=f"embedding:{POISONED}, big")), r"poisoned.*NaN"),
+    Case("CalibratedCrossAttn refuses a modifier embedding of the wrong width", "CalibratedCrossAttn",
+         after(lambda k, b: narrow_embedding(b.embedding_file(k.sd15[1], NARROW)),
+               lambda k, b: k.calibrated(prompt=f"photo of a embedding:{NARROW} cat and a big dog",
+                                         modifiers=f"embedding:{NARROW}, big")), r"narrow\.safetensors.*512-wide.*768"),
+    Case("CalibratedCrossAttn refuses an integer embedding elsewhere in its prompt", "CalibratedCrossAttn",
+         after(lambda k, b: integer_embedding(b.embedding_file(k.sd15[1], INTEGER)),
+               lambda k, b: k.calibrated(prompt=f"photo of a small cat and a big dog, embedding:{INTEGER}")),
+         r"integer\.safetensors.*int8.*floating-point"),
     Case("CalibratedCrossAttn refuses a CLIP embedding as a modifier on a Flux model", "CalibratedCrossAttn",
          lambda k, b: k.calibrated(model=flux_model(), prompt="photo of a embedding:pair_new1 cat and a big dog",
                                    modifiers="embedding:pair_new1, big"),
@@ -545,8 +617,8 @@ DETEX = [
          lambda k, b: k.detex_trainer(model=flux_model()), refuses_dit("DecoupledTokenTrainer")),
     Case("DecoupledTokenTrainer refuses an empty class word", "DecoupledTokenTrainer",
          lambda k, b: k.detex_trainer(class_word=" "), r"class_word"),
-    Case("DecoupledTokenTrainer refuses an empty output name", "DecoupledTokenTrainer",
-         lambda k, b: k.detex_trainer(name="..."), r"no usable characters"),
+    Case("DecoupledTokenTrainer refuses the output name ...", "DecoupledTokenTrainer",
+         lambda k, b: k.detex_trainer(name="..."), r"output name '\.\.\.' starts or ends with '\.'"),
     Case("DecoupledTokenTrainer refuses a text file as resume checkpoint", "DecoupledTokenTrainer",
          resuming_from("DecoupledTokenTrainer", "bad_input_detex", lambda k, p: text_file(p),
                        lambda k, b: k.detex_trainer()), r"checkpoint.*not a readable safetensors"),
@@ -565,9 +637,38 @@ DETEX = [
          after(lambda k, b: text_file(b.embedding_file(k.sd15[1], f"{BROKEN}_V")),
                lambda k, b: k.detex_prompt(name=BROKEN)),
          r"broken_V.*(damaged|not a readable|could not be read)"),
+    Case("DecoupledTokenPrompt refuses a subject embedding of the wrong width", "DecoupledTokenPrompt",
+         after(lambda k, b: narrow_embedding(b.embedding_file(k.sd15[1], f"{NARROW}_V")),
+               lambda k, b: k.detex_prompt(name=NARROW)), r"narrow_V\.safetensors.*512-wide.*clip_l.*768"),
+    Case("DecoupledTokenPrompt refuses an integer subject embedding", "DecoupledTokenPrompt",
+         after(lambda k, b: integer_embedding(b.embedding_file(k.sd15[1], f"{INTEGER}_V")),
+               lambda k, b: k.detex_prompt(name=INTEGER)), r"integer_V\.safetensors.*int8.*floating-point"),
+    Case("DecoupledTokenPrompt refuses a pickled .pt subject embedding without unpickling it", "DecoupledTokenPrompt",
+         after(lambda k, b: pickled_embedding(b.embedding_file(k.sd15[1], f"{PICKLED}_V", ".pt"), b.root / "unpickled"),
+               lambda k, b: k.detex_prompt(name=PICKLED)), r"pickled_V\.pt.*only \.safetensors"),
+    Case("DecoupledTokenPrompt refuses an SD1.x subject embedding on an SDXL CLIP", "DecoupledTokenPrompt",
+         after(lambda k, b: sd15_embedding(b.embedding_file(k.sd15[1], f"{SD15}_V")),
+               lambda k, b: k.detex_prompt(clip=k.sdxl_clip, name=SD15)), r"sd15_V\.safetensors.*768-wide.*clip_g.*1280"),
+    Case("DecoupledTokenPrompt refuses a wrong-width embedding elsewhere in its prompt", "DecoupledTokenPrompt",
+         after(lambda k, b: (sd15_embedding(b.embedding_file(k.sd15[1], f"{SD15}_V")),
+                             narrow_embedding(b.embedding_file(k.sd15[1], NARROW))),
+               lambda k, b: k.detex_prompt(name=SD15, prompt=f"photo of a {{V}} dog, embedding:{NARROW}")),
+         r"narrow\.safetensors.*512-wide"),
 ]
 
-CASES = STYLE_ALIGNED + REALCUSTOM + PVA + DISENDIFF + DETEX
+#: each trainer's valid inputs
+TRAINER_INPUTS = {"RealCustomTrainer": Kit.realcustom_trainer, "PVATrainer": Kit.pva_trainer,
+                  "PVAIdentityTune": Kit.identity_tune, "DisenDiffTrainer": Kit.disendiff_trainer,
+                  "DecoupledTokenTrainer": Kit.detex_trainer}
+
+# Absolute AND climbing: a naive join would write <basetemp>/escape*, outside every allowed folder but inside the
+# watched tree; cleaning the name instead (to tmp_..._escape) would merge it with other names (DESIGN.md §4).
+OUTPUT_NAMES = [
+    Case(f"{node} refuses an absolute ../ output name", node,
+         lambda k, b, inputs=inputs: inputs(k, name=f"{b.root}/../escape", checkpoint_every=1),
+         r"output name '/.*/\.\./escape' holds '/'.*try '\S+'") for node, inputs in TRAINER_INPUTS.items()]
+
+CASES = STYLE_ALIGNED + REALCUSTOM + PVA + DISENDIFF + DETEX + OUTPUT_NAMES
 
 
 @pytest.mark.parametrize("case", [c.param() for c in CASES])
@@ -582,35 +683,30 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(case, kit, sandbox):
     assert not sandbox.changes(), f"{case.node} wrote files although it failed: {sandbox.changes()}"
 
 
-# ---- output names: never outside the node's folders ----------------------------------------------------------------
+# ---- output names ---------------------------------------------------------------------------------------------------
 
-TRAINER_INPUTS = {"RealCustomTrainer": Kit.realcustom_trainer, "PVATrainer": Kit.pva_trainer,
-                  "PVAIdentityTune": Kit.identity_tune, "DisenDiffTrainer": Kit.disendiff_trainer,
-                  "DecoupledTokenTrainer": Kit.detex_trainer}
-
-
-@pytest.mark.parametrize("node", [pytest.param(node, id=f"{node} keeps an absolute ../ name inside its folders")
-                                  for node in TRAINER_INPUTS])
-def test_output_name_with_a_path_writes_only_inside_the_node_folders(node, kit, sandbox):
-    # Absolute AND climbing: a naive join would write <basetemp>/escape*, outside every allowed folder but inside the
-    # watched tree. Empty and all-dots names are errors (the matrix above); a name holding a path is reduced to a
-    # file name in the node's folder (DESIGN.md §4).
-    name = f"{sandbox.root}/../escape"
-    inputs = TRAINER_INPUTS[node](kit, name=name, checkpoint_every=1)
-    sandbox.snapshot()
-    run_node(node, **inputs)
-    written = sandbox.changes()
-    allowed = [sandbox.models[kind] for kind in WRITES[node]] + [sandbox.output / CHECKPOINT_FOLDERS[node]]
-    outside = [p for p in written if not any(p.parent == folder for folder in allowed)]
-    assert written and not outside, f"{node} wrote outside its folders: {outside}"
-    assert all("escape" in p.name for p in written), written
-    assert {p.parent for p in written} == set(allowed), "the model files and the resume checkpoint"
+def test_a_unicode_output_name_is_an_embedding_word_of_stock_clip_text_encode(kit, sandbox):
+    # Names keep letters of any script: the file a trainer writes for "évil名" must be what ComfyUI's own tokenizer
+    # finds for embedding:évil名_new1 (else the name would be refused, not cleaned into another one).
+    clip = kit.sd15[1]
+    folder = clip.tokenizer.clip_l.embedding_directory[0]
+    vector = torch.randn(1, 768, generator=torch.Generator().manual_seed(3))
+    words = {"unicode": f"{naming.checked_name('évil名')}_new1", "ascii": f"{SD15}_twin_new1"}
+    for word in words.values():
+        path = naming.output_path(folder, word)
+        sandbox.leftovers.append(path)
+        exporters.save_embedding(path, vector)
+    assert (Path(folder) / "évil名_new1.safetensors").is_file()
+    unicode, ascii_twin, without = (encode_prompt(clip, text)[0][0] for text in (
+        f"a photo of embedding:{words['unicode']} toy", f"a photo of embedding:{words['ascii']} toy", "a photo of toy"))
+    torch.testing.assert_close(unicode, ascii_twin)
+    assert (unicode - without).abs().max() > 1e-3, "CLIPTextEncode dropped the word"
 
 
-def test_a_long_output_name_keeps_every_file_suffix(tmp_path):
+def test_a_name_of_the_longest_length_keeps_every_file_suffix(tmp_path):
     # Trainers write several files from one name (<name>_new1, <name>_new2, <name>_disendiff_kv, <name>_pose_9):
-    # cutting a long name must never cut those suffixes, or one run's files would overwrite each other.
-    stem = naming.sanitize_name("a very long concept name " * 20)
+    # a name at the length limit must still give distinct files, none cut.
+    stem = naming.checked_name("名" * (naming.MAX_NAME_BYTES // 3))
     files = {naming.output_path(tmp_path, f"{stem}{suffix}") for suffix in ("_new1", "_new2", "_disendiff_kv", "_pose_9")}
     assert len(files) == 4 and all(path.parent == tmp_path.resolve() for path in files)
 

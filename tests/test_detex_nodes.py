@@ -15,6 +15,7 @@ from harness.checkpoints import empty_latent, encode_prompt, sample
 from harness.pva_assets import tiny_clip_vision
 from harness.comfy_env import models_dir, pack_module
 from harness.pack_nodes import run_node, user_cancels_at_step
+from harness.text_encoders import sdxl_tokenizer_clip
 
 SIZE = 64
 TRAIN = dict(class_word="dog", steps=2, learning_rate=1e-3, mapper_learning_rate=1e-3, batch_size=1,
@@ -330,6 +331,10 @@ def test_attributes_node_needs_the_trainers_clip_vision_and_a_mapper_file(comfy,
     with pytest.raises(ValueError, match="features 64 wide.*gives 32"):
         run_node("DecoupledTokenAttributes", clip=trained_clip, mappers=f"{name}_detex_mappers.safetensors",
                  clip_vision=narrower_clip_vision(), image=images[:1], name=reference_name, mask=masks[0])
+    with pytest.raises(ValueError, match="DecoupledTokenAttributes: .*768-wide.*clip_g.*1280"):
+        run_node("DecoupledTokenAttributes", clip=sdxl_tokenizer_clip(), mappers=f"{name}_detex_mappers.safetensors",
+                 clip_vision=tiny_clip_vision(), image=images[:1], name=reference_name, mask=masks[0])
+    assert not any(path.exists() for path in _attribute_files(reference_name, 1))
     not_mappers = models_dir() / "detex" / f"{reference_name}_kv.safetensors"
     shutil.copy(models_dir() / "loras" / f"{name}_detex_kv.safetensors", not_mappers)
     try:

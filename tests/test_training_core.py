@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
+import re
+import stat
 
 import pytest
 import torch
@@ -296,17 +299,64 @@ def test_timesteps_are_uniform_and_seeded():
 
 # --- naming ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,stem", [("my concept", "my_concept"), ("../../etc/passwd", "etc_passwd"),
-                                       ("/abs/path", "abs_path"), ("..hidden", "hidden"), ("a\\b:c", "a_b_c")])
-def test_output_names_never_leave_the_folder(tmp_path, name, stem):
+@pytest.mark.parametrize("name", ["my_concept", "dog-2.v1", "évil名", "Ωmega_3", "٣_cats"])
+def test_names_of_letters_digits_dash_underscore_and_dot_are_kept(tmp_path, name):
     path = naming.output_path(tmp_path, name)
-    assert path.parent == tmp_path.resolve() and path.name == f"{stem}.safetensors"
+    assert path.parent == tmp_path.resolve() and path.name == f"{name}.safetensors"
 
 
-@pytest.mark.parametrize("name", ["", "..", "///", " . "])
-def test_unusable_names_are_errors(tmp_path, name):
-    with pytest.raises(ValueError, match="no usable characters"):
+@pytest.mark.parametrize("name,suggestion", [
+    ("evil/dd1", "evil_dd1"), ("../../etc/passwd", "etc_passwd"), ("/abs/path", "abs_path"), ("my concept", "my_concept"),
+    ("a\\b:c", "a_b_c"), ("..hidden", "hidden"), ("a..b", "a.b"), ("trailing.", "trailing"), ("évil名!", "évil名"),
+    ("e\u0301vil", "évil")])  # the last: é written as e + combining accent, a different file name from é
+def test_other_names_are_refused_with_a_usable_suggestion(tmp_path, name, suggestion):
+    with pytest.raises(ValueError, match="letters and digits") as raised:
         naming.output_path(tmp_path, name)
+    assert f"try {suggestion!r}" in str(raised.value)
+    assert naming.checked_name(suggestion) == suggestion
+
+
+def test_names_that_cleaning_would_merge_stay_distinct():
+    # evil/dd1 and evil_dd1 were both written as evil_dd1, and évil名 as vil: one run overwrote another's files
+    assert naming.checked_name("evil_dd1") == "evil_dd1" and naming.checked_name("évil名") == "évil名"
+    for name in ("evil/dd1", "evil dd1", "évil名?"):
+        with pytest.raises(ValueError, match="may hold only"):
+            naming.checked_name(name)
+
+
+@pytest.mark.parametrize("name", ["", "   ", ".", "..", "///"])
+def test_unusable_names_are_errors(tmp_path, name):
+    with pytest.raises(ValueError, match=f"output name {name!r}"):
+        naming.output_path(tmp_path, name)
+
+
+def test_surrounding_spaces_are_not_part_of_a_name():
+    assert naming.checked_name("  dog \n") == "dog"
+
+
+def test_an_over_long_name_is_refused_not_cut():
+    fits = "名" * (naming.MAX_NAME_BYTES // 3)  # 3 bytes each in UTF-8, as file systems count
+    assert naming.checked_name(fits) == fits
+    with pytest.raises(ValueError, match=f"{naming.MAX_NAME_BYTES} bytes") as raised:
+        naming.checked_name(fits + "ab")
+    suggestion = re.search(r"try '(.*)'\.$", str(raised.value)).group(1)
+    assert naming.checked_name(suggestion) == suggestion
+
+
+# --- file modes -----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_saved_files_get_the_mode_of_a_plain_write(tmp_path, umask):
+    # others on a shared machine (a ComfyUI server running as another user) must be able to read the files
+    previous = os.umask(umask)
+    try:
+        save_atomic(tmp_path / "saved.safetensors", {"a": torch.zeros(2)})
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "saved.safetensors").stat().st_mode)
+    assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "plain").stat().st_mode), oct(mode)
 
 
 # --- exporters ------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ Core API
     (ε̂ or v̂ from ComfyUI's denoised output), ``masked_mse``, ``diffusion_loss(kind, x_t, denoised, x0,
     σ, mask)``: the papers' ε/v-MSE, not TrainLoraNode's x0 loss. ``kind`` is ``"eps"`` or ``"v"``.
 ``naming``
-    ``sanitize_name(name)``, ``output_path(folder, name, suffix)``: never leaves ``folder``.
+    ``checked_name(name)`` (refuses any name but letters/digits of any script, ``-_.``), ``output_path(folder, name,
+    suffix)``: never leaves ``folder``.
 ``exporters``
     ``save_embedding(path, clip_l, clip_g=None)``: ``{"clip_l": [N,768]}`` (+ ``clip_g``) for
     ``models/embeddings`` (``embedding:name`` in stock CLIPTextEncode);

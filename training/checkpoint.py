@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -40,7 +41,13 @@ def save_atomic(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        # safetensors writes 0600, unreadable to others on a shared machine: give the file a plain write's mode
+        # (0666 less the umask), read from a file made so (reading the umask itself sets it, for every thread)
+        tmp.unlink(missing_ok=True)
+        tmp.touch(mode=0o666)
+        mode = stat.S_IMODE(tmp.stat().st_mode)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -14,13 +14,16 @@ from .memory import model_cache
 
 
 @model_cache
-def sdxl_tokenizer_clip():
+def sdxl_tokenizer_clip(embedding_directory: tuple[str, ...] | None = None):
+    """The tokenizer-only SDXL CLIP; with ``embedding_directory`` it resolves ``embedding:`` words from those
+    folders, as a loaded SDXL CLIP does from models/embeddings (without, it reads them as plain text)."""
     boot_comfy(require_pack=False)
     import comfy.sd
     import comfy.sdxl_clip
 
     clip = comfy.sd.CLIP(no_init=True)
-    clip.tokenizer = comfy.sdxl_clip.SDXLTokenizer()
+    clip.tokenizer = comfy.sdxl_clip.SDXLTokenizer(
+        embedding_directory=None if embedding_directory is None else list(embedding_directory))
     clip.tokenizer_options = {}
     return clip
 
