@@ -12,8 +12,9 @@ frontend gives its nodes (no overlaps, one group per stage, notes that fit their
 the frontend's bars with the note readable), the demo copies opened from the Workflows sidebar as users
 open them, the node search, and the Templates browser's thumbnails.
 Screenshots land in test-artifacts/frontend/<workflow>.png (whole graph), <workflow>.opened.png (the
-view the workflow opens with) and demo/<workflow>.png (a demo copy opened from the sidebar); the node
-sizes the frontend computed go to test-artifacts/frontend/node_sizes.json for scripts/layout_workflows.py.
+view the workflow opens with), demo/<workflow>.png (a demo copy opened from the sidebar) and
+templates_sorted_a_to_z.png (the Templates browser); the node sizes the frontend computed go to
+test-artifacts/frontend/node_sizes.json for scripts/layout_workflows.py.
 
 Setup: `bash scripts/setup_frontend_test.sh` (chromium + pinned playwright-core in .frontend-test/).
 Skipped only where chromium or node is not installed.
@@ -121,11 +122,23 @@ CONTROLS = {
     "control_missing_model": {**_control_workflow(CONTROL_IMAGE), "models": [MISSING_MODEL]},
 }
 # What a newcomer types into the node search: the pack's name finds every node, a technique's name the
-# nodes of that technique (node ids by prefix).
+# nodes of that technique (node ids by prefix), and what they want done the nodes for it (node ids). The
+# frontend searches only a node's id and display name, so these words are in the display names (within
+# their first 30 characters: test_node_contract.py).
 TECHNIQUE_PREFIXES = {"StyleAligned": "SharedAttention", "RealCustom": ("RealCustom", "AdaptiveMaskGuidance"),
                       "PVA": ("PVA", "ParallelVisualAttention"), "DisenDiff": ("DisenDiff", "CalibratedCrossAttn"),
                       "DETEX": "DecoupledToken"}
-SEARCHES = ["personalization", *TECHNIQUE_PREFIXES]
+PURPOSE_WORDS = {
+    "face": {"PVALoader", "ParallelVisualAttention", "PVATextEncode", "PVAIdentityTune", "PVATrainer"},
+    "identity": {"ParallelVisualAttention", "PVATextEncode", "PVAIdentityTune", "PVATrainer"},
+    "inpaint": {"ParallelVisualAttention"},
+    "style": {"SharedAttentionBatch", "SharedAttentionPromptBatch", "SharedAttentionInvertReference",
+              "SharedAttentionApplyReference"},
+    "subject": {"RealCustomEncodeReference", "AdaptiveMaskGuidance", "RealCustomTrainer", "DecoupledTokenMask",
+                "DecoupledTokenTrainer", "DecoupledTokenPrompt"},
+    "concept": {"DisenDiffTrainer"},
+}
+SEARCHES = ["personalization", *TECHNIQUE_PREFIXES, *PURPOSE_WORDS]
 NODE_SIZES = SCREENSHOTS / "node_sizes.json"
 
 
@@ -242,10 +255,12 @@ def frontend_report(comfy_server, tmp_path_factory):
     loads += [(name, work / f"{name}.json", SCREENSHOTS / "controls" / f"{name}.png") for name in CONTROLS]
     request = {
         "url": comfy_server, "playwright": str(PLAYWRIGHT), "chromium": CHROMIUM,
-        "userDataDir": str(work / "chromium-profile"), "results": str(work / "results.json"),
+        "userDataDir": str(work / "chromium-profile"), "newcomerDataDir": str(work / "chromium-profile-newcomer"),
+        "results": str(work / "results.json"),
         "searches": SEARCHES, "templateModule": PACK_LINK_NAME,
+        "templatesScreenshot": str(SCREENSHOTS / "templates_sorted_a_to_z.png"),
         "workflows": [{"name": name, "path": str(path), "screenshot": str(shot)} for name, path, shot in loads],
-        "demo": {"userDataDir": str(work / "chromium-profile-demo"), "folder": demo_assets().DEMO_FOLDER,
+        "demo": {"folder": demo_assets().DEMO_FOLDER,
                  "workflows": [{"name": stem, "screenshot": str(SCREENSHOTS / "demo" / f"{stem}.png")}
                                for stem in DEMO_STEMS]},
     }
@@ -413,6 +428,13 @@ def test_node_search_finds_every_node_by_pack_and_technique(comfy, frontend_repo
         assert expected and expected <= set(found[technique]), (technique, sorted(expected - set(found[technique])))
 
 
+def test_node_search_finds_the_nodes_for_what_users_want(comfy, frontend_report):
+    """"face" finds PVA's nodes, "subject" RealCustom's and DETEX's, "concept" DisenDiff's trainer..."""
+    found = frontend_report["search"]
+    assert {word: sorted(nodes - set(found[word])) for word, nodes in PURPOSE_WORDS.items()} == \
+        {word: [] for word in PURPOSE_WORDS}
+
+
 def test_templates_browser_lists_every_workflow_with_its_thumbnail(frontend_report):
     """The browser lists the files of workflows/ by name (its title) and shows <name>.jpg beside them."""
     templates = frontend_report["templates"]
@@ -420,6 +442,16 @@ def test_templates_browser_lists_every_workflow_with_its_thumbnail(frontend_repo
     for name, thumbnail in templates["thumbnails"].items():
         assert thumbnail["status"] == 200 and thumbnail["contentType"] == "image/jpeg", name
         assert thumbnail["size"] and min(thumbnail["size"]) >= 128, name
+
+
+def test_templates_browser_shows_the_numbered_order_sorted_a_to_z(frontend_report):
+    """The browser opens sorted "Newest", which for a custom node's templates (no date: the frontend reads
+    only their file names) keeps the order the server lists the files in, the file system's; sorted A → Z,
+    as the README says, the cards come in the numbered order."""
+    templates = frontend_report["templates"]
+    opened, sorted_a_to_z = templates["browsed"]["opened"], templates["browsed"]["sorted"]
+    assert [card["name"] for card in opened["cards"]] == templates["listed"][PACK_LINK_NAME], opened["sortBy"]
+    assert [card["name"] for card in sorted_a_to_z["cards"]] == [path.stem for path in WORKFLOWS]
 
 
 def test_controls_show_the_checks_catch_errors(comfy_server, frontend_report):

@@ -4,11 +4,12 @@
 // server, validates the prompts and asserts; this script only drives the browser.
 //
 // usage: node load_workflows.cjs <request.json>
-//   request: {url, playwright, chromium, userDataDir, results, workflows: [{name, path, screenshot}],
-//   searches, templateModule, demo: {userDataDir, folder, workflows: [{name, screenshot}]}}
+//   request: {url, playwright, chromium, userDataDir, newcomerDataDir, results, workflows: [{name, path,
+//   screenshot}], searches, templateModule, templatesScreenshot, demo: {folder, workflows: [{name, screenshot}]}}
 //   writes `results`: {blockedRequests, pageErrors, workflows: [{name, nodeCount, loadedNodeCount,
 //   unregisteredTypes, missingNodeTypes, missingModels (null where the frontend does not expose it),
-//   comboValuesNotOffered, prompt, consoleErrors, screenshot, layout}], search, templates,
+//   comboValuesNotOffered, prompt, consoleErrors, screenshot, layout}], search,
+//   templates: {listed, thumbnails, browsed: {opened, sorted}},
 //   demo: {name: {note, layout}}}
 'use strict';
 
@@ -134,6 +135,27 @@ async function openDemoCopies(page, demo) {
   return seen;
 }
 
+// The Templates browser as users browse it: the pack's category as it opens (sorted "Newest"), then sorted
+// with Sort by → "A → Z" (the README's advice), then a screenshot. The cards in order (template name, text
+// shown) each time.
+async function browseTemplates(page, module, screenshot) {
+  await page.click('.templates-tab-button');
+  const dialog = page.locator('[role=dialog]');
+  await dialog.locator('span', { hasText: module }).first().click();
+  const cards = dialog.locator('[data-testid^="template-workflow-"]');
+  await cards.first().waitFor();
+  const read = () => cards.evaluateAll((elements) => elements.map((element) => ({
+    name: element.dataset.testid.replace('template-workflow-', ''), text: element.innerText })));
+  const sortBy = dialog.locator('[aria-label="Sort by"]');
+  const opened = { sortBy: await sortBy.innerText(), cards: await read() };
+  await sortBy.click();
+  await page.getByRole('option', { name: 'A → Z' }).click();
+  await page.waitForFunction(() => document.querySelector('[role=dialog] [aria-label="Sort by"]').innerText.includes('A → Z'));
+  await page.evaluate(() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done))));
+  await page.screenshot({ path: screenshot });
+  return { opened, sorted: { sortBy: await sortBy.innerText(), cards: await read() } };
+}
+
 async function main() {
   const request = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
   const report = { blockedRequests: [], pageErrors: [], workflows: [] };
@@ -165,10 +187,12 @@ async function main() {
     if (request.templateModule) report.templates = await page.evaluate(templatesInPage, request.templateModule);
     await context.close();
     context = null;
-    if (request.demo) {
-      // A second first visit: a tab bar holding only what the user opened.
-      ({ context, page } = await openFrontend(request, request.demo.userDataDir, report));
-      report.demo = await openDemoCopies(page, request.demo);
+    // A second first visit, as a newcomer clicks through: no dialog left open, a tab bar holding only
+    // what they opened (the Templates browser last: it stays open).
+    ({ context, page } = await openFrontend(request, request.newcomerDataDir, report));
+    if (request.demo) report.demo = await openDemoCopies(page, request.demo);
+    if (request.templateModule) {
+      report.templates.browsed = await browseTemplates(page, request.templateModule, request.templatesScreenshot);
     }
   } finally {
     if (context) await context.close();
