@@ -119,7 +119,7 @@ class DecoupledTokenMask(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DecoupledTokenMask",
-            display_name="DETEX Mask (personalization)",
+            display_name="DETEX Subject Mask (personalization)",
             category=CATEGORY,
             description="Subject masks by border keying (plain backgrounds), with previews of what DETEX's mappers see.",
             inputs=[
@@ -193,7 +193,7 @@ class DecoupledTokenTrainer(io.ComfyNode):
         settings = DetexSettings()
         return io.Schema(
             node_id="DecoupledTokenTrainer",
-            display_name="DETEX Trainer (personalization)",
+            display_name="DETEX Subject Trainer (personalization)",
             category=CATEGORY,
             description="DETEX: trains a subject word decoupled from per-image pose and background words, plus K/V.",
             inputs=[
@@ -413,7 +413,7 @@ class DecoupledTokenPrompt(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DecoupledTokenPrompt",
-            display_name="DETEX Prompt (personalization)",
+            display_name="DETEX Subject Prompt (personalization)",
             category=CATEGORY,
             description="DETEX prompt: the subject word, optionally with a training image's pose and/or background word.",
             inputs=[

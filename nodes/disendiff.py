@@ -114,7 +114,7 @@ class DisenDiffTrainer(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="DisenDiffTrainer",
-            display_name="DisenDiff Trainer (personalization)",
+            display_name="DisenDiff Concept Trainer (personalization)",
             category=CATEGORY,
             description="DisenDiff: learn several concepts from one image (modifier tokens + cross-attention K/V).",
             inputs=[

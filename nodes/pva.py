@@ -72,7 +72,7 @@ class PVALoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PVALoader",
-            display_name="PVA Load Weights (personalization)",
+            display_name="PVA Load Face Weights (personalization)",
             category=CATEGORY,
             description="Load Parallel Visual Attention weights (projections, identity tokens, identity word).",
             inputs=[io.Combo.Input("pva_name", options=folder_paths.get_filename_list(PVA_FOLDER),
@@ -225,7 +225,7 @@ class ParallelVisualAttention(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ParallelVisualAttention",
-            display_name="PVA Parallel Attention (personalization)",
+            display_name="PVA Face Identity Inpaint (personalization)",
             category=CATEGORY,
             description="PVA: reference faces become identity tokens that join every cross-attention softmax.",
             inputs=[
@@ -295,7 +295,7 @@ class PVATextEncode(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PVATextEncode",
-            display_name="PVA Text Encode (personalization)",
+            display_name="PVA Face Identity Prompt (personalization)",
             category=CATEGORY,
             description="Encode a prompt whose identity placeholder becomes PVA's learned identity word.",
             inputs=[

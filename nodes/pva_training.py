@@ -217,7 +217,7 @@ class PVAIdentityTune(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PVAIdentityTune",
-            display_name="PVA Identity Tune (personalization)",
+            display_name="PVA Face Identity Tune (personalization)",
             category=CATEGORY,
             description="PVA's 40-step per-identity tune of the parallel projections and the identity word.",
             inputs=[
@@ -329,7 +329,7 @@ class PVATrainer(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="PVATrainer",
-            display_name="PVA Trainer (personalization)",
+            display_name="PVA Face Identity Trainer (personalization)",
             category=CATEGORY,
             description="PVA stage 1: train the parallel projections, token transformer and identity word on many identities.",
             inputs=[

@@ -242,7 +242,7 @@ class RealCustomEncodeReference(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="RealCustomEncodeReference",
-            display_name="RealCustom Encode Reference (personalization)",
+            display_name="RealCustom Encode Subject (personalization)",
             category=CATEGORY,
             description="Encode a reference image into the image tokens of a RealCustom adapter.",
             inputs=[
@@ -512,7 +512,7 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AdaptiveMaskGuidance",
-            display_name="RealCustom Mask Guidance (personalization)",
+            display_name="RealCustom Subject Guidance (personalization)",
             category=CATEGORY,
             description="RealCustom: a real word of the prompt takes the reference subject, inside that word's own attention mask.",
             inputs=[

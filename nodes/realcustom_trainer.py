@@ -177,7 +177,7 @@ class RealCustomTrainer(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="RealCustomTrainer",
-            display_name="RealCustom Trainer (personalization)",
+            display_name="RealCustom Subject Trainer (personalization)",
             category=CATEGORY,
             description="Train a RealCustom image branch (projector + visual K/V) on captioned images.",
             inputs=[

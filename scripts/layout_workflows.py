@@ -1,6 +1,6 @@
 """Lays out workflows/*.json: columns left to right in the order the data flows, one group per stage,
 the "Read me" note in the first column, every node at least as large as the real frontend draws it, and
-a saved view that opens on the top-left of the graph below the frontend's tab bar.
+a saved view that opens on the note, below the frontend's bars, zoomed so that its text reads at first sight.
 
 The stages are written out per workflow below (COLUMNS); positions, node and group sizes and the view
 are computed. Node sizes are the ones the real frontend computes for each node of each workflow,
@@ -34,11 +34,14 @@ NOTE_MARGIN = 20  # below a note's text: fonts differ a little between machines
 # shows, the results a SaveImage shows after a run, the text of a prompt.
 ROOMY_HEIGHT = {"LoadImage": 340, "SaveImage": 300, "PreviewImage": 300, "CLIPTextEncode": 130,
                 "PrimitiveStringMultiline": 120}
-# Where the saved view puts the graph's top-left corner on the screen, in pixels: right of the side bar
-# (about 60 px) and below the tab bar and the floating workflow title (about 90 px).
-VIEW_LEFT, VIEW_TOP = 90, 110
-VIEW_WIDTH = 1600  # the view's scale fits this width, within [MIN_SCALE, 1]
-MIN_SCALE = 0.7
+# Where the saved view puts the graph's top-left corner (the read-me note's title) on the screen, in pixels:
+# right of the side bar (about 60 px) and below the frontend's bars: its first-run banner ("Introducing
+# Nodes 2.0", 40 px, shown until dismissed), the tab bar, the floating workflow title and Run bar (their
+# bottom at 130 px under the banner).
+VIEW_LEFT, VIEW_TOP = 90, 150
+# The saved view's zoom: the note's body text (the frontend's markdown font, 10 px) drawn at 12 px, readable
+# at first sight; the whole graph is one "fit view" away.
+VIEW_SCALE = 1.2
 PACK_STAGE_COLOR, STAGE_COLOR = "#8a5a9e", "#3f789e"
 
 # Per workflow (file stem): bands (one per pass) of columns of stages (group title, node ids, top to
@@ -236,10 +239,8 @@ def layout(workflow: dict, bands: list, sizes: dict[str, list[float]]) -> dict:
             x0 += width + 2 * GROUP_PADDING + COLUMN_GAP
         band_top = band_bottom + BAND_GAP
     workflow["groups"] = groups
-    right = x0 - COLUMN_GAP
-    scale = round(min(1.0, max(MIN_SCALE, (VIEW_WIDTH - 2 * VIEW_LEFT) / right)), 3)
-    workflow.setdefault("extra", {})["ds"] = {"scale": scale, "offset": [round(VIEW_LEFT / scale, 1),
-                                                                          round(VIEW_TOP / scale, 1)]}
+    workflow.setdefault("extra", {})["ds"] = {"scale": VIEW_SCALE, "offset": [round(VIEW_LEFT / VIEW_SCALE, 1),
+                                                                               round(VIEW_TOP / VIEW_SCALE, 1)]}
     return workflow
 
 

@@ -9,9 +9,11 @@ route in `tests/frontend/validate_only_route`, so nothing is executed) accepts t
 frontend's prompt equals what `harness.workflows.ui_to_api` (used by test_workflows.py) makes of it.
 It also reads what a newcomer meets (tests/frontend/ui_checks.cjs): each graph's layout at the sizes the
 frontend gives its nodes (no overlaps, one group per stage, notes that fit their text, a first view below
-the frontend's bars), the node search, and the Templates browser's thumbnails.
-Screenshots land in test-artifacts/frontend/<workflow>.png (whole graph) and <workflow>.opened.png (the
-view the workflow opens with); the node sizes the frontend computed go to
+the frontend's bars with the note readable), the demo copies opened from the Workflows sidebar as users
+open them, the node search, and the Templates browser's thumbnails.
+Screenshots land in test-artifacts/frontend/<workflow>.png (whole graph), <workflow>.opened.png (the
+view the workflow opens with), demo/<workflow>.png (a demo copy opened from the sidebar) and
+templates_sorted_a_to_z.png (the Templates browser); the node sizes the frontend computed go to
 test-artifacts/frontend/node_sizes.json for scripts/layout_workflows.py.
 
 Setup: `bash scripts/setup_frontend_test.sh` (chromium + pinned playwright-core in .frontend-test/).
@@ -37,6 +39,7 @@ from PIL import Image
 
 from harness import checkpoints, dit, realcustom
 from harness.comfy_env import PACK_LINK_NAME, comfy_dir, pack_node_ids
+from harness.tiny_workflows import demo_assets
 from harness.workflows import load_ui_workflow, ui_to_api
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +80,11 @@ INPUT_IMAGE_NODES = {"LoadImage"}
 # For readable screenshots: no first-run dialog (templates browser) over the graph, and text drawn at
 # any zoom (fitting a wide graph zooms out past the level-of-detail threshold that hides widget text).
 FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "LiteGraph.Canvas.MinFontSizeForLOD": 0}
+# The demo copies scripts/start_comfyui.sh writes where no checkpoint is installed, opened as users open
+# them: from the Workflows sidebar.
+DEMO_STEMS = [path.stem for path in WORKFLOWS if demo_assets().runs_on_demo_models(load_ui_workflow(path))]
+# The smallest text a newcomer reads without zooming, in pixels on the screen.
+READABLE_TEXT_PX = 11
 
 # Negative controls, loaded after the real workflows in the same browser session: they show that a missing
 # node type and a value the server refuses are really caught by the checks above.
@@ -114,11 +122,23 @@ CONTROLS = {
     "control_missing_model": {**_control_workflow(CONTROL_IMAGE), "models": [MISSING_MODEL]},
 }
 # What a newcomer types into the node search: the pack's name finds every node, a technique's name the
-# nodes of that technique (node ids by prefix).
+# nodes of that technique (node ids by prefix), and what they want done the nodes for it (node ids). The
+# frontend searches only a node's id and display name, so these words are in the display names (within
+# their first 30 characters: test_node_contract.py).
 TECHNIQUE_PREFIXES = {"StyleAligned": "SharedAttention", "RealCustom": ("RealCustom", "AdaptiveMaskGuidance"),
                       "PVA": ("PVA", "ParallelVisualAttention"), "DisenDiff": ("DisenDiff", "CalibratedCrossAttn"),
                       "DETEX": "DecoupledToken"}
-SEARCHES = ["personalization", *TECHNIQUE_PREFIXES]
+PURPOSE_WORDS = {
+    "face": {"PVALoader", "ParallelVisualAttention", "PVATextEncode", "PVAIdentityTune", "PVATrainer"},
+    "identity": {"ParallelVisualAttention", "PVATextEncode", "PVAIdentityTune", "PVATrainer"},
+    "inpaint": {"ParallelVisualAttention"},
+    "style": {"SharedAttentionBatch", "SharedAttentionPromptBatch", "SharedAttentionInvertReference",
+              "SharedAttentionApplyReference"},
+    "subject": {"RealCustomEncodeReference", "AdaptiveMaskGuidance", "RealCustomTrainer", "DecoupledTokenMask",
+                "DecoupledTokenTrainer", "DecoupledTokenPrompt"},
+    "concept": {"DisenDiffTrainer"},
+}
+SEARCHES = ["personalization", *TECHNIQUE_PREFIXES, *PURPOSE_WORDS]
 NODE_SIZES = SCREENSHOTS / "node_sizes.json"
 
 
@@ -136,8 +156,8 @@ def _post_json(url: str, payload: dict, timeout: float = 60) -> dict:
 
 
 def _build_base_directory(base: Path) -> None:
-    """A ComfyUI --base-directory holding only this pack (+ the validate route) and the files the
-    workflows name, so neither a user's models nor their other custom nodes take part."""
+    """A ComfyUI --base-directory holding only this pack (+ the validate route), the files the workflows
+    name and the demo copies, so neither a user's models nor their other custom nodes take part."""
     custom_nodes = base / "custom_nodes"
     custom_nodes.mkdir(parents=True)
     (custom_nodes / PACK_LINK_NAME).symlink_to(REPO_ROOT, target_is_directory=True)
@@ -165,6 +185,8 @@ def _build_base_directory(base: Path) -> None:
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True)
     settings.write_text(json.dumps(FRONTEND_SETTINGS))
+    assets = demo_assets()
+    assets.write_demo_copies(settings.parent / "workflows" / assets.DEMO_FOLDER, base / "input")
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -185,9 +207,9 @@ def _pack_import_failure(log: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def comfy_server(tmp_path_factory, stock_comfy):
-    """URL of a ComfyUI main.py started for this module and killed after it. (`stock_comfy` only builds
-    the tiny checkpoints if the cache lacks them.)"""
+def comfy_server(tmp_path_factory, comfy):
+    """URL of a ComfyUI main.py started for this module and killed after it. (`comfy` only builds the
+    tiny checkpoints if the cache lacks them, and converts the demo copies' widgets.)"""
     base = tmp_path_factory.mktemp("frontend_comfy_base")
     _build_base_directory(base)
     port = _free_loopback_port()
@@ -233,9 +255,14 @@ def frontend_report(comfy_server, tmp_path_factory):
     loads += [(name, work / f"{name}.json", SCREENSHOTS / "controls" / f"{name}.png") for name in CONTROLS]
     request = {
         "url": comfy_server, "playwright": str(PLAYWRIGHT), "chromium": CHROMIUM,
-        "userDataDir": str(work / "chromium-profile"), "results": str(work / "results.json"),
+        "userDataDir": str(work / "chromium-profile"), "newcomerDataDir": str(work / "chromium-profile-newcomer"),
+        "results": str(work / "results.json"),
         "searches": SEARCHES, "templateModule": PACK_LINK_NAME,
+        "templatesScreenshot": str(SCREENSHOTS / "templates_sorted_a_to_z.png"),
         "workflows": [{"name": name, "path": str(path), "screenshot": str(shot)} for name, path, shot in loads],
+        "demo": {"folder": demo_assets().DEMO_FOLDER,
+                 "workflows": [{"name": stem, "screenshot": str(SCREENSHOTS / "demo" / f"{stem}.png")}
+                               for stem in DEMO_STEMS]},
     }
     (work / "request.json").write_text(json.dumps(request))
     # Own process group, so a timeout also ends the chromium processes the driver started.
@@ -356,9 +383,10 @@ def test_a_read_me_note_explains_the_graph_and_fits_its_text(frontend_report, pa
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_the_saved_view_opens_on_the_graph_below_the_frontends_bars(frontend_report, path):
-    """The view a workflow opens with (extra.ds: screen = (graph + offset) * scale) puts its top-left corner
-    right of the side bar and below the tab bar, the floating workflow title and the Run bar."""
+def test_the_saved_view_opens_on_the_note_below_the_frontends_bars_readable(frontend_report, path):
+    """The view a workflow opens with from Templates (extra.ds: screen = (graph + offset) * scale) puts its
+    top-left corner, the read-me note's title, right of the side bar and below the first-run banner, the tab
+    bar, the floating workflow title and the Run bar, zoomed so that the note's text reads at first sight."""
     _skip_unless_layout_frontend()
     workflow = load_ui_workflow(path)
     view = workflow["extra"]["ds"]
@@ -370,7 +398,24 @@ def test_the_saved_view_opens_on_the_graph_below_the_frontends_bars(frontend_rep
     assert all(bars.values()), f"the frontend's bars were not found: {bars}"
     assert left >= bars["sideBar"]["right"]
     assert top >= max(bars[name]["bottom"] for name in ("tabBar", "workflowTitle", "runBar"))
-    assert 0.5 <= view["scale"] <= 1.0, "readable: text is not drawn below about half size"
+    note = next(node for node in layout["nodes"] if _is_note(node))
+    assert view["scale"] * note["fontSize"] >= READABLE_TEXT_PX, "the note's text on screen, in px"
+
+
+@pytest.mark.parametrize("stem", DEMO_STEMS)
+def test_a_demo_copy_opened_from_the_workflows_sidebar_shows_its_note_readable(frontend_report, stem):
+    """Users open the demo copies from the Workflows sidebar (README), which stays open over the canvas: the
+    demo copy's saved view shows its read-me note's title, its DEMO banner and all its text uncovered (not
+    under the sidebar, the first-run banner, the tab bar, the floating title or the Run bar, nor out of the
+    window), its text at a readable size, the note as tall as its text."""
+    _skip_unless_layout_frontend()
+    seen = frontend_report["demo"][stem]
+    note = seen["note"]
+    assert note["firstBlockText"].startswith("DEMO"), "the DEMO banner opens the note"
+    assert note["covered"] == []
+    assert note["scale"] * note["fontSize"] >= READABLE_TEXT_PX, "the note's text on screen, in px"
+    drawn = next(node for node in seen["layout"]["nodes"] if _is_note(node))
+    assert drawn["textHeight"] <= drawn["size"][1], "the note scrolls: demo_assets.NOTE_LINE_* under-estimate it"
 
 
 def test_node_search_finds_every_node_by_pack_and_technique(comfy, frontend_report):
@@ -383,6 +428,13 @@ def test_node_search_finds_every_node_by_pack_and_technique(comfy, frontend_repo
         assert expected and expected <= set(found[technique]), (technique, sorted(expected - set(found[technique])))
 
 
+def test_node_search_finds_the_nodes_for_what_users_want(comfy, frontend_report):
+    """"face" finds PVA's nodes, "subject" RealCustom's and DETEX's, "concept" DisenDiff's trainer..."""
+    found = frontend_report["search"]
+    assert {word: sorted(nodes - set(found[word])) for word, nodes in PURPOSE_WORDS.items()} == \
+        {word: [] for word in PURPOSE_WORDS}
+
+
 def test_templates_browser_lists_every_workflow_with_its_thumbnail(frontend_report):
     """The browser lists the files of workflows/ by name (its title) and shows <name>.jpg beside them."""
     templates = frontend_report["templates"]
@@ -390,6 +442,16 @@ def test_templates_browser_lists_every_workflow_with_its_thumbnail(frontend_repo
     for name, thumbnail in templates["thumbnails"].items():
         assert thumbnail["status"] == 200 and thumbnail["contentType"] == "image/jpeg", name
         assert thumbnail["size"] and min(thumbnail["size"]) >= 128, name
+
+
+def test_templates_browser_shows_the_numbered_order_sorted_a_to_z(frontend_report):
+    """The browser opens sorted "Newest", which for a custom node's templates (no date: the frontend reads
+    only their file names) keeps the order the server lists the files in, the file system's; sorted A → Z,
+    as the README says, the cards come in the numbered order."""
+    templates = frontend_report["templates"]
+    opened, sorted_a_to_z = templates["browsed"]["opened"], templates["browsed"]["sorted"]
+    assert [card["name"] for card in opened["cards"]] == templates["listed"][PACK_LINK_NAME], opened["sortBy"]
+    assert [card["name"] for card in sorted_a_to_z["cards"]] == [path.stem for path in WORKFLOWS]
 
 
 def test_controls_show_the_checks_catch_errors(comfy_server, frontend_report):

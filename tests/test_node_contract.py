@@ -54,9 +54,10 @@ TECHNIQUE_OF_CATEGORY = {"personalization/style_aligned": "StyleAligned", "perso
 
 def test_display_names_follow_one_pattern(comfy):
     """'<technique> <role> (personalization)': the frontend's node search reads only the node id and the
-    display name (ComfyUI 0.3.75 has no search aliases), so both words must be in the name; its fuzzy
-    search (threshold 0.3, distance 100) finds a word only if it starts within the first 30 characters,
-    hence the short roles. tests/test_frontend.py runs the real search."""
+    display name (ComfyUI 0.3.75 has no search aliases), so both words must be in the name, and the role
+    holds the words users type for what the node is for (face, subject, concept...); its fuzzy search
+    (threshold 0.3, distance 100) finds a word only if it starts within the first 30 characters, hence the
+    short roles. tests/test_frontend.py runs the real search (PURPOSE_WORDS)."""
     for node_id in pack_node_ids():
         schema = schema_of(comfy, node_id)
         technique = TECHNIQUE_OF_CATEGORY[schema.category]

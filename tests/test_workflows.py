@@ -7,7 +7,7 @@ from PIL import Image
 
 from harness import dit
 from harness.comfy_env import pack_module
-from harness.tiny_workflows import SIZE, STEPS, WORKFLOWS, shrink_for_tiny_models
+from harness.tiny_workflows import SIZE, STEPS, TINY_MODELS, WORKFLOWS, demo_assets, shrink_for_tiny_models
 from harness.workflows import execute_workflow, load_ui_workflow, saved_image_paths, ui_to_api
 
 # What each workflow must produce: SaveImage image count.
@@ -96,32 +96,43 @@ def test_declared_models_are_files_the_graph_loads(comfy, path):
         assert downloads <= declared_files, "every file a Flux / SD3.5 graph loads is a download"
 
 
-def _demo_assets():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "demo_assets.py"
-    spec = importlib.util.spec_from_file_location("demo_assets", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_demo_copies_are_never_overwritten(comfy, tmp_path):
     """start_comfyui.sh may run the demo generation again: a user's edits of a demo copy stay."""
-    demo_assets = _demo_assets()
+    assets = demo_assets()
     input_dir = Path(comfy.folder_paths.get_input_directory())
-    copies = demo_assets.write_demo_copies(tmp_path, input_dir)
+    copies = assets.write_demo_copies(tmp_path, input_dir)
     copies[0].write_text('{"edited": true}')
-    assert demo_assets.write_demo_copies(tmp_path, input_dir) == copies
+    assert assets.write_demo_copies(tmp_path, input_dir) == copies
     assert copies[0].read_text() == '{"edited": true}'
 
 
-DEMO_COPIES = [path for path in WORKFLOWS if _demo_assets().runs_on_demo_models(load_ui_workflow(path))]
+DEMO_COPIES = [path for path in WORKFLOWS if demo_assets().runs_on_demo_models(load_ui_workflow(path))]
 
 
 def test_demo_copies_are_the_workflows_without_clip_vision_or_pva():
     assert {path.stem[:2] for path in DEMO_COPIES} == {"01", "02", "03", "04", "05", "06", "08"}
-    assert _demo_assets().trained_names() == ["disendiff_pair", "my_dog", "my_flux_toy_branch", "my_toy_branch"]
+    assert demo_assets().trained_names() == ["disendiff_pair", "my_dog", "my_flux_toy_branch", "my_toy_branch"]
+
+
+@pytest.mark.parametrize("path", DEMO_COPIES, ids=lambda p: p.stem)
+def test_the_demo_notes_describe_the_demo(comfy, path):
+    """A demo copy's read-me says it is a demo whose pictures are noise by design, and names the files the
+    demo loads and writes (the tiny models, the demo_ names), never the real models or the real outputs."""
+    assets = demo_assets()
+    original = load_ui_workflow(path)
+    workflow = assets.demo_workflow(original, Path(comfy.folder_paths.get_input_directory()))
+    note = next(n for n in workflow["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
+    assert note.startswith("> **DEMO**") and "noise by design" in note.split("\n\n")[0]
+    assert f"{assets.DEMO_SIZE} px" in note.split("\n\n")[0], "what the demo does"
+    for model in original.get("models") or []:
+        assert model["name"] not in note, "a real model's download"
+    for name in assets.trained_names():
+        assert name not in note.replace(f"demo_{name}", ""), f"the real output {name}"
+    api = ui_to_api(workflow)
+    for kind, (widget, _) in TINY_MODELS.items():
+        for node in (n for n in api.values() if n["class_type"] == kind):
+            assert f"`{node['inputs'][widget]}`" in note or f"/{node['inputs'][widget]}`" in note, \
+                f"the demo's {kind} file"
 
 
 @pytest.mark.parametrize("path", DEMO_COPIES, ids=lambda p: p.stem)
@@ -130,25 +141,23 @@ def test_every_demo_copy_runs(comfy, path):
     end, before any trainer ran (the trainers' files ship as demo_ stand-ins). Generated at demo size
     (each ran through the server in 2-5 minutes on 2 busy CPU cores); run here at the other workflow
     tests' size."""
-    demo_assets = _demo_assets()
+    assets = demo_assets()
     input_dir = Path(comfy.folder_paths.get_input_directory())
-    workflow = demo_assets.demo_workflow(load_ui_workflow(path), input_dir)
+    workflow = assets.demo_workflow(load_ui_workflow(path), input_dir)
     assert "models" not in workflow, "the tiny files stand in for the real models"
-    note = next(n for n in workflow["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
-    assert note.startswith(demo_assets.DEMO_BANNER)
     for node in workflow["nodes"]:  # a random stand-in never answers for a file the real workflows name
         for value in node["widgets_values"] if node["type"] != "MarkdownNote" else ():
-            for name in demo_assets.trained_names():
+            for name in assets.trained_names():
                 assert not isinstance(value, str) or name not in value.replace(f"demo_{name}", ""), value
     api = ui_to_api(workflow)
     for node in api.values():
         inputs = node["inputs"]
         if node["class_type"] == "EmptyLatentImage":
-            assert inputs["width"] == inputs["height"] == demo_assets.DEMO_SIZE
+            assert inputs["width"] == inputs["height"] == assets.DEMO_SIZE
         elif node["class_type"] == "KSampler":
-            assert inputs["steps"] == demo_assets.DEMO_STEPS
+            assert inputs["steps"] == assets.DEMO_STEPS
         elif node["class_type"].endswith("Trainer"):
-            assert (inputs["steps"], inputs["resolution"]) == (demo_assets.DEMO_TRAIN_STEPS, demo_assets.DEMO_SIZE)
+            assert (inputs["steps"], inputs["resolution"]) == (assets.DEMO_TRAIN_STEPS, assets.DEMO_SIZE)
     results = execute_workflow(shrink_for_tiny_models(api, input_dir))
     images = [p for node_id, node in api.items() if node["class_type"] == "SaveImage"
               for p in saved_image_paths(results[node_id])]

@@ -4,15 +4,20 @@
 // server, validates the prompts and asserts; this script only drives the browser.
 //
 // usage: node load_workflows.cjs <request.json>
-//   request: {url, playwright, chromium, userDataDir, results, workflows: [{name, path, screenshot}]}
+//   request: {url, playwright, chromium, userDataDir, newcomerDataDir, results, workflows: [{name, path,
+//   screenshot}], searches, templateModule, templatesScreenshot, demo: {folder, workflows: [{name, screenshot}]}}
 //   writes `results`: {blockedRequests, pageErrors, workflows: [{name, nodeCount, loadedNodeCount,
 //   unregisteredTypes, missingNodeTypes, missingModels (null where the frontend does not expose it),
-//   comboValuesNotOffered, prompt, consoleErrors, screenshot}]}
+//   comboValuesNotOffered, prompt, consoleErrors, screenshot, layout}], search,
+//   templates: {listed, thumbnails, browsed: {opened, sorted}},
+//   demo: {name: {note, layout}}}
 'use strict';
 
 const fs = require('fs');
 const path = require('path');
-const { readLayoutInPage, showViewInPage, searchNodesInPage, templatesInPage } = require('./ui_checks.cjs');
+const {
+  readLayoutInPage, readOpenedNoteInPage, showViewInPage, searchNodesInPage, templatesInPage,
+} = require('./ui_checks.cjs');
 
 const STARTUP_TIMEOUT_MS = 60_000;
 
@@ -84,34 +89,82 @@ async function loadInPage({ name, workflow }) {
   };
 }
 
-async function main() {
-  const request = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+// A fresh browser profile on the server, as a user's first visit: the first-run banner ("Introducing Nodes
+// 2.0") stays, as users see it; nothing is fetched from outside the loopback interface (counted in
+// report.blockedRequests), page errors land in report.pageErrors.
+async function openFrontend(request, userDataDir, report) {
   const { chromium } = require(request.playwright);
-  const context = await chromium.launchPersistentContext(request.userDataDir, {
+  const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: request.chromium,
     headless: true,
     args: CHROMIUM_FLAGS,
     viewport: { width: 1600, height: 1000 },
   });
-  // The "try Nodes 2.0" banner would cover the top of every screenshot.
-  await context.addInitScript(() => localStorage.setItem('vueNodesBannerDismissed', 'true'));
+  await context.route('**/*', (route) => {
+    const url = route.request().url();
+    if (isLoopback(url)) return route.continue();
+    report.blockedRequests.push(url);
+    return route.abort('blockedbyclient');
+  });
+  const page = context.pages()[0] || (await context.newPage());
+  page.on('pageerror', (err) => report.pageErrors.push(String(err && err.stack || err)));
+  await page.goto(request.url, { waitUntil: 'load', timeout: STARTUP_TIMEOUT_MS });
+  // window.app is set once app.setup() has registered every node definition from /object_info.
+  await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas,
+    null, { timeout: STARTUP_TIMEOUT_MS });
+  return { context, page };
+}
+
+// As a user opens the demo copies (README): the Workflows sidebar, the demo folder, then each file; the
+// sidebar stays open. Reports where each one's read-me note shows, and its layout, with a screenshot.
+async function openDemoCopies(page, demo) {
+  await page.click('.workflows-tab-button');
+  await page.getByText(demo.folder, { exact: true }).click();
+  const seen = {};
+  for (const { name, screenshot } of demo.workflows) {
+    await page.getByText(`${name}.json`, { exact: true }).click();
+    await page.waitForFunction((file) => {
+      const workflow = window.app.extensionManager.workflow.activeWorkflow;
+      return workflow && workflow.path.endsWith(`/${file}`) && window.app.graph.nodes.some((n) => n.type === 'MarkdownNote');
+    }, `${name}.json`, { timeout: STARTUP_TIMEOUT_MS });
+    const layout = await page.evaluate(readLayoutInPage);
+    seen[name] = { note: await page.evaluate(readOpenedNoteInPage), layout };
+    fs.mkdirSync(path.dirname(screenshot), { recursive: true });
+    await page.screenshot({ path: screenshot });
+  }
+  return seen;
+}
+
+// The Templates browser as users browse it: the pack's category as it opens (sorted "Newest"), then sorted
+// with Sort by → "A → Z" (the README's advice), then a screenshot. The cards in order (template name, text
+// shown) each time.
+async function browseTemplates(page, module, screenshot) {
+  await page.click('.templates-tab-button');
+  const dialog = page.locator('[role=dialog]');
+  await dialog.locator('span', { hasText: module }).first().click();
+  const cards = dialog.locator('[data-testid^="template-workflow-"]');
+  await cards.first().waitFor();
+  const read = () => cards.evaluateAll((elements) => elements.map((element) => ({
+    name: element.dataset.testid.replace('template-workflow-', ''), text: element.innerText })));
+  const sortBy = dialog.locator('[aria-label="Sort by"]');
+  const opened = { sortBy: await sortBy.innerText(), cards: await read() };
+  await sortBy.click();
+  await page.getByRole('option', { name: 'A → Z' }).click();
+  await page.waitForFunction(() => document.querySelector('[role=dialog] [aria-label="Sort by"]').innerText.includes('A → Z'));
+  await page.evaluate(() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done))));
+  await page.screenshot({ path: screenshot });
+  return { opened, sorted: { sortBy: await sortBy.innerText(), cards: await read() } };
+}
+
+async function main() {
+  const request = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
   const report = { blockedRequests: [], pageErrors: [], workflows: [] };
+  let context = null;
   try {
-    await context.route('**/*', (route) => {
-      const url = route.request().url();
-      if (isLoopback(url)) return route.continue();
-      report.blockedRequests.push(url);
-      return route.abort('blockedbyclient');
-    });
-    const page = context.pages()[0] || (await context.newPage());
+    let page;
+    ({ context, page } = await openFrontend(request, request.userDataDir, report));
     let consoleErrors = [];
     page.on('console', (msg) => { if (msg.type() === 'error') consoleErrors.push(msg.text()); });
-    page.on('pageerror', (err) => report.pageErrors.push(String(err && err.stack || err)));
-
-    await page.goto(request.url, { waitUntil: 'load', timeout: STARTUP_TIMEOUT_MS });
-    // window.app is set once app.setup() has registered every node definition from /object_info.
-    await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas,
-      null, { timeout: STARTUP_TIMEOUT_MS });
     await page.evaluate(installReporters);
 
     for (const { name, path: file, screenshot } of request.workflows) {
@@ -132,8 +185,17 @@ async function main() {
     }
     if (request.searches) report.search = await page.evaluate(searchNodesInPage, request.searches);
     if (request.templateModule) report.templates = await page.evaluate(templatesInPage, request.templateModule);
-  } finally {
     await context.close();
+    context = null;
+    // A second first visit, as a newcomer clicks through: no dialog left open, a tab bar holding only
+    // what they opened (the Templates browser last: it stays open).
+    ({ context, page } = await openFrontend(request, request.newcomerDataDir, report));
+    if (request.demo) report.demo = await openDemoCopies(page, request.demo);
+    if (request.templateModule) {
+      report.templates.browsed = await browseTemplates(page, request.templateModule, request.templatesScreenshot);
+    }
+  } finally {
+    if (context) await context.close();
     fs.writeFileSync(request.results, JSON.stringify(report, null, 1));
   }
 }

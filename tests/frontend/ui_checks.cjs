@@ -1,6 +1,7 @@
 // What a newcomer meets besides a loaded graph, read from the real frontend for tests/test_frontend.py
 // (called by load_workflows.cjs; every function here runs in the page and only reports, the test asserts):
-// the layout of a loaded workflow as the frontend draws it, the node search, the Templates browser.
+// the layout of a loaded workflow as the frontend draws it, its read-me note as opened by a user, the node
+// search, the Templates browser.
 'use strict';
 
 // After loadGraphData: wait until every LoadImage shows its picture (the node grows to fit it), then report
@@ -35,6 +36,9 @@ async function readLayoutInPage() {
       const textBottom = last ? (last.getBoundingClientRect().bottom - shown.top) * toUnscaled : 0;
       report.textHeight = Math.ceil(textBottom + parseFloat(getComputedStyle(box).paddingBottom || '0')
         + (node.size[1] - box.offsetHeight));
+      // The smallest font of its text, in unscaled CSS pixels (on screen: times the canvas scale).
+      report.fontSize = Math.min(...[...box.querySelectorAll('.ProseMirror *')]
+        .filter((element) => element.textContent.trim()).map((element) => parseFloat(getComputedStyle(element).fontSize)));
     }
     return report;
   });
@@ -58,6 +62,51 @@ async function readLayoutInPage() {
     runBar: rectOf('.actionbar-container'),
   };
   return { nodes, groups, overlays };
+}
+
+// After a user opened a workflow (its saved view applied): where its read-me note shows on the screen. Its
+// title bar (drawn on the canvas), its first block (a demo copy's DEMO banner) and its text, each checked at
+// a few points with elementFromPoint: what covers them there (a side bar, a bar of the frontend), or nothing;
+// the canvas scale and the note's smallest font (its text's size on screen is their product).
+function readOpenedNoteInPage() {
+  const app = window.app;
+  const { scale, offset } = app.canvas.ds;
+  const canvasBox = app.canvas.canvas.getBoundingClientRect();
+  const note = app.graph.nodes.find((node) => node.type === 'MarkdownNote' || node.type === 'Note');
+  const box = note.widgets.find((widget) => widget.element).element;
+  const titleHeight = window.LiteGraph.NODE_TITLE_HEIGHT;
+  const title = {
+    left: canvasBox.left + (note.pos[0] + offset[0]) * scale,
+    top: canvasBox.top + (note.pos[1] - titleHeight + offset[1]) * scale,
+  };
+  title.right = title.left + note.size[0] * scale;
+  title.bottom = title.top + titleHeight * scale;
+  const rectOf = (element) => {
+    const { left, top, right, bottom } = element.getBoundingClientRect();
+    return { left, top, right, bottom };
+  };
+  const text = (box.querySelector('.ProseMirror') || box);
+  const firstBlock = rectOf(text.firstElementChild);
+  const body = rectOf(box);
+  const describe = (element) => (element ? `${element.tagName.toLowerCase()}.${String(element.className).split(' ')[0]}` : 'outside the window');
+  const covered = [];
+  const probe = (what, rect, isOwn) => {
+    const inset = 3;
+    const points = [[rect.left + inset, rect.top + inset], [rect.right - inset, rect.top + inset],
+      [(rect.left + rect.right) / 2, (rect.top + rect.bottom) / 2],
+      [rect.left + inset, rect.bottom - inset], [rect.right - inset, rect.bottom - inset]];
+    for (const [x, y] of points) {
+      const hit = document.elementFromPoint(x, y);
+      if (!hit || !isOwn(hit)) covered.push(`${what} at (${Math.round(x)}, ${Math.round(y)}) under ${describe(hit)}`);
+    }
+  };
+  probe('title bar', title, (hit) => hit === app.canvas.canvas);
+  probe('first block', firstBlock, (hit) => box.contains(hit));
+  probe('text', body, (hit) => box.contains(hit));
+  const fontSize = Math.min(...[...text.querySelectorAll('*')].filter((element) => element.textContent.trim())
+    .map((element) => parseFloat(getComputedStyle(element).fontSize)));
+  return { scale, fontSize, title, firstBlock, body, covered, firstBlockText: text.firstElementChild.textContent,
+    window: [window.innerWidth, window.innerHeight] };
 }
 
 // Shows the graph with a saved view ({offset, scale}), as loadGraphData does when it restores one.
@@ -96,4 +145,4 @@ async function templatesInPage(module) {
   return { listed, thumbnails };
 }
 
-module.exports = { readLayoutInPage, showViewInPage, searchNodesInPage, templatesInPage };
+module.exports = { readLayoutInPage, readOpenedNoteInPage, showViewInPage, searchNodesInPage, templatesInPage };

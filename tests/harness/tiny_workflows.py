@@ -3,6 +3,7 @@ generated ones, sizes and step counts shrunk, input images and the trainers' exp
 as stand-ins when no training run made them; Flux and SD3.5 workflows get the tiny DiT models of harness.dit.
 Used by tests/test_workflows.py, scripts/readme_outputs.py
 (on API prompts) and scripts/demo_assets.py (on the UI-format demo copies), so both run the same way."""
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ from PIL import Image
 from . import checkpoints, dit, pva_assets
 from . import realcustom as realcustom_assets
 
-WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 SIZE, STEPS = 64, 3
 
 TINY_MODELS = {
@@ -107,3 +109,11 @@ def _ensure_detex_embeddings(name: str, image_index: int) -> None:
     """The exported-files DETEX workflow names the trainer's embeddings; stand-ins when none ran yet."""
     _ensure_disendiff_embeddings(", ".join(f"embedding:{name}_{suffix}" for suffix in
                                            ("V", f"pose_{image_index}", f"bg_{image_index}")))
+
+
+def demo_assets():
+    """scripts/demo_assets.py as a module: the demo copies scripts/start_comfyui.sh writes."""
+    spec = importlib.util.spec_from_file_location("demo_assets", REPO_ROOT / "scripts" / "demo_assets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
