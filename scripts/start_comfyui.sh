@@ -14,8 +14,6 @@ if ! "$PY" "$ROOT/scripts/checkpoint_installed.py" "$COMFY_DIR" "$@"; then
   "$PY" "$ROOT/scripts/demo_assets.py" "$COMFY_DIR"
 fi
 
-"$PY" -c "import torchaudio" 2>/dev/null || echo "[start] torchaudio is not installed (no build of it fits the pinned torch); ComfyUI's audio nodes stay off, nothing else needs it"
-
 device_flags=()
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || device_flags=(--cpu)
 cd "$COMFY_DIR"

@@ -139,7 +139,9 @@ def test_edit_and_run_again(trainer, folders, caplog):
         execute_workflow(trainer_prompt(trainer, name, steps, seed, IMAGES[image]), executor=executor)
         return _console(caplog, trainer)
 
-    assert f"{trainer}: training 1 steps" in run(1, seed=0, image=0)
+    lines = run(1, seed=0, image=0)
+    assert lines[0] == f"{trainer}: training 1 steps"
+    assert re.fullmatch(rf"{trainer}: step 1/1, loss \d+\.\d+, \d+\.\d+ s/step", lines[1]), "the console line"
     (first,) = _runs_of(models, trainer, name)
     assert f"{trainer}: resuming at step 1 of 2" in run(2, seed=0, image=0), "more steps continue the run"
     assert _runs_of(models, trainer, name) == {first}
