@@ -66,6 +66,60 @@ def test_display_names_follow_one_pattern(comfy):
         assert schema.display_name.index("personalization") <= 30, f"{node_id}: role too long for the search"
 
 
+#: the README's node x family table: its family columns and the only words a cell may hold
+FAMILY_COLUMNS = ["SD1.5 / SD2", "SDXL", "Flux.1", "SD3 / SD3.5"]
+FAMILY_CELLS = {"✔", "refused", "any", "SD1.x ✔, SD2 refused"}
+FOOTNOTE = re.compile(r"\s*⁽[^⁾]*⁾")
+
+
+def readme_section(title: str) -> list[str]:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index(f"## {title}") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
+
+
+def table_cells(line: str) -> list[str]:
+    return [FOOTNOTE.sub("", cell).strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_readme_node_table_lists_every_registered_node_by_its_display_name(comfy):
+    """The README's node x family table has one row per registered node: its display name (without the
+    common " (personalization)"), its id, and a ✔ / refused / any for every family column."""
+    table = [table_cells(line) for line in readme_section("Nodes and model families") if line.startswith("|")]
+    header, rows = table[0], table[2:]
+    assert header == ["node", "id", *FAMILY_COLUMNS]
+    ids = [row[1].strip("`") for row in rows]
+    assert sorted(ids) == pack_node_ids(), "README node table vs registered nodes"
+    for name, node_id, *families in rows:
+        node_id = node_id.strip("`")
+        assert f"{name} (personalization)" == schema_of(comfy, node_id).display_name, node_id
+        assert len(families) == len(FAMILY_COLUMNS) and set(families) <= FAMILY_CELLS, (node_id, families)
+
+
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md", "docs/testing.md", "docs/outputs.md"])
+def test_links_of_the_readme_and_its_pages_lead_somewhere(page):
+    """Every relative link (and #anchor) of the README and the docs/ pages it links names a file (and heading)
+    of the repository."""
+    source = ROOT / page
+    broken = []
+    for target in re.findall(r"\]\(<?([^)>]+)>?\)", source.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (source.parent / path).resolve() if path else source
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and anchor not in {heading_anchor(h) for h in re.findall(r"^#+ (.+)$", linked.read_text(), re.M)}:
+            broken.append(target)
+    assert not broken, f"{page}: {broken}"
+
+
 def test_pyproject_meets_registry_rules():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "comfyui" not in project["project"]["name"].lower()
