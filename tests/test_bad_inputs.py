@@ -322,13 +322,13 @@ class Kit:
         return {"model": model, "clip": clip, "vae": vae, "pva": self.pva, "images": photos(2), "images_per_identity": 2,
                 "name": "bad_input_pva", "encoder": "arcface", "steps": 1, "learning_rate": 1e-4,
                 "transformer_learning_rate": 1e-4, "word_learning_rate": 1e-3, "timestep_bins": 1,
-                "init_word": "person", "seed": 0, "checkpoint_every": 0, **over}
+                "init_word": "person", "seed": 0, "checkpoint_every": 0, "resolution": 64, **over}
 
     def identity_tune(self, **over):
         model, clip, vae = self.sd15
         return {"model": model, "clip": clip, "vae": vae, "pva": self.pva, "photos": photos(2), "name": "bad_input_tune",
                 "steps": 1, "learning_rate": 1e-4, "word_learning_rate": 1e-3, "timestep_bins": 1, "seed": 0,
-                "checkpoint_every": 0, **over}
+                "checkpoint_every": 0, "resolution": 64, **over}
 
     def disendiff_trainer(self, **over):
         model, clip, vae = self.sd15

@@ -89,7 +89,8 @@ def _pva_graph(node: str, input_dir: Path) -> dict:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(input_dir / photo)
     photos = "images" if node == "PVATrainer" else "photos"
     common = dict(model=["ckpt", 0], clip=["ckpt", 1], vae=["ckpt", 2], pva=["pva", 0], name=f"isolation_{node}",
-                  steps=1, learning_rate=1e-4, word_learning_rate=1e-3, timestep_bins=1, seed=0, checkpoint_every=0)
+                  steps=1, learning_rate=1e-4, word_learning_rate=1e-3, timestep_bins=1, seed=0, checkpoint_every=0,
+                  resolution=64)
     common[photos] = ["photos", 0]
     if node == "PVATrainer":
         common.update(images_per_identity=2, encoder="arcface", transformer_learning_rate=1e-4, init_word="person")

@@ -375,7 +375,7 @@ def test_trainers_lower_the_loss_resume_exactly_and_reload(family, stage1, tmp_p
     patched, tuned, name = run_node("PVAIdentityTune", model=family.model, clip=family.clip, vae=vae, pva=family.pva,
                                     photos=photos, name=f"dit_tune_{family.name}", steps=1, learning_rate=1e-3,
                                     word_learning_rate=1e-2, timestep_bins=1, seed=3, checkpoint_every=0,
-                                    clip_vision=tiny_clip_vision())
+                                    clip_vision=tiny_clip_vision(), resolution=64)
     loaded = run_node("PVALoader", pva_name=name)[0]
     assert loaded.weights.family == family.pva.weights.family
     assert torch.equal(family.sample(family.patched(pva=loaded, references=photos)), family.sample(patched))

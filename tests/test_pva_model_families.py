@@ -165,7 +165,7 @@ def test_identity_tune_trains_the_family_pathway(inpainting, sd15):
     patched, tuned, name = run_node(
         "PVAIdentityTune", model=inpainting.model, clip=reduced_clip(inpainting.family), vae=sd15[2], pva=inpainting.pva,
         photos=faces(2, size=32), name=f"tune_{inpainting.family}", steps=1, learning_rate=1e-3, word_learning_rate=1e-2,
-        timestep_bins=1, seed=0, checkpoint_every=0)
+        timestep_bins=1, seed=0, checkpoint_every=0, resolution=32)
     assert not changed_keys(before, inpainting.pva.weights.state_dict()), "the input PVA is left unchanged"
     changed = {k.split(".")[0] for k in changed_keys(before, {k: v.cpu() for k, v in tuned.weights.state_dict().items()})}
     assert changed == {"parallel", "identity_word"}
@@ -185,7 +185,7 @@ def test_stage1_trainer_builds_the_family_pathway(inpainting, sd15, monkeypatch)
         "PVATrainer", model=inpainting.model, clip=reduced_clip(inpainting.family), vae=sd15[2],
         images=faces(4, seed=5, size=32), images_per_identity=2, name=f"stage1_{inpainting.family}", encoder="arcface",
         steps=1, learning_rate=1e-4, transformer_learning_rate=1e-4, word_learning_rate=1e-3, timestep_bins=1,
-        init_word="person", seed=0, checkpoint_every=0)
+        init_word="person", seed=0, checkpoint_every=0, resolution=32)
     assert trained.weights.context_dim == IN_MEMORY_FAMILIES[inpainting.family][1]["context_dim"]
     assert {k: v.shape[-1] for k, v in trained.weights.identity_word.items()} == IDENTITY_WORD_WIDTHS[inpainting.family]
     assert set(trained.weights.parallel) == set(inpainting.pva.weights.parallel)

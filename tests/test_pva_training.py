@@ -70,7 +70,7 @@ def test_identity_tune_changes_only_the_projections_and_the_word(comfy, inpainti
     unet, text, pva_before = unpatched_state(model.model), unpatched_state(clip.cond_stage_model), unpatched_state(pva.weights)
     patched, tuned, name = run_node("PVAIdentityTune", model=model, clip=clip, vae=vae, pva=pva, photos=photos(2),
                                     name="tune_test", steps=2, learning_rate=1e-3, word_learning_rate=1e-2,
-                                    timestep_bins=2, seed=3, checkpoint_every=0)
+                                    timestep_bins=2, seed=3, checkpoint_every=0, resolution=64)
     for before, after in ((unet, unpatched_state(model.model)), (text, unpatched_state(clip.cond_stage_model)), (pva_before, unpatched_state(pva.weights))):
         assert before.keys() == after.keys()
         assert not changed_keys(before, after), f"inputs are never modified: {changed_keys(before, after)[:5]}"
@@ -113,7 +113,7 @@ def test_tune_lowers_the_loss_and_resumes_exactly(comfy, inpainting, pva, tmp_pa
 
 def test_tune_without_photos_is_a_clear_error(comfy, inpainting, pva):
     model, clip, vae = inpainting
-    with pytest.raises(ValueError, match="no photo of the person"):
+    with pytest.raises(ValueError, match="PVAIdentityTune: no photos"):
         run_node("PVAIdentityTune", model=model, clip=clip, vae=vae, pva=pva, photos=torch.zeros(0, 64, 64, 3),
                  name="x", steps=1, learning_rate=1e-5, word_learning_rate=1e-3, timestep_bins=2, seed=0,
                  checkpoint_every=0)
@@ -126,7 +126,7 @@ def test_stage1_trainer_trains_projections_transformer_and_word_only(comfy, inpa
     trained, name = run_node("PVATrainer", model=model, clip=clip, vae=vae, images=photos(4, seed=5), images_per_identity=2,
                              name="stage1_test", encoder="arcface", steps=2, learning_rate=1e-4,
                              transformer_learning_rate=1e-4, word_learning_rate=1e-3, timestep_bins=2,
-                             init_word="person", seed=0, checkpoint_every=0)
+                             init_word="person", seed=0, checkpoint_every=0, resolution=64)
     assert not changed_keys(unet, unpatched_state(model.model))
     assert not changed_keys(text, unpatched_state(clip.cond_stage_model))
     start = unpatched_state(pack_module("nodes.pva_training").initial_pva(model, clip, "arcface", "person", 0).weights)

@@ -100,10 +100,10 @@ def trainer_prompt(trainer: str, name: str, steps: int, seed: int, image: str, c
     elif trainer == "PVATrainer":
         prompt["train"] = _node(trainer, **common, pva=["pva", 0], images=["photos", 0], images_per_identity=2,
                                 encoder="arcface", learning_rate=1e-4, transformer_learning_rate=1e-4,
-                                word_learning_rate=1e-3, timestep_bins=1, init_word="person")
+                                word_learning_rate=1e-3, timestep_bins=1, init_word="person", resolution=SIZE)
     else:
         prompt["train"] = _node(trainer, **common, pva=["pva", 0], photos=["photos", 0], learning_rate=1e-4,
-                                word_learning_rate=1e-3, timestep_bins=1)
+                                word_learning_rate=1e-3, timestep_bins=1, resolution=SIZE)
     return prompt
 
 
