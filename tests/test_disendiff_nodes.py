@@ -79,6 +79,9 @@ class RecordingVAE:
         self.calls.append(pixels.clone())
         return self.vae.encode(pixels)
 
+    def __getattr__(self, name):  # the rest of the real VAE (its weights identify the training run)
+        return getattr(self.vae, name)
+
 
 def test_every_micro_batch_encodes_fresh_views_of_the_target(comfy, sd15, run_name):
     """As the official MaskBase: each target sample is a new augmented view, VAE-encoded when drawn (there

@@ -394,7 +394,7 @@ def test_stage1_trainer_starts_from_the_dit_blocks(family):
             "PVATrainer", model=family.model, clip=family.clip, vae=dit.vae(), images=faces(4, seed=5, size=32),
             images_per_identity=2, name=f"stage1_{family.name}", encoder="clip_vision", steps=1, learning_rate=1e-4,
             transformer_learning_rate=1e-4, word_learning_rate=1e-3, timestep_bins=1, init_word="person", seed=0,
-            checkpoint_every=0, clip_vision=tiny_clip_vision())
+            checkpoint_every=0, clip_vision=tiny_clip_vision(), resolution=32)
     assert set(trained.weights.parallel) == set(family.pva.weights.parallel)
     assert trained.weights.family == family.pva.weights.family
     assert trained.weights.context_dim == family.pva.weights.context_dim

@@ -107,7 +107,9 @@ def test_batch_with_one_identity_per_image(comfy, arcface_pva, sd15):
     alice_only = pva_model(model, arcface_pva, alice)
     mixed = sample(per_image, positive, negative, latent, seed=7, steps=STEPS)
     same = sample(alice_only, positive, negative, latent, seed=7, steps=STEPS)
-    assert close(mixed[0], same[0]), "image 0 gets identity 0"
+    # other batch layouts round differently (1.3e-5 of the largest value on an AVX2 CPU); identity 1 moves image 1 by
+    # 2.6e-4 of it
+    assert close(mixed[0], same[0], rel=5e-5), "image 0 gets identity 0"
     assert not torch.allclose(mixed[1], same[1], atol=1e-4), "image 1 gets identity 1"
     with pytest.raises(ValueError, match="2 identities but the latent batch has 3 images"):
         sample(per_image, positive, negative, empty_latent(3), seed=7, steps=STEPS)

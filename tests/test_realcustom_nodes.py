@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from harness.checkpoints import empty_latent, encode_prompt, sample, sdxl_conditioning
 from harness.comfy_env import pack_module
 from harness.pack_nodes import run_node
+from harness.tensors import close
 
 PROMPT = "a photo of a toy on the beach"
 STEPS = 2
@@ -104,8 +105,10 @@ def test_sd15_cascaded_guidance_is_paper_eq13(sd15, sd15_reference):
     text = one_step(model, 1.0)  # the text-only pass is the unpatched cond prediction
     uncond = 2.0 * text_image - one_step(released, 2.0)  # released CFG 2 = D(∅) + 2 (D_TI2I − D(∅))
     eq13 = uncond + 2.0 * (text - uncond) + 5.0 * (text_image - text)
-    assert (one_step(cascaded, 2.0) - eq13).abs().max() <= 1e-3
-    assert (one_step(released, 2.0) - eq13).abs().max() > 1e-2  # the two guidances really differ here
+    # eq. 13 is assembled from four runs in other batch layouts: equal up to their float rounding (measured 7e-6
+    # of the largest value on an AVX2 CPU), while the released guidance misses it by a fifth of it
+    assert close(one_step(cascaded, 2.0), eq13, rel=1e-4)
+    assert not close(one_step(released, 2.0), eq13, rel=1e-2)  # the two guidances really differ here
     assert len(masks.steps) == 1
     cfg1 = uncond + 1.0 * (text - uncond) + 5.0 * (text_image - text)  # = text + 5 (text_image − text)
     assert (one_step(cascaded, 1.0) - cfg1).abs().max() <= 1e-3

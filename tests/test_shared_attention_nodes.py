@@ -8,8 +8,10 @@ from harness.checkpoints import empty_latent, encode_prompt, sample, sd15_contro
 from harness.comfy_env import pack_module
 from harness.pack_nodes import run_node, shared_attention
 
-def close(a, b, rel=1e-5):
-    """Equal up to float rounding: random-weight latents reach ~100, and ComfyUI batches differently."""
+def close(a, b, rel=1e-4):
+    """Equal up to float rounding: random-weight latents reach ~100, and ComfyUI batches differently (float32
+    kernels sum in another order per batch layout; 4 steps at CFG 6 grew that to 1.7e-5 of the largest value on an
+    AVX2 CPU)."""
     return (a - b).abs().max().item() <= rel * max(b.abs().max().item(), 1.0)
 
 
