@@ -49,12 +49,23 @@ class Family:
     #: the module (under the diffusion model) whose output is the rotary position embedding of a model call's
     #: tokens, in sequence order (Flux: ``pe_embedder`` on the ids of ``[text | image]``); None without RoPE
     position_embedder: Optional[str] = None
+    #: the module whose output is the prompt's conditioning as text tokens (a DiT's text embedder); the dispatcher
+    #: finds those rows in the text stream the first block receives (see :func:`.joint.read_joint_layout`)
+    text_embedder: Optional[str] = None
+    #: the module whose output starts with the sampled latent's image tokens as the first block receives them;
+    #: None where positions are added in between (SD3), so only their count can be checked
+    image_embedder: Optional[str] = None
+    #: the first transformer block, and where it takes its (text, image) streams: a keyword's name, or a position
+    first_block: Optional[str] = None
+    first_block_streams: tuple = ()
 
 
 UNET = Family("U-Net (SD1.5/SD2/SDXL)")
 FLUX = Family("Flux", file_tag="flux", joint=True, comfy_marks_blocks=True, rope_applied=True,
-              position_embedder="pe_embedder")
-MMDIT = Family("SD3/SD3.5 (MMDiT)", file_tag="sd3", joint=True)
+              position_embedder="pe_embedder", text_embedder="txt_in", image_embedder="img_in",
+              first_block="double_blocks.0", first_block_streams=("txt", "img"))
+MMDIT = Family("SD3/SD3.5 (MMDiT)", file_tag="sd3", joint=True, text_embedder="context_embedder",
+               first_block="joint_blocks.0", first_block_streams=(0, 1))
 #: the block names each DiT family's blocks go by, and the family
 _DIT_BLOCKS = {"double_blocks": ("double", FLUX), "single_blocks": ("single", FLUX), "joint_blocks": ("joint", MMDIT)}
 ALL_FAMILIES = (UNET, FLUX, MMDIT)

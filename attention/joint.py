@@ -56,11 +56,14 @@ use, and hands each the view of the call it knows from the U-Net:
 What the dispatcher knows of each call, and from where:
 
 - the token layout: text first in every supported family (Flux's double blocks concatenate ``txt, img``,
-  its single blocks run on that concatenation, SD3's ``_block_mixing`` puts the context first); the text
-  token count comes from the model call (:class:`JointLayout`, published into transformer_options by the
-  node glue around ``apply_model``). A call over exactly the image tokens is an image-only attention (SD3.5
-  Medium's ``x_block.attn2``). Image tokens are everything after the text (Flux Kontext's reference latents
-  follow the main image); the first ``image_grid`` of them are the sampled latent.
+  its single blocks run on that concatenation, SD3's ``_block_mixing`` puts the context first), read from
+  what the model's first block receives (:func:`read_joint_layout`, recorded by the node glue into a
+  :class:`LayoutRecord` during the model call), never from the conditioning: the text stream there holds
+  what the model and other packs put beside the prompt's tokens (SD3's register tokens; ComfyUI's USO style
+  tokens through Flux's ``post_input`` patch), and the prompt's own columns (``call.text_keys``) are found in
+  it. A call over exactly the image tokens is an image-only attention (SD3.5 Medium's ``x_block.attn2``).
+  Image tokens are everything after the text (Flux Kontext's reference latents follow the main image); the
+  first ``image_grid`` of them are the sampled latent.
 - the block: ``transformer_options["block_type"/"block_index"]``, set by ComfyUI for Flux and by the node
   glue's block marker for MMDiT (whose forward does not set them);
 - the q/k/v layout: ``skip_reshape=True`` means ``(B, heads, L, d)`` (Flux, RoPE already applied to q and
@@ -99,18 +102,78 @@ QUERY_INPUTS_KEY = "personalization.query_inputs"
 
 @dataclass(frozen=True)
 class JointLayout:
-    """Token layout of the joint sequences of one model call."""
+    """Token layout of the joint sequences of one model call, as its first block received them."""
 
     #: text tokens at the front of every joint sequence
     text_tokens: int
     #: token grid (rows, columns) of the sampled latent: the first image tokens
     image_grid: tuple[int, int]
-    #: of the text tokens, the learned register tokens in front of the conditioning's (SD3's register_length)
-    register_tokens: int = 0
+    #: the text tokens that are the prompt's conditioning; the others are tokens the model (SD3's registers) or
+    #: another pack (ComfyUI's USO style tokens, through Flux's ``post_input`` patch) put beside them. None: all
+    conditioning: Optional[slice] = None
 
     @property
     def image_tokens(self) -> int:
         return self.image_grid[0] * self.image_grid[1]
+
+    @property
+    def conditioning_columns(self) -> slice:
+        return self.conditioning if self.conditioning is not None else slice(0, self.text_tokens)
+
+
+class UnrecognisedLayoutError(RuntimeError):
+    """The text and image tokens a DiT's first block receives cannot be told apart without guessing."""
+
+
+class LayoutRecord:
+    """Where the node glue writes the :class:`JointLayout` of a model call once its first block receives its
+    streams (after every ``post_input`` patch): the attention calls of that call read it from here."""
+
+    def __init__(self):
+        self.layout: Optional[JointLayout] = None
+
+
+def _offset_of_rows(part: torch.Tensor, whole: torch.Tensor) -> Optional[int]:
+    """The offset ``o`` at which ``whole[:, o:o + n]`` equals the ``n`` token rows of ``part`` exactly, if any
+    (both ``(B, tokens, width)``)."""
+    count = part.shape[1]
+    if part.shape[0] != whole.shape[0] or part.shape[2:] != whole.shape[2:] or count > whole.shape[1]:
+        return None
+    for offset in range(whole.shape[1] - count + 1):
+        if torch.equal(whole[:, offset:offset + count], part):
+            return offset
+    return None
+
+
+def read_joint_layout(latent_shape, patch_size: int, text: torch.Tensor, image: torch.Tensor,
+                      conditioning: torch.Tensor, latent: Optional[torch.Tensor] = None,
+                      foreign: str = "") -> JointLayout:
+    """The layout of a model call from what its first block receives: the ``text`` and ``image`` streams
+    ``(B, tokens, width)``, the ``conditioning`` as the text embedder made it, and (where nothing is added in
+    between) the image embedder's output ``latent``, whose first tokens are the sampled latent's. DiTs patchify a
+    latent of ``latent_shape`` (..., H, W) into ceil(H/p) x ceil(W/p) tokens (Flux and SD3 pad odd sizes).
+
+    The conditioning must appear unchanged, in one piece, in the text stream, and the latent's tokens at the
+    front of the image stream; otherwise UnrecognisedLayoutError, naming the ``foreign`` patches that changed
+    the streams, since any other answer would be a guess."""
+    height, width = latent_shape[-2:]
+    grid = (-(-height // patch_size), -(-width // patch_size))
+    image_tokens = grid[0] * grid[1]
+    changed_by = f"; {foreign} changed them" if foreign else ""
+    start = _offset_of_rows(conditioning, text)
+    if start is None:
+        raise UnrecognisedLayoutError(
+            f"the text tokens the model's first block receives ({text.shape[1]}) do not hold the prompt's "
+            f"{conditioning.shape[1]} conditioning tokens unchanged{changed_by}; the personalization nodes cannot "
+            "tell which text tokens are the prompt's. Remove that patch or the personalization node.")
+    if image.shape[1] < image_tokens or (latent is not None and not torch.equal(image[:, :image_tokens],
+                                                                               latent[:, :image_tokens])):
+        raise UnrecognisedLayoutError(
+            f"the image tokens the model's first block receives ({image.shape[1]}) do not start with the sampled "
+            f"latent's {image_tokens} tokens{changed_by}; the personalization nodes cannot tell which image tokens "
+            "are the latent's. Remove that patch or the personalization node.")
+    whole = start == 0 and conditioning.shape[1] == text.shape[1]
+    return JointLayout(text.shape[1], grid, None if whole else slice(start, start + conditioning.shape[1]))
 
 
 class QueryInputs:
@@ -155,10 +218,17 @@ class JointAttentionDispatcher:
     def __call__(self, func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
         chain: Optional[ProcessorChain] = options.get(CHAIN_KEY)
-        layout: Optional[JointLayout] = options.get(LAYOUT_KEY)
+        layout = options.get(LAYOUT_KEY)
         block_type = options.get("block_type")
         if chain is None or layout is None or block_type is None:
             return self._base(func, args, kwargs)
+        if isinstance(layout, LayoutRecord):
+            if layout.layout is None:
+                raise UnrecognisedLayoutError(
+                    f"an attention call of a {block_type} block ran before the model's first block received its "
+                    "text and image tokens (another pack's block replace does not run that block); the "
+                    "personalization nodes cannot tell its text from its image tokens.")
+            layout = layout.layout
         q, k, v, heads = _queries_keys_values(args, kwargs)
         batched_heads = bool(kwargs.get("skip_reshape"))
         length = q.shape[2] if batched_heads else q.shape[1]
@@ -191,7 +261,7 @@ class JointAttentionDispatcher:
                 f"{taking_part} cannot change attention in a call with an attention mask (block "
                 f"{block[0]}:{block[1]}); remove the conditioning's attention mask or this node.")
         q, k, v = (merge_heads(t) if batched_heads else t.reshape(t.shape[0], t.shape[1], -1) for t in (q, k, v))
-        call.text_keys = slice(layout.register_tokens, text)
+        call.text_keys = layout.conditioning_columns if text else slice(0, 0)
         context = (k[:, :text], v[:, :text]) if text else None
         grid = layout.image_tokens
         if self.inner is not None:
@@ -271,15 +341,6 @@ def install_joint_dispatcher(existing: Optional[Callable],
     if isinstance(existing, JointAttentionDispatcher):
         return existing
     return JointAttentionDispatcher(inner=existing, is_exact_attention=is_exact_attention)
-
-
-def joint_layout(latent_shape, context_tokens: int, patch_size: int, register_tokens: int = 0) -> JointLayout:
-    """The layout of a model call on a latent of ``latent_shape`` (..., H, W) with ``context_tokens`` text
-    tokens: DiTs patchify the latent into ceil(H/p) x ceil(W/p) tokens (Flux and SD3 pad odd sizes) and
-    put learned register tokens, if any (SD3's register_length), in front of the text."""
-    height, width = latent_shape[-2:]
-    return JointLayout(text_tokens=register_tokens + context_tokens,
-                       image_grid=(-(-height // patch_size), -(-width // patch_size)), register_tokens=register_tokens)
 
 
 class BlockMarker:

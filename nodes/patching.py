@@ -14,9 +14,9 @@ from ..attention.blocks import UNET, Family, TransformerBlock, UnsupportedModelE
 from ..attention.dispatcher import (CHAIN_KEY, AttentionConflictError, AttentionProcessor, ProcessorChain,
                                    describe_foreign, install_dispatcher, overwritten_dispatchers,
                                    stash_hidden_states)
-from ..attention.joint import (JOINT_ATTENTION, LAYOUT_KEY, OVERRIDE_KEY, QUERY_INPUTS_KEY, QueryInputs,
-                               install_block_marker, install_joint_dispatcher, joint_layout,
-                               overwritten_joint_entries)
+from ..attention.joint import (JOINT_ATTENTION, LAYOUT_KEY, OVERRIDE_KEY, QUERY_INPUTS_KEY, LayoutRecord,
+                               QueryInputs, install_block_marker, install_joint_dispatcher, overwritten_joint_entries,
+                               read_joint_layout)
 from .comfy_features import comfy_attention_function, computes_exact_attention, require_attention_override
 
 WRAPPER_KEY = "personalization"
@@ -117,33 +117,65 @@ def _serve_joint_attention(patched, processor: AttentionProcessor, blocks: list[
 
 
 def publish_joint_layout(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-    """APPLY_MODEL wrapper: the token layout of this model call, for the joint dispatcher's attention calls, and
-    (when a processor has its own projections) the inputs of the image queries, recorded while the call runs."""
+    """APPLY_MODEL wrapper: the token layout of this model call, read when its first block receives its streams
+    (:class:`~..attention.joint.LayoutRecord`), for the joint dispatcher's attention calls, and (when a processor
+    has its own projections) the inputs of the image queries, recorded while the call runs."""
     diffusion_model = executor.class_obj.diffusion_model
-    layout = joint_layout(x.shape, c_crossattn.shape[1], diffusion_model.patch_size,
-                          getattr(diffusion_model, "register_length", 0))
-    options = {**transformer_options, LAYOUT_KEY: layout}
-    chain = options.get(CHAIN_KEY)
-    recording = contextlib.nullcontext()
-    if chain is not None and any(p.needs_hidden_states for p in chain.processors):
-        options[QUERY_INPUTS_KEY] = QueryInputs()
-        recording = recording_query_inputs(diffusion_model, options[QUERY_INPUTS_KEY], layout.text_tokens)
-    with recording:
+    blocks = discover_transformer_blocks(diffusion_model.named_modules())
+    record = LayoutRecord()
+    options = {**transformer_options, LAYOUT_KEY: record}
+    foreign = ", ".join(describe_patch(p) for p in transformer_options.get("patches", {}).get("post_input", []))
+    with contextlib.ExitStack() as recording:
+        recording.enter_context(recording_layout(diffusion_model, blocks[0].family, record, x.shape, foreign))
+        chain = options.get(CHAIN_KEY)
+        if chain is not None and any(p.needs_hidden_states for p in chain.processors):
+            options[QUERY_INPUTS_KEY] = QueryInputs()
+            recording.enter_context(recording_query_inputs(diffusion_model, blocks, options[QUERY_INPUTS_KEY], record))
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
+def describe_patch(patch) -> str:
+    owner = getattr(patch, "__module__", None) or type(patch).__module__
+    return f"the post_input patch {getattr(patch, '__qualname__', type(patch).__qualname__)} (from {owner})"
+
+
 @contextlib.contextmanager
-def recording_query_inputs(diffusion_model, inputs: QueryInputs, text_tokens: int):
+def recording_layout(diffusion_model, family: Family, record: LayoutRecord, latent_shape, foreign: str):
+    """Hooks, for the duration of one model call, that write its JointLayout into ``record`` when the first block
+    receives its streams, from the text (and image) embedder's output (see attention.joint.read_joint_layout).
+    ``foreign`` names the patches that may have changed the streams in between."""
+    embedded = {}
+
+    def keep(name):
+        return lambda _module, _args, out: embedded.__setitem__(name, out)
+
+    def read(_module, args, kwargs):
+        text, image = (kwargs[at] if isinstance(at, str) else args[at] for at in family.first_block_streams)
+        record.layout = read_joint_layout(latent_shape, diffusion_model.patch_size, text, image,
+                                          embedded["conditioning"], embedded.get("latent"), foreign)
+
+    handles = [diffusion_model.get_submodule(family.text_embedder).register_forward_hook(keep("conditioning"))]
+    try:
+        if family.image_embedder is not None:
+            handles.append(diffusion_model.get_submodule(family.image_embedder).register_forward_hook(keep("latent")))
+        handles.append(diffusion_model.get_submodule(family.first_block).register_forward_pre_hook(read, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def recording_query_inputs(diffusion_model, blocks: list[TransformerBlock], inputs: QueryInputs, record: LayoutRecord):
     """Forward hooks, for the duration of one model call, that record into ``inputs`` each block's image-token
     input of its query projection and the call's rotary position embedding (see attention.joint.QueryInputs).
     Hooks on the shared modules live only inside this call, so no other clone or graph ever sees them."""
-    blocks = discover_transformer_blocks(diffusion_model.named_modules())
     handles = []
 
     def recorder(one_stream: bool):
-        def record(_module, args):
-            inputs.image_tokens = args[0][:, text_tokens:] if one_stream else args[0]
-        return record
+        def record_input(_module, args):
+            inputs.image_tokens = args[0][:, record.layout.text_tokens:] if one_stream else args[0]
+        return record_input
     try:
         for block in blocks:
             module = diffusion_model.get_submodule(block.projections.image_qkv)

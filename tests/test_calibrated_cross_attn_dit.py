@@ -152,7 +152,7 @@ def calibration(prompt_length=PROMPT_LENGTH):
 
 
 def joint_options(chain, cond_or_uncond, text, registers=0, context_tokens=None, block=("double", 0)):
-    return {CHAIN_KEY: chain, LAYOUT_KEY: JointLayout(text, GRID, registers), "cond_or_uncond": list(cond_or_uncond),
+    return {CHAIN_KEY: chain, LAYOUT_KEY: JointLayout(text, GRID, slice(registers, text)), "cond_or_uncond": list(cond_or_uncond),
             "block_type": block[0], "block_index": block[1],
             CONTEXT_TOKENS_KEY: text - registers if context_tokens is None else context_tokens}
 

@@ -454,7 +454,15 @@ def test_templates_browser_shows_the_numbered_order_sorted_a_to_z(frontend_repor
     as the README says, the cards come in the numbered order."""
     templates = frontend_report["templates"]
     opened, sorted_a_to_z = templates["browsed"]["opened"], templates["browsed"]["sorted"]
-    assert [card["name"] for card in opened["cards"]] == templates["listed"][PACK_LINK_NAME], opened["sortBy"]
+    shown = [card["name"] for card in opened["cards"]]
+    if sorted_a_to_z is None:
+        # frontend 1.25 (ComfyUI 0.3.52's) has no Sort by: the cards it draws come in the server's order
+        from importlib.metadata import version
+        running = tuple(int(part) for part in version("comfyui-frontend-package").split("."))
+        assert running < (1, 32), f"the Sort by control of frontend {running} went missing"
+        assert shown and shown == templates["listed"][PACK_LINK_NAME][:len(shown)]
+        return
+    assert shown == templates["listed"][PACK_LINK_NAME], opened["sortBy"]
     assert [card["name"] for card in sorted_a_to_z["cards"]] == [path.stem for path in WORKFLOWS]
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from harness.dit import comfy_style_attention
-from personalization_nodes.attention.blocks import FLUX
 from personalization_nodes.attention.dispatcher import CHAIN_KEY, AttentionConflictError, ProcessorChain
 from personalization_nodes.attention.joint import (LAYOUT_KEY, JointAttentionDispatcher, JointLayout,
-                                                  UnrecognisedAttentionError, joint_layout)
+                                                  UnrecognisedAttentionError, UnrecognisedLayoutError,
+                                                  read_joint_layout)
 from personalization_nodes.attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
 
 HEADS, DIM = 2, 8
@@ -168,7 +168,33 @@ def test_attention_masks_are_refused_not_ignored():
                                    transformer_options=options(style_chain(), (0,)))
 
 
-def test_layout_of_a_model_call():
-    assert joint_layout((2, 16, 9, 12), context_tokens=77, patch_size=2) == JointLayout(77, (5, 6))
-    assert joint_layout((1, 16, 8, 8), context_tokens=154, patch_size=2, register_tokens=4).text_tokens == 158
-    assert FLUX.rope_applied and FLUX.joint
+def streams(batch, counts, width=8, seed=0):
+    """Random ``(batch, n, width)`` token streams, one per count."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, n, width, generator=gen) for n in counts]
+
+
+def test_layout_of_a_model_call_as_its_first_block_receives_it():
+    conditioning, latent = streams(2, (77, 30))
+    # plain: the conditioning is the text; a 9 x 12 latent pads to 5 x 6 tokens of 2 x 2
+    assert read_joint_layout((2, 16, 9, 12), 2, conditioning, latent, conditioning, latent) == JointLayout(77, (5, 6))
+    # SD3: learned register tokens in front of the conditioning, positions added to the image tokens
+    registers, positioned = streams(2, (4, 30), seed=1)
+    layout = read_joint_layout((2, 16, 9, 12), 2, torch.cat([registers, conditioning], 1), positioned, conditioning)
+    assert (layout.text_tokens, layout.conditioning_columns) == (81, slice(4, 81))
+    # another pack's post_input patch prepends style tokens (ComfyUI's USO) and appends others
+    style, after = streams(2, (9, 3), seed=2)
+    layout = read_joint_layout((2, 16, 9, 12), 2, torch.cat([style, conditioning, after], 1), latent, conditioning,
+                               latent)
+    assert (layout.text_tokens, layout.conditioning_columns) == (89, slice(9, 86))
+
+
+def test_a_layout_that_cannot_be_read_is_refused_naming_the_patch():
+    conditioning, latent = streams(1, (20, 16))
+    with pytest.raises(UnrecognisedLayoutError, match="20 conditioning tokens unchanged; the post_input patch X"):
+        read_joint_layout((1, 16, 8, 8), 2, 2 * conditioning, latent, conditioning, latent, "the post_input patch X")
+    style, = streams(1, (5,), seed=3)
+    with pytest.raises(UnrecognisedLayoutError, match="latent's 16 tokens"):
+        read_joint_layout((1, 16, 8, 8), 2, conditioning, torch.cat([style, latent], 1), conditioning, latent)
+    with pytest.raises(UnrecognisedLayoutError, match="latent's 16 tokens"):
+        read_joint_layout((1, 16, 8, 8), 2, conditioning, latent[:, :12], conditioning)

@@ -137,16 +137,22 @@ async function openDemoCopies(page, demo) {
 
 // The Templates browser as users browse it: the pack's category as it opens (sorted "Newest"), then sorted
 // with Sort by → "A → Z" (the README's advice), then a screenshot. The cards in order (template name, text
-// shown) each time.
+// shown) each time. Frontends without a Sort by control (1.25, the oldest ComfyUI's) report the cards as
+// opened and `sorted: null`.
 async function browseTemplates(page, module, screenshot) {
   await page.click('.templates-tab-button');
   const dialog = page.locator('[role=dialog]');
-  await dialog.locator('span', { hasText: module }).first().click();
+  // a span in the category list of 1.32, a listbox option in 1.25's
+  await dialog.getByText(module, { exact: true }).first().click();
   const cards = dialog.locator('[data-testid^="template-workflow-"]');
   await cards.first().waitFor();
   const read = () => cards.evaluateAll((elements) => elements.map((element) => ({
     name: element.dataset.testid.replace('template-workflow-', ''), text: element.innerText })));
   const sortBy = dialog.locator('[aria-label="Sort by"]');
+  if (await sortBy.count() === 0) {
+    await page.screenshot({ path: screenshot });
+    return { opened: { sortBy: null, cards: await read() }, sorted: null };
+  }
   const opened = { sortBy: await sortBy.innerText(), cards: await read() };
   await sortBy.click();
   await page.getByRole('option', { name: 'A → Z' }).click();
