@@ -71,6 +71,17 @@ _DIT_BLOCKS = {"double_blocks": ("double", FLUX), "single_blocks": ("single", FL
 ALL_FAMILIES = (UNET, FLUX, MMDIT)
 
 
+#: ComfyUI's model classes (comfy.model_base) of the DiT families the pack patches. A DiT is recognised by its
+#: class, nearest first along its MRO, before its block names: Flux.2 and Chroma subclass Flux and keep its block
+#: names, HunyuanVideo and Hunyuan3D use them too, and each differs in what a technique relies on (text
+#: encoders, modulation, token layout), so none may pass for Flux.1.
+DIT_MODEL_CLASSES = {"Flux": "Flux", "SD3": "SD3/SD3.5 (MMDiT)"}
+#: the families ComfyUI ships that the pack does not patch yet, by their model class, as users call them
+OTHER_FAMILIES = {"Flux2": "Flux.2", "Chroma": "Chroma", "ChromaRadiance": "Chroma Radiance",
+                  "QwenImage": "Qwen-Image", "Lumina2": "Lumina 2 / Z-Image", "HiDream": "HiDream",
+                  "HunyuanImage21": "HunyuanImage 2.1", "HunyuanVideo": "HunyuanVideo", "AuraFlow": "AuraFlow"}
+
+
 def family_of_tag(tag: str) -> Family:
     """The family a file records as ``tag`` (:attr:`Family.file_tag`); ValueError for an unknown one."""
     for family in ALL_FAMILIES:
@@ -142,23 +153,34 @@ def _order(key: BlockKey) -> tuple[int, int, int]:
     return _ORDER[key[0]], key[1], key[2]
 
 
-def discover_transformer_blocks(modules: NamedModules, model_name: str = "model") -> list[TransformerBlock]:
-    """All transformer blocks of a U-Net (SD1.x/SD2/SDXL) or DiT (Flux, SD3/SD3.5), in layer order, from the
-    ``(path, module)`` pairs of its module tree (the tree as loaded: see nodes.patching).
+def discover_transformer_blocks(modules: NamedModules, model_name: str = "model",
+                                model_classes: Optional[list[str]] = None) -> list[TransformerBlock]:
+    """All transformer blocks of a U-Net (SD1.x/SD2/SDXL) or DiT (Flux.1, SD3/SD3.5), in layer order, from the
+    ``(path, module)`` pairs of its module tree (the tree as loaded: see nodes.patching). ``model_classes``: the
+    names along the MRO of ComfyUI's model object, which a DiT must be recognised by (:data:`DIT_MODEL_CLASSES`);
+    None where the model was recognised before (a model call's hooks).
 
-    Raises UnsupportedModelError for any other architecture, naming the families that are supported.
+    Raises UnsupportedModelError for any other architecture, naming the family where ComfyUI's class tells it
+    and the families that are supported.
     """
     modules = list(modules)
     tops = {path for path, _ in modules if path and "." not in path}
+    supported = ", ".join(f.name for f in ALL_FAMILIES)
     if {"input_blocks", "output_blocks"} <= tops:
         blocks = _unet_blocks(modules)
     else:
-        blocks = _dit_blocks(modules)
+        known = next((name for name in model_classes or () if name in DIT_MODEL_CLASSES or name in OTHER_FAMILIES),
+                     None)
+        if known in OTHER_FAMILIES:
+            raise UnsupportedModelError(
+                f"{model_name} is a {OTHER_FAMILIES[known]} model, which the personalization nodes do not patch "
+                f"yet; supported families: {supported}.")
+        blocks = _dit_blocks(modules) if model_classes is None or known is not None else []
     if not blocks:
         root = type(modules[0][1]).__name__ if modules else "empty model"
         raise UnsupportedModelError(
             f"{model_name} is a {root}, which the personalization nodes cannot patch; supported families: "
-            f"{', '.join(f.name for f in ALL_FAMILIES)}.")
+            f"{supported}.")
     return sorted(blocks, key=lambda b: _order(b.key))
 
 

@@ -51,7 +51,8 @@ def transformer_blocks(model, node: str = "", families: tuple[Family, ...] = (UN
     """The transformer blocks of a MODEL, which must be of one of ``families``; a clear error naming ``node``
     and the families it supports otherwise."""
     who = f"{node}: this MODEL" if node else "This MODEL"
-    blocks = discover_transformer_blocks(unpatched_modules(model), model_name=f"{who} ({type(model.model).__name__})")
+    blocks = discover_transformer_blocks(unpatched_modules(model), model_name=f"{who} ({type(model.model).__name__})",
+                                         model_classes=[cls.__name__ for cls in type(model.model).__mro__])
     family = blocks[0].family
     if family not in families:
         supported = ", ".join(f.name for f in families)

@@ -85,6 +85,30 @@ def flux_model():
                                       offload_device=mm.unet_offload_device())
 
 
+#: tiny configs of families ComfyUI ships with Flux's block names, for ComfyUI's own model classes
+LOOKALIKE_CONFIGS = {
+    "Chroma": {"image_model": "chroma", "in_channels": 16, "out_channels": 16, "context_in_dim": 32,
+               "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+               "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 16,
+               "out_dim": 64, "hidden_dim": 16, "n_layers": 1},
+    "Flux2": {"image_model": "flux2", "in_channels": 32, "out_channels": 32, "vec_in_dim": None, "context_in_dim": 32,
+              "hidden_size": 64, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+              "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 1, "qkv_bias": False, "ops_bias": False,
+              "global_modulation": True, "mlp_silu_act": True, "guidance_embed": True},
+}
+
+
+@model_cache
+def lookalike_model(family: str):
+    """A tiny random ModelPatcher of ComfyUI's own Chroma or Flux.2 model class: Flux's block names, another
+    family."""
+    boot_comfy()
+    from comfy import model_management as mm, model_patcher, supported_models
+    config = getattr(supported_models, family)(LOOKALIKE_CONFIGS[family])
+    return model_patcher.ModelPatcher(config.get_model({}), load_device=mm.get_torch_device(),
+                                      offload_device=mm.unet_offload_device())
+
+
 def edm_sampled(model):
     """``model`` sampled as an EDM model (σ_data 0.5): neither variance preserving nor rectified flow."""
     from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
@@ -400,6 +424,22 @@ def resuming_from(node: str, stem: str, damage: Callable[[Kit, Path], str], inpu
     return build
 
 
+def lookalike_cases() -> list:
+    """Every node that patches or trains a DiT, given a Chroma or a Flux.2 model: refused naming that family."""
+    nodes = {"SharedAttentionBatch": lambda k, model: {"model": model, **SHARED_ATTENTION_DEFAULTS},
+             "AdaptiveMaskGuidance": lambda k, model: k.mask_guidance(model=model),
+             "ParallelVisualAttention": lambda k, model: k.pva_attention(model=model),
+             "CalibratedCrossAttn": lambda k, model: k.calibrated(model=model),
+             "RealCustomTrainer": lambda k, model: k.realcustom_trainer(model=model),
+             "PVATrainer": lambda k, model: k.pva_trainer(model=model)}
+    names = {"Chroma": "Chroma", "Flux2": r"Flux\.2"}
+    return [Case(f"{node} refuses a {family} model (Flux's block names, another family)", node,
+                 lambda k, b, build=build, family=family: build(k, lookalike_model(family)),
+                 rf"is a {names[family]} model, which the personalization nodes do not patch yet; supported "
+                 r"families: U-Net \(SD1\.5/SD2/SDXL\), Flux, SD3")
+            for node, build in nodes.items() for family in names]
+
+
 STYLE_ALIGNED = [
     Case("SharedAttentionBatch refuses 3 batched prompts for a latent batch of 2", "SharedAttentionBatch",
          lambda k, b: k.styled_sampling(prompts=3, images=2), r"3 prompts but the latent batch has 2 images",
@@ -668,7 +708,7 @@ OUTPUT_NAMES = [
          lambda k, b, inputs=inputs: inputs(k, name=f"{b.root}/../escape", checkpoint_every=1),
          r"output name '/.*/\.\./escape' holds '/'.*try '\S+'") for node, inputs in TRAINER_INPUTS.items()]
 
-CASES = STYLE_ALIGNED + REALCUSTOM + PVA + DISENDIFF + DETEX + OUTPUT_NAMES
+CASES = STYLE_ALIGNED + REALCUSTOM + PVA + DISENDIFF + DETEX + OUTPUT_NAMES + lookalike_cases()
 
 
 @pytest.mark.parametrize("case", [c.param() for c in CASES])
