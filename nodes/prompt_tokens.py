@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import comfy.text_encoders.flux
-import comfy.text_encoders.sd3_clip
 import torch
 
+from ..attention import families
 from ..attention.token_spans import context_length, phrase_occurrences, word_token_ids
 from .validation import checked_clip
 
@@ -63,17 +62,9 @@ class PhraseTokens:
 
 def context_stretches(clip, tokens: dict) -> list[tuple[str, ...]]:
     """The tokenizer keys (of ``tokens``, ``clip.tokenize``'s output) whose encoders fill the conditioning's
-    token axis, one tuple per stretch in token order: the encoders of one stretch are concatenated
-    channel-wise (they share positions), stretches follow each other along the tokens (as ComfyUI's
-    FluxClipModel and SD3ClipModel build the conditioning; any other CLIP is one stretch of all its
-    encoders, the U-Nets' layout)."""
-    encoders = getattr(clip, "cond_stage_model", None)  # a tokenizer-only CLIP has none
-    if isinstance(encoders, comfy.text_encoders.flux.FluxClipModel):
-        return [("t5xxl",)]
-    if isinstance(encoders, comfy.text_encoders.sd3_clip.SD3ClipModel):
-        clips = tuple(key for key, encoder in (("l", encoders.clip_l), ("g", encoders.clip_g)) if encoder is not None)
-        return [stretch for stretch in (clips, ("t5xxl",) if encoders.t5xxl is not None else ()) if stretch]
-    return [tuple(tokens)]
+    token axis, one tuple per stretch in token order, as the family of ``clip``'s text encoders lays them out
+    (attention.families.context_stretches)."""
+    return families.context_stretches(getattr(clip, "cond_stage_model", None), tokens)
 
 
 def find_phrase_tokens(clip, prompt: str, phrase: str, node_name: str = "") -> PhraseTokens:

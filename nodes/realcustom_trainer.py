@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.blocks import ALL_FAMILIES
+from ..attention.families import class_names
 from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
 from ..attention.realcustom_weights import (
     CLIP_VISION_FORMAT,
@@ -109,7 +109,7 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
     family = blocks[0].family
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
         data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop,
-                               target_words, reads_pooled=bool(model.model.adm_channels) or family.joint)
+                               target_words, reads_pooled=family.reads_pooled(model.model.adm_channels))
     context_dim = data.contexts.shape[-1]
     adapter = new_clip_vision_adapter(data.features.shape[-1], {b.key: (b.channels, context_dim) for b in blocks}, seed,
                                       scoring=adaptive_scoring, latent_channels=data.latents.shape[1], family=family)
@@ -220,9 +220,10 @@ class RealCustomTrainer(io.ComfyNode):
                 grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True, target_words="",
                 word_mask_training=False) -> io.NodeOutput:
         family = transformer_blocks(model, "RealCustomTrainer", ALL_FAMILIES)[0].family
-        if not family.joint and model.model.adm_channels and not isinstance(model.model, comfy.model_base.SDXL):
-            raise ValueError(f"RealCustomTrainer trains SD1.x and SDXL image branches; this MODEL "
-                             f"({type(model.model).__name__}) reads another extra conditioning.")
+        refusal = family.training_refusal(class_names(model.model), model.model.adm_channels)
+        if refusal:
+            raise ValueError(f"RealCustomTrainer trains the image branches of SD1.x, SDXL and the DiTs; this MODEL "
+                             f"({type(model.model).__name__}) {refusal}.")
         require_matching_clip("RealCustomTrainer", model, clip)
         require_images("RealCustomTrainer", "training images", images)
         stem = checked_name(name)
