@@ -114,9 +114,16 @@ def _require_phrase(clip, phrase: str, node_name: str) -> str:
 
 def encoder_attribute(clip, key: str) -> str:
     """ComfyUI's name of the text encoder whose tokens ``clip.tokenize`` keys ``key``, as an attribute of the
-    tokenizer and of the text model and as its embedding key: ``clip_<key>`` for CLIP (``l`` -> ``clip_l``), the
-    key itself for T5 (``t5xxl``)."""
+    tokenizer and of the text model: ``clip_<key>`` where ComfyUI's tokenizer wraps one encoder (CLIP-L ``l`` ->
+    ``clip_l``; Chroma's T5 ``t5xxl`` -> ``clip_t5xxl``), the key itself where it combines several (Flux's and
+    SD3's ``t5xxl``)."""
     return f"clip_{key}" if hasattr(clip.tokenizer, f"clip_{key}") else key
+
+
+def embedding_key(clip, key: str) -> str:
+    """The embedding key (``embedding:`` words' files and token vectors of trainers) of the text encoder whose
+    tokens ``clip.tokenize`` keys ``key``: its tokenizer's (``clip_l``, ``t5xxl``)."""
+    return getattr(clip.tokenizer, encoder_attribute(clip, key)).embedding_key
 
 
 def _occurrences(clip, encoder, prompt, phrase, prompt_chunks, phrase_chunks, who) -> list[tuple[int, ...]]:

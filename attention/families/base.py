@@ -102,6 +102,10 @@ class Family:
         conditioning, given its ADM input width: what a trainer must give each training call."""
         return True
 
+    def training_guidance(self, diffusion_model) -> Optional[float]:
+        """The guidance input a trainer gives ``diffusion_model`` (a guidance-distilled model's), or None."""
+        return None
+
     def training_refusal(self, model_classes: list[str], adm_channels: int) -> Optional[str]:
         """Why a trainer cannot give this model the extra conditioning it reads, or None."""
         return None

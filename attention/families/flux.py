@@ -52,6 +52,11 @@ class FluxFamily(Family):
                                            projections=_projections(path, name)))
         return blocks
 
+    def training_guidance(self, diffusion_model) -> Optional[float]:
+        # a guidance-distilled Flux (dev) trains with ComfyUI's default for conditionings without FluxGuidance,
+        # which is also FluxGuidance's default
+        return 3.5 if getattr(getattr(diffusion_model, "params", None), "guidance_embed", False) else None
+
     def query_placement(self, positions):
         return lambda queries: rotate_by_positions(queries, positions)
 
