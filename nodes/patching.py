@@ -179,7 +179,7 @@ def recording_query_inputs(diffusion_model, blocks: list[TransformerBlock], inpu
         return record_input
     try:
         for block in blocks:
-            module = diffusion_model.get_submodule(block.projections.image_qkv)
+            module = diffusion_model.get_submodule(block.projections.image_query.path)
             handles.append(module.register_forward_pre_hook(recorder(block.projections.one_stream)))
         embedder = blocks[0].family.position_embedder
         if embedder is not None:

@@ -102,7 +102,8 @@ def heading_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md", "docs/testing.md", "docs/outputs.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md", "docs/testing.md", "docs/outputs.md",
+                                  "docs/families.md"])
 def test_links_of_the_readme_and_its_pages_lead_somewhere(page):
     """Every relative link (and #anchor) of the README and the docs/ pages it links names a file (and heading)
     of the repository."""

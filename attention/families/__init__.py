@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import (BlockKey, Family, JointProjections, NamedModules, TransformerBlock, UnsupportedModelError,
-                   class_names, nearest_of)
+from .base import (BlockKey, Family, JointProjections, NamedModules, ProjectionRows, TransformerBlock,
+                   UnsupportedModelError, class_names, nearest_of)
 from .chroma import CHROMA
 from .flux import FLUX
 from .sd3 import MMDIT
@@ -64,5 +64,5 @@ def context_stretches(encoders, tokens: dict) -> list[tuple[str, ...]]:
 
 
 __all__ = ["ADAPTERS", "ALL_FAMILIES", "BlockKey", "CHROMA", "FLUX", "Family", "JointProjections", "MMDIT", "NamedModules",
-           "OTHER_FAMILIES", "TransformerBlock", "UNET", "UnsupportedModelError", "class_names", "context_stretches",
+           "OTHER_FAMILIES", "ProjectionRows", "TransformerBlock", "UNET", "UnsupportedModelError", "class_names", "context_stretches",
            "family_of_model", "family_of_tag"]

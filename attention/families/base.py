@@ -24,20 +24,40 @@ class UnsupportedModelError(ValueError):
 
 
 @dataclass(frozen=True)
-class JointProjections:
-    """Where a DiT block projects the tokens of its joint attention (module paths under the diffusion model).
+class ProjectionRows:
+    """The output rows of a linear layer (path under the diffusion model) that project one role of a block's
+    attention, its queries, keys or values: part ``part`` of ``parts`` equal slices (Flux's and SD3's fused qkv:
+    parts 3), or all of them (Qwen-Image's separate projections)."""
 
-    The image queries are the first ``width`` outputs of ``image_qkv`` (then ``[keys | values]``), normalised per
-    head by ``query_norm``; the text keys and values are outputs ``width .. 3 width`` of ``text_qkv``, the keys
-    normalised per head by ``key_norm`` (an ``nn.Identity`` in SD3 models without such norms). ``image_qkv``'s
-    input holds the text tokens first when the block runs one stream over ``[text | image]`` (Flux's single
+    path: str
+    part: int = 0
+    parts: int = 1
+
+    def rows(self, width: int) -> slice:
+        """The rows of a role ``width`` wide."""
+        return slice(self.part * width, (self.part + 1) * width)
+
+
+@dataclass(frozen=True)
+class JointProjections:
+    """Where a DiT block projects the tokens of its joint attention: the image tokens' queries (normalised per head
+    by ``query_norm``) and the text tokens' keys (normalised by ``key_norm``, an ``nn.Identity`` in SD3 models
+    without such norms) and values. The image queries' layer takes the block's image-token input, with the text
+    tokens in front when the block runs one stream over ``[text | image]`` (``one_stream``, Flux's single
     blocks)."""
 
-    image_qkv: str
+    image_query: ProjectionRows
     query_norm: str
-    text_qkv: str
+    text_key: ProjectionRows
+    text_value: ProjectionRows
     key_norm: str
     one_stream: bool = False
+
+    @classmethod
+    def fused(cls, image_qkv: str, query_norm: str, text_qkv: str, key_norm: str, one_stream: bool = False):
+        """Projections of fused ``[q | k | v]`` layers, one per stream."""
+        return cls(ProjectionRows(image_qkv, 0, 3), query_norm, ProjectionRows(text_qkv, 1, 3),
+                   ProjectionRows(text_qkv, 2, 3), key_norm, one_stream)
 
 
 @dataclass(frozen=True)

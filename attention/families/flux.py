@@ -66,10 +66,11 @@ class FluxFamily(Family):
 
 def _projections(path: str, name: str) -> JointProjections:
     if name == "double":
-        return JointProjections(f"{path}.img_attn.qkv", f"{path}.img_attn.norm.query_norm", f"{path}.txt_attn.qkv",
-                                f"{path}.txt_attn.norm.key_norm")
-    return JointProjections(f"{path}.linear1", f"{path}.norm.query_norm", f"{path}.linear1", f"{path}.norm.key_norm",
-                            one_stream=True)
+        return JointProjections.fused(f"{path}.img_attn.qkv", f"{path}.img_attn.norm.query_norm",
+                                      f"{path}.txt_attn.qkv", f"{path}.txt_attn.norm.key_norm")
+    # a single block's linear1 makes [q | k | v | mlp]: its first three widths are the fused qkv
+    return JointProjections.fused(f"{path}.linear1", f"{path}.norm.query_norm", f"{path}.linear1",
+                                  f"{path}.norm.key_norm", one_stream=True)
 
 
 FLUX = FluxFamily("Flux", file_tag="flux", block_names=("double", "single"), joint=True, model_classes=("Flux",),

@@ -34,8 +34,8 @@ class SD3Family(Family):
             blocks.append(TransformerBlock(
                 key=("joint", int(match.group(1)), 0), module_path=path, heads=attention.num_heads,
                 dim_head=width // attention.num_heads, has_cross_attention=True, family=self,
-                projections=JointProjections(f"{path}.x_block.attn.qkv", f"{path}.x_block.attn.ln_q",
-                                             f"{path}.context_block.attn.qkv", f"{path}.context_block.attn.ln_k")))
+                projections=JointProjections.fused(f"{path}.x_block.attn.qkv", f"{path}.x_block.attn.ln_q",
+                                                   f"{path}.context_block.attn.qkv", f"{path}.context_block.attn.ln_k")))
         return blocks
 
     def marker_key(self, block: TransformerBlock) -> tuple:
