@@ -183,18 +183,11 @@ class QueryInputs:
     embedding of the call's tokens (Flux's ``pe``: ``(B, 1, L, d / 2, 2, 2)`` rotation matrices, ``[text | image]``
     order; None for families without one)."""
 
-    def __init__(self):
+    def __init__(self, placement: Optional[Callable[[torch.Tensor], Callable]] = None):
         self.image_tokens: Optional[torch.Tensor] = None  # (B, image tokens, hidden)
         self.positions: Optional[torch.Tensor] = None
-
-
-def rotate_by_positions(queries: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``(B, N, heads * d)`` queries rotated by Flux-style rotary embedding matrices ``(B, 1, N, d / 2, 2, 2)``: each
-    pair of a head's features is multiplied by its 2x2 rotation."""
-    heads_first = queries.unflatten(-1, (-1, positions.shape[-3] * 2)).transpose(1, 2)  # (B, heads, N, d)
-    pairs = heads_first.to(positions.dtype).unflatten(-1, (-1, 1, 2))
-    rotated = positions[..., 0] * pairs[..., 0] + positions[..., 1] * pairs[..., 1]
-    return rotated.flatten(-2).transpose(1, 2).flatten(2).to(queries.dtype)
+        #: the family's rotary placement (families.Family.query_placement): positions -> queries -> placed queries
+        self.placement = placement
 
 
 class UnrecognisedAttentionError(RuntimeError):
@@ -538,8 +531,7 @@ def _serve_query_inputs(call: AttentionCall, options: dict, text: int, grid: int
                            "needs_hidden_states must be added with nodes.patching.add_attention_processor")
     call._hidden_states = inputs.image_tokens[:, :grid]
     if inputs.positions is not None:
-        positions = inputs.positions[:, :, text:text + grid]
-        call._image_query_placement = lambda queries: rotate_by_positions(queries, positions)
+        call._image_query_placement = inputs.placement(inputs.positions[:, :, text:text + grid])
 
 
 def _extra_keys(queries, call: AttentionCall, crossing) -> list[JointKeys]:

@@ -108,16 +108,16 @@ class JointParallelProjection(nn.Module):
         self.query_norm, self.key_norm = query_norm, key_norm
 
     @classmethod
-    def copy_of(cls, image_qkv: nn.Linear, query_norm: Optional[nn.Module], text_qkv: nn.Linear,
-                key_norm: Optional[nn.Module], inner: int) -> "JointParallelProjection":
-        """The paper's initialisation on a DiT block: ``to_visual_q`` = the first ``inner`` outputs of the image
-        stream's ``image_qkv`` (its queries), ``to_visual_k``/``to_visual_v`` = outputs ``inner .. 3 inner`` of the
-        text stream's ``text_qkv`` (its keys and values), the norms copied."""
-        projection = cls(image_qkv.in_features, inner, image_qkv.bias is not None, HeadNorm.copy_of(query_norm),
+    def copy_of(cls, query: tuple[nn.Linear, slice], query_norm: Optional[nn.Module], key: tuple[nn.Linear, slice],
+                value: tuple[nn.Linear, slice], key_norm: Optional[nn.Module], inner: int) -> "JointParallelProjection":
+        """The paper's initialisation on a DiT block: ``to_visual_q`` = the image stream's query projection,
+        ``to_visual_k``/``to_visual_v`` = the text stream's key and value projections, each given as (layer, its
+        output rows: a fused qkv holds all three), the norms copied."""
+        layer = query[0]
+        projection = cls(layer.in_features, inner, layer.bias is not None, HeadNorm.copy_of(query_norm),
                          HeadNorm.copy_of(key_norm))
-        for mine, source, rows in ((projection.to_visual_q, image_qkv, slice(0, inner)),
-                                   (projection.to_visual_k, text_qkv, slice(inner, 2 * inner)),
-                                   (projection.to_visual_v, text_qkv, slice(2 * inner, 3 * inner))):
+        for mine, (source, rows) in ((projection.to_visual_q, query), (projection.to_visual_k, key),
+                                     (projection.to_visual_v, value)):
             _copy_outputs(mine, source, rows)
         return projection
 

@@ -71,8 +71,8 @@ def joint_calls(size: JointCallSize, cond_or_uncond: tuple[int, ...], device: st
     "pytorch" or "comfyui" (the one ComfyUI picked on this machine)."""
     from harness.comfy_env import pack_module
 
-    dispatcher, joint, realcustom, pva, head_norm = (
-        pack_module(f"attention.{m}") for m in ("dispatcher", "joint", "realcustom", "pva", "head_norm"))
+    dispatcher, joint, realcustom, pva, head_norm, blocks = (
+        pack_module(f"attention.{m}") for m in ("dispatcher", "joint", "realcustom", "pva", "head_norm", "blocks"))
     rows = 1  # images per cond/uncond chunk
     batch = rows * len(cond_or_uncond)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16  # Flux's own dtype on a GPU
@@ -122,7 +122,7 @@ def joint_calls(size: JointCallSize, cond_or_uncond: tuple[int, ...], device: st
                                              head_norm.HeadNorm("rms", size.head_dim)).to(device).requires_grad_(False)
     identities = randn(1, size.identity_tokens, size.hidden)
     projections = torch.nn.ModuleDict({pva.block_name(block): projection})
-    inputs = joint.QueryInputs()
+    inputs = joint.QueryInputs(blocks.FLUX.query_placement)
     inputs.image_tokens = randn(batch, size.image, size.hidden)
     angles = torch.rand(batch, 1, length, size.head_dim // 2, generator=gen).to(device) * 6
     inputs.positions = torch.stack([torch.stack([angles.cos(), -angles.sin()], -1),

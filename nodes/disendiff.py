@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import folder_paths
 import torch
 
-from ..attention.blocks import ALL_FAMILIES, Family
+from ..attention.blocks import ALL_FAMILIES, UNET, Family
 from ..attention.custom_diffusion import StartTokenDetach
 from ..attention.disendiff import CONTEXT_TOKENS_KEY, CalibratedCrossAttention, Concept, min_max
 from ..attention.dispatcher import CHAIN_KEY
@@ -243,7 +243,8 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
         return context.to(device), pooled.to(device) if len(encoders) > 1 else None, concepts[prefix]
 
     def denoise(x_t, sigma, context, pooled):
-        return glue.denoise(trainable, x_t, sigma, context, **glue.pooled_conditioning(model, pooled, resolution))
+        return glue.denoise(trainable, x_t, sigma, context,
+                            **glue.conditioning_extras(model, UNET, pooled, resolution, x_t))
 
     step = recipe.DisenDiffStep(
         targets=targets,

@@ -108,8 +108,8 @@ def _serve_joint_attention(patched, processor: AttentionProcessor, blocks: list[
         markers = options.get("patches_replace", {}).get("dit", {})
         for block in blocks:
             name, index, _ = block.key
-            key = ("double_block", index)  # ComfyUI's dit replace key of MMDiT's joint blocks
-            patched.set_model_patch_replace(install_block_marker(markers.get(key), name, index), "dit", "double_block", index)
+            key = block.family.marker_key(block)
+            patched.set_model_patch_replace(install_block_marker(markers.get(key), name, index), "dit", *key)
             served.append(("dit", key))
     if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, JOINT_LAYOUT_KEY):
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, JOINT_LAYOUT_KEY,
@@ -130,7 +130,7 @@ def publish_joint_layout(executor, x, t, c_concat, c_crossattn, control, transfo
         recording.enter_context(recording_layout(diffusion_model, blocks[0].family, record, x.shape, foreign))
         chain = options.get(CHAIN_KEY)
         if chain is not None and any(p.needs_hidden_states for p in chain.processors):
-            options[QUERY_INPUTS_KEY] = QueryInputs()
+            options[QUERY_INPUTS_KEY] = QueryInputs(blocks[0].family.query_placement)
             recording.enter_context(recording_query_inputs(diffusion_model, blocks, options[QUERY_INPUTS_KEY], record))
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
@@ -179,7 +179,7 @@ def recording_query_inputs(diffusion_model, blocks: list[TransformerBlock], inpu
         return record_input
     try:
         for block in blocks:
-            module = diffusion_model.get_submodule(block.projections.image_qkv)
+            module = diffusion_model.get_submodule(block.projections.image_query.path)
             handles.append(module.register_forward_pre_hook(recorder(block.projections.one_stream)))
         embedder = blocks[0].family.position_embedder
         if embedder is not None:

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import comfy.text_encoders.flux
-import comfy.text_encoders.sd3_clip
 import torch
 
+from ..attention import families
 from ..attention.token_spans import context_length, phrase_occurrences, word_token_ids
 from .validation import checked_clip
 
@@ -63,17 +62,9 @@ class PhraseTokens:
 
 def context_stretches(clip, tokens: dict) -> list[tuple[str, ...]]:
     """The tokenizer keys (of ``tokens``, ``clip.tokenize``'s output) whose encoders fill the conditioning's
-    token axis, one tuple per stretch in token order: the encoders of one stretch are concatenated
-    channel-wise (they share positions), stretches follow each other along the tokens (as ComfyUI's
-    FluxClipModel and SD3ClipModel build the conditioning; any other CLIP is one stretch of all its
-    encoders, the U-Nets' layout)."""
-    encoders = getattr(clip, "cond_stage_model", None)  # a tokenizer-only CLIP has none
-    if isinstance(encoders, comfy.text_encoders.flux.FluxClipModel):
-        return [("t5xxl",)]
-    if isinstance(encoders, comfy.text_encoders.sd3_clip.SD3ClipModel):
-        clips = tuple(key for key, encoder in (("l", encoders.clip_l), ("g", encoders.clip_g)) if encoder is not None)
-        return [stretch for stretch in (clips, ("t5xxl",) if encoders.t5xxl is not None else ()) if stretch]
-    return [tuple(tokens)]
+    token axis, one tuple per stretch in token order, as the family of ``clip``'s text encoders lays them out
+    (attention.families.context_stretches)."""
+    return families.context_stretches(getattr(clip, "cond_stage_model", None), tokens)
 
 
 def find_phrase_tokens(clip, prompt: str, phrase: str, node_name: str = "") -> PhraseTokens:
@@ -123,9 +114,16 @@ def _require_phrase(clip, phrase: str, node_name: str) -> str:
 
 def encoder_attribute(clip, key: str) -> str:
     """ComfyUI's name of the text encoder whose tokens ``clip.tokenize`` keys ``key``, as an attribute of the
-    tokenizer and of the text model and as its embedding key: ``clip_<key>`` for CLIP (``l`` -> ``clip_l``), the
-    key itself for T5 (``t5xxl``)."""
+    tokenizer and of the text model: ``clip_<key>`` where ComfyUI's tokenizer wraps one encoder (CLIP-L ``l`` ->
+    ``clip_l``; Chroma's T5 ``t5xxl`` -> ``clip_t5xxl``), the key itself where it combines several (Flux's and
+    SD3's ``t5xxl``)."""
     return f"clip_{key}" if hasattr(clip.tokenizer, f"clip_{key}") else key
+
+
+def embedding_key(clip, key: str) -> str:
+    """The embedding key (``embedding:`` words' files and token vectors of trainers) of the text encoder whose
+    tokens ``clip.tokenize`` keys ``key``: its tokenizer's (``clip_l``, ``t5xxl``)."""
+    return getattr(clip.tokenizer, encoder_attribute(clip, key)).embedding_key
 
 
 def _occurrences(clip, encoder, prompt, phrase, prompt_chunks, phrase_chunks, who) -> list[tuple[int, ...]]:

@@ -104,9 +104,11 @@ def parallel_projections(model, blocks: list[TransformerBlock]) -> dict[str, tor
         if paths is None:
             projections[block_name(block.key)] = ParallelProjection.copy_of(module(block.module_path).attn2)
         else:
+            width = block.channels
             projections[block_name(block.key)] = JointParallelProjection.copy_of(
-                module(paths.image_qkv), module(paths.query_norm), module(paths.text_qkv), module(paths.key_norm),
-                block.channels)
+                (module(paths.image_query.path), paths.image_query.rows(width)), module(paths.query_norm),
+                (module(paths.text_key.path), paths.text_key.rows(width)),
+                (module(paths.text_value.path), paths.text_value.rows(width)), module(paths.key_norm), width)
     return projections
 
 
@@ -143,7 +145,7 @@ def _needed_shapes(diffusion_model, block: TransformerBlock) -> dict[str, torch.
         attn2 = diffusion_model.get_submodule(block.module_path).attn2
         return {"to_visual_q": attn2.to_q.weight.shape, "to_visual_k": attn2.to_k.weight.shape,
                 "to_visual_v": attn2.to_v.weight.shape}
-    hidden = diffusion_model.get_submodule(block.projections.image_qkv).weight.shape[1]
+    hidden = diffusion_model.get_submodule(block.projections.image_query.path).weight.shape[1]
     return dict.fromkeys(("to_visual_q", "to_visual_k", "to_visual_v"), torch.Size((block.channels, hidden)))
 
 

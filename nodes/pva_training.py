@@ -25,7 +25,7 @@ from . import training_glue as glue
 from .comfy_io import io
 from .validation import require_images, require_masks_for, require_matching_clip
 from .patching import add_attention_processor, transformer_blocks
-from .prompt_tokens import encoder_attribute
+from .prompt_tokens import embedding_key, encoder_attribute
 from .pva import (CATEGORY, PVA_FOLDER, LoadedPVA, ParallelVisualAttention, PVAType, _arcface_backbone,
                   _check_model_fits, parallel_projections, reference_features, token_embeddings)
 
@@ -116,7 +116,7 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
     encoder = glue.TrainableTextEncoder(clip)
 
     def context():
-        vectors = {encoder_attribute(clip, k): weights.identity_word[k].to(torch.float32).cpu() for k in prompt.tokens}
+        vectors = {embedding_key(clip, k): weights.identity_word[k].to(torch.float32).cpu() for k in prompt.tokens}
         cond, pooled = encoder.encode(prompt.substitute({WORD_PLACEHOLDER: vectors}))
         return cond.to(device), pooled
 
@@ -130,7 +130,7 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
         cond, pooled = text
         with glue.saved_tensor_copies(blocks[0].family.joint):
             return glue.denoise(trainable, x_t, sigma, cond, c_concat=c_concat,
-                                **glue.pooled_conditioning(model, pooled, images.shape[1]))  # SDXL's ADM input
+                                **glue.conditioning_extras(model, blocks[0].family, pooled, images.shape[1], x_t))
 
     def concat(x_t, masked_latent, mask):
         return model.model.concat_cond(noise=x_t, concat_latent_image=masked_latent, concat_mask=mask, device=device)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
-import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.blocks import ALL_FAMILIES
+from ..attention.families import class_names
 from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
 from ..attention.realcustom_weights import (
     CLIP_VISION_FORMAT,
@@ -72,13 +73,14 @@ def _word_indicators(clip, captions: list[str], words: list[str], length: int) -
     return torch.stack(rows)
 
 
-def _contexts(clip, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _contexts(clip, captions: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Text contexts of the captions (longer prompts repeat shorter ones as ComfyUI batches conds) and
-    their pooled outputs."""
+    their pooled outputs (None from text encoders without one, T5 alone)."""
     encoded = [clip.encode_from_tokens(clip.tokenize(c), return_pooled=True) for c in captions]
     length = math.lcm(*(cond.shape[1] for cond, _ in encoded))
     contexts = torch.cat([cond.repeat(1, length // cond.shape[1], 1) for cond, _ in encoded])
-    return contexts, torch.cat([pooled for _, pooled in encoded])
+    pooled = [pooled for _, pooled in encoded]
+    return contexts, None if any(p is None for p in pooled) else torch.cat(pooled)
 
 
 def _square(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -95,7 +97,7 @@ def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution,
     contexts, pooled = _contexts(clip, captions)
     indicators = None if words is None else _word_indicators(clip, captions, words, contexts.shape[1]).to(device)
     return TrainingData(latents.float().to(device), contexts.float().to(device), features.float().to(device),
-                        pooled.float().to(device) if reads_pooled else None, indicators)
+                        pooled.float().to(device) if reads_pooled and pooled is not None else None, indicators)
 
 
 def prepare_training(model, clip, vae, clip_vision, images, captions, resolution, crop, batch_size, seed,
@@ -109,7 +111,7 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
     family = blocks[0].family
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
         data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop,
-                               target_words, reads_pooled=bool(model.model.adm_channels) or family.joint)
+                               target_words, reads_pooled=family.reads_pooled(model.model.adm_channels))
     context_dim = data.contexts.shape[-1]
     adapter = new_clip_vision_adapter(data.features.shape[-1], {b.key: (b.channels, context_dim) for b in blocks}, seed,
                                       scoring=adaptive_scoring, latent_channels=data.latents.shape[1], family=family)
@@ -121,7 +123,8 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
     def denoise(x_t, sigma, context, pooled, run):
         trainable.model_options["transformer_options"][RUN_KEY] = run  # a private clone of this run
         with glue.saved_tensor_copies(family.joint):
-            return glue.denoise(trainable, x_t, sigma, context, **glue.pooled_conditioning(model, pooled, resolution))
+            return glue.denoise(trainable, x_t, sigma, context,
+                                **glue.conditioning_extras(model, family, pooled, resolution, x_t))
 
     step = RealCustomStep(data, adapter.projector, denoise, glue.discrete_sigmas(model), glue.prediction_kind(model, flow=True),
                           batch_size, adapter.scoring, MaskSettings() if word_mask_training else None)
@@ -220,9 +223,10 @@ class RealCustomTrainer(io.ComfyNode):
                 grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True, target_words="",
                 word_mask_training=False) -> io.NodeOutput:
         family = transformer_blocks(model, "RealCustomTrainer", ALL_FAMILIES)[0].family
-        if not family.joint and model.model.adm_channels and not isinstance(model.model, comfy.model_base.SDXL):
-            raise ValueError(f"RealCustomTrainer trains SD1.x and SDXL image branches; this MODEL "
-                             f"({type(model.model).__name__}) reads another extra conditioning.")
+        refusal = family.training_refusal(class_names(model.model), model.model.adm_channels)
+        if refusal:
+            raise ValueError(f"RealCustomTrainer trains the image branches of SD1.x, SDXL and the DiTs; this MODEL "
+                             f"({type(model.model).__name__}) {refusal}.")
         require_matching_clip("RealCustomTrainer", model, clip)
         require_images("RealCustomTrainer", "training images", images)
         stem = checked_name(name)

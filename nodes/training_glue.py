@@ -10,7 +10,7 @@ The pure-torch loop lives in ``training/``; this module adapts ComfyUI objects t
 - :func:`with_weight_deltas`: the trained changes baked as ``("diff", ...)`` patches, exactly what
   stock LoraLoaderModelOnly makes of an exported ``.diff`` file.
 - :func:`denoise`, :func:`prediction_kind`, :func:`discrete_sigmas`: one U-Net call and the schedule;
-  :func:`pooled_conditioning`: the extra model input SDXL builds from the pooled text output.
+  :func:`conditioning_extras`: the extra model inputs (SDXL's ADM vector, the pooled vector, guidance).
 - :class:`PlaceholderPrompt` + :class:`TrainableTextEncoder`: prompts holding ``embedding:<name>``
   for vectors under training, encoded with gradients to the vectors; :func:`clip_with_embeddings`
   gives a CLIP that resolves those names to the trained vectors (no file needed).
@@ -230,22 +230,20 @@ def denoise(patched, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tens
     return patched.model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=options, **model_kwargs)
 
 
-#: the distilled guidance a guidance-embedding model (Flux dev) trains with: ComfyUI's default for Flux
-#: conditionings without FluxGuidance, and FluxGuidance's default
-DISTILLED_GUIDANCE = 3.5
-
-
-def pooled_conditioning(model, pooled: Optional[torch.Tensor], size: int) -> dict:
-    """Model keyword arguments from the pooled text output of a square ``size`` training image: SDXL's
-    ADM vector ``y`` (pooled CLIP-G + original/crop/target size, no crop), the pooled vector itself as ``y``
-    for Flux and SD3 (their encode_adm), with Flux dev's distilled ``guidance``; nothing for SD1.x."""
-    if pooled is None:
-        return {}
-    adm = model.model.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0,
-                                 target_width=size, target_height=size)
-    out = {} if adm is None else {"y": adm}
-    if getattr(getattr(model.model.diffusion_model, "params", None), "guidance_embed", False):
-        out["guidance"] = torch.full((pooled.shape[0],), DISTILLED_GUIDANCE, device=pooled.device)
+def conditioning_extras(model, family, pooled: Optional[torch.Tensor], size: int, x_t: torch.Tensor) -> dict:
+    """Model keyword arguments of a training call on ``x_t`` besides the token conditioning: the ADM vector ``y``
+    ComfyUI's ``encode_adm`` builds from the pooled text output of a square ``size`` training image (SDXL's pooled
+    CLIP-G + original/crop/target size, no crop; Flux's and SD3's the pooled vector itself; none without a pooled
+    output), and the guidance input the model's ``family`` trains with (its adapter's ``training_guidance``)."""
+    out = {}
+    if pooled is not None:
+        adm = model.model.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0,
+                                     target_width=size, target_height=size)
+        if adm is not None:
+            out["y"] = adm
+    guidance = family.training_guidance(model.model.diffusion_model)
+    if guidance is not None:
+        out["guidance"] = torch.full((x_t.shape[0],), guidance, device=x_t.device)
     return out
 
 

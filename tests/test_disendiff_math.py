@@ -9,7 +9,7 @@ import torch
 
 from personalization_nodes.attention import disendiff, token_maps
 from personalization_nodes.attention.custom_diffusion import StartTokenDetach
-from personalization_nodes.attention.blocks import TransformerBlock
+from personalization_nodes.attention.blocks import UNET, TransformerBlock
 from personalization_nodes.attention.dispatcher import AttentionCall
 from personalization_nodes.training import disendiff as recipe
 
@@ -179,7 +179,7 @@ def test_binding_sends_no_gradient_through_the_class_map():
 
 def test_map_blocks_are_the_deepest_level_outside_the_middle():
     def block(name, i, channels):
-        return TransformerBlock((name, i, 0), f"{name}.{i}", 8, channels // 8, True)
+        return TransformerBlock((name, i, 0), f"{name}.{i}", 8, channels // 8, True, UNET)
     sd15 = [block("input", 1, 320), block("input", 4, 640), block("input", 7, 1280), block("input", 8, 1280),
             block("middle", 0, 1280), block("output", 3, 1280), block("output", 6, 640)]
     assert token_maps.map_block_keys(sd15) == {("input", 7, 0), ("input", 8, 0), ("output", 3, 0)}

@@ -67,7 +67,7 @@ def test_display_names_follow_one_pattern(comfy):
 
 
 #: the README's node x family table: its family columns and the only words a cell may hold
-FAMILY_COLUMNS = ["SD1.5 / SD2", "SDXL", "Flux.1", "SD3 / SD3.5"]
+FAMILY_COLUMNS = ["SD1.5 / SD2", "SDXL", "Flux.1", "Chroma", "SD3 / SD3.5"]
 FAMILY_CELLS = {"✔", "refused", "any", "SD1.x ✔, SD2 refused"}
 FOOTNOTE = re.compile(r"\s*⁽[^⁾]*⁾")
 
@@ -102,7 +102,8 @@ def heading_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md", "docs/testing.md", "docs/outputs.md"])
+@pytest.mark.parametrize("page", ["README.md", "docs/benchmarks.md", "docs/testing.md", "docs/outputs.md",
+                                  "docs/families.md"])
 def test_links_of_the_readme_and_its_pages_lead_somewhere(page):
     """Every relative link (and #anchor) of the README and the docs/ pages it links names a file (and heading)
     of the repository."""

@@ -25,6 +25,7 @@ from harness.dit import comfy_style_attention
 from harness.tensors import close, relative_change
 from personalization_nodes.attention.dispatcher import CHAIN_KEY, ProcessorChain
 from personalization_nodes.attention.head_norm import HeadNorm
+from personalization_nodes.attention.blocks import FLUX
 from personalization_nodes.attention.joint import (LAYOUT_KEY, QUERY_INPUTS_KEY, JointAttentionDispatcher,
                                                    JointLayout, QueryInputs)
 from personalization_nodes.attention.pva import JointParallelProjection, ParallelVisualAttentionProcessor
@@ -105,7 +106,7 @@ def slow_pva_joint_attention(q, k, v, hidden, tokens, proj, positions, rows_with
 
 
 def pva_options(processor, cond_or_uncond, hidden, positions, block=("double", 0)):
-    inputs = QueryInputs()
+    inputs = QueryInputs(FLUX.query_placement)
     inputs.image_tokens, inputs.positions = hidden, positions
     return {CHAIN_KEY: ProcessorChain().with_processor(processor), LAYOUT_KEY: JointLayout(TEXT, GRID),
             QUERY_INPUTS_KEY: inputs, "cond_or_uncond": list(cond_or_uncond), "block_type": block[0],
@@ -481,7 +482,7 @@ def test_identity_keys_join_every_chunk_of_the_cross_view(monkeypatch):
                                            strength=STRENGTH)
 
     def run(chain):
-        inputs = QueryInputs()
+        inputs = QueryInputs(FLUX.query_placement)
         inputs.image_tokens, inputs.positions = hidden, rotations(4, length)
         options = {CHAIN_KEY: chain, LAYOUT_KEY: JointLayout(6, GRID), QUERY_INPUTS_KEY: inputs, CONTEXT_TOKENS_KEY: 6,
                    "cond_or_uncond": [1, 0], "block_type": "double", "block_index": 0}
