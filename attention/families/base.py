@@ -10,7 +10,8 @@ answers through blocks and attention calls and never asks which family it runs o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+import re
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -157,6 +158,14 @@ class TransformerBlock:
         """The block as users select it: ``input:4.0``, ``double:3``."""
         name, block_id, index = self.key
         return f"{name}:{block_id}" if self.family.joint else f"{name}:{block_id}.{index}"
+
+
+def matching_paths(modules, pattern: re.Pattern) -> Iterator[tuple[str, torch.nn.Module, re.Match]]:
+    """``(path, module, match)`` of the ``(path, module)`` pairs whose path ``pattern`` matches."""
+    for path, module in modules:
+        match = pattern.match(path)
+        if match is not None:
+            yield path, module, match
 
 
 def class_names(obj) -> list[str]:

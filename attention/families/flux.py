@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .base import Family, JointProjections, TransformerBlock, class_names, nearest_of
+from .base import Family, JointProjections, TransformerBlock, class_names, matching_paths, nearest_of
 
 _BLOCK_PATH = re.compile(r"^(double|single)_blocks\.(\d+)$")
 
@@ -40,17 +40,10 @@ class FluxFamily(Family):
         return model_classes is None or nearest_of(model_classes, _KNOWN_CLASSES) in self.model_classes
 
     def find_blocks(self, modules: list) -> list[TransformerBlock]:
-        blocks = []
-        for path, module in modules:
-            match = _BLOCK_PATH.match(path)
-            if match is None:
-                continue
-            name = match.group(1)
-            blocks.append(TransformerBlock(key=(name, int(match.group(2)), 0), module_path=path,
-                                           heads=module.num_heads, dim_head=module.hidden_size // module.num_heads,
-                                           has_cross_attention=True, family=self,
-                                           projections=_projections(path, name)))
-        return blocks
+        return [TransformerBlock(key=(match.group(1), int(match.group(2)), 0), module_path=path,
+                                 heads=module.num_heads, dim_head=module.hidden_size // module.num_heads,
+                                 has_cross_attention=True, family=self, projections=_projections(path, match.group(1)))
+                for path, module, match in matching_paths(modules, _BLOCK_PATH)]
 
     def training_guidance(self, diffusion_model) -> Optional[float]:
         # a guidance-distilled Flux (dev) trains with ComfyUI's default for conditionings without FluxGuidance,

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from .base import Family, JointProjections, TransformerBlock, class_names, nearest_of
+from .base import Family, JointProjections, TransformerBlock, class_names, matching_paths, nearest_of
 
 _BLOCK_PATH = re.compile(r"^joint_blocks\.(\d+)$")
 
@@ -25,10 +25,7 @@ class SD3Family(Family):
 
     def find_blocks(self, modules: list) -> list[TransformerBlock]:
         blocks = []
-        for path, module in modules:
-            match = _BLOCK_PATH.match(path)
-            if match is None:
-                continue
+        for path, module, match in matching_paths(modules, _BLOCK_PATH):
             attention = module.x_block.attn
             width = attention.qkv.weight.shape[1]
             blocks.append(TransformerBlock(

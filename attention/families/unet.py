@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from .base import Family, TransformerBlock
+from .base import Family, TransformerBlock, matching_paths
 
 _TRANSFORMER_PATH = re.compile(r"^(?:(input|output)_blocks\.(\d+)|(middle)_block)\.\d+\.transformer_blocks\.(\d+)$")
 
@@ -24,10 +24,7 @@ class UNetFamily(Family):
 
     def find_blocks(self, modules: list) -> list[TransformerBlock]:
         blocks = []
-        for path, module in modules:
-            match = _TRANSFORMER_PATH.match(path)
-            if match is None:
-                continue
+        for path, module, match in matching_paths(modules, _TRANSFORMER_PATH):
             name, block_id, middle, index = match.groups()
             key = ("middle", 0, int(index)) if middle else (name, int(block_id), int(index))
             blocks.append(TransformerBlock(key=key, module_path=path, heads=module.attn1.heads,
