@@ -363,9 +363,15 @@ def sigma_in_range(sigma: Optional[float], sigma_start: float, sigma_end: float)
     return sigma is None or sigma_end <= sigma <= sigma_start
 
 
+def origin_of(patch) -> tuple[str, str]:
+    """(qualified name, module) of another pack's patch, a function or a callable object."""
+    owner = getattr(patch, "__module__", None) or type(patch).__module__
+    return getattr(patch, "__qualname__", type(patch).__qualname__), owner
+
+
 def describe_foreign(inner) -> str:
-    owner = getattr(inner, "__module__", None) or type(inner).__module__
-    return f"another node pack's attention patch ({getattr(inner, '__qualname__', type(inner).__qualname__)} from {owner})"
+    name, owner = origin_of(inner)
+    return f"another node pack's attention patch ({name} from {owner})"
 
 
 class AttentionDispatcher:

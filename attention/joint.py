@@ -129,8 +129,8 @@ class LayoutRecord:
     """Where the node glue writes the :class:`JointLayout` of a model call once its first block receives its
     streams (after every ``post_input`` patch): the attention calls of that call read it from here."""
 
-    def __init__(self):
-        self.layout: Optional[JointLayout] = None
+    def __init__(self, layout: Optional[JointLayout] = None):
+        self.layout = layout
 
 
 def _offset_of_rows(part: torch.Tensor, whole: torch.Tensor) -> Optional[int]:
@@ -211,17 +211,16 @@ class JointAttentionDispatcher:
     def __call__(self, func, *args, **kwargs):
         options = kwargs.get("transformer_options") or {}
         chain: Optional[ProcessorChain] = options.get(CHAIN_KEY)
-        layout = options.get(LAYOUT_KEY)
+        record: Optional[LayoutRecord] = options.get(LAYOUT_KEY)
         block_type = options.get("block_type")
-        if chain is None or layout is None or block_type is None:
+        if chain is None or record is None or block_type is None:
             return self._base(func, args, kwargs)
-        if isinstance(layout, LayoutRecord):
-            if layout.layout is None:
-                raise UnrecognisedLayoutError(
-                    f"an attention call of a {block_type} block ran before the model's first block received its "
-                    "text and image tokens (another pack's block replace does not run that block); the "
-                    "personalization nodes cannot tell its text from its image tokens.")
-            layout = layout.layout
+        layout = record.layout
+        if layout is None:
+            raise UnrecognisedLayoutError(
+                f"an attention call of a {block_type} block ran before the model's first block received its text "
+                "and image tokens (another pack's block replace does not run that block); the personalization "
+                "nodes cannot tell its text from its image tokens.")
         q, k, v, heads = _queries_keys_values(args, kwargs)
         batched_heads = bool(kwargs.get("skip_reshape"))
         length = q.shape[2] if batched_heads else q.shape[1]

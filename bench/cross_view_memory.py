@@ -74,7 +74,7 @@ def one_call(processor_set: str, one_chunk: bool, device: str, threads: int, con
     run = MaskGuidanceRun(MaskSettings(), indicator, total_steps=1, update_fraction=1.0, text_only_pass=True,
                           tokens=ImageTokens(torch.zeros(1, 1, 8), None))
     run.capturing, run.injecting = True, False
-    options = {CHAIN_KEY: chain, joint.LAYOUT_KEY: layout, "cond_or_uncond": [0], "block_type": "double",
+    options = {CHAIN_KEY: chain, joint.LAYOUT_KEY: joint.LayoutRecord(layout), "cond_or_uncond": [0], "block_type": "double",
                "block_index": 0, CONTEXT_TOKENS_KEY: TEXT_TOKENS, RUN_KEY: run}
     baseline = start_peak_tracking()
     cuda_inputs = torch.cuda.memory_allocated() / 2 ** 20 if device == "cuda" else 0.0

@@ -92,7 +92,7 @@ def joint_calls(size: JointCallSize, cond_or_uncond: tuple[int, ...], device: st
         chain = dispatcher.ProcessorChain()
         for processor in processors:
             chain = chain.with_processor(processor)
-        return {dispatcher.CHAIN_KEY: chain, joint.LAYOUT_KEY: joint.JointLayout(size.text, size.grid),
+        return {dispatcher.CHAIN_KEY: chain, joint.LAYOUT_KEY: joint.LayoutRecord(joint.JointLayout(size.text, size.grid)),
                 "cond_or_uncond": list(cond_or_uncond), "block_type": block[0], "block_index": block[1], **extra}
 
     def through_dispatcher(make_options):

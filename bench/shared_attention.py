@@ -61,7 +61,7 @@ def joint_dispatcher_vs_sdpa(repeats: int, device: str, heads: int) -> tuple[flo
     processor = style_aligned.SharedAttentionProcessor(settings=style_aligned.StyleAlignedSettings(),
                                                        blocks=frozenset({("double", 0, 0)}))
     options = {dispatcher.CHAIN_KEY: dispatcher.ProcessorChain().with_processor(processor),
-               joint.LAYOUT_KEY: joint.JointLayout(text, grid), "cond_or_uncond": [0],
+               joint.LAYOUT_KEY: joint.LayoutRecord(joint.JointLayout(text, grid)), "cond_or_uncond": [0],
                "block_type": "double", "block_index": 0}
     override = joint.JointAttentionDispatcher()
     # ComfyUI's own attention function, unwrapped as wrap_attn hands it to an override

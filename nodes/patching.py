@@ -6,13 +6,15 @@ dispatchers per patch point, whatever nodes are chained.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import comfy.patcher_extension
 import torch
 
 from ..attention.blocks import UNET, Family, TransformerBlock, UnsupportedModelError, discover_transformer_blocks
+from ..attention.families import class_names
 from ..attention.dispatcher import (CHAIN_KEY, AttentionConflictError, AttentionProcessor, ProcessorChain,
-                                   describe_foreign, install_dispatcher, overwritten_dispatchers,
+                                   describe_foreign, install_dispatcher, origin_of, overwritten_dispatchers,
                                    stash_hidden_states)
 from ..attention.joint import (JOINT_ATTENTION, LAYOUT_KEY, OVERRIDE_KEY, QUERY_INPUTS_KEY, LayoutRecord,
                                QueryInputs, install_block_marker, install_joint_dispatcher, overwritten_joint_entries,
@@ -52,7 +54,7 @@ def transformer_blocks(model, node: str = "", families: tuple[Family, ...] = (UN
     and the families it supports otherwise."""
     who = f"{node}: this MODEL" if node else "This MODEL"
     blocks = discover_transformer_blocks(unpatched_modules(model), model_name=f"{who} ({type(model.model).__name__})",
-                                         model_classes=[cls.__name__ for cls in type(model.model).__mro__])
+                                         model_classes=class_names(model.model))
     family = blocks[0].family
     if family not in families:
         supported = ", ".join(f.name for f in families)
@@ -113,31 +115,28 @@ def _serve_joint_attention(patched, processor: AttentionProcessor, blocks: list[
             served.append(("dit", key))
     if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, JOINT_LAYOUT_KEY):
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, JOINT_LAYOUT_KEY,
-                                     publish_joint_layout)
+                                     functools.partial(publish_joint_layout, blocks[0].family))
     return served
 
 
-def publish_joint_layout(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-    """APPLY_MODEL wrapper: the token layout of this model call, read when its first block receives its streams
-    (:class:`~..attention.joint.LayoutRecord`), for the joint dispatcher's attention calls, and (when a processor
-    has its own projections) the inputs of the image queries, recorded while the call runs."""
+def publish_joint_layout(family: Family, executor, x, t, c_concat, c_crossattn, control, transformer_options,
+                         **kwargs):
+    """APPLY_MODEL wrapper (bound to the model's ``family`` when installed): the token layout of this model call,
+    read when its first block receives its streams (:class:`~..attention.joint.LayoutRecord`), for the joint
+    dispatcher's attention calls, and (when a processor has its own projections) the inputs of the image queries,
+    recorded while the call runs."""
     diffusion_model = executor.class_obj.diffusion_model
-    blocks = discover_transformer_blocks(diffusion_model.named_modules())
     record = LayoutRecord()
     options = {**transformer_options, LAYOUT_KEY: record}
-    foreign = ", ".join(describe_patch(p) for p in transformer_options.get("patches", {}).get("post_input", []))
+    foreign = ", ".join("the post_input patch {} (from {})".format(*origin_of(p))
+                        for p in transformer_options.get("patches", {}).get("post_input", []))
     with contextlib.ExitStack() as recording:
-        recording.enter_context(recording_layout(diffusion_model, blocks[0].family, record, x.shape, foreign))
+        recording.enter_context(recording_layout(diffusion_model, family, record, x.shape, foreign))
         chain = options.get(CHAIN_KEY)
         if chain is not None and any(p.needs_hidden_states for p in chain.processors):
-            options[QUERY_INPUTS_KEY] = QueryInputs(blocks[0].family.query_placement)
-            recording.enter_context(recording_query_inputs(diffusion_model, blocks, options[QUERY_INPUTS_KEY], record))
+            options[QUERY_INPUTS_KEY] = QueryInputs(family.query_placement)
+            recording.enter_context(recording_query_inputs(diffusion_model, options[QUERY_INPUTS_KEY], record))
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
-
-
-def describe_patch(patch) -> str:
-    owner = getattr(patch, "__module__", None) or type(patch).__module__
-    return f"the post_input patch {getattr(patch, '__qualname__', type(patch).__qualname__)} (from {owner})"
 
 
 @contextlib.contextmanager
@@ -167,10 +166,11 @@ def recording_layout(diffusion_model, family: Family, record: LayoutRecord, late
 
 
 @contextlib.contextmanager
-def recording_query_inputs(diffusion_model, blocks: list[TransformerBlock], inputs: QueryInputs, record: LayoutRecord):
+def recording_query_inputs(diffusion_model, inputs: QueryInputs, record: LayoutRecord):
     """Forward hooks, for the duration of one model call, that record into ``inputs`` each block's image-token
     input of its query projection and the call's rotary position embedding (see attention.joint.QueryInputs).
     Hooks on the shared modules live only inside this call, so no other clone or graph ever sees them."""
+    blocks = discover_transformer_blocks(diffusion_model.named_modules())
     handles = []
 
     def recorder(one_stream: bool):

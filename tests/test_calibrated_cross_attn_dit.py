@@ -22,7 +22,7 @@ from harness.tensors import relative_change
 from personalization_nodes.attention.dispatcher import (CHAIN_KEY, CROSS_ATTENTION, AttentionConflictError,
                                                        AttentionProcessor, ProcessorChain)
 from personalization_nodes.attention import joint
-from personalization_nodes.attention.joint import LAYOUT_KEY, JointAttentionDispatcher, JointLayout
+from personalization_nodes.attention.joint import LAYOUT_KEY, JointAttentionDispatcher, JointLayout, LayoutRecord
 from personalization_nodes.attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
 
 HEADS, DIM = 2, 8
@@ -152,7 +152,7 @@ def calibration(prompt_length=PROMPT_LENGTH):
 
 
 def joint_options(chain, cond_or_uncond, text, registers=0, context_tokens=None, block=("double", 0)):
-    return {CHAIN_KEY: chain, LAYOUT_KEY: JointLayout(text, GRID, slice(registers, text)), "cond_or_uncond": list(cond_or_uncond),
+    return {CHAIN_KEY: chain, LAYOUT_KEY: LayoutRecord(JointLayout(text, GRID, slice(registers, text))), "cond_or_uncond": list(cond_or_uncond),
             "block_type": block[0], "block_index": block[1],
             CONTEXT_TOKENS_KEY: text - registers if context_tokens is None else context_tokens}
 

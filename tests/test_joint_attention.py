@@ -9,7 +9,7 @@ import torch
 from harness.dit import comfy_style_attention
 from personalization_nodes.attention.dispatcher import CHAIN_KEY, AttentionConflictError, ProcessorChain
 from personalization_nodes.attention.joint import (LAYOUT_KEY, JointAttentionDispatcher, JointLayout,
-                                                  UnrecognisedAttentionError, UnrecognisedLayoutError,
+                                                  LayoutRecord, UnrecognisedAttentionError, UnrecognisedLayoutError,
                                                   read_joint_layout)
 from personalization_nodes.attention.style_aligned import SharedAttentionProcessor, StyleAlignedSettings
 
@@ -59,7 +59,7 @@ def slow_style_aligned_joint(q, k, v, chunks: int, settings: StyleAlignedSetting
 
 
 def options(chain, cond_or_uncond=(1, 0), block=("double", 0), layout=JointLayout(TEXT, GRID)):
-    return {CHAIN_KEY: chain, LAYOUT_KEY: layout, "cond_or_uncond": list(cond_or_uncond),
+    return {CHAIN_KEY: chain, LAYOUT_KEY: LayoutRecord(layout), "cond_or_uncond": list(cond_or_uncond),
             "block_type": block[0], "block_index": block[1]}
 
 

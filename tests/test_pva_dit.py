@@ -27,7 +27,7 @@ from personalization_nodes.attention.dispatcher import CHAIN_KEY, ProcessorChain
 from personalization_nodes.attention.head_norm import HeadNorm
 from personalization_nodes.attention.blocks import FLUX
 from personalization_nodes.attention.joint import (LAYOUT_KEY, QUERY_INPUTS_KEY, JointAttentionDispatcher,
-                                                   JointLayout, QueryInputs)
+                                                   JointLayout, LayoutRecord, QueryInputs)
 from personalization_nodes.attention.pva import JointParallelProjection, ParallelVisualAttentionProcessor
 from test_calibrated_cross_attn_dit import flat, slow_softmax
 from test_realcustom_dit import call_dispatcher
@@ -108,7 +108,7 @@ def slow_pva_joint_attention(q, k, v, hidden, tokens, proj, positions, rows_with
 def pva_options(processor, cond_or_uncond, hidden, positions, block=("double", 0)):
     inputs = QueryInputs(FLUX.query_placement)
     inputs.image_tokens, inputs.positions = hidden, positions
-    return {CHAIN_KEY: ProcessorChain().with_processor(processor), LAYOUT_KEY: JointLayout(TEXT, GRID),
+    return {CHAIN_KEY: ProcessorChain().with_processor(processor), LAYOUT_KEY: LayoutRecord(JointLayout(TEXT, GRID)),
             QUERY_INPUTS_KEY: inputs, "cond_or_uncond": list(cond_or_uncond), "block_type": block[0],
             "block_index": block[1]}
 
@@ -484,7 +484,7 @@ def test_identity_keys_join_every_chunk_of_the_cross_view(monkeypatch):
     def run(chain):
         inputs = QueryInputs(FLUX.query_placement)
         inputs.image_tokens, inputs.positions = hidden, rotations(4, length)
-        options = {CHAIN_KEY: chain, LAYOUT_KEY: JointLayout(6, GRID), QUERY_INPUTS_KEY: inputs, CONTEXT_TOKENS_KEY: 6,
+        options = {CHAIN_KEY: chain, LAYOUT_KEY: LayoutRecord(JointLayout(6, GRID)), QUERY_INPUTS_KEY: inputs, CONTEXT_TOKENS_KEY: 6,
                    "cond_or_uncond": [1, 0], "block_type": "double", "block_index": 0}
         return JointAttentionDispatcher()(comfy_style_attention, q, k, v, HEADS, skip_reshape=True,
                                           transformer_options=options)

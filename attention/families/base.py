@@ -9,8 +9,8 @@ answers through blocks and attention calls and never asks which family it runs o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .flux import FluxFamily
+from .flux import FLUX_LAYOUT, FluxFamily
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,4 @@ class ChromaFamily(FluxFamily):
         return 0.0  # model_base.Chroma.extra_conds' default, what sampling gives it
 
 
-CHROMA = ChromaFamily("Chroma", file_tag="chroma", block_names=("double", "single"), joint=True,
-                      model_classes=("Chroma",), text_encoder_class="", position_embedder="pe_embedder",
-                      text_embedder="txt_in", image_embedder="img_in", first_block="double_blocks.0",
-                      first_block_streams=("txt", "img"))
+CHROMA = ChromaFamily("Chroma", file_tag="chroma", model_classes=("Chroma",), text_encoder_class=None, **FLUX_LAYOUT)

@@ -31,8 +31,9 @@ def rotate_by_positions(queries: torch.Tensor, positions: torch.Tensor) -> torch
 
 @dataclass(frozen=True)
 class FluxFamily(Family):
-    #: ComfyUI's text-encoder combination (comfy.text_encoders) whose conditioning is this family's
-    text_encoder_class: str = "FluxClipModel"
+    #: ComfyUI's text-encoder combination (comfy.text_encoders) whose conditioning is this family's; None where
+    #: the family's text encoder fills the conditioning in the default layout (one stretch)
+    text_encoder_class: Optional[str] = "FluxClipModel"
 
     def recognises(self, tops: set[str], model_classes: Optional[list[str]]) -> bool:
         if not {"double_blocks", "single_blocks"} <= tops:
@@ -54,7 +55,9 @@ class FluxFamily(Family):
         return lambda queries: rotate_by_positions(queries, positions)
 
     def context_stretches(self, encoders, tokens):
-        return [("t5xxl",)] if self.text_encoder_class in class_names(encoders) else None
+        if self.text_encoder_class is None or self.text_encoder_class not in class_names(encoders):
+            return None
+        return [("t5xxl",)]
 
 
 def _projections(path: str, name: str) -> JointProjections:
@@ -66,9 +69,11 @@ def _projections(path: str, name: str) -> JointProjections:
                                   f"{path}.norm.key_norm", one_stream=True)
 
 
-FLUX = FluxFamily("Flux", file_tag="flux", block_names=("double", "single"), joint=True, model_classes=("Flux",),
-                  position_embedder="pe_embedder", text_embedder="txt_in", image_embedder="img_in",
-                  first_block="double_blocks.0", first_block_streams=("txt", "img"))
+#: Flux.1's blocks, rotary positions and the streams its first block receives: what Chroma keeps of it
+FLUX_LAYOUT = dict(block_names=("double", "single"), joint=True, position_embedder="pe_embedder",
+                   text_embedder="txt_in", image_embedder="img_in", first_block="double_blocks.0",
+                   first_block_streams=("txt", "img"))
+FLUX = FluxFamily("Flux", file_tag="flux", model_classes=("Flux",), **FLUX_LAYOUT)
 #: every model class of ComfyUI with Flux's block names, whichever family it is: the nearest of them decides
 _KNOWN_CLASSES = ("Flux", "Flux2", "Chroma", "ChromaRadiance", "HunyuanVideo", "HunyuanImage21", "Hunyuan3Dv2",
                   "Hunyuan3Dv2_1")
