@@ -1,9 +1,9 @@
-"""Chroma, the family added through nothing but its adapter (attention/families/chroma.py) and its tiny model
+"""Chroma, the family added through its adapter (attention/families/chroma.py) and its tiny model
 (tests/harness/chroma.py), in the real ComfyUI: ComfyUI's detection makes it a Chroma, every inference technique
 runs on it (unpatched at strength 0 bit for bit, every image changed otherwise; CFG 1 and 4; batches; a LoRA in
-the same graph), StyleAligned's first joint call equals the written-out formulation, RealCustomTrainer and
-PVAIdentityTune and PVATrainer train on it with its flow loss and guidance input and record the family in their files, and
-files of Flux.1 and of Chroma are each refused on the other."""
+the same graph), StyleAligned's first joint call equals the written-out formulation, RealCustomTrainer,
+PVAIdentityTune and PVATrainer train on it with its flow loss and guidance input and record the family in their
+files, and files of Flux.1 and of Chroma are each refused on the other."""
 from __future__ import annotations
 
 import pytest
@@ -17,6 +17,7 @@ from harness.pack_nodes import run_node, shared_attention
 from harness.tensors import relative_change
 from test_joint_layout import SeenCalls
 from test_joint_attention import slow_style_aligned_joint
+from test_realcustom_dit import encoded_reference
 
 PROMPT = "photo of a small toy on the beach"
 GUIDANCE = dict(prompt=PROMPT, word="toy", mask_strategy="max_norm", mask_scope=0.25, binary_mask=False,
@@ -30,41 +31,18 @@ def chroma(comfy):
     return family
 
 
-def blocks_of(model):
-    return pack_module("nodes.patching").transformer_blocks(model, families=pack_module("attention.blocks").ALL_FAMILIES)
-
-
-def realcustom_reference(model, family_tag: str, file_name: str):
-    """RealCustomEncodeReference's output for a random adapter of ``model``'s blocks that records ``family_tag``."""
-    from harness.realcustom import TINY_CLIP_VISION, adapter_path, tiny_clip_vision
-    adapter_path(file_name, [b for b in blocks_of(model) if b.has_cross_attention], TINY_CLIP_VISION["hidden_size"],
-                 64, family=family_tag, latent_channels=16)
-    adapter = run_node("RealCustomLoader", adapter_name=file_name)[0]
-    image = torch.rand(1, 48, 40, 3, generator=torch.Generator().manual_seed(0))
-    return run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(), image=image,
-                    crop=False)[0]
-
-
 def chroma_pva(model):
-    """PVA weights for the tiny Chroma, initialised from its blocks as the paper does (the identity word in T5,
-    its one text encoder), then perturbed a little so that they differ from the blocks' own projections."""
-    from harness.pva_assets import ENCODER_FEATURE_DIMS, loaded_pva
-    blocks = [b for b in blocks_of(model) if b.has_cross_attention]
-    gen = torch.Generator().manual_seed(11)
-    weights = pack_module("attention.pva_weights").PVAWeights.initial(
-        pack_module("nodes.pva").parallel_projections(model, blocks), "clip_vision", ENCODER_FEATURE_DIMS["clip_vision"],
-        {"t5xxl": torch.randn(1, 4096, generator=gen)}, family=blocks[0].family, seed=12, layers=1, feedforward=64)
-    with torch.no_grad():
-        for p in weights.parallel.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return loaded_pva(weights, "tiny chroma pva")
+    """PVA weights for the tiny Chroma (the identity word in T5, its one text encoder), initialised from its blocks
+    as the paper does and perturbed a little (harness.pva_assets.dit_pva_weights)."""
+    from harness.pva_assets import dit_pva_weights, loaded_pva
+    return loaded_pva(dit_pva_weights("chroma", model), "tiny chroma pva")
 
 
 def techniques(chroma):
     """Each inference technique as ``patch(model, strength)``: strength 0 must leave sampling as it is
     (StyleAligned has no strength: it shares in no block at a skip fraction of 1)."""
     from harness.pva_assets import PVA_DEFAULTS, faces, tiny_clip_vision
-    reference = realcustom_reference(chroma.model, "chroma", "test_realcustom_chroma_v1.safetensors")
+    reference = encoded_reference(chroma.model, "test_realcustom_chroma_v1.safetensors", "chroma")
     pva = chroma_pva(chroma.model)
     return {
         "SharedAttentionBatch": lambda model, strength: shared_attention(model, skip_fraction=1.0 - strength),
@@ -83,7 +61,8 @@ def techniques(chroma):
 def test_comfys_detection_makes_it_a_chroma_with_flux_blocks(chroma):
     import comfy.model_base
     assert type(chroma.model.model) is comfy.model_base.Chroma
-    blocks = blocks_of(chroma.model)
+    blocks = pack_module("nodes.patching").transformer_blocks(chroma.model,
+                                                              families=pack_module("attention.blocks").ALL_FAMILIES)
     assert blocks[0].family is pack_module("attention.families").CHROMA
     assert [b.label for b in blocks] == ["double:0", "double:1", "single:0", "single:1"]
 
@@ -166,7 +145,7 @@ def test_trainers_train_it_and_its_files_are_refused_on_flux_and_flux_files_on_i
                                     clip_vision=tiny_clip_vision(), image=faces(1, size=32), crop=False)[0])
     with pytest.raises(ValueError, match=r"Flux.*Chroma|Chroma.*Flux"):
         run_node("AdaptiveMaskGuidance", model=chroma.model, clip=chroma.clip, strength=1.0, **GUIDANCE,
-                 reference=realcustom_reference(flux.model, "flux", "test_realcustom_flux_for_chroma.safetensors"))
+                 reference=encoded_reference(flux.model, "test_realcustom_flux_for_chroma.safetensors", "flux"))
     from harness.pva_assets import PVA_DEFAULTS
     chroma_file = run_node("PVALoader", pva_name=pva_name)[0]
     with pytest.raises(ValueError, match=r"trained for Chroma models, but this MODEL .* is a Flux model"):

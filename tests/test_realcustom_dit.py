@@ -286,6 +286,21 @@ CONTEXT_WIDTH = 4096  # T5-XXL's, the text context of Flux and SD3
 MASK_GRID = (4, 4)
 
 
+def encoded_reference(model, file_name, family_tag, scoring=False):
+    """RealCustomEncodeReference's output for a random adapter of ``family_tag`` for the DiT ``model``'s blocks; with
+    the scoring module, its tokens have the text context's width (4096), as the trainer makes them, so that the
+    module reads the prompt."""
+    from harness.pack_nodes import run_node
+    from harness.realcustom import TINY_CLIP_VISION, adapter_path, tiny_clip_vision
+    blocks = pack_module("nodes.patching").transformer_blocks(model, families=pack_module("attention.blocks").ALL_FAMILIES)
+    adapter_path(file_name, blocks, TINY_CLIP_VISION["hidden_size"], CONTEXT_WIDTH if scoring else ADAPTER_TOKEN_DIM,
+                 family=family_tag, scoring=scoring, latent_channels=16)
+    adapter = run_node("RealCustomLoader", adapter_name=file_name)[0]
+    image = torch.rand(1, 48, 40, 3, generator=torch.Generator().manual_seed(0))
+    return run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(), image=image,
+                    crop=False)[0]
+
+
 class Family(dit.TinyFamily):
     prompt = PROMPT
 
@@ -299,21 +314,7 @@ class Family(dit.TinyFamily):
         return "flux" if self.name == "flux" else "sd3"
 
     def encoded_reference(self, file_name, family_tag, scoring=False):
-        """A random adapter of ``family_tag`` for this model's blocks; with the scoring module, its tokens have the
-        text context's width (4096), as the trainer makes them, so that the module reads the prompt."""
-        from harness.pack_nodes import run_node
-        from harness.realcustom import TINY_CLIP_VISION, adapter_path, tiny_clip_vision
-        blocks = pack_module("nodes.patching").transformer_blocks(self.model, families=self.families())
-        adapter_path(file_name, blocks, TINY_CLIP_VISION["hidden_size"], CONTEXT_WIDTH if scoring else ADAPTER_TOKEN_DIM,
-                     family=family_tag, scoring=scoring, latent_channels=16)
-        adapter = run_node("RealCustomLoader", adapter_name=file_name)[0]
-        image = torch.rand(1, 48, 40, 3, generator=torch.Generator().manual_seed(0))
-        return run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(), image=image,
-                        crop=False)[0]
-
-    @staticmethod
-    def families():
-        return pack_module("attention.blocks").ALL_FAMILIES
+        return encoded_reference(self.model, file_name, family_tag, scoring)
 
     def guided(self, model=None, reference=None, **over):
         from harness.pack_nodes import run_node

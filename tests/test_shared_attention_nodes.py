@@ -7,12 +7,16 @@ import torch
 from harness.checkpoints import empty_latent, encode_prompt, sample, sd15_controlnet_path, sdxl_conditioning
 from harness.comfy_env import pack_module
 from harness.pack_nodes import run_node, shared_attention
+from harness.tensors import close as close_to
 
-def close(a, b, rel=1e-4):
-    """Equal up to float rounding: random-weight latents reach ~100, and ComfyUI batches differently (float32
-    kernels sum in another order per batch layout; 4 steps at CFG 6 grew that to 1.7e-5 of the largest value on an
-    AVX2 CPU)."""
-    return (a - b).abs().max().item() <= rel * max(b.abs().max().item(), 1.0)
+#: random-weight latents reach ~100, and ComfyUI batches differently: float32 kernels sum in another order per batch
+#: layout, and 4 steps at CFG 6 grew that to 1.7e-5 of the largest value on an AVX2 CPU
+BATCH_LAYOUT_ROUNDING = 1e-4
+
+
+def close(a, b):
+    """Equal up to the rounding of another batch layout (:data:`BATCH_LAYOUT_ROUNDING`)."""
+    return close_to(a, b, rel=BATCH_LAYOUT_ROUNDING)
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from .checkpoints import _cached
 from .comfy_env import boot_comfy
-from .dit import (TEXT_ENCODER_OPTIONS, _fp16, _load, _model_patcher, _name, encode_as_users_wire_it,
-                  lora_path, randomize_, text_encoder_path)
+from .dit import (TEXT_ENCODER_OPTIONS, TinyFamily, _fp16, _load, _model_patcher, _name, lora_path, randomize_,
+                  text_encoder_path)
 from .memory import model_cache
 
 CHROMA_DIT = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=256,
@@ -98,23 +98,12 @@ def chroma_lora_path() -> Path:
     return lora_path("flux")
 
 
-class TinyChroma:
-    """The tiny Chroma as the family tests use it, sampled at CFG 4 as Chroma's examples are (no distilled
-    guidance), like harness.dit.TinyFamily."""
-
-    name = "chroma"
-    prompt = ""
+class TinyChroma(TinyFamily):
+    """The tiny Chroma as the family tests use it (harness.dit.TinyFamily's encode and sample), sampled at CFG 4 as
+    Chroma's examples are (no distilled guidance)."""
 
     def __init__(self):
+        self.name = "chroma"
         self.model = chroma_model()
         self.clip = chroma_clip()
         self.cfg = 4.0
-
-    def encode(self, text: str) -> list:
-        return encode_as_users_wire_it(self.name, self.clip, text)
-
-    def sample(self, model, batch: int = 2, cfg: float | None = None, positive=None, negative=None):
-        from .checkpoints import sample
-        from .dit import NODE_SAMPLING, empty_latent
-        return sample(model, positive or self.encode(self.prompt), negative or self.encode(""), empty_latent(batch),
-                      seed=3, cfg=self.cfg if cfg is None else cfg, **NODE_SAMPLING)
