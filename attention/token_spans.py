@@ -9,6 +9,10 @@ chunk ``c`` is ``sum(len(chunk) for the chunks before c) + i``.
 Matching is on token ids, exactly as the text encoder sees them: prompt weights such as ``(dog:1.2)``
 do not hide the word, whereas "dogs" does not contain "dog" (different BPE tokens). Tokens that are
 embedding vectors (``embedding:name``) match nothing.
+
+Some text encoders wrap the prompt in a template of their own (Flux.2's Mistral system prompt), whose words
+carry word ids like the prompt's: what the prompt itself adds is what its tokens do not share with the empty
+prompt's, between their common beginning and end (:func:`own_span`).
 """
 from __future__ import annotations
 
@@ -30,9 +34,26 @@ def _token_id(token):
     return token if isinstance(token, int) else None  # embedding vectors have no id to match
 
 
-def word_token_ids(chunks: TokenChunks) -> list:
-    """The ids of a tokenized phrase's own tokens (BOS, EOS and padding dropped)."""
-    return [_token_id(token) for chunk in chunks for token, _weight, word_id in chunk if word_id != 0]
+def _ids_and_words(chunks: TokenChunks) -> list[tuple]:
+    return [(_token_id(token), word_id) for chunk in chunks for token, _weight, word_id in chunk]
+
+
+def own_span(chunks: TokenChunks, empty_chunks: TokenChunks) -> range:
+    """Context positions of the tokens a prompt adds to ``empty_chunks``, the same tokenizer's tokens of the empty
+    prompt: everything after their common beginning and before their common end (a template's text, BOS, EOS,
+    padding)."""
+    ids, empty = ([token for token, _word in _ids_and_words(c)] for c in (chunks, empty_chunks))
+    limit = min(len(ids), len(empty))
+    start = next((i for i in range(limit) if ids[i] != empty[i]), limit)
+    end = next((i for i in range(limit - start) if ids[-1 - i] != empty[-1 - i]), limit - start)
+    return range(start, len(ids) - end)
+
+
+def word_token_ids(chunks: TokenChunks, own: range | None = None) -> list:
+    """The ids of a tokenized phrase's own tokens (BOS, EOS, padding and, given ``own``, a template's dropped)."""
+    positions = own if own is not None else range(context_length(chunks))
+    return [token for position, (token, word_id) in enumerate(_ids_and_words(chunks))
+            if word_id != 0 and position in positions]
 
 
 def context_length(chunks: TokenChunks) -> int:
@@ -40,8 +61,10 @@ def context_length(chunks: TokenChunks) -> int:
     return sum(len(chunk) for chunk in chunks)
 
 
-def phrase_occurrences(prompt_chunks: TokenChunks, phrase_ids: Sequence) -> list[tuple[int, ...]]:
-    """Context positions of every occurrence of ``phrase_ids`` among the prompt's word tokens.
+def phrase_occurrences(prompt_chunks: TokenChunks, phrase_ids: Sequence, own: range | None = None
+                       ) -> list[tuple[int, ...]]:
+    """Context positions of every occurrence of ``phrase_ids`` among the prompt's word tokens (within ``own``, the
+    prompt's own span, where given).
 
     An occurrence may straddle two chunks (ComfyUI splits only between words unless a word is too
     long, but a multi-word phrase can cross the boundary); its positions then skip the EOS/BOS pair.
@@ -57,4 +80,5 @@ def phrase_occurrences(prompt_chunks: TokenChunks, phrase_ids: Sequence) -> list
                 positions.append(offset + index)
         offset += len(chunk)
     width = len(phrase_ids)
-    return [tuple(positions[start:start + width]) for start in find_subsequence(ids, phrase_ids)]
+    found = [tuple(positions[start:start + width]) for start in find_subsequence(ids, phrase_ids)]
+    return [occurrence for occurrence in found if own is None or all(p in own for p in occurrence)]

@@ -388,10 +388,13 @@ class CalibratedCrossAttn(io.ComfyNode):
             raise ValueError(f"CalibratedCrossAttn needs 2+ concepts with one modifier per class word; got "
                              f"modifiers {mods} and class words {words}")
         blocks = [b for b in transformer_blocks(model, "CalibratedCrossAttn", ALL_FAMILIES) if b.has_cross_attention]
+        family = blocks[0].family
         encoded = clip.encode_from_tokens(clip.tokenize(prompt)).float().to(comfy.model_management.intermediate_device())
-        concepts = tuple(Concept(_positions(clip, prompt, m, encoded.shape[1], blocks[0].family),
-                                 _positions(clip, prompt, w, encoded.shape[1], blocks[0].family))
+        placement = family.conditioning_placement(encoded.shape[1])
+        concepts = tuple(Concept(placement.shift(_positions(clip, prompt, m, encoded.shape[1], family)),
+                                 placement.shift(_positions(clip, prompt, w, encoded.shape[1], family)))
                          for m, w in zip(mods, words))
+        encoded = placement.place(encoded)  # what the model receives: the prompt check compares with it
         sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         m = model.clone()
         add_attention_processor(m, CalibratedCrossAttention(concepts, strength, sigma_start, sigma_end, encoded.shape[1]),

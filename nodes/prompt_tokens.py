@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import families
-from ..attention.token_spans import context_length, phrase_occurrences, word_token_ids
+from ..attention.token_spans import context_length, own_span, phrase_occurrences, word_token_ids
 from .validation import checked_clip
 
 
@@ -48,6 +48,12 @@ class PhraseTokens:
     def positions(self) -> tuple[int, ...]:
         """Every position of every occurrence, sorted (what a word map sums over)."""
         return tuple(sorted({p for occurrence in self.occurrences for p in occurrence}))
+
+    def placed(self, family: families.Family) -> "PhraseTokens":
+        """The phrase's positions in the conditioning a model of ``family`` receives (Flux.2's is padded in front)."""
+        placement = family.conditioning_placement(self.context_length)
+        return PhraseTokens(self.phrase, self.prompt, tuple(placement.shift(o) for o in self.occurrences),
+                            placement.total)
 
     def indicator(self, length: int | None = None, device=None, dtype=torch.float32) -> torch.Tensor:
         """``[length]`` vector, 1 at the phrase's positions (``length`` defaults to the prompt's context)."""
@@ -76,10 +82,10 @@ def find_phrase_tokens(clip, prompt: str, phrase: str, node_name: str = "") -> P
     who = _require_phrase(clip, phrase, node_name)
     clip = checked_clip(node_name, clip)
     prompt_tokens = clip.tokenize(prompt, return_word_ids=True)
-    phrase_tokens = clip.tokenize(phrase.strip(), return_word_ids=True)
+    searched = _Search(clip, phrase)
     occurrences, offset = [], 0
     for stretch in context_stretches(clip, prompt_tokens):
-        found = {encoder: _occurrences(clip, encoder, prompt, phrase, prompt_tokens[encoder], phrase_tokens[encoder], who)
+        found = {encoder: _occurrences(clip, encoder, prompt, phrase, prompt_tokens[encoder], searched, who)
                  for encoder in stretch}
         first = next(iter(found.values()))
         if any(positions != first for positions in found.values()):
@@ -97,8 +103,8 @@ def occurrences_per_encoder(clip, prompt: str, phrase: str, node_name: str = "")
     who = _require_phrase(clip, phrase, node_name)
     clip = checked_clip(node_name, clip)
     prompt_tokens = clip.tokenize(prompt, return_word_ids=True)
-    phrase_tokens = clip.tokenize(phrase.strip(), return_word_ids=True)
-    return {encoder: _occurrences(clip, encoder, prompt, phrase, chunks, phrase_tokens[encoder], who)
+    searched = _Search(clip, phrase)
+    return {encoder: _occurrences(clip, encoder, prompt, phrase, chunks, searched, who)
             for encoder, chunks in prompt_tokens.items()}
 
 
@@ -126,13 +132,37 @@ def embedding_key(clip, key: str) -> str:
     return getattr(clip.tokenizer, encoder_attribute(clip, key)).embedding_key
 
 
-def _occurrences(clip, encoder, prompt, phrase, prompt_chunks, phrase_chunks, who) -> list[tuple[int, ...]]:
-    """Positions of every occurrence of ``phrase`` in one encoder's tokens of ``prompt``."""
-    phrase_ids = word_token_ids(phrase_chunks)
-    if not phrase_ids or None in phrase_ids:
+class _Search:
+    """What a phrase is searched for in a prompt: its tokens as each encoder's tokenizer gives them, alone and after a
+    space (byte-level tokenizers such as Flux.2's Mistral one give a word after a space other tokens), without the
+    template, BOS, EOS and padding the tokenizer puts around any text (what it gives the empty prompt)."""
+
+    def __init__(self, clip, phrase: str):
+        self.empty = clip.tokenize("", return_word_ids=True)
+        self.forms = [clip.tokenize(form, return_word_ids=True) for form in (phrase.strip(), " " + phrase.strip())]
+
+    def token_ids(self, encoder: str) -> list[list]:
+        """The distinct token-id sequences of the phrase in ``encoder``'s tokens."""
+        found = []
+        for form in self.forms:
+            ids = word_token_ids(form[encoder], own_span(form[encoder], self.empty[encoder]))
+            if ids not in found:
+                found.append(ids)
+        return found
+
+    def own(self, encoder: str, prompt_chunks) -> range:
+        return own_span(prompt_chunks, self.empty[encoder])
+
+
+def _occurrences(clip, encoder, prompt, phrase, prompt_chunks, searched: _Search, who) -> list[tuple[int, ...]]:
+    """Positions of every occurrence of ``phrase`` in one encoder's tokens of ``prompt`` (in the prompt's own text,
+    not in the encoder's template)."""
+    forms = searched.token_ids(encoder)
+    if any(not ids or None in ids for ids in forms):
         raise ValueError(f"{who}{phrase!r} is not plain text the tokenizer can look for (embeddings cannot be "
                          "searched); name a word of the prompt.")
-    occurrences = phrase_occurrences(prompt_chunks, phrase_ids)
+    own = searched.own(encoder, prompt_chunks)
+    occurrences = sorted({o for ids in forms for o in phrase_occurrences(prompt_chunks, ids, own)})
     if not occurrences:
         raise PhraseNotInPromptError(
             f"{who}the word {phrase!r} does not occur in the prompt as the text encoder reads it.\n"

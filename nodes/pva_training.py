@@ -118,7 +118,7 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
     def context():
         vectors = {embedding_key(clip, k): weights.identity_word[k].to(torch.float32).cpu() for k in prompt.tokens}
         cond, pooled = encoder.encode(prompt.substitute({WORD_PLACEHOLDER: vectors}))
-        return cond.to(device), pooled
+        return blocks[0].family.conditioning_placement(cond.shape[1]).place(cond).to(device), pooled
 
     trainable = glue.trainable_unet(model, {})
     processor = ParallelVisualAttentionProcessor(weights.parallel, torch.zeros(1, 0, weights.context_dim))

@@ -555,7 +555,7 @@ class AdaptiveMaskGuidance(io.ComfyNode):
         blocks = transformer_blocks(model, "AdaptiveMaskGuidance", ALL_FAMILIES)
         joint = blocks[0].family.joint
         _check_adapter_fits(model, reference.adapter, blocks)
-        phrase = find_phrase_tokens(clip, prompt, word, node_name="AdaptiveMaskGuidance")
+        phrase = find_phrase_tokens(clip, prompt, word, node_name="AdaptiveMaskGuidance").placed(blocks[0].family)
         settings = MaskSettings(strategy=mask_strategy, scope=mask_scope, binary=binary_mask, selection=scope_selection)
         cascaded = guidance == GUIDANCE_MODES[1]
         tokens = ImageTokens(reference.tokens.reference,

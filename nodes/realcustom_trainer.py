@@ -61,22 +61,25 @@ def _target_words(text: str, captions: list[str]) -> list[str] | None:
     return lines
 
 
-def _word_indicators(clip, captions: list[str], words: list[str], length: int) -> torch.Tensor:
-    """``(N, length)``: 1 at each caption's target-word tokens, repeated as its context is (see _contexts)."""
+def _word_indicators(clip, captions: list[str], words: list[str], length: int, family) -> torch.Tensor:
+    """``(N, length)``: 1 at each caption's target-word tokens, placed and repeated as its context is (see
+    _contexts)."""
     rows = []
     for number, (caption, word) in enumerate(zip(captions, words), start=1):
         try:
-            phrase = find_phrase_tokens(clip, caption, word, node_name="RealCustomTrainer")
+            phrase = find_phrase_tokens(clip, caption, word, node_name="RealCustomTrainer").placed(family)
         except PhraseNotInPromptError as error:
             raise PhraseNotInPromptError(f"caption {number}: {error}") from None
         rows.append(phrase.indicator().repeat(length // phrase.context_length))
     return torch.stack(rows)
 
 
-def _contexts(clip, captions: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Text contexts of the captions (longer prompts repeat shorter ones as ComfyUI batches conds) and
-    their pooled outputs (None from text encoders without one, T5 alone)."""
+def _contexts(clip, captions: list[str], family) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Text contexts of the captions as the model of ``family`` receives them in sampling (placed by the family's
+    ``conditioning_placement``; longer prompts repeat shorter ones as ComfyUI batches conds) and their pooled
+    outputs (None from text encoders without one, T5 alone)."""
     encoded = [clip.encode_from_tokens(clip.tokenize(c), return_pooled=True) for c in captions]
+    encoded = [(family.conditioning_placement(cond.shape[1]).place(cond), pooled) for cond, pooled in encoded]
     length = math.lcm(*(cond.shape[1] for cond, _ in encoded))
     contexts = torch.cat([cond.repeat(1, length // cond.shape[1], 1) for cond, _ in encoded])
     pooled = [pooled for _, pooled in encoded]
@@ -89,13 +92,13 @@ def _square(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return square.movedim(1, -1)
 
 
-def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution, crop, words,
-                    reads_pooled: bool) -> TrainingData:
+def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution, crop, words, family) -> TrainingData:
     latents = model.get_model_object("latent_format").process_in(vae.encode(_square(images, resolution)))
     features = clip_vision.encode_image(images[..., :3], crop=crop)["penultimate_hidden_states"]
     device = comfy.model_management.get_torch_device()
-    contexts, pooled = _contexts(clip, captions)
-    indicators = None if words is None else _word_indicators(clip, captions, words, contexts.shape[1]).to(device)
+    contexts, pooled = _contexts(clip, captions, family)
+    indicators = None if words is None else _word_indicators(clip, captions, words, contexts.shape[1], family).to(device)
+    reads_pooled = family.reads_pooled(model.model.adm_channels)
     return TrainingData(latents.float().to(device), contexts.float().to(device), features.float().to(device),
                         pooled.float().to(device) if reads_pooled and pooled is not None else None, indicators)
 
@@ -111,7 +114,7 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
     family = blocks[0].family
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
         data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop,
-                               target_words, reads_pooled=family.reads_pooled(model.model.adm_channels))
+                               target_words, family)
     context_dim = data.contexts.shape[-1]
     adapter = new_clip_vision_adapter(data.features.shape[-1], {b.key: (b.channels, context_dim) for b in blocks}, seed,
                                       scoring=adaptive_scoring, latent_channels=data.latents.shape[1], family=family)

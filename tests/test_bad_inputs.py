@@ -88,17 +88,18 @@ def flux_model():
 #: tiny configs of families ComfyUI ships with Flux's block names that no adapter takes, for ComfyUI's own model
 #: classes
 LOOKALIKE_CONFIGS = {
-    "Flux2": {"image_model": "flux2", "in_channels": 32, "out_channels": 32, "vec_in_dim": None, "context_in_dim": 32,
-              "hidden_size": 64, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
-              "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 1, "qkv_bias": False, "ops_bias": False,
-              "global_modulation": True, "mlp_silu_act": True, "guidance_embed": True},
+    "HunyuanImage21": {"image_model": "hunyuan_video", "in_channels": 64, "out_channels": 64, "vec_in_dim": None,
+                       "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+                       "depth_single_blocks": 1, "axes_dim": [16, 16], "theta": 256, "patch_size": [1, 1],
+                       "qkv_bias": True, "guidance_embed": False, "byt5": False, "meanflow": False,
+                       "use_cond_type_embedding": False, "vision_in_dim": None},
 }
 
 
 @model_cache
 def lookalike_model(family: str):
-    """A tiny random ModelPatcher of ComfyUI's own model class of ``family`` (Flux.2): Flux's block names, another
-    family."""
+    """A tiny random ModelPatcher of ComfyUI's own model class of ``family`` (HunyuanImage 2.1): Flux's block names,
+    another family."""
     boot_comfy()
     from comfy import model_management as mm, model_patcher, supported_models
     if not hasattr(supported_models, family):
@@ -424,18 +425,18 @@ def resuming_from(node: str, stem: str, damage: Callable[[Kit, Path], str], inpu
 
 
 def lookalike_cases() -> list:
-    """Every node that patches or trains a DiT, given a Flux.2 model: refused naming that family."""
+    """Every node that patches or trains a DiT, given a HunyuanImage 2.1 model: refused naming that family."""
     nodes = {"SharedAttentionBatch": lambda k, model: {"model": model, **SHARED_ATTENTION_DEFAULTS},
              "AdaptiveMaskGuidance": lambda k, model: k.mask_guidance(model=model),
              "ParallelVisualAttention": lambda k, model: k.pva_attention(model=model),
              "CalibratedCrossAttn": lambda k, model: k.calibrated(model=model),
              "RealCustomTrainer": lambda k, model: k.realcustom_trainer(model=model),
              "PVATrainer": lambda k, model: k.pva_trainer(model=model)}
-    names = {"Flux2": r"Flux\.2"}
+    names = {"HunyuanImage21": r"HunyuanImage 2\.1"}
     return [Case(f"{node} refuses a {family} model (Flux's block names, another family)", node,
                  lambda k, b, build=build, family=family: build(k, lookalike_model(family)),
                  rf"is a {names[family]} model, which the personalization nodes do not patch yet; supported "
-                 r"families: U-Net \(SD1\.5/SD2/SDXL\), Flux, Chroma, SD3")
+                 r"families: U-Net \(SD1\.5/SD2/SDXL\), Flux, Flux\.2, Chroma, SD3")
             for node, build in nodes.items() for family in names]
 
 

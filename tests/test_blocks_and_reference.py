@@ -91,7 +91,7 @@ def test_other_architectures_are_rejected_naming_the_supported_families():
             super().__init__()
             self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
 
-    with pytest.raises(UnsupportedModelError, match=r"Unknown.*U-Net \(SD1.5/SD2/SDXL\), Flux, Chroma, SD3/SD3.5"):
+    with pytest.raises(UnsupportedModelError, match=r"Unknown.*U-Net \(SD1.5/SD2/SDXL\), Flux, Flux.2, Chroma, SD3/SD3.5"):
         discover_transformer_blocks(Unknown().named_modules())
 
 

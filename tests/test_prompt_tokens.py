@@ -4,6 +4,7 @@ import torch
 from personalization_nodes.attention.token_spans import (
     context_length,
     find_subsequence,
+    own_span,
     phrase_occurrences,
     word_token_ids,
 )
@@ -67,6 +68,23 @@ def test_embedding_tokens_match_nothing():
     assert phrase_occurrences(prompt, [10]) == [(2,)]
     with pytest.raises(ValueError):
         phrase_occurrences(prompt, [None])
+
+
+def templated(ids, template=(1, 90, 91, 92, 3), close=4):
+    """One chunk as a templating tokenizer gives it (Flux.2's Mistral: BOS, a system prompt of words, the
+    instruction marker, the prompt, the closing marker, no padding); every token carries word id 1."""
+    return [[(t, 1.0, 1) for t in (*template, *ids, close)]]
+
+
+def test_the_prompts_own_span_excludes_a_template_and_padding():
+    assert own_span(templated([91, 10, 11]), templated([])) == range(5, 8)
+    # a word of the template (91) that the prompt also holds is found only in the prompt's own span
+    assert phrase_occurrences(templated([91, 10, 11]), [91]) == [(2,), (5,)]
+    assert phrase_occurrences(templated([91, 10, 11]), [91], own_span(templated([91, 10, 11]), templated([]))) == [(5,)]
+    assert word_token_ids(templated([10, 11]), own_span(templated([10, 11]), templated([]))) == [10, 11]
+    # CLIP's BOS, EOS and EOS padding: the own span is the words between them
+    assert own_span([chunk([10, 11])], [chunk([])]) == range(1, 3)
+    assert own_span([chunk(list(range(100, 175))), chunk([200])], [chunk([])]) == range(1, 79)
 
 
 # --- real ComfyUI tokenizers ------------------------------------------------------------------------------

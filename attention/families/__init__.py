@@ -7,19 +7,20 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import (BlockKey, Family, JointProjections, NamedModules, ProjectionRows, TransformerBlock,
+from .base import (BlockKey, ConditioningPlacement, Family, JointProjections, NamedModules, ProjectionRows, TransformerBlock,
                    UnsupportedModelError, class_names, nearest_of)
 from .chroma import CHROMA
 from .flux import FLUX
+from .flux2 import FLUX2
 from .sd3 import MMDIT
 from .unet import UNET
 
 #: the families the pack patches, in the order they are tried
-ADAPTERS: tuple[Family, ...] = (UNET, FLUX, CHROMA, MMDIT)
+ADAPTERS: tuple[Family, ...] = (UNET, FLUX, FLUX2, CHROMA, MMDIT)
 ALL_FAMILIES = ADAPTERS
 #: the families ComfyUI ships that the pack does not patch yet, by their model class, as users call them: named
 #: in the error a node gives for them
-OTHER_FAMILIES = {"Flux2": "Flux.2", "ChromaRadiance": "Chroma Radiance",
+OTHER_FAMILIES = {"ChromaRadiance": "Chroma Radiance",
                   "QwenImage": "Qwen-Image", "Lumina2": "Lumina 2 / Z-Image", "HiDream": "HiDream",
                   "HunyuanImage21": "HunyuanImage 2.1", "HunyuanVideo": "HunyuanVideo", "AuraFlow": "AuraFlow"}
 
@@ -63,6 +64,6 @@ def context_stretches(encoders, tokens: dict) -> list[tuple[str, ...]]:
     return [tuple(tokens)]
 
 
-__all__ = ["ADAPTERS", "ALL_FAMILIES", "BlockKey", "CHROMA", "FLUX", "Family", "JointProjections", "MMDIT", "NamedModules",
+__all__ = ["ADAPTERS", "ALL_FAMILIES", "BlockKey", "CHROMA", "ConditioningPlacement", "FLUX", "FLUX2", "Family", "JointProjections", "MMDIT", "NamedModules",
            "OTHER_FAMILIES", "ProjectionRows", "TransformerBlock", "UNET", "UnsupportedModelError", "class_names", "context_stretches",
            "family_of_model", "family_of_tag"]

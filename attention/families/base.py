@@ -62,6 +62,27 @@ class JointProjections:
 
 
 @dataclass(frozen=True)
+class ConditioningPlacement:
+    """Where a prompt's conditioning of ``tokens`` tokens sits in the token conditioning the model receives, which
+    ComfyUI's ``extra_conds`` may pad (Flux.2 left-pads it to 512 tokens with zeros): ``total`` tokens, the
+    prompt's starting at ``offset``, the others zero."""
+
+    tokens: int
+    total: int
+    offset: int = 0
+
+    def place(self, conditioning: torch.Tensor) -> torch.Tensor:
+        """``(B, tokens, D)`` conditioning as the model receives it."""
+        after = self.total - self.offset - self.tokens
+        return torch.nn.functional.pad(conditioning, (0, 0, self.offset, after)) if self.total != self.tokens \
+            else conditioning
+
+    def shift(self, positions: Iterable[int]) -> tuple[int, ...]:
+        """Token positions of the prompt's conditioning as positions of the model's."""
+        return tuple(self.offset + p for p in positions)
+
+
+@dataclass(frozen=True)
 class Family:
     """A model family's adapter. The base answers for a family with nothing of its own: subclasses override
     :meth:`recognises`, :meth:`find_blocks` and, where they have them, the rest."""
@@ -130,6 +151,11 @@ class Family:
     def training_refusal(self, model_classes: list[str], adm_channels: int) -> Optional[str]:
         """Why a trainer cannot give this model the extra conditioning it reads, or None."""
         return None
+
+    def conditioning_placement(self, tokens: int) -> ConditioningPlacement:
+        """Where a conditioning of ``tokens`` tokens sits in what the model receives: unchanged, unless the family's
+        model pads it."""
+        return ConditioningPlacement(tokens, tokens)
 
     def order(self, key: BlockKey) -> tuple[int, int, int]:
         return self.block_names.index(key[0]), key[1], key[2]

@@ -1,0 +1,205 @@
+"""Flux.2, added through its adapter (attention/families/flux2.py) and its tiny model (tests/harness/flux2.py), in
+the real ComfyUI: ComfyUI's detection makes it a Flux.2, every inference technique runs on it (unpatched at
+strength 0 bit for bit, every image changed otherwise; CFG 1 and 3; batches; a LoRA and Flux.2's reference images
+in the same graph), the prompt's words are found where the 512-token padding puts them (not in the text
+encoder's system prompt), StyleAligned's first joint call equals the written-out formulation, with and without
+another pack's tokens around the prompt's, RealCustomTrainer, PVAIdentityTune and PVATrainer train on it and record the family in
+their files, and files of Flux.1 and of Flux.2 are each refused on the other."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from harness import dit
+from harness.comfy_env import models_dir, pack_module
+from harness.flux2 import TinyFlux2, flux2_latent
+from harness.pack_nodes import run_node, shared_attention
+from harness.tensors import relative_change
+from test_joint_attention import slow_style_aligned_joint
+from test_joint_layout import Bracketing, SeenCalls, with_post_input
+from test_realcustom_dit import encoded_reference
+
+PROMPT = "photo of a small toy on the beach"
+GUIDANCE = dict(prompt=PROMPT, word="toy", mask_strategy="max_norm", mask_scope=0.25, binary_mask=False,
+                update_fraction=1.0, map_source="text-only pass", uncond_image="black image")
+#: what model_base.Flux2.extra_conds pads every shorter prompt to
+PADDED = 512
+#: the least relative change of a patched image: the calibration edits only the prompt's columns, and on the tiny
+#: Flux.2 the prompt moves a sample little (a whole other prompt ~0.3%: the image also attends to the 512-token
+#: padding and the system prompt, harness.flux2); the others change the image tokens themselves
+CHANGED = {"CalibratedCrossAttn": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def flux2(comfy):
+    family = TinyFlux2()
+    family.prompt = PROMPT
+    yield family
+
+
+def flux2_pva(model):
+    """PVA weights for the tiny Flux.2 (the identity word in its Mistral encoder), initialised from its blocks as the
+    paper does and perturbed a little (harness.pva_assets.dit_pva_weights)."""
+    from harness.pva_assets import dit_pva_weights, loaded_pva
+    return loaded_pva(dit_pva_weights("flux2", model), "tiny flux2 pva")
+
+
+def techniques(flux2):
+    """Each inference technique as ``patch(model, strength)``: strength 0 must leave sampling as it is
+    (StyleAligned has no strength: it shares in no block at a skip fraction of 1)."""
+    from harness.pva_assets import PVA_DEFAULTS, faces, tiny_clip_vision
+    reference = encoded_reference(flux2.model, "test_realcustom_flux2_v1.safetensors", "flux2")
+    pva = flux2_pva(flux2.model)
+    return {
+        "SharedAttentionBatch": lambda model, strength: shared_attention(model, skip_fraction=1.0 - strength),
+        "AdaptiveMaskGuidance": lambda model, strength: run_node(
+            "AdaptiveMaskGuidance", model=model, clip=flux2.clip, reference=reference, strength=strength,
+            **GUIDANCE)[0],
+        "ParallelVisualAttention": lambda model, strength: run_node(
+            "ParallelVisualAttention", model=model, pva=pva, references=faces(2, seed=4, size=32),
+            clip_vision=tiny_clip_vision(), **{**PVA_DEFAULTS, "strength": strength})[0],
+        "CalibratedCrossAttn": lambda model, strength: run_node(
+            "CalibratedCrossAttn", model=model, clip=flux2.clip, prompt=PROMPT, modifiers="small, beach",
+            class_words="toy, photo", strength=strength, start_percent=0.0, end_percent=1.0)[0],
+    }
+
+
+def test_comfys_detection_makes_it_a_flux2_with_flux_blocks(flux2):
+    import comfy.model_base
+    assert type(flux2.model.model) is comfy.model_base.Flux2
+    blocks = pack_module("nodes.patching").transformer_blocks(flux2.model,
+                                                              families=pack_module("attention.blocks").ALL_FAMILIES)
+    assert blocks[0].family is pack_module("attention.families").FLUX2
+    assert [b.label for b in blocks] == ["double:0", "double:1", "single:0", "single:1"]
+
+
+def test_a_word_is_where_the_padded_prompt_reaches_the_first_block_and_never_in_the_system_prompt(flux2):
+    """ComfyUI pads the prompt's tokens in front to 512: the word's placed position holds, in the text stream the
+    first double block receives, the text embedder's row of the word's own token. A word of Flux2Tokenizer's system
+    prompt ("image") is found only where the prompt holds it."""
+    prompt_tokens = pack_module("nodes.prompt_tokens")
+    family = pack_module("attention.families").FLUX2
+    found = prompt_tokens.find_phrase_tokens(flux2.clip, PROMPT, "toy")
+    placed = found.placed(family)
+    assert placed.context_length == PADDED and placed.positions == (PADDED - found.context_length + found.positions[0],)
+    diffusion_model = flux2.model.model.diffusion_model
+    streams = []
+    hook = diffusion_model.double_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: streams.append(kwargs["txt"].detach().clone()), with_kwargs=True)
+    try:
+        flux2.sample(flux2.model, batch=1)
+    finally:
+        hook.remove()
+    encoded = flux2.encode(PROMPT)[0][0]
+    with torch.no_grad():
+        word_row = diffusion_model.txt_in(encoded[:, found.positions[0]].to(streams[0]))
+    assert streams[0].shape[1] == PADDED
+    torch.testing.assert_close(streams[0][0, placed.positions[0]], word_row[0], rtol=1e-3, atol=1e-4)
+
+    words = prompt_tokens.find_phrase_tokens(flux2.clip, "an image of a toy", "image")
+    toy = prompt_tokens.find_phrase_tokens(flux2.clip, "an image of a toy", "toy")
+    assert len(words.occurrences) == 1 and words.positions[0] == toy.positions[0] - 3
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_each_technique_is_unpatched_at_strength_zero_and_changes_every_image(flux2, cfg):
+    base = flux2.sample(flux2.model, cfg=cfg)
+    for name, patch in techniques(flux2).items():
+        assert torch.equal(flux2.sample(patch(flux2.model, 0.0), cfg=cfg), base), name
+        patched = flux2.sample(patch(flux2.model, 1.0), cfg=cfg)
+        for image in range(1, 2) if name == "SharedAttentionBatch" else range(2):
+            assert relative_change(patched[image], base[image]) > CHANGED.get(name, 1e-3), (name, image)
+    assert torch.equal(flux2.sample(flux2.model, cfg=cfg), base), "the input model must stay unpatched"
+
+
+def test_style_aligned_first_call_is_the_written_out_formulation_with_and_without_tokens_of_another_pack(
+        flux2, monkeypatch):
+    """Batch 3 at CFG 1: the reference stays as unpatched, the targets change; the first joint call equals the slow
+    StyleAligned on the layout read from the model: text = the 512 padded tokens, and with another pack's
+    ``post_input`` patch the tokens it puts on both sides of them. (ComfyUI's own USO style node is for Flux.1: its
+    patch gives its tokens Flux.1's three position axes, and ComfyUI 0.3.75 fails on Flux.2's four before any
+    attention runs.)"""
+    base = flux2.sample(flux2.model, batch=3)
+    seen = SeenCalls(monkeypatch)
+    settings = pack_module("attention.style_aligned").StyleAlignedSettings()
+    hidden = flux2.model.model.diffusion_model.hidden_size
+    runs = {"plain": (shared_attention(flux2.model), 0, 0),
+            "another pack's tokens": (with_post_input(shared_attention(flux2.model), Bracketing(5, 3, hidden)), 5, 3)}
+    for name, (model, before, after) in runs.items():
+        seen.calls.clear()
+        patched = flux2.sample(model, batch=3)
+        if name == "plain":
+            assert relative_change(patched[0], base[0]) < 1e-5
+            assert all(relative_change(patched[i], base[i]) > 1e-3 for i in (1, 2))
+        text = before + PADDED + after
+        layout = pack_module("attention.joint").JointLayout(text, (4, 4),
+                                                            slice(before, before + PADDED) if before else None)
+        assert seen.layouts() == [layout], name
+        first = next(call for call in seen.calls if call["block"] == ("double", 0))
+        q, k, v = (t.double() for t in first["qkv"])
+        expected = slow_style_aligned_joint(q, k, v, 1, settings, text=text)
+        out = first["out"].double().unflatten(-1, (q.shape[1], -1)).transpose(1, 2)
+        assert (out - expected).abs().max() / expected.abs().max() < 1e-5, name
+
+
+def test_a_lora_and_reference_images_in_the_same_graph(flux2):
+    """A LoRA in ComfyUI's own key names and Flux.2's reference images (stock ReferenceLatent: image tokens after
+    the latent's): each technique at strength 0 samples as the graph without it, and changes it otherwise."""
+    import nodes
+    from harness.flux2 import flux2_lora_path
+    lora = nodes.LoraLoaderModelOnly().load_lora_model_only(flux2.model, flux2_lora_path().name, 1.0)[0]
+    reference = {"samples": torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(9))}
+    referenced = nodes.NODE_CLASS_MAPPINGS["ReferenceLatent"]().execute(flux2.encode(PROMPT), reference)
+    positive = referenced.result[0] if hasattr(referenced, "result") else referenced[0]
+    graphs = {"LoRA": (lora, {}), "reference image": (flux2.model, {"positive": positive})}
+    for graph, (model, sampling) in graphs.items():
+        alone = flux2.sample(model, **sampling)
+        assert relative_change(alone, flux2.sample(flux2.model)) > 1e-3, f"the {graph} applies"
+        for name, patch in techniques(flux2).items():
+            assert torch.equal(flux2.sample(patch(model, 0.0), **sampling), alone), (graph, name)
+            changed = relative_change(flux2.sample(patch(model, 1.0), **sampling)[1], alone[1])
+            assert changed > CHANGED.get(name, 1e-3), (graph, name)
+
+
+def test_trainers_train_it_and_its_files_are_refused_on_flux_and_flux_files_on_it(flux2):
+    """RealCustomTrainer, PVAIdentityTune and PVATrainer: steps of Flux.2's flow loss (its guidance input, no pooled
+    vector, the prompt padded as sampling pads it), the family recorded in the files; a Flux.2 file on Flux.1, and
+    a Flux.1 file on Flux.2, are refused naming both families."""
+    from harness.pva_assets import PVA_DEFAULTS, faces, tiny_clip_vision
+    from harness.flux2 import flux2_vae
+    from test_realcustom_trainer_dit import CAPTIONS, dataset
+    vae = flux2_vae()
+    _, name, *_ = run_node("RealCustomTrainer", model=flux2.model, clip=flux2.clip, vae=vae,
+                           clip_vision=tiny_clip_vision(), images=dataset(), captions=CAPTIONS, name="test_rc_flux2",
+                           steps=2, learning_rate=1e-3, batch_size=2, grad_accumulation=1, resolution=64, seed=0,
+                           checkpoint_every=0, crop=False)
+    with safe_open(str(models_dir() / "realcustom" / name), "pt") as handle:
+        assert handle.metadata()["family"] == "flux2"
+    _, _, pva_name = run_node("PVAIdentityTune", model=flux2.model, clip=flux2.clip, vae=vae,
+                              pva=flux2_pva(flux2.model), photos=faces(2, seed=6, size=64), name="test_tune_flux2",
+                              steps=2, learning_rate=1e-3, word_learning_rate=1e-2, timestep_bins=1, seed=3,
+                              checkpoint_every=0, clip_vision=tiny_clip_vision(), resolution=64)
+    with safe_open(str(models_dir() / "pva" / pva_name), "pt") as handle:
+        assert handle.metadata()["family"] == "flux2"
+    stage1_name = run_node("PVATrainer", model=flux2.model, clip=flux2.clip, vae=vae, pva=flux2_pva(flux2.model),
+                           images=faces(2, seed=7, size=64), images_per_identity=2, name="test_stage1_flux2",
+                           encoder="clip_vision", steps=1, learning_rate=1e-4, transformer_learning_rate=1e-4,
+                           word_learning_rate=1e-3, timestep_bins=1, init_word="person", seed=0, checkpoint_every=0,
+                           resolution=64, clip_vision=tiny_clip_vision())[-1]
+    with safe_open(str(models_dir() / "pva" / stage1_name), "pt") as handle:
+        assert handle.metadata()["family"] == "flux2"
+
+    flux = dit.TinyFamily("flux")
+    flux2_adapter = run_node("RealCustomLoader", adapter_name=name)[0]
+    with pytest.raises(ValueError, match=r"Flux\.2.*Flux|Flux.*Flux\.2"):
+        run_node("AdaptiveMaskGuidance", model=flux.model, clip=flux.clip, strength=1.0, **GUIDANCE,
+                 reference=run_node("RealCustomEncodeReference", adapter=flux2_adapter,
+                                    clip_vision=tiny_clip_vision(), image=faces(1, size=32), crop=False)[0])
+    with pytest.raises(ValueError, match=r"Flux.*Flux\.2|Flux\.2.*Flux"):
+        run_node("AdaptiveMaskGuidance", model=flux2.model, clip=flux2.clip, strength=1.0, **GUIDANCE,
+                 reference=encoded_reference(flux.model, "test_realcustom_flux_for_flux2.safetensors", "flux"))
+    with pytest.raises(ValueError, match=r"trained for Flux\.2 models, but this MODEL .* is a Flux model"):
+        run_node("ParallelVisualAttention", model=flux.model, pva=run_node("PVALoader", pva_name=pva_name)[0],
+                 references=faces(1, size=32), clip_vision=tiny_clip_vision(), **PVA_DEFAULTS)
+    dit.release("flux")
