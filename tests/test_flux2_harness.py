@@ -1,11 +1,16 @@
 """The tiny Flux.2 [dev] of tests/harness/flux2.py in the real ComfyUI: ComfyUI's detection makes the file a Flux.2
 with two blocks of each kind, ComfyUI's Flux2Tokenizer templates a prompt over the tiny tekken vocabulary (test
 words one token each) and Flux2TEModel stacks three layers per token, ComfyUI's sampler runs it on Flux.2's latent
-with FluxGuidance, and the text reaching the diffusion model is left-padded with zeros to 512 tokens."""
+with FluxGuidance, and the text reaching the diffusion model is left-padded with zeros to 512 tokens. Stock VAELoader
+loads the Flux.2 autoencoder file as Flux.2's (128 channels at 1/16) and stock LoraLoaderModelOnly every key of the
+Flux.2 LoRA; the DiT and VAE files are the same when built in NaN-poisoned memory."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from harness import flux2
 from harness.checkpoints import encode_prompt
@@ -111,3 +116,85 @@ def test_the_diffusion_model_gets_the_text_left_padded_with_zeros_to_512_tokens(
     assert "attention_mask" not in other_inputs, "Flux.2 drops the text encoder's mask: padding is attended"
     # txt_in has no bias, so the padded rows enter the first block as zeros
     assert torch.equal(projected[0][:, :padding], torch.zeros_like(projected[0][:, :padding]))
+
+
+def test_vaeloader_loads_the_flux2_autoencoder_with_every_key_and_its_batchnorm_statistics(stock_comfy, caplog):
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    path = flux2.flux2_vae_path()
+    assert path.parent.name == "vae"
+    stored = load_file(str(path))
+    assert {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked", "encoder.quant_conv.weight",
+            "decoder.post_quant_conv.weight"} <= set(stored)
+    assert stored["decoder.conv_in.weight"].shape[1] == 32 and stored["bn.running_mean"].shape == (128,)
+    with caplog.at_level(logging.DEBUG):
+        vae = flux2.flux2_vae()
+    assert not [r.getMessage() for r in caplog.records if "VAE keys" in r.getMessage()], "no missing or leftover keys"
+    assert (vae.latent_channels, vae.downscale_ratio, vae.upscale_ratio) == (128, 16, 16)
+    model = vae.first_stage_model
+    assert type(model) is AutoencoderKL and model.bn is not None
+    loaded = model.state_dict()
+    renamed = {k.replace("encoder.quant_conv.", "quant_conv.").replace("decoder.post_quant_conv.", "post_quant_conv."): v
+               for k, v in stored.items()}
+    assert set(loaded) == set(renamed)
+    assert [k for k in renamed if not torch.equal(loaded[k].to(renamed[k].dtype), renamed[k])] == []
+    assert 83e6 < sum(p.numel() for p in model.parameters()) < 85e6, "the Flux ae's widths: ComfyUI fixes them"
+
+
+def test_the_flux2_vae_encodes_images_into_flux2_latents_and_decodes_them(stock_comfy):
+    vae = flux2.flux2_vae()
+    images = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    latent = vae.encode(images)
+    assert latent.shape == (1, 128, 4, 4) and torch.isfinite(latent).all()
+    assert latent.shape[1:] == flux2.flux2_latent()["samples"].shape[1:], "EmptyFlux2LatentImage's shape"
+    decoded = vae.decode(flux2.flux2_latent()["samples"])
+    assert decoded.shape == (1, 64, 64, 3) and torch.isfinite(decoded).all()
+    again = vae.decode(latent)
+    assert again.shape == (1, 64, 64, 3) and torch.isfinite(again).all()
+    assert relative_change(again, decoded) > 1e-3, "the latent reaches the decoder"
+
+
+def test_loraloader_loads_every_key_of_the_flux2_lora_and_it_changes_the_sample(stock_comfy, family, caplog):
+    import comfy.lora
+
+    path = flux2.flux2_lora_path()
+    assert path.parent.name == "loras"
+    stored = load_file(str(path))
+    layers = {k[:-len(".lora_A.weight")] for k in stored if k.endswith(".lora_A.weight")}
+    assert len(stored) == 2 * len(layers) == 2 * (2 * 6 + 2 * 3), "q, k, v of both streams and of the single blocks"
+    key_map = comfy.lora.model_lora_keys_unet(family.model.model, {})
+    assert layers <= set(key_map), "ComfyUI's LoRA key map knows every layer name"
+    targets = {key_map[name][0] for name in layers}
+    assert targets == {f"diffusion_model.double_blocks.{i}.{s}_attn.qkv.weight" for i in (0, 1) for s in ("img", "txt")} \
+        | {f"diffusion_model.single_blocks.{i}.linear1.weight" for i in (0, 1)}
+    assert {key_map[name][1] for name in layers} == {(0, i * 256, 256) for i in range(3)}, "slices of q, k and v"
+
+    with caplog.at_level(logging.WARNING):
+        patched = stock_comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(family.model, path.name, 1.0)[0]
+    assert [r.getMessage() for r in caplog.records if "not loaded" in r.getMessage().lower()] == []
+    # the check sees ComfyUI's warning: a key the map lacks (Flux.2 diffusers' fused single-block name) is logged
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        comfy.lora.load_lora({"transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight":
+                              torch.zeros(4, 256)}, key_map)
+    assert [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert set(patched.patches) == targets and not family.model.patches, "every layer patched, on a clone"
+    with_lora = family.sample(patched, batch=1)
+    assert torch.isfinite(with_lora).all()
+    assert relative_change(with_lora, family.sample(family.model, batch=1)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["flux2_path", "flux2_vae_path"])
+def test_a_build_in_poisoned_memory_is_finite_and_the_cached_file(stock_comfy, name, tmp_path, monkeypatch):
+    """As tests/test_harness_files.py's test of the same name for the other DiT files."""
+    from harness.checkpoints import non_finite
+    from test_harness_files import poisoned_allocations
+
+    build = getattr(flux2, name)
+    cached = load_file(str(build()))
+    monkeypatch.setenv("PERSONALIZATION_TEST_CACHE", str(tmp_path))
+    with poisoned_allocations():
+        poisoned = load_file(str(build()))
+    assert non_finite(poisoned.items()) == []
+    assert poisoned.keys() == cached.keys()
+    assert [key for key in cached if not torch.equal(poisoned[key], cached[key])] == []

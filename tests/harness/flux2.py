@@ -53,6 +53,29 @@ Text reaching the DiT: model_base.Flux2 left-pads every prompt with zero rows to
   they enter the first block as zeros (its LayerNorm keeps them 0, its modulation makes each the same shift), and
   the encoder's attention mask is dropped (Flux's extra_conds keeps a mask only with attention_mask_img_shape), so
   the image attends to the padding. A whole different prompt moves a 2-step sample by ~0.3%, one word by ~0.02%.
+VAE (``flux2_vae``): the file stock VAELoader recognises as Flux.2's autoencoder, not reduced. ComfyUI's comfy.sd.VAE
+  fixes the widths of this autoencoder (the Flux.1 ae's ch 128, ch_mult 1 2 4 4, 2 res blocks per level:
+  harness.dit.FLUX_SD3_VAE_DDCONFIG) and reads only the latent width from the file (``decoder.conv_in``): z 32, the
+  real Flux.2 value (Flux.1: 16). What makes it Flux.2's is ``bn.running_mean``: ComfyUI then builds its
+  AutoencoderKL with ``batch_norm_latent``, which packs the 32 channels at 1/8 of the image 2 x 2 into 128 at 1/16
+  and normalises them with the file's BatchNorm running statistics (no affine part), the latent Flux.2 samples
+  (latent_formats.Flux2: 128 channels). Flux.2's ae also has the 1 x 1 quant convs the Flux.1 ae dropped: ComfyUI
+  takes that path (AutoencoderKL, not AutoencodingEngine, which has no BatchNorm) only when the file has
+  ``post_quant_conv``, so the file holds them in the real layout (``encoder.quant_conv``,
+  ``decoder.post_quant_conv``, which ComfyUI renames). 84M parameters (as the Flux one; the wider latent adds
+  0.2M), 168 MB in fp16, 336 MB in fp32 on CPU. Weights normal(0, 0.02), norms at identity (harness.dit.randomize_,
+  as dit's VAE), running means normal(0, 0.1) and variances uniform in [0.5, 1.5] from a fixed seed, so that the
+  decoder's un-normalisation reads values a missing key would not give.
+LoRA (``flux2_lora_path``): rank 4 on every attention projection, in the diffusers/PEFT names
+  (``transformer.transformer_blocks.N.attn.to_q`` ..., ``transformer.single_transformer_blocks.N.attn.to_q`` ...,
+  ``lora_A``/``lora_B``) that ComfyUI's LoRA key map gives a Flux.2 model: model_base.Flux2 is a model_base.Flux, so
+  comfy.lora.model_lora_keys_unet maps them through comfy.utils.flux_to_diffusers onto slices of the fused weights
+  (q, k, v of ``img_attn.qkv`` / ``txt_attn.qkv`` of the double blocks, the first 3 x 256 rows of the single
+  blocks' ``linear1``), the same names and builder as harness.dit's Flux LoRA. The q/k/v slices hold for Flux.2
+  (linear1 starts with q, k, v whatever the MLP width); flux_to_diffusers' ``proj_mlp`` slice (4 x hidden, Flux.1's
+  MLP) does not, and the LoRA leaves the MLP alone. Diffusers' own Flux.2 transformer fuses a single block's input
+  projection as ``attn.to_qkv_mlp_proj``, a name ComfyUI 0.3.75's map lacks ("lora key not loaded"); the
+  single-block names here are Flux.1's diffusers names, which that map slices onto Flux.2's ``linear1``.
 """
 from __future__ import annotations
 
@@ -66,7 +89,8 @@ import torch
 
 from .checkpoints import _cached, encode_prompt
 from .comfy_env import boot_comfy
-from .dit import NODE_SAMPLING, TinyFamily, _flux_heads, _fp16, _load, _model_patcher, _name, randomize_
+from .dit import (FLUX_SD3_VAE_DDCONFIG, NODE_SAMPLING, TinyFamily, _flux_heads, _fp16, _load, _model_patcher,
+                  _name, randomize_)
 from .memory import model_cache
 
 #: ComfyUI's Mistral3Small24BConfig fields the tiny text encoder changes (the vocabulary size is the tekken file's)
@@ -79,6 +103,11 @@ FLUX2_DIT = dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_
                  default_ref_method="index", ref_index_scale=10.0)
 #: what FluxGuidance sets on every prompt of the tiny Flux.2 [dev] (the model's default when none is set)
 FLUX2_GUIDANCE = 3.5
+#: the autoencoder ComfyUI builds for a Flux.2 ae file (module docstring): the Flux.1 ae with a 32-channel latent
+#: normalised by BatchNorm, packed 2 x 2 into 128 channels at 1/16
+FLUX2_VAE_DDCONFIG = dict(FLUX_SD3_VAE_DDCONFIG, z_channels=32, batch_norm_latent=True)
+#: LoRA rank of flux2_lora_path
+FLUX2_LORA_RANK = 4
 
 #: Mistral's control tokens, rank = token id, in the real tekken file's order
 MISTRAL_CONTROL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
@@ -141,6 +170,68 @@ def flux2_latent(batch: int = 1, width: int = 64, height: int = 64) -> dict:
     nodes = boot_comfy(require_pack=False).nodes
     return nodes.NODE_CLASS_MAPPINGS["EmptyFlux2LatentImage"].execute(width=width, height=height,
                                                                        batch_size=batch).result[0]
+
+
+# ---------------------------------------------------------------- VAE, LoRA
+
+
+def _build_flux2_vae() -> dict:
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    vae = randomize_(AutoencoderKL(ddconfig=FLUX2_VAE_DDCONFIG, embed_dim=FLUX2_VAE_DDCONFIG["z_channels"]), seed=82)
+    gen = torch.Generator().manual_seed(83)
+    channels = vae.bn.num_features
+    vae.bn.running_mean.copy_(torch.randn(channels, generator=gen) * 0.1)
+    vae.bn.running_var.copy_(torch.rand(channels, generator=gen) + 0.5)
+    # the real layout: the quant convs inside encoder and decoder (ComfyUI moves them out when it loads the file)
+    renamed = {"quant_conv.": "encoder.quant_conv.", "post_quant_conv.": "decoder.post_quant_conv."}
+    sd = {}
+    for key, value in vae.state_dict().items():
+        prefix = next((p for p in renamed if key.startswith(p)), None)
+        sd[renamed[prefix] + key[len(prefix):] if prefix else key] = value
+    return _fp16(sd)
+
+
+def flux2_vae_path() -> Path:
+    """Flux.2's autoencoder (32 latent channels, BatchNorm statistics ``bn.*``, quant convs; fp16) in models/vae."""
+    boot_comfy(require_pack=False)
+    return _cached("vae", _name("flux2_vae"), _build_flux2_vae)
+
+
+@model_cache
+def flux2_vae():
+    """VAE of Flux.2 from stock VAELoader: images [B, H, W, 3] <-> latents [B, 128, H / 16, W / 16]. Once per process
+    until released."""
+    nodes = boot_comfy(require_pack=False).nodes
+    return nodes.VAELoader().load_vae(flux2_vae_path().name)[0]
+
+
+def flux2_lora_targets() -> list[str]:
+    """Diffusers names of every attention q/k/v projection of the tiny Flux.2, from ComfyUI's own map
+    (comfy.utils.flux_to_diffusers, which comfy.lora uses for Flux.2 models)."""
+    import comfy.utils
+
+    keys = comfy.utils.flux_to_diffusers(FLUX2_DIT)
+    ends = (".attn.to_q.weight", ".attn.to_k.weight", ".attn.to_v.weight",
+            ".attn.add_q_proj.weight", ".attn.add_k_proj.weight", ".attn.add_v_proj.weight")
+    return sorted(k[:-len(".weight")] for k in keys if k.endswith(ends))
+
+
+def _build_flux2_lora() -> dict:
+    width, rank = FLUX2_DIT["hidden_size"], FLUX2_LORA_RANK
+    gen = torch.Generator().manual_seed(84)
+    sd = {}
+    for target in flux2_lora_targets():
+        sd[f"transformer.{target}.lora_A.weight"] = torch.randn(rank, width, generator=gen) * 0.1
+        sd[f"transformer.{target}.lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.1
+    return _fp16(sd)
+
+
+def flux2_lora_path() -> Path:
+    """Rank-4 diffusers/PEFT LoRA on every attention q/k/v projection of the tiny Flux.2 (module docstring), in
+    models/loras: stock LoraLoaderModelOnly loads every key of it."""
+    boot_comfy(require_pack=False)
+    return _cached("loras", _name("flux2_lora"), _build_flux2_lora)
 
 
 # ---------------------------------------------------------------- tokenizer
