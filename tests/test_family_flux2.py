@@ -144,8 +144,8 @@ def test_style_aligned_first_call_is_the_written_out_formulation_with_and_withou
 
 
 def test_a_lora_and_reference_images_in_the_same_graph(flux2):
-    """A LoRA in ComfyUI's own key names and Flux.2's reference images (stock ReferenceLatent: image tokens after
-    the latent's): each technique at strength 0 samples as the graph without it, and changes it otherwise."""
+    """A LoRA (diffusers names, which ComfyUI maps onto Flux.2 as onto Flux.1) and Flux.2's reference images (stock
+    ReferenceLatent: image tokens after the latent's): each technique at strength 0 samples as the graph without it, and changes it otherwise."""
     import nodes
     from harness.flux2 import flux2_lora_path
     lora = nodes.LoraLoaderModelOnly().load_lora_model_only(flux2.model, flux2_lora_path().name, 1.0)[0]

@@ -3,7 +3,7 @@ with two blocks of each kind, ComfyUI's Flux2Tokenizer templates a prompt over t
 words one token each) and Flux2TEModel stacks three layers per token, ComfyUI's sampler runs it on Flux.2's latent
 with FluxGuidance, and the text reaching the diffusion model is left-padded with zeros to 512 tokens. Stock VAELoader
 loads the Flux.2 autoencoder file as Flux.2's (128 channels at 1/16) and stock LoraLoaderModelOnly every key of the
-Flux.2 LoRA; the DiT and VAE files are the same when built in NaN-poisoned memory."""
+Flux.2 LoRA (tests/test_harness_files.py builds the DiT and VAE files again in NaN-poisoned memory)."""
 from __future__ import annotations
 
 import logging
@@ -182,19 +182,3 @@ def test_loraloader_loads_every_key_of_the_flux2_lora_and_it_changes_the_sample(
     with_lora = family.sample(patched, batch=1)
     assert torch.isfinite(with_lora).all()
     assert relative_change(with_lora, family.sample(family.model, batch=1)) > 1e-3
-
-
-@pytest.mark.parametrize("name", ["flux2_path", "flux2_vae_path"])
-def test_a_build_in_poisoned_memory_is_finite_and_the_cached_file(stock_comfy, name, tmp_path, monkeypatch):
-    """As tests/test_harness_files.py's test of the same name for the other DiT files."""
-    from harness.checkpoints import non_finite
-    from test_harness_files import poisoned_allocations
-
-    build = getattr(flux2, name)
-    cached = load_file(str(build()))
-    monkeypatch.setenv("PERSONALIZATION_TEST_CACHE", str(tmp_path))
-    with poisoned_allocations():
-        poisoned = load_file(str(build()))
-    assert non_finite(poisoned.items()) == []
-    assert poisoned.keys() == cached.keys()
-    assert [key for key in cached if not torch.equal(poisoned[key], cached[key])] == []

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from harness import checkpoints, dit, pva_assets, realcustom
+from harness import checkpoints, dit, flux2, pva_assets, realcustom
 
 #: every model file the harness builds, by a name for the test id: the function returning its path
 #: (built only when the cache lacks it)
@@ -33,10 +33,13 @@ HARNESS_FILES = {
        for name in ("clip_l", "clip_g", "t5xxl")},
     "flux_sd3_vae": dit.vae_path,
     **{f"{family}_lora": (lambda family=family: dit.lora_path(family)) for family in ("flux", "sd35")},
+    "flux2": flux2.flux2_path,
+    "flux2_vae": flux2.flux2_vae_path,
+    "flux2_lora": flux2.flux2_lora_path,
 }
 #: the DiT builders (ComfyUI's classes with operations that allocate every weight uninitialised), built in
 #: seconds
-DIT_BUILDS = ("flux_dev", "flux_controlnet", "sd35_large", "sd35_medium", "sd35_controlnet")
+DIT_BUILDS = ("flux_dev", "flux_controlnet", "sd35_large", "sd35_medium", "sd35_controlnet", "flux2", "flux2_vae")
 
 
 @contextlib.contextmanager
