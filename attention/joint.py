@@ -147,7 +147,7 @@ def _offset_of_rows(part: torch.Tensor, whole: torch.Tensor) -> Optional[int]:
 
 def read_joint_layout(latent_shape, patch_size: int, text: torch.Tensor, image: torch.Tensor,
                       conditioning: torch.Tensor, latent: Optional[torch.Tensor] = None,
-                      foreign: str = "") -> JointLayout:
+                      foreign: str = "", refined: bool = False) -> JointLayout:
     """The layout of a model call from what its first block receives: the ``text`` and ``image`` streams
     ``(B, tokens, width)``, the ``conditioning`` as the text embedder made it, and (where nothing is added in
     between) the image embedder's output ``latent``, whose first tokens are the sampled latent's. DiTs patchify a
@@ -155,12 +155,14 @@ def read_joint_layout(latent_shape, patch_size: int, text: torch.Tensor, image: 
 
     The conditioning must appear unchanged, in one piece, in the text stream, and the latent's tokens at the
     front of the image stream; otherwise UnrecognisedLayoutError, naming the ``foreign`` patches that changed
-    the streams, since any other answer would be a guess."""
+    the streams, since any other answer would be a guess. A ``refined`` text stream (a model's text-only refiner
+    blocks ran on it, Z-Image's) holds the conditioning's tokens first, changed in value: they are its first
+    rows."""
     height, width = latent_shape[-2:]
     grid = (-(-height // patch_size), -(-width // patch_size))
     image_tokens = grid[0] * grid[1]
     changed_by = f"; {foreign} changed them" if foreign else ""
-    start = _offset_of_rows(conditioning, text)
+    start = (0 if text.shape[1] >= conditioning.shape[1] else None) if refined else _offset_of_rows(conditioning, text)
     if start is None:
         raise UnrecognisedLayoutError(
             f"the text tokens the model's first block receives ({text.shape[1]}) do not hold the prompt's "

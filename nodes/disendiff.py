@@ -244,7 +244,7 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
 
     def denoise(x_t, sigma, context, pooled):
         return glue.denoise(trainable, x_t, sigma, context,
-                            **glue.conditioning_extras(model, UNET, pooled, resolution, x_t))
+                            **glue.conditioning_extras(model, UNET, pooled, resolution, x_t, context))
 
     step = recipe.DisenDiffStep(
         targets=targets,

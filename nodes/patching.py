@@ -49,12 +49,19 @@ def unpatched_modules(model, root: str = "diffusion_model") -> list[tuple[str, t
     return [(path[len(root) + 1:], module) for path, module in found if path == root or path.startswith(root + ".")]
 
 
+def model_class_names(model) -> list[str]:
+    """The names along the MROs of a MODEL's ComfyUI model config (what ComfyUI's detection made of its file:
+    ``supported_models.ZImage``) and then of its model class (``model_base.Lumina2``, which Z-Image shares with
+    Lumina 2), nearest first: what family adapters recognise it by."""
+    return class_names(getattr(model.model, "model_config", None)) + class_names(model.model)
+
+
 def transformer_blocks(model, node: str = "", families: tuple[Family, ...] = (UNET,)) -> list[TransformerBlock]:
     """The transformer blocks of a MODEL, which must be of one of ``families``; a clear error naming ``node``
     and the families it supports otherwise."""
     who = f"{node}: this MODEL" if node else "This MODEL"
     blocks = discover_transformer_blocks(unpatched_modules(model), model_name=f"{who} ({type(model.model).__name__})",
-                                         model_classes=class_names(model.model))
+                                         model_classes=model_class_names(model))
     family = blocks[0].family
     if family not in families:
         supported = ", ".join(f.name for f in families)
@@ -106,7 +113,8 @@ def _serve_joint_attention(patched, processor: AttentionProcessor, blocks: list[
     options = patched.model_options["transformer_options"]
     options[OVERRIDE_KEY] = install_joint_dispatcher(options.get(OVERRIDE_KEY), computes_exact_attention)
     served = [(JOINT_ATTENTION, (OVERRIDE_KEY,))]
-    if not blocks[0].family.comfy_marks_blocks:
+    family = blocks[0].family
+    if not family.comfy_marks_blocks and not family.marked_by_call_hooks:
         markers = options.get("patches_replace", {}).get("dit", {})
         for block in blocks:
             name, index, _ = block.key
@@ -114,17 +122,19 @@ def _serve_joint_attention(patched, processor: AttentionProcessor, blocks: list[
             patched.set_model_patch_replace(install_block_marker(markers.get(key), name, index), "dit", *key)
             served.append(("dit", key))
     if not patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, JOINT_LAYOUT_KEY):
+        every_block = transformer_blocks(patched, families=(family,)) if family.marked_by_call_hooks else ()
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, JOINT_LAYOUT_KEY,
-                                     functools.partial(publish_joint_layout, blocks[0].family))
+                                     functools.partial(publish_joint_layout, family, tuple(every_block)))
     return served
 
 
-def publish_joint_layout(family: Family, executor, x, t, c_concat, c_crossattn, control, transformer_options,
-                         **kwargs):
-    """APPLY_MODEL wrapper (bound to the model's ``family`` when installed): the token layout of this model call,
-    read when its first block receives its streams (:class:`~..attention.joint.LayoutRecord`), for the joint
-    dispatcher's attention calls, and (when a processor has its own projections) the inputs of the image queries,
-    recorded while the call runs."""
+def publish_joint_layout(family: Family, marked: tuple[TransformerBlock, ...], executor, x, t, c_concat, c_crossattn,
+                         control, transformer_options, **kwargs):
+    """APPLY_MODEL wrapper (bound to the model's ``family`` and, where the family needs them, the blocks to mark
+    when installed): the token layout of this model call, read when its first block receives its streams
+    (:class:`~..attention.joint.LayoutRecord`), for the joint dispatcher's attention calls, the ``marked`` blocks
+    named in transformer_options while each runs, and (when a processor has its own projections) the inputs of
+    the image queries, recorded while the call runs."""
     diffusion_model = executor.class_obj.diffusion_model
     record = LayoutRecord()
     options = {**transformer_options, LAYOUT_KEY: record}
@@ -132,6 +142,7 @@ def publish_joint_layout(family: Family, executor, x, t, c_concat, c_crossattn, 
                         for p in transformer_options.get("patches", {}).get("post_input", []))
     with contextlib.ExitStack() as recording:
         recording.enter_context(recording_layout(diffusion_model, family, record, x.shape, foreign))
+        recording.enter_context(marking_blocks(diffusion_model, marked))
         chain = options.get(CHAIN_KEY)
         if chain is not None and any(p.needs_hidden_states for p in chain.processors):
             options[QUERY_INPUTS_KEY] = QueryInputs(family.query_placement)
@@ -150,15 +161,46 @@ def recording_layout(diffusion_model, family: Family, record: LayoutRecord, late
         return lambda _module, _args, out: embedded.__setitem__(name, out)
 
     def read(_module, args, kwargs):
-        text, image = (kwargs[at] if isinstance(at, str) else args[at] for at in family.first_block_streams)
-        record.layout = read_joint_layout(latent_shape, diffusion_model.patch_size, text, image,
-                                          embedded["conditioning"], embedded.get("latent"), foreign)
+        streams = [kwargs[at] if isinstance(at, str) else args[at] for at in family.first_block_streams]
+        if family.text_stream is not None:  # one stream [text | image]
+            text_tokens = embedded["text"].shape[1]
+            streams = [streams[0][:, :text_tokens], streams[0][:, text_tokens:]]
+        record.layout = read_joint_layout(latent_shape, diffusion_model.patch_size, *streams,
+                                          embedded["conditioning"], embedded.get("latent"), foreign,
+                                          refined=family.text_stream is not None)
 
     handles = [diffusion_model.get_submodule(family.text_embedder).register_forward_hook(keep("conditioning"))]
     try:
         if family.image_embedder is not None:
             handles.append(diffusion_model.get_submodule(family.image_embedder).register_forward_hook(keep("latent")))
+        if family.text_stream is not None:
+            text_stream = diffusion_model.get_submodule(family.text_stream)
+            if isinstance(text_stream, torch.nn.ModuleList):  # refiner blocks: the text leaves the last one
+                text_stream = text_stream[-1]
+            handles.append(text_stream.register_forward_hook(keep("text")))
         handles.append(diffusion_model.get_submodule(family.first_block).register_forward_pre_hook(read, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def marking_blocks(diffusion_model, blocks: tuple[TransformerBlock, ...]):
+    """Hooks, for the duration of one model call, that name each of ``blocks`` in the transformer_options it runs
+    with (``block_type``, ``block_index``), as ComfyUI's Flux forward does itself, for families whose forward names
+    no block and offers no block replace (Z-Image)."""
+    def naming(block: TransformerBlock):
+        name, index, _ = block.key
+
+        def name_block(_module, args, kwargs):
+            options = {**kwargs.get("transformer_options", {}), "block_type": name, "block_index": index}
+            return args, {**kwargs, "transformer_options": options}
+        return name_block
+    handles = [diffusion_model.get_submodule(block.module_path).register_forward_pre_hook(naming(block),
+                                                                                          with_kwargs=True)
+               for block in blocks]
+    try:
         yield
     finally:
         for handle in handles:

@@ -130,7 +130,7 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
         cond, pooled = text
         with glue.saved_tensor_copies(blocks[0].family.joint):
             return glue.denoise(trainable, x_t, sigma, cond, c_concat=c_concat,
-                                **glue.conditioning_extras(model, blocks[0].family, pooled, images.shape[1], x_t))
+                                **glue.conditioning_extras(model, blocks[0].family, pooled, images.shape[1], x_t, cond))
 
     def concat(x_t, masked_latent, mask):
         return model.model.concat_cond(noise=x_t, concat_latent_image=masked_latent, concat_mask=mask, device=device)

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.blocks import ALL_FAMILIES
-from ..attention.families import class_names
 from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
 from ..attention.realcustom_weights import (
     CLIP_VISION_FORMAT,
@@ -29,7 +28,7 @@ from ..training.runs import RUN_ID_KEY, ExportedFile
 from . import training_glue as glue
 from .comfy_io import io
 from .validation import require_images, require_matching_clip
-from .patching import add_attention_processor, transformer_blocks
+from .patching import add_attention_processor, model_class_names, transformer_blocks
 from .prompt_tokens import PhraseNotInPromptError, find_phrase_tokens
 from .realcustom import ADAPTER_FOLDER, CATEGORY, AdapterType, LoadedAdapter
 
@@ -127,7 +126,7 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
         trainable.model_options["transformer_options"][RUN_KEY] = run  # a private clone of this run
         with glue.saved_tensor_copies(family.joint):
             return glue.denoise(trainable, x_t, sigma, context,
-                                **glue.conditioning_extras(model, family, pooled, resolution, x_t))
+                                **glue.conditioning_extras(model, family, pooled, resolution, x_t, context))
 
     step = RealCustomStep(data, adapter.projector, denoise, glue.discrete_sigmas(model), glue.prediction_kind(model, flow=True),
                           batch_size, adapter.scoring, MaskSettings() if word_mask_training else None)
@@ -226,7 +225,7 @@ class RealCustomTrainer(io.ComfyNode):
                 grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True, target_words="",
                 word_mask_training=False) -> io.NodeOutput:
         family = transformer_blocks(model, "RealCustomTrainer", ALL_FAMILIES)[0].family
-        refusal = family.training_refusal(class_names(model.model), model.model.adm_channels)
+        refusal = family.training_refusal(model_class_names(model), model.model.adm_channels)
         if refusal:
             raise ValueError(f"RealCustomTrainer trains the image branches of SD1.x, SDXL and the DiTs; this MODEL "
                              f"({type(model.model).__name__}) {refusal}.")

@@ -230,12 +230,14 @@ def denoise(patched, x_t: torch.Tensor, sigma: torch.Tensor, context: torch.Tens
     return patched.model.apply_model(x_t, sigma, c_crossattn=context, transformer_options=options, **model_kwargs)
 
 
-def conditioning_extras(model, family, pooled: Optional[torch.Tensor], size: int, x_t: torch.Tensor) -> dict:
+def conditioning_extras(model, family, pooled: Optional[torch.Tensor], size: int, x_t: torch.Tensor,
+                        context: torch.Tensor) -> dict:
     """Model keyword arguments of a training call on ``x_t`` besides the token conditioning: the ADM vector ``y``
     ComfyUI's ``encode_adm`` builds from the pooled text output of a square ``size`` training image (SDXL's pooled
     CLIP-G + original/crop/target size, no crop; Flux's and SD3's the pooled vector itself; none without a pooled
-    output), and the guidance input the model's ``family`` trains with (its adapter's ``training_guidance``)."""
-    out = {}
+    output), the guidance input the model's ``family`` trains with (its adapter's ``training_guidance``) and what
+    else the family's model takes for a ``context`` of that many tokens (``training_inputs``: Z-Image's num_tokens)."""
+    out = dict(family.training_inputs(context.shape[1]))
     if pooled is not None:
         adm = model.model.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0,
                                      target_width=size, target_height=size)

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from harness import dit
-from harness.comfy_env import models_dir, pack_module
-from harness.flux2 import TinyFlux2, flux2_latent
-from harness.pack_nodes import run_node, shared_attention
+from harness.comfy_env import pack_module
+from harness.family_techniques import (PROMPT, check_files_refused_across, family_blocks, techniques,
+                                       trained_files)
+from harness.flux2 import TinyFlux2
+from harness.pack_nodes import shared_attention
 from harness.tensors import relative_change
 from test_joint_attention import slow_style_aligned_joint
 from test_joint_layout import Bracketing, SeenCalls, with_post_input
-from test_realcustom_dit import encoded_reference
 
-PROMPT = "photo of a small toy on the beach"
-GUIDANCE = dict(prompt=PROMPT, word="toy", mask_strategy="max_norm", mask_scope=0.25, binary_mask=False,
-                update_fraction=1.0, map_source="text-only pass", uncond_image="black image")
 #: what model_base.Flux2.extra_conds pads every shorter prompt to
 PADDED = 512
 #: the least relative change of a patched image: the calibration edits only the prompt's columns, and on the tiny
@@ -38,38 +34,10 @@ def flux2(comfy):
     yield family
 
 
-def flux2_pva(model):
-    """PVA weights for the tiny Flux.2 (the identity word in its Mistral encoder), initialised from its blocks as the
-    paper does and perturbed a little (harness.pva_assets.dit_pva_weights)."""
-    from harness.pva_assets import dit_pva_weights, loaded_pva
-    return loaded_pva(dit_pva_weights("flux2", model), "tiny flux2 pva")
-
-
-def techniques(flux2):
-    """Each inference technique as ``patch(model, strength)``: strength 0 must leave sampling as it is
-    (StyleAligned has no strength: it shares in no block at a skip fraction of 1)."""
-    from harness.pva_assets import PVA_DEFAULTS, faces, tiny_clip_vision
-    reference = encoded_reference(flux2.model, "test_realcustom_flux2_v1.safetensors", "flux2")
-    pva = flux2_pva(flux2.model)
-    return {
-        "SharedAttentionBatch": lambda model, strength: shared_attention(model, skip_fraction=1.0 - strength),
-        "AdaptiveMaskGuidance": lambda model, strength: run_node(
-            "AdaptiveMaskGuidance", model=model, clip=flux2.clip, reference=reference, strength=strength,
-            **GUIDANCE)[0],
-        "ParallelVisualAttention": lambda model, strength: run_node(
-            "ParallelVisualAttention", model=model, pva=pva, references=faces(2, seed=4, size=32),
-            clip_vision=tiny_clip_vision(), **{**PVA_DEFAULTS, "strength": strength})[0],
-        "CalibratedCrossAttn": lambda model, strength: run_node(
-            "CalibratedCrossAttn", model=model, clip=flux2.clip, prompt=PROMPT, modifiers="small, beach",
-            class_words="toy, photo", strength=strength, start_percent=0.0, end_percent=1.0)[0],
-    }
-
-
 def test_comfys_detection_makes_it_a_flux2_with_flux_blocks(flux2):
     import comfy.model_base
     assert type(flux2.model.model) is comfy.model_base.Flux2
-    blocks = pack_module("nodes.patching").transformer_blocks(flux2.model,
-                                                              families=pack_module("attention.blocks").ALL_FAMILIES)
+    blocks = family_blocks(flux2)
     assert blocks[0].family is pack_module("attention.families").FLUX2
     assert [b.label for b in blocks] == ["double:0", "double:1", "single:0", "single:1"]
 
@@ -105,7 +73,7 @@ def test_a_word_is_where_the_padded_prompt_reaches_the_first_block_and_never_in_
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_each_technique_is_unpatched_at_strength_zero_and_changes_every_image(flux2, cfg):
     base = flux2.sample(flux2.model, cfg=cfg)
-    for name, patch in techniques(flux2).items():
+    for name, patch in techniques(flux2, "flux2").items():
         assert torch.equal(flux2.sample(patch(flux2.model, 0.0), cfg=cfg), base), name
         patched = flux2.sample(patch(flux2.model, 1.0), cfg=cfg)
         for image in range(1, 2) if name == "SharedAttentionBatch" else range(2):
@@ -156,7 +124,7 @@ def test_a_lora_and_reference_images_in_the_same_graph(flux2):
     for graph, (model, sampling) in graphs.items():
         alone = flux2.sample(model, **sampling)
         assert relative_change(alone, flux2.sample(flux2.model)) > 1e-3, f"the {graph} applies"
-        for name, patch in techniques(flux2).items():
+        for name, patch in techniques(flux2, "flux2").items():
             assert torch.equal(flux2.sample(patch(model, 0.0), **sampling), alone), (graph, name)
             changed = relative_change(flux2.sample(patch(model, 1.0), **sampling)[1], alone[1])
             assert changed > CHANGED.get(name, 1e-3), (graph, name)
@@ -166,40 +134,6 @@ def test_trainers_train_it_and_its_files_are_refused_on_flux_and_flux_files_on_i
     """RealCustomTrainer, PVAIdentityTune and PVATrainer: steps of Flux.2's flow loss (its guidance input, no pooled
     vector, the prompt padded as sampling pads it), the family recorded in the files; a Flux.2 file on Flux.1, and
     a Flux.1 file on Flux.2, are refused naming both families."""
-    from harness.pva_assets import PVA_DEFAULTS, faces, tiny_clip_vision
     from harness.flux2 import flux2_vae
-    from test_realcustom_trainer_dit import CAPTIONS, dataset
-    vae = flux2_vae()
-    _, name, *_ = run_node("RealCustomTrainer", model=flux2.model, clip=flux2.clip, vae=vae,
-                           clip_vision=tiny_clip_vision(), images=dataset(), captions=CAPTIONS, name="test_rc_flux2",
-                           steps=2, learning_rate=1e-3, batch_size=2, grad_accumulation=1, resolution=64, seed=0,
-                           checkpoint_every=0, crop=False)
-    with safe_open(str(models_dir() / "realcustom" / name), "pt") as handle:
-        assert handle.metadata()["family"] == "flux2"
-    _, _, pva_name = run_node("PVAIdentityTune", model=flux2.model, clip=flux2.clip, vae=vae,
-                              pva=flux2_pva(flux2.model), photos=faces(2, seed=6, size=64), name="test_tune_flux2",
-                              steps=2, learning_rate=1e-3, word_learning_rate=1e-2, timestep_bins=1, seed=3,
-                              checkpoint_every=0, clip_vision=tiny_clip_vision(), resolution=64)
-    with safe_open(str(models_dir() / "pva" / pva_name), "pt") as handle:
-        assert handle.metadata()["family"] == "flux2"
-    stage1_name = run_node("PVATrainer", model=flux2.model, clip=flux2.clip, vae=vae, pva=flux2_pva(flux2.model),
-                           images=faces(2, seed=7, size=64), images_per_identity=2, name="test_stage1_flux2",
-                           encoder="clip_vision", steps=1, learning_rate=1e-4, transformer_learning_rate=1e-4,
-                           word_learning_rate=1e-3, timestep_bins=1, init_word="person", seed=0, checkpoint_every=0,
-                           resolution=64, clip_vision=tiny_clip_vision())[-1]
-    with safe_open(str(models_dir() / "pva" / stage1_name), "pt") as handle:
-        assert handle.metadata()["family"] == "flux2"
-
-    flux = dit.TinyFamily("flux")
-    flux2_adapter = run_node("RealCustomLoader", adapter_name=name)[0]
-    with pytest.raises(ValueError, match=r"Flux\.2.*Flux|Flux.*Flux\.2"):
-        run_node("AdaptiveMaskGuidance", model=flux.model, clip=flux.clip, strength=1.0, **GUIDANCE,
-                 reference=run_node("RealCustomEncodeReference", adapter=flux2_adapter,
-                                    clip_vision=tiny_clip_vision(), image=faces(1, size=32), crop=False)[0])
-    with pytest.raises(ValueError, match=r"Flux.*Flux\.2|Flux\.2.*Flux"):
-        run_node("AdaptiveMaskGuidance", model=flux2.model, clip=flux2.clip, strength=1.0, **GUIDANCE,
-                 reference=encoded_reference(flux.model, "test_realcustom_flux_for_flux2.safetensors", "flux"))
-    with pytest.raises(ValueError, match=r"trained for Flux\.2 models, but this MODEL .* is a Flux model"):
-        run_node("ParallelVisualAttention", model=flux.model, pva=run_node("PVALoader", pva_name=pva_name)[0],
-                 references=faces(1, size=32), clip_vision=tiny_clip_vision(), **PVA_DEFAULTS)
-    dit.release("flux")
+    adapter, tuned = trained_files(flux2, "flux2", flux2_vae())
+    check_files_refused_across(flux2, adapter, tuned, "Flux.2")

@@ -98,8 +98,11 @@ class Family:
     #: ComfyUI's model classes (comfy.model_base) of the family, matched by name along the model's MRO, nearest
     #: first: families that subclass another's class (Chroma and Flux.2 subclass Flux) are told apart by them
     model_classes: tuple[str, ...] = ()
-    #: ComfyUI itself puts the running block into transformer_options (Flux); else a block marker must
+    #: ComfyUI itself puts the running block into transformer_options (Flux); else a block marker must: in
+    #: ComfyUI's ``dit`` block replace (:meth:`marker_key`, SD3) or, where ComfyUI offers none (Z-Image), by hooks
+    #: on the blocks for the duration of each model call (``marked_by_call_hooks``)
     comfy_marks_blocks: bool = True
+    marked_by_call_hooks: bool = False
     #: the module (under the diffusion model) whose output is the rotary position embedding of a model call's
     #: tokens, in sequence order; None without RoPE
     position_embedder: Optional[str] = None
@@ -112,6 +115,10 @@ class Family:
     #: the first transformer block, and where it takes its (text, image) streams: a keyword's name, or a position
     first_block: Optional[str] = None
     first_block_streams: tuple = ()
+    #: for a first block that takes ONE stream ``[text | image]`` (``first_block_streams`` names it alone): the
+    #: module whose output is its text part (of a ModuleList: its last module's), the prompt's tokens first,
+    #: refined in place (Z-Image's context refiners), so they are found by their count, not by their values
+    text_stream: Optional[str] = None
 
     def recognises(self, tops: set[str], model_classes: Optional[list[str]]) -> bool:
         """Whether a model whose top-level modules are ``tops`` and whose ComfyUI class has ``model_classes`` along
@@ -147,6 +154,11 @@ class Family:
     def training_guidance(self, diffusion_model) -> Optional[float]:
         """The guidance input a trainer gives ``diffusion_model`` (a guidance-distilled model's), or None."""
         return None
+
+    def training_inputs(self, context_tokens: int) -> dict:
+        """Model keyword arguments a trainer gives each training call besides the conditioning, the pooled vector and
+        the guidance, as ComfyUI's ``extra_conds`` gives them in sampling for a conditioning of ``context_tokens``."""
+        return {}
 
     def training_refusal(self, model_classes: list[str], adm_channels: int) -> Optional[str]:
         """Why a trainer cannot give this model the extra conditioning it reads, or None."""

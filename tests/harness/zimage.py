@@ -142,6 +142,26 @@ def zimage_clip():
     return clip
 
 
+def _build_zimage_lora(rank: int = 4) -> dict:
+    """Rank-4 LoRA in the diffusers names ComfyUI maps onto Z-Image (comfy.utils.z_image_to_diffusers, through
+    comfy.lora's Lumina2 branch) on the q/k/v of every main block: ComfyUI slices them into the fused qkv."""
+    width = ZIMAGE_DIT["dim"]
+    gen = torch.Generator().manual_seed(92)
+    sd = {}
+    for layer in range(ZIMAGE_DIT["n_layers"]):
+        for projection in ("to_q", "to_k", "to_v"):
+            name = f"diffusion_model.layers.{layer}.attention.{projection}"
+            sd[f"{name}.lora_A.weight"] = torch.randn(rank, width, generator=gen) * 0.1
+            sd[f"{name}.lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.1
+    return _fp16(sd)
+
+
+def zimage_lora_path() -> Path:
+    """The tiny Z-Image's LoRA (_build_zimage_lora) in models/loras."""
+    boot_comfy(require_pack=False)
+    return _cached("loras", _name("zimage_lora"), _build_zimage_lora)
+
+
 class TinyZImage(TinyFamily):
     """The tiny Z-Image as the family tests use it (harness.dit.TinyFamily's sample: stock EmptySD3LatentImage,
     16 channels at 1/8), sampled at CFG 1 as ComfyUI's Z-Image Turbo example is, prompts through stock
