@@ -186,6 +186,13 @@ COLUMNS: dict[str, list[list[list[tuple[str, list[int]]]]]] = {
         [("Apply ControlNet", [21]), ("Sample", [22, 23, 24]), ("Mask of every step", [26])],
         [("Images", [25, 27])],
     ]],
+    "19 StyleAligned - Flux.2, a batch in one style": [[
+        [("Models", [1, 2, 3])],
+        [("StyleAligned", [4]), ("Prompts", [5, 6])],
+        [("Size and steps", [11, 10]), ("Sampler", [7, 8, 9])],
+        [("Sample", [12, 13])],
+        [("Images", [14])],
+    ]],
 }
 
 
@@ -249,7 +256,9 @@ STOCK_TYPES = {"CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "Triple
                "LoraLoader", "LoraLoaderModelOnly", "ControlNetLoader", "ControlNetApplyAdvanced", "CLIPVisionLoader",
                "LoadImage", "ImageBatch", "ImageToMask", "CLIPTextEncode", "FluxGuidance", "ConditioningZeroOut",
                "EmptyLatentImage", "EmptySD3LatentImage", "KSampler", "VAEDecode", "VAEEncode", "SaveImage",
-               "PreviewImage", "LatentFromBatch", "InpaintModelConditioning", "PrimitiveStringMultiline"}
+               "PreviewImage", "LatentFromBatch", "InpaintModelConditioning", "PrimitiveStringMultiline",
+               "CLIPLoader", "EmptyFlux2LatentImage", "Flux2Scheduler", "BasicGuider", "RandomNoise", "KSamplerSelect",
+               "SamplerCustomAdvanced"}
 
 
 def main() -> None:

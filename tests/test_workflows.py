@@ -7,7 +7,8 @@ from PIL import Image
 
 from harness import dit
 from harness.comfy_env import pack_module
-from harness.tiny_workflows import SIZE, STEPS, TINY_MODELS, WORKFLOWS, demo_assets, shrink_for_tiny_models
+from harness.tiny_workflows import (SIZE, STEPS, TINY_MODELS, WORKFLOWS, demo_assets, needs_newer_comfyui,
+                                    shrink_for_tiny_models)
 from harness.workflows import execute_workflow, load_ui_workflow, saved_image_paths, ui_to_api
 
 # What each workflow must produce: SaveImage image count.
@@ -34,10 +35,12 @@ EXPECTED_IMAGES = {
     "17 PVA - Flux, identity-preserving face inpainting": 1,
     # as 13's first pass: 2 images, the 'toy' mask of each image at every step
     "18 Composition - Flux, four techniques, a LoRA and a ControlNet in one graph": 2 + 2 * STEPS,
+    "19 StyleAligned - Flux.2, a batch in one style": 4,
 }
 # Loader type -> (the models folder of the files it loads, the inputs that name them).
 LOADER_FILES = {"CheckpointLoaderSimple": ("checkpoints", ["ckpt_name"]),
                 "UNETLoader": ("diffusion_models", ["unet_name"]), "VAELoader": ("vae", ["vae_name"]),
+                "CLIPLoader": ("text_encoders", ["clip_name"]),
                 "DualCLIPLoader": ("text_encoders", ["clip_name1", "clip_name2"]),
                 "TripleCLIPLoader": ("text_encoders", ["clip_name1", "clip_name2", "clip_name3"]),
                 "ControlNetLoader": ("controlnet", ["control_net_name"]), "LoraLoader": ("loras", ["lora_name"]),
@@ -54,12 +57,14 @@ def test_every_workflow_is_covered():
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_executes(comfy, path):
+    if reason := needs_newer_comfyui(load_ui_workflow(path)):
+        pytest.skip(reason)
     api = ui_to_api(load_ui_workflow(path))
     if dit.family_of(api) and not pack_module("nodes.comfy_features").has_attention_override():
         pytest.skip("the DiT nodes need ComfyUI 0.3.60 (the attention override), and the tiny DiT models follow "
                     "its model detection; test_comfy_features tests the refusal on this ComfyUI")
     api = shrink_for_tiny_models(api, Path(comfy.folder_paths.get_input_directory()))
-    with dit.stand_in_nodes():  # the test-only loaders of the Flux / SD3.5 workflows
+    with dit.stand_in_nodes():  # the test-only loaders of the Flux / Flux.2 / SD3.5 workflows
         results = execute_workflow(api)
     saves = [node_id for node_id, node in api.items() if node["class_type"] == "SaveImage"]
     assert saves, "every example workflow saves its images"
@@ -76,6 +81,8 @@ def test_declared_models_are_files_the_graph_loads(comfy, path):
     every file of a DiT graph (its diffusion model, text encoders, VAE, LoRA, ControlNet) are declared, except
     the files the pack's trainers write."""
     workflow = load_ui_workflow(path)
+    if reason := needs_newer_comfyui(workflow):
+        pytest.skip(reason)
     api = ui_to_api(workflow)
     loaders = [node for node in api.values() if node["class_type"] in LOADER_FILES]
     loaded = {(LOADER_FILES[node["class_type"]][0], node["inputs"][name])
@@ -93,7 +100,7 @@ def test_declared_models_are_files_the_graph_loads(comfy, path):
     if dit.family_of(api):
         downloads = {(LOADER_FILES[node["class_type"]][0], node["inputs"][name]) for node in loaders
                      if node["class_type"] not in TRAINED_FILE_LOADERS for name in LOADER_FILES[node["class_type"]][1]}
-        assert downloads <= declared_files, "every file a Flux / SD3.5 graph loads is a download"
+        assert downloads <= declared_files, "every file a Flux / Flux.2 / SD3.5 graph loads is a download"
 
 
 def test_demo_copies_are_never_overwritten(comfy, tmp_path):

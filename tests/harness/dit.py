@@ -69,7 +69,8 @@ where they can load them and test-only stand-in nodes (stand_in_nodes()) where t
 a prompt's family from its text-encoder loaders, variant_of() the variant from a model file's name
 (flux1-fill-dev.safetensors: the tiny Fill). SD3.5 is also written as a checkpoint with the VAE inside
 (sd35_checkpoint_path), the layout of Stability's sd3.5_large.safetensors that ComfyUI's SD3.5 examples load
-with CheckpointLoaderSimple.
+with CheckpointLoaderSimple. A Flux.2 prompt (CLIPLoader type "flux2") gets harness.flux2's tiny Flux.2 [dev],
+its Mistral 3 text encoder (both through stand-ins, for the reasons of Flux), VAE and LoRA.
 
 Memory: every loader is a harness.memory.model_cache (once per process, clone() before patching) that
 ``release()`` empties for some families and conftest empties for all after every test module; the module holds
@@ -593,15 +594,32 @@ class TinyFluxModelLoader:
         return (flux_model(variant),)
 
 
+class TinyFlux2ModelLoader:
+    """Test-only stand-in for UNETLoader on Flux.2 files (ComfyUI pins 48 heads: harness.flux2's docstring)."""
+    RETURN_TYPES, FUNCTION, CATEGORY = ("MODEL",), "load", "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        from .flux2 import flux2_model
+        return (flux2_model(),)
+
+
 class TinyDiTTextEncoders:
-    """Test-only stand-in for DualCLIPLoader / TripleCLIPLoader, which build the full-size text encoders."""
+    """Test-only stand-in for DualCLIPLoader / TripleCLIPLoader and Flux.2's CLIPLoader, which build the full-size
+    text encoders."""
     RETURN_TYPES, FUNCTION, CATEGORY = ("CLIP",), "load", "testing"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (list(FAMILY_ENCODERS),)}}
+        return {"required": {"family": ([*FAMILY_ENCODERS, "flux2"],)}}
 
     def load(self, family):
+        if family == "flux2":
+            from .flux2 import flux2_clip
+            return (flux2_clip(),)
         return (flux_clip() if family == "flux" else sd35_clip(),)
 
 
@@ -617,7 +635,8 @@ class TinyFluxControlNetLoader:
         return (flux_controlnet(),)
 
 
-STAND_IN_NODES = {cls.__name__: cls for cls in (TinyFluxModelLoader, TinyDiTTextEncoders, TinyFluxControlNetLoader)}
+STAND_IN_NODES = {cls.__name__: cls for cls in (TinyFluxModelLoader, TinyFlux2ModelLoader, TinyDiTTextEncoders,
+                                                  TinyFluxControlNetLoader)}
 
 
 @contextlib.contextmanager
@@ -635,8 +654,8 @@ def stand_in_nodes():
 
 
 def family_of(api_prompt: dict) -> str | None:
-    """The DiT family ("flux" or "sd35") of an API prompt, read from its text-encoder loaders as ComfyUI
-    reads it (DualCLIPLoader's type; TripleCLIPLoader is SD3's); None for a prompt of neither."""
+    """The DiT family ("flux", "flux2" or "sd35") of an API prompt, read from its text-encoder loaders as ComfyUI
+    reads it (DualCLIPLoader's and CLIPLoader's type; TripleCLIPLoader is SD3's); None for a prompt of none."""
     families = set()
     for node in api_prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
@@ -644,6 +663,8 @@ def family_of(api_prompt: dict) -> str | None:
             families.add("sd35")
         elif kind == "DualCLIPLoader" and inputs.get("type") == "flux":
             families.add("flux")
+        elif kind == "CLIPLoader" and inputs.get("type") == "flux2":
+            families.add("flux2")
     if len(families) > 1:
         raise ValueError(f"a prompt with the text encoders of several DiT families: {sorted(families)}")
     return families.pop() if families else None
@@ -658,14 +679,18 @@ def variant_of(family: str, file_name: str) -> str:
 
 
 def use_tiny_dit_models(api_prompt: dict, family: str, variant: str | None = None) -> dict:
-    """Point an API prompt of ``family`` ("flux" or "sd35") at the tiny models, in place: stock loaders where
-    they can load them (SD3.5 UNETLoader and CheckpointLoaderSimple, VAELoader, LoRA loaders, the SD3.5
-    ControlNetLoader), stand-in nodes where they cannot (Flux UNETLoader and ControlNetLoader, every DiT
-    text-encoder loader); ``variant`` is the model variant (default: the one each loader's file name spells,
-    variant_of). Execute it inside ``with stand_in_nodes():``."""
+    """Point an API prompt of ``family`` ("flux", "flux2" or "sd35") at the tiny models, in place: stock loaders
+    where they can load them (SD3.5 UNETLoader and CheckpointLoaderSimple, VAELoader, LoRA loaders, the SD3.5
+    ControlNetLoader), stand-in nodes where they cannot (Flux and Flux.2 UNETLoader, Flux ControlNetLoader, every
+    DiT text-encoder loader); ``variant`` is the model variant (default: the one each loader's file name spells,
+    variant_of; Flux.2 has one, [dev]). Execute it inside ``with stand_in_nodes():``."""
+    if family == "flux2":
+        from . import flux2
     for node in api_prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
-        if kind == "UNETLoader" and family == "flux":
+        if kind == "UNETLoader" and family == "flux2":
+            node.update(class_type="TinyFlux2ModelLoader", inputs={})
+        elif kind == "UNETLoader" and family == "flux":
             node.update(class_type="TinyFluxModelLoader",
                         inputs={"variant": variant or variant_of(family, inputs["unet_name"])})
         elif kind == "UNETLoader":
@@ -676,9 +701,9 @@ def use_tiny_dit_models(api_prompt: dict, family: str, variant: str | None = Non
         elif kind in ("DualCLIPLoader", "TripleCLIPLoader", "CLIPLoader"):
             node.update(class_type="TinyDiTTextEncoders", inputs={"family": family})
         elif kind == "VAELoader":
-            inputs["vae_name"] = vae_path().name
+            inputs["vae_name"] = (flux2.flux2_vae_path() if family == "flux2" else vae_path()).name
         elif kind in ("LoraLoaderModelOnly", "LoraLoader"):
-            inputs["lora_name"] = lora_path(family).name
+            inputs["lora_name"] = (flux2.flux2_lora_path() if family == "flux2" else lora_path(family)).name
         elif kind == "ControlNetLoader" and family == "flux":
             node.update(class_type="TinyFluxControlNetLoader", inputs={})
         elif kind == "ControlNetLoader":
@@ -694,10 +719,15 @@ FAMILY_CACHES = {"flux": (flux_model, flux_clip, flux_controlnet), "sd35": (sd35
 
 
 def release(*families: str) -> None:
-    """Drop the harness's references to ``families`` ("flux", "sd35", "vae"; all when none given) and collect,
-    so their memory is freed once the tests hold none either."""
+    """Drop the harness's references to ``families`` ("flux", "sd35", "vae", "flux2": harness.flux2's; all but
+    "flux2" when none given) and collect, so their memory is freed once the tests hold none either."""
     for family in families or tuple(FAMILY_CACHES):
-        for cached in FAMILY_CACHES[family]:
+        if family == "flux2":
+            from . import flux2
+            caches = (flux2.flux2_model, flux2.flux2_clip, flux2.flux2_vae)
+        else:
+            caches = FAMILY_CACHES[family]
+        for cached in caches:
             cached.cache_clear()
     gc.collect()
     if "comfy.model_management" in sys.modules:  # booted: drop ComfyUI's entries for the freed models

@@ -1,6 +1,7 @@
 """Example workflows made runnable on the tiny random checkpoints of the harness: models swapped for the
 generated ones, sizes and step counts shrunk, input images and the trainers' exported files written
-as stand-ins when no training run made them; Flux and SD3.5 workflows get the tiny DiT models of harness.dit.
+as stand-ins when no training run made them; Flux, Flux.2 and SD3.5 workflows get the tiny DiT models of
+harness.dit.
 Used by tests/test_workflows.py, scripts/readme_outputs.py
 (on API prompts) and scripts/demo_assets.py (on the UI-format demo copies), so both run the same way."""
 import importlib.util
@@ -22,6 +23,17 @@ TINY_MODELS = {
     "LoraLoader": ("lora_name", checkpoints.sd15_lora_path),
     "LoraLoaderModelOnly": ("lora_name", checkpoints.sd15_lora_path),
 }
+#: Flux.2's own nodes, which came with Flux.2 in ComfyUI 0.3.71
+FLUX2_NODES = ("EmptyFlux2LatentImage", "Flux2Scheduler")
+
+
+def needs_newer_comfyui(workflow: dict) -> str | None:
+    """Why the UI-format `workflow` cannot load in this ComfyUI: it uses Flux.2's nodes and this ComfyUI has none
+    (the oldest leg's 0.3.52); None where it can."""
+    from .comfy_env import boot_comfy
+    registered = boot_comfy(require_pack=False).nodes.NODE_CLASS_MAPPINGS
+    absent = sorted(({node["type"] for node in workflow["nodes"]} & set(FLUX2_NODES)) - set(registered))
+    return f"a Flux.2 workflow: this ComfyUI has no {', '.join(absent)} (Flux.2 came with 0.3.71)" if absent else None
 
 
 def tiny_inputs(kind: str, inputs: dict, size: int, steps: int, train_steps: int, family: str | None = None) -> dict:
@@ -34,8 +46,10 @@ def tiny_inputs(kind: str, inputs: dict, size: int, steps: int, train_steps: int
     if kind in TINY_MODELS:
         name, path = TINY_MODELS[kind]
         return {name: path().name}
-    if kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
+    if kind in ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyFlux2LatentImage"):
         return {"width": size, "height": size}
+    if kind == "Flux2Scheduler":  # its size is the latent's
+        return {"steps": steps, "width": size, "height": size}
     if kind in ("KSampler", "SharedAttentionInvertReference"):
         return {"steps": steps}
     if kind == "SharedAttentionApplyReference":
@@ -72,8 +86,8 @@ def write_input_image(name: str, input_dir: Path, size: int) -> None:
 
 
 def shrink_for_tiny_models(api: dict, input_dir: Path, size: int = SIZE, steps: int = STEPS) -> dict:
-    """`api` made runnable on the tiny models, in place. A Flux or SD3.5 prompt (harness.dit.family_of) gets
-    the tiny models of its family, some through test-only loaders: execute it inside
+    """`api` made runnable on the tiny models, in place. A Flux, Flux.2 or SD3.5 prompt (harness.dit.family_of)
+    gets the tiny models of its family, some through test-only loaders: execute it inside
     `with harness.dit.stand_in_nodes():` and free them after with harness.dit.release(family)."""
     family = dit.family_of(api)
     if family:
