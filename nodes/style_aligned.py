@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import comfy.model_sampling
 import comfy.patcher_extension
@@ -18,6 +17,7 @@ import latent_preview
 import torch
 
 from ..attention.blocks import ALL_FAMILIES, evenly_skipped, group_norms, parse_block_selection
+from ..attention.families import text_encoder_family
 from ..attention.dispatcher import sigma_in_range
 from ..attention.group_norm import ReferenceSharedGroupNorm, norm_sharing
 from ..attention.layout import chunk_count
@@ -172,13 +172,6 @@ class SharedAttentionBatch(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate per-prompt cross-attention contexts on the batch axis; contexts of different token
-    lengths are repeated up to a common length, as ComfyUI itself batches conds (same attention)."""
-    length = math.lcm(*(t.shape[1] for t in tensors))
-    return torch.cat([t.repeat(1, length // t.shape[1], 1) for t in tensors])
-
-
 class SharedAttentionPromptBatch(io.ComfyNode):
     """One prompt per image for a StyleAligned batch (paper: "<object>, <shared style>").
 
@@ -219,9 +212,13 @@ class SharedAttentionPromptBatch(io.ComfyNode):
         for line in lines:
             text = f"{line}, {style.strip()}" if style.strip() else line
             encoded.append(clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True))
-        extras = {key: torch.cat([e[key] for e in encoded]) for key in encoded[0]
-                  if key != "cond" and isinstance(encoded[0][key], torch.Tensor)}
-        conditioning = [[_batched([e["cond"] for e in encoded]), extras]]
+        family = text_encoder_family(clip.cond_stage_model)
+        # per-token tensors (the contexts, Flux.2's and Z-Image's attention masks) batch as the family's model takes
+        # them; pooled outputs stack; what is no tensor (Flux.2's pooled_output None, which its model reads) stays
+        extras = {key: family.batched_prompts([e[key] for e in encoded]) if key == "attention_mask"
+                  else torch.cat([e[key] for e in encoded]) if isinstance(encoded[0][key], torch.Tensor)
+                  else encoded[0][key] for key in encoded[0] if key != "cond"}
+        conditioning = [[family.batched_prompts([e["cond"] for e in encoded]), extras]]
         return io.NodeOutput(conditioning, len(lines))
 
 

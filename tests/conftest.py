@@ -41,8 +41,23 @@ if str(TESTS_DIR) not in sys.path:
 _put_pack_on_path()
 
 
+#: set to 1 to run the nightly tests too (docs/testing.md: what they are and why they are not in the default run)
+NIGHTLY = "PERSONALIZATION_NIGHTLY"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
+    config.addinivalue_line("markers", f"nightly: a deeper family check run only with {NIGHTLY}=1 (the default run "
+                                       "keeps every family's strength-0, written-out-formulation and workflow tests)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get(NIGHTLY) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"nightly check: run with {NIGHTLY}=1")
+    for item in items:
+        if "nightly" in item.keywords:
+            item.add_marker(skip)
 
 
 #: (peak resident bytes, test module) of the module with the highest peak so far

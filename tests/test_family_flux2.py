@@ -137,3 +137,20 @@ def test_trainers_train_it_and_its_files_are_refused_on_flux_and_flux_files_on_i
     from harness.flux2 import flux2_vae
     adapter, tuned = trained_files(flux2, "flux2", flux2_vae())
     check_files_refused_across(flux2, adapter, tuned, "Flux.2")
+
+
+def test_a_prompt_batch_of_different_lengths_gives_each_prompt_what_it_gets_alone(flux2):
+    """SharedAttentionPromptBatch on Flux.2's text encoder: prompts of different token counts (and their attention
+    masks) are batched with zeros in front, where the model pads each alone, and the extras Flux.2's model reads
+    (pooled_output None) are kept: each image of the batch samples as its prompt alone."""
+    from harness.pack_nodes import run_node
+    lines = ["photo of a small toy", "photo of a small toy on the beach at dusk"]
+    batched, count = run_node("SharedAttentionPromptBatch", clip=flux2.clip, prompts="\n".join(lines), style="")
+    assert count == 2 and "pooled_output" in batched[0][1]
+    alone = [flux2.encode(line) for line in lines]
+    import nodes
+    batched = nodes.NODE_CLASS_MAPPINGS["FluxGuidance"].execute(batched, 3.5).result[0]
+    together = flux2.sample(flux2.model, batch=2, positive=batched)
+    for image, positive in enumerate(alone):
+        own = flux2.sample(flux2.model, batch=2, positive=[[positive[0][0].repeat(2, 1, 1), positive[0][1]]])
+        assert relative_change(together[image], own[image]) < 1e-5, image

@@ -105,3 +105,15 @@ def test_trainers_train_it_and_its_files_are_refused_on_flux_and_flux_files_on_i
     Flux.1 file on Z-Image, are refused naming both families."""
     adapter, tuned = trained_files(zimage, "zimage", dit.vae())
     check_files_refused_across(zimage, adapter, tuned, "Z-Image")
+
+
+def test_a_prompt_batch_holds_prompts_of_one_length_and_refuses_others_saying_why(zimage):
+    """SharedAttentionPromptBatch on Z-Image's text encoder: prompts of one token count batch as they are (their
+    attention masks too); prompts of different counts are refused, since Z-Image pads each with its own tokens."""
+    from harness.pack_nodes import run_node
+    batched, count = run_node("SharedAttentionPromptBatch", clip=zimage.clip, prompts="a small toy\na small cat",
+                              style="")
+    assert count == 2 and batched[0][0].shape[0] == 2 and batched[0][1]["attention_mask"].shape[0] == 2
+    assert torch.equal(batched[0][0][1:], zimage.encode("a small cat")[0][0])
+    with pytest.raises(ValueError, match=r"these prompts encode to \[\d+, \d+\] tokens"):
+        run_node("SharedAttentionPromptBatch", clip=zimage.clip, prompts="a toy\na small toy on the beach", style="")

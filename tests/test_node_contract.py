@@ -67,7 +67,7 @@ def test_display_names_follow_one_pattern(comfy):
 
 
 #: the README's node x family table: its family columns and the only words a cell may hold
-FAMILY_COLUMNS = ["SD1.5 / SD2", "SDXL", "Flux.1", "Flux.2", "Chroma", "SD3 / SD3.5"]
+FAMILY_COLUMNS = ["SD1.5 / SD2", "SDXL", "Flux.1", "Flux.2", "Chroma", "SD3 / SD3.5", "Z-Image"]
 FAMILY_CELLS = {"✔", "refused", "any", "SD1.x ✔, SD2 refused"}
 FOOTNOTE = re.compile(r"\s*⁽[^⁾]*⁾")
 

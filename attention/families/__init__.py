@@ -52,6 +52,12 @@ def family_of_model(modules: list, model_name: str, model_classes: Optional[list
                                 f"families: {supported}.")
 
 
+def text_encoder_family(encoders) -> Family:
+    """The family whose own combination of text encoders ``encoders`` (a CLIP's ``cond_stage_model``) is; the
+    U-Nets' for any CLIP no DiT family claims (CLIP-L, CLIP-L + G)."""
+    return next((family for family in ADAPTERS if family.encodes_with(encoders)), UNET)
+
+
 def context_stretches(encoders, tokens: dict) -> list[tuple[str, ...]]:
     """The tokenizer keys (of ``tokens``, ``clip.tokenize``'s output) whose encoders fill the conditioning's token
     axis, one tuple per stretch in token order: the encoders of one stretch are concatenated channel-wise (they
@@ -67,4 +73,4 @@ def context_stretches(encoders, tokens: dict) -> list[tuple[str, ...]]:
 
 __all__ = ["ADAPTERS", "ALL_FAMILIES", "BlockKey", "CHROMA", "ConditioningPlacement", "FLUX", "FLUX2", "Family", "JointProjections", "MMDIT", "NamedModules",
            "OTHER_FAMILIES", "ProjectionRows", "TransformerBlock", "UNET", "UnsupportedModelError", "ZIMAGE", "class_names", "context_stretches",
-           "family_of_model", "family_of_tag"]
+           "family_of_model", "family_of_tag", "text_encoder_family"]

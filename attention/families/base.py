@@ -9,6 +9,7 @@ answers through blocks and attention calls and never asks which family it runs o
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
@@ -72,10 +73,11 @@ class ConditioningPlacement:
     offset: int = 0
 
     def place(self, conditioning: torch.Tensor) -> torch.Tensor:
-        """``(B, tokens, D)`` conditioning as the model receives it."""
+        """``(B, tokens, ...)`` conditioning (or its attention mask) as the model receives it."""
+        if self.total == self.tokens:
+            return conditioning
         after = self.total - self.offset - self.tokens
-        return torch.nn.functional.pad(conditioning, (0, 0, self.offset, after)) if self.total != self.tokens \
-            else conditioning
+        return torch.nn.functional.pad(conditioning, (0, 0) * (conditioning.ndim - 2) + (self.offset, after))
 
     def shift(self, positions: Iterable[int]) -> tuple[int, ...]:
         """Token positions of the prompt's conditioning as positions of the model's."""
@@ -145,6 +147,17 @@ class Family:
         order, when ``encoders`` (a CLIP's ``cond_stage_model``) is this family's own combination of text
         encoders; None for any other."""
         return None
+
+    def encodes_with(self, encoders) -> bool:
+        """Whether ``encoders`` (a CLIP's ``cond_stage_model``) is this family's own combination of text encoders."""
+        return False
+
+    def batched_prompts(self, per_prompt: list[torch.Tensor]) -> torch.Tensor:
+        """Per-prompt token tensors (``(1, tokens, ...)``: contexts, attention masks) of this family's text encoders
+        as one batch. Those of different lengths are repeated up to a common length, as ComfyUI batches U-Net conds
+        (a cross-attention over a repeated context is the same attention)."""
+        length = math.lcm(*(t.shape[1] for t in per_prompt))
+        return torch.cat([t.repeat(1, length // t.shape[1], *(1,) * (t.ndim - 2)) for t in per_prompt])
 
     def reads_pooled(self, adm_channels: int) -> bool:
         """Whether the model reads the pooled text vector (through ComfyUI's ``encode_adm``) besides the token

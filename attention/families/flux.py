@@ -54,10 +54,11 @@ class FluxFamily(Family):
     def query_placement(self, positions):
         return lambda queries: rotate_by_positions(queries, positions)
 
+    def encodes_with(self, encoders) -> bool:
+        return self.text_encoder_class is not None and self.text_encoder_class in class_names(encoders)
+
     def context_stretches(self, encoders, tokens):
-        if self.text_encoder_class is None or self.text_encoder_class not in class_names(encoders):
-            return None
-        return [("t5xxl",)]
+        return [("t5xxl",)] if self.encodes_with(encoders) else None
 
 
 def _projections(path: str, name: str) -> JointProjections:

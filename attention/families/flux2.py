@@ -16,7 +16,8 @@ differs for the pack:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+
+import torch
 
 from .base import ConditioningPlacement
 from .flux import FLUX_LAYOUT, FluxFamily
@@ -34,5 +35,15 @@ class Flux2Family(FluxFamily):
         padding = max(0, PADDED_TEXT_TOKENS - tokens)
         return ConditioningPlacement(tokens, tokens + padding, padding)
 
+    def context_stretches(self, encoders, tokens):
+        return None  # one stretch: the default layout
 
-FLUX2 = Flux2Family("Flux.2", file_tag="flux2", model_classes=("Flux2",), text_encoder_class=None, **FLUX_LAYOUT)
+    def batched_prompts(self, per_prompt: list[torch.Tensor]) -> torch.Tensor:
+        # zeros in front up to the longest prompt, where the model pads every shorter one itself: each prompt of
+        # the batch reaches the model as it does alone
+        longest = max(t.shape[1] for t in per_prompt)
+        return torch.cat([ConditioningPlacement(t.shape[1], longest, longest - t.shape[1]).place(t) for t in per_prompt])
+
+
+FLUX2 = Flux2Family("Flux.2", file_tag="flux2", model_classes=("Flux2",), text_encoder_class="Flux2TEModel",
+                    **FLUX_LAYOUT)

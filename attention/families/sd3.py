@@ -38,8 +38,11 @@ class SD3Family(Family):
     def marker_key(self, block: TransformerBlock) -> tuple:
         return "double_block", block.key[1]
 
+    def encodes_with(self, encoders) -> bool:
+        return "SD3ClipModel" in class_names(encoders)
+
     def context_stretches(self, encoders, tokens):
-        if "SD3ClipModel" not in class_names(encoders):
+        if not self.encodes_with(encoders):
             return None
         clips = tuple(key for key, encoder in (("l", encoders.clip_l), ("g", encoders.clip_g)) if encoder is not None)
         return [stretch for stretch in (clips, ("t5xxl",) if encoders.t5xxl is not None else ()) if stretch]

@@ -18,7 +18,9 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from .base import Family, JointProjections, TransformerBlock, matching_paths, nearest_of
+import torch
+
+from .base import Family, JointProjections, TransformerBlock, class_names, matching_paths, nearest_of
 from .flux import rotate_by_positions
 
 _BLOCK_PATH = re.compile(r"^layers\.(\d+)$")
@@ -49,6 +51,19 @@ class ZImageFamily(Family):
 
     def query_placement(self, positions):
         return lambda queries: rotate_by_positions(queries, positions)
+
+    def encodes_with(self, encoders) -> bool:
+        return "ZImageTEModel" in class_names(encoders)
+
+    def batched_prompts(self, per_prompt: list[torch.Tensor]) -> torch.Tensor:
+        lengths = sorted({t.shape[1] for t in per_prompt})
+        if len(lengths) > 1:
+            raise ValueError(
+                f"Z-Image fills every prompt up to a multiple of 32 tokens with its own learned tokens, which a batched "
+                f"conditioning cannot hold: these prompts encode to {lengths} tokens, and any other padding or "
+                "repetition would change what each image sees. Give every prompt the same number of tokens (reword "
+                "them, or sample them one by one).")
+        return torch.cat(per_prompt)
 
     def reads_pooled(self, adm_channels: int) -> bool:
         return False
