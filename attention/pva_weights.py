@@ -14,7 +14,8 @@ Keys (``.safetensors``; no pickle is ever read):
 
 Metadata: ``format`` = ``pva-v1``, ``encoder`` = ``arcface`` or ``clip_vision`` (which features the token
 transformer was trained on), ``heads`` of the token transformer, ``family`` the model family's file tag
-(``unet``, ``flux``, ``sd3``; files without it are U-Net files). Every other size is read from shapes.
+(its adapter's ``file_tag``: ``unet``, ``flux``, ``flux2``, ``chroma``, ``sd3``, ``zimage``; files without it
+are U-Net files). Every other size is read from shapes.
 """
 from __future__ import annotations
 

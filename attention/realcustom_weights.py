@@ -15,10 +15,10 @@ the visual key/value projections of every cross-attention layer (:class:`ImageBr
   the image tokens before the projector at every step.
 
 Both are stored as safetensors with the adapter's ``state_dict()`` keys, the format and the model family
-(:attr:`~.blocks.Family.file_tag`: ``unet``, ``flux``, ``sd3``; files without it are U-Net adapters, as every
-file written before the DiT families and the released SDXL model are) in metadata. On a DiT the visual
-projections are per joint block (``double_3_0``, ``single_12_0``, ``joint_7_0``), from the token width to the
-block's attention width.
+(:attr:`~.blocks.Family.file_tag`: ``unet``, ``flux``, ``flux2``, ``chroma``, ``sd3``, ``zimage``; files without it
+are U-Net adapters, as every file written before the DiT families and the released SDXL model are) in metadata.
+On a DiT the visual projections are per joint block (``double_3_0``, ``single_12_0``, ``joint_7_0``), from the
+token width to the block's attention width.
 """
 from __future__ import annotations
 

@@ -41,18 +41,17 @@ if str(TESTS_DIR) not in sys.path:
 _put_pack_on_path()
 
 
-#: set to 1 to run the nightly tests too (docs/testing.md: what they are and why they are not in the default run)
-NIGHTLY = "PERSONALIZATION_NIGHTLY"
-
-
 def pytest_configure(config):
+    from harness.nightly import NIGHTLY
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
-    config.addinivalue_line("markers", f"nightly: a deeper family check run only with {NIGHTLY}=1 (the default run "
-                                       "keeps every family's strength-0, written-out-formulation and workflow tests)")
+    config.addinivalue_line("markers", f"nightly: a deeper repeat of a check, run only with {NIGHTLY}=1 (the default "
+                                       "run keeps every family's strength-0, written-out-formulation and workflow "
+                                       "tests; docs/testing.md)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get(NIGHTLY) == "1":
+    from harness.nightly import NIGHTLY, nightly
+    if nightly():
         return
     skip = pytest.mark.skip(reason=f"nightly check: run with {NIGHTLY}=1")
     for item in items:

@@ -106,8 +106,12 @@ def test_style_aligned_first_call_is_the_written_out_formulation_with_and_withou
         assert seen.layouts() == [layout], name
         first = next(call for call in seen.calls if call["block"] == ("double", 0))
         q, k, v = (t.double() for t in first["qkv"])
-        expected = slow_style_aligned_joint(q, k, v, 1, settings, text=text)
-        out = first["out"].double().unflatten(-1, (q.shape[1], -1)).transpose(1, 2)
+        # every image row, and text rows at both ends and around the prompt's (the text rows are the plain
+        # attention's: the 500-odd padding rows between them hold nothing else to check, at ~30 ms a row)
+        rows = [*range(0, before + 4), *range(text - 12 - after, text), *range(text, q.shape[2])]
+        expected = slow_style_aligned_joint(q, k, v, 1, settings, text=text, rows=rows)
+        out = first["out"].double().unflatten(-1, (q.shape[1], -1)).transpose(1, 2)[:, :, rows]
+        expected = expected[:, :, rows]
         assert (out - expected).abs().max() / expected.abs().max() < 1e-5, name
 
 

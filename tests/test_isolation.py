@@ -115,8 +115,15 @@ TRAINER_GRAPHS = {
 OBJECT_PATCHING_GRAPHS = {"share_group_norm": {"share_group_norm": True}}
 
 
+#: the trainers this runs on by default: one whose trainable copy patches the U-Net's attention (RealCustom) and one
+#: that also trains through the text encoder (PVA stage 1); the others build their trainable copies with the same
+#: training_glue and run nightly
+TRAINERS_BY_DEFAULT = ("RealCustomTrainer", "PVATrainer")
+
+
 @pytest.mark.parametrize("patch", OBJECT_PATCHING_GRAPHS, ids=str)
-@pytest.mark.parametrize("trainer", TRAINER_GRAPHS)
+@pytest.mark.parametrize("trainer", [name if name in TRAINERS_BY_DEFAULT else pytest.param(name, marks=pytest.mark.nightly)
+                                     for name in TRAINER_GRAPHS])
 def test_trainer_after_sampling_with_object_patches_in_one_process(comfy, trainer, patch):
     """ComfyUI keeps the last sampled clone's object patches applied to the shared U-Net: a trainer that
     discovered its modules from that live tree missed the norms (the newcomer's crash 'Inference tensors

@@ -26,8 +26,9 @@ def token_mean_std(x):
     return mean, (var + 1e-5).sqrt()
 
 
-def slow_style_aligned_joint(q, k, v, chunks: int, settings: StyleAlignedSettings, text: int):
-    """q/k/v: (B, heads, L, d), text tokens first. Sample 0 of each chunk is the reference."""
+def slow_style_aligned_joint(q, k, v, chunks: int, settings: StyleAlignedSettings, text: int, rows=None):
+    """q/k/v: (B, heads, L, d), text tokens first. Sample 0 of each chunk is the reference. ``rows``: the query rows
+    to compute (default all; the others stay 0)."""
     batch, heads, length, dim = q.shape
     per_chunk = batch // chunks
     out = torch.zeros_like(q)
@@ -35,7 +36,7 @@ def slow_style_aligned_joint(q, k, v, chunks: int, settings: StyleAlignedSetting
         ref = c * per_chunk
         for s in range(c * per_chunk, (c + 1) * per_chunk):
             for h in range(heads):
-                for row in range(length):
+                for row in range(length) if rows is None else rows:
                     query = q[s, h, row]
                     keys, values, shifts = list(k[s, h]), list(v[s, h]), [0.0] * length
                     if s != ref and row >= text:
