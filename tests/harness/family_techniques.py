@@ -103,3 +103,21 @@ def check_files_refused_across(family, adapter: str, tuned: str, family_name: st
         run_node("ParallelVisualAttention", model=flux.model, pva=run_node("PVALoader", pva_name=tuned)[0],
                  references=faces(1, size=32), clip_vision=tiny_clip_vision(), **PVA_DEFAULTS)
     dit.release("flux")
+
+
+def check_each_technique(family, file_tag: str, model=None, changed: dict | None = None, **sampling) -> None:
+    """Each technique (:func:`techniques`) on ``model`` (default: the family's own), sampled with ``sampling``
+    (family.sample's arguments): at strength 0 bit for bit what ``model`` samples alone, at strength 1 every image
+    (StyleAligned: every target) changed by more than ``changed[name]`` relative (default 1e-3), and ``model``
+    itself left unpatched."""
+    import torch
+
+    from .tensors import relative_change
+    model = family.model if model is None else model
+    base = family.sample(model, **sampling)
+    for name, patch in techniques(family, file_tag).items():
+        assert torch.equal(family.sample(patch(model, 0.0), **sampling), base), name
+        patched = family.sample(patch(model, 1.0), **sampling)
+        for image in range(1, 2) if name == "SharedAttentionBatch" else range(2):
+            assert relative_change(patched[image], base[image]) > (changed or {}).get(name, 1e-3), (name, image)
+    assert torch.equal(family.sample(model, **sampling), base), "the input model must stay unpatched"
