@@ -9,7 +9,7 @@ as random stand-ins, so a demo that uses them runs before its trainer did (runni
 replaces them); in the demo copies these files are called demo_<name>, so no stand-in ever answers for a
 file the real workflows name. Left out: workflows that need a CLIP vision model (ComfyUI only loads
 full-size ones, 0.6 GB even with random weights), PVA (its ArcFace backbone has one fixed file name, which
-a random stand-in must not take) or a DiT family (Flux, Flux.2, SD3.5: recognised by their text-encoder
+a random stand-in must not take) or a DiT family (Flux, Flux.2, SD3.5, Z-Image: recognised by their text-encoder
 loaders; the demo models are SD1.5, and ComfyUI's stock loaders build only full-size Flux and DiT text encoders).
 Existing demo copies are never overwritten (they may hold the user's edits).
 
@@ -145,8 +145,8 @@ def write_demo_copies(target: Path, input_dir: Path) -> list[Path]:
     for path in sorted((ROOT / "workflows").glob("*.json")):
         workflow = json.loads(path.read_text())
         if not runs_on_demo_models(workflow):
-            print(f"no demo of {path.stem}: it needs a CLIP vision model, PVA's ArcFace or a Flux / Flux.2 / SD3.5 "
-                  "model")
+            print(f"no demo of {path.stem}: it needs a CLIP vision model, PVA's ArcFace or a Flux / Flux.2 / SD3.5 / "
+                  "Z-Image model")
             continue
         copy_path = target / path.name
         written.append(copy_path)

@@ -193,6 +193,14 @@ COLUMNS: dict[str, list[list[list[tuple[str, list[int]]]]]] = {
         [("Sample", [12, 13])],
         [("Images", [14])],
     ]],
+    "20 RealCustom - Z-Image, train an image branch, then sample": [[
+        [("Models", [1, 2, 3, 4, 5]), ("Training images", [6, 7, 8])],
+        [("Train (RealCustom)", [9]), ("What the word covers", [10])],
+        [("Subject reference", [11, 12]), ("Prompt (shared)", [13])],
+        [("RealCustom guidance", [14]), ("Prompts", [15, 16])],
+        [("Sample", [17, 18, 19]), ("Mask of every step", [21])],
+        [("Images", [20, 22])],
+    ]],
 }
 
 
@@ -258,7 +266,7 @@ STOCK_TYPES = {"CheckpointLoaderSimple", "UNETLoader", "DualCLIPLoader", "Triple
                "EmptyLatentImage", "EmptySD3LatentImage", "KSampler", "VAEDecode", "VAEEncode", "SaveImage",
                "PreviewImage", "LatentFromBatch", "InpaintModelConditioning", "PrimitiveStringMultiline",
                "CLIPLoader", "EmptyFlux2LatentImage", "Flux2Scheduler", "BasicGuider", "RandomNoise", "KSamplerSelect",
-               "SamplerCustomAdvanced"}
+               "SamplerCustomAdvanced", "ModelSamplingAuraFlow"}
 
 
 def main() -> None:

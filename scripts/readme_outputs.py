@@ -2,7 +2,8 @@
 Templates browser's thumbnail of each workflow (workflows/<name>.jpg, which ComfyUI serves beside it).
 
 There is no real checkpoint on the machines this pack is built on, so the runs use the test harness's
-TINY RANDOM-weight models (real ComfyUI, real SD1.5, Flux, Flux.2 and SD3.5 layouts, shrunk sizes and steps).
+TINY RANDOM-weight models (real ComfyUI, real SD1.5, Flux, Flux.2, SD3.5 and Z-Image layouts, shrunk sizes and
+steps).
 Their images are noise by design: each sheet says so in its banner. They show that every graph runs end to end and what
 each SaveImage produces (images, mask previews). With a real checkpoint, load the workflow in ComfyUI.
 
@@ -71,7 +72,8 @@ def main() -> None:
         if args.only and not workflow.stem.startswith(args.only):
             continue
         api = ui_to_api(load_ui_workflow(workflow))
-        family = dit.family_of(api)  # Flux / Flux.2 / SD3.5: the tiny DiT models, some through test-only loaders
+        family = dit.family_of(api)  # Flux / Flux.2 / SD3.5 / Z-Image: the tiny DiT models, some through test-only
+        # loaders
         shrink_for_tiny_models(api, input_dir, args.size, args.steps)
         with dit.stand_in_nodes():
             results = execute_workflow(api)

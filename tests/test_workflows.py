@@ -36,6 +36,8 @@ EXPECTED_IMAGES = {
     # as 13's first pass: 2 images, the 'toy' mask of each image at every step
     "18 Composition - Flux, four techniques, a LoRA and a ControlNet in one graph": 2 + 2 * STEPS,
     "19 StyleAligned - Flux.2, a batch in one style": 4,
+    # as 09 and 16: the image, what 'toy' covers on each training image, the word mask of every step
+    "20 RealCustom - Z-Image, train an image branch, then sample": 1 + 2 + STEPS,
 }
 # Loader type -> (the models folder of the files it loads, the inputs that name them).
 LOADER_FILES = {"CheckpointLoaderSimple": ("checkpoints", ["ckpt_name"]),
@@ -64,7 +66,7 @@ def test_workflow_executes(comfy, path):
         pytest.skip("the DiT nodes need ComfyUI 0.3.60 (the attention override), and the tiny DiT models follow "
                     "its model detection; test_comfy_features tests the refusal on this ComfyUI")
     api = shrink_for_tiny_models(api, Path(comfy.folder_paths.get_input_directory()))
-    with dit.stand_in_nodes():  # the test-only loaders of the Flux / Flux.2 / SD3.5 workflows
+    with dit.stand_in_nodes():  # the test-only loaders of the Flux / Flux.2 / SD3.5 / Z-Image workflows
         results = execute_workflow(api)
     saves = [node_id for node_id, node in api.items() if node["class_type"] == "SaveImage"]
     assert saves, "every example workflow saves its images"
@@ -100,7 +102,7 @@ def test_declared_models_are_files_the_graph_loads(comfy, path):
     if dit.family_of(api):
         downloads = {(LOADER_FILES[node["class_type"]][0], node["inputs"][name]) for node in loaders
                      if node["class_type"] not in TRAINED_FILE_LOADERS for name in LOADER_FILES[node["class_type"]][1]}
-        assert downloads <= declared_files, "every file a Flux / Flux.2 / SD3.5 graph loads is a download"
+        assert downloads <= declared_files, "every file a Flux / Flux.2 / SD3.5 / Z-Image graph loads is a download"
 
 
 def test_demo_copies_are_never_overwritten(comfy, tmp_path):
@@ -118,7 +120,8 @@ DEMO_COPIES = [path for path in WORKFLOWS if demo_assets().runs_on_demo_models(l
 
 def test_demo_copies_are_the_workflows_without_clip_vision_or_pva():
     assert {path.stem[:2] for path in DEMO_COPIES} == {"01", "02", "03", "04", "05", "06", "08"}
-    assert demo_assets().trained_names() == ["disendiff_pair", "my_dog", "my_flux_toy_branch", "my_toy_branch"]
+    assert demo_assets().trained_names() == ["disendiff_pair", "my_dog", "my_flux_toy_branch", "my_toy_branch",
+                                            "my_zimage_toy_branch"]
 
 
 @pytest.mark.parametrize("path", DEMO_COPIES, ids=lambda p: p.stem)

@@ -70,7 +70,11 @@ a prompt's family from its text-encoder loaders, variant_of() the variant from a
 (flux1-fill-dev.safetensors: the tiny Fill). SD3.5 is also written as a checkpoint with the VAE inside
 (sd35_checkpoint_path), the layout of Stability's sd3.5_large.safetensors that ComfyUI's SD3.5 examples load
 with CheckpointLoaderSimple. A Flux.2 prompt (CLIPLoader type "flux2") gets harness.flux2's tiny Flux.2 [dev],
-its Mistral 3 text encoder (both through stand-ins, for the reasons of Flux), VAE and LoRA.
+its Mistral 3 text encoder (both through stand-ins, for the reasons of Flux), VAE and LoRA. A Z-Image prompt
+(CLIPLoader type "lumina2", as ComfyUI's Z-Image Turbo template loads qwen_3_4b.safetensors: ComfyUI picks Z-Image's
+Qwen3 text encoder from the file, whatever the type) gets harness.zimage's tiny Z-Image and its Qwen3 4B text encoder
+(both through stand-ins: ComfyUI's detection tells Z-Image by the real width alone, harness.zimage's docstring), the
+16-channel Flux VAE of this module (Z-Image's latent is Flux.1's) and harness.zimage's LoRA.
 
 Memory: every loader is a harness.memory.model_cache (once per process, clone() before patching) that
 ``release()`` empties for some families and conftest empties for all after every test module; the module holds
@@ -607,19 +611,36 @@ class TinyFlux2ModelLoader:
         return (flux2_model(),)
 
 
+class TinyZImageModelLoader:
+    """Test-only stand-in for UNETLoader on Z-Image files (ComfyUI detects Z-Image only at the real width:
+    harness.zimage's docstring)."""
+    RETURN_TYPES, FUNCTION, CATEGORY = ("MODEL",), "load", "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        from .zimage import zimage_model
+        return (zimage_model(),)
+
+
 class TinyDiTTextEncoders:
-    """Test-only stand-in for DualCLIPLoader / TripleCLIPLoader and Flux.2's CLIPLoader, which build the full-size
-    text encoders."""
+    """Test-only stand-in for DualCLIPLoader / TripleCLIPLoader and Flux.2's and Z-Image's CLIPLoader, which build the
+    full-size text encoders."""
     RETURN_TYPES, FUNCTION, CATEGORY = ("CLIP",), "load", "testing"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": ([*FAMILY_ENCODERS, "flux2"],)}}
+        return {"required": {"family": ([*FAMILY_ENCODERS, "flux2", "zimage"],)}}
 
     def load(self, family):
         if family == "flux2":
             from .flux2 import flux2_clip
             return (flux2_clip(),)
+        if family == "zimage":
+            from .zimage import zimage_clip
+            return (zimage_clip(),)
         return (flux_clip() if family == "flux" else sd35_clip(),)
 
 
@@ -635,8 +656,8 @@ class TinyFluxControlNetLoader:
         return (flux_controlnet(),)
 
 
-STAND_IN_NODES = {cls.__name__: cls for cls in (TinyFluxModelLoader, TinyFlux2ModelLoader, TinyDiTTextEncoders,
-                                                  TinyFluxControlNetLoader)}
+STAND_IN_NODES = {cls.__name__: cls for cls in (TinyFluxModelLoader, TinyFlux2ModelLoader, TinyZImageModelLoader,
+                                                  TinyDiTTextEncoders, TinyFluxControlNetLoader)}
 
 
 @contextlib.contextmanager
@@ -654,8 +675,10 @@ def stand_in_nodes():
 
 
 def family_of(api_prompt: dict) -> str | None:
-    """The DiT family ("flux", "flux2" or "sd35") of an API prompt, read from its text-encoder loaders as ComfyUI
-    reads it (DualCLIPLoader's and CLIPLoader's type; TripleCLIPLoader is SD3's); None for a prompt of none."""
+    """The DiT family ("flux", "flux2", "sd35" or "zimage") of an API prompt, read from its text-encoder loaders as
+    ComfyUI reads it (DualCLIPLoader's and CLIPLoader's type; TripleCLIPLoader is SD3's; CLIPLoader "lumina2" is how
+    ComfyUI's Z-Image Turbo template loads its Qwen3 4B, and Lumina 2 itself, the type's namesake, is a family the
+    pack refuses); None for a prompt of none."""
     families = set()
     for node in api_prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
@@ -665,6 +688,8 @@ def family_of(api_prompt: dict) -> str | None:
             families.add("flux")
         elif kind == "CLIPLoader" and inputs.get("type") == "flux2":
             families.add("flux2")
+        elif kind == "CLIPLoader" and inputs.get("type") == "lumina2":
+            families.add("zimage")
     if len(families) > 1:
         raise ValueError(f"a prompt with the text encoders of several DiT families: {sorted(families)}")
     return families.pop() if families else None
@@ -679,17 +704,21 @@ def variant_of(family: str, file_name: str) -> str:
 
 
 def use_tiny_dit_models(api_prompt: dict, family: str, variant: str | None = None) -> dict:
-    """Point an API prompt of ``family`` ("flux", "flux2" or "sd35") at the tiny models, in place: stock loaders
-    where they can load them (SD3.5 UNETLoader and CheckpointLoaderSimple, VAELoader, LoRA loaders, the SD3.5
-    ControlNetLoader), stand-in nodes where they cannot (Flux and Flux.2 UNETLoader, Flux ControlNetLoader, every
-    DiT text-encoder loader); ``variant`` is the model variant (default: the one each loader's file name spells,
-    variant_of; Flux.2 has one, [dev]). Execute it inside ``with stand_in_nodes():``."""
+    """Point an API prompt of ``family`` ("flux", "flux2", "sd35" or "zimage") at the tiny models, in place: stock
+    loaders where they can load them (SD3.5 UNETLoader and CheckpointLoaderSimple, VAELoader, LoRA loaders, the SD3.5
+    ControlNetLoader), stand-in nodes where they cannot (Flux, Flux.2 and Z-Image UNETLoader, Flux ControlNetLoader,
+    every DiT text-encoder loader); ``variant`` is the model variant (default: the one each loader's file name spells,
+    variant_of; Flux.2 and Z-Image have one each, [dev] and Turbo). Execute it inside ``with stand_in_nodes():``."""
     if family == "flux2":
         from . import flux2
+    elif family == "zimage":
+        from . import zimage
     for node in api_prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "UNETLoader" and family == "flux2":
             node.update(class_type="TinyFlux2ModelLoader", inputs={})
+        elif kind == "UNETLoader" and family == "zimage":
+            node.update(class_type="TinyZImageModelLoader", inputs={})
         elif kind == "UNETLoader" and family == "flux":
             node.update(class_type="TinyFluxModelLoader",
                         inputs={"variant": variant or variant_of(family, inputs["unet_name"])})
@@ -700,10 +729,12 @@ def use_tiny_dit_models(api_prompt: dict, family: str, variant: str | None = Non
             inputs["ckpt_name"] = sd35_checkpoint_path(variant or variant_of(family, inputs["ckpt_name"])).name
         elif kind in ("DualCLIPLoader", "TripleCLIPLoader", "CLIPLoader"):
             node.update(class_type="TinyDiTTextEncoders", inputs={"family": family})
-        elif kind == "VAELoader":
+        elif kind == "VAELoader":  # Z-Image's latent is Flux.1's: vae_path()
             inputs["vae_name"] = (flux2.flux2_vae_path() if family == "flux2" else vae_path()).name
         elif kind in ("LoraLoaderModelOnly", "LoraLoader"):
-            inputs["lora_name"] = (flux2.flux2_lora_path() if family == "flux2" else lora_path(family)).name
+            lora = {"flux2": lambda: flux2.flux2_lora_path(), "zimage": lambda: zimage.zimage_lora_path()}.get(
+                family, lambda: lora_path(family))
+            inputs["lora_name"] = lora().name
         elif kind == "ControlNetLoader" and family == "flux":
             node.update(class_type="TinyFluxControlNetLoader", inputs={})
         elif kind == "ControlNetLoader":
@@ -719,12 +750,16 @@ FAMILY_CACHES = {"flux": (flux_model, flux_clip, flux_controlnet), "sd35": (sd35
 
 
 def release(*families: str) -> None:
-    """Drop the harness's references to ``families`` ("flux", "sd35", "vae", "flux2": harness.flux2's; all but
-    "flux2" when none given) and collect, so their memory is freed once the tests hold none either."""
+    """Drop the harness's references to ``families`` ("flux", "sd35", "vae", "flux2": harness.flux2's, "zimage":
+    harness.zimage's; all but "flux2" and "zimage" when none given) and collect, so their memory is freed once the
+    tests hold none either."""
     for family in families or tuple(FAMILY_CACHES):
         if family == "flux2":
             from . import flux2
             caches = (flux2.flux2_model, flux2.flux2_clip, flux2.flux2_vae)
+        elif family == "zimage":
+            from . import zimage
+            caches = (zimage.zimage_model, zimage.zimage_clip)
         else:
             caches = FAMILY_CACHES[family]
         for cached in caches:

@@ -1,7 +1,7 @@
 """Example workflows made runnable on the tiny random checkpoints of the harness: models swapped for the
 generated ones, sizes and step counts shrunk, input images and the trainers' exported files written
-as stand-ins when no training run made them; Flux, Flux.2 and SD3.5 workflows get the tiny DiT models of
-harness.dit.
+as stand-ins when no training run made them; Flux, Flux.2, SD3.5 and Z-Image workflows get the tiny DiT models
+of harness.dit.
 Used by tests/test_workflows.py, scripts/readme_outputs.py
 (on API prompts) and scripts/demo_assets.py (on the UI-format demo copies), so both run the same way."""
 import importlib.util
@@ -27,13 +27,28 @@ TINY_MODELS = {
 FLUX2_NODES = ("EmptyFlux2LatentImage", "Flux2Scheduler")
 
 
+def is_zimage_workflow(workflow: dict) -> bool:
+    """Whether the UI-format `workflow` loads Z-Image's text encoder as ComfyUI's Z-Image Turbo template does
+    (CLIPLoader type "lumina2": harness.dit.family_of reads the API prompt the same way)."""
+    return any(node["type"] == "CLIPLoader" and node["widgets_values"][1:2] == ["lumina2"]
+               for node in workflow["nodes"])
+
+
 def needs_newer_comfyui(workflow: dict) -> str | None:
-    """Why the UI-format `workflow` cannot load in this ComfyUI: it uses Flux.2's nodes and this ComfyUI has none
-    (the oldest leg's 0.3.52); None where it can."""
+    """Why the UI-format `workflow` cannot load or run in this ComfyUI: it uses Flux.2's nodes and this ComfyUI has
+    none, or it is a Z-Image graph and this ComfyUI has no Z-Image (Z-Image uses only stock nodes older ComfyUIs have,
+    but only a ComfyUI with ``supported_models.ZImage`` builds the model and its Qwen3 text encoder); both are so on
+    the oldest leg's 0.3.52. None where it can."""
     from .comfy_env import boot_comfy
     registered = boot_comfy(require_pack=False).nodes.NODE_CLASS_MAPPINGS
     absent = sorted(({node["type"] for node in workflow["nodes"]} & set(FLUX2_NODES)) - set(registered))
-    return f"a Flux.2 workflow: this ComfyUI has no {', '.join(absent)} (Flux.2 came with 0.3.71)" if absent else None
+    if absent:
+        return f"a Flux.2 workflow: this ComfyUI has no {', '.join(absent)} (Flux.2 came with 0.3.71)"
+    if is_zimage_workflow(workflow):
+        import comfy.supported_models
+        if not hasattr(comfy.supported_models, "ZImage"):
+            return "a Z-Image workflow: this ComfyUI has no Z-Image (supported_models.ZImage; the pinned 0.3.75 has it)"
+    return None
 
 
 def tiny_inputs(kind: str, inputs: dict, size: int, steps: int, train_steps: int, family: str | None = None) -> dict:
@@ -86,8 +101,8 @@ def write_input_image(name: str, input_dir: Path, size: int) -> None:
 
 
 def shrink_for_tiny_models(api: dict, input_dir: Path, size: int = SIZE, steps: int = STEPS) -> dict:
-    """`api` made runnable on the tiny models, in place. A Flux, Flux.2 or SD3.5 prompt (harness.dit.family_of)
-    gets the tiny models of its family, some through test-only loaders: execute it inside
+    """`api` made runnable on the tiny models, in place. A Flux, Flux.2, SD3.5 or Z-Image prompt
+    (harness.dit.family_of) gets the tiny models of its family, some through test-only loaders: execute it inside
     `with harness.dit.stand_in_nodes():` and free them after with harness.dit.release(family)."""
     family = dit.family_of(api)
     if family:
