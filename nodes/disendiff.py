@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import folder_paths
 import torch
 
-from ..attention.blocks import ALL_FAMILIES, UNET, Family
+from ..attention.blocks import UNET, Family
 from ..attention.custom_diffusion import StartTokenDetach
 from ..attention.disendiff import CONTEXT_TOKENS_KEY, CalibratedCrossAttention, Concept, min_max
 from ..attention.dispatcher import CHAIN_KEY
@@ -387,7 +387,7 @@ class CalibratedCrossAttn(io.ComfyNode):
         if len(mods) != len(words) or len(words) < 2:
             raise ValueError(f"CalibratedCrossAttn needs 2+ concepts with one modifier per class word; got "
                              f"modifiers {mods} and class words {words}")
-        blocks = [b for b in transformer_blocks(model, "CalibratedCrossAttn", ALL_FAMILIES) if b.has_cross_attention]
+        blocks = [b for b in transformer_blocks(model, "CalibratedCrossAttn") if b.has_cross_attention]
         family = blocks[0].family
         encoded = clip.encode_from_tokens(clip.tokenize(prompt)).float().to(comfy.model_management.intermediate_device())
         placement = family.conditioning_placement(encoded.shape[1])
@@ -461,7 +461,7 @@ class CalibratedCrossAttnMaps(io.ComfyNode):
         if calibration is None:
             raise ValueError("CalibratedCrossAttnMaps needs the MODEL output of CalibratedCrossAttn (it names the concepts)")
         patched = model.clone()
-        blocks = transformer_blocks(patched, "CalibratedCrossAttnMaps", ALL_FAMILIES)
+        blocks = transformer_blocks(patched, "CalibratedCrossAttnMaps")
         reader = MapRecorder(map_block_keys(blocks), node_name="CalibratedCrossAttnMaps")
         add_attention_processor(patched, reader, [b for b in blocks if b.key in reader.blocks])
         samples = latent["samples"][:1]

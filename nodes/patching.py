@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import Optional
 
 import comfy.patcher_extension
 import torch
@@ -19,6 +20,7 @@ from ..attention.dispatcher import (CHAIN_KEY, AttentionConflictError, Attention
 from ..attention.joint import (JOINT_ATTENTION, LAYOUT_KEY, OVERRIDE_KEY, QUERY_INPUTS_KEY, LayoutRecord,
                                QueryInputs, install_block_marker, install_joint_dispatcher, overwritten_joint_entries,
                                read_joint_layout)
+from .family_support import supported_families
 from .comfy_features import comfy_attention_function, computes_exact_attention, require_attention_override
 
 WRAPPER_KEY = "personalization"
@@ -56,9 +58,12 @@ def model_class_names(model) -> list[str]:
     return class_names(getattr(model.model, "model_config", None)) + class_names(model.model)
 
 
-def transformer_blocks(model, node: str = "", families: tuple[Family, ...] = (UNET,)) -> list[TransformerBlock]:
-    """The transformer blocks of a MODEL, which must be of one of ``families``; a clear error naming ``node``
-    and the families it supports otherwise."""
+def transformer_blocks(model, node: str = "", families: Optional[tuple[Family, ...]] = None) -> list[TransformerBlock]:
+    """The transformer blocks of a MODEL, which must be of one of ``families`` (default: those ``node`` declares in
+    nodes.family_support; the U-Nets where no node asks); a clear error naming ``node`` and the families it supports
+    otherwise."""
+    if families is None:
+        families = supported_families(node) if node else (UNET,)
     who = f"{node}: this MODEL" if node else "This MODEL"
     blocks = discover_transformer_blocks(unpatched_modules(model), model_name=f"{who} ({type(model.model).__name__})",
                                          model_classes=model_class_names(model))

@@ -17,7 +17,7 @@ import comfy.patcher_extension
 import folder_paths
 import torch
 
-from ..attention.blocks import ALL_FAMILIES, TransformerBlock
+from ..attention.blocks import TransformerBlock
 from ..attention.pva import JointParallelProjection, ParallelProjection, ParallelVisualAttentionProcessor, block_name
 from ..attention.pva_identity import IResNet, arcface_crop
 from ..attention.pva_weights import PVAFormatError, PVAWeights
@@ -115,7 +115,7 @@ def parallel_projections(model, blocks: list[TransformerBlock]) -> dict[str, tor
 def _check_model_fits(pva: LoadedPVA, model, node: str = "ParallelVisualAttention") -> list:
     """The model's cross-attention blocks, after checking the file was made for the model's family and has a
     projection of the right shape for each."""
-    blocks = [b for b in transformer_blocks(model, node, ALL_FAMILIES) if b.has_cross_attention]
+    blocks = [b for b in transformer_blocks(model, node) if b.has_cross_attention]
     family = blocks[0].family
     if pva.weights.family != family:
         raise PVAFormatError(f"{node}: {pva.name} was trained for {pva.weights.family.name} models, but this MODEL "

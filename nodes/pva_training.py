@@ -11,7 +11,6 @@ import comfy.model_patcher
 import folder_paths
 import torch
 
-from ..attention.blocks import ALL_FAMILIES
 from ..attention.dispatcher import CHAIN_KEY
 from ..attention.pva import ParallelVisualAttentionProcessor
 from ..attention.pva_weights import save_pva
@@ -285,7 +284,7 @@ def _initial_word_ids(clip, init_word: str) -> dict[str, int]:
 def initial_pva(model, clip, encoder: str, init_word: str, seed: int, clip_vision=None, probe=None) -> LoadedPVA:
     """Stage-1 starting point: projections copied from the model, a seeded random token transformer, the
     identity word initialised to a vocabulary row (:func:`_initial_word_ids`)."""
-    blocks = [b for b in transformer_blocks(model, "PVATrainer", ALL_FAMILIES) if b.has_cross_attention]
+    blocks = [b for b in transformer_blocks(model, "PVATrainer") if b.has_cross_attention]
     words = {key: token_embeddings(clip, key)[token].detach().float().cpu()[None].clone()
              for key, token in _initial_word_ids(clip, init_word).items()}
     face_encoder = _arcface_backbone() if encoder == "arcface" else None
@@ -370,7 +369,7 @@ class PVATrainer(io.ComfyNode):
     def execute(cls, model, clip, vae, images, images_per_identity, name, encoder, steps, learning_rate,
                 transformer_learning_rate, word_learning_rate, timestep_bins, init_word, seed, checkpoint_every,
                 masks=None, pva=None, clip_vision=None, resolution=DEFAULT_RESOLUTION) -> io.NodeOutput:
-        transformer_blocks(model, "PVATrainer", ALL_FAMILIES)
+        transformer_blocks(model, "PVATrainer")
         require_matching_clip("PVATrainer", model, clip)
         require_images("PVATrainer", "images", images)
         require_masks_for("PVATrainer", masks, images)

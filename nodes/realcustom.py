@@ -37,7 +37,7 @@ from ..attention.realcustom import (
     cond_rows,
     step_index,
 )
-from ..attention.blocks import ALL_FAMILIES, UNET, family_of_tag
+from ..attention.blocks import UNET, family_of_tag
 from ..attention.realcustom_encoder import RegisterViT, interleave_local_tokens, reference_views
 from ..attention.realcustom_scoring import INFERENCE_KEEP, alpha_bar, masked_latent, model_input
 from ..attention.realcustom_weights import (
@@ -552,7 +552,7 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     def execute(cls, model, reference: EncodedReference, clip, prompt, word, mask_strategy, mask_scope, binary_mask,
                 update_fraction, map_source, uncond_image, strength, scope_selection=SCOPE_SELECTIONS[0],
                 guidance=GUIDANCE_MODES[0], image_guidance=12.5) -> io.NodeOutput:
-        blocks = transformer_blocks(model, "AdaptiveMaskGuidance", ALL_FAMILIES)
+        blocks = transformer_blocks(model, "AdaptiveMaskGuidance")
         joint = blocks[0].family.joint
         _check_adapter_fits(model, reference.adapter, blocks)
         phrase = find_phrase_tokens(clip, prompt, word, node_name="AdaptiveMaskGuidance").placed(blocks[0].family)

@@ -11,7 +11,6 @@ import folder_paths
 import torch
 import torch.nn.functional as F
 
-from ..attention.blocks import ALL_FAMILIES
 from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
 from ..attention.realcustom_weights import (
     CLIP_VISION_FORMAT,
@@ -109,7 +108,7 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
     if word_mask_training and target_words is None:
         raise ValueError("RealCustomTrainer: word_mask_training gates the branch by each caption's target word; "
                          "give the target_words (one per caption, or one for all).")
-    blocks = [b for b in transformer_blocks(model, "RealCustomTrainer", ALL_FAMILIES) if b.has_cross_attention]
+    blocks = [b for b in transformer_blocks(model, "RealCustomTrainer") if b.has_cross_attention]
     family = blocks[0].family
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
         data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop,
@@ -224,7 +223,7 @@ class RealCustomTrainer(io.ComfyNode):
     def execute(cls, model, clip, vae, clip_vision, images, captions, name, steps, learning_rate, batch_size,
                 grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True, target_words="",
                 word_mask_training=False) -> io.NodeOutput:
-        family = transformer_blocks(model, "RealCustomTrainer", ALL_FAMILIES)[0].family
+        family = transformer_blocks(model, "RealCustomTrainer")[0].family
         refusal = family.training_refusal(model_class_names(model), model.model.adm_channels)
         if refusal:
             raise ValueError(f"RealCustomTrainer trains the image branches of SD1.x, SDXL and the DiTs; this MODEL "

@@ -16,7 +16,7 @@ import comfy.samplers
 import latent_preview
 import torch
 
-from ..attention.blocks import ALL_FAMILIES, evenly_skipped, group_norms, parse_block_selection
+from ..attention.blocks import evenly_skipped, group_norms, parse_block_selection
 from ..attention.families import text_encoder_family
 from ..attention.dispatcher import sigma_in_range
 from ..attention.group_norm import ReferenceSharedGroupNorm, norm_sharing
@@ -148,7 +148,7 @@ class SharedAttentionBatch(io.ComfyNode):
     def execute(cls, model, adain_queries, adain_keys, adain_values, shared_score_shift, shared_score_scale,
                 share_group_norm, full_attention_share, blocks, skip_fraction, start_percent, end_percent,
                 controlnet_on_reference) -> io.NodeOutput:
-        found = transformer_blocks(model, "SharedAttentionBatch", ALL_FAMILIES)
+        found = transformer_blocks(model, "SharedAttentionBatch")
         if share_group_norm and found[0].family.joint:
             raise ValueError(f"SharedAttentionBatch: share_group_norm joins the GroupNorm statistics of a U-Net; a "
                              f"{found[0].family.name} model has no GroupNorm (its LayerNorms normalise each token "
@@ -267,7 +267,7 @@ class SharedAttentionInvertReference(io.ComfyNode):
             raise ValueError(f"SharedAttentionInvertReference: the reference latent must hold one image, got a batch of "
                              f"{samples.shape[0]}; pick one with LatentFromBatch.")
         require_finite("SharedAttentionInvertReference", "reference latent", samples)
-        transformer_blocks(model, "SharedAttentionInvertReference", ALL_FAMILIES)
+        transformer_blocks(model, "SharedAttentionInvertReference")
         model_sampling = model.get_model_object("model_sampling")
         inversion = _inversion_of(model_sampling)
         sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).cpu()

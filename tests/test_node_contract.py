@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.comfy_env import pack_node_ids
+from harness.comfy_env import pack_module, pack_node_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = Path(__file__).resolve().parent / "node_schema_snapshot.json"
@@ -66,12 +66,6 @@ def test_display_names_follow_one_pattern(comfy):
         assert schema.display_name.index("personalization") <= 30, f"{node_id}: role too long for the search"
 
 
-#: the README's node x family table: its family columns and the only words a cell may hold
-FAMILY_COLUMNS = ["SD1.5 / SD2", "SDXL", "Flux.1", "Flux.2", "Chroma", "SD3 / SD3.5", "Z-Image"]
-FAMILY_CELLS = {"✔", "refused", "any", "SD1.x ✔, SD2 refused"}
-FOOTNOTE = re.compile(r"\s*⁽[^⁾]*⁾")
-
-
 def readme_section(title: str) -> list[str]:
     lines = (ROOT / "README.md").read_text().splitlines()
     start = lines.index(f"## {title}") + 1
@@ -79,22 +73,15 @@ def readme_section(title: str) -> list[str]:
     return lines[start:end]
 
 
-def table_cells(line: str) -> list[str]:
-    return [FOOTNOTE.sub("", cell).strip() for cell in line.strip().strip("|").split("|")]
-
-
-def test_readme_node_table_lists_every_registered_node_by_its_display_name(comfy):
-    """The README's node x family table has one row per registered node: its display name (without the
-    common " (personalization)"), its id, and a ✔ / refused / any for every family column."""
-    table = [table_cells(line) for line in readme_section("Nodes and model families") if line.startswith("|")]
-    header, rows = table[0], table[2:]
-    assert header == ["node", "id", *FAMILY_COLUMNS]
-    ids = [row[1].strip("`") for row in rows]
-    assert sorted(ids) == pack_node_ids(), "README node table vs registered nodes"
-    for name, node_id, *families in rows:
-        node_id = node_id.strip("`")
-        assert f"{name} (personalization)" == schema_of(comfy, node_id).display_name, node_id
-        assert len(families) == len(FAMILY_COLUMNS) and set(families) <= FAMILY_CELLS, (node_id, families)
+def test_readme_node_table_is_the_one_the_family_adapters_and_node_declarations_make(comfy):
+    """The README's node x family table is nodes.family_support.family_table: a row per registered node (its display
+    name without the common " (personalization)", its id), a column per family adapter, each cell what the node
+    declares (the declarations the nodes check models against)."""
+    support = pack_module("nodes.family_support")
+    assert sorted(support.SUPPORT) == pack_node_ids(), "every registered node declares its families"
+    names = {node: schema_of(comfy, node).display_name.removesuffix(" (personalization)") for node in support.SUPPORT}
+    table = [line for line in readme_section("Nodes and model families") if line.startswith("|")]
+    assert table == support.family_table(names)
 
 
 def heading_anchor(heading: str) -> str:
