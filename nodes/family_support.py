@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..attention.families import ADAPTERS, UNET, Family
+from ..attention.families import ADAPTERS, ALL_FAMILIES, UNET, Family
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,8 @@ class FamilySupport:
     footnote: str = ""
 
 
-EVERY_FAMILY = ADAPTERS
-
-
 def _every(footnote: str = "") -> FamilySupport:
-    return FamilySupport(EVERY_FAMILY, footnote=footnote)
+    return FamilySupport(ALL_FAMILIES, footnote=footnote)
 
 
 def _any(footnote: str = "") -> FamilySupport:

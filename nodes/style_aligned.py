@@ -213,13 +213,22 @@ class SharedAttentionPromptBatch(io.ComfyNode):
             text = f"{line}, {style.strip()}" if style.strip() else line
             encoded.append(clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True))
         family = text_encoder_family(clip.cond_stage_model)
-        # per-token tensors (the contexts, Flux.2's and Z-Image's attention masks) batch as the family's model takes
-        # them; pooled outputs stack; what is no tensor (Flux.2's pooled_output None, which its model reads) stays
-        extras = {key: family.batched_prompts([e[key] for e in encoded]) if key == "attention_mask"
-                  else torch.cat([e[key] for e in encoded]) if isinstance(encoded[0][key], torch.Tensor)
-                  else encoded[0][key] for key in encoded[0] if key != "cond"}
-        conditioning = [[family.batched_prompts([e["cond"] for e in encoded]), extras]]
-        return io.NodeOutput(conditioning, len(lines))
+        batched = {key: _batched(family, key, [e[key] for e in encoded]) for key in encoded[0]}
+        context = batched.pop("cond")
+        return io.NodeOutput([[context, batched]], len(lines))
+
+
+#: the per-token tensors of an encoding (``(1, tokens, ...)``), which the family's model takes batched its own way
+_PER_TOKEN = ("cond", "attention_mask")
+
+
+def _batched(family, key: str, per_prompt: list):
+    """One value of the prompts' encodings as a batch: per-token tensors (the contexts, Flux.2's and Z-Image's
+    attention masks) as the text encoder's ``family`` batches them, other tensors (pooled outputs) stacked, and what
+    is no tensor (Flux.2's pooled_output None, which its model reads) as it is."""
+    if key in _PER_TOKEN:
+        return family.batched_prompts(per_prompt)
+    return torch.cat(per_prompt) if isinstance(per_prompt[0], torch.Tensor) else per_prompt[0]
 
 
 class SharedAttentionInvertReference(io.ComfyNode):

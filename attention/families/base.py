@@ -121,6 +121,9 @@ class Family:
     #: module whose output is its text part (of a ModuleList: its last module's), the prompt's tokens first,
     #: refined in place (Z-Image's context refiners), so they are found by their count, not by their values
     text_stream: Optional[str] = None
+    #: ComfyUI's text-encoder combination (a class of comfy.text_encoders, matched along the CLIP model's MRO) that
+    #: is this family's own; None where the family's text encoder is no combination of its own
+    text_encoder_class: Optional[str] = None
 
     def recognises(self, tops: set[str], model_classes: Optional[list[str]]) -> bool:
         """Whether a model whose top-level modules are ``tops`` and whose ComfyUI class has ``model_classes`` along
@@ -150,7 +153,7 @@ class Family:
 
     def encodes_with(self, encoders) -> bool:
         """Whether ``encoders`` (a CLIP's ``cond_stage_model``) is this family's own combination of text encoders."""
-        return False
+        return self.text_encoder_class is not None and self.text_encoder_class in class_names(encoders)
 
     def batched_prompts(self, per_prompt: list[torch.Tensor]) -> torch.Tensor:
         """Per-prompt token tensors (``(1, tokens, ...)``: contexts, attention masks) of this family's text encoders

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .base import Family, JointProjections, TransformerBlock, class_names, matching_paths, nearest_of
+from .base import Family, JointProjections, TransformerBlock, matching_paths, nearest_of
 
 _BLOCK_PATH = re.compile(r"^(double|single)_blocks\.(\d+)$")
 
@@ -31,8 +31,6 @@ def rotate_by_positions(queries: torch.Tensor, positions: torch.Tensor) -> torch
 
 @dataclass(frozen=True)
 class FluxFamily(Family):
-    #: ComfyUI's text-encoder combination (comfy.text_encoders) whose conditioning is this family's; None where
-    #: the family's text encoder fills the conditioning in the default layout (one stretch)
     text_encoder_class: Optional[str] = "FluxClipModel"
 
     def recognises(self, tops: set[str], model_classes: Optional[list[str]]) -> bool:
@@ -53,9 +51,6 @@ class FluxFamily(Family):
 
     def query_placement(self, positions):
         return lambda queries: rotate_by_positions(queries, positions)
-
-    def encodes_with(self, encoders) -> bool:
-        return self.text_encoder_class is not None and self.text_encoder_class in class_names(encoders)
 
     def context_stretches(self, encoders, tokens):
         return [("t5xxl",)] if self.encodes_with(encoders) else None

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from .base import Family, JointProjections, TransformerBlock, class_names, matching_paths, nearest_of
+from .base import Family, JointProjections, TransformerBlock, matching_paths, nearest_of
 
 _BLOCK_PATH = re.compile(r"^joint_blocks\.(\d+)$")
 
@@ -38,9 +38,6 @@ class SD3Family(Family):
     def marker_key(self, block: TransformerBlock) -> tuple:
         return "double_block", block.key[1]
 
-    def encodes_with(self, encoders) -> bool:
-        return "SD3ClipModel" in class_names(encoders)
-
     def context_stretches(self, encoders, tokens):
         if not self.encodes_with(encoders):
             return None
@@ -50,4 +47,4 @@ class SD3Family(Family):
 
 MMDIT = SD3Family("SD3/SD3.5 (MMDiT)", file_tag="sd3", block_names=("joint",), joint=True, model_classes=("SD3",),
                   comfy_marks_blocks=False, text_embedder="context_embedder", first_block="joint_blocks.0",
-                  first_block_streams=(0, 1))
+                  first_block_streams=(0, 1), text_encoder_class="SD3ClipModel")

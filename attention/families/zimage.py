@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .base import Family, JointProjections, TransformerBlock, class_names, matching_paths, nearest_of
+from .base import Family, JointProjections, TransformerBlock, matching_paths, nearest_of
 from .flux import rotate_by_positions
 
 _BLOCK_PATH = re.compile(r"^layers\.(\d+)$")
@@ -52,9 +52,6 @@ class ZImageFamily(Family):
     def query_placement(self, positions):
         return lambda queries: rotate_by_positions(queries, positions)
 
-    def encodes_with(self, encoders) -> bool:
-        return "ZImageTEModel" in class_names(encoders)
-
     def batched_prompts(self, per_prompt: list[torch.Tensor]) -> torch.Tensor:
         lengths = sorted({t.shape[1] for t in per_prompt})
         if len(lengths) > 1:
@@ -76,4 +73,4 @@ class ZImageFamily(Family):
 ZIMAGE = ZImageFamily("Z-Image", file_tag="zimage", block_names=("layer",), joint=True, model_classes=("ZImage",),
                       comfy_marks_blocks=False, marked_by_call_hooks=True, position_embedder="rope_embedder",
                       text_embedder="cap_embedder", first_block="layers.0", first_block_streams=(0,),
-                      text_stream="context_refiner")
+                      text_stream="context_refiner", text_encoder_class="ZImageTEModel")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from .checkpoints import _cached
 from .comfy_env import boot_comfy
-from .dit import (TEXT_ENCODER_OPTIONS, TinyFamily, _fp16, _load, _model_patcher, _name, lora_path, randomize_,
-                  text_encoder_path)
+from .dit import (TEXT_ENCODER_OPTIONS, TinyFamily, _load, _model_patcher, _name, built_and_read_back,
+                  comfy_detection, lora_path, text_encoder_path)
 from .memory import model_cache
 
 CHROMA_DIT = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=4096, hidden_size=256,
@@ -36,12 +36,7 @@ APPROXIMATOR = "distilled_guidance_layer."
 
 def _detected_chroma_config(sd: dict):
     """ComfyUI's own detection of a Chroma state dict, completed with what it pins (see the docstring)."""
-    import comfy.model_detection
-    import comfy.supported_models
-
-    config = comfy.model_detection.model_config_from_unet(sd, "")
-    if type(config) is not comfy.supported_models.Chroma:
-        raise RuntimeError(f"tiny Chroma layout detected as {type(config).__name__}, not Chroma")
+    config = comfy_detection(sd, "Chroma", "Chroma")
     unet = config.unet_config
     layers = {key.split(".")[2] for key in sd if key.startswith(APPROXIMATOR + "layers.")}
     unet.update(num_heads=unet["hidden_size"] // sum(unet["axes_dim"]), n_layers=len(layers),
@@ -54,13 +49,8 @@ def _build_chroma() -> dict:
     import comfy.ops
     from comfy.ldm.chroma.model import Chroma
 
-    net = Chroma(**CHROMA_DIT, operations=comfy.ops.disable_weight_init)
-    sd = _fp16(randomize_(net, seed=70, std=None).state_dict())
-    detected = _detected_chroma_config(sd).unet_config
-    wrong = {k: (v, detected.get(k)) for k, v in CHROMA_DIT.items() if detected.get(k) != v}
-    if wrong:
-        raise RuntimeError(f"ComfyUI reads the tiny Chroma back differently: {wrong}")
-    return sd
+    return built_and_read_back(Chroma(**CHROMA_DIT, operations=comfy.ops.disable_weight_init), CHROMA_DIT, 70,
+                               _detected_chroma_config, "Chroma")
 
 
 def chroma_path() -> Path:

@@ -186,14 +186,35 @@ def _flux_heads(unet_config: dict) -> int:
     return unet_config["hidden_size"] // sum(unet_config["axes_dim"])
 
 
-def _detected_flux_config(sd: dict):
-    """ComfyUI's own detection of a Flux state dict, completed with the head count (see the docstring)."""
+def comfy_detection(sd: dict, expected: str, what: str, exact: bool = True):
+    """ComfyUI's own detection of a tiny DiT's state dict (``model_config_from_unet``), which must make it a
+    ``comfy.supported_models.<expected>`` config (``exact``: that class, not one of its subclasses); RuntimeError
+    naming ``what`` otherwise."""
     import comfy.model_detection
     import comfy.supported_models
 
     config = comfy.model_detection.model_config_from_unet(sd, "")
-    if not isinstance(config, comfy.supported_models.Flux):
-        raise RuntimeError(f"tiny Flux layout detected as {type(config).__name__}, not Flux")
+    expected_class = getattr(comfy.supported_models, expected)
+    if (type(config) is not expected_class) if exact else not isinstance(config, expected_class):
+        raise RuntimeError(f"tiny {what} layout detected as {type(config).__name__}, not {expected}")
+    return config
+
+
+def built_and_read_back(net: torch.nn.Module, built: dict, seed: int, detect, what: str) -> dict:
+    """The fp16 state dict of ``net`` (built from the config ``built``) randomised from ``seed`` with the fan-in
+    scale, after checking that ``detect`` (ComfyUI's detection, completed) reads every value of ``built`` back;
+    RuntimeError naming ``what`` otherwise."""
+    sd = _fp16(randomize_(net, seed=seed, std=None).state_dict())
+    detected = detect(sd).unet_config
+    wrong = {k: (v, detected.get(k)) for k, v in built.items() if detected.get(k) != v}
+    if wrong:
+        raise RuntimeError(f"ComfyUI reads the tiny {what} back differently: {wrong}")
+    return sd
+
+
+def _detected_flux_config(sd: dict):
+    """ComfyUI's own detection of a Flux state dict, completed with the head count (see the docstring)."""
+    config = comfy_detection(sd, "Flux", "Flux", exact=False)
     config.unet_config["num_heads"] = _flux_heads(config.unet_config)
     return config
 
@@ -203,13 +224,8 @@ def _build_flux(variant: str) -> dict:
     from comfy.ldm.flux.model import Flux
 
     config = flux_config(variant)
-    net = Flux(**config, operations=comfy.ops.disable_weight_init)
-    sd = _fp16(randomize_(net, seed=20 + FLUX_VARIANTS.index(variant), std=None).state_dict())
-    detected = _detected_flux_config(sd).unet_config
-    wrong = {k: (v, detected.get(k)) for k, v in config.items() if detected.get(k) != v}
-    if wrong:
-        raise RuntimeError(f"ComfyUI reads the tiny Flux {variant} back differently: {wrong}")
-    return sd
+    return built_and_read_back(Flux(**config, operations=comfy.ops.disable_weight_init), config,
+                               20 + FLUX_VARIANTS.index(variant), _detected_flux_config, f"Flux {variant}")
 
 
 def flux_path(variant: str = "dev") -> Path:

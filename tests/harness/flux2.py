@@ -90,7 +90,7 @@ import torch
 from .checkpoints import _cached, encode_prompt
 from .comfy_env import boot_comfy
 from .dit import (FLUX_SD3_VAE_DDCONFIG, NODE_SAMPLING, TinyFamily, _flux_heads, _fp16, _load, _model_patcher,
-                  _name, randomize_)
+                  _name, built_and_read_back, comfy_detection, randomize_)
 from .memory import model_cache
 
 #: ComfyUI's Mistral3Small24BConfig fields the tiny text encoder changes (the vocabulary size is the tekken file's)
@@ -128,12 +128,7 @@ SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
 
 def _detected_flux2_config(sd: dict):
     """ComfyUI's own detection of a Flux.2 state dict, completed with the head count (see the docstring)."""
-    import comfy.model_detection
-    import comfy.supported_models
-
-    config = comfy.model_detection.model_config_from_unet(sd, "")
-    if type(config) is not comfy.supported_models.Flux2:
-        raise RuntimeError(f"tiny Flux.2 layout detected as {type(config).__name__}, not Flux2")
+    config = comfy_detection(sd, "Flux2", "Flux.2")
     config.unet_config["num_heads"] = _flux_heads(config.unet_config)
     return config
 
@@ -142,13 +137,8 @@ def _build_flux2() -> dict:
     import comfy.ops
     from comfy.ldm.flux.model import Flux
 
-    net = Flux(**FLUX2_DIT, operations=comfy.ops.disable_weight_init)
-    sd = _fp16(randomize_(net, seed=80, std=None).state_dict())
-    detected = _detected_flux2_config(sd).unet_config
-    wrong = {k: (v, detected.get(k)) for k, v in FLUX2_DIT.items() if detected.get(k) != v}
-    if wrong:
-        raise RuntimeError(f"ComfyUI reads the tiny Flux.2 back differently: {wrong}")
-    return sd
+    return built_and_read_back(Flux(**FLUX2_DIT, operations=comfy.ops.disable_weight_init), FLUX2_DIT, 80,
+                               _detected_flux2_config, "Flux.2")
 
 
 def flux2_path() -> Path:

@@ -64,7 +64,7 @@ import torch
 
 from .checkpoints import _cached, encode_prompt
 from .comfy_env import boot_comfy
-from .dit import TinyFamily, _fp16, _load, _model_patcher, _name, randomize_
+from .dit import TinyFamily, _fp16, _load, _model_patcher, _name, built_and_read_back, comfy_detection, randomize_
 from .memory import model_cache
 
 #: ComfyUI's Qwen3_4BConfig fields the tiny text encoder changes (the vocabulary is the real tokenizer's)
@@ -84,15 +84,10 @@ WIDTH_KEY = "cap_embedder.1.weight"
 def _detected_zimage_config(sd: dict):
     """ComfyUI's own detection of a Z-Image state dict, completed with the width and the heads (see the
     docstring)."""
-    import comfy.model_detection
-    import comfy.supported_models
-
     width, text_width = sd[WIDTH_KEY].shape
     at_real_width = dict(sd)
     at_real_width[WIDTH_KEY] = torch.empty(ZIMAGE_REAL_WIDTH, text_width, device="meta")
-    config = comfy.model_detection.model_config_from_unet(at_real_width, "")
-    if type(config) is not comfy.supported_models.ZImage:
-        raise RuntimeError(f"tiny Z-Image layout detected as {type(config).__name__}, not ZImage")
+    config = comfy_detection(at_real_width, "ZImage", "Z-Image")
     unet = config.unet_config
     unet["dim"] = width
     unet["n_heads"] = unet["n_kv_heads"] = width // sum(unet["axes_dims"])
@@ -103,13 +98,8 @@ def _build_zimage() -> dict:
     import comfy.ops
     from comfy.ldm.lumina.model import NextDiT
 
-    net = NextDiT(**ZIMAGE_DIT, operations=comfy.ops.disable_weight_init)
-    sd = _fp16(randomize_(net, seed=90, std=None).state_dict())
-    detected = _detected_zimage_config(sd).unet_config
-    wrong = {k: (v, detected.get(k)) for k, v in ZIMAGE_DIT.items() if detected.get(k) != v}
-    if wrong:
-        raise RuntimeError(f"ComfyUI reads the tiny Z-Image back differently: {wrong}")
-    return sd
+    return built_and_read_back(NextDiT(**ZIMAGE_DIT, operations=comfy.ops.disable_weight_init), ZIMAGE_DIT, 90,
+                               _detected_zimage_config, "Z-Image")
 
 
 def zimage_path() -> Path:
