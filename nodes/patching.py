@@ -26,6 +26,9 @@ from .comfy_features import comfy_attention_function, computes_exact_attention, 
 WRAPPER_KEY = "personalization"
 DISPATCH_CHECK_KEY = WRAPPER_KEY + ".dispatch_check"
 JOINT_LAYOUT_KEY = WRAPPER_KEY + ".joint_layout"
+#: transformer_options key of the hooks of one model call a checkpointed block must run again when backward
+#: recomputes it (after the call): a context manager factory (see training/checkpointing.py)
+RECOMPUTE_HOOKS_KEY = WRAPPER_KEY + ".recompute_hooks"
 
 
 def unpatched_modules(model, root: str = "diffusion_model") -> list[tuple[str, torch.nn.Module]]:
@@ -151,7 +154,9 @@ def publish_joint_layout(family: Family, marked: tuple[TransformerBlock, ...], e
         chain = options.get(CHAIN_KEY)
         if chain is not None and any(p.needs_hidden_states for p in chain.processors):
             options[QUERY_INPUTS_KEY] = QueryInputs(family.query_placement)
-            recording.enter_context(recording_query_inputs(diffusion_model, options[QUERY_INPUTS_KEY], record))
+            options[RECOMPUTE_HOOKS_KEY] = functools.partial(recording_query_inputs, diffusion_model,
+                                                             options[QUERY_INPUTS_KEY], record)
+            recording.enter_context(options[RECOMPUTE_HOOKS_KEY]())
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 

@@ -86,10 +86,11 @@ class PreparedTune:
 
 
 def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tuple[int, ...], ...], stage1: bool,
-                     bins: int, seed: int, clip_vision=None, masks=None) -> PreparedTune:
+                     bins: int, seed: int, clip_vision=None, masks=None, gradient_checkpointing=None) -> PreparedTune:
     """Copy of the PVA weights with the trainable parts unfrozen (parallel projections and identity word;
     plus the token transformer in stage 1), the trainable U-Net clone and the step function; call inside
-    ``training_mode()``. Everything else (U-Net, text encoder, identity encoder) stays frozen."""
+    ``training_mode()``. Everything else (U-Net, text encoder, identity encoder) stays frozen.
+    ``gradient_checkpointing`` None: where the model's size or the resolution needs it (glue.checkpoints_blocks)."""
     who = "PVATrainer" if stage1 else "PVAIdentityTune"
     if images is None or images.shape[0] == 0:
         raise ValueError(f"{who}: no photo of the person; connect aligned square face crops.")
@@ -119,7 +120,7 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
         cond, pooled = encoder.encode(prompt.substitute({WORD_PLACEHOLDER: vectors}))
         return blocks[0].family.conditioning_placement(cond.shape[1]).place(cond).to(device), pooled
 
-    trainable = glue.trainable_unet(model, {})
+    trainable = glue.trainable_unet(model, {}, glue.checkpoints_blocks(model, images.shape[1], gradient_checkpointing))
     processor = ParallelVisualAttentionProcessor(weights.parallel, torch.zeros(1, 0, weights.context_dim))
     add_attention_processor(trainable, processor, blocks)
     options = trainable.model_options["transformer_options"]

@@ -102,9 +102,10 @@ def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution,
 
 
 def prepare_training(model, clip, vae, clip_vision, images, captions, resolution, crop, batch_size, seed,
-                     adaptive_scoring=False, target_words=None, word_mask_training=False):
+                     adaptive_scoring=False, target_words=None, word_mask_training=False, gradient_checkpointing=None):
     """(fresh adapter, step function) of a run; call inside ``glue.training_mode()``. ``target_words``: one
-    per caption or None; ``word_mask_training`` gates the branch by their masks (needs them)."""
+    per caption or None; ``word_mask_training`` gates the branch by their masks (needs them);
+    ``gradient_checkpointing`` None: where the model's size or the resolution needs it (glue.checkpoints_blocks)."""
     if word_mask_training and target_words is None:
         raise ValueError("RealCustomTrainer: word_mask_training gates the branch by each caption's target word; "
                          "give the target_words (one per caption, or one for all).")
@@ -117,7 +118,7 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
     adapter = new_clip_vision_adapter(data.features.shape[-1], {b.key: (b.channels, context_dim) for b in blocks}, seed,
                                       scoring=adaptive_scoring, latent_channels=data.latents.shape[1], family=family)
     adapter.to(data.latents.device)
-    trainable = glue.trainable_unet(model, {})
+    trainable = glue.trainable_unet(model, {}, glue.checkpoints_blocks(model, resolution, gradient_checkpointing))
     add_attention_processor(trainable, WordMapReader(), blocks)
     add_attention_processor(trainable, MaskedImageBranch(adapter.branch), blocks)
 

@@ -22,11 +22,11 @@ The pure-torch loop lives in ``training/``; this module adapts ComfyUI objects t
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
 import types
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -41,10 +41,12 @@ import folder_paths
 import torch
 from comfy.weight_adapter.base import WeightAdapterTrainBase
 
+from ..attention.families import ADAPTERS
+from ..training.checkpointing import CheckpointedForward
 from ..training.losses import EPSILON, FLOW, V_PREDICTION
 from ..training.naming import output_path
 from ..training.runs import ExportedFile, RunCheckpoints, keep_earlier_exports
-from .patching import unpatched_modules
+from .patching import RECOMPUTE_HOOKS_KEY, transformer_blocks, unpatched_modules
 from .validation import checked_clip
 
 log = logging.getLogger("personalization")
@@ -54,7 +56,7 @@ CONSOLE_INTERVAL_S = 30.0
 check_interrupted: Callable[[], None] = comfy.model_management.throw_exception_if_processing_interrupted
 
 
-@contextmanager
+@contextlib.contextmanager
 def training_mode():
     """Inference mode off, gradients on (ComfyUI executes every node under inference_mode)."""
     with torch.inference_mode(False), torch.enable_grad():
@@ -139,10 +141,13 @@ def _copy_weight(weight):
     return weight
 
 
-def trainable_unet(model, deltas: Mapping[str, WeightDelta]):
+def trainable_unet(model, deltas: Mapping[str, WeightDelta], checkpointing: bool = False):
     """A clone of MODEL computing in fp32 with ``deltas`` (``"diffusion_model.<path>.weight"`` keys)
-    added to their weights, every other weight frozen; loaded on the torch device."""
+    added to their weights, every other weight frozen, its blocks checkpointed when ``checkpointing``
+    (:func:`checkpointed_blocks`); loaded on the torch device."""
     patched = model.clone()
+    if checkpointing:
+        checkpointed_blocks(patched)
     patched.set_model_compute_dtype(torch.float32)
     wrapped = set()
     for name, module in unpatched_modules(patched, root=""):
@@ -162,6 +167,48 @@ def trainable_unet(model, deltas: Mapping[str, WeightDelta]):
     return patched
 
 
+#: diffusion-model parameters from which a trainer checkpoints its blocks by default (SDXL's U-Net has 2.6 B, the
+#: DiTs 2-12 B; SD1.5's 0.86 B trains at 512 px without)
+CHECKPOINTING_PARAMETERS = 1.5e9
+#: ... and the training resolution from which it does whatever the model's size
+CHECKPOINTING_RESOLUTION = 768
+
+
+def checkpoints_blocks(model, resolution: int, asked: Optional[bool] = None) -> bool:
+    """Whether a trainer checkpoints the blocks of ``model`` (gradient checkpointing): as ``asked``, else for the
+    large models and the high resolutions, where the activations of every block would not fit beside the model."""
+    if asked is not None:
+        return asked
+    parameters = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    return parameters >= CHECKPOINTING_PARAMETERS or resolution >= CHECKPOINTING_RESOLUTION
+
+
+def checkpointed_blocks(patched) -> list[CheckpointedForward]:
+    """Object patches of the clone (restored when another clone loads, like all object patches) that run each of
+    its family's checkpoint units with gradient checkpointing (training/checkpointing.py: the gradients are the
+    plain run's to the bit, in a fraction of the activation memory, for one more forward pass per step)."""
+    modules = unpatched_modules(patched)
+    blocks = transformer_blocks(patched, families=ADAPTERS)
+    by_path = dict(modules)
+    forwards = []
+    for path in blocks[0].family.checkpoint_units(modules, blocks):
+        module = by_path[path]
+        # the class's forward: an earlier clone's object patch may still be applied to the shared module
+        forward = CheckpointedForward(types.MethodType(type(module).forward, module), _recompute_hooks)
+        patched.add_object_patch(f"diffusion_model.{path}.forward", forward)
+        forwards.append(forward)
+    return forwards
+
+
+def _recompute_hooks(args: tuple, kwargs: dict):
+    """The per-call hooks a block's recomputation needs (nodes.patching.RECOMPUTE_HOOKS_KEY in the
+    transformer_options it was called with), or none."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, dict) and RECOMPUTE_HOOKS_KEY in value:
+            return value[RECOMPUTE_HOOKS_KEY]()
+    return contextlib.nullcontext()
+
+
 def _copy_inference_parameters(patched, name: str, module: torch.nn.Module) -> None:
     """Parameters outside ComfyUI's cast layers (the DiTs' per-head RMSNorm scales) reach autograd as they were
     loaded: inference tensors when a loader node ran under inference_mode, which autograd cannot save for
@@ -172,7 +219,7 @@ def _copy_inference_parameters(patched, name: str, module: torch.nn.Module) -> N
                                                                                  requires_grad=False))
 
 
-@contextmanager
+@contextlib.contextmanager
 def saved_tensor_copies(enabled: bool = True):
     """Autograd keeps its own copies of the tensors it saves for backward (when ``enabled``). ComfyUI's Flux
     blocks add to their residual stream in place after normalising it (``x += ...``), and its T5 layers add their

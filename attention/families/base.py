@@ -185,6 +185,11 @@ class Family:
         model pads it."""
         return ConditioningPlacement(tokens, tokens)
 
+    def checkpoint_units(self, modules: list, blocks: list["TransformerBlock"]) -> list[str]:
+        """Paths of the modules a trainer checkpoints one at a time (gradient checkpointing), among the model's
+        ``(path, module)`` pairs: the family's repeated blocks."""
+        return [block.module_path for block in blocks]
+
     def order(self, key: BlockKey) -> tuple[int, int, int]:
         return self.block_names.index(key[0]), key[1], key[2]
 

@@ -15,6 +15,8 @@ from typing import Optional
 from .base import Family, TransformerBlock, matching_paths
 
 _TRANSFORMER_PATH = re.compile(r"^(?:(input|output)_blocks\.(\d+)|(middle)_block)\.\d+\.transformer_blocks\.(\d+)$")
+#: the layers of the U-Net's blocks (res blocks, spatial transformers, up- and downsampling), each called on its own
+_LAYER_PATH = re.compile(r"^(?:input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+$")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class UNetFamily(Family):
                                            has_cross_attention=getattr(module, "attn2", None) is not None))
         depth = Counter(b.key[:2] for b in blocks)
         return [replace(b, alone_in_block=depth[b.key[:2]] == 1) for b in blocks]
+
+    def checkpoint_units(self, modules: list, blocks: list[TransformerBlock]) -> list[str]:
+        # its res blocks hold as much of the activations as its transformers: every layer of every block
+        return [path for path, _module, _match in matching_paths(modules, _LAYER_PATH)]
 
     def reads_pooled(self, adm_channels: int) -> bool:
         return adm_channels > 0  # SDXL's ADM vector holds the pooled CLIP-G output
