@@ -141,14 +141,25 @@ def _copy_weight(weight):
     return weight
 
 
+def training_compute_dtype(model) -> torch.dtype:
+    """The dtype a trainer's forward of MODEL computes in: the one ComfyUI loaded the model to compute in (its
+    weights' dtype, or the dtype it casts fp8 weights to), where it trains without loss scaling (fp32, bf16); fp16
+    and fp8 become bf16 where the device has it, fp32 where not. The trained parameters and their optimizer state
+    stay fp32 whatever this is; on the CPU ComfyUI loads models in fp32."""
+    dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+    if dtype in (torch.float32, torch.bfloat16):
+        return dtype
+    return torch.bfloat16 if comfy.model_management.should_use_bf16(model.load_device) else torch.float32
+
+
 def trainable_unet(model, deltas: Mapping[str, WeightDelta], checkpointing: bool = False):
-    """A clone of MODEL computing in fp32 with ``deltas`` (``"diffusion_model.<path>.weight"`` keys)
-    added to their weights, every other weight frozen, its blocks checkpointed when ``checkpointing``
-    (:func:`checkpointed_blocks`); loaded on the torch device."""
+    """A clone of MODEL computing in :func:`training_compute_dtype` with ``deltas``
+    (``"diffusion_model.<path>.weight"`` keys) added to their weights, every other weight frozen, its blocks
+    checkpointed when ``checkpointing`` (:func:`checkpointed_blocks`); loaded on the torch device."""
     patched = model.clone()
     if checkpointing:
         checkpointed_blocks(patched)
-    patched.set_model_compute_dtype(torch.float32)
+    patched.set_model_compute_dtype(training_compute_dtype(model))
     wrapped = set()
     for name, module in unpatched_modules(patched, root=""):
         if not hasattr(module, "comfy_cast_weights"):

@@ -95,3 +95,28 @@ def test_trainable_unet_gradients_and_baked_diff_match_stock_lora_loader(glue, e
             assert (result - live).abs().max() <= 1e-4
     finally:
         path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("weights, cast, bf16_device, expected", [
+    (torch.float32, None, True, torch.float32),          # ComfyUI on the CPU, or a full-precision load
+    (torch.bfloat16, None, False, torch.bfloat16),        # Flux / SD3.5 as ComfyUI loads them on a recent GPU
+    (torch.float16, None, True, torch.bfloat16),          # SD1.5/SDXL in fp16: no loss scaling in bf16
+    (torch.float16, None, False, torch.float32),          # ... on a GPU without bf16
+    (torch.float8_e4m3fn, torch.bfloat16, True, torch.bfloat16),  # fp8 weights cast to bf16 for compute
+    (torch.float8_e4m3fn, torch.float16, False, torch.float32),
+])
+def test_training_computes_in_the_loaded_dtype_where_it_needs_no_loss_scaling(glue, monkeypatch, weights, cast,
+                                                                           bf16_device, expected):
+    import comfy.model_management
+    from types import SimpleNamespace
+    model = SimpleNamespace(load_device=torch.device("cpu"),
+                            model=SimpleNamespace(manual_cast_dtype=cast, get_dtype=lambda: weights))
+    monkeypatch.setattr(comfy.model_management, "should_use_bf16", lambda *args, **kwargs: bf16_device)
+    assert glue.training_compute_dtype(model) is expected
+
+
+def test_the_trainable_clone_of_a_model_loaded_in_fp32_computes_in_fp32(glue, sd15):
+    model = sd15[0]
+    with glue.training_mode():
+        trainable = glue.trainable_unet(model, {})
+    assert trainable.model.manual_cast_dtype is torch.float32
