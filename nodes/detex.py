@@ -300,10 +300,11 @@ class DecoupledTokenTrainer(io.ComfyNode):
 class DetexTraining:
     """What one DecoupledTokenTrainer run builds: the augmented pool, the mappers' CLIP-vision features,
     the trainables ([V], K/V deltas, mappers), the micro-batch step and the exports. Build it inside
-    ``training_glue.training_mode()``."""
+    ``training_glue.training_mode()``. ``gradient_checkpointing`` None: where the model's size or the resolution
+    needs it (glue.checkpoints_blocks)."""
 
     def __init__(self, model, clip, vae, clip_vision, subject, template, class_word, attribute_source, settings,
-                 seed, augmented_views, regularization_images, reg_caption):
+                 seed, augmented_views, regularization_images, reg_caption, gradient_checkpointing=None):
         self.subject = subject
         process_latent_in = model.model.process_latent_in
         device = model.load_device
@@ -325,7 +326,8 @@ class DetexTraining:
         self.subject_word = torch.nn.Parameter(initial_subject[None])
         self.deltas = {key: glue.WeightDelta(model.get_model_object(key[:-len(".weight")]).weight.shape)
                        for key in _kv_weight_keys(model)}
-        self.trainable = unet = glue.trainable_unet(model, self.deltas)
+        self.trainable = unet = glue.trainable_unet(model, self.deltas, glue.checkpoints_blocks(
+            model, subject.images.shape[1], gradient_checkpointing))
         blocks = transformer_blocks(unet)
         add_attention_processor(unet, StartTokenDetach("DecoupledTokenTrainer"), blocks)
         recorder = None

@@ -207,8 +207,9 @@ class PreparedRun:
 
 
 def prepare_training(model, clip, vae, image, words, stem, settings, seed, resolution, reg_images=None,
-                     reg_captions="") -> PreparedRun:
-    """Data, token vectors, K/V changes and the patched clone of a run (spec §10); call in training_mode()."""
+                     reg_captions="", gradient_checkpointing=None) -> PreparedRun:
+    """Data, token vectors, K/V changes and the patched clone of a run (spec §10); call in training_mode().
+    ``gradient_checkpointing`` None: where the model's size or the resolution needs it (glue.checkpoints_blocks)."""
     names = [f"{stem}_new{i + 1}" for i in range(len(words))]
     encoders = _text_encoders(model, clip)
     blocks = transformer_blocks(model)
@@ -233,7 +234,7 @@ def prepare_training(model, clip, vae, image, words, stem, settings, seed, resol
         for projection in ("k", "v"):
             path = f"diffusion_model.{block.module_path}.attn2.to_{projection}"
             deltas[f"{path}.weight"] = glue.WeightDelta(model.get_model_object(path).weight.shape)
-    trainable = glue.trainable_unet(model, deltas)
+    trainable = glue.trainable_unet(model, deltas, glue.checkpoints_blocks(model, resolution, gradient_checkpointing))
     recorder = MapRecorder(map_block_keys(blocks), node_name="DisenDiffTrainer")
     add_attention_processor(trainable, StartTokenDetach("DisenDiffTrainer"), cross)
     add_attention_processor(trainable, recorder, [b for b in cross if b.key in recorder.blocks])

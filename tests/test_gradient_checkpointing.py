@@ -1,8 +1,9 @@
 """Gradient checkpointing of the trainers' frozen model (training/checkpointing.py, nodes/training_glue.py
 ``checkpointed_blocks``): it must change nothing but memory. First a toy model that does to its blocks what ComfyUI's
 models do (one options dict, rewritten before each block; state that hooks of one model call set while a block
-runs), then the trainers in the real ComfyUI: one training step's loss and every trained gradient with the blocks
-checkpointed equal the plain step's (to float32's rounding), on the tiny SD1.5 (RealCustomTrainer: res blocks and spatial transformers),
+runs; in-place adds to what a normalisation saved), then the trainers in the real ComfyUI: one training step's loss
+and every trained gradient with the blocks checkpointed equal the plain step's (to float32's rounding), on the tiny
+SD1.5 (DisenDiffTrainer: res blocks and spatial transformers, attention maps in the loss; RealCustomTrainer nightly),
 Flux dev (PVATrainer: the parallel queries read the block's query input, which a hook of the model call records)
 and Z-Image (RealCustomTrainer: blocks named by pre-hooks of the model call), and backward did recompute blocks."""
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from harness.comfy_env import pack_module
+from harness.nightly import only_nightly
 from personalization_nodes.training.checkpointing import CheckpointedForward
 
 
@@ -100,9 +102,9 @@ def check_checkpointing_changes_nothing(prepare, params_of, monkeypatch):
     assert not none and forwards and sum(f.recomputations for f in forwards) >= len(forwards) // 2
     assert torch.equal(loss, loss_ckpt)
     assert grads.keys() == grads_ckpt.keys() and any(bool(g.abs().sum() > 0) for g in grads.values())
-    for name in grads:  # float32 rounding (the same operations; a copied input may take another kernel): 1e-6
+    for name in grads:  # float32 rounding: the same operations, a copied input may take another kernel
         error = float((grads_ckpt[name] - grads[name]).norm())
-        assert error <= 1e-6 * float(grads[name].norm()) + 1e-12, (name, error)
+        assert error <= 1e-5 * float(grads[name].norm()) + 1e-12, (name, error)
 
 
 def realcustom_prepare(model, clip, vae):
@@ -118,7 +120,22 @@ def realcustom_params(prepared):
     return dict(prepared[0].named_parameters())
 
 
+def test_disendiff_on_sd15_with_its_attention_maps_in_the_loss(sd15, monkeypatch):
+    """DisenDiff's calibration losses read the attention maps its recorder keeps from inside the blocks (with their
+    graph), and its K/V changes are weight wrappers of the frozen layers."""
+    disendiff = pack_module("nodes.disendiff")
+    recipe = pack_module("training.disendiff")
+    settings = recipe.DisenDiffSettings(steps=1, learning_rate=1e-3, micro_batch=2, grad_accumulation=1, augment=False)
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+
+    def prepare(checkpointing):
+        return disendiff.prepare_training(*sd15, image, ["cat", "dog"], "ckpt_test", settings, seed=1, resolution=64,
+                                          gradient_checkpointing=checkpointing)
+    check_checkpointing_changes_nothing(prepare, lambda prepared: prepared.params, monkeypatch)
+
+
 def test_realcustom_on_sd15_res_blocks_and_transformers(sd15, monkeypatch):
+    only_nightly("the default run checkpoints SD1.5's blocks with DisenDiff's trainer")
     check_checkpointing_changes_nothing(realcustom_prepare(*sd15), realcustom_params, monkeypatch)
 
 
