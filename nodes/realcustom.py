@@ -25,6 +25,7 @@ from ..attention.realcustom import (
     COND,
     UNCOND,
     MASK_STRATEGIES,
+    PER_BLOCK,
     RUN_KEY,
     SCOPE_SELECTIONS,
     ImageTokens,
@@ -41,6 +42,7 @@ from ..attention.blocks import UNET, family_of_tag
 from ..attention.realcustom_encoder import RegisterViT, interleave_local_tokens, reference_views
 from ..attention.realcustom_scoring import INFERENCE_KEEP, alpha_bar, masked_latent, model_input
 from ..attention.realcustom_weights import (
+    BRANCH_LAYOUT_KEY,
     FAMILY_KEY,
     FORMAT_KEY,
     OFFICIAL_FORMAT,
@@ -144,7 +146,11 @@ class RealCustomLoader(io.ComfyNode):
             family = family_of_tag(metadata.get(FAMILY_KEY, UNET.file_tag))
         except ValueError as error:
             raise ValueError(f"RealCustomLoader: {adapter_name} records {error}") from None
-        adapter = adapter_from_state_dict(state_dict, format_name, family)
+        try:
+            adapter = adapter_from_state_dict(state_dict, format_name, family,
+                                              metadata.get(BRANCH_LAYOUT_KEY, PER_BLOCK))
+        except ValueError as error:
+            raise ValueError(f"RealCustomLoader: {adapter_name}: {error}") from None
         patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=comfy.model_management.get_torch_device(),
                                                    offload_device=comfy.model_management.unet_offload_device())
         return io.NodeOutput(LoadedAdapter(adapter, patcher, adapter_name))
@@ -443,9 +449,9 @@ def _check_adapter_fits(model, adapter: LoadedAdapter, blocks) -> None:
                          f"MODEL ({type(model.model).__name__}) is a {model_family.name} model; use an adapter trained "
                          f"for {model_family.name}.")
     cross = {block_name(b.key): b for b in blocks if b.has_cross_attention}
-    for name in adapter.adapter.branch.to_k_vision:
+    for key, inner in adapter.adapter.branch.widths().items():
+        name = block_name(key)
         block = cross.get(name)
-        inner = adapter.adapter.branch.to_k_vision[name].out_features
         if block is None or block.channels != inner:
             family = "SDXL" if adapter.adapter.format_name == OFFICIAL_FORMAT else "another model"
             raise ValueError(

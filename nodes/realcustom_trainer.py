@@ -12,12 +12,20 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
+from ..attention.realcustom import BRANCH_LAYOUTS, PER_BLOCK
 from ..attention.realcustom_weights import (
+    BLOCK_SELECTIONS,
+    BRANCH_BLOCKS_KEY,
+    BRANCH_LAYOUT_KEY,
     CLIP_VISION_FORMAT,
+    DEFAULT_RANK,
     FAMILY_KEY,
     FORMAT_KEY,
     adapter_from_state_dict,
+    branch_metadata,
+    default_layout,
     new_clip_vision_adapter,
+    select_branch_blocks,
 )
 from ..training.checkpoint import save_atomic
 from ..training.loop import LoopSettings, fingerprint, train
@@ -32,6 +40,10 @@ from .prompt_tokens import PhraseNotInPromptError, find_phrase_tokens
 from .realcustom import ADAPTER_FOLDER, CATEGORY, AdapterType, LoadedAdapter
 
 CHECKPOINT_FOLDER = "realcustom_checkpoints"
+#: the branch_layout choice that picks the family's default (attention.realcustom_weights.default_layout)
+AUTO_LAYOUT = "auto"
+#: the branch metadata of the per-block layout on every block: what every run trained before the layouts existed
+RELEASED_BRANCH = {BRANCH_LAYOUT_KEY: PER_BLOCK, BRANCH_BLOCKS_KEY: BLOCK_SELECTIONS[0]}
 #: brightness of the training image outside the word's mask in the preview
 PREVIEW_DIM = 0.25
 
@@ -102,20 +114,27 @@ def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution,
 
 
 def prepare_training(model, clip, vae, clip_vision, images, captions, resolution, crop, batch_size, seed,
-                     adaptive_scoring=False, target_words=None, word_mask_training=False):
+                     adaptive_scoring=False, target_words=None, word_mask_training=False, branch_layout=AUTO_LAYOUT,
+                     branch_rank=DEFAULT_RANK, branch_blocks="all"):
     """(fresh adapter, step function) of a run; call inside ``glue.training_mode()``. ``target_words``: one
-    per caption or None; ``word_mask_training`` gates the branch by their masks (needs them)."""
+    per caption or None; ``word_mask_training`` gates the branch by their masks (needs them). The branch has
+    ``branch_layout`` (``auto``: the family's default) at ``branch_rank``, on the ``branch_blocks`` selection of the
+    cross-attention blocks (attention.realcustom_weights.BLOCK_SELECTIONS)."""
     if word_mask_training and target_words is None:
         raise ValueError("RealCustomTrainer: word_mask_training gates the branch by each caption's target word; "
                          "give the target_words (one per caption, or one for all).")
     blocks = [b for b in transformer_blocks(model, "RealCustomTrainer") if b.has_cross_attention]
     family = blocks[0].family
+    served = set(select_branch_blocks([b.key for b in blocks], branch_blocks))
+    layout = default_layout(family) if branch_layout == AUTO_LAYOUT else branch_layout
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
         data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop,
                                target_words, family)
     context_dim = data.contexts.shape[-1]
-    adapter = new_clip_vision_adapter(data.features.shape[-1], {b.key: (b.channels, context_dim) for b in blocks}, seed,
-                                      scoring=adaptive_scoring, latent_channels=data.latents.shape[1], family=family)
+    adapter = new_clip_vision_adapter(data.features.shape[-1],
+                                      {b.key: (b.channels, context_dim) for b in blocks if b.key in served}, seed,
+                                      scoring=adaptive_scoring, latent_channels=data.latents.shape[1], family=family,
+                                      layout=layout, rank=branch_rank)
     adapter.to(data.latents.device)
     trainable = glue.trainable_unet(model, {})
     add_attention_processor(trainable, WordMapReader(), blocks)
@@ -209,6 +228,12 @@ class RealCustomTrainer(io.ComfyNode):
                                 tooltip="The real word of each caption that becomes the subject (one per line, or one for all); checked and previewed."),
                 io.Boolean.Input("word_mask_training", default=False, optional=True,
                                  tooltip="[R] Gate the branch by each target word's mask while training, as at inference (paper: ungated)."),
+                io.Combo.Input("branch_layout", options=[AUTO_LAYOUT, *BRANCH_LAYOUTS], default=AUTO_LAYOUT, optional=True,
+                               tooltip="Visual K/V: auto (per-block on U-Nets, shared + low-rank on DiTs), per-block (released), shared + low-rank."),
+                io.Int.Input("branch_rank", default=DEFAULT_RANK, min=1, max=512, optional=True,
+                             tooltip="Rank of each block's change in the shared + low-rank layout (16: 153 MB branch on Flux.1 dev)."),
+                io.Combo.Input("branch_blocks", options=list(BLOCK_SELECTIONS), default=BLOCK_SELECTIONS[0], optional=True,
+                               tooltip="Blocks that get the image branch: all, Flux's double blocks, or every 2nd / 4th of each kind."),
             ],
             outputs=[
                 AdapterType.Output(display_name="adapter", tooltip="The trained branch, for RealCustomEncodeReference."),
@@ -222,7 +247,8 @@ class RealCustomTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, images, captions, name, steps, learning_rate, batch_size,
                 grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True, target_words="",
-                word_mask_training=False) -> io.NodeOutput:
+                word_mask_training=False, branch_layout=AUTO_LAYOUT, branch_rank=DEFAULT_RANK,
+                branch_blocks=BLOCK_SELECTIONS[0]) -> io.NodeOutput:
         family = transformer_blocks(model, "RealCustomTrainer")[0].family
         refusal = family.training_refusal(model_class_names(model), model.model.adm_channels)
         if refusal:
@@ -235,7 +261,9 @@ class RealCustomTrainer(io.ComfyNode):
         words = _target_words(target_words, texts)
         with glue.training_mode():
             adapter, step = prepare_training(model, clip, vae, clip_vision, images, texts, resolution, crop, batch_size,
-                                             seed, adaptive_scoring, words, word_mask_training)
+                                             seed, adaptive_scoring, words, word_mask_training, branch_layout,
+                                             branch_rank, branch_blocks)
+            branch = branch_metadata(adapter.branch, branch_blocks)
             run_id = fingerprint(images=images, captions=texts, learning_rate=learning_rate,
                                  batch_size=batch_size, grad_accumulation=grad_accumulation, resolution=resolution,
                                  seed=seed, crop=crop, vision_dim=adapter.vision_dim, adaptive_scoring=adaptive_scoring,
@@ -244,7 +272,9 @@ class RealCustomTrainer(io.ComfyNode):
                                  vae=glue.weights_sample(vae.first_stage_model),
                                  image_encoder=glue.weights_sample(clip_vision.model),
                                  # the words change the training only when they gate it
-                                 **({"word_masks_of": words} if word_mask_training else {}))
+                                 **({"word_masks_of": words} if word_mask_training else {}),
+                                 # the released layout on every block is how every run before the layouts trained
+                                 **({} if branch == RELEASED_BRANCH else {"branch": branch}))
             train(dict(adapter.named_parameters()), step, lambda params: torch.optim.AdamW(params, lr=learning_rate),
                   LoopSettings(steps, grad_accumulation, seed, checkpoint_every,
                                glue.run_checkpoints(CHECKPOINT_FOLDER, stem, run_id)),
@@ -254,11 +284,11 @@ class RealCustomTrainer(io.ComfyNode):
         folder = folder_paths.get_folder_paths(ADAPTER_FOLDER)[0]
         glue.exports_of_run("RealCustomTrainer", stem, [ExportedFile(folder)], run_id)
         path = output_path(folder, stem)
-        save_atomic(path, state_dict, metadata={FORMAT_KEY: CLIP_VISION_FORMAT, FAMILY_KEY: adapter.family.file_tag,
+        save_atomic(path, state_dict, metadata={FORMAT_KEY: CLIP_VISION_FORMAT, FAMILY_KEY: adapter.family.file_tag, **branch,
                                                 "method": "realcustom", RUN_ID_KEY: run_id,
                                                 "steps": str(steps), "learning_rate": str(learning_rate)})
         folder_paths.filename_list_cache.clear()
-        trained = adapter_from_state_dict(state_dict, CLIP_VISION_FORMAT, adapter.family)
+        trained = adapter_from_state_dict(state_dict, CLIP_VISION_FORMAT, adapter.family, adapter.branch.layout)
         patcher = comfy.model_patcher.ModelPatcher(trained, load_device=comfy.model_management.get_torch_device(),
                                                    offload_device=comfy.model_management.unet_offload_device())
         return io.NodeOutput(LoadedAdapter(trained, patcher, path.name), path.name, word_masks, word_preview)
