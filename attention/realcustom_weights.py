@@ -51,6 +51,8 @@ DEFAULT_RANK = 16
 #: every n-th block of each kind in layer order (PuLID-Flux: every 2nd double, every 4th single)
 BLOCK_SELECTIONS = ("all", "double only", "every 2nd", "every 4th")
 _EVERY = {"every 2nd": 2, "every 4th": 4}
+#: the most numbers a per-block branch may hold where the trainer picks the layout: 300 MB as fp32
+PER_BLOCK_LIMIT = 75_000_000
 
 #: released model: SigLIP-so400m (1152) + DINOv2-L (1024) channels, SDXL context width
 OFFICIAL_VISION_DIM, OFFICIAL_TOKEN_DIM = 2176, 2048
@@ -165,10 +167,14 @@ def select_branch_blocks(keys: list[BlockKey], selection: str) -> list[BlockKey]
     return chosen
 
 
-def default_layout(family: Family) -> str:
-    """The trainer's branch layout for ``family``: per-block on the U-Nets (the released layout; SD1.5's is 19 M
-    numbers), shared + low-rank on the DiTs (per-block: 1.43 B on Flux.1 dev, 0.45 B on SD3.5 Large)."""
-    return PER_BLOCK if family is UNET else SHARED_LOW_RANK
+def default_layout(family: Family, shapes: dict[BlockKey, tuple[int, int]]) -> str:
+    """The trainer's branch layout for the blocks ``shapes`` of a ``family`` model: shared + low-rank on the DiTs
+    (per-block: 1.43 B numbers on Flux.1 dev, 0.76 B on SD3.5 Large) and on U-Nets whose per-block branch would
+    pass :data:`PER_BLOCK_LIMIT` (SDXL: 0.34 B); per-block, the released layout, on the smaller U-Nets (SD1.5: 19 M)."""
+    if family is not UNET:
+        return SHARED_LOW_RANK
+    per_block = sum(2 * inner * token_dim for inner, token_dim in shapes.values())
+    return PER_BLOCK if per_block <= PER_BLOCK_LIMIT else SHARED_LOW_RANK
 
 
 def branch_metadata(branch: ImageBranchWeights | SharedLowRankBranch, selection: str) -> dict[str, str]:

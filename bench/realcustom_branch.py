@@ -91,7 +91,7 @@ def print_sizes(rank: int) -> None:
     for name, (shapes_of, family) in MODELS.items():
         shapes = shapes_of()
         projector = projector_parameters(next(iter(shapes.values()))[1])
-        default = weights.default_layout(getattr(pack_module("attention.blocks"), family))
+        default = weights.default_layout(getattr(pack_module("attention.blocks"), family), shapes)
         print(f"{name}: {len(shapes)} blocks; + projector {projector / 1e6:.1f} M in every total below "
               f"(default layout: {default})")
         variants = [("today: per-block, all", per_block, "all"), (f"shared + rank {rank}, all", shared, "all"),

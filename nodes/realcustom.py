@@ -118,7 +118,9 @@ class RealCustomLoader(io.ComfyNode):
     from its diffusers names; convert the released ``.pth`` to safetensors once, this pack never unpickles),
     or this pack's CLIP-vision format written by RealCustomTrainer (any U-Net, SD1.5 first; Flux and SD3/SD3.5
     adapters are of this format too). The file records the model family it was made for (files without it are
-    U-Net adapters); AdaptiveMaskGuidance refuses it on a model of another family.
+    U-Net adapters); AdaptiveMaskGuidance refuses it on a model of another family. It also records the branch's
+    layout: a full-rank key/value pair per block (the released model, every file without the entry) or a shared
+    pair plus a low-rank change per block (RealCustomTrainer's default on the DiTs), and the blocks it serves.
 
     - adapter_name: file in models/realcustom.
     """

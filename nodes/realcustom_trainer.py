@@ -126,15 +126,15 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
     blocks = [b for b in transformer_blocks(model, "RealCustomTrainer") if b.has_cross_attention]
     family = blocks[0].family
     served = set(select_branch_blocks([b.key for b in blocks], branch_blocks))
-    layout = default_layout(family) if branch_layout == AUTO_LAYOUT else branch_layout
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
         data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop,
                                target_words, family)
     context_dim = data.contexts.shape[-1]
-    adapter = new_clip_vision_adapter(data.features.shape[-1],
-                                      {b.key: (b.channels, context_dim) for b in blocks if b.key in served}, seed,
-                                      scoring=adaptive_scoring, latent_channels=data.latents.shape[1], family=family,
-                                      layout=layout, rank=branch_rank)
+    shapes = {b.key: (b.channels, context_dim) for b in blocks if b.key in served}
+    layout = default_layout(family, shapes) if branch_layout == AUTO_LAYOUT else branch_layout
+    adapter = new_clip_vision_adapter(data.features.shape[-1], shapes, seed, scoring=adaptive_scoring,
+                                      latent_channels=data.latents.shape[1], family=family, layout=layout,
+                                      rank=branch_rank)
     adapter.to(data.latents.device)
     trainable = glue.trainable_unet(model, {})
     add_attention_processor(trainable, WordMapReader(), blocks)
@@ -194,6 +194,19 @@ class RealCustomTrainer(io.ComfyNode):
       mask of that step (eq. 12, as inference) and masks the scoring module's latent as inference does
       (paper §3.3); costs one extra no-grad forward per step (×1.55 time in bench/train_realcustom.py). Needs
       target_words.
+    - branch_layout ([R] on the DiTs): how the visual keys/values are held. "per-block" is the paper's and the
+      released code's full-rank pair per block: 1.43 B numbers on Flux.1 dev (5.8 GB file, 23 GB of weights,
+      gradients and fp32 Adam moments), 0.76 B on SD3.5 Large, 0.34 B on SDXL, 19 M on SD1.5. "shared + low-rank"
+      holds one key and one value projection shared by the blocks plus a rank-``branch_rank`` change per block
+      (zero at the start, so the untrained branch still adds nothing): Flux.1 dev 43 M with the projector at
+      rank 16 (172 MB file, 0.7 GB training state), SD3.5 Large 33 M, SDXL 17.5 M. "auto" (default): shared +
+      low-rank on the DiTs and where a per-block branch would pass 300 MB as fp32 (SDXL), per-block (what was
+      trained before) on the smaller U-Nets (SD1.5). Numbers: bench/realcustom_branch.py.
+    - branch_rank: rank of each block's change (1–512, default 16; 4 learned nearly as well on the tiny Flux).
+    - branch_blocks: the blocks that get the branch: all (default; on the tiny Flux it removed the most loss, and
+      with the shared layout each Flux block costs only 0.23 M numbers), "double only" (Flux-type models, as XLabs'
+      IP-Adapter), "every 2nd" / "every 4th" block of each kind (PuLID-Flux's spacing): fewer image attentions per
+      step. The file records layout, rank and selection; AdaptiveMaskGuidance serves the blocks the file has.
     """
 
     @classmethod
@@ -229,7 +242,7 @@ class RealCustomTrainer(io.ComfyNode):
                 io.Boolean.Input("word_mask_training", default=False, optional=True,
                                  tooltip="[R] Gate the branch by each target word's mask while training, as at inference (paper: ungated)."),
                 io.Combo.Input("branch_layout", options=[AUTO_LAYOUT, *BRANCH_LAYOUTS], default=AUTO_LAYOUT, optional=True,
-                               tooltip="Visual K/V: auto (per-block on U-Nets, shared + low-rank on DiTs), per-block (released), shared + low-rank."),
+                               tooltip="Visual K/V: auto (shared + low-rank on DiTs and SDXL, per-block on SD1.5), per-block (released), shared + low-rank."),
                 io.Int.Input("branch_rank", default=DEFAULT_RANK, min=1, max=512, optional=True,
                              tooltip="Rank of each block's change in the shared + low-rank layout (16: 153 MB branch on Flux.1 dev)."),
                 io.Combo.Input("branch_blocks", options=list(BLOCK_SELECTIONS), default=BLOCK_SELECTIONS[0], optional=True,
