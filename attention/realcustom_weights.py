@@ -45,12 +45,10 @@ FAMILY_KEY = "family"
 BRANCH_LAYOUT_KEY = "branch_layout"
 BRANCH_RANK_KEY = "branch_rank"
 BRANCH_BLOCKS_KEY = "branch_blocks"
-#: the rank of a new shared + low-rank branch (the trainer's default; bench/realcustom_branch.py)
+#: the rank of a new shared + low-rank branch (the trainer's default; bench/realcustom_branch.py). Which blocks a
+#: new branch serves is PVA's block selection (``attention.pva.BLOCK_SELECTIONS``: all, the two-stream blocks,
+#: every 2nd / 4th in layer order), recorded as ``branch_blocks``
 DEFAULT_RANK = 16
-#: which blocks a new branch serves: every cross-attention block, Flux's double blocks (as XLabs' IP-Adapter), or
-#: every n-th block of each kind in layer order (PuLID-Flux: every 2nd double, every 4th single)
-BLOCK_SELECTIONS = ("all", "double only", "every 2nd", "every 4th")
-_EVERY = {"every 2nd": 2, "every 4th": 4}
 #: the most numbers a per-block branch may hold where the trainer picks the layout: 300 MB as fp32
 PER_BLOCK_LIMIT = 75_000_000
 
@@ -143,28 +141,6 @@ class LinearProjector(torch.nn.Module):
 
     def forward(self, features):
         return self.norm(self.proj(features))
-
-
-def select_branch_blocks(keys: list[BlockKey], selection: str) -> list[BlockKey]:
-    """The blocks (of ``keys``, in layer order) that a new branch of ``selection`` (:data:`BLOCK_SELECTIONS`) serves."""
-    if selection == "all":
-        return list(keys)
-    if selection == "double only":
-        double = [key for key in keys if key[0] == "double"]
-        if not double:
-            raise ValueError("the branch block selection 'double only' needs double blocks (Flux.1, Flux.2, Chroma); "
-                             f"this model's blocks are {', '.join(sorted({key[0] for key in keys}))}")
-        return double
-    if selection not in _EVERY:
-        raise ValueError(f"unknown branch block selection {selection!r}; use one of {', '.join(BLOCK_SELECTIONS)}")
-    seen: dict[str, int] = {}
-    chosen = []
-    for key in keys:
-        position = seen.get(key[0], 0)
-        seen[key[0]] = position + 1
-        if position % _EVERY[selection] == 0:
-            chosen.append(key)
-    return chosen
 
 
 def default_layout(family: Family, shapes: dict[BlockKey, tuple[int, int]]) -> str:

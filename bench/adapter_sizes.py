@@ -6,6 +6,12 @@ PVATrainer (rank 16 on every block, token transformer per nodes.pva_training.tok
 
 Adam: 8 bytes per parameter of optimizer state (two fp32 moments); training holds 16 (plus weight and gradient).
 
+RealCustom section: the image branch (visual keys/values of every cross-attention block, from the text context's
+width) and the CLIP-vision projector (SigLIP-so400m's 1152 channels to that width) of RealCustomTrainer: the
+per-block layout on every block (every file before the layouts; the released SDXL model's) against the shared +
+low-rank layout at rank 16 (the trainer's default on the DiTs and SDXL) and the block selections; the adaptive
+scoring module (two small score nets, optional) is not counted.
+
 Usage: .venv/bin/python bench/adapter_sizes.py
 """
 from __future__ import annotations
@@ -29,6 +35,9 @@ UNETS = {
     "SDXL": dict(adm_in_channels=2816, num_classes="sequential", context_dim=2048, transformer_depth=[0, 0, 2, 2, 10, 10],
                  transformer_depth_middle=10, transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
                  channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2], num_head_channels=64, use_linear_in_transformer=True),
+    "SD1.5": dict(context_dim=768, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+                  transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], channel_mult=[1, 2, 4, 4],
+                  num_res_blocks=[2, 2, 2, 2], num_heads=8, use_linear_in_transformer=False),
     "SD2": dict(context_dim=1024, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], channel_mult=[1, 2, 4, 4],
                 num_res_blocks=[2, 2, 2, 2], num_head_channels=64, use_linear_in_transformer=True),
@@ -95,7 +104,8 @@ def main() -> None:
                ("rank 16, all, tokens 768 wide", 16, "all", lambda width: min(width, 768))]
     print(f"{'model':12} {'layout':42} {'projections':>12} {'tokens':>11} {'total':>12} {'file MB':>9} "
           f"{'Adam MB':>9} {'train MB':>9}")
-    for name, net in real_models().items():
+    models = real_models()
+    for name, net in models.items():
         for label, rank, selection, width in layouts:
             try:
                 projections, tokens = adapter_parameters(net, rank, selection, width)
@@ -104,6 +114,56 @@ def main() -> None:
             total = projections + tokens
             print(f"{name:12} {label:42} {projections:12,} {tokens:11,} {total:12,} {4 * total / MB:9.1f} "
                   f"{8 * total / MB:9.1f} {16 * total / MB:9.1f}")
+        print()
+    print_realcustom(models)
+
+
+#: the width of each model's text context, which RealCustom's image tokens take (DiTs: before the context embedder)
+TEXT_CONTEXT = {"FLUX.1 dev": FLUX_DEV["context_in_dim"],
+                "SD3.5 Large": SD35_LARGE["context_embedder_config"]["params"]["in_features"],
+                **{name: config["context_dim"] for name, config in UNETS.items()}}
+SIGLIP_CHANNELS = 1152
+
+
+def realcustom_shapes(net, token_width: int, selection: str):
+    """``(family, {block: (attention width, token width)})`` of a RealCustomTrainer branch on ``net``."""
+    from harness.comfy_env import pack_module
+    blocks = [b for b in pack_module("attention.blocks").discover_transformer_blocks(list(net.named_modules()))
+              if b.has_cross_attention]
+    keys = set(pack_module("attention.pva").selected_blocks(selection, [b.key for b in blocks]))
+    return blocks[0].family, {b.key: (b.channels, token_width) for b in blocks if b.key in keys}
+
+
+def realcustom_parameters(net, token_width: int, layout: str, rank: int, selection: str) -> int:
+    from harness.comfy_env import pack_module
+    weights = pack_module("attention.realcustom_weights")
+    _, shapes = realcustom_shapes(net, token_width, selection)
+    with torch.device("meta"):
+        adapter = [weights.new_branch(shapes, layout, rank), weights.LinearProjector(SIGLIP_CHANNELS, token_width)]
+    return sum(count(module) for module in adapter)
+
+
+def print_realcustom(models) -> None:
+    from harness.comfy_env import pack_module
+    realcustom, weights = pack_module("attention.realcustom"), pack_module("attention.realcustom_weights")
+    per_block, shared = realcustom.PER_BLOCK, realcustom.SHARED_LOW_RANK
+    layouts = [("per-block, all blocks (before)", per_block, "all"), ("shared + rank 16, all", shared, "all"),
+               ("shared + rank 16, double", shared, "double"), ("shared + rank 16, every_2", shared, "every_2"),
+               ("shared + rank 16, every_4", shared, "every_4"), ("per-block, double", per_block, "double"),
+               ("per-block, every_4", per_block, "every_4")]
+    print(f"RealCustom image branch + projector\n{'model':12} {'layout':42} {'parameters':>12} {'file MB':>9} "
+          f"{'Adam MB':>9} {'train MB':>9}")
+    for name, net in models.items():
+        family, shapes = realcustom_shapes(net, TEXT_CONTEXT[name], "all")
+        default = weights.default_layout(family, shapes)
+        for label, layout, selection in layouts:
+            try:
+                total = realcustom_parameters(net, TEXT_CONTEXT[name], layout, weights.DEFAULT_RANK, selection)
+            except ValueError:
+                continue  # 'double' on a U-Net
+            mark = " (default)" if layout == default and selection == "all" else ""
+            print(f"{name:12} {label + mark:42} {total:12,} {4 * total / MB:9.1f} {8 * total / MB:9.1f} "
+                  f"{16 * total / MB:9.1f}")
         print()
 
 

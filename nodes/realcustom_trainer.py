@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
 from ..attention.realcustom import BRANCH_LAYOUTS, PER_BLOCK
+from ..attention.pva import BLOCK_SELECTIONS, selected_blocks
 from ..attention.realcustom_weights import (
-    BLOCK_SELECTIONS,
     BRANCH_BLOCKS_KEY,
     BRANCH_LAYOUT_KEY,
     CLIP_VISION_FORMAT,
@@ -25,7 +25,6 @@ from ..attention.realcustom_weights import (
     branch_metadata,
     default_layout,
     new_clip_vision_adapter,
-    select_branch_blocks,
 )
 from ..training.checkpoint import save_atomic
 from ..training.loop import LoopSettings, fingerprint, train
@@ -119,13 +118,13 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
     """(fresh adapter, step function) of a run; call inside ``glue.training_mode()``. ``target_words``: one
     per caption or None; ``word_mask_training`` gates the branch by their masks (needs them). The branch has
     ``branch_layout`` (``auto``: the family's default) at ``branch_rank``, on the ``branch_blocks`` selection of the
-    cross-attention blocks (attention.realcustom_weights.BLOCK_SELECTIONS)."""
+    cross-attention blocks (attention.pva.BLOCK_SELECTIONS, PVA's)."""
     if word_mask_training and target_words is None:
         raise ValueError("RealCustomTrainer: word_mask_training gates the branch by each caption's target word; "
                          "give the target_words (one per caption, or one for all).")
     blocks = [b for b in transformer_blocks(model, "RealCustomTrainer") if b.has_cross_attention]
     family = blocks[0].family
-    served = set(select_branch_blocks([b.key for b in blocks], branch_blocks))
+    served = set(selected_blocks(branch_blocks, [b.key for b in blocks]))
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
         data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop,
                                target_words, family)
@@ -201,12 +200,13 @@ class RealCustomTrainer(io.ComfyNode):
       (zero at the start, so the untrained branch still adds nothing): Flux.1 dev 43 M with the projector at
       rank 16 (172 MB file, 0.7 GB training state), SD3.5 Large 33 M, SDXL 17.5 M. "auto" (default): shared +
       low-rank on the DiTs and where a per-block branch would pass 300 MB as fp32 (SDXL), per-block (what was
-      trained before) on the smaller U-Nets (SD1.5). Numbers: bench/realcustom_branch.py.
+      trained before) on the smaller U-Nets (SD1.5). Sizes: bench/adapter_sizes.py; learning: bench/realcustom_branch.py.
     - branch_rank: rank of each block's change (1–512, default 16; 4 learned nearly as well on the tiny Flux).
-    - branch_blocks: the blocks that get the branch: all (default; on the tiny Flux it removed the most loss, and
-      with the shared layout each Flux block costs only 0.23 M numbers), "double only" (Flux-type models, as XLabs'
-      IP-Adapter), "every 2nd" / "every 4th" block of each kind (PuLID-Flux's spacing): fewer image attentions per
-      step. The file records layout, rank and selection; AdaptiveMaskGuidance serves the blocks the file has.
+    - branch_blocks (PVATrainer's selection): the blocks that get the branch: all (default; on the tiny Flux it
+      removed the most loss, and with the shared layout each Flux block costs only 0.23 M numbers), "double" (the
+      two-stream blocks: Flux's double blocks, as XLabs' IP-Adapter; all of SD3's joint blocks), "every_2" /
+      "every_4" block in layer order (about PuLID-Flux's spacing): fewer image attentions per step. The file
+      records layout, rank and selection; AdaptiveMaskGuidance serves the blocks the file has.
     """
 
     @classmethod
@@ -246,7 +246,7 @@ class RealCustomTrainer(io.ComfyNode):
                 io.Int.Input("branch_rank", default=DEFAULT_RANK, min=1, max=512, optional=True,
                              tooltip="Rank of each block's change in the shared + low-rank layout (16: 153 MB branch on Flux.1 dev)."),
                 io.Combo.Input("branch_blocks", options=list(BLOCK_SELECTIONS), default=BLOCK_SELECTIONS[0], optional=True,
-                               tooltip="Blocks that get the image branch: all, Flux's double blocks, or every 2nd / 4th of each kind."),
+                               tooltip="Blocks that get the image branch: all, the two-stream blocks (Flux's double), or every 2nd / 4th block."),
             ],
             outputs=[
                 AdapterType.Output(display_name="adapter", tooltip="The trained branch, for RealCustomEncodeReference."),

@@ -1,7 +1,6 @@
 """RealCustom image-branch layouts (issue 24: real scale): the shared + low-rank branch against explicit sums, the
-block selections, the zero start of a fresh branch, the layout recorded in and read from the adapter file, files of
-the per-block layout written before the layouts existed loading as they did, and the trainer's default layout and
-selection on the tiny Flux dev."""
+zero start of a fresh branch, the layout recorded in and read from the adapter file, files of
+the per-block layout written before the layouts existed loading as they did, through the nodes on the tiny Flux dev."""
 import pytest
 import torch
 from personalization_nodes.attention.blocks import FLUX, UNET
@@ -17,7 +16,6 @@ from personalization_nodes.attention.realcustom_weights import (
     branch_metadata,
     default_layout,
     new_clip_vision_adapter,
-    select_branch_blocks,
 )
 
 TOKEN_DIM, RANK = 6, 2
@@ -61,23 +59,6 @@ def test_blocks_of_one_width_share_one_projection_and_each_holds_rank_numbers():
     assert change.down.shape == (RANK, TOKEN_DIM) and change.up.shape == (8, RANK)
 
 
-@pytest.mark.parametrize("selection, expected", [
-    ("all", list(SHAPES)),
-    ("double only", [("double", 0, 0), ("double", 1, 0)]),
-    ("every 2nd", [("double", 0, 0), ("single", 0, 0), ("single", 2, 0), ("single", 4, 0)]),
-    ("every 4th", [("double", 0, 0), ("single", 0, 0), ("single", 4, 0)]),
-])
-def test_block_selections_count_each_kind_in_layer_order(selection, expected):
-    assert select_branch_blocks(list(SHAPES), selection) == expected
-
-
-def test_double_only_on_a_model_without_double_blocks_and_unknown_selections_are_refused():
-    with pytest.raises(ValueError, match="double blocks.*this model's blocks are joint"):
-        select_branch_blocks([("joint", 0, 0)], "double only")
-    with pytest.raises(ValueError, match="unknown branch block selection 'every 3rd'"):
-        select_branch_blocks([("joint", 0, 0)], "every 3rd")
-
-
 @pytest.mark.parametrize("layout", [PER_BLOCK, SHARED_LOW_RANK])
 def test_a_fresh_branch_adds_exactly_nothing_and_its_keys_are_not_degenerate(layout):
     """The values start at zero in both layouts (the shared one's projection and every block's change), so the
@@ -98,8 +79,8 @@ def test_defaults_per_family_and_metadata_record_layout_rank_and_selection():
     sdxl_sized = {("input", i, 0): (1280, 2048) for i in range(70)}  # 367 M
     assert default_layout(UNET, sd15_sized) == PER_BLOCK and default_layout(UNET, sdxl_sized) == SHARED_LOW_RANK
     assert default_layout(FLUX, SHAPES) == SHARED_LOW_RANK, "a DiT's branch is shared + low-rank at any size"
-    assert branch_metadata(SharedLowRankBranch(SHAPES, RANK), "every 2nd") == {
-        "branch_layout": "shared + low-rank", "branch_rank": "2", "branch_blocks": "every 2nd"}
+    assert branch_metadata(SharedLowRankBranch(SHAPES, RANK), "every_2") == {
+        "branch_layout": "shared + low-rank", "branch_rank": "2", "branch_blocks": "every_2"}
     assert branch_metadata(ImageBranchWeights(SHAPES), "all") == {"branch_layout": "per-block", "branch_blocks": "all"}
 
 

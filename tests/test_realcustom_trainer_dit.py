@@ -126,24 +126,19 @@ def test_interrupt_then_resume_equals_uninterrupted_and_the_export_reloads_to_th
 
 
 def test_the_branch_serves_the_selected_blocks_in_the_chosen_layout(family):
-    """branch_blocks picks the blocks before the adapter is made (its file then holds only theirs); a selection the
-    model cannot have is refused before any work."""
+    """branch_blocks (PVA's selection) picks the blocks before the adapter is made: its file holds only theirs."""
     from harness.realcustom import tiny_clip_vision
     glue = pack_module("nodes.training_glue")
     trainer = pack_module("nodes.realcustom_trainer")
-    with glue.training_mode():
-        adapter, _ = trainer.prepare_training(family.model, family.clip, family.vae, tiny_clip_vision(), dataset(),
-                                              CAPTIONS.split("\n"), 64, False, 2, 0, branch_layout="per-block",
-                                              branch_blocks="every 2nd")
-    expected = [("double", 0, 0), ("single", 0, 0)] if family.name == "flux" else [("joint", 0, 0), ("joint", 2, 0)]
-    assert adapter.branch.layout == "per-block" and adapter.branch.blocks() == expected
-    if family.name == "flux":
+
+    def branch(**settings):
         with glue.training_mode():
-            adapter, _ = trainer.prepare_training(family.model, family.clip, family.vae, tiny_clip_vision(), dataset(),
-                                                  CAPTIONS.split("\n"), 64, False, 2, 0, branch_rank=4,
-                                                  branch_blocks="double only")
-        assert adapter.branch.layout == "shared + low-rank" and adapter.branch.rank == 4
-        assert adapter.branch.blocks() == [("double", 0, 0), ("double", 1, 0)]
-    else:
-        with pytest.raises(ValueError, match="'double only' needs double blocks"):
-            family.train("test_rc_sd35_double", branch_blocks="double only")
+            return trainer.prepare_training(family.model, family.clip, family.vae, tiny_clip_vision(), dataset(),
+                                            CAPTIONS.split("\n"), 64, False, 2, 0, **settings)[0].branch
+    every_2 = branch(branch_layout="per-block", branch_blocks="every_2")
+    expected = [("double", 0, 0), ("single", 0, 0)] if family.name == "flux" else [("joint", 0, 0), ("joint", 2, 0)]
+    assert every_2.layout == "per-block" and every_2.blocks() == expected
+    double = branch(branch_rank=4, branch_blocks="double")
+    assert double.layout == "shared + low-rank" and double.rank == 4
+    assert double.blocks() == ([("double", 0, 0), ("double", 1, 0)] if family.name == "flux" else
+                               [("joint", i, 0) for i in range(3)]), "the two-stream blocks: all of SD3's"
