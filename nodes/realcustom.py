@@ -469,8 +469,9 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     cross-attention map (mean over heads, summed over its tokens, averaged over all cross-attention
     layers at the size of the largest one, paper §3.3: the latent's size on SD1.5, half of it on SDXL)
     is normalised and its top ``mask_scope`` kept with soft values; an image branch in every
-    cross-attention layer (the layer's query, the adapter's visual keys/values) is multiplied by that
-    mask and added to the text attention. Cond rows see the reference, uncond rows a black image with
+    cross-attention layer the adapter serves (the layer's query, the adapter's visual keys/values: its own per
+    layer, or a shared pair plus the layer's low-rank change) is multiplied by that mask and added to the text
+    attention. Cond rows see the reference, uncond rows a black image with
     the same mask (released code). Works with CFG 1, any batch size (one mask per image), ControlNet, LoRA.
 
     Paper vs code: the released model has no adaptive scoring module and uses plain CFG (not the paper's
