@@ -21,12 +21,18 @@ of its per-head query norm; Flux then rotates it by the image token's position, 
 ``to_visual_k``/``to_visual_v`` from the text stream's key/value projections (with a copy of its key norm; no
 rotation, as Flux's text tokens sit at position 0): the identity tokens take the place of text tokens, at the
 block's hidden width.
+
+Low rank (:class:`LowRankParallelProjection`, :class:`LowRankJointProjection`): a parallel projection that is the
+block's own frozen projection ``W`` plus a trained low-rank change ``B·A`` (``attention.low_rank``, B zero at the
+start). ``W`` is not held: it is read from the model at run time through :class:`OwnProjections`, so the adapter
+holds ``rank · (in + out)`` numbers per projection instead of ``in · out``, and at step 0 it computes exactly what
+the full-rank copy computes (the paper's initialisation). The full-rank classes (files of format pva-v1) stay.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +42,7 @@ from .blocks import BlockKey
 from .dispatcher import CROSS_ATTENTION, AttentionCall, AttentionProcessor, JointKeys, sigma_in_range
 from .head_norm import HeadNorm
 from .joint_softmax import ProjectedQueries
+from .low_rank import LowRankChange
 
 #: value of a cond chunk in ComfyUI's ``cond_or_uncond`` (``comfy.samplers.COND``).
 COND = 0
@@ -44,6 +51,28 @@ COND = 0
 def block_name(key: BlockKey) -> str:
     """Module-dict name of a transformer block, e.g. ``("input", 1, 0)`` → ``"input_1_0"``."""
     return "_".join(str(part) for part in key)
+
+
+#: which blocks carry parallel projections (recorded in the file): every one (the paper: every cross-attention
+#: layer), the two-stream blocks only (Flux's double blocks, SD3's joint blocks: all of SD3's), or every 2nd / 4th
+#: block in the model's order, starting with the first
+BLOCK_SELECTIONS = ("all", "double", "every_2", "every_4")
+TWO_STREAM_BLOCKS = ("double", "joint")
+
+
+def selected_blocks(selection: str, keys: list[BlockKey]) -> list[BlockKey]:
+    """The keys (in the model's order) that ``selection`` (one of :data:`BLOCK_SELECTIONS`) keeps."""
+    if selection == "all":
+        return list(keys)
+    if selection == "double":
+        chosen = [k for k in keys if k[0] in TWO_STREAM_BLOCKS]
+        if not chosen:
+            raise ValueError("block selection 'double' keeps the two-stream blocks (Flux's double, SD3's joint "
+                             "blocks), and this model has none; use 'all' or 'every_2'.")
+        return chosen
+    if selection.startswith("every_") and selection in BLOCK_SELECTIONS:
+        return list(keys[::int(selection.removeprefix("every_"))])
+    raise ValueError(f"unknown block selection {selection!r}; expected one of {BLOCK_SELECTIONS}")
 
 
 def _copy_outputs(layer: nn.Linear, source: nn.Linear, rows: slice) -> None:
@@ -83,11 +112,13 @@ class ParallelProjection(nn.Module):
         """Width of the identity tokens the projections take."""
         return self.to_visual_k.in_features
 
-    def queries(self, call: AttentionCall) -> ProjectedQueries:
-        """``to_visual_q`` of the layer's input, left for the dispatcher to fold into the identity keys."""
+    def queries(self, call: AttentionCall, own: Optional["OwnProjections"] = None) -> ProjectedQueries:
+        """``to_visual_q`` of the layer's input, left for the dispatcher to fold into the identity keys (a full-rank
+        copy needs no ``own`` projections)."""
         return ProjectedQueries(call.hidden_states, self.to_visual_q.weight, self.to_visual_q.bias)
 
-    def keys_values(self, identity_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, identity_tokens: torch.Tensor,
+                    own: Optional["OwnProjections"] = None) -> tuple[torch.Tensor, torch.Tensor]:
         return _linear(self.to_visual_k, identity_tokens), _linear(self.to_visual_v, identity_tokens)
 
 
@@ -125,15 +156,97 @@ class JointParallelProjection(nn.Module):
     def context_dim(self) -> int:
         return self.to_visual_k.in_features
 
-    def queries(self, call: AttentionCall) -> torch.Tensor:
+    def queries(self, call: AttentionCall, own: Optional["OwnProjections"] = None) -> torch.Tensor:
         """``(B, N, heads * d)`` parallel queries of the latent's image tokens, normalised and placed (rotated)
-        as the block's own."""
+        as the block's own (a full-rank copy needs no ``own`` projections)."""
         queries = _per_head(self.query_norm, _linear(self.to_visual_q, call.hidden_states))
         return call.place_image_queries(queries)
 
-    def keys_values(self, identity_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, identity_tokens: torch.Tensor,
+                    own: Optional["OwnProjections"] = None) -> tuple[torch.Tensor, torch.Tensor]:
         return (_per_head(self.key_norm, _linear(self.to_visual_k, identity_tokens)),
                 _linear(self.to_visual_v, identity_tokens))
+
+
+#: the rows of one of a block's own projections as the model holds them now: input ``x`` → ``(weight (out, in),
+#: bias (out,) or None)`` on ``x``'s device and in its dtype.
+WeightReader = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class OwnProjections:
+    """The block's own query (image stream), key and value (text stream) projections, read from the loaded model
+    when called: the frozen base of a low-rank parallel projection. The node glue reads them as ComfyUI computes
+    the block (its dtype casts, fp8 scales and LoRA patches); :meth:`of_layers` reads plain torch layers."""
+
+    query: WeightReader
+    key: WeightReader
+    value: WeightReader
+
+    @classmethod
+    def of_layers(cls, query: tuple[nn.Linear, slice], key: tuple[nn.Linear, slice],
+                  value: tuple[nn.Linear, slice]) -> "OwnProjections":
+        """Readers of the output rows of plain ``nn.Linear`` layers, each given as (layer, rows)."""
+        def reader(layer: nn.Linear, rows: slice) -> WeightReader:
+            return lambda x: (layer.weight[rows].to(x), None if layer.bias is None else layer.bias[rows].to(x))
+        return cls(reader(*query), reader(*key), reader(*value))
+
+
+def _own(reader: WeightReader, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, *reader(x))
+
+
+class LowRankParallelProjection(nn.Module):
+    """A U-Net attn2's parallel projections as its own to_q/k/v plus trained low-rank changes (module docstring).
+    The queries stay unprojected (:class:`ProjectedQueries`) with the changed weight ``W_q + B·A``."""
+
+    def __init__(self, query_dim: int, context_dim: int, inner_dim: int, rank: int):
+        super().__init__()
+        self.to_visual_q = LowRankChange(query_dim, inner_dim, rank)
+        self.to_visual_k = LowRankChange(context_dim, inner_dim, rank)
+        self.to_visual_v = LowRankChange(context_dim, inner_dim, rank)
+
+    @property
+    def context_dim(self) -> int:
+        return self.to_visual_k.in_features
+
+    @property
+    def rank(self) -> int:
+        return self.to_visual_q.rank
+
+    def queries(self, call: AttentionCall, own: OwnProjections) -> ProjectedQueries:
+        x = call.hidden_states
+        weight, bias = own.query(x)
+        return ProjectedQueries(x, weight + self.to_visual_q.weight_change().to(weight), bias)
+
+    def keys_values(self, identity_tokens: torch.Tensor, own: OwnProjections) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.to_visual_k.added_to(_own(own.key, identity_tokens), identity_tokens),
+                self.to_visual_v.added_to(_own(own.value, identity_tokens), identity_tokens))
+
+
+class LowRankJointProjection(LowRankParallelProjection):
+    """A DiT block's parallel projections as its own image query and text key/value projections plus trained
+    low-rank changes, with copies of its per-head query and key norms (trained, as the full-rank copy's)."""
+
+    def __init__(self, hidden: int, inner: int, rank: int, query_norm: Optional[HeadNorm],
+                 key_norm: Optional[HeadNorm]):
+        super().__init__(hidden, hidden, inner, rank)
+        self.query_norm, self.key_norm = query_norm, key_norm
+
+    @classmethod
+    def initial(cls, hidden: int, inner: int, rank: int, query_norm: Optional[nn.Module],
+                key_norm: Optional[nn.Module]) -> "LowRankJointProjection":
+        """The paper's initialisation in low rank: no change yet, the block's norms copied."""
+        return cls(hidden, inner, rank, HeadNorm.copy_of(query_norm), HeadNorm.copy_of(key_norm))
+
+    def queries(self, call: AttentionCall, own: OwnProjections) -> torch.Tensor:
+        x = call.hidden_states
+        queries = _per_head(self.query_norm, self.to_visual_q.added_to(_own(own.query, x), x))
+        return call.place_image_queries(queries)
+
+    def keys_values(self, identity_tokens: torch.Tensor, own: OwnProjections) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().keys_values(identity_tokens, own)
+        return _per_head(self.key_norm, keys), values
 
 
 def identity_rows(cond_or_uncond: tuple[int, ...], batch: int, uncond_identity: bool) -> Optional[torch.Tensor]:
@@ -163,12 +276,14 @@ def tokens_per_row(identity_tokens: torch.Tensor, n_chunks: int, batch: int) -> 
 class ParallelVisualAttentionProcessor(AttentionProcessor):
     """Adds one identity's (or one per image) tokens to the joint softmax of every patched attn2."""
 
-    projections: nn.ModuleDict  # block_name(key) -> ParallelProjection or JointParallelProjection
+    projections: nn.ModuleDict  # block_name(key) -> one of this module's parallel projection classes
     identity_tokens: torch.Tensor  # (G, N, context_dim)
     strength: float = 1.0
     uncond_identity: bool = False
     sigma_start: float = float("inf")
     sigma_end: float = 0.0
+    #: block_name(key) -> the block's own projections, the base of low-rank projections (full-rank ones need none)
+    own_projections: Mapping[str, OwnProjections] = field(default_factory=dict)
 
     name = "pva"
     node_name = "ParallelVisualAttention"
@@ -184,8 +299,9 @@ class ParallelVisualAttentionProcessor(AttentionProcessor):
         rows = identity_rows(call.cond_or_uncond, q.shape[0], self.uncond_identity)
         if rows is not None and not bool(rows.any()):
             return None  # e.g. an uncond-only pass: plain cross-attention, through the fused path
-        projection = self.projections[block_name(call.block)]
+        name = block_name(call.block)
+        projection, own = self.projections[name], self.own_projections.get(name)
         keys, values = (tokens_per_row(t, call.n_chunks, q.shape[0])  # each identity projected once
-                        for t in projection.keys_values(self.identity_tokens.to(call.hidden_states)))
-        return JointKeys(keys, values, queries=projection.queries(call), rows=rows,
+                        for t in projection.keys_values(self.identity_tokens.to(call.hidden_states), own))
+        return JointKeys(keys, values, queries=projection.queries(call, own), rows=rows,
                          logit_bias=math.log(self.strength))

@@ -6,11 +6,14 @@
   the weights, so any iresnet size loads.
 - :class:`IdentityTokenTransformer`: the official ``TransformNetwork``: learnable query tokens appended
   to the reference features, a linear lift to the text width, a post-norm transformer encoder, the query
-  slots kept, plus a learned positional embedding. Output width = the model's text-context width.
+  slots kept, plus a learned positional embedding. Output width = the model's text-context width; on a wide DiT the
+  transformer runs at its own narrower width and a final linear projection lifts the tokens to the block width (an
+  addition of the pack: at Flux's 3072 the official layout alone would be 0.46 B parameters, see docs/pva.md).
 """
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,12 +99,16 @@ class IdentityTokenTransformer(nn.Module):
     ``width`` is the text-context width of the model (1024 for SD2, 768 for SD1.5); the output does not
     depend on the number of references R. The official ``TransformNetwork``'s weights map one to one
     (its ``0.*`` is ``lift.*``, ``1.*`` is ``encoder.*``; ``q_tokens`` and ``pos_enc`` keep their names).
+    ``output_width`` (default ``width``): when it differs, a final ``project`` Linear(width, output_width) maps the
+    tokens (positional embedding added) to it.
     """
 
     def __init__(self, feature_dim: int = ARCFACE_FEATURES, width: int = 1024, num_tokens: int = 10,
-                 layers: int = 4, heads: int = 8, feedforward: int = 2048, dropout: float = 0.1):
+                 layers: int = 4, heads: int = 8, feedforward: int = 2048, dropout: float = 0.1,
+                 output_width: Optional[int] = None):
         super().__init__()
         self.heads = heads
+        self.project = None if output_width in (None, width) else nn.Linear(width, output_width)
         self.lift = nn.Linear(feature_dim, width)
         layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=feedforward, dropout=dropout,
                                            batch_first=True)
@@ -117,10 +124,16 @@ class IdentityTokenTransformer(nn.Module):
     def feature_dim(self) -> int:
         return self.q_tokens.shape[1]
 
+    @property
+    def output_width(self) -> int:
+        """Width of the tokens it gives (the identity tokens' context width)."""
+        return self.pos_enc.shape[1] if self.project is None else self.project.out_features
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         queries = self.q_tokens.to(features).unsqueeze(0).expand(features.shape[0], -1, -1)
         x = self.encoder(self.lift(torch.cat([features, queries], dim=1)))
-        return x[:, -self.num_tokens:] + self.pos_enc.to(x)
+        tokens = x[:, -self.num_tokens:] + self.pos_enc.to(x)
+        return tokens if self.project is None else self.project(tokens)
 
     @classmethod
     def config_from_state_dict(cls, state_dict: dict[str, torch.Tensor], heads: int) -> dict:
@@ -128,4 +141,5 @@ class IdentityTokenTransformer(nn.Module):
         layers = {int(m.group(1)) for key in state_dict if (m := re.match(r"encoder\.layers\.(\d+)\.", key))}
         return dict(feature_dim=state_dict["q_tokens"].shape[1], width=state_dict["lift.weight"].shape[0],
                     num_tokens=state_dict["q_tokens"].shape[0], layers=max(layers) + 1, heads=heads,
-                    feedforward=state_dict["encoder.layers.0.linear1.weight"].shape[0])
+                    feedforward=state_dict["encoder.layers.0.linear1.weight"].shape[0],
+                    output_width=state_dict["project.weight"].shape[0] if "project.weight" in state_dict else None)

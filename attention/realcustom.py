@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .blocks import BlockKey
 from .dispatcher import CROSS_ATTENTION, AttentionCall, AttentionProcessor
 from .layout import split_chunks
+from .low_rank import LowRankChange
 
 RUN_KEY = "personalization.realcustom_run"
 COND = 0  # ComfyUI's cond_or_uncond value of the positive prompt's rows
@@ -43,6 +44,13 @@ MASK_STRATEGIES = ("max_norm", "min_max_norm", "min_max_per_channel")
 #: or every normalised value ≥ 1 − scope (released ``threshold`` mode)
 SCOPE_SELECTIONS = ("top-k", "threshold")
 _EPS = 1e-6
+#: how an image branch holds its visual keys/values (adapter file metadata ``branch_layout``; files without it,
+#: the released model's and every file written before the layouts, are per-block): a full-rank pair per block
+#: (:class:`ImageBranchWeights`, the released code's), or a shared pair plus a low-rank change per block
+#: (:class:`SharedLowRankBranch`, the DiTs' default)
+PER_BLOCK = "per-block"
+SHARED_LOW_RANK = "shared + low-rank"
+BRANCH_LAYOUTS = (PER_BLOCK, SHARED_LOW_RANK)
 
 
 @dataclass(frozen=True)
@@ -329,17 +337,81 @@ class ImageBranchWeights(torch.nn.Module):
             self.to_k_vision[block_name(block)] = torch.nn.Linear(token_dim, inner, bias=False)
             self.to_v_vision[block_name(block)] = torch.nn.Linear(token_dim, inner, bias=False)
 
+    layout = PER_BLOCK
+
     def blocks(self) -> list[BlockKey]:
         return [parse_block_name(name) for name in self.to_k_vision]
 
+    def widths(self) -> dict[BlockKey, int]:
+        """The attention width each served block's keys and values have."""
+        return {parse_block_name(name): linear.out_features for name, linear in self.to_k_vision.items()}
+
     def serves(self, block: BlockKey | None) -> bool:
         return block is not None and block_name(block) in self.to_k_vision
+
+    def zero_values(self) -> None:
+        """Every value projection zero: the branch adds exactly nothing (a fresh adapter's start)."""
+        for linear in self.to_v_vision.values():
+            torch.nn.init.zeros_(linear.weight)
 
     def project(self, block: BlockKey, tokens: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         name = block_name(block)
         to_k, to_v = self.to_k_vision[name], self.to_v_vision[name]
         tokens = tokens.to(to_k.weight)
         return to_k(tokens).to(dtype), to_v(tokens).to(dtype)
+
+
+class SharedLowRankBranch(torch.nn.Module):
+    """Visual key/value projections at real DiT scale: one key and one value projection per attention width,
+    shared by every served block (a DiT's blocks all have one width), plus a trained low-rank change per block
+    (:class:`~.low_rank.LowRankChange`, zero at the start), ``K_b = W_K t + B_K,b A_K,b t`` and the same for V.
+
+    Flux.1 dev at rank 16, all 57 blocks: 25.2 M shared + 13.1 M per-block numbers instead of the 1.43 B of
+    :class:`ImageBranchWeights` (bench/adapter_sizes.py). Made fresh, its value projection is zero (the changes
+    start at zero too), so the untrained branch adds exactly nothing, as the per-block layout's."""
+
+    layout = SHARED_LOW_RANK
+
+    def __init__(self, shapes: dict[BlockKey, tuple[int, int]], rank: int):
+        super().__init__()
+        self.shared_k = torch.nn.ModuleDict()
+        self.shared_v = torch.nn.ModuleDict()
+        for inner, token_dim in sorted(set(shapes.values())):
+            self.shared_k[str(inner)] = torch.nn.Linear(token_dim, inner, bias=False)
+            self.shared_v[str(inner)] = torch.nn.Linear(token_dim, inner, bias=False)
+        self.k_change = torch.nn.ModuleDict()
+        self.v_change = torch.nn.ModuleDict()
+        for block, (inner, token_dim) in shapes.items():
+            self.k_change[block_name(block)] = LowRankChange(token_dim, inner, rank)
+            self.v_change[block_name(block)] = LowRankChange(token_dim, inner, rank)
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.k_change.values())).rank
+
+    def blocks(self) -> list[BlockKey]:
+        return [parse_block_name(name) for name in self.k_change]
+
+    def widths(self) -> dict[BlockKey, int]:
+        return {parse_block_name(name): change.out_features for name, change in self.k_change.items()}
+
+    def serves(self, block: BlockKey | None) -> bool:
+        return block is not None and block_name(block) in self.k_change
+
+    def zero_values(self) -> None:
+        for linear in self.shared_v.values():
+            torch.nn.init.zeros_(linear.weight)
+        for change in self.v_change.values():
+            torch.nn.init.zeros_(change.up)
+
+    def project(self, block: BlockKey, tokens: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        name = block_name(block)
+        k_change, v_change = self.k_change[name], self.v_change[name]
+        width = str(k_change.out_features)
+        tokens = tokens.to(self.shared_k[width].weight)
+        keys = k_change.added_to(self.shared_k[width](tokens), tokens)
+        values = v_change.added_to(self.shared_v[width](tokens), tokens)
+        return keys.to(dtype), values.to(dtype)
 
 
 def block_name(block: BlockKey) -> str:
@@ -396,7 +468,7 @@ class MaskedImageBranch(AttentionProcessor):
     """The released code's visual cross-attention branch, gated by the run's word mask; the image
     tokens come from the run (a :class:`MaskGuidanceRun` or a :class:`TrainingRun`)."""
 
-    weights: ImageBranchWeights
+    weights: ImageBranchWeights | SharedLowRankBranch
     strength: float = 1.0
 
     name = "realcustom_image_branch"

@@ -19,6 +19,12 @@ Both are stored as safetensors with the adapter's ``state_dict()`` keys, the for
 are U-Net adapters, as every file written before the DiT families and the released SDXL model are) in metadata.
 On a DiT the visual projections are per joint block (``double_3_0``, ``single_12_0``, ``joint_7_0``), from the
 token width to the block's attention width.
+
+The branch's layout (:data:`~.realcustom.BRANCH_LAYOUTS`) is metadata too (``branch_layout``, with ``branch_rank``
+and the trainer's ``branch_blocks`` selection): ``per-block`` (a full-rank key/value pair per block, keys
+``branch.to_k_vision.<block>.weight``; every file without the entry, the released one included) or
+``shared + low-rank`` (``branch.shared_k.<width>.weight``, ``branch.k_change.<block>.down/up`` and the same for
+V), the trainer's default on the DiTs, whose per-block pairs would be 1.43 B numbers on Flux.1 dev.
 """
 from __future__ import annotations
 
@@ -28,13 +34,23 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import UNET, BlockKey, Family
-from .realcustom import ImageBranchWeights, block_name, parse_block_name
+from .realcustom import (PER_BLOCK, SHARED_LOW_RANK, BRANCH_LAYOUTS, ImageBranchWeights, SharedLowRankBranch,
+                         block_name, parse_block_name)
 from .realcustom_scoring import AdaptiveScoring
 
 OFFICIAL_FORMAT = "realcustom.official_sdxl"
 CLIP_VISION_FORMAT = "realcustom.clip_vision"
 FORMAT_KEY = "format"
 FAMILY_KEY = "family"
+BRANCH_LAYOUT_KEY = "branch_layout"
+BRANCH_RANK_KEY = "branch_rank"
+BRANCH_BLOCKS_KEY = "branch_blocks"
+#: the rank of a new shared + low-rank branch (the trainer's default; bench/realcustom_branch.py). Which blocks a
+#: new branch serves is PVA's block selection (``attention.pva.BLOCK_SELECTIONS``: all, the two-stream blocks,
+#: every 2nd / 4th in layer order), recorded as ``branch_blocks``
+DEFAULT_RANK = 16
+#: the most numbers a per-block branch may hold where the trainer picks the layout: 300 MB as fp32
+PER_BLOCK_LIMIT = 75_000_000
 
 #: released model: SigLIP-so400m (1152) + DINOv2-L (1024) channels, SDXL context width
 OFFICIAL_VISION_DIM, OFFICIAL_TOKEN_DIM = 2176, 2048
@@ -127,10 +143,35 @@ class LinearProjector(torch.nn.Module):
         return self.norm(self.proj(features))
 
 
+def default_layout(family: Family, shapes: dict[BlockKey, tuple[int, int]]) -> str:
+    """The trainer's branch layout for the blocks ``shapes`` of a ``family`` model: shared + low-rank on the DiTs
+    (per-block: 1.43 B numbers on Flux.1 dev, 0.76 B on SD3.5 Large) and on U-Nets whose per-block branch would
+    pass :data:`PER_BLOCK_LIMIT` (SDXL: 0.34 B); per-block, the released layout, on the smaller U-Nets (SD1.5: 19 M)."""
+    if family is not UNET:
+        return SHARED_LOW_RANK
+    per_block = sum(2 * inner * token_dim for inner, token_dim in shapes.values())
+    return PER_BLOCK if per_block <= PER_BLOCK_LIMIT else SHARED_LOW_RANK
+
+
+def branch_metadata(branch: ImageBranchWeights | SharedLowRankBranch, selection: str) -> dict[str, str]:
+    """The file metadata that records a branch's layout, rank (shared + low-rank) and block selection."""
+    rank = {BRANCH_RANK_KEY: str(branch.rank)} if branch.layout == SHARED_LOW_RANK else {}
+    return {BRANCH_LAYOUT_KEY: branch.layout, BRANCH_BLOCKS_KEY: selection, **rank}
+
+
+def new_branch(shapes: dict[BlockKey, tuple[int, int]], layout: str,
+               rank: int = DEFAULT_RANK) -> ImageBranchWeights | SharedLowRankBranch:
+    if layout == PER_BLOCK:
+        return ImageBranchWeights(shapes)
+    if layout == SHARED_LOW_RANK:
+        return SharedLowRankBranch(shapes, rank)
+    raise ValueError(f"unknown RealCustom branch layout {layout!r}; use one of {', '.join(BRANCH_LAYOUTS)}")
+
+
 class RealCustomAdapter(torch.nn.Module):
     """Projector + per-layer visual K/V, in one of the two formats (+ optional adaptive scoring)."""
 
-    def __init__(self, format_name: str, projector: torch.nn.Module, branch: ImageBranchWeights,
+    def __init__(self, format_name: str, projector: torch.nn.Module, branch: ImageBranchWeights | SharedLowRankBranch,
                  scoring: AdaptiveScoring | None = None, family: Family = UNET):
         super().__init__()
         self.format_name = format_name
@@ -146,18 +187,38 @@ class RealCustomAdapter(torch.nn.Module):
         return first.in_features
 
 
-def _branch_shapes(state_dict) -> dict[BlockKey, tuple[int, int]]:
-    prefix = "branch.to_k_vision."
-    return {parse_block_name(k[len(prefix):-len(".weight")]): tuple(v.shape)
-            for k, v in state_dict.items() if k.startswith(prefix)}
+def _branch_shapes(state_dict, layout: str) -> dict[BlockKey, tuple[int, int]]:
+    """``{block: (attention width, token width)}`` of the branch held by ``state_dict``."""
+    if layout == PER_BLOCK:
+        prefix, suffix = "branch.to_k_vision.", ".weight"
+        return {parse_block_name(k[len(prefix):-len(suffix)]): tuple(v.shape)
+                for k, v in state_dict.items() if k.startswith(prefix) and k.endswith(suffix)}
+    prefix, suffix = "branch.k_change.", ".down"
+    return {parse_block_name(k[len(prefix):-len(suffix)]): (state_dict[k[:-len(suffix)] + ".up"].shape[0], v.shape[1])
+            for k, v in state_dict.items() if k.startswith(prefix) and k.endswith(suffix)}
+
+
+def _branch_from_state_dict(state_dict, layout: str) -> ImageBranchWeights | SharedLowRankBranch:
+    """An empty branch of ``layout`` shaped as the one ``state_dict`` holds."""
+    if layout not in BRANCH_LAYOUTS:
+        raise ValueError(f"unknown RealCustom branch layout {layout!r}; use one of {', '.join(BRANCH_LAYOUTS)}")
+    shapes = _branch_shapes(state_dict, layout)
+    if not shapes:
+        raise ValueError(f"the file records a {layout!r} image branch but holds none")
+    if layout == PER_BLOCK:
+        return ImageBranchWeights(shapes)
+    name = block_name(next(iter(shapes)))
+    return SharedLowRankBranch(shapes, rank=state_dict[f"branch.k_change.{name}.down"].shape[0])
 
 
 def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], format_name: str,
-                            family: Family = UNET) -> RealCustomAdapter:
-    """Build the adapter of ``format_name`` for ``family`` and load ``state_dict`` strictly (every key, right
-    shapes)."""
+                            family: Family = UNET, layout: str = PER_BLOCK) -> RealCustomAdapter:
+    """Build the adapter of ``format_name`` for ``family`` with a branch of ``layout`` and load ``state_dict``
+    strictly (every key, right shapes)."""
     if format_name == OFFICIAL_FORMAT and family is not UNET:
         raise ValueError(f"the released RealCustom model is an SDXL adapter, but its file records the {family.name} family")
+    if format_name == OFFICIAL_FORMAT and layout != PER_BLOCK:
+        raise ValueError(f"the released RealCustom model has a per-block branch, but its file records {layout!r}")
     if format_name == OFFICIAL_FORMAT:
         base = state_dict["projector.projector_base.weight"]
         projector = HighResMinAttnProjector(base.shape[1], base.shape[0])
@@ -171,21 +232,23 @@ def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], format_name: st
         scoring = AdaptiveScoring(vision_dim=projector.proj.in_features,
                                   text_dim=state_dict["scoring.text_pool.weight"].shape[1],
                                   latent_channels=state_dict["scoring.latent_pool.weight"].shape[1])
-    adapter = RealCustomAdapter(format_name, projector, ImageBranchWeights(_branch_shapes(state_dict)), scoring, family)
+    adapter = RealCustomAdapter(format_name, projector, _branch_from_state_dict(state_dict, layout), scoring, family)
     adapter.load_state_dict(state_dict, strict=True)
     return adapter.train(False).requires_grad_(False)
 
 
 def new_clip_vision_adapter(vision_dim: int, shapes: dict[BlockKey, tuple[int, int]], seed: int,
-                            scoring: bool = False, latent_channels: int = 4, family: Family = UNET) -> RealCustomAdapter:
-    """A fresh adapter of this pack's format (trainer start) for ``family``'s blocks, initialised from ``seed`` (so
-    a resumed run starts from the same weights), with the adaptive scoring module when ``scoring``. The visual
-    values start at zero, so the untrained branch adds nothing and training starts from the frozen model."""
+                            scoring: bool = False, latent_channels: int = 4, family: Family = UNET,
+                            layout: str = PER_BLOCK, rank: int = DEFAULT_RANK) -> RealCustomAdapter:
+    """A fresh adapter of this pack's format (trainer start) for ``family``'s blocks ``shapes`` with a branch of
+    ``layout`` (and ``rank``), initialised from ``seed`` (so a resumed run starts from the same weights), with the
+    adaptive scoring module when ``scoring``. The visual values start at zero, so the untrained branch adds nothing
+    and training starts from the frozen model."""
     token_dim = next(iter(shapes.values()))[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        adapter = RealCustomAdapter(CLIP_VISION_FORMAT, LinearProjector(vision_dim, token_dim), ImageBranchWeights(shapes),
+        adapter = RealCustomAdapter(CLIP_VISION_FORMAT, LinearProjector(vision_dim, token_dim),
+                                    new_branch(shapes, layout, rank),
                                     AdaptiveScoring(vision_dim, token_dim, latent_channels) if scoring else None, family)
-    for linear in adapter.branch.to_v_vision.values():
-        torch.nn.init.zeros_(linear.weight)
+    adapter.branch.zero_values()
     return adapter

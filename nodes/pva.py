@@ -13,12 +13,16 @@ from pathlib import Path
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.patcher_extension
 import folder_paths
 import torch
 
 from ..attention.blocks import TransformerBlock
-from ..attention.pva import JointParallelProjection, ParallelProjection, ParallelVisualAttentionProcessor, block_name
+from ..attention.low_rank import LowRankChange
+from ..attention.pva import (JointParallelProjection, LowRankJointProjection, LowRankParallelProjection,
+                             OwnProjections, ParallelProjection, ParallelVisualAttentionProcessor, WeightReader,
+                             block_name, selected_blocks)
 from ..attention.pva_identity import IResNet, arcface_crop
 from ..attention.pva_weights import PVAFormatError, PVAWeights
 from .comfy_io import io
@@ -94,49 +98,109 @@ class PVALoader(io.ComfyNode):
         return io.NodeOutput(LoadedPVA(pva_name, weights, patcher))
 
 
-def parallel_projections(model, blocks: list[TransformerBlock]) -> dict[str, torch.nn.Module]:
+def _own_layers(model, block: TransformerBlock) -> tuple[tuple[torch.nn.Module, slice], ...]:
+    """(layer, output rows) of the block's own query (image stream), key and value (text stream) projections."""
+    module = model.get_model_object("diffusion_model").get_submodule
+    paths = block.projections
+    if paths is None:
+        attn2 = module(block.module_path).attn2
+        return (attn2.to_q, slice(None)), (attn2.to_k, slice(None)), (attn2.to_v, slice(None))
+    width = block.channels
+    return tuple((module(role.path), role.rows(width)) for role in (paths.image_query, paths.text_key, paths.text_value))
+
+
+def context_width(model, block: TransformerBlock) -> int:
+    """Width of the identity tokens the block's parallel keys take: its own key projection's input width."""
+    return _own_layers(model, block)[1][0].in_features
+
+
+def parallel_projections(model, blocks: list[TransformerBlock], rank: int = 0) -> dict[str, torch.nn.Module]:
     """The paper's initial parallel projections of each of ``blocks``: copies of the block's own (a U-Net's
-    attn2 to_q/k/v; a DiT block's image query and text key/value projections with their per-head norms)."""
+    attn2 to_q/k/v; a DiT block's image query and text key/value projections with their per-head norms); with
+    ``rank`` > 0 their low-rank form (the block's own read at run time plus a change, zero at the start)."""
     module = model.get_model_object("diffusion_model").get_submodule
     projections = {}
     for block in blocks:
+        query, key, value = _own_layers(model, block)
+        width = block.channels
         paths = block.projections
-        if paths is None:
-            projections[block_name(block.key)] = ParallelProjection.copy_of(module(block.module_path).attn2)
+        if rank and paths is None:
+            projection = LowRankParallelProjection(query[0].in_features, key[0].in_features, query[0].out_features,
+                                                   rank)
+        elif rank:
+            projection = LowRankJointProjection.initial(query[0].in_features, width, rank, module(paths.query_norm),
+                                                        module(paths.key_norm))
+        elif paths is None:
+            projection = ParallelProjection.copy_of(module(block.module_path).attn2)
         else:
-            width = block.channels
-            projections[block_name(block.key)] = JointParallelProjection.copy_of(
-                (module(paths.image_query.path), paths.image_query.rows(width)), module(paths.query_norm),
-                (module(paths.text_key.path), paths.text_key.rows(width)),
-                (module(paths.text_value.path), paths.text_value.rows(width)), module(paths.key_norm), width)
+            projection = JointParallelProjection.copy_of(query, module(paths.query_norm), key, value,
+                                                         module(paths.key_norm), width)
+        projections[block_name(block.key)] = projection
     return projections
 
 
+def _live_rows(layer: torch.nn.Module, rows: slice) -> WeightReader:
+    """Reads ``rows`` of a ComfyUI linear layer's weight and bias as its own forward uses them at that moment: cast
+    to the input's dtype and device by ComfyUI (fp16/bf16/fp8 storage, low-VRAM offload), fp8 scale applied, LoRA
+    patches included (merged into the weight on a normal load, applied at cast time in low-VRAM mode)."""
+    def read(x: torch.Tensor):
+        if getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None) \
+                or getattr(layer, "bias_function", None):
+            weight, bias = comfy.ops.cast_bias_weight(layer, x)
+        else:
+            weight, bias = layer.weight.to(x), None if layer.bias is None else layer.bias.to(x)
+        scale = getattr(layer, "scale_weight", None)  # comfy.ops.scaled_fp8_ops
+        if scale is not None:
+            weight = weight * scale.to(weight)
+        return weight[rows], None if bias is None else bias[rows]
+    return read
+
+
+def own_projections(model, blocks: list[TransformerBlock]) -> dict[str, OwnProjections]:
+    """The base of low-rank parallel projections: each block's own query, key and value projections, read from
+    the MODEL as sampled (its LoRAs included: the block's text projections run with them too, and the paper's
+    copy is of the model the pathway is used with; see docs/pva.md)."""
+    return {block_name(b.key): OwnProjections(*(_live_rows(layer, rows) for layer, rows in _own_layers(model, b)))
+            for b in blocks}
+
+
 def _check_model_fits(pva: LoadedPVA, model, node: str = "ParallelVisualAttention") -> list:
-    """The model's cross-attention blocks, after checking the file was made for the model's family and has a
-    projection of the right shape for each."""
+    """The model's cross-attention blocks that carry the file's projections (its block selection), after checking
+    the file was made for the model's family and has a projection of the right shape for each."""
     blocks = [b for b in transformer_blocks(model, node) if b.has_cross_attention]
     family = blocks[0].family
     if pva.weights.family != family:
         raise PVAFormatError(f"{node}: {pva.name} was trained for {pva.weights.family.name} models, but this MODEL "
                              f"({type(model.model).__name__}) is a {family.name} model; use a PVA file trained for "
                              f"{family.name}.")
+    try:
+        keys = set(selected_blocks(pva.weights.block_selection, [b.key for b in blocks]))
+    except ValueError as error:
+        raise PVAFormatError(f"{node}: {pva.name}: {error}") from None
+    blocks = [b for b in blocks if b.key in keys]
     names = {block_name(b.key) for b in blocks}
     if names != set(pva.weights.parallel):
         raise PVAFormatError(
             f"{node}: {pva.name} was trained for a model with the cross-attention blocks "
-            f"{sorted(pva.weights.parallel)}, but this model has {sorted(names)}; use a PVA file trained on this "
-            "model family.")
+            f"{sorted(pva.weights.parallel)} (block selection {pva.weights.block_selection!r}), but this model has "
+            f"{sorted(names)} there; use a PVA file trained on this model family.")
     diffusion_model = model.get_model_object("diffusion_model")
     for block in blocks:
         projection = pva.weights.parallel[block_name(block.key)]
         for name, shape in _needed_shapes(diffusion_model, block).items():
-            if getattr(projection, name).weight.shape != shape:
+            if _shape(getattr(projection, name)) != shape:
                 raise PVAFormatError(
                     f"{node}: {pva.name} does not fit this model: block {block.label} needs {name} of shape "
-                    f"{tuple(shape)} but the file's is {tuple(getattr(projection, name).weight.shape)} (another model "
+                    f"{tuple(shape)} but the file's is {tuple(_shape(getattr(projection, name)))} (another model "
                     "family or size?).")
     return blocks
+
+
+def _shape(layer: torch.nn.Module) -> torch.Size:
+    """(out, in) of a full-rank projection's weight or of a low-rank change's matrix."""
+    if isinstance(layer, LowRankChange):
+        return torch.Size((layer.out_features, layer.in_features))
+    return layer.weight.shape
 
 
 def _needed_shapes(diffusion_model, block: TransformerBlock) -> dict[str, torch.Size]:
@@ -256,7 +320,8 @@ class ParallelVisualAttention(io.ComfyNode):
         tokens = identity_tokens(pva, references, images_per_identity, clip_vision)
         processor = ParallelVisualAttentionProcessor(pva.weights.parallel, tokens, strength=strength,
                                                      uncond_identity=uncond_identity, sigma_start=sigma_start,
-                                                     sigma_end=sigma_end)
+                                                     sigma_end=sigma_end,
+                                                     own_projections=own_projections(model, blocks))
         patched = model.clone()
         add_attention_processor(patched, processor, blocks)
         patched.set_additional_models(WRAPPER_KEY + ".pva", [pva.patcher])

@@ -12,7 +12,7 @@ import folder_paths
 import torch
 
 from ..attention.dispatcher import CHAIN_KEY
-from ..attention.pva import ParallelVisualAttentionProcessor
+from ..attention.pva import BLOCK_SELECTIONS, ParallelVisualAttentionProcessor, selected_blocks
 from ..attention.pva_weights import save_pva
 from ..training.augmentation import center_square
 from ..training.loop import LoopSettings, fingerprint, train
@@ -26,13 +26,20 @@ from .validation import require_images, require_masks_for, require_matching_clip
 from .patching import add_attention_processor, transformer_blocks
 from .prompt_tokens import embedding_key, encoder_attribute
 from .pva import (CATEGORY, PVA_FOLDER, LoadedPVA, ParallelVisualAttention, PVAType, _arcface_backbone,
-                  _check_model_fits, parallel_projections, reference_features, token_embeddings)
+                  _check_model_fits, context_width, own_projections, parallel_projections, reference_features, token_embeddings)
 
 CHECKPOINT_FOLDER = "pva_checkpoints"
 #: the paper's training size (its SD2 inpainting model's native 512 px)
 DEFAULT_RESOLUTION = 512
 #: the identity word while training: an ``embedding:`` name resolved to the vector under training.
 WORD_PLACEHOLDER = "pva_identity_word"
+#: defaults of a fresh PVATrainer run (docs/pva.md "Real scale" has the numbers): a rank-16 change of every
+#: block's own projections, and the token transformer at the identity tokens' width (the paper's layout) up to
+#: 1024 wide, at ArcFace's 512-d feature width with a final projection on wider models (SDXL, SD3.5, Flux)
+DEFAULT_RANK = 16
+DEFAULT_BLOCKS = "all"
+WIDEST_PAPER_TOKEN_WIDTH = 1024
+NARROW_TOKEN_WIDTH = 512
 #: the official stage-1 config's ``init_token``. It is no token of CLIP's vocabulary, so the official lookup
 #: (``convert_tokens_to_ids``) returns the unknown token, which in CLIP is <|endoftext|>: the official identity
 #: word starts as the end-of-text embedding. An empty ``init_word`` starts from the same row.
@@ -121,7 +128,8 @@ def prepare_training(model, clip, vae, pva: LoadedPVA, images, groups: tuple[tup
         return blocks[0].family.conditioning_placement(cond.shape[1]).place(cond).to(device), pooled
 
     trainable = glue.trainable_unet(model, {}, glue.checkpoints_blocks(model, images.shape[1], gradient_checkpointing))
-    processor = ParallelVisualAttentionProcessor(weights.parallel, torch.zeros(1, 0, weights.context_dim))
+    processor = ParallelVisualAttentionProcessor(weights.parallel, torch.zeros(1, 0, weights.context_dim),
+                                                 own_projections=own_projections(trainable, blocks))
     add_attention_processor(trainable, processor, blocks)
     options = trainable.model_options["transformer_options"]
 
@@ -282,10 +290,25 @@ def _initial_word_ids(clip, init_word: str) -> dict[str, int]:
     return ids
 
 
-def initial_pva(model, clip, encoder: str, init_word: str, seed: int, clip_vision=None, probe=None) -> LoadedPVA:
-    """Stage-1 starting point: projections copied from the model, a seeded random token transformer, the
-    identity word initialised to a vocabulary row (:func:`_initial_word_ids`)."""
-    blocks = [b for b in transformer_blocks(model, "PVATrainer") if b.has_cross_attention]
+def token_width(context_width: int, requested: int = 0) -> int:
+    """The token transformer's inner width: ``requested``, or (0) the paper's layout (the identity tokens' own
+    width) up to :data:`WIDEST_PAPER_TOKEN_WIDTH`, else :data:`NARROW_TOKEN_WIDTH` (with a final projection)."""
+    if requested:
+        return requested
+    return context_width if context_width <= WIDEST_PAPER_TOKEN_WIDTH else NARROW_TOKEN_WIDTH
+
+
+def initial_pva(model, clip, encoder: str, init_word: str, seed: int, clip_vision=None, probe=None,
+                rank: int = DEFAULT_RANK, block_selection: str = DEFAULT_BLOCKS, inner_width: int = 0) -> LoadedPVA:
+    """Stage-1 starting point: projections of the model's ``block_selection`` (full-rank copies for ``rank``
+    0, else the block's own plus a rank-``rank`` change, zero at the start), a seeded random token transformer
+    (:func:`token_width` wide), the identity word initialised to a vocabulary row (:func:`_initial_word_ids`)."""
+    found = [b for b in transformer_blocks(model, "PVATrainer") if b.has_cross_attention]
+    try:
+        keys = set(selected_blocks(block_selection, [b.key for b in found]))
+    except ValueError as error:
+        raise ValueError(f"PVATrainer: {error}") from None
+    blocks = [b for b in found if b.key in keys]
     words = {key: token_embeddings(clip, key)[token].detach().float().cpu()[None].clone()
              for key, token in _initial_word_ids(clip, init_word).items()}
     face_encoder = _arcface_backbone() if encoder == "arcface" else None
@@ -295,8 +318,9 @@ def initial_pva(model, clip, encoder: str, init_word: str, seed: int, clip_visio
         feature_dim = clip_vision.encode_image(probe[:1]).image_embeds.shape[-1]
     else:
         feature_dim = face_encoder.fc.out_features
-    weights = PVAWeights.initial(parallel_projections(model, blocks), encoder, feature_dim, words,
-                                 family=blocks[0].family, seed=seed)
+    weights = PVAWeights.initial(lambda: parallel_projections(model, blocks, rank), encoder, feature_dim, words,
+                                 family=blocks[0].family, seed=seed, block_selection=block_selection,
+                                 inner_width=token_width(context_width(model, blocks[0]), inner_width))
     weights.face_encoder = face_encoder
     weights.stock_face_encoder = face_encoder is not None
     return LoadedPVA("initial", weights, _patcher(weights))
@@ -316,12 +340,18 @@ class PVATrainer(io.ComfyNode):
 
     Inputs (safe ranges): images (photos grouped by person: consecutive ``images_per_identity`` images are
     one identity), masks (optional, one per image, 1 = inpaint), encoder (arcface = paper; clip_vision =
-    deviation), steps, learning rates (paper: projections 8e-6 = 1e-6 × batch 8, transformer 3.2e-5,
-    word 1e-3), timestep_bins (paper 4), init_word (empty = the official start: its init_token
+    deviation), steps, learning rates (paper: projections 8e-6 = 1e-6 × batch 8 for its full-rank copies; the
+    default 1e-4 is for the low-rank change, as LoRA practice; transformer 3.2e-5, word 1e-3), timestep_bins
+    (paper 4), init_word (empty = the official start: its init_token
     "ktn+pll+ucd" is not in CLIP's vocabulary, so the identity word starts as the end-of-text embedding;
     or a word, e.g. "person", whose embedding starts it), pva (optional: continue from these weights
     instead of a fresh start), resolution (photos and masks centre-cropped and scaled to this square; paper
-    512). Run again: more steps continue the run, other changes start a new one and keep the earlier file as
+    512), rank (default 16: each parallel projection is the block's own, read from the model at run time, plus a
+    trained rank-16 change, zero at the start, so step 0 is the paper's copy; 0 = the paper's full-rank copies,
+    1.6 B parameters on Flux), blocks (all = paper; double, every_2, every_4 cut the file further), token_width
+    (0 = the identity tokens' width up to 1024 as the paper, 512 with a final projection on wider models; see
+    docs/pva.md for the sizes). rank, blocks and token_width apply to a fresh start; a pva input keeps its own.
+    Run again: more steps continue the run, other changes start a new one and keep the earlier file as
     ``<name>_00001`` (and so on).
     """
 
@@ -342,8 +372,8 @@ class PVATrainer(io.ComfyNode):
                 io.Combo.Input("encoder", options=["arcface", "clip_vision"], default="arcface",
                                tooltip="Identity features: ArcFace r50 (paper; needs models/pva/ms1mv3_arcface_r50.safetensors) or a CLIP vision model."),
                 io.Int.Input("steps", default=2000, min=1, max=1000000, tooltip="Optimizer steps (paper: up to 50000)."),
-                io.Float.Input("learning_rate", default=8e-6, min=0.0, max=1e-2, step=1e-7,
-                               tooltip="AdamW lr of the parallel projections (paper: 1e-6 x total batch)."),
+                io.Float.Input("learning_rate", default=1e-4, min=0.0, max=1e-2, step=1e-7,
+                               tooltip="AdamW lr of the parallel projections (low-rank default 1e-4; paper at rank 0: 1e-6 x total batch)."),
                 io.Float.Input("transformer_learning_rate", default=3.2e-5, min=0.0, max=1e-2, step=1e-7,
                                tooltip="AdamW lr of the token transformer (paper: 3.2e-5)."),
                 io.Float.Input("word_learning_rate", default=1e-3, min=0.0, max=1e-1, step=1e-5,
@@ -358,6 +388,12 @@ class PVATrainer(io.ComfyNode):
                 PVAType.Input("pva", optional=True, tooltip="Continue from these PVA weights instead of a fresh start."),
                 io.ClipVision.Input("clip_vision", optional=True, tooltip="The CLIP vision model, for encoder clip_vision."),
                 resolution_input(),
+                io.Int.Input("rank", default=DEFAULT_RANK, min=0, max=1024, optional=True,
+                             tooltip="Rank of the trained change of each block's own projections; 0 = full-rank copies (the paper's, large on Flux/SD3.5/SDXL)."),
+                io.Combo.Input("blocks", options=list(BLOCK_SELECTIONS), default=DEFAULT_BLOCKS, optional=True,
+                               tooltip="Blocks given parallel projections: all (paper), double (two-stream DiT blocks), every 2nd or 4th."),
+                io.Int.Input("token_width", default=0, min=0, max=4096, step=64, optional=True,
+                             tooltip="Inner width of the identity token transformer; 0 = the tokens' width up to 1024 (paper), else 512."),
             ],
             outputs=[
                 PVAType.Output(display_name="pva", tooltip="The trained PVA weights (also saved to models/pva)."),
@@ -369,7 +405,8 @@ class PVATrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, images_per_identity, name, encoder, steps, learning_rate,
                 transformer_learning_rate, word_learning_rate, timestep_bins, init_word, seed, checkpoint_every,
-                masks=None, pva=None, clip_vision=None, resolution=DEFAULT_RESOLUTION) -> io.NodeOutput:
+                masks=None, pva=None, clip_vision=None, resolution=DEFAULT_RESOLUTION, rank=DEFAULT_RANK,
+                blocks=DEFAULT_BLOCKS, token_width=0) -> io.NodeOutput:
         transformer_blocks(model, "PVATrainer")
         require_matching_clip("PVATrainer", model, clip)
         require_images("PVATrainer", "images", images)
@@ -384,7 +421,8 @@ class PVATrainer(io.ComfyNode):
                              "images; give images_per_identity photos of every person, person after person.")
         groups = tuple(tuple(range(g, g + images_per_identity)) for g in range(0, count, images_per_identity))
         with glue.training_mode():
-            start = pva if pva is not None else initial_pva(model, clip, encoder, init_word, seed, clip_vision, images)
+            start = pva if pva is not None else initial_pva(model, clip, encoder, init_word, seed, clip_vision, images,
+                                                            rank, blocks, token_width)
             run = prepare_training(model, clip, vae, start, glue.clone_tensors(images), groups, True, timestep_bins, seed,
                                    clip_vision, None if masks is None else glue.clone_tensors(masks))
             run_id = _train("PVATrainer", run, stem, steps, timestep_bins, seed, checkpoint_every,

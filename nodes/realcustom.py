@@ -25,6 +25,7 @@ from ..attention.realcustom import (
     COND,
     UNCOND,
     MASK_STRATEGIES,
+    PER_BLOCK,
     RUN_KEY,
     SCOPE_SELECTIONS,
     ImageTokens,
@@ -41,6 +42,7 @@ from ..attention.blocks import UNET, family_of_tag
 from ..attention.realcustom_encoder import RegisterViT, interleave_local_tokens, reference_views
 from ..attention.realcustom_scoring import INFERENCE_KEEP, alpha_bar, masked_latent, model_input
 from ..attention.realcustom_weights import (
+    BRANCH_LAYOUT_KEY,
     FAMILY_KEY,
     FORMAT_KEY,
     OFFICIAL_FORMAT,
@@ -116,7 +118,9 @@ class RealCustomLoader(io.ComfyNode):
     from its diffusers names; convert the released ``.pth`` to safetensors once, this pack never unpickles),
     or this pack's CLIP-vision format written by RealCustomTrainer (any U-Net, SD1.5 first; Flux and SD3/SD3.5
     adapters are of this format too). The file records the model family it was made for (files without it are
-    U-Net adapters); AdaptiveMaskGuidance refuses it on a model of another family.
+    U-Net adapters); AdaptiveMaskGuidance refuses it on a model of another family. It also records the branch's
+    layout: a full-rank key/value pair per block (the released model, every file without the entry) or a shared
+    pair plus a low-rank change per block (RealCustomTrainer's default on the DiTs), and the blocks it serves.
 
     - adapter_name: file in models/realcustom.
     """
@@ -144,7 +148,11 @@ class RealCustomLoader(io.ComfyNode):
             family = family_of_tag(metadata.get(FAMILY_KEY, UNET.file_tag))
         except ValueError as error:
             raise ValueError(f"RealCustomLoader: {adapter_name} records {error}") from None
-        adapter = adapter_from_state_dict(state_dict, format_name, family)
+        try:
+            adapter = adapter_from_state_dict(state_dict, format_name, family,
+                                              metadata.get(BRANCH_LAYOUT_KEY, PER_BLOCK))
+        except ValueError as error:
+            raise ValueError(f"RealCustomLoader: {adapter_name}: {error}") from None
         patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=comfy.model_management.get_torch_device(),
                                                    offload_device=comfy.model_management.unet_offload_device())
         return io.NodeOutput(LoadedAdapter(adapter, patcher, adapter_name))
@@ -443,9 +451,9 @@ def _check_adapter_fits(model, adapter: LoadedAdapter, blocks) -> None:
                          f"MODEL ({type(model.model).__name__}) is a {model_family.name} model; use an adapter trained "
                          f"for {model_family.name}.")
     cross = {block_name(b.key): b for b in blocks if b.has_cross_attention}
-    for name in adapter.adapter.branch.to_k_vision:
+    for key, inner in adapter.adapter.branch.widths().items():
+        name = block_name(key)
         block = cross.get(name)
-        inner = adapter.adapter.branch.to_k_vision[name].out_features
         if block is None or block.channels != inner:
             family = "SDXL" if adapter.adapter.format_name == OFFICIAL_FORMAT else "another model"
             raise ValueError(
@@ -461,8 +469,9 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     cross-attention map (mean over heads, summed over its tokens, averaged over all cross-attention
     layers at the size of the largest one, paper §3.3: the latent's size on SD1.5, half of it on SDXL)
     is normalised and its top ``mask_scope`` kept with soft values; an image branch in every
-    cross-attention layer (the layer's query, the adapter's visual keys/values) is multiplied by that
-    mask and added to the text attention. Cond rows see the reference, uncond rows a black image with
+    cross-attention layer the adapter serves (the layer's query, the adapter's visual keys/values: its own per
+    layer, or a shared pair plus the layer's low-rank change) is multiplied by that mask and added to the text
+    attention. Cond rows see the reference, uncond rows a black image with
     the same mask (released code). Works with CFG 1, any batch size (one mask per image), ControlNet, LoRA.
 
     Paper vs code: the released model has no adaptive scoring module and uses plain CFG (not the paper's

@@ -12,11 +12,18 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
+from ..attention.realcustom import BRANCH_LAYOUTS, PER_BLOCK
+from ..attention.pva import BLOCK_SELECTIONS, selected_blocks
 from ..attention.realcustom_weights import (
+    BRANCH_BLOCKS_KEY,
+    BRANCH_LAYOUT_KEY,
     CLIP_VISION_FORMAT,
+    DEFAULT_RANK,
     FAMILY_KEY,
     FORMAT_KEY,
     adapter_from_state_dict,
+    branch_metadata,
+    default_layout,
     new_clip_vision_adapter,
 )
 from ..training.checkpoint import save_atomic
@@ -32,6 +39,10 @@ from .prompt_tokens import PhraseNotInPromptError, find_phrase_tokens
 from .realcustom import ADAPTER_FOLDER, CATEGORY, AdapterType, LoadedAdapter
 
 CHECKPOINT_FOLDER = "realcustom_checkpoints"
+#: the branch_layout choice that picks the family's default (attention.realcustom_weights.default_layout)
+AUTO_LAYOUT = "auto"
+#: the branch metadata of the per-block layout on every block: what every run trained before the layouts existed
+RELEASED_BRANCH = {BRANCH_LAYOUT_KEY: PER_BLOCK, BRANCH_BLOCKS_KEY: BLOCK_SELECTIONS[0]}
 #: brightness of the training image outside the word's mask in the preview
 PREVIEW_DIM = 0.25
 
@@ -102,21 +113,28 @@ def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution,
 
 
 def prepare_training(model, clip, vae, clip_vision, images, captions, resolution, crop, batch_size, seed,
-                     adaptive_scoring=False, target_words=None, word_mask_training=False, gradient_checkpointing=None):
+                     adaptive_scoring=False, target_words=None, word_mask_training=False, branch_layout=AUTO_LAYOUT,
+                     branch_rank=DEFAULT_RANK, branch_blocks="all", gradient_checkpointing=None):
     """(fresh adapter, step function) of a run; call inside ``glue.training_mode()``. ``target_words``: one
-    per caption or None; ``word_mask_training`` gates the branch by their masks (needs them);
-    ``gradient_checkpointing`` None: where the model's size or the resolution needs it (glue.checkpoints_blocks)."""
+    per caption or None; ``word_mask_training`` gates the branch by their masks (needs them). The branch has
+    ``branch_layout`` (``auto``: the family's default) at ``branch_rank``, on the ``branch_blocks`` selection of the
+    cross-attention blocks (attention.pva.BLOCK_SELECTIONS, PVA's). ``gradient_checkpointing`` None: where the
+    model's size or the resolution needs it (glue.checkpoints_blocks)."""
     if word_mask_training and target_words is None:
         raise ValueError("RealCustomTrainer: word_mask_training gates the branch by each caption's target word; "
                          "give the target_words (one per caption, or one for all).")
     blocks = [b for b in transformer_blocks(model, "RealCustomTrainer") if b.has_cross_attention]
     family = blocks[0].family
+    served = set(selected_blocks(branch_blocks, [b.key for b in blocks]))
     with torch.no_grad():  # frozen encoders: their outputs are the (normal-tensor) dataset
         data = _encode_dataset(model, clip, vae, clip_vision, glue.clone_tensors(images), captions, resolution, crop,
                                target_words, family)
     context_dim = data.contexts.shape[-1]
-    adapter = new_clip_vision_adapter(data.features.shape[-1], {b.key: (b.channels, context_dim) for b in blocks}, seed,
-                                      scoring=adaptive_scoring, latent_channels=data.latents.shape[1], family=family)
+    shapes = {b.key: (b.channels, context_dim) for b in blocks if b.key in served}
+    layout = default_layout(family, shapes) if branch_layout == AUTO_LAYOUT else branch_layout
+    adapter = new_clip_vision_adapter(data.features.shape[-1], shapes, seed, scoring=adaptive_scoring,
+                                      latent_channels=data.latents.shape[1], family=family, layout=layout,
+                                      rank=branch_rank)
     adapter.to(data.latents.device)
     trainable = glue.trainable_unet(model, {}, glue.checkpoints_blocks(model, resolution, gradient_checkpointing))
     add_attention_processor(trainable, WordMapReader(), blocks)
@@ -176,6 +194,20 @@ class RealCustomTrainer(io.ComfyNode):
       mask of that step (eq. 12, as inference) and masks the scoring module's latent as inference does
       (paper §3.3); costs one extra no-grad forward per step (×1.55 time in bench/train_realcustom.py). Needs
       target_words.
+    - branch_layout ([R] on the DiTs): how the visual keys/values are held. "per-block" is the paper's and the
+      released code's full-rank pair per block: 1.43 B numbers on Flux.1 dev (5.8 GB file, 23 GB of weights,
+      gradients and fp32 Adam moments), 0.76 B on SD3.5 Large, 0.34 B on SDXL, 19 M on SD1.5. "shared + low-rank"
+      holds one key and one value projection shared by the blocks plus a rank-``branch_rank`` change per block
+      (zero at the start, so the untrained branch still adds nothing): Flux.1 dev 43 M with the projector at
+      rank 16 (172 MB file, 0.7 GB training state), SD3.5 Large 33 M, SDXL 17.5 M. "auto" (default): shared +
+      low-rank on the DiTs and where a per-block branch would pass 300 MB as fp32 (SDXL), per-block (what was
+      trained before) on the smaller U-Nets (SD1.5). Sizes: bench/adapter_sizes.py; learning: bench/realcustom_branch.py.
+    - branch_rank: rank of each block's change (1–512, default 16; 4 learned nearly as well on the tiny Flux).
+    - branch_blocks (PVATrainer's selection): the blocks that get the branch: all (default; on the tiny Flux it
+      removed the most loss, and with the shared layout each Flux block costs only 0.23 M numbers), "double" (the
+      two-stream blocks: Flux's double blocks, as XLabs' IP-Adapter; all of SD3's joint blocks), "every_2" /
+      "every_4" block in layer order (about PuLID-Flux's spacing): fewer image attentions per step. The file
+      records layout, rank and selection; AdaptiveMaskGuidance serves the blocks the file has.
     """
 
     @classmethod
@@ -210,6 +242,12 @@ class RealCustomTrainer(io.ComfyNode):
                                 tooltip="The real word of each caption that becomes the subject (one per line, or one for all); checked and previewed."),
                 io.Boolean.Input("word_mask_training", default=False, optional=True,
                                  tooltip="[R] Gate the branch by each target word's mask while training, as at inference (paper: ungated)."),
+                io.Combo.Input("branch_layout", options=[AUTO_LAYOUT, *BRANCH_LAYOUTS], default=AUTO_LAYOUT, optional=True,
+                               tooltip="Visual K/V: auto (shared + low-rank on DiTs and SDXL, per-block on SD1.5), per-block (released), shared + low-rank."),
+                io.Int.Input("branch_rank", default=DEFAULT_RANK, min=1, max=512, optional=True,
+                             tooltip="Rank of each block's change in the shared + low-rank layout (16: 153 MB branch on Flux.1 dev)."),
+                io.Combo.Input("branch_blocks", options=list(BLOCK_SELECTIONS), default=BLOCK_SELECTIONS[0], optional=True,
+                               tooltip="Blocks that get the image branch: all, the two-stream blocks (Flux's double), or every 2nd / 4th block."),
             ],
             outputs=[
                 AdapterType.Output(display_name="adapter", tooltip="The trained branch, for RealCustomEncodeReference."),
@@ -223,7 +261,8 @@ class RealCustomTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, clip_vision, images, captions, name, steps, learning_rate, batch_size,
                 grad_accumulation, resolution, seed, checkpoint_every, crop, adaptive_scoring=True, target_words="",
-                word_mask_training=False) -> io.NodeOutput:
+                word_mask_training=False, branch_layout=AUTO_LAYOUT, branch_rank=DEFAULT_RANK,
+                branch_blocks=BLOCK_SELECTIONS[0]) -> io.NodeOutput:
         family = transformer_blocks(model, "RealCustomTrainer")[0].family
         refusal = family.training_refusal(model_class_names(model), model.model.adm_channels)
         if refusal:
@@ -236,7 +275,9 @@ class RealCustomTrainer(io.ComfyNode):
         words = _target_words(target_words, texts)
         with glue.training_mode():
             adapter, step = prepare_training(model, clip, vae, clip_vision, images, texts, resolution, crop, batch_size,
-                                             seed, adaptive_scoring, words, word_mask_training)
+                                             seed, adaptive_scoring, words, word_mask_training, branch_layout,
+                                             branch_rank, branch_blocks)
+            branch = branch_metadata(adapter.branch, branch_blocks)
             run_id = fingerprint(images=images, captions=texts, learning_rate=learning_rate,
                                  batch_size=batch_size, grad_accumulation=grad_accumulation, resolution=resolution,
                                  seed=seed, crop=crop, vision_dim=adapter.vision_dim, adaptive_scoring=adaptive_scoring,
@@ -245,7 +286,9 @@ class RealCustomTrainer(io.ComfyNode):
                                  vae=glue.weights_sample(vae.first_stage_model),
                                  image_encoder=glue.weights_sample(clip_vision.model),
                                  # the words change the training only when they gate it
-                                 **({"word_masks_of": words} if word_mask_training else {}))
+                                 **({"word_masks_of": words} if word_mask_training else {}),
+                                 # the released layout on every block is how every run before the layouts trained
+                                 **({} if branch == RELEASED_BRANCH else {"branch": branch}))
             train(dict(adapter.named_parameters()), step, lambda params: torch.optim.AdamW(params, lr=learning_rate),
                   LoopSettings(steps, grad_accumulation, seed, checkpoint_every,
                                glue.run_checkpoints(CHECKPOINT_FOLDER, stem, run_id)),
@@ -255,11 +298,11 @@ class RealCustomTrainer(io.ComfyNode):
         folder = folder_paths.get_folder_paths(ADAPTER_FOLDER)[0]
         glue.exports_of_run("RealCustomTrainer", stem, [ExportedFile(folder)], run_id)
         path = output_path(folder, stem)
-        save_atomic(path, state_dict, metadata={FORMAT_KEY: CLIP_VISION_FORMAT, FAMILY_KEY: adapter.family.file_tag,
+        save_atomic(path, state_dict, metadata={FORMAT_KEY: CLIP_VISION_FORMAT, FAMILY_KEY: adapter.family.file_tag, **branch,
                                                 "method": "realcustom", RUN_ID_KEY: run_id,
                                                 "steps": str(steps), "learning_rate": str(learning_rate)})
         folder_paths.filename_list_cache.clear()
-        trained = adapter_from_state_dict(state_dict, CLIP_VISION_FORMAT, adapter.family)
+        trained = adapter_from_state_dict(state_dict, CLIP_VISION_FORMAT, adapter.family, adapter.branch.layout)
         patcher = comfy.model_patcher.ModelPatcher(trained, load_device=comfy.model_management.get_torch_device(),
                                                    offload_device=comfy.model_management.unet_offload_device())
         return io.NodeOutput(LoadedAdapter(trained, patcher, path.name), path.name, word_masks, word_preview)

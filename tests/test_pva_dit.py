@@ -39,6 +39,8 @@ IMAGE = GRID[0] * GRID[1]
 TEXT = 4
 IDENTITY_TOKENS = 3
 STRENGTH = 0.6
+#: rank of the low-rank files of the real-ComfyUI tests (the family fixture's file is one)
+LOW_RANK = 4
 
 
 def projection(seed=0, norms=True):
@@ -206,7 +208,7 @@ class Family(dit.TinyFamily):
         from harness.pva_assets import dit_pva_weights, loaded_pva
         super().__init__(name)
         self.comfy = comfy
-        self.pva = loaded_pva(dit_pva_weights(name, self.model))
+        self.pva = loaded_pva(dit_pva_weights(name, self.model, rank=LOW_RANK))
 
     def patched(self, model=None, pva=None, references=None, **over):
         from harness.pva_assets import PVA_DEFAULTS, faces, tiny_clip_vision
@@ -223,10 +225,12 @@ def family(request, comfy):
     dit.release(request.param)
 
 
-def test_parallel_queries_of_an_initial_file_are_the_blocks_own(family, monkeypatch):
+@pytest.mark.parametrize("rank", [0, LOW_RANK], ids=["full rank", "low rank"])
+def test_parallel_queries_of_an_initial_file_are_the_blocks_own(family, rank, monkeypatch):
     """Initialised from the model, to_visual_q with its norm (and Flux's rotary positions) gives exactly the
     queries the block hands to attention: the recorded inputs, the copied norms and the positions are the ones
-    the model used, in every double/single/joint block."""
+    the model used, in every double/single/joint block. In low rank the block's own projection is read from the
+    MODEL as sampled: with a LoRA applied, the queries are the LoRA'd block's own."""
     from harness.pva_assets import dit_pva_weights, loaded_pva
     joint = pack_module("attention.joint")
     compared = []
@@ -237,13 +241,68 @@ def test_parallel_queries_of_an_initial_file_are_the_blocks_own(family, monkeypa
                          float(q.float().abs().max())))
         return original(q, k, v, call, extras)
     monkeypatch.setattr(joint, "attention_with_extra_keys", comparing)
-    family.sample(family.patched(pva=loaded_pva(dit_pva_weights(family.name, family.model, perturbed=False))),
-                  batch=1, cfg=1.0)
+    model = family.model
+    if rank:
+        model = family.comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(model, dit.lora_path(family.name).name,
+                                                                              1.0)[0]
+    family.sample(family.patched(model=model, pva=loaded_pva(
+        dit_pva_weights(family.name, family.model, perturbed=False, rank=rank))), batch=1, cfg=1.0)
     blocks = {call_block for call_block, _, _ in compared}
     expected = ({("double", i, 0) for i in range(2)} | {("single", i, 0) for i in range(2)} if family.name == "flux"
                 else {("joint", i, 0) for i in range(dit.SD35_DIT["depth"])})
     assert blocks == expected
     assert all(error <= 1e-5 * scale for _, error, scale in compared), compared
+
+
+def test_low_rank_at_step_zero_samples_exactly_as_the_full_rank_copy(family):
+    """The paper's initialisation kept: a fresh low-rank file (the block's own projections read at run time, a zero
+    change) samples bit for bit as the full-rank copy of the same blocks."""
+    from harness.pva_assets import dit_pva_weights, loaded_pva
+    full, low = (dit_pva_weights(family.name, family.model, perturbed=False, rank=rank) for rank in (0, LOW_RANK))
+    assert low.rank == LOW_RANK and full.rank is None
+    assert all(torch.equal(v, low.token_transformer.state_dict()[k]) for k, v in full.token_transformer.state_dict().items())
+    with_low = family.sample(family.patched(pva=loaded_pva(low)))
+    assert torch.equal(with_low, family.sample(family.patched(pva=loaded_pva(full))))
+    assert relative_change(with_low, family.sample(family.model)) > 1e-4, "the identity takes part"
+
+
+def test_pva_v1_files_load_and_sample_as_before(family, comfy):
+    """A full-rank file written as before low rank (format pva-v1, no rank or blocks metadata) loads through
+    PVALoader and samples as those weights always did."""
+    from safetensors.torch import save_file
+    from harness.comfy_env import models_dir
+    from harness.pack_nodes import run_node
+    from harness.pva_assets import dit_pva_weights, loaded_pva
+    weights = dit_pva_weights(family.name, family.model)
+    tensors, metadata = weights.state_and_metadata()
+    path = models_dir() / "pva" / f"old_pva_v1_{family.name}.safetensors"
+    save_file(tensors, str(path), {"format": "pva-v1", **{k: metadata[k] for k in ("encoder", "heads", "family")}})
+    comfy.folder_paths.filename_list_cache.clear()
+    loaded = run_node("PVALoader", pva_name=path.name)[0]
+    assert loaded.weights.rank is None and loaded.weights.block_selection == "all"
+    assert torch.equal(family.sample(family.patched(pva=loaded)), family.sample(family.patched(pva=loaded_pva(weights))))
+
+
+def test_a_block_selection_patches_those_blocks_and_reloads(family, comfy, monkeypatch):
+    """A low-rank file on every 2nd block (Flux: double 0 and single 0 of the tiny model's four; SD3.5: joint 0
+    and 2) gives identity keys to those blocks only; saved and reloaded it keeps its selection and its output."""
+    from harness.comfy_env import models_dir
+    from harness.pack_nodes import run_node
+    from harness.pva_assets import dit_pva_weights, loaded_pva
+    save_pva = pack_module("attention.pva_weights").save_pva
+    joint = pack_module("attention.joint")
+    seen = set()
+    original = joint.attention_with_extra_keys
+    monkeypatch.setattr(joint, "attention_with_extra_keys",
+                        lambda q, k, v, call, extras: seen.add(call.block) or original(q, k, v, call, extras))
+    weights = dit_pva_weights(family.name, family.model, rank=LOW_RANK, block_selection="every_2")
+    sampled = family.sample(family.patched(pva=loaded_pva(weights)))
+    assert seen == ({("double", 0, 0), ("single", 0, 0)} if family.name == "flux" else {("joint", 0, 0), ("joint", 2, 0)})
+    save_pva(models_dir() / "pva" / f"every_2_{family.name}.safetensors", weights)
+    comfy.folder_paths.filename_list_cache.clear()
+    loaded = run_node("PVALoader", pva_name=f"every_2_{family.name}.safetensors")[0]
+    assert loaded.weights.block_selection == "every_2" and loaded.weights.rank == LOW_RANK
+    assert torch.equal(family.sample(family.patched(pva=loaded)), sampled)
 
 
 def test_strength_zero_is_unpatched_sampling_and_the_identity_changes_every_image(family):

@@ -217,7 +217,7 @@ def test_token_transformer_matches_the_official_formulation():
     torch.testing.assert_close(out, official_transform_network(official, features, heads=8), rtol=1e-4, atol=1e-5)
     assert transformer(features[:, :1]).shape == (2, 3, 16), "any number of references"
     config = IdentityTokenTransformer.config_from_state_dict(transformer.state_dict(), heads=8)
-    assert config == dict(feature_dim=6, width=16, num_tokens=3, layers=2, heads=8, feedforward=32)
+    assert config == dict(feature_dim=6, width=16, num_tokens=3, layers=2, heads=8, feedforward=32, output_width=None)
 
 
 def official_iresnet(state, x, eps=1e-5):

@@ -207,14 +207,19 @@ def test_sdxl_with_an_sd15_text_encoder_is_refused_with_a_reason(comfy, sdxl_mod
 
 @pytest.mark.slow
 def test_sdxl_branch_trains_and_guides_sdxl_sampling(comfy, sdxl_model, sd15):
-    """The SDXL U-Net also reads the pooled caption and the size: the trainer feeds both."""
+    """The SDXL U-Net also reads the pooled caption and the size: the trainer feeds both. The branch is the shared +
+    low-rank one that real SDXL gets by default (a per-block one would be 0.34 B numbers): one shared pair per
+    attention width of the U-Net."""
     from harness.checkpoints import empty_latent, encode_prompt, sample
     from harness.realcustom import tiny_clip_vision
     from harness.text_encoders import reduced_clip
     clip = reduced_clip("sdxl")
     adapter, name, *_ = train_node((sdxl_model, clip, sd15[2]), "test_rc_sdxl", steps=2, target_words="toy",
-                                   word_mask_training=True)
+                                   word_mask_training=True, branch_layout="shared + low-rank")
     assert adapter.adapter.scoring is not None and adapter.adapter.projector.proj.out_features == 2048
+    branch = adapter.adapter.branch
+    assert branch.layout == "shared + low-rank" and sorted(branch.shared_k, key=int) == \
+        sorted({str(width) for width in branch.widths().values()}, key=int)
     reference = run_node("RealCustomEncodeReference", adapter=adapter, clip_vision=tiny_clip_vision(), image=dataset()[:1],
                          crop=False)[0]
     prompt = "a photo of a toy on the beach"

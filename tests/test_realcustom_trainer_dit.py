@@ -90,8 +90,12 @@ def test_interrupt_then_resume_equals_uninterrupted_and_the_export_reloads_to_th
     path = models_dir() / "realcustom" / name
     straight = load_file(str(path))
     with safe_open(str(path), "pt") as handle:
-        assert handle.metadata()["family"] == ("flux" if family.name == "flux" else "sd3")
+        metadata = handle.metadata()
+    assert metadata["family"] == ("flux" if family.name == "flux" else "sd3")
+    assert (metadata["branch_layout"], metadata["branch_rank"], metadata["branch_blocks"]) == \
+        ("shared + low-rank", "16", "all"), "the DiTs' default branch, recorded"
     assert set(straight) == set(adapter.adapter.state_dict())
+    assert not any(".to_k_vision." in k for k in straight) and any(k.startswith("branch.k_change.") for k in straight)
     assert any(k.startswith("scoring.") for k in straight), "the paper's adaptive scoring is trained by default"
 
     with user_cancels_at_step(1):
@@ -102,7 +106,7 @@ def test_interrupt_then_resume_equals_uninterrupted_and_the_export_reloads_to_th
         assert torch.equal(straight[key], resumed[key]), key
 
     loaded = run_node("RealCustomLoader", adapter_name=name)[0]
-    assert loaded.adapter.family is adapter.adapter.family
+    assert loaded.adapter.family is adapter.adapter.family and loaded.adapter.branch.layout == "shared + low-rank"
     image = torch.rand(1, 48, 40, 3, generator=torch.Generator().manual_seed(0))
     positive, negative = encode_prompt(family.clip, "a photo of a toy"), encode_prompt(family.clip, "")
     outputs = []
@@ -119,3 +123,22 @@ def test_interrupt_then_resume_equals_uninterrupted_and_the_export_reloads_to_th
     plain = sample(family.model, positive, negative, dit.empty_latent(1), seed=3, steps=2, cfg=2.0,
                    sampler_name="euler", scheduler="simple")
     assert not torch.equal(outputs[0], plain), "the trained branch adds something"
+
+
+def test_the_branch_serves_the_selected_blocks_in_the_chosen_layout(family):
+    """branch_blocks (PVA's selection) picks the blocks before the adapter is made: its file holds only theirs."""
+    from harness.realcustom import tiny_clip_vision
+    glue = pack_module("nodes.training_glue")
+    trainer = pack_module("nodes.realcustom_trainer")
+
+    def branch(**settings):
+        with glue.training_mode():
+            return trainer.prepare_training(family.model, family.clip, family.vae, tiny_clip_vision(), dataset(),
+                                            CAPTIONS.split("\n"), 64, False, 2, 0, **settings)[0].branch
+    every_2 = branch(branch_layout="per-block", branch_blocks="every_2")
+    expected = [("double", 0, 0), ("single", 0, 0)] if family.name == "flux" else [("joint", 0, 0), ("joint", 2, 0)]
+    assert every_2.layout == "per-block" and every_2.blocks() == expected
+    double = branch(branch_rank=4, branch_blocks="double")
+    assert double.layout == "shared + low-rank" and double.rank == 4
+    assert double.blocks() == ([("double", 0, 0), ("double", 1, 0)] if family.name == "flux" else
+                               [("joint", i, 0) for i in range(3)]), "the two-stream blocks: all of SD3's"

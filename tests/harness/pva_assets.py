@@ -137,18 +137,23 @@ DIT_IDENTITY_WORD_WIDTHS = {"flux": {"l": 768, "t5xxl": 4096}, "sd35": {"l": 768
                             "zimage": {"qwen3_4b": 64}}
 
 
-def dit_pva_weights(family: str, model, perturbed: bool = True, encoder: str = "clip_vision"):
+def dit_pva_weights(family: str, model, perturbed: bool = True, encoder: str = "clip_vision", rank: int = 0,
+                    block_selection: str = "all"):
     """PVA weights (``encoder``: "clip_vision", the tiny CLIP vision model's features, or "arcface") for the tiny
     DiT ``model`` of ``family`` ("flux", "sd35", "chroma", "flux2",
-    "zimage"), initialised from its blocks as the paper does, then
-    (``perturbed``) changed a little so the parallel queries and keys differ from the block's own."""
-    blocks = [b for b in pack_module("nodes.patching").transformer_blocks(model, families=pack_module(
+    "zimage"), initialised from its blocks as the paper does (full-rank copies, or with ``rank`` > 0 the low-rank
+    form, on the ``block_selection``), then (``perturbed``) changed a little so the parallel queries and keys
+    differ from the block's own."""
+    found = [b for b in pack_module("nodes.patching").transformer_blocks(model, families=pack_module(
         "attention.blocks").ALL_FAMILIES) if b.has_cross_attention]
+    keys = set(pack_module("attention.pva").selected_blocks(block_selection, [b.key for b in found]))
+    blocks = [b for b in found if b.key in keys]
     gen = torch.Generator().manual_seed(11)
     word = {name: torch.randn(1, width, generator=gen) for name, width in DIT_IDENTITY_WORD_WIDTHS[family].items()}
     weights = pack_module("attention.pva_weights").PVAWeights.initial(
-        pack_module("nodes.pva").parallel_projections(model, blocks), encoder, ENCODER_FEATURE_DIMS[encoder],
-        word, family=blocks[0].family, seed=12, layers=1, feedforward=64)
+        lambda: pack_module("nodes.pva").parallel_projections(model, blocks, rank), encoder,
+        ENCODER_FEATURE_DIMS[encoder], word, family=blocks[0].family, seed=12, block_selection=block_selection,
+        layers=1, feedforward=64)
     if perturbed:
         with torch.no_grad():
             for projection in weights.parallel.values():
