@@ -91,7 +91,7 @@ def _square(images: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution, crop, words, family) -> TrainingData:
-    latents = model.get_model_object("latent_format").process_in(vae.encode(_square(images, resolution)))
+    latents = model.get_model_object("latent_format").process_in(glue.encode_images(vae, _square(images, resolution)))
     features = clip_vision.encode_image(images[..., :3], crop=crop)["penultimate_hidden_states"]
     device = comfy.model_management.get_torch_device()
     contexts, pooled = _contexts(clip, captions, family)
