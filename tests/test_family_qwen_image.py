@@ -13,9 +13,9 @@ import torch
 
 from harness.comfy_env import pack_module
 from harness.family_techniques import (PROMPT, check_each_technique, check_files_refused_across, family_blocks,
-                                       trained_files)
+                                       techniques, trained_files)
 from harness.pack_nodes import shared_attention
-from harness.qwen_image import TinyQwenImage, qwen_image_lora_path, qwen_image_vae
+from harness.qwen_image import TinyQwenImage, qwen_image_controlnet, qwen_image_lora_path, qwen_image_vae
 from harness.tensors import relative_change
 from test_joint_attention import slow_style_aligned_joint
 from test_joint_layout import SeenCalls
@@ -89,6 +89,30 @@ def test_a_lora_in_the_same_graph(qwen_image):
     lora = nodes.LoraLoaderModelOnly().load_lora_model_only(qwen_image.model, qwen_image_lora_path().name, 1.0)[0]
     assert relative_change(qwen_image.sample(lora), qwen_image.sample(qwen_image.model)) > 1e-3, "the LoRA applies"
     check_each_technique(qwen_image, "qwen_image", model=lora)
+
+
+def test_an_instantx_controlnet_in_the_same_graph(qwen_image):
+    """InstantX's Qwen-Image ControlNet (a VAE-encoded hint, residuals added to the image stream after each block), at
+    CFG 1: StyleAligned sharing nothing gives the reference zero residuals, as the paper's ControlNet pipeline does
+    (the reference samples as without the ControlNet, the target as with it); each other technique at strength 0
+    samples as the controlled model alone, and changes it otherwise."""
+    import nodes
+    positive, negative = qwen_image.encode(PROMPT), qwen_image.encode("")
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    controlled = nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, qwen_image_controlnet(), hint,
+                                                                   1.0, 0.0, 1.0, vae=qwen_image_vae())
+
+    def sample(model):
+        return qwen_image.sample(model, cfg=1.0, positive=controlled[0], negative=controlled[1])
+    base, uncontrolled = sample(qwen_image.model), qwen_image.sample(qwen_image.model, cfg=1.0)
+    assert relative_change(base[1], uncontrolled[1]) > 1e-3, "the ControlNet applies"
+    unshared = sample(shared_attention(qwen_image.model, skip_fraction=1.0))
+    assert torch.equal(unshared[0], uncontrolled[0]) and torch.equal(unshared[1], base[1])
+    for name, patch in techniques(qwen_image, "qwen_image").items():
+        if name != "SharedAttentionBatch":
+            assert torch.equal(sample(patch(qwen_image.model, 0.0)), base), name
+            patched = sample(patch(qwen_image.model, 1.0))
+            assert all(relative_change(patched[i], base[i]) > 1e-3 for i in range(2)), name
 
 
 def test_trainers_train_it_and_its_files_are_refused_on_flux_and_flux_files_on_it(qwen_image):

@@ -175,6 +175,42 @@ def qwen_image_lora_path() -> Path:
     return _cached("loras", _name("qwen_image_lora"), _build_qwen_image_lora)
 
 
+def _build_qwen_image_controlnet() -> dict:
+    import comfy.ops
+    from comfy.ldm.qwen_image.controlnet import QwenImageControlNetModel
+
+    net = QwenImageControlNetModel(**QWEN_IMAGE_DIT, operations=comfy.ops.disable_weight_init)
+    return _fp16(randomize_(net, seed=104, std=None).state_dict())
+
+
+def qwen_image_controlnet_path() -> Path:
+    """A tiny InstantX-layout Qwen-Image ControlNet (the model's blocks, ``controlnet_blocks``,
+    ``controlnet_x_embedder``, fp16); kept out of models/controlnet: ControlNetLoader's detection pins the real
+    heads and text width as UNETLoader's does."""
+    return _cached("tiny_dit", _name("qwen_image_controlnet"), _build_qwen_image_controlnet)
+
+
+@model_cache
+def qwen_image_controlnet():
+    """CONTROL_NET of the tiny Qwen-Image ControlNet: comfy.controlnet.load_controlnet_qwen_instantx's body (ComfyUI's
+    controlnet_config, QwenImageControlNetModel, ControlNet on the Wan 2.1 latent), the heads and text width supplied
+    as for the model. Apply with stock ControlNetApplyAdvanced and the VAE (the hint is encoded to a latent)."""
+    boot_comfy(require_pack=False)
+    import comfy.controlnet
+    import comfy.latent_formats
+    from comfy.ldm.qwen_image.controlnet import QwenImageControlNetModel
+
+    sd = _load(qwen_image_controlnet_path())
+    model_config, operations, load_device, unet_dtype, manual_cast_dtype, offload_device = \
+        comfy.controlnet.controlnet_config(sd)
+    completed = _detected_qwen_image_config(sd).unet_config
+    net = QwenImageControlNetModel(operations=operations, device=offload_device, dtype=unet_dtype,
+                                   **{**model_config.unet_config, **completed})
+    net = comfy.controlnet.controlnet_load_state_dict(net, sd)
+    return comfy.controlnet.ControlNet(net, compression_ratio=1, latent_format=comfy.latent_formats.Wan21(),
+                                      load_device=load_device, manual_cast_dtype=manual_cast_dtype, extra_conds=[])
+
+
 class TinyQwenImage(TinyFamily):
     """The tiny Qwen-Image as the family tests use it (harness.dit.TinyFamily's sample: stock EmptySD3LatentImage,
     16 channels at 1/8), sampled at ComfyUI's template CFG 2.5, prompts through stock CLIPTextEncode."""
