@@ -185,7 +185,7 @@ class RealCustomTrainer(io.ComfyNode):
             category=CATEGORY,
             description="Train a RealCustom image branch (projector + visual K/V) on captioned images.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x/SDXL or DiT model (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image) the branch is trained for; stays frozen."),
+                io.Model.Input("model", tooltip="SD1.x/SDXL or DiT model (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image, Qwen-Image) the branch is trained for; stays frozen."),
                 io.Clip.Input("clip", tooltip="The model's text encoder, for the captions."),
                 io.Vae.Input("vae", tooltip="VAE that encodes the training images."),
                 io.ClipVision.Input("clip_vision", tooltip="Image encoder of the branch (use the same at inference)."),
