@@ -84,11 +84,12 @@ def test_the_layout_is_read_and_style_aligned_first_call_is_the_written_out_form
 
 def test_a_lora_in_the_same_graph(qwen_image):
     """A LoRA in the names ComfyUI's key map gives Qwen-Image: each technique at strength 0 on the LoRA model samples
-    as the LoRA model alone, and changes it otherwise."""
+    as the LoRA model alone, and changes it otherwise (CFG 1: the uncond pass is tested above)."""
     import nodes
     lora = nodes.LoraLoaderModelOnly().load_lora_model_only(qwen_image.model, qwen_image_lora_path().name, 1.0)[0]
-    assert relative_change(qwen_image.sample(lora), qwen_image.sample(qwen_image.model)) > 1e-3, "the LoRA applies"
-    check_each_technique(qwen_image, "qwen_image", model=lora)
+    assert relative_change(qwen_image.sample(lora, cfg=1.0), qwen_image.sample(qwen_image.model, cfg=1.0)) > 1e-3, \
+        "the LoRA applies"
+    check_each_technique(qwen_image, "qwen_image", model=lora, cfg=1.0)
 
 
 def test_an_instantx_controlnet_in_the_same_graph(qwen_image):

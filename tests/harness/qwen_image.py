@@ -29,7 +29,7 @@ Text encoder: what ``CLIPLoader`` type "qwen_image" builds for a Qwen2.5-VL 7B f
   ComfyUI's Qwen25_7BVLI_Config fixes it (a class attribute). The real vocabulary stays (152064 x 64), so every id
   of the real tokenizer exists. QwenImageTEModel drops the template's system prompt and ``<|im_start|>user\\n``
   from the conditioning (everything before the prompt), and keeps the prompt's tokens and the template's closing
-  ``<|im_end|>\\n<|im_start|>assistant\\n`` (a 5-word prompt: 34 tokens dropped, 8 + 5 kept).
+  ``<|im_end|>\\n<|im_start|>assistant\\n`` (the tests' 8-word prompt: 34 tokens dropped, 8 + 5 kept).
   The vision tower: ComfyUI's Qwen25_7BVLI builds Qwen2.5-VL's vision transformer at its fixed real size (1280
   wide, 32 blocks, 658M parameters: ``qwen_vl.Qwen2VLVisionTransformer(hidden_size=1280, ...)`` takes no option;
   only its merger's output follows the reduced width) and runs it only for prompts with images (Qwen-Image Edit's
