@@ -54,8 +54,8 @@ def parse_block_selection(text: str, blocks: list[TransformerBlock]) -> frozense
     block keys.
 
     Each comma-separated item is ``name``, ``name:id`` or ``name:id.index`` with a block name of the model
-    (U-Net: input, middle, output; Flux, Flux.2, Chroma: double, single; SD3: joint; Z-Image: layer); empty text
-    selects all. Unknown names or items matching no block raise ValueError listing what exists.
+    (U-Net: input, middle, output; Flux, Flux.2, Chroma: double, single; SD3: joint; Z-Image: layer; Qwen-Image:
+    double); empty text selects all. Unknown names or items matching no block raise ValueError listing what exists.
     """
     keys = [b.key for b in blocks]
     names = sorted({k[0] for k in keys}, key=blocks[0].family.block_names.index) if blocks else []

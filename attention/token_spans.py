@@ -38,11 +38,16 @@ def _ids_and_words(chunks: TokenChunks) -> list[tuple]:
     return [(_token_id(token), word_id) for chunk in chunks for token, _weight, word_id in chunk]
 
 
+def token_ids(chunks: TokenChunks) -> list:
+    """The ids of every token in order (None for embedding vectors), over all chunks."""
+    return [token for token, _word in _ids_and_words(chunks)]
+
+
 def own_span(chunks: TokenChunks, empty_chunks: TokenChunks) -> range:
     """Context positions of the tokens a prompt adds to ``empty_chunks``, the same tokenizer's tokens of the empty
     prompt: everything after their common beginning and before their common end (a template's text, BOS, EOS,
     padding)."""
-    ids, empty = ([token for token, _word in _ids_and_words(c)] for c in (chunks, empty_chunks))
+    ids, empty = token_ids(chunks), token_ids(empty_chunks)
     limit = min(len(ids), len(empty))
     start = next((i for i in range(limit) if ids[i] != empty[i]), limit)
     end = next((i for i in range(limit - start) if ids[-1 - i] != empty[-1 - i]), limit - start)

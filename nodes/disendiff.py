@@ -350,11 +350,11 @@ class CalibratedCrossAttn(io.ComfyNode):
     "embedding:pair_new1, embedding:pair_new2" and "man, woman"), strength (0 = plain sampling exactly;
     0.5–2 typical), start/end percent. Works with trained or stock models.
 
-    Families: SD1.5/SD2/SDXL and the DiTs (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image). On a DiT the edit is
-    made on the image-query x text-key logits of every block's joint attention, inside its one softmax over text
-    and image keys (text queries and image keys untouched); the words are found in the DiT's text sequence (Flux:
-    T5 tokens; Flux.2, Z-Image: the prompt's tokens, not their text encoder's template; SD3: CLIP-L/G tokens, then
-    T5's), and modifiers must be words of the prompt (no embeddings).
+    Families: SD1.5/SD2/SDXL and the DiTs (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image, Qwen-Image). On a DiT the
+    edit is made on the image-query x text-key logits of every block's joint attention, inside its one softmax over
+    text and image keys (text queries and image keys untouched); the words are found in the DiT's text sequence
+    (Flux: T5 tokens; Flux.2, Z-Image, Qwen-Image: the prompt's tokens, not their text encoder's template; SD3:
+    CLIP-L/G tokens, then T5's), and modifiers must be words of the prompt (no embeddings).
     """
 
     @classmethod
@@ -365,8 +365,8 @@ class CalibratedCrossAttn(io.ComfyNode):
             category=CATEGORY,
             description="Bind each modifier token's attention to its class word and separate the concepts while sampling.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5/SDXL (e.g. with the DisenDiff LoRA) or a DiT (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image); left unchanged."),
-                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt: the words are found in its tokens (the template of Flux.2/Z-Image excluded)."),
+                io.Model.Input("model", tooltip="SD1.5/SDXL (e.g. with the DisenDiff LoRA) or a DiT (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image, Qwen-Image); left unchanged."),
+                io.Clip.Input("clip", tooltip="The CLIP that encodes the prompt: the words are found in its tokens (the template of Flux.2/Z-Image/Qwen-Image excluded)."),
                 io.String.Input("prompt", multiline=True, default="photo of a embedding:disendiff_pair_new1 man and embedding:disendiff_pair_new2 woman",
                                 tooltip="The positive prompt, exactly as encoded for sampling (another one stops sampling with an error)."),
                 io.String.Input("modifiers", default="embedding:disendiff_pair_new1, embedding:disendiff_pair_new2",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import families
-from ..attention.token_spans import context_length, own_span, phrase_occurrences, word_token_ids
+from ..attention.token_spans import context_length, own_span, phrase_occurrences, token_ids, word_token_ids
 from .validation import checked_clip
 
 
@@ -83,6 +83,7 @@ def find_phrase_tokens(clip, prompt: str, phrase: str, node_name: str = "") -> P
     clip = checked_clip(node_name, clip)
     prompt_tokens = clip.tokenize(prompt, return_word_ids=True)
     searched = _Search(clip, phrase)
+    family = families.text_encoder_family(getattr(clip, "cond_stage_model", None))
     occurrences, offset = [], 0
     for stretch in context_stretches(clip, prompt_tokens):
         found = {encoder: _occurrences(clip, encoder, prompt, phrase, prompt_tokens[encoder], searched, who)
@@ -92,8 +93,10 @@ def find_phrase_tokens(clip, prompt: str, phrase: str, node_name: str = "") -> P
             raise ValueError(f"{who}the text encoders of this CLIP place {phrase!r} at different tokens "
                              f"({ {e: sorted({p for o in f for p in o}) for e, f in found.items()} }); this model "
                              "family is not supported.")
-        occurrences += [tuple(offset + p for p in occurrence) for occurrence in first]
-        offset += min(context_length(prompt_tokens[encoder]) for encoder in stretch)
+        # the encoder may leave a template's first tokens out of the conditioning (Qwen-Image's system prompt)
+        dropped = family.dropped_template_tokens(token_ids(prompt_tokens[stretch[0]]))
+        occurrences += [tuple(offset - dropped + p for p in occurrence) for occurrence in first]
+        offset += min(context_length(prompt_tokens[encoder]) for encoder in stretch) - dropped
     return PhraseTokens(phrase, prompt, tuple(occurrences), offset)
 
 

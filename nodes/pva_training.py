@@ -58,11 +58,6 @@ def _patcher(weights) -> comfy.model_patcher.ModelPatcher:
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
-def _encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return vae.encode(pixels[..., :3]).float().clone()
-
-
 def _identity_photos(model, vae, pva: LoadedPVA, images: torch.Tensor, clip_vision, masks=None) -> IdentityPhotos:
     """Latents, masked latents, masks and encoder features of every photo and of its mirror image;
     ``masks`` (n, H, W), 1 = inpaint, default the whole-face box."""
@@ -73,8 +68,8 @@ def _identity_photos(model, vae, pva: LoadedPVA, images: torch.Tensor, clip_visi
         masks = face_box_mask(height, width).expand(n, -1, -1)
     pixel_mask = torch.stack([masks, masks.flip(2)], dim=1).reshape(n * 2, height, width, 1).float()
     masked = flat * (1 - pixel_mask) + 0.5 * pixel_mask  # InpaintModelConditioning's grey fill
-    latents = model.model.process_latent_in(_encode_pixels(vae, flat))
-    masked_latents = _encode_pixels(vae, masked)
+    latents = model.model.process_latent_in(glue.encode_images(vae, flat))
+    masked_latents = glue.encode_images(vae, masked)
     masks = torch.nn.functional.interpolate(pixel_mask.movedim(-1, 1), size=latents.shape[-2:], mode="nearest")
     with torch.no_grad():
         features = reference_features(pva, flat, clip_vision).clone()

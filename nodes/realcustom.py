@@ -486,7 +486,7 @@ class AdaptiveMaskGuidance(io.ComfyNode):
     with the subject already injected; its masks differ from the released schedule's (tiny test model: up
     to 0.98 in a mask value, 3–13 of the 64 kept positions per step at 128 px, 12–47 of 256 at 256 px).
 
-    Families: SD1.5/SD2/SDXL and the DiTs (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image), with an adapter made for
+    Families: SD1.5/SD2/SDXL and the DiTs (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image, Qwen-Image), with an adapter made for
     the model's family (its file records the family; another family's adapter is refused). On a DiT the word map of a block is the head mean of the
     image-token queries' probabilities in the block's one joint softmax over text and image keys, read on the
     word's text columns (Flux: T5 tokens; SD3: CLIP-L/G tokens, then T5's), and the mask grid is the image-token
@@ -525,7 +525,7 @@ class AdaptiveMaskGuidance(io.ComfyNode):
             category=CATEGORY,
             description="RealCustom: a real word of the prompt takes the reference subject, inside that word's own attention mask.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5/SDXL or DiT model (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image) of the adapter's family; left unchanged."),
+                io.Model.Input("model", tooltip="SD1.5/SDXL or DiT model (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image, Qwen-Image) of the adapter's family; left unchanged."),
                 ReferenceType.Input("reference", tooltip="Reference tokens from RealCustomEncodeReference."),
                 io.Clip.Input("clip", tooltip="Text encoder of the model, to find the word's tokens in the prompt."),
                 io.String.Input("prompt", multiline=True, default="a photo of a toy on the beach",

@@ -102,7 +102,7 @@ def _square(images: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def _encode_dataset(model, clip, vae, clip_vision, images, captions, resolution, crop, words, family) -> TrainingData:
-    latents = model.get_model_object("latent_format").process_in(vae.encode(_square(images, resolution)))
+    latents = model.get_model_object("latent_format").process_in(glue.encode_images(vae, _square(images, resolution)))
     features = clip_vision.encode_image(images[..., :3], crop=crop)["penultimate_hidden_states"]
     device = comfy.model_management.get_torch_device()
     contexts, pooled = _contexts(clip, captions, family)
@@ -218,7 +218,7 @@ class RealCustomTrainer(io.ComfyNode):
             category=CATEGORY,
             description="Train a RealCustom image branch (projector + visual K/V) on captioned images.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.x/SDXL or DiT model (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image) the branch is trained for; stays frozen."),
+                io.Model.Input("model", tooltip="SD1.x/SDXL or DiT model (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image, Qwen-Image) the branch is trained for; stays frozen."),
                 io.Clip.Input("clip", tooltip="The model's text encoder, for the captions."),
                 io.Vae.Input("vae", tooltip="VAE that encodes the training images."),
                 io.ClipVision.Input("clip_vision", tooltip="Image encoder of the branch (use the same at inference)."),

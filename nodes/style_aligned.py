@@ -91,9 +91,9 @@ class SharedAttentionBatch(io.ComfyNode):
     In every selected self-attention layer each target image's queries and keys are AdaIN-normalised
     to the reference's statistics and it also attends to the reference's keys/values. Image 0 of the
     batch (in each cond/uncond pass) is the reference and comes out exactly as without this node.
-    Training-free; works for SD1.5/SD2/SDXL U-Nets and the DiTs: Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image
-    (there the image tokens of each joint text+image attention are shared, never the reference's text: see
-    web/docs), CFG on or off, with ControlNet and LoRA.
+    Training-free; works for SD1.5/SD2/SDXL U-Nets and the DiTs: Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image,
+    Qwen-Image (there the image tokens of each joint text+image attention are shared, never the reference's text:
+    see web/docs), CFG on or off, with ControlNet and LoRA.
 
     Inputs (safe ranges):
     - adain_queries / adain_keys: normalise target Q / K to the reference (paper: both on).
@@ -121,7 +121,7 @@ class SharedAttentionBatch(io.ComfyNode):
             category=CATEGORY,
             description="StyleAligned: every image of the batch takes the style of image 0 through shared self-attention.",
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5/SD2/SDXL or DiT model (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image) to patch; the input is left unchanged."),
+                io.Model.Input("model", tooltip="SD1.5/SD2/SDXL or DiT model (Flux.1, Flux.2, Chroma, SD3/SD3.5, Z-Image, Qwen-Image) to patch; the input is left unchanged."),
                 io.Boolean.Input("adain_queries", default=True, tooltip="AdaIN the targets' queries to the reference (paper: on)."),
                 io.Boolean.Input("adain_keys", default=True, tooltip="AdaIN the targets' keys to the reference (paper: on)."),
                 io.Boolean.Input("adain_values", default=False, tooltip="AdaIN the values too (paper ablation: off)."),

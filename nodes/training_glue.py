@@ -307,6 +307,20 @@ def conditioning_extras(model, family, pooled: Optional[torch.Tensor], size: int
     return out
 
 
+def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE latents of images ``(N, H, W, C)``, one per image. A video VAE (``latent_dim`` 3: the Wan 2.1 VAE of
+    Qwen-Image) encodes an image batch as one video of N frames, so it gets the images one by one, each a one-frame
+    video ``(1, C', 1, h, w)``, the latent its model samples (ComfyUI crops a video's frames to a multiple of 8
+    too, so a batch of one-frame videos cannot be handed over whole)."""
+    pixels = pixels[..., :3]
+    with torch.no_grad():
+        if getattr(vae, "latent_dim", 2) == 3:
+            latents = torch.cat([vae.encode(image[None]) for image in pixels])
+        else:
+            latents = vae.encode(pixels)
+    return latents.float().clone()
+
+
 def sub_tokenizers(tokenizer):
     """(attribute, SDTokenizer) pairs of a CLIP tokenizer (``clip_l``; ``clip_l`` + ``clip_g`` for SDXL)."""
     return [(k, v) for k, v in vars(tokenizer).items() if isinstance(v, comfy.sd1_clip.SDTokenizer)]
@@ -350,6 +364,7 @@ class PlaceholderPrompt:
     def __init__(self, clip, text: str, rows: Mapping[str, int]):
         self._slots: dict[int, tuple[str, str, int]] = {}
         self._markers = []  # keeps marker storage alive so data pointers stay unique
+        self._hidden: list[torch.Tensor] = []  # the markers handed up as ids (_markers_as_ids)
 
         def lookup(sub, name):
             if name not in rows:
@@ -361,11 +376,35 @@ class PlaceholderPrompt:
             return marker
 
         # the prompt's other embedding: words are checked as node prompts are (the node guard adds the node's name)
-        self.tokens = _tokenizer_with_lookup(checked_clip("", clip).tokenizer, lookup).tokenize_with_weights(text)
+        tokenizer = _tokenizer_with_lookup(checked_clip("", clip).tokenizer, lookup)
+        self.tokens = self._markers_restored(patched_tokenizer(tokenizer, self._markers_as_ids).tokenize_with_weights(text))
         found = {name for name, _, _ in self._slots.values()}
         if found != set(rows):
             raise ValueError(f"the prompt {text!r} must contain " +
                              ", ".join(f"embedding:{n}" for n in sorted(set(rows) - found)))
+
+    def _markers_as_ids(self, patched, _sub):
+        """A sub-tokenizer handing each marker row up as an id below 0 (no vocabulary's): ComfyUI's Qwen-Image
+        tokenizer compares every token its sub-tokenizer made with an id (its image pad's), which fails on a
+        vector; :meth:`_markers_restored` puts them back once the whole tokenization is done."""
+        tokenize = patched.tokenize_with_weights
+
+        def as_id(token):
+            if torch.is_tensor(token[0]) and token[0].data_ptr() in self._slots:
+                self._hidden.append(token[0])
+                return (-len(self._hidden),) + tuple(token[1:])
+            return token
+
+        def tokenize_with_ids(*args, **kwargs):
+            return [[as_id(token) for token in chunk] for chunk in tokenize(*args, **kwargs)]
+        patched.tokenize_with_weights = tokenize_with_ids
+        return patched
+
+    def _markers_restored(self, tokens: dict) -> dict:
+        def restored(token):
+            hidden = isinstance(token[0], int) and token[0] < 0
+            return (self._hidden[-1 - token[0]],) + tuple(token[1:]) if hidden else token
+        return {enc: [[restored(t) for t in chunk] for chunk in chunks] for enc, chunks in tokens.items()}
 
     def positions(self, encoder: str, name: str) -> list[int]:
         """Flat token positions (over 77-token chunks) of ``name``'s rows in one encoder's tokens."""

@@ -12,17 +12,18 @@ from .base import (BlockKey, ConditioningPlacement, Family, JointProjections, Na
 from .chroma import CHROMA
 from .flux import FLUX
 from .flux2 import FLUX2
+from .qwen_image import QWEN_IMAGE
 from .sd3 import MMDIT
 from .unet import UNET
 from .zimage import ZIMAGE
 
 #: the families the pack patches, in the order they are tried
-ADAPTERS: tuple[Family, ...] = (UNET, FLUX, FLUX2, CHROMA, MMDIT, ZIMAGE)
+ADAPTERS: tuple[Family, ...] = (UNET, FLUX, FLUX2, CHROMA, MMDIT, ZIMAGE, QWEN_IMAGE)
 ALL_FAMILIES = ADAPTERS
 #: the families ComfyUI ships that the pack does not patch yet, by their model class, as users call them: named
 #: in the error a node gives for them
 OTHER_FAMILIES = {"ChromaRadiance": "Chroma Radiance",
-                  "QwenImage": "Qwen-Image", "Lumina2": "Lumina 2", "HiDream": "HiDream",
+                  "Lumina2": "Lumina 2", "HiDream": "HiDream",
                   "HunyuanImage21": "HunyuanImage 2.1", "HunyuanVideo": "HunyuanVideo", "AuraFlow": "AuraFlow"}
 
 
@@ -72,5 +73,5 @@ def context_stretches(encoders, tokens: dict) -> list[tuple[str, ...]]:
 
 
 __all__ = ["ADAPTERS", "ALL_FAMILIES", "BlockKey", "CHROMA", "ConditioningPlacement", "FLUX", "FLUX2", "Family", "JointProjections", "MMDIT", "NamedModules",
-           "OTHER_FAMILIES", "ProjectionRows", "TransformerBlock", "UNET", "UnsupportedModelError", "ZIMAGE", "class_names", "context_stretches",
+           "OTHER_FAMILIES", "ProjectionRows", "QWEN_IMAGE", "TransformerBlock", "UNET", "UnsupportedModelError", "ZIMAGE", "class_names", "context_stretches",
            "family_of_model", "family_of_tag", "text_encoder_family"]

@@ -180,6 +180,12 @@ class Family:
         """Why a trainer cannot give this model the extra conditioning it reads, or None."""
         return None
 
+    def dropped_template_tokens(self, token_ids: list) -> int:
+        """How many of the first tokens of a prompt as the family's text encoder tokenizes it (``token_ids``, in
+        order) the encoder leaves out of the conditioning (Qwen-Image's drops its template's system prompt); 0 where
+        it encodes every token."""
+        return 0
+
     def conditioning_placement(self, tokens: int) -> ConditioningPlacement:
         """Where a conditioning of ``tokens`` tokens sits in what the model receives: unchanged, unless the family's
         model pads it."""
@@ -217,6 +223,17 @@ class TransformerBlock:
         """The block as users select it: ``input:4.0``, ``double:3``."""
         name, block_id, index = self.key
         return f"{name}:{block_id}" if self.family.joint else f"{name}:{block_id}.{index}"
+
+
+def prompts_of_one_length(per_prompt: list[torch.Tensor], why: str) -> torch.Tensor:
+    """Per-prompt token tensors ``(1, tokens, ...)`` as one batch, for a family whose model sees a prompt repeated or
+    padded as another prompt; ValueError starting with ``why`` where their lengths differ."""
+    lengths = sorted({t.shape[1] for t in per_prompt})
+    if len(lengths) > 1:
+        raise ValueError(
+            f"{why}: these prompts encode to {lengths} tokens, and any padding or repetition would change what each "
+            "image sees. Give every prompt the same number of tokens (reword them, or sample them one by one).")
+    return torch.cat(per_prompt)
 
 
 def matching_paths(modules, pattern: re.Pattern) -> Iterator[tuple[str, torch.nn.Module, re.Match]]:

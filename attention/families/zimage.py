@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .base import Family, JointProjections, TransformerBlock, matching_paths, nearest_of
+from .base import Family, JointProjections, TransformerBlock, matching_paths, nearest_of, prompts_of_one_length
 from .flux import rotate_by_positions
 
 _BLOCK_PATH = re.compile(r"^layers\.(\d+)$")
@@ -53,14 +53,8 @@ class ZImageFamily(Family):
         return lambda queries: rotate_by_positions(queries, positions)
 
     def batched_prompts(self, per_prompt: list[torch.Tensor]) -> torch.Tensor:
-        lengths = sorted({t.shape[1] for t in per_prompt})
-        if len(lengths) > 1:
-            raise ValueError(
-                f"Z-Image fills every prompt up to a multiple of 32 tokens with its own learned tokens, which a batched "
-                f"conditioning cannot hold: these prompts encode to {lengths} tokens, and any other padding or "
-                "repetition would change what each image sees. Give every prompt the same number of tokens (reword "
-                "them, or sample them one by one).")
-        return torch.cat(per_prompt)
+        return prompts_of_one_length(per_prompt, "Z-Image fills every prompt up to a multiple of 32 tokens with its "
+                                                 "own learned tokens, which a batched conditioning cannot hold")
 
     def reads_pooled(self, adm_channels: int) -> bool:
         return False

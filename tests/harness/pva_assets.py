@@ -134,15 +134,15 @@ def pva_model(model, pva, references, **overrides):
 #: CLIP-G and T5-XXL; Chroma: T5-XXL)
 DIT_IDENTITY_WORD_WIDTHS = {"flux": {"l": 768, "t5xxl": 4096}, "sd35": {"l": 768, "g": 1280, "t5xxl": 4096},
                             "chroma": {"t5xxl": 4096}, "flux2": {"mistral3_24b": 64},
-                            "zimage": {"qwen3_4b": 64}}
+                            "zimage": {"qwen3_4b": 64}, "qwen_image": {"qwen25_7b": 64}}
 
 
 def dit_pva_weights(family: str, model, perturbed: bool = True, encoder: str = "clip_vision", rank: int = 0,
                     block_selection: str = "all"):
     """PVA weights (``encoder``: "clip_vision", the tiny CLIP vision model's features, or "arcface") for the tiny
     DiT ``model`` of ``family`` ("flux", "sd35", "chroma", "flux2",
-    "zimage"), initialised from its blocks as the paper does (full-rank copies, or with ``rank`` > 0 the low-rank
-    form, on the ``block_selection``), then (``perturbed``) changed a little so the parallel queries and keys
+    "zimage", "qwen_image"), initialised from its blocks as the paper does (full-rank copies, or with ``rank`` > 0 the
+    low-rank form, on the ``block_selection``), then (``perturbed``) changed a little so the parallel queries and keys
     differ from the block's own."""
     found = [b for b in pack_module("nodes.patching").transformer_blocks(model, families=pack_module(
         "attention.blocks").ALL_FAMILIES) if b.has_cross_attention]
