@@ -4,7 +4,7 @@ photos (PVAIdentityTune's step, the projections only, word frozen), and the flow
 (the trainer tests' probe) is printed before and after, with the trainable parameters. Random tiny weights say
 nothing about identity transfer; this measures how much of the fit each selection keeps per parameter.
 
-Usage: .venv/bin/python bench/pva_block_selection.py [--steps N] [--learning-rate LR]
+Usage: .venv/bin/python bench/pva_block_selection.py [--steps N] [--learning-rate LR] [--selections all double ...]
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=SELECTIONS)
     args = parser.parse_args()
     from harness import dit
     from harness.comfy_env import boot_comfy, pack_module
@@ -32,7 +33,7 @@ def main() -> None:
     family = dit.TinyFamily("flux")
     photos = faces(2, seed=6, size=64)
     print(f"{'blocks':8} {'parameters':>10} {'probe loss before':>18} {'after':>9} {'change':>8}")
-    for selection in SELECTIONS:
+    for selection in args.selections:
         pva = loaded_pva(dit_pva_weights("flux", family.model, perturbed=False, rank=16, block_selection=selection))
         with glue.training_mode():
             tune = nodes_tune.prepare_identity_tune(family.model, family.clip, dit.vae(), pva,
