@@ -79,7 +79,7 @@ def adapter_parameters(net, rank: int, selection: str, inner_width) -> tuple[int
     blocks = [b for b in found if b.key in keys]
     projections = 0
     for block in blocks:
-        layers = pva_nodes._own_layers(model, block)
+        layers = pva_nodes.own_layers(model, block)
         for layer, rows in layers:
             out = len(range(layer.out_features)[rows])
             projections += rank * (layer.in_features + out) if rank else out * (layer.in_features + (layer.bias is not None))

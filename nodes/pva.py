@@ -98,7 +98,7 @@ class PVALoader(io.ComfyNode):
         return io.NodeOutput(LoadedPVA(pva_name, weights, patcher))
 
 
-def _own_layers(model, block: TransformerBlock) -> tuple[tuple[torch.nn.Module, slice], ...]:
+def own_layers(model, block: TransformerBlock) -> tuple[tuple[torch.nn.Module, slice], ...]:
     """(layer, output rows) of the block's own query (image stream), key and value (text stream) projections."""
     module = model.get_model_object("diffusion_model").get_submodule
     paths = block.projections
@@ -111,7 +111,7 @@ def _own_layers(model, block: TransformerBlock) -> tuple[tuple[torch.nn.Module, 
 
 def context_width(model, block: TransformerBlock) -> int:
     """Width of the identity tokens the block's parallel keys take: its own key projection's input width."""
-    return _own_layers(model, block)[1][0].in_features
+    return own_layers(model, block)[1][0].in_features
 
 
 def parallel_projections(model, blocks: list[TransformerBlock], rank: int = 0) -> dict[str, torch.nn.Module]:
@@ -121,7 +121,7 @@ def parallel_projections(model, blocks: list[TransformerBlock], rank: int = 0) -
     module = model.get_model_object("diffusion_model").get_submodule
     projections = {}
     for block in blocks:
-        query, key, value = _own_layers(model, block)
+        query, key, value = own_layers(model, block)
         width = block.channels
         paths = block.projections
         if rank and paths is None:
@@ -160,7 +160,7 @@ def own_projections(model, blocks: list[TransformerBlock]) -> dict[str, OwnProje
     """The base of low-rank parallel projections: each block's own query, key and value projections, read from
     the MODEL as sampled (its LoRAs included: the block's text projections run with them too, and the paper's
     copy is of the model the pathway is used with; see docs/pva.md)."""
-    return {block_name(b.key): OwnProjections(*(_live_rows(layer, rows) for layer, rows in _own_layers(model, b)))
+    return {block_name(b.key): OwnProjections(*(_live_rows(layer, rows) for layer, rows in own_layers(model, b)))
             for b in blocks}
 
 

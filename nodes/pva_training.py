@@ -203,14 +203,15 @@ def _save(node: str, stem: str, tune: PreparedTune, run_id: str) -> LoadedPVA:
 class PVAIdentityTune(io.ComfyNode):
     """PVA per-identity fine-tune (Xu et al., WACV 2024): 40 steps on a few photos of one person.
 
-    Trains ONLY the parallel query/key/value projections of every cross-attention layer and the identity
+    Trains ONLY the parallel query/key/value projections of every cross-attention layer (of a low-rank file: their
+    low-rank changes and norm copies, the block's own projections stay the model's) and the identity
     word (token transformer, identity encoder, U-Net and text encoder stay frozen). Each photo in turn is
     the target with its whole face masked, the others are its references. Writes
     ``models/pva/<name>.safetensors`` (load with PVALoader) and returns the model patched for the person.
 
     Inputs (safe ranges): photos (1–5 square aligned face crops), steps (paper 40; 20–100), learning_rate
-    (paper 2e-5 = 1e-5 × batch 2), word_learning_rate (paper 1e-3; 0 freezes the word as the paper's
-    FT100), timestep_bins (paper 2: micro-batches per step, one timestep slice each), seed, name,
+    (paper 2e-5 = 1e-5 × batch 2 at full rank; about 1e-4 for a low-rank file), word_learning_rate (paper 1e-3;
+    0 freezes the word as the paper's FT100), timestep_bins (paper 2: micro-batches per step, one timestep slice each), seed, name,
     checkpoint_every (0 = only at the end and on Cancel), resolution (the photos are centre-cropped and scaled
     to this square; paper 512, 1024 for SDXL/Flux). Run again: more steps continue the run, other changes
     start a new one and keep the earlier file as ``<name>_00001`` (and so on).
@@ -232,7 +233,7 @@ class PVAIdentityTune(io.ComfyNode):
                 io.String.Input("name", default="pva_person", tooltip="Output file models/pva/<name>.safetensors; letters, digits (any script), - _ . only"),
                 io.Int.Input("steps", default=40, min=1, max=10000, tooltip="Optimizer steps (paper: 40)."),
                 io.Float.Input("learning_rate", default=2e-5, min=0.0, max=1e-2, step=1e-6,
-                               tooltip="AdamW lr of the parallel projections (paper: 2e-5)."),
+                               tooltip="AdamW lr of the parallel projections (paper: 2e-5 at full rank; about 1e-4 for a low-rank file)."),
                 io.Float.Input("word_learning_rate", default=1e-3, min=0.0, max=1e-1, step=1e-5,
                                tooltip="AdamW lr of the identity word (paper: 1e-3; 0 keeps it)."),
                 io.Int.Input("timestep_bins", default=2, min=1, max=8,

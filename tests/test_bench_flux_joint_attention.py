@@ -25,7 +25,7 @@ def test_configurations_compute_what_their_ratios_compare(comfy, monkeypatch, co
     projected = []
     own_queries = pva.JointParallelProjection.queries
     monkeypatch.setattr(pva.JointParallelProjection, "queries",
-                        lambda self, call: projected.append(1) or own_queries(self, call))
+                        lambda self, call, own=None: projected.append(1) or own_queries(self, call, own))
     calls = bench.joint_calls(TINY, cond_or_uncond, "cpu")
     with torch.inference_mode():
         plain = calls["plain"]()

@@ -258,17 +258,21 @@ def test_low_rank_at_step_zero_samples_exactly_as_the_full_rank_copy(family):
     """The paper's initialisation kept: a fresh low-rank file (the block's own projections read at run time, a zero
     change) samples bit for bit as the full-rank copy of the same blocks."""
     from harness.pva_assets import dit_pva_weights, loaded_pva
+    plain = family.sample(family.model)  # loads the plain model: an earlier test's LoRA is no longer merged into the
+    # weights the full-rank copy is taken from
     full, low = (dit_pva_weights(family.name, family.model, perturbed=False, rank=rank) for rank in (0, LOW_RANK))
     assert low.rank == LOW_RANK and full.rank is None
     assert all(torch.equal(v, low.token_transformer.state_dict()[k]) for k, v in full.token_transformer.state_dict().items())
     with_low = family.sample(family.patched(pva=loaded_pva(low)))
     assert torch.equal(with_low, family.sample(family.patched(pva=loaded_pva(full))))
-    assert relative_change(with_low, family.sample(family.model)) > 1e-4, "the identity takes part"
+    assert relative_change(with_low, plain) > 1e-4, "the identity takes part"
 
 
 def test_pva_v1_files_load_and_sample_as_before(family, comfy):
     """A full-rank file written as before low rank (format pva-v1, no rank or blocks metadata) loads through
     PVALoader and samples as those weights always did."""
+    if family.name == "sd35":
+        only_nightly("the file format does not depend on the family: checked on Flux by default")
     from safetensors.torch import save_file
     from harness.comfy_env import models_dir
     from harness.pack_nodes import run_node
@@ -286,6 +290,8 @@ def test_pva_v1_files_load_and_sample_as_before(family, comfy):
 def test_a_block_selection_patches_those_blocks_and_reloads(family, comfy, monkeypatch):
     """A low-rank file on every 2nd block (Flux: double 0 and single 0 of the tiny model's four; SD3.5: joint 0
     and 2) gives identity keys to those blocks only; saved and reloaded it keeps its selection and its output."""
+    if family.name == "sd35":
+        only_nightly("the same selection code on another DiT family: checked on Flux by default")
     from harness.comfy_env import models_dir
     from harness.pack_nodes import run_node
     from harness.pva_assets import dit_pva_weights, loaded_pva

@@ -150,3 +150,29 @@ def test_pva_v1_files_load_as_full_rank_on_every_block():
     assert old.rank is None and old.block_selection == "all" and old.family == UNET
     assert all(torch.equal(v, old.state_dict()[k]) for k, v in tensors.items())
     assert old.state_and_metadata()[1]["rank"] == "full"
+
+
+@pytest.mark.parametrize("ops", ["plain", "manual_cast", "scaled_fp8"])
+def test_the_glue_reads_a_layers_rows_as_its_own_comfy_forward_uses_them(comfy, ops):
+    """nodes.pva reads the base of a low-rank projection as the layer's ComfyUI forward computes: bf16 storage cast
+    to the input's dtype, a low-VRAM LoRA patch applied at cast time (weight_function), the fp8 scale; so the rows'
+    projection is the layer's own output rows."""
+    import comfy.ops
+    from personalization_nodes.nodes.pva import _live_rows
+    operations = {"plain": comfy.ops.disable_weight_init, "manual_cast": comfy.ops.manual_cast,
+                  "scaled_fp8": comfy.ops.scaled_fp8_ops()}[ops]
+    torch.manual_seed(5)
+    layer = operations.Linear(HIDDEN, 3 * INNER, bias=True, dtype=torch.float32 if ops == "plain" else torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape))
+        layer.bias.copy_(torch.randn(layer.bias.shape))
+        if ops == "scaled_fp8":
+            layer.scale_weight.fill_(0.5)
+    if ops != "plain":
+        delta = torch.randn(layer.weight.shape)
+        layer.weight_function = [lambda weight: weight + delta.to(weight)]  # a LoRA in low-VRAM mode
+    rows = slice(INNER, 2 * INNER)
+    x = torch.randn(2, 3, HIDDEN)
+    weight, bias = _live_rows(layer, rows)(x)
+    assert weight.dtype == x.dtype == bias.dtype
+    torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), layer(x)[..., rows], rtol=0, atol=1e-5)

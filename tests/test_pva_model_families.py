@@ -108,9 +108,9 @@ def test_every_cross_attention_layer_attends_to_the_identity(inpainting, monkeyp
     queried = set()
     queries = projection_class.queries
 
-    def spy(self, hidden_states):
+    def spy(self, call, own=None):
         queried.add(names[id(self)])
-        return queries(self, hidden_states)
+        return queries(self, call, own)
 
     monkeypatch.setattr(projection_class, "queries", spy)
     inpainting.run(pva_model(inpainting.model, inpainting.pva, ALICE), 1.0)
