@@ -13,7 +13,9 @@ largest residual). Text encoders, VAE and image encoders are the test harness's 
 ComfyUI's CLIP-L + CLIP-G 3 layers deep; Flux / SD3.5: ComfyUI's encoders with a 1-layer T5-XXL of the real width
 4096; a tiny CLIP vision model): they run before the step (the trainers encode their data once) and are not counted,
 but the shapes they give are the real ones (SD1.5 77 x 768, SDXL 77 x 2048 + pooled 1280, Flux T5 256 x 4096 as
-ComfyUI pads a short caption, SD3.5 154 x 4096; a caption of more than 256 T5 tokens makes Flux's 512).
+ComfyUI pads a short caption, SD3.5 154 x 4096; a caption of more than 256 T5 tokens makes Flux's 512). The tiny
+image encoder's width sets the input layer of RealCustom's projector and of PVA's token transformer, so those layers
+are smaller than with ViT-L (a few MB of trainables; every other trained tensor has its real size).
 
 Measured: every configuration in its own spawned child process. Peak = the high-water mark during the steps (reset
 after the trainer's preparation, so its one-time VAE encoding does not count) above the process's memory before the
@@ -26,8 +28,8 @@ The ``estimate`` column is the hook for the pre-flight memory estimate: it reads
 Usage: .venv/bin/python bench/train_memory.py [--trainers DisenDiff,DETEX,RealCustom,PVATrainer,PVAIdentityTune]
        [--families sd15,sdxl,flux,sd35] [--checkpointing both|on|off] [--resolution PX] [--depths 1,2] [--steps 2]
        [--scale full|tiny]
-``--scale tiny`` runs the test harness's tiny models instead (the smoke test); ``--resolution`` replaces every
-native resolution. On one core of a 2-core CPU, SD1.5 at 512 px takes about a minute per configuration, SDXL at
+``--scale tiny`` runs the test harness's tiny models instead (the smoke test; the DiTs extrapolated to twice the
+largest depth measured); ``--resolution`` replaces every native resolution. On one core of a 2-core CPU, SD1.5 at 512 px takes about a minute per configuration, SDXL at
 1024 px needs more than its 10.4 GB of fp32 weights plus activations; the DiTs at 1024 px take minutes per block.
 """
 from __future__ import annotations
@@ -332,13 +334,17 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
-    results = {}
+    results, failures = {}, []
     for configuration in configurations(args):
-        results[configuration] = measured_in_child(configuration, args.steps)
-        m = results[configuration]
-        print(f"measured {configuration}: peak {m.peak_gib:.2f} GiB, {m.seconds:.2f} s", flush=True)
+        try:  # one configuration that does not fit (its child killed for memory) must not lose the others
+            m = results[configuration] = measured_in_child(configuration, args.steps)
+            print(f"measured {configuration}: peak {m.peak_gib:.2f} GiB, {m.seconds:.2f} s", flush=True)
+        except Exception as error:  # noqa: BLE001 (reported in the table's footer)
+            failures.append(f"not measured: {configuration}: {type(error).__name__}: {error}")
+            print(failures[-1], flush=True)
     devices = {m.device for m in results.values()} or {"none"}
     print(describe(rows(results), ", ".join(sorted(devices))))
+    print("\n".join(failures))
 
 
 if __name__ == "__main__":

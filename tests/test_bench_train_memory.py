@@ -33,7 +33,8 @@ def test_dit_depths_are_extrapolated_linearly_to_the_full_depth():
 
 @pytest.mark.parametrize("trainer, family, checkpointing, depth", [("RealCustom", "flux", True, 1),
                                                                   ("PVATrainer", "sd35", False, 2),
-                                                                  ("DisenDiff", "sd15", None, None)])
+                                                                  ("DisenDiff", "sd15", None, None),
+                                                                  ("DETEX", "sd15", None, None)])
 def test_a_configuration_builds_its_model_and_steps_its_trainer(comfy, trainer, family, checkpointing, depth):
     if family != "flux":
         only_nightly("the default run measures one DiT configuration: its depth-unit builder and checkpointing")
