@@ -35,6 +35,7 @@ largest depth measured); ``--resolution`` replaces every native resolution. On o
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -191,16 +192,22 @@ def measure(configuration: Configuration, steps: int) -> Measurement:
     """One configuration in this (child) process: build, prepare, ``steps`` optimizer steps."""
     import torch
     from harness.comfy_env import boot_comfy, pack_module
+    from harness.memory import trim_heap
 
     boot_comfy(cpu=not torch.cuda.is_available())
     glue = pack_module("nodes.training_glue")
     clip, vae = encoders(configuration.family)
+    gc.collect()
+    trim_heap()
     baseline = start_peak_tracking()
+    cuda_baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     model = diffusion_model(configuration)
     model_bytes = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters())
     with glue.training_mode():
         run = trainer_run(configuration, model, clip, vae)
     step = optimizer_steps(run.step, run.optimizer, 1)
+    gc.collect()
+    trim_heap()  # what the preparation freed goes back to the system, or the resident set would still hold it
     start_peak_tracking()  # the preparation's one-time peaks (VAE encoding) are not the step's
     wall, cpu = [], []
     for index in range(steps):
@@ -213,7 +220,8 @@ def measure(configuration: Configuration, steps: int) -> Measurement:
     peak = peak_since(baseline)
     timed = slice(1, None) if steps > 1 else slice(None)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return Measurement((peak.cuda_mib if peak.cuda_mib is not None else peak.rss_mib) / 1024,
+    peak_gib = peak.rss_mib / 1024 if peak.cuda_mib is None else peak.cuda_mib / 1024 - cuda_baseline / GIB
+    return Measurement(peak_gib,
                        statistics.median(wall[timed]), statistics.median(cpu[timed]), model_bytes / GIB,
                        sum(t.numel() for t in run.trained.values()), device)
 
