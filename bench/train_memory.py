@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -226,10 +226,35 @@ def measure(configuration: Configuration, steps: int) -> Measurement:
                        sum(t.numel() for t in run.trained.values()), device)
 
 
+def _measure_and_send(connection, configuration: Configuration, steps: int) -> None:
+    """Child process: send :func:`measure`'s result, or the error that stopped it."""
+    try:
+        connection.send(measure(configuration, steps))
+    except Exception as error:  # noqa: BLE001 (re-raised in the parent)
+        connection.send(RuntimeError(f"{type(error).__name__}: {error}"))
+
+
 def measured_in_child(configuration: Configuration, steps: int) -> Measurement:
-    """:func:`measure` in a fresh spawned process, so no other configuration's memory counts."""
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(measure, configuration, steps).result()
+    """:func:`measure` in a fresh spawned process, so no other configuration's memory counts; the child is stopped
+    when this process is interrupted (a time limit's SIGTERM)."""
+    context = get_context("spawn")
+    parent_end, child_end = context.Pipe()
+    process = context.Process(target=_measure_and_send, args=(child_end, configuration, steps))
+    process.start()
+    child_end.close()  # this process's copy: without it a child that dies leaves recv() waiting forever
+    try:
+        result = parent_end.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"the child process died (exit code {process.exitcode}; -9: killed, e.g. out of memory)") \
+            from None
+    finally:
+        if process.is_alive():
+            process.terminate()
+        process.join()
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 # ---------------------------------------------------------------- plan and table (parent process)
@@ -283,6 +308,12 @@ def rows(results: dict[Configuration, Measurement]) -> list[Row]:
             table.append(Row(key, m.peak_gib, m.seconds, m.cpu_seconds, m.model_gib, m.trained_parameters, "measured"))
             continue
         depths = sorted(by_depth)
+        if len(depths) < 2:  # the run stopped after one depth: nothing to extrapolate from
+            m = by_depth[depths[0]]
+            table.append(Row(Configuration(key.trainer, key.family, key.resolution, key.checkpointing, depths[0],
+                                           key.scale), m.peak_gib, m.seconds, m.cpu_seconds, m.model_gib,
+                             m.trained_parameters, f"measured at {depths[0]} units only: not extrapolated"))
+            continue
         full = FULL_DEPTH[key.family] if key.scale == "full" else 2 * depths[-1]
 
         def extrapolated(field):
@@ -340,15 +371,24 @@ def parse_args():
     return args
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     args = parse_args()
     results, failures = {}, []
-    for configuration in configurations(args):
+    signal.signal(signal.SIGTERM, _interrupt)  # a time limit (timeout) still gets the table of what was measured
+    plan = configurations(args)
+    for index, configuration in enumerate(plan):
         try:  # one configuration that does not fit (its child killed for memory) must not lose the others
             m = results[configuration] = measured_in_child(configuration, args.steps)
             print(f"measured {configuration}: peak {m.peak_gib:.2f} GiB, {m.seconds:.2f} s", flush=True)
+        except KeyboardInterrupt:
+            failures.append(f"stopped while measuring {configuration}; {len(plan) - index - 1} configurations left")
+            break
         except Exception as error:  # noqa: BLE001 (reported in the table's footer)
-            failures.append(f"not measured: {configuration}: {type(error).__name__}: {error}")
+            failures.append(f"not measured: {configuration}: {error}")
             print(failures[-1], flush=True)
     devices = {m.device for m in results.values()} or {"none"}
     print(describe(rows(results), ", ".join(sorted(devices))))
