@@ -261,7 +261,7 @@ def measured_in_child(configuration: Configuration, steps: int) -> Measurement:
 
 
 def configurations(args) -> list[Configuration]:
-    switches = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
+    switches = {"both": (True, False), "on": (True,), "off": (False,)}[args.checkpointing]
     plan = []
     for trainer in args.trainers:
         for family in TRAINER_FAMILIES[trainer]:
