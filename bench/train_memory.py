@@ -312,7 +312,7 @@ def rows(results: dict[Configuration, Measurement]) -> list[Row]:
             m = by_depth[depths[0]]
             table.append(Row(Configuration(key.trainer, key.family, key.resolution, key.checkpointing, depths[0],
                                            key.scale), m.peak_gib, m.seconds, m.cpu_seconds, m.model_gib,
-                             m.trained_parameters, f"measured at {depths[0]} units only: not extrapolated"))
+                             m.trained_parameters, f"measured at depth {depths[0]} only: not extrapolated"))
             continue
         full = FULL_DEPTH[key.family] if key.scale == "full" else 2 * depths[-1]
 
@@ -348,6 +348,10 @@ def describe(table: list[Row], device: str) -> str:
                  f"{row.seconds:.2f}", f"{row.cpu_seconds:.2f}", f"{row.model_gib:.2f}",
                  f"{row.trained_parameters / 1e6:.2f}", f"{row.trained_parameters * 4 / 2 ** 20:.1f}", row.note]
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("peak: above the process before the diffusion model was built (its weights, the trained tensors, their "
+                 "gradients and AdamW state, the step's activations); s/step: wall time, cpu s: CPU time; a DiT unit "
+                 "is one double and two single blocks of Flux.1 dev (19 in the model), one joint block of SD3.5 Large "
+                 "(38), and its rows are extrapolated linearly from the depths measured (how)")
     lines.append(f"targets (issue 24, not asserted): every trainer <= {TARGET_GIB['largest family']} GiB on the largest "
                  f"family it takes at its native resolution; SD1.5 trainers <= {TARGET_GIB['sd15']} GiB at 512 px")
     return "\n".join(lines)
