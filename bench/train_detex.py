@@ -17,11 +17,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from trainer_runs import detex_run, disendiff_run  # noqa: E402
 from timing import compare_trainers, describe_peaks, describe_seconds, describe_trainer_run, optimizer_steps, parse_trainer_args  # noqa: E402 (needs the path above)
 
 ACCUMULATION = 2
@@ -30,36 +29,15 @@ ACCUMULATION = 2
 def build(loaded, options):
     """One configuration's optimizer step (runs in the child process)."""
     from harness.comfy_env import pack_module
-    from harness.pva_assets import tiny_clip_vision
 
-    model, clip, vae = loaded
     glue = pack_module("nodes.training_glue")
     size, steps = options["resolution"], options["steps"]
-    images = torch.rand(3, size, size, 3, generator=torch.Generator().manual_seed(0))
     with glue.training_mode():
         if options["trainer"] == "disendiff":
-            nodes_disendiff, disendiff = pack_module("nodes.disendiff"), pack_module("training.disendiff")
-            settings = disendiff.DisenDiffSettings(steps=steps, micro_batch=2, grad_accumulation=ACCUMULATION,
-                                                   augment=False)
-            run = nodes_disendiff.prepare_training(model, clip, vae, images[:1], ["cat", "dog"], "bench", settings,
-                                                   seed=1, resolution=size)
-            step, params = run.step, run.params
-            optimizer = torch.optim.AdamW(list(params.values()), lr=settings.learning_rate, weight_decay=0.01)
+            run = disendiff_run(*loaded, size, 2, ACCUMULATION, steps=steps)
         else:
-            detex, recipe = pack_module("nodes.detex"), pack_module("training.detex")
-            data, templates = pack_module("training.detex_data"), pack_module("training.detex_prompts")
-            masks = torch.zeros(3, size, size)
-            masks[:, size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
-            source = options["attribute_source"]
-            settings = recipe.DetexSettings(steps=steps, micro_batch=2, grad_accumulation=ACCUMULATION)
-            run = detex.DetexTraining(model, clip, vae, tiny_clip_vision() if source == "mappers" else None,
-                                      data.prepare_subject(images, masks, size),
-                                      templates.PromptTemplate.parse(templates.DEFAULT_TEMPLATE), "dog", source,
-                                      settings, seed=1, augmented_views=0, regularization_images=None, reg_caption="")
-            step, params = run.step, run.parameters()
-            optimizer = recipe.optimizer_factory(settings, run.mapper_parameters())(list(params.values()))
-
-    return optimizer_steps(step, optimizer, ACCUMULATION)
+            run = detex_run(*loaded, size, 2, ACCUMULATION, options["attribute_source"], steps=steps)
+    return optimizer_steps(run.step, run.optimizer, ACCUMULATION)
 
 
 def main() -> None:

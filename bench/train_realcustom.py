@@ -15,32 +15,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from trainer_runs import realcustom_run  # noqa: E402
 from timing import compare_trainers, describe_peaks, describe_seconds, describe_trainer_run, optimizer_steps, parse_trainer_args  # noqa: E402 (needs the path above)
 
 ACCUMULATION = 2
-CAPTIONS = ["a photo of a red toy on a table", "a photo of a blue toy in the grass"]
 
 
 def build(loaded, options):
     """One variant's optimizer step (runs in the child process)."""
     from harness.comfy_env import pack_module
-    from harness.realcustom import tiny_clip_vision
 
-    model, clip, vae = loaded
-    trainer, glue = pack_module("nodes.realcustom_trainer"), pack_module("nodes.training_glue")
-    size = options["resolution"]
-    images = torch.rand(2, size, size, 3, generator=torch.Generator().manual_seed(0))
-    with glue.training_mode():
-        adapter, step = trainer.prepare_training(model, clip, vae, tiny_clip_vision(), images, CAPTIONS, size, False, 2,
-                                                 seed=1, adaptive_scoring=True, target_words=["toy", "toy"],
-                                                 word_mask_training=options["word_mask"])
-        optimizer = torch.optim.AdamW(list(adapter.parameters()), lr=1e-4)
-    return optimizer_steps(step, optimizer, ACCUMULATION)
+    with pack_module("nodes.training_glue").training_mode():
+        run = realcustom_run(*loaded, options["resolution"], 2, word_mask=options["word_mask"])
+    return optimizer_steps(run.step, run.optimizer, ACCUMULATION)
 
 
 def main() -> None:
