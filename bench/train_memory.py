@@ -61,8 +61,8 @@ NATIVE_RESOLUTIONS = {"sd15": (512,), "sdxl": (1024,), "flux": (1024, 512), "sd3
 TRAINER_FAMILIES = {"DisenDiff": ("sd15", "sdxl"), "DETEX": ("sd15",),
                     "RealCustom": ("sd15", "sdxl", "sd35", "flux"), "PVATrainer": ("sd15", "sdxl", "sd35", "flux"),
                     "PVAIdentityTune": ("sd15", "sdxl", "sd35", "flux")}
-#: trainers with a gradient_checkpointing switch
-CHECKPOINTING_TRAINERS = ("RealCustom", "PVATrainer", "PVAIdentityTune")
+#: trainers with a gradient_checkpointing switch (all of them)
+CHECKPOINTING_TRAINERS = ("DisenDiff", "DETEX", "RealCustom", "PVATrainer", "PVAIdentityTune")
 #: depth units of the full DiTs (Flux.1 dev: 19 double + 38 single blocks, a unit being one double and two single)
 FULL_DEPTH = {"flux": 19, "sd35": 38}
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux.1 dev", "sd35": "SD3.5 Large"}
@@ -180,9 +180,9 @@ def encoders(family: str):
 def trainer_run(configuration: Configuration, model, clip, vae):
     size, checkpointing = configuration.resolution, configuration.checkpointing
     if configuration.trainer == "DisenDiff":
-        return disendiff_run(model, clip, vae, size, 1, 1)
+        return disendiff_run(model, clip, vae, size, 1, 1, checkpointing=checkpointing)
     if configuration.trainer == "DETEX":
-        return detex_run(model, clip, vae, size, 1, 1)
+        return detex_run(model, clip, vae, size, 1, 1, checkpointing=checkpointing)
     if configuration.trainer == "RealCustom":
         return realcustom_run(model, clip, vae, size, 1, checkpointing)
     return pva_run(model, clip, vae, size, configuration.trainer == "PVATrainer", checkpointing)

@@ -24,7 +24,8 @@ def _images(count: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(count, size, size, 3, generator=torch.Generator().manual_seed(seed))
 
 
-def disendiff_run(model, clip, vae, size: int, micro_batch: int, accumulation: int, steps: int = 250) -> TrainerRun:
+def disendiff_run(model, clip, vae, size: int, micro_batch: int, accumulation: int, steps: int = 250,
+                  checkpointing: Optional[bool] = None) -> TrainerRun:
     """DisenDiffTrainer: two concepts ("cat", "dog") of one image, without augmentation."""
     from harness.comfy_env import pack_module
 
@@ -32,13 +33,13 @@ def disendiff_run(model, clip, vae, size: int, micro_batch: int, accumulation: i
     settings = disendiff.DisenDiffSettings(steps=steps, micro_batch=micro_batch, grad_accumulation=accumulation,
                                            augment=False)
     run = nodes_disendiff.prepare_training(model, clip, vae, _images(1, size), ["cat", "dog"], "bench", settings,
-                                           seed=1, resolution=size)
+                                           seed=1, resolution=size, gradient_checkpointing=checkpointing)
     optimizer = torch.optim.AdamW(list(run.params.values()), lr=settings.learning_rate, weight_decay=0.01)
     return TrainerRun(run.step, optimizer, run.params)
 
 
 def detex_run(model, clip, vae, size: int, micro_batch: int, accumulation: int, attribute_source: str = "mappers",
-              steps: int = 250) -> TrainerRun:
+              steps: int = 250, checkpointing: Optional[bool] = None) -> TrainerRun:
     """DecoupledTokenTrainer on three subject images with a centred square mask (the tiny CLIP vision model of the
     test harness feeds the mappers)."""
     from harness.comfy_env import pack_module
@@ -52,7 +53,8 @@ def detex_run(model, clip, vae, size: int, micro_batch: int, accumulation: int, 
     run = detex.DetexTraining(model, clip, vae, tiny_clip_vision() if attribute_source == "mappers" else None,
                               data.prepare_subject(_images(3, size), masks, size),
                               templates.PromptTemplate.parse(templates.DEFAULT_TEMPLATE), "dog", attribute_source,
-                              settings, seed=1, augmented_views=0, regularization_images=None, reg_caption="")
+                              settings, seed=1, augmented_views=0, regularization_images=None, reg_caption="",
+                              gradient_checkpointing=checkpointing)
     params = run.parameters()
     optimizer = recipe.optimizer_factory(settings, run.mapper_parameters())(list(params.values()))
     return TrainerRun(run.step, optimizer, params)
