@@ -561,14 +561,21 @@ def _lora_targets(family: str) -> list[str]:
                   and (".attn2." not in k or any(k.startswith(b) for b in attn2_blocks)))
 
 
+def peft_lora(targets, width: int, rank: int, seed: int) -> dict:
+    """A diffusers/PEFT LoRA (``<target>.lora_A/lora_B.weight``, fp16) of random rank-``rank`` changes of the square
+    ``width`` projections ``targets``, drawn in order from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for target in targets:
+        sd[f"{target}.lora_A.weight"] = torch.randn(rank, width, generator=gen) * 0.1
+        sd[f"{target}.lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.1
+    return _fp16(sd)
+
+
 def _build_lora(family: str, rank: int = 4) -> dict:
     width = FLUX_DIT["hidden_size"] if family == "flux" else 64 * SD35_DEPTH
-    gen = torch.Generator().manual_seed(60 + ("flux", "sd35").index(family))
-    sd = {}
-    for target in _lora_targets(family):
-        sd[f"transformer.{target}.lora_A.weight"] = torch.randn(rank, width, generator=gen) * 0.1
-        sd[f"transformer.{target}.lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.1
-    return _fp16(sd)
+    return peft_lora([f"transformer.{target}" for target in _lora_targets(family)], width, rank,
+                     seed=60 + ("flux", "sd35").index(family))
 
 
 def lora_path(family: str = "flux") -> Path:

@@ -90,7 +90,7 @@ import torch
 from .checkpoints import _cached, encode_prompt
 from .comfy_env import boot_comfy
 from .dit import (FLUX_SD3_VAE_DDCONFIG, NODE_SAMPLING, TinyFamily, _flux_heads, _fp16, _load, _model_patcher,
-                  _name, built_and_read_back, comfy_detection, randomize_)
+                  _name, built_and_read_back, comfy_detection, peft_lora, randomize_)
 from .memory import model_cache
 
 #: ComfyUI's Mistral3Small24BConfig fields the tiny text encoder changes (the vocabulary size is the tekken file's)
@@ -208,13 +208,8 @@ def flux2_lora_targets() -> list[str]:
 
 
 def _build_flux2_lora() -> dict:
-    width, rank = FLUX2_DIT["hidden_size"], FLUX2_LORA_RANK
-    gen = torch.Generator().manual_seed(84)
-    sd = {}
-    for target in flux2_lora_targets():
-        sd[f"transformer.{target}.lora_A.weight"] = torch.randn(rank, width, generator=gen) * 0.1
-        sd[f"transformer.{target}.lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.1
-    return _fp16(sd)
+    return peft_lora([f"transformer.{target}" for target in flux2_lora_targets()], FLUX2_DIT["hidden_size"],
+                     FLUX2_LORA_RANK, seed=84)
 
 
 def flux2_lora_path() -> Path:

@@ -63,11 +63,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .checkpoints import _cached, encode_prompt
 from .comfy_env import boot_comfy
-from .dit import TinyFamily, _fp16, _load, _model_patcher, _name, built_and_read_back, comfy_detection, randomize_
+from .dit import (TinyFamily, _fp16, _load, _model_patcher, _name, built_and_read_back, comfy_detection, peft_lora,
+                  randomize_)
 from .memory import model_cache
 
 #: ComfyUI's Qwen25_7BVLI_Config fields the tiny text encoder changes (the vocabulary is the real tokenizer's)
@@ -158,15 +157,10 @@ def qwen_image_vae():
 
 def _build_qwen_image_lora(rank: int = QWEN_IMAGE_LORA_RANK) -> dict:
     """Rank-4 LoRA on the q/k/v of both streams of every block (module docstring)."""
-    width = QWEN_IMAGE_DIT["num_attention_heads"] * QWEN_IMAGE_HEAD_DIM
-    gen = torch.Generator().manual_seed(103)
-    sd = {}
-    for block in range(QWEN_IMAGE_DIT["num_layers"]):
-        for projection in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
-            name = f"transformer.transformer_blocks.{block}.attn.{projection}"
-            sd[f"{name}.lora_A.weight"] = torch.randn(rank, width, generator=gen) * 0.1
-            sd[f"{name}.lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.1
-    return _fp16(sd)
+    return peft_lora([f"transformer.transformer_blocks.{block}.attn.{projection}"
+                      for block in range(QWEN_IMAGE_DIT["num_layers"])
+                      for projection in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")],
+                     QWEN_IMAGE_DIT["num_attention_heads"] * QWEN_IMAGE_HEAD_DIM, rank, seed=103)
 
 
 def qwen_image_lora_path() -> Path:

@@ -64,7 +64,7 @@ import torch
 
 from .checkpoints import _cached, encode_prompt
 from .comfy_env import boot_comfy
-from .dit import TinyFamily, _fp16, _load, _model_patcher, _name, built_and_read_back, comfy_detection, randomize_
+from .dit import TinyFamily, _load, _model_patcher, _name, built_and_read_back, comfy_detection, peft_lora, randomize_
 from .memory import model_cache
 
 #: ComfyUI's Qwen3_4BConfig fields the tiny text encoder changes (the vocabulary is the real tokenizer's)
@@ -135,15 +135,9 @@ def zimage_clip():
 def _build_zimage_lora(rank: int = 4) -> dict:
     """Rank-4 LoRA in the diffusers names ComfyUI maps onto Z-Image (comfy.utils.z_image_to_diffusers, through
     comfy.lora's Lumina2 branch) on the q/k/v of every main block: ComfyUI slices them into the fused qkv."""
-    width = ZIMAGE_DIT["dim"]
-    gen = torch.Generator().manual_seed(92)
-    sd = {}
-    for layer in range(ZIMAGE_DIT["n_layers"]):
-        for projection in ("to_q", "to_k", "to_v"):
-            name = f"diffusion_model.layers.{layer}.attention.{projection}"
-            sd[f"{name}.lora_A.weight"] = torch.randn(rank, width, generator=gen) * 0.1
-            sd[f"{name}.lora_B.weight"] = torch.randn(width, rank, generator=gen) * 0.1
-    return _fp16(sd)
+    return peft_lora([f"diffusion_model.layers.{layer}.attention.{projection}"
+                      for layer in range(ZIMAGE_DIT["n_layers"]) for projection in ("to_q", "to_k", "to_v")],
+                     ZIMAGE_DIT["dim"], rank, seed=92)
 
 
 def zimage_lora_path() -> Path:
