@@ -22,7 +22,8 @@ from .families import (ALL_FAMILIES, FLUX, MMDIT, OTHER_FAMILIES, UNET, BlockKey
 
 __all__ = ["ALL_FAMILIES", "FLUX", "MMDIT", "OTHER_FAMILIES", "UNET", "BlockKey", "Family", "JointProjections",
            "NamedModules", "TransformerBlock", "UnsupportedModelError", "discover_transformer_blocks",
-           "evenly_skipped", "family_of_tag", "group_norms", "parse_block_selection"]
+           "evenly_skipped", "family_of_tag", "group_norms", "parse_block_selection", "selected_blocks",
+           "BLOCK_SELECTIONS"]
 
 
 def discover_transformer_blocks(modules: NamedModules, model_name: str = "model",
@@ -97,3 +98,25 @@ def evenly_skipped(keys: list[BlockKey], skip_fraction: float) -> frozenset[Bloc
     period = len(keys) // switched
     on_grid = {i for i in range(len(keys)) if i % period == 0}
     return frozenset(k for i, k in enumerate(keys) if (i in on_grid) == flipped)
+
+
+#: which blocks carry an adapter's per-block weights (PVA's parallel projections, RealCustom's branch; recorded in
+#: their files): every one (the papers: every cross-attention layer), the two-stream blocks only (Flux's double
+#: blocks, SD3's joint blocks: all of SD3's), or every 2nd / 4th block in the model's order, starting with the first
+BLOCK_SELECTIONS = ("all", "double", "every_2", "every_4")
+TWO_STREAM_BLOCKS = ("double", "joint")
+
+
+def selected_blocks(selection: str, keys: list[BlockKey]) -> list[BlockKey]:
+    """The keys (in the model's order) that ``selection`` (one of :data:`BLOCK_SELECTIONS`) keeps."""
+    if selection == "all":
+        return list(keys)
+    if selection == "double":
+        chosen = [k for k in keys if k[0] in TWO_STREAM_BLOCKS]
+        if not chosen:
+            raise ValueError("block selection 'double' keeps the two-stream blocks (Flux's double, SD3's joint "
+                             "blocks), and this model has none; use 'all' or 'every_2'.")
+        return chosen
+    if selection.startswith("every_") and selection in BLOCK_SELECTIONS:
+        return list(keys[::int(selection.removeprefix("every_"))])
+    raise ValueError(f"unknown block selection {selection!r}; expected one of {BLOCK_SELECTIONS}")

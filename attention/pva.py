@@ -53,28 +53,6 @@ def block_name(key: BlockKey) -> str:
     return "_".join(str(part) for part in key)
 
 
-#: which blocks carry parallel projections (recorded in the file): every one (the paper: every cross-attention
-#: layer), the two-stream blocks only (Flux's double blocks, SD3's joint blocks: all of SD3's), or every 2nd / 4th
-#: block in the model's order, starting with the first
-BLOCK_SELECTIONS = ("all", "double", "every_2", "every_4")
-TWO_STREAM_BLOCKS = ("double", "joint")
-
-
-def selected_blocks(selection: str, keys: list[BlockKey]) -> list[BlockKey]:
-    """The keys (in the model's order) that ``selection`` (one of :data:`BLOCK_SELECTIONS`) keeps."""
-    if selection == "all":
-        return list(keys)
-    if selection == "double":
-        chosen = [k for k in keys if k[0] in TWO_STREAM_BLOCKS]
-        if not chosen:
-            raise ValueError("block selection 'double' keeps the two-stream blocks (Flux's double, SD3's joint "
-                             "blocks), and this model has none; use 'all' or 'every_2'.")
-        return chosen
-    if selection.startswith("every_") and selection in BLOCK_SELECTIONS:
-        return list(keys[::int(selection.removeprefix("every_"))])
-    raise ValueError(f"unknown block selection {selection!r}; expected one of {BLOCK_SELECTIONS}")
-
-
 def _copy_outputs(layer: nn.Linear, source: nn.Linear, rows: slice) -> None:
     """``layer`` := the outputs ``rows`` of ``source`` (weight and bias), in float32."""
     with torch.no_grad():

@@ -16,7 +16,7 @@ Keys (``.safetensors``; no pickle is ever read):
   without it the stock ``ms1mv3_arcface_r50`` backbone is used (and never copied into the file).
 
 Metadata: ``format`` = ``pva-v2`` (``pva-v1`` files, all full rank on every block, still load), ``rank`` = the
-low-rank changes' rank or ``full``, ``blocks`` = the block selection (``attention.pva.BLOCK_SELECTIONS``; v1: all),
+low-rank changes' rank or ``full``, ``blocks`` = the block selection (``attention.blocks.BLOCK_SELECTIONS``; v1: all),
 ``encoder`` = ``arcface`` or ``clip_vision`` (which features the token
 transformer was trained on), ``heads`` of the token transformer, ``family`` the model family's file tag
 (its adapter's ``file_tag``: ``unet``, ``flux``, ``flux2``, ``chroma``, ``sd3``, ``zimage``; files without it
@@ -31,11 +31,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .blocks import UNET, Family, family_of_tag
+from .blocks import BLOCK_SELECTIONS, UNET, Family, family_of_tag
 from .head_norm import HeadNorm
 from .low_rank import LowRankChange
-from .pva import (BLOCK_SELECTIONS, JointParallelProjection, LowRankJointProjection, LowRankParallelProjection,
-                  ParallelProjection)
+from .pva import JointParallelProjection, LowRankJointProjection, LowRankParallelProjection, ParallelProjection
 from .pva_identity import IdentityTokenTransformer, IResNet
 
 FORMAT = "pva-v2"
@@ -60,7 +59,7 @@ class PVAWeights(nn.Module):
         self.family = family
         if block_selection not in BLOCK_SELECTIONS:
             raise PVAFormatError(f"unknown PVA block selection {block_selection!r}; expected one of {BLOCK_SELECTIONS}")
-        #: which of the model's blocks carry projections (attention.pva.selected_blocks)
+        #: which of the model's blocks carry projections (attention.blocks.selected_blocks)
         self.block_selection = block_selection
         if encoder not in ENCODERS:
             raise PVAFormatError(f"unknown PVA encoder {encoder!r}; expected one of {ENCODERS}")

@@ -46,7 +46,7 @@ BRANCH_LAYOUT_KEY = "branch_layout"
 BRANCH_RANK_KEY = "branch_rank"
 BRANCH_BLOCKS_KEY = "branch_blocks"
 #: the rank of a new shared + low-rank branch (the trainer's default; bench/realcustom_branch.py). Which blocks a
-#: new branch serves is PVA's block selection (``attention.pva.BLOCK_SELECTIONS``: all, the two-stream blocks,
+#: new branch serves is PVA's block selection (``attention.blocks.BLOCK_SELECTIONS``: all, the two-stream blocks,
 #: every 2nd / 4th in layer order), recorded as ``branch_blocks``
 DEFAULT_RANK = 16
 #: the most numbers a per-block branch may hold where the trainer picks the layout: 300 MB as fp32

@@ -71,11 +71,11 @@ def count(module: torch.nn.Module) -> int:
 def adapter_parameters(net, rank: int, selection: str, inner_width) -> tuple[int, int]:
     """(parallel projections, token transformer) parameters of a fresh PVA on ``net``."""
     from harness.comfy_env import pack_module
-    blocks_module, pva_nodes, pva = (pack_module(m) for m in ("attention.blocks", "nodes.pva", "attention.pva"))
+    blocks_module, pva_nodes = (pack_module(m) for m in ("attention.blocks", "nodes.pva"))
     identity = pack_module("attention.pva_identity")
     model = SimpleNamespace(get_model_object=lambda name: net)
     found = [b for b in blocks_module.discover_transformer_blocks(list(net.named_modules())) if b.has_cross_attention]
-    keys = set(pva.selected_blocks(selection, [b.key for b in found]))
+    keys = set(blocks_module.selected_blocks(selection, [b.key for b in found]))
     blocks = [b for b in found if b.key in keys]
     projections = 0
     for block in blocks:
@@ -130,7 +130,7 @@ def realcustom_shapes(net, token_width: int, selection: str):
     from harness.comfy_env import pack_module
     blocks = [b for b in pack_module("attention.blocks").discover_transformer_blocks(list(net.named_modules()))
               if b.has_cross_attention]
-    keys = set(pack_module("attention.pva").selected_blocks(selection, [b.key for b in blocks]))
+    keys = set(pack_module("attention.blocks").selected_blocks(selection, [b.key for b in blocks]))
     return blocks[0].family, {b.key: (b.channels, token_width) for b in blocks if b.key in keys}
 
 

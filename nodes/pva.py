@@ -18,11 +18,11 @@ import comfy.patcher_extension
 import folder_paths
 import torch
 
-from ..attention.blocks import TransformerBlock
+from ..attention.blocks import TransformerBlock, selected_blocks
 from ..attention.low_rank import LowRankChange
 from ..attention.pva import (JointParallelProjection, LowRankJointProjection, LowRankParallelProjection,
                              OwnProjections, ParallelProjection, ParallelVisualAttentionProcessor, WeightReader,
-                             block_name, selected_blocks)
+                             block_name)
 from ..attention.pva_identity import IResNet, arcface_crop
 from ..attention.pva_weights import PVAFormatError, PVAWeights
 from .comfy_io import io

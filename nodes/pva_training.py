@@ -12,7 +12,8 @@ import folder_paths
 import torch
 
 from ..attention.dispatcher import CHAIN_KEY
-from ..attention.pva import BLOCK_SELECTIONS, ParallelVisualAttentionProcessor, selected_blocks
+from ..attention.blocks import BLOCK_SELECTIONS, selected_blocks
+from ..attention.pva import ParallelVisualAttentionProcessor
 from ..attention.pva_weights import save_pva
 from ..training.augmentation import center_square
 from ..training.loop import LoopSettings, fingerprint, train

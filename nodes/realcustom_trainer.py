@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
 from ..attention.realcustom import BRANCH_LAYOUTS, PER_BLOCK
-from ..attention.pva import BLOCK_SELECTIONS, selected_blocks
+from ..attention.blocks import BLOCK_SELECTIONS, selected_blocks
 from ..attention.realcustom_weights import (
     BRANCH_BLOCKS_KEY,
     BRANCH_LAYOUT_KEY,
@@ -118,7 +118,7 @@ def prepare_training(model, clip, vae, clip_vision, images, captions, resolution
     """(fresh adapter, step function) of a run; call inside ``glue.training_mode()``. ``target_words``: one
     per caption or None; ``word_mask_training`` gates the branch by their masks (needs them). The branch has
     ``branch_layout`` (``auto``: the family's default) at ``branch_rank``, on the ``branch_blocks`` selection of the
-    cross-attention blocks (attention.pva.BLOCK_SELECTIONS, PVA's). ``gradient_checkpointing`` None: where the
+    cross-attention blocks (attention.blocks.BLOCK_SELECTIONS, as PVA's). ``gradient_checkpointing`` None: where the
     model's size or the resolution needs it (glue.checkpoints_blocks)."""
     if word_mask_training and target_words is None:
         raise ValueError("RealCustomTrainer: word_mask_training gates the branch by each caption's target word; "

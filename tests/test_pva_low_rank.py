@@ -7,10 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from personalization_nodes.attention.blocks import FLUX, UNET
+from personalization_nodes.attention.blocks import FLUX, UNET, selected_blocks
 from personalization_nodes.attention.pva import (
-    JointParallelProjection, LowRankJointProjection, LowRankParallelProjection, OwnProjections, ParallelProjection,
-    selected_blocks)
+    JointParallelProjection, LowRankJointProjection, LowRankParallelProjection, OwnProjections, ParallelProjection)
 from personalization_nodes.attention.pva_weights import PVAFormatError, PVAWeights
 
 HIDDEN, HEADS, DIM, RANK = 12, 2, 4, 3

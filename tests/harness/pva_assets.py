@@ -146,7 +146,7 @@ def dit_pva_weights(family: str, model, perturbed: bool = True, encoder: str = "
     differ from the block's own."""
     found = [b for b in pack_module("nodes.patching").transformer_blocks(model, families=pack_module(
         "attention.blocks").ALL_FAMILIES) if b.has_cross_attention]
-    keys = set(pack_module("attention.pva").selected_blocks(block_selection, [b.key for b in found]))
+    keys = set(pack_module("attention.blocks").selected_blocks(block_selection, [b.key for b in found]))
     blocks = [b for b in found if b.key in keys]
     gen = torch.Generator().manual_seed(11)
     word = {name: torch.randn(1, width, generator=gen) for name, width in DIT_IDENTITY_WORD_WIDTHS[family].items()}
