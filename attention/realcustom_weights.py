@@ -206,9 +206,9 @@ def _branch_from_state_dict(state_dict, layout: str) -> ImageBranchWeights | Sha
     if not shapes:
         raise ValueError(f"the file records a {layout!r} image branch but holds none")
     if layout == PER_BLOCK:
-        return ImageBranchWeights(shapes)
-    name = block_name(next(iter(shapes)))
-    return SharedLowRankBranch(shapes, rank=state_dict[f"branch.k_change.{name}.down"].shape[0])
+        return new_branch(shapes, layout)
+    first = block_name(next(iter(shapes)))
+    return new_branch(shapes, layout, rank=state_dict[f"branch.k_change.{first}.down"].shape[0])
 
 
 def adapter_from_state_dict(state_dict: dict[str, torch.Tensor], format_name: str,

@@ -309,9 +309,8 @@ class DetexTraining:
         process_latent_in = model.model.process_latent_in
         device = model.load_device
 
-        @torch.no_grad()  # the VAE is frozen: its latents must carry no graph into the steps
-        def encode_pixels(pixels):
-            return process_latent_in(vae.encode(pixels).float()).to(device).clone()
+        def encode_pixels(pixels):  # the VAE is frozen: its latents carry no graph into the steps
+            return process_latent_in(glue.encode_images(vae, pixels)).to(device)
 
         self.pool = build_pool(subject, augmented_views, torch.Generator().manual_seed(seed), encode_pixels)
         features = None

@@ -86,9 +86,7 @@ def concept_positions(prompt: glue.PlaceholderPrompt, names, clip, words) -> tup
 
 
 def _encode_pixels(vae, model, pixels: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():  # frozen VAE: no graph to keep
-        latent = vae.encode(pixels[..., :3])
-        return model.model.process_latent_in(latent.float()).clone()
+    return model.model.process_latent_in(glue.encode_images(vae, pixels))  # frozen VAE: no graph to keep
 
 
 class DisenDiffTrainer(io.ComfyNode):

@@ -11,9 +11,8 @@ import folder_paths
 import torch
 import torch.nn.functional as F
 
-from ..attention.realcustom import RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
-from ..attention.realcustom import BRANCH_LAYOUTS, PER_BLOCK
 from ..attention.blocks import BLOCK_SELECTIONS, selected_blocks
+from ..attention.realcustom import BRANCH_LAYOUTS, PER_BLOCK, RUN_KEY, MaskedImageBranch, MaskSettings, WordMapReader
 from ..attention.realcustom_weights import (
     BRANCH_BLOCKS_KEY,
     BRANCH_LAYOUT_KEY,
